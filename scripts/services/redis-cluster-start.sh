@@ -1,0 +1,78 @@
+#!/usr/bin/env bash
+# Start a 3-master Redis Cluster (no replicas, no persistence) for evictd's
+# integration tests.
+#
+#   REDIS_CLUSTER_PORTS  node ports, 127.0.0.1 only             default "7101 7102 7103"
+#   REDIS_CLUSTER_DIR    one sub-directory per node             default /tmp/evictd-redis-cluster-<first port>
+#
+# Idempotent: nodes this script started are reused; the cluster is created
+# only once. Progress goes to stderr; the last line of stdout is a
+# comma-separated seed list, e.g.
+#   redis://127.0.0.1:7101,redis://127.0.0.1:7102,redis://127.0.0.1:7103
+#
+# Notes:
+# - Every node also listens on its port + 10000 (the cluster bus), so
+#   17101-17103 must be free as well.
+# - Each node's nodes.conf keeps the slot map, so stopping and starting the
+#   nodes again brings the same cluster back (with no data).
+# - `redis-cli --cluster create` refuses nodes that already hold slots or
+#   keys; it is only run when the first node knows no other node. To start
+#   from scratch: REDIS_CLUSTER_WIPE=1 redis-cluster-stop.sh.
+# - After the create, the nodes reach cluster_state:ok one or two seconds
+#   apart: this waits for every node, not only the one that was asked.
+set -euo pipefail
+read -r -a PORTS <<<"${REDIS_CLUSTER_PORTS:-7101 7102 7103}"
+[ "${#PORTS[@]}" -ge 3 ] || { echo "redis-cluster-start: need at least 3 ports (3 masters)" >&2; exit 1; }
+DIR="${REDIS_CLUSTER_DIR:-/tmp/evictd-redis-cluster-${PORTS[0]}}"
+
+log() { echo "redis-cluster-start: $*" >&2; }
+die() { log "$*"; exit 1; }
+
+for p in "${PORTS[@]}"; do
+  case "$p" in *[!0-9]*) die "REDIS_CLUSTER_PORTS must be numbers, got '$p'";; esac
+done
+
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  [ "$(id -u)" -eq 0 ] || die "Redis is missing; as root run: apt-get install redis-server redis-tools"
+  log "installing redis-server from Debian"
+  apt-get update -qq >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >&2
+fi
+
+ping() { [ "$(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" = PONG ]; }
+state() { redis-cli -h 127.0.0.1 -p "$1" cluster info 2>/dev/null | tr -d '\r' | sed -n "s/^$2://p"; }
+
+for p in "${PORTS[@]}"; do
+  mkdir -p "$DIR/$p"
+  if ping "$p"; then
+    { [ -s "$DIR/$p/redis.pid" ] && kill -0 "$(cat "$DIR/$p/redis.pid")" 2>/dev/null; } \
+      || die "port $p is served by a Redis this script did not start"
+    continue
+  fi
+  redis-server --bind 127.0.0.1 --port "$p" --protected-mode yes \
+    --cluster-enabled yes --cluster-config-file "$DIR/$p/nodes.conf" \
+    --cluster-node-timeout 5000 \
+    --daemonize yes --pidfile "$DIR/$p/redis.pid" --logfile "$DIR/$p/redis.log" \
+    --dir "$DIR/$p" --save '' --appendonly no
+done
+for p in "${PORTS[@]}"; do
+  for _ in $(seq 1 100); do ping "$p" && break; sleep 0.05; done
+  ping "$p" || { log "node $p did not come up"; tail -n 20 "$DIR/$p/redis.log" >&2; exit 1; }
+done
+
+if [ "$(state "${PORTS[0]}" cluster_state)" != ok ] && [ "$(state "${PORTS[0]}" cluster_known_nodes)" = 1 ]; then
+  seeds=(); for p in "${PORTS[@]}"; do seeds+=("127.0.0.1:$p"); done
+  log "creating cluster ${seeds[*]}"
+  redis-cli --cluster create "${seeds[@]}" --cluster-replicas 0 --cluster-yes >"$DIR/create.log" 2>&1 \
+    || { cat "$DIR/create.log" >&2; exit 1; }
+fi
+
+# Clients must not be pointed at the cluster before every node agrees.
+for p in "${PORTS[@]}"; do
+  for _ in $(seq 1 200); do [ "$(state "$p" cluster_state)" = ok ] && break; sleep 0.05; done
+  [ "$(state "$p" cluster_state)" = ok ] \
+    || die "node $p: cluster_state is not ok after 10 s (stale slot map? try REDIS_CLUSTER_WIPE=1 redis-cluster-stop.sh)"
+done
+
+out=""; for p in "${PORTS[@]}"; do out="${out:+$out,}redis://127.0.0.1:$p"; done
+echo "$out"

@@ -1,0 +1,213 @@
+#!/usr/bin/env bash
+# evictd's one test command: lint, then the whole test suite against real
+# PostgreSQL and Redis servers that this script starts on 127.0.0.1.
+#
+#   scripts/test.sh                  everything
+#   scripts/test.sh resolver         extra arguments go to both `cargo test` runs
+#   scripts/test.sh -- --nocapture   (e.g. a test-name filter, `-- --nocapture`)
+#
+# Works on a fresh Debian 12 machine as root: missing build prerequisites,
+# PostgreSQL 15 and Redis are installed with apt-get (one `apt-get update`,
+# and only when something is missing), and rustfmt/clippy with rustup.
+#
+# Steps, failing fast:
+#   1. cargo fmt --all -- --check
+#   2. cargo clippy --all-targets --locked -- -D warnings
+#   3. cargo test --all-targets --locked [ARGS]
+#   4. cargo test --doc --locked [ARGS]   (skipped when ARGS select targets,
+#                                          e.g. --test it or --lib)
+#
+# The tests find the servers through
+#   EVICTD_TEST_PG_URL              postgres://postgres@127.0.0.1:55432/evictd
+#   EVICTD_TEST_REDIS_URL           redis://127.0.0.1:6479
+#   EVICTD_TEST_REDIS_CLUSTER_URLS  redis://127.0.0.1:7101,redis://127.0.0.1:7102,...
+# If one of these is already set, that server is used as given and not started.
+# Ports and directories follow scripts/services/*.sh (PGPORT, REDIS_PORT,
+# REDIS_CLUSTER_PORTS, ...; see scripts/services/README.md).
+#
+# At exit (success, failure or Ctrl-C) the servers this run started are
+# stopped again; servers that were already up when it began are left alone.
+#   EVICTD_KEEP_SERVICES=1   leave the servers running (faster re-runs)
+#   EVICTD_TEST_DRY_RUN=1    print the rustup/cargo commands instead of running
+#                            them (apt-get and the servers are still real)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+SERVICES="$ROOT/scripts/services"
+cd "$ROOT"
+
+DRY_RUN="${EVICTD_TEST_DRY_RUN:-0}"
+KEEP_SERVICES="${EVICTD_KEEP_SERVICES:-0}"
+T0=$SECONDS
+
+section() { printf '\n==> %s  [+%ss]\n' "$*" "$((SECONDS - T0))" >&2; }
+note() { echo "test.sh: $*" >&2; }
+die() { echo "test.sh: error: $*" >&2; exit 1; }
+
+# Run a toolchain command, or only show it in dry-run mode.
+run() {
+  echo "+ $*" >&2
+  if [ "$DRY_RUN" = 1 ]; then return 0; fi
+  "$@"
+}
+
+# --- stopping what we started -------------------------------------------------
+STARTED=()     # stop scripts to call at exit, in start order
+cleanup() {
+  local status=$?
+  trap - EXIT INT TERM
+  set +e
+  if [ "${#STARTED[@]}" -gt 0 ]; then
+    if [ "$KEEP_SERVICES" = 1 ]; then
+      section "leaving services running (EVICTD_KEEP_SERVICES=1): ${STARTED[*]}"
+    else
+      section "stopping services this run started"
+      local i
+      for ((i = ${#STARTED[@]} - 1; i >= 0; i--)); do
+        echo "+ ${STARTED[i]}" >&2
+        bash "$SERVICES/${STARTED[i]}" || note "${STARTED[i]} failed (exit $?)"
+      done
+    fi
+  fi
+  if [ "$status" -eq 0 ] && [ "$DRY_RUN" = 1 ]; then
+    section "dry run finished (nothing was built or tested)"
+  elif [ "$status" -eq 0 ]; then
+    section "all checks passed"
+  else
+    section "FAILED (exit $status)"
+  fi
+  exit "$status"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# --- prerequisites --------------------------------------------------------------
+section "checking prerequisites"
+
+if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
+  PATH="$HOME/.cargo/bin:$PATH"
+fi
+command -v cargo >/dev/null \
+  || die "cargo not found: install the Rust toolchain with rustup (see Cargo.toml for rust-version)"
+
+PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
+missing=()
+need_cmd() { command -v "$1" >/dev/null || missing+=("$2"); }   # command, package
+need_pkg() { dpkg -s "$1" >/dev/null 2>&1 || missing+=("$1"); } # package
+need_cmd cc gcc
+need_cmd make make
+need_cmd pkg-config pkg-config
+need_cmd python3 python3
+if command -v dpkg >/dev/null; then
+  need_pkg libc6-dev
+  need_pkg zlib1g-dev
+  need_pkg libssl-dev
+  need_pkg ca-certificates
+fi
+# The servers, so that everything comes from a single apt-get update.
+if [ -z "${EVICTD_TEST_PG_URL:-}" ]; then
+  [ -x "$PGBIN/postgres" ] || missing+=(postgresql-15)
+  need_cmd psql postgresql-client-15
+fi
+if [ -z "${EVICTD_TEST_REDIS_URL:-}" ] || [ -z "${EVICTD_TEST_REDIS_CLUSTER_URLS:-}" ]; then
+  need_cmd redis-server redis-server
+  need_cmd redis-cli redis-tools
+fi
+
+if [ "${#missing[@]}" -gt 0 ]; then
+  command -v apt-get >/dev/null || die "missing: ${missing[*]} (no apt-get here: install them by hand)"
+  SUDO=()
+  if [ "$(id -u)" -ne 0 ]; then
+    command -v sudo >/dev/null || die "missing: ${missing[*]}; run as root or install them: apt-get install ${missing[*]}"
+    SUDO=(sudo)
+  fi
+  note "installing with apt-get: ${missing[*]}"
+  ${SUDO[@]+"${SUDO[@]}"} apt-get update -qq >&2
+  ${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive \
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+else
+  note "build prerequisites present"
+fi
+
+if command -v rustup >/dev/null; then
+  installed="$(rustup component list --installed 2>/dev/null || true)"
+  components=()
+  grep -q '^rustfmt' <<<"$installed" || components+=(rustfmt)
+  grep -q '^clippy' <<<"$installed" || components+=(clippy)
+  if [ "${#components[@]}" -gt 0 ]; then
+    run rustup component add "${components[@]}"
+  else
+    note "rustfmt and clippy present"
+  fi
+else
+  if ! command -v cargo-fmt >/dev/null || ! command -v cargo-clippy >/dev/null; then
+    die "rustfmt/clippy missing and no rustup to add them"
+  fi
+fi
+
+# --- services ------------------------------------------------------------------
+# Something already listening on the port means the server was up before this
+# run (ours from an earlier run, or someone else's): use it, never stop it.
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# start_service VAR START_SCRIPT STOP_SCRIPT PORT...
+start_service() {
+  local var="$1" start="$2" stop="$3" url p was_up=0
+  shift 3
+  if [ -n "${!var:-}" ]; then
+    note "$var already set, using it: ${!var}"
+    return 0
+  fi
+  for p in "$@"; do port_open "$p" && was_up=1; done
+  echo "+ scripts/services/$start" >&2
+  # Registered before starting, so a start that fails half-way is cleaned up too.
+  if [ "$was_up" = 0 ]; then
+    STARTED+=("$stop")
+  else
+    note "already up before this run: will be left running"
+  fi
+  url="$(bash "$SERVICES/$start" | tail -n 1)"
+  [ -n "$url" ] || die "$start printed no URL"
+  export "$var=$url"
+  note "$var=$url"
+}
+
+section "starting PostgreSQL"
+start_service EVICTD_TEST_PG_URL pg-start.sh pg-stop.sh "${PGPORT:-55432}"
+
+section "starting Redis (standalone)"
+start_service EVICTD_TEST_REDIS_URL redis-start.sh redis-stop.sh "${REDIS_PORT:-6479}"
+
+section "starting Redis Cluster"
+read -r -a cluster_ports <<<"${REDIS_CLUSTER_PORTS:-7101 7102 7103}"
+start_service EVICTD_TEST_REDIS_CLUSTER_URLS redis-cluster-start.sh redis-cluster-stop.sh "${cluster_ports[@]}"
+
+# --- cargo -----------------------------------------------------------------------
+# Arguments that pick targets replace --all-targets (cargo would otherwise
+# ignore them) and make the doc-test run pointless.
+picks_targets=0
+for a in "$@"; do
+  [ "$a" = -- ] && break
+  case "$a" in
+    --lib|--bins|--bin|--bin=*|--tests|--test|--test=*|--examples|--example|--example=*|\
+    --benches|--bench|--bench=*|--all-targets|--doc) picks_targets=1 ;;
+  esac
+done
+
+section "cargo fmt --check"
+run cargo fmt --all -- --check
+
+section "cargo clippy"
+run cargo clippy --all-targets --locked -- -D warnings
+
+if [ "$picks_targets" = 1 ]; then
+  section "cargo test${*:+ $*}"
+  run cargo test --locked "$@"
+  note "target selection given: skipping doc tests"
+else
+  section "cargo test --all-targets${*:+ $*}"
+  run cargo test --all-targets --locked "$@"
+  section "cargo test --doc${*:+ $*}"
+  run cargo test --doc --locked "$@"
+fi

@@ -1,0 +1,731 @@
+//! Configuration: `evictd.toml`, then `EVICTD__SECTION__KEY` environment
+//! overrides, validated before anything starts.
+//!
+//! Loading goes raw → [`RawConfig::validate`] → [`Config`]. The file is
+//! first parsed alone with spans, so a bad key or value is reported with the
+//! file, line and field; the `config` crate then layers the environment on
+//! top, and a bad override names its variable. `evictd check --config` and
+//! `evictd run` call the same [`load`].
+//!
+//! **Secrets** (database and Redis URLs, which carry passwords) are
+//! [`SecretString`]s: `Debug` prints `[REDACTED]`, and nothing here puts
+//! them in an error message. Each may also be read from a file
+//! (`url_file`), as Kubernetes mounts secrets.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+use crate::batch::BatchLimits;
+use crate::diagnostic::SourceFile;
+
+/// The environment variable prefix: `EVICTD__BATCH__MAX_EFFECTS`.
+pub const ENV_PREFIX: &str = "EVICTD";
+
+/// The file as written (every field optional where a default exists).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    #[serde(default)]
+    pub graph: RawGraph,
+    pub source: Option<RawSource>,
+    #[serde(default)]
+    pub lookup: RawLookup,
+    #[serde(default)]
+    pub batch: RawBatch,
+    /// Named Redis targets: `[redis.primary]`, `[redis.eu]`.
+    #[serde(default)]
+    pub redis: BTreeMap<String, RawRedis>,
+    #[serde(default)]
+    pub server: RawServer,
+    #[serde(default)]
+    pub log: RawLog,
+}
+
+/// `[graph]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawGraph {
+    /// Graph files or directories of `*.toml` files, relative to the config
+    /// file's directory. Default: `["dependency-graphs"]`.
+    pub paths: Option<Vec<String>>,
+}
+
+/// `[source]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSource {
+    /// `postgres` or `kafka`.
+    pub kind: String,
+    pub postgres: Option<RawPostgres>,
+    pub kafka: Option<RawKafka>,
+}
+
+/// `[source.postgres]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    /// Connection URL (secret), e.g. `postgres://evictd@db:5432/app`.
+    pub url: Option<SecretString>,
+    /// A file holding the URL, instead of `url`.
+    pub url_file: Option<String>,
+    /// Logical replication slot (pgoutput). Default `evictd`.
+    pub slot: Option<String>,
+    /// Publication to stream. Default `evictd`.
+    pub publication: Option<String>,
+    /// Create the slot when it does not exist. Default true.
+    pub create_slot: Option<bool>,
+    /// Create the publication (for the graph's tables) when missing. Default false.
+    pub create_publication: Option<bool>,
+    /// How often a standby status update is sent, in ms. Default 1000.
+    pub status_interval_ms: Option<u64>,
+}
+
+/// `[source.kafka]`
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKafka {
+    /// `host:port[,host:port…]`.
+    pub brokers: String,
+    /// Consumer group. Default `evictd`.
+    pub group_id: Option<String>,
+    /// Topics to consume (or `topic_pattern`).
+    pub topics: Option<Vec<String>>,
+    /// A regular expression of topics (librdkafka `^…` subscription).
+    pub topic_pattern: Option<String>,
+    /// Extra librdkafka properties, e.g. `"security.protocol" = "ssl"`.
+    #[serde(default)]
+    pub properties: BTreeMap<String, String>,
+}
+
+/// `[lookup]`: the connection look-up dependencies run their SQL on.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLookup {
+    /// Connection URL (secret). Default: `source.postgres.url`.
+    pub url: Option<SecretString>,
+    /// A file holding the URL, instead of `url`.
+    pub url_file: Option<String>,
+    /// Per-query timeout in ms, for dependencies that set none. Default 2000.
+    pub timeout_ms: Option<u64>,
+    /// Most `$1` values in one query. Default 1000.
+    pub batch_size: Option<usize>,
+    /// Pool size. Default 4.
+    pub max_connections: Option<u32>,
+}
+
+/// `[batch]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBatch {
+    /// Close a batch at this many distinct effects. Default 1000.
+    pub max_effects: Option<usize>,
+    /// Close a batch this long after its first transaction, in ms. Default 5.
+    pub max_delay_ms: Option<u64>,
+}
+
+/// `[redis.NAME]`: one Redis target.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRedis {
+    /// `redis://[:password@]host:port[/db]` (secret). For a Cluster, one or
+    /// more seed nodes separated by commas.
+    pub url: Option<SecretString>,
+    /// A file holding the URL, instead of `url`.
+    pub url_file: Option<String>,
+    /// Whether the target is a Redis Cluster. Default false.
+    pub cluster: Option<bool>,
+}
+
+/// `[server]`: the HTTP server for `/metrics`, `/healthz`, `/readyz`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Listen address. Default `127.0.0.1:9187`.
+    pub listen: Option<String>,
+}
+
+/// `[log]`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `text` or `json`. Default `text`.
+    pub format: Option<String>,
+    /// A `tracing` filter, e.g. `info` or `evictd=debug`. Default `info`.
+    pub level: Option<String>,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Where the config was read from.
+    pub file: PathBuf,
+    pub graph_paths: Vec<PathBuf>,
+    pub source: Option<SourceConfig>,
+    pub lookup: LookupConfig,
+    pub batch: BatchLimits,
+    pub redis: Vec<RedisTarget>,
+    pub server: ServerConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub enum SourceConfig {
+    Postgres(PostgresSource),
+    Kafka(KafkaSource),
+}
+
+#[derive(Debug, Clone)]
+pub struct PostgresSource {
+    pub url: SecretString,
+    pub slot: String,
+    pub publication: String,
+    pub create_slot: bool,
+    pub create_publication: bool,
+    pub status_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct KafkaSource {
+    pub brokers: String,
+    pub group_id: String,
+    pub topics: Vec<String>,
+    pub topic_pattern: Option<String>,
+    pub properties: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct LookupConfig {
+    /// `None` when no database is configured: look-up dependencies then
+    /// cannot run, which `validate` reports if the graph has any.
+    pub url: Option<SecretString>,
+    pub timeout: Duration,
+    pub batch_size: usize,
+    pub max_connections: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisTarget {
+    pub name: String,
+    pub urls: Vec<SecretString>,
+    pub cluster: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    pub format: LogFormat,
+    pub level: String,
+}
+
+/// One problem with the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    /// `file:line:col`, an environment variable, or the file alone.
+    pub place: String,
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.place, self.message)
+        } else {
+            write!(f, "{}: {}: {}", self.place, self.field, self.message)
+        }
+    }
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError(pub Vec<ConfigIssue>);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.0.iter().enumerate() {
+            if i > 0 {
+                f.write_str("\n")?;
+            }
+            write!(f, "{issue}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Loads `path` with overrides from the process environment.
+pub fn load(path: &Path) -> Result<Config, ConfigError> {
+    let env: HashMap<String, String> = std::env::vars()
+        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
+        .collect();
+    load_with_env(path, &env)
+}
+
+/// Loads `path` with overrides from `env` (variables named
+/// `EVICTD__SECTION__KEY`; others are ignored).
+pub fn load_with_env(path: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigError(vec![ConfigIssue {
+            place: path.display().to_string(),
+            field: String::new(),
+            message: format!("cannot read the config file: {e}"),
+        }])
+    })?;
+    let source = SourceFile::new(path, text);
+    // The file alone first: its errors get a line.
+    if let Err(e) = toml::from_str::<RawConfig>(&source.text) {
+        let offset = e.span().map_or(0, |s| s.start);
+        return Err(ConfigError(vec![ConfigIssue {
+            place: source.location(offset).to_string(),
+            field: source.field_at(offset).unwrap_or_default(),
+            message: e.message().trim_end().to_owned(),
+        }]));
+    }
+    let overrides: HashMap<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    let environment = config::Environment::with_prefix(ENV_PREFIX)
+        .prefix_separator("__")
+        .separator("__")
+        .try_parsing(true)
+        .list_separator(",")
+        .with_list_parse_key("graph.paths")
+        .with_list_parse_key("source.kafka.topics")
+        .source(Some(overrides.clone().into_iter().collect()));
+    let raw: RawConfig = config::Config::builder()
+        .add_source(config::File::from_str(
+            &source.text,
+            config::FileFormat::Toml,
+        ))
+        .add_source(environment)
+        .build()
+        .and_then(|c| c.try_deserialize())
+        .map_err(|e| {
+            let mut names: Vec<&String> = overrides.keys().collect();
+            names.sort();
+            let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            ConfigError(vec![ConfigIssue {
+                place: format!("environment ({})", names.join(", ")),
+                field: String::new(),
+                message: format!("override rejected: {e}"),
+            }])
+        })?;
+    raw.validate(&source, &overrides)
+}
+
+/// The environment variable that overrides dotted `field`.
+pub fn env_name(field: &str) -> String {
+    let parts: Vec<String> = field.split('.').map(|p| p.to_uppercase()).collect();
+    format!("{ENV_PREFIX}__{}", parts.join("__"))
+}
+
+struct Issues<'a> {
+    source: &'a SourceFile,
+    overrides: &'a HashMap<String, String>,
+    list: Vec<ConfigIssue>,
+}
+
+impl Issues<'_> {
+    fn push(&mut self, field: &str, message: impl Into<String>) {
+        let var = env_name(field);
+        let place = if self.overrides.contains_key(&var) {
+            var
+        } else {
+            match self.source.span_of(field) {
+                Some(span) => self.source.location(span.start).to_string(),
+                None => self.source.path.display().to_string(),
+            }
+        };
+        self.list.push(ConfigIssue {
+            place,
+            field: field.to_owned(),
+            message: message.into(),
+        });
+    }
+
+    /// A secret given inline or through a file; never both.
+    fn secret(
+        &mut self,
+        field: &str,
+        inline: Option<SecretString>,
+        file: Option<&str>,
+        base: &Path,
+    ) -> Option<SecretString> {
+        match (inline, file) {
+            (Some(_), Some(_)) => {
+                self.push(
+                    &format!("{field}_file"),
+                    format!("set either `{field}` or `{field}_file`, not both"),
+                );
+                None
+            }
+            (Some(s), None) => Some(s),
+            (None, Some(f)) => {
+                let path = base.join(f);
+                match std::fs::read_to_string(&path) {
+                    Ok(text) => Some(SecretString::from(text.trim().to_owned())),
+                    Err(e) => {
+                        self.push(
+                            &format!("{field}_file"),
+                            format!("cannot read {}: {e}", path.display()),
+                        );
+                        None
+                    }
+                }
+            }
+            (None, None) => None,
+        }
+    }
+}
+
+fn is_identifier(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+}
+
+impl RawConfig {
+    /// Checks every value and builds the validated [`Config`].
+    pub fn validate(
+        self,
+        source: &SourceFile,
+        overrides: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
+        let base = source
+            .path
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let mut issues = Issues {
+            source,
+            overrides,
+            list: Vec::new(),
+        };
+
+        let paths = self
+            .graph
+            .paths
+            .unwrap_or_else(|| vec!["dependency-graphs".to_owned()]);
+        if paths.is_empty() {
+            issues.push("graph.paths", "needs at least one graph file or directory");
+        }
+        let graph_paths = paths.iter().map(|p| base.join(p)).collect();
+
+        let source_config = self
+            .source
+            .and_then(|s| validate_source(s, &mut issues, &base));
+        let pg_url = match &source_config {
+            Some(SourceConfig::Postgres(pg)) => Some(pg.url.clone()),
+            _ => None,
+        };
+        let lookup_url = issues
+            .secret(
+                "lookup.url",
+                self.lookup.url,
+                self.lookup.url_file.as_deref(),
+                &base,
+            )
+            .or(pg_url);
+        if let Some(url) = &lookup_url {
+            check_pg_url(&mut issues, "lookup.url", url);
+        }
+        let lookup = LookupConfig {
+            url: lookup_url,
+            timeout: Duration::from_millis(positive(
+                &mut issues,
+                "lookup.timeout_ms",
+                self.lookup.timeout_ms,
+                2000,
+            )),
+            batch_size: positive(
+                &mut issues,
+                "lookup.batch_size",
+                self.lookup.batch_size.map(|v| v as u64),
+                1000,
+            ) as usize,
+            max_connections: positive(
+                &mut issues,
+                "lookup.max_connections",
+                self.lookup.max_connections.map(u64::from),
+                4,
+            ) as u32,
+        };
+
+        let max_delay_ms = self.batch.max_delay_ms.unwrap_or(5);
+        if max_delay_ms > 60_000 {
+            issues.push("batch.max_delay_ms", "must be at most 60000 (a minute)");
+        }
+        let batch = BatchLimits {
+            max_effects: positive(
+                &mut issues,
+                "batch.max_effects",
+                self.batch.max_effects.map(|v| v as u64),
+                1000,
+            ) as usize,
+            max_delay: Duration::from_millis(max_delay_ms),
+        };
+
+        let mut redis = Vec::new();
+        for (name, target) in self.redis {
+            let field = format!("redis.{name}");
+            if !is_identifier(&name) {
+                issues.push(
+                    &field,
+                    format!("target name `{name}` must use lowercase letters, digits and `_`"),
+                );
+            }
+            let Some(url) = issues.secret(
+                &format!("{field}.url"),
+                target.url,
+                target.url_file.as_deref(),
+                &base,
+            ) else {
+                if !issues.list.iter().any(|i| i.field.starts_with(&field)) {
+                    issues.push(&field, "needs `url` (or `url_file`)");
+                }
+                continue;
+            };
+            let cluster = target.cluster.unwrap_or(false);
+            let urls: Vec<SecretString> = url
+                .expose_secret()
+                .split(',')
+                .map(|u| SecretString::from(u.trim().to_owned()))
+                .collect();
+            if urls.len() > 1 && !cluster {
+                issues.push(
+                    &format!("{field}.url"),
+                    "several URLs are only for a Cluster: set `cluster = true`",
+                );
+            }
+            for u in &urls {
+                if let Err(e) = redis::Client::open(u.expose_secret()) {
+                    let reason = e.to_string().replace(u.expose_secret(), "****");
+                    issues.push(
+                        &format!("{field}.url"),
+                        format!("not a Redis URL ({reason})"),
+                    );
+                }
+            }
+            redis.push(RedisTarget {
+                name,
+                urls,
+                cluster,
+            });
+        }
+
+        let listen_text = self
+            .server
+            .listen
+            .unwrap_or_else(|| "127.0.0.1:9187".to_owned());
+        let listen = match SocketAddr::from_str(&listen_text) {
+            Ok(a) => a,
+            Err(_) => {
+                issues.push(
+                    "server.listen",
+                    format!("`{listen_text}` is not an address like 127.0.0.1:9187"),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 9187))
+            }
+        };
+        let format = match self.log.format.as_deref().unwrap_or("text") {
+            "text" => LogFormat::Text,
+            "json" => LogFormat::Json,
+            other => {
+                issues.push(
+                    "log.format",
+                    format!("unknown format `{other}` (expected text or json)"),
+                );
+                LogFormat::Text
+            }
+        };
+        let level = self.log.level.unwrap_or_else(|| "info".to_owned());
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+            issues.push("log.level", format!("not a log filter: {e}"));
+        }
+
+        if !issues.list.is_empty() {
+            return Err(ConfigError(issues.list));
+        }
+        Ok(Config {
+            file: source.path.to_path_buf(),
+            graph_paths,
+            source: source_config,
+            lookup,
+            batch,
+            redis,
+            server: ServerConfig { listen },
+            log: LogConfig { format, level },
+        })
+    }
+}
+
+fn positive(issues: &mut Issues<'_>, field: &str, value: Option<u64>, default: u64) -> u64 {
+    match value {
+        Some(0) => {
+            issues.push(field, "must be greater than 0");
+            default
+        }
+        Some(v) => v,
+        None => default,
+    }
+}
+
+fn check_pg_url(issues: &mut Issues<'_>, field: &str, url: &SecretString) {
+    // The parse error never contains the URL itself.
+    if let Err(e) = sqlx::postgres::PgConnectOptions::from_str(url.expose_secret()) {
+        let reason = match e {
+            sqlx::Error::Configuration(inner) => inner.to_string(),
+            _ => "unreadable".to_owned(),
+        };
+        let reason = if reason.contains(url.expose_secret()) {
+            "unreadable".to_owned()
+        } else {
+            reason
+        };
+        issues.push(field, format!("not a Postgres URL ({reason})"));
+    }
+}
+
+fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Option<SourceConfig> {
+    match raw.kind.as_str() {
+        "postgres" => {
+            let Some(pg) = raw.postgres else {
+                issues.push(
+                    "source",
+                    "kind = \"postgres\" needs a [source.postgres] section",
+                );
+                return None;
+            };
+            let url = issues.secret("source.postgres.url", pg.url, pg.url_file.as_deref(), base);
+            let Some(url) = url else {
+                if !issues
+                    .list
+                    .iter()
+                    .any(|i| i.field.starts_with("source.postgres.url"))
+                {
+                    issues.push("source.postgres", "needs `url` (or `url_file`)");
+                }
+                return None;
+            };
+            check_pg_url(issues, "source.postgres.url", &url);
+            let slot = pg.slot.unwrap_or_else(|| "evictd".to_owned());
+            if !is_identifier(&slot) {
+                issues.push("source.postgres.slot", format!("`{slot}` is not a slot name (lowercase letters, digits and `_`, at most 63)"));
+            }
+            let publication = pg.publication.unwrap_or_else(|| "evictd".to_owned());
+            if !is_identifier(&publication) {
+                issues.push("source.postgres.publication", format!("`{publication}` is not a publication name (lowercase letters, digits and `_`, at most 63)"));
+            }
+            let interval = pg.status_interval_ms.unwrap_or(1000);
+            if !(100..=10_000).contains(&interval) {
+                issues.push(
+                    "source.postgres.status_interval_ms",
+                    "must be between 100 and 10000 (keep it under half of wal_sender_timeout)",
+                );
+            }
+            Some(SourceConfig::Postgres(PostgresSource {
+                url,
+                slot,
+                publication,
+                create_slot: pg.create_slot.unwrap_or(true),
+                create_publication: pg.create_publication.unwrap_or(false),
+                status_interval: Duration::from_millis(interval),
+            }))
+        }
+        "kafka" => {
+            let Some(kafka) = raw.kafka else {
+                issues.push("source", "kind = \"kafka\" needs a [source.kafka] section");
+                return None;
+            };
+            let topics = kafka.topics.unwrap_or_default();
+            if topics.is_empty() == kafka.topic_pattern.is_none() {
+                issues.push(
+                    "source.kafka.topics",
+                    "set either `topics` or `topic_pattern`",
+                );
+            }
+            if kafka.brokers.trim().is_empty() {
+                issues.push(
+                    "source.kafka.brokers",
+                    "needs at least one broker (host:port)",
+                );
+            }
+            let mut client = rdkafka::ClientConfig::new();
+            for (key, value) in &kafka.properties {
+                client.set(key, value);
+            }
+            client.set("bootstrap.servers", &kafka.brokers);
+            client.set("group.id", kafka.group_id.as_deref().unwrap_or("evictd"));
+            if let Err(e) = client.create::<rdkafka::consumer::BaseConsumer>() {
+                issues.push(
+                    "source.kafka.properties",
+                    format!("rejected by librdkafka: {e}"),
+                );
+            }
+            Some(SourceConfig::Kafka(KafkaSource {
+                brokers: kafka.brokers,
+                group_id: kafka.group_id.unwrap_or_else(|| "evictd".to_owned()),
+                topics,
+                topic_pattern: kafka.topic_pattern,
+                properties: kafka.properties,
+            }))
+        }
+        other => {
+            issues.push(
+                "source.kind",
+                format!("unknown source `{other}` (expected postgres or kafka)"),
+            );
+            None
+        }
+    }
+}
+
+/// A URL with its password replaced by `****`, for logs and `check`.
+pub fn redact_url(url: &SecretString) -> String {
+    let text = url.expose_secret();
+    let Some((scheme, rest)) = text.split_once("://") else {
+        return "****".to_owned();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or("");
+            let shown = if userinfo.contains(':') {
+                format!("{user}:****")
+            } else {
+                user.to_owned()
+            };
+            let tail = tail.split('?').next().unwrap_or("");
+            format!("{scheme}://{shown}@{host}{tail}")
+        }
+        None => format!(
+            "{scheme}://{authority}{}",
+            tail.split('?').next().unwrap_or("")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

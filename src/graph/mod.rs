@@ -1,0 +1,278 @@
+//! The dependency graph: which tables a cache depends on, and how a row
+//! change of a table becomes keys, tags or look-ups of a cache.
+//!
+//! Files in `dependency-graphs/` ([`file`]) are loaded and validated by
+//! [`load`] into one [`Graph`]. The graph is immutable once built; its ids
+//! are indexes, so the resolver follows them without hashing. A `petgraph`
+//! view (tables and caches as nodes, dependencies as edges) serves cycle
+//! detection and the `graph` command's DOT and JSON output ([`export`]).
+//!
+//! **Invariants** (established by `load`, relied on by `resolve`): every
+//! placeholder of a cache's key is bound by each of its direct and embeds
+//! dependencies; every column named anywhere is declared for its table;
+//! `embeds` edges form no cycle; cache and table names are unique.
+
+pub mod export;
+pub mod file;
+pub mod load;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use petgraph::graph::{DiGraph, NodeIndex};
+
+use crate::diagnostic::Location;
+use crate::key::KeyTemplate;
+
+pub use load::{GraphError, GraphErrors, load_paths};
+
+/// Index of a table in [`Graph::tables`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TableId(pub usize);
+
+/// Index of a cache in [`Graph::caches`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct CacheId(pub usize);
+
+/// Index of a dependency in [`Graph::dependencies`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DepId(pub usize);
+
+/// A table the graph listens to.
+#[derive(Debug, Clone)]
+pub struct Table {
+    pub name: Arc<str>,
+    /// Identity columns. An update's old image that lacks one of them means
+    /// it did not change (sources send old identity values only on change).
+    pub key: Vec<Arc<str>>,
+    pub columns: Vec<Arc<str>>,
+    pub location: Location,
+    /// Dependencies triggered by a row change of this table.
+    pub dependents: Vec<DepId>,
+}
+
+impl Table {
+    pub fn has_column(&self, column: &str) -> bool {
+        self.columns.iter().any(|c| &**c == column)
+    }
+
+    pub fn is_key(&self, column: &str) -> bool {
+        self.key.iter().any(|c| &**c == column)
+    }
+}
+
+/// What evictd does to a stale key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Action {
+    /// `UNLINK` the key.
+    Delete,
+    /// The key is a version key: raise it to the change's commit position.
+    Bump,
+    /// Set a short, jittered TTL instead of deleting.
+    Expire,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Delete => "delete",
+            Action::Bump => "bump",
+            Action::Expire => "expire",
+        }
+    }
+}
+
+/// Per-cache options.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheOptions {
+    pub action: Action,
+    /// Delayed second delete (action `delete` only).
+    pub redelete_after_ms: Option<u64>,
+    /// Publish this cache's invalidations to in-process caches.
+    pub broadcast: bool,
+    /// Look-up rows past which the cache's namespace is bumped instead.
+    pub fanout_limit: u64,
+    /// Action `expire`: base TTL and random extra.
+    pub expire_after_ms: Option<u64>,
+    pub expire_jitter_ms: u64,
+}
+
+/// Default of [`CacheOptions::fanout_limit`].
+pub const DEFAULT_FANOUT_LIMIT: u64 = 10_000;
+
+/// A cache: a key template, what to do when a key goes stale, and what it
+/// depends on.
+#[derive(Debug, Clone)]
+pub struct Cache {
+    pub name: Arc<str>,
+    pub template: KeyTemplate,
+    pub description: Option<String>,
+    pub options: CacheOptions,
+    pub location: Location,
+    /// This cache's own dependencies.
+    pub dependencies: Vec<DepId>,
+    /// Dependencies of other caches that embed this one.
+    pub embedded_by: Vec<DepId>,
+}
+
+/// What sets a dependency off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// A row change of a table.
+    Table(TableId),
+    /// An invalidation of another cache (this cache embeds it).
+    Embeds(CacheId),
+}
+
+/// Where a look-up's `$1` values come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LookupArg {
+    /// A column of the changed row.
+    Column(Arc<str>),
+    /// A parameter (index) of the embedded cache's key.
+    Param(usize),
+}
+
+/// A SQL look-up that yields the cache's key parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lookup {
+    pub query: String,
+    pub arg: LookupArg,
+    pub timeout_ms: Option<u64>,
+}
+
+/// A tag template and, for each of its parameters, the column it reads.
+#[derive(Debug, Clone)]
+pub struct TagTemplate {
+    pub template: KeyTemplate,
+    pub columns: Vec<Arc<str>>,
+}
+
+/// How a triggered dependency finds what to invalidate.
+#[derive(Debug, Clone)]
+pub enum Mapping {
+    /// Direct: key parameter `i` is column `columns[i]` of the changed row.
+    Columns(Vec<Arc<str>>),
+    /// Embeds: key parameter `i` is parameter `params[i]` of the embedded key.
+    Params(Vec<usize>),
+    /// Look-up through SQL.
+    Lookup(Lookup),
+    /// Tags rendered from the changed row.
+    Tags(Vec<TagTemplate>),
+}
+
+impl Mapping {
+    pub fn kind(&self, trigger: Trigger) -> &'static str {
+        match (self, trigger) {
+            (Mapping::Columns(_), _) => "direct",
+            (Mapping::Params(_), _) => "embeds",
+            (Mapping::Lookup(_), Trigger::Table(_)) => "lookup",
+            (Mapping::Lookup(_), Trigger::Embeds(_)) => "embeds+lookup",
+            (Mapping::Tags(_), _) => "tags",
+        }
+    }
+}
+
+/// One declared dependency of a cache.
+#[derive(Debug, Clone)]
+pub struct Dependency {
+    pub id: DepId,
+    pub cache: CacheId,
+    pub trigger: Trigger,
+    pub mapping: Mapping,
+    /// Column filter: an update that changes none of these is ignored.
+    pub filter: Option<Vec<Arc<str>>>,
+    pub location: Location,
+    /// `caches.NAME.depends[i]`, for messages.
+    pub field: String,
+}
+
+/// A node of the petgraph view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Node {
+    Table(TableId),
+    Cache(CacheId),
+}
+
+/// The loaded, validated dependency graph.
+#[derive(Debug, Clone)]
+pub struct Graph {
+    tables: Vec<Table>,
+    caches: Vec<Cache>,
+    dependencies: Vec<Dependency>,
+    table_index: HashMap<Arc<str>, TableId>,
+    cache_index: HashMap<Arc<str>, CacheId>,
+    view: DiGraph<Node, DepId>,
+    files: Vec<Location>,
+}
+
+impl Graph {
+    pub fn tables(&self) -> &[Table] {
+        &self.tables
+    }
+
+    pub fn caches(&self) -> &[Cache] {
+        &self.caches
+    }
+
+    pub fn dependencies(&self) -> &[Dependency] {
+        &self.dependencies
+    }
+
+    pub fn table(&self, id: TableId) -> &Table {
+        &self.tables[id.0]
+    }
+
+    pub fn cache(&self, id: CacheId) -> &Cache {
+        &self.caches[id.0]
+    }
+
+    pub fn dependency(&self, id: DepId) -> &Dependency {
+        &self.dependencies[id.0]
+    }
+
+    pub fn table_id(&self, name: &str) -> Option<TableId> {
+        self.table_index.get(name).copied()
+    }
+
+    pub fn cache_id(&self, name: &str) -> Option<CacheId> {
+        self.cache_index.get(name).copied()
+    }
+
+    /// The petgraph view: tables and caches as nodes, one edge per
+    /// dependency from its trigger to its cache.
+    pub fn view(&self) -> &DiGraph<Node, DepId> {
+        &self.view
+    }
+
+    /// The files the graph was loaded from (line 1 of each).
+    pub fn files(&self) -> &[Location] {
+        &self.files
+    }
+
+    /// Caches that depend on `table` through a row trigger (any kind).
+    pub fn caches_of_table(&self, table: TableId) -> impl Iterator<Item = CacheId> + '_ {
+        self.tables[table.0]
+            .dependents
+            .iter()
+            .map(|d| self.dependencies[d.0].cache)
+    }
+
+    fn build_view(&mut self) {
+        let mut view = DiGraph::new();
+        let tables: Vec<NodeIndex> = (0..self.tables.len())
+            .map(|i| view.add_node(Node::Table(TableId(i))))
+            .collect();
+        let caches: Vec<NodeIndex> = (0..self.caches.len())
+            .map(|i| view.add_node(Node::Cache(CacheId(i))))
+            .collect();
+        for dep in &self.dependencies {
+            let from = match dep.trigger {
+                Trigger::Table(t) => tables[t.0],
+                Trigger::Embeds(c) => caches[c.0],
+            };
+            view.add_edge(from, caches[dep.cache.0], dep.id);
+        }
+        self.view = view;
+    }
+}

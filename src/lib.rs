@@ -1,0 +1,31 @@
+//! evictd: tails a database's change stream and, for every committed row
+//! change, invalidates every cache key the change makes stale.
+//!
+//! The pipeline, one module per stage (see `ARCHITECTURE.md`):
+//!
+//! ```text
+//! source ──► change ──► resolve (graph) ──► batch ──► sink ──► checkpoint
+//! ```
+//!
+//! - [`source`]: where changes come from, and where their positions are
+//!   acknowledged ([`source::Source`]).
+//! - [`change`]: the one change type every source produces.
+//! - [`graph`]: the dependency graph loaded from `dependency-graphs/`.
+//! - [`key`]: canonical key rendering.
+//! - [`resolve`]: change → effects (keys, tags, namespace bumps, look-ups).
+//! - [`batch`]: effects of consecutive transactions merged and deduplicated.
+//! - [`sink`]: where effects are applied ([`sink::Sink`]).
+//! - [`checkpoint`]: which position may be acknowledged.
+//! - [`config`], [`cli`]: the operator's surface.
+
+pub mod batch;
+pub mod change;
+pub mod checkpoint;
+pub mod cli;
+pub mod config;
+pub mod diagnostic;
+pub mod graph;
+pub mod key;
+pub mod resolve;
+pub mod sink;
+pub mod source;

@@ -1,0 +1,26 @@
+//! The `evictd` binary: parses arguments and hands over to the library.
+//! Exit codes: 0 ok, 2 bad input (config, graph, arguments), 1 runtime failure.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+fn main() -> ExitCode {
+    // Diagnostics go to stderr; stdout carries command output only.
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+
+    // clap itself exits 2 on bad arguments and 0 for --help / --version.
+    let cli = evictd::cli::Cli::parse();
+    match evictd::cli::run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
+    }
+}

@@ -1,0 +1,48 @@
+//! Sinks: where effects are applied (Redis standalone or Cluster, the
+//! broadcast channel).
+//!
+//! [`Sink`] is the seam. Effects are idempotent by construction — `UNLINK`
+//! rather than update, version bumps that only ever raise a version to the
+//! change's commit position — so a sink may apply a batch more than once.
+
+use std::future::Future;
+
+use crate::graph::Graph;
+use crate::resolve::Effect;
+
+/// One batch as a sink sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct SinkBatch<'a> {
+    pub id: u64,
+    pub graph: &'a Graph,
+    /// Distinct effects, each applied with its cache's action and options.
+    pub effects: &'a [Effect],
+    /// The version written by `bump` and namespace bumps: the batch's last
+    /// commit position as a number, so replays never move a version back.
+    pub version: u64,
+}
+
+/// Why a sink could not confirm a batch.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    /// The target is unreachable or overloaded: retry with backoff, stop
+    /// reading the source meanwhile, never acknowledge.
+    #[error("{target}: {message}")]
+    Transient { target: String, message: String },
+    /// The target refused the batch for a reason retrying will not fix.
+    #[error("{target}: {message}")]
+    Definite { target: String, message: String },
+}
+
+/// Applies effects.
+///
+/// Contract: `apply` returns `Ok` only when every effect of the batch has
+/// been applied and confirmed by the target (the reply was read, not just
+/// the command sent). An error means nothing may be acknowledged for the
+/// batch; the caller retries the whole batch, which is safe because every
+/// effect is idempotent. A future dropped before it completes confirms
+/// nothing.
+pub trait Sink {
+    fn name(&self) -> &str;
+    fn apply(&self, batch: SinkBatch<'_>) -> impl Future<Output = Result<(), SinkError>> + Send;
+}
