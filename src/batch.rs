@@ -35,13 +35,7 @@ pub struct Batch {
 
 impl Batch {
     pub fn new(id: u64) -> Batch {
-        Batch {
-            id,
-            effects: Vec::new(),
-            seen: HashSet::new(),
-            transactions: 0,
-            last_position: None,
-        }
+        Batch { id, effects: Vec::new(), seen: HashSet::new(), transactions: 0, last_position: None }
     }
 
     pub fn id(&self) -> u64 {
@@ -49,11 +43,7 @@ impl Batch {
     }
 
     /// Adds a whole transaction: its commit position and its effects.
-    pub fn push_transaction(
-        &mut self,
-        position: Position,
-        effects: impl IntoIterator<Item = Effect>,
-    ) {
+    pub fn push_transaction(&mut self, position: Position, effects: impl IntoIterator<Item = Effect>) {
         for effect in effects {
             if self.seen.insert(effect.clone()) {
                 self.effects.push(effect);
@@ -96,17 +86,11 @@ mod tests {
     use proptest::prelude::*;
 
     fn pos(n: u64) -> Position {
-        Position::Postgres {
-            commit_lsn: Lsn(n),
-            lsn: Lsn(n),
-        }
+        Position::Postgres { commit_lsn: Lsn(n), lsn: Lsn(n) }
     }
 
     fn key(k: u8) -> Effect {
-        Effect::Key {
-            cache: CacheId(0),
-            key: format!("k{k}"),
-        }
+        Effect::Key { cache: CacheId(0), key: format!("k{k}") }
     }
 
     #[test]

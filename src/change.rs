@@ -157,9 +157,7 @@ impl Row {
     }
 
     pub fn with_capacity(n: usize) -> Row {
-        Row {
-            columns: Vec::with_capacity(n),
-        }
+        Row { columns: Vec::with_capacity(n) }
     }
 
     /// Sets a column, replacing an earlier cell of the same name.
@@ -180,10 +178,7 @@ impl Row {
     /// The cell of `column`; absent columns are unknown.
     pub fn get(&self, column: &str) -> &Cell {
         static UNKNOWN: Cell = Cell::Unknown;
-        self.columns
-            .iter()
-            .find(|(c, _)| &**c == column)
-            .map_or(&UNKNOWN, |(_, cell)| cell)
+        self.columns.iter().find(|(c, _)| &**c == column).map_or(&UNKNOWN, |(_, cell)| cell)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&str, &Cell)> {
@@ -200,10 +195,7 @@ impl Row {
 
     /// Reads a JSON object as a row image (`explain`, Debezium without
     /// schemas). `unavailable` names a sentinel string that means unknown.
-    pub fn from_json_object(
-        object: &serde_json::Map<String, serde_json::Value>,
-        unavailable: Option<&str>,
-    ) -> Row {
+    pub fn from_json_object(object: &serde_json::Map<String, serde_json::Value>, unavailable: Option<&str>) -> Row {
         let mut row = Row::with_capacity(object.len());
         for (column, json) in object {
             let cell = match (json, unavailable) {
@@ -261,11 +253,7 @@ pub enum Position {
     /// (ordering inside the transaction).
     Postgres { commit_lsn: Lsn, lsn: Lsn },
     /// Kafka: ordered only within one topic partition.
-    Kafka {
-        topic: Arc<str>,
-        partition: i32,
-        offset: i64,
-    },
+    Kafka { topic: Arc<str>, partition: i32, offset: i64 },
     /// A line of a replayed file, or a change given on the command line.
     File { line: u64 },
 }
@@ -273,27 +261,12 @@ pub enum Position {
 impl PartialOrd for Position {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         match (self, other) {
+            (Position::Postgres { commit_lsn: a, lsn: al }, Position::Postgres { commit_lsn: b, lsn: bl }) => {
+                Some((a, al).cmp(&(b, bl)))
+            }
             (
-                Position::Postgres {
-                    commit_lsn: a,
-                    lsn: al,
-                },
-                Position::Postgres {
-                    commit_lsn: b,
-                    lsn: bl,
-                },
-            ) => Some((a, al).cmp(&(b, bl))),
-            (
-                Position::Kafka {
-                    topic: at,
-                    partition: ap,
-                    offset: ao,
-                },
-                Position::Kafka {
-                    topic: bt,
-                    partition: bp,
-                    offset: bo,
-                },
+                Position::Kafka { topic: at, partition: ap, offset: ao },
+                Position::Kafka { topic: bt, partition: bp, offset: bo },
             ) if at == bt && ap == bp => Some(ao.cmp(bo)),
             (Position::File { line: a }, Position::File { line: b }) => Some(a.cmp(b)),
             _ => None,
@@ -317,11 +290,7 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Position::Postgres { commit_lsn, lsn } => write!(f, "pg:{commit_lsn}:{lsn}"),
-            Position::Kafka {
-                topic,
-                partition,
-                offset,
-            } => {
+            Position::Kafka { topic, partition, offset } => {
                 write!(f, "kafka:{topic}/{partition}@{offset}")
             }
             Position::File { line } => write!(f, "line:{line}"),
@@ -397,9 +366,7 @@ mod tests {
 
     #[test]
     fn absent_column_reads_as_unknown_not_null() {
-        let row = Row::new()
-            .with("id", Value::Int(1))
-            .with("bio", Value::Null);
+        let row = Row::new().with("id", Value::Int(1)).with("bio", Value::Null);
         assert_eq!(row.get("bio"), &Cell::Known(Value::Null));
         assert_eq!(row.get("avatar"), &Cell::Unknown);
     }
@@ -407,10 +374,7 @@ mod tests {
     #[test]
     fn json_sentinel_becomes_unknown() {
         let json = serde_json::json!({"id": 7, "body": "__debezium_unavailable_value", "n": null});
-        let row = Row::from_json_object(
-            json.as_object().unwrap(),
-            Some("__debezium_unavailable_value"),
-        );
+        let row = Row::from_json_object(json.as_object().unwrap(), Some("__debezium_unavailable_value"));
         assert_eq!(row.get("id"), &Cell::Known(Value::Int(7)));
         assert_eq!(row.get("body"), &Cell::Unknown);
         assert_eq!(row.get("n"), &Cell::Known(Value::Null));
@@ -426,21 +390,14 @@ mod tests {
 
     #[test]
     fn postgres_positions_order_by_commit_then_lsn() {
-        let p = |c, l| Position::Postgres {
-            commit_lsn: Lsn(c),
-            lsn: Lsn(l),
-        };
+        let p = |c, l| Position::Postgres { commit_lsn: Lsn(c), lsn: Lsn(l) };
         assert!(p(10, 5) < p(10, 6));
         assert!(p(10, 9) < p(11, 1));
     }
 
     #[test]
     fn kafka_positions_of_different_partitions_do_not_compare() {
-        let k = |p, o| Position::Kafka {
-            topic: Arc::from("t"),
-            partition: p,
-            offset: o,
-        };
+        let k = |p, o| Position::Kafka { topic: Arc::from("t"), partition: p, offset: o };
         assert!(k(0, 1) < k(0, 2));
         assert_eq!(k(0, 1).partial_cmp(&k(1, 2)), None);
     }

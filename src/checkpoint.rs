@@ -30,10 +30,7 @@ pub struct NotInFlight(pub u64);
 
 impl<P: Clone> Default for Watermark<P> {
     fn default() -> Self {
-        Watermark {
-            in_flight: VecDeque::new(),
-            acknowledged: None,
-        }
+        Watermark { in_flight: VecDeque::new(), acknowledged: None }
     }
 }
 
@@ -44,21 +41,13 @@ impl<P: Clone> Watermark<P> {
 
     /// Registers a batch, in source order, with its last position.
     pub fn begin(&mut self, batch: u64, position: P) {
-        self.in_flight.push_back(InFlight {
-            batch,
-            position,
-            confirmed: false,
-        });
+        self.in_flight.push_back(InFlight { batch, position, confirmed: false });
     }
 
     /// Records that every sink confirmed `batch`; returns the new watermark
     /// when it moved.
     pub fn confirm(&mut self, batch: u64) -> Result<Option<P>, NotInFlight> {
-        let entry = self
-            .in_flight
-            .iter_mut()
-            .find(|f| f.batch == batch)
-            .ok_or(NotInFlight(batch))?;
+        let entry = self.in_flight.iter_mut().find(|f| f.batch == batch).ok_or(NotInFlight(batch))?;
         entry.confirmed = true;
         let mut moved = None;
         while self.in_flight.front().is_some_and(|f| f.confirmed) {

@@ -36,40 +36,25 @@ pub struct SourceFile {
 
 impl SourceFile {
     pub fn new(path: impl Into<PathBuf>, text: String) -> SourceFile {
-        let line_starts = std::iter::once(0)
-            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
-            .collect();
-        SourceFile {
-            path: Arc::from(path.into()),
-            text,
-            line_starts,
-        }
+        let line_starts = std::iter::once(0).chain(text.match_indices('\n').map(|(i, _)| i + 1)).collect();
+        SourceFile { path: Arc::from(path.into()), text, line_starts }
     }
 
     /// The line and column of byte `offset`.
     pub fn location(&self, offset: usize) -> Location {
         let offset = offset.min(self.text.len());
-        let line = self
-            .line_starts
-            .partition_point(|&start| start <= offset)
-            .max(1);
+        let line = self.line_starts.partition_point(|&start| start <= offset).max(1);
         let start = self.line_starts[line - 1];
-        let column = self
-            .text
-            .get(start..offset)
-            .map_or(1, |s| s.chars().count() + 1);
-        Location {
-            file: self.path.clone(),
-            line,
-            column,
-        }
+        let column = self.text.get(start..offset).map_or(1, |s| s.chars().count() + 1);
+        Location { file: self.path.clone(), line, column }
     }
 
     /// The dotted path of the innermost key at or before `offset`, as
     /// `caches.product.depends[0].bind.id`. `None` when the text does not
     /// parse or no key precedes the offset.
     pub fn field_at(&self, offset: usize) -> Option<String> {
-        let root = DeTable::parse(&self.text).ok()?;
+        // Recovering parse: a duplicate key still leaves a tree to walk.
+        let (root, _) = DeTable::parse_recoverable(&self.text);
         let mut best: Option<(usize, String)> = None;
         walk_table(root.get_ref(), "", offset, &mut best);
         best.map(|(_, path)| path)
@@ -96,14 +81,8 @@ impl SourceFile {
     }
 }
 
-fn lookup_key<'a, 'i>(
-    table: &'a DeTable<'i>,
-    key: &str,
-) -> Option<(Range<usize>, &'a DeValue<'i>)> {
-    table
-        .iter()
-        .find(|(k, _)| k.get_ref().as_ref() == key)
-        .map(|(_, v)| (v.span(), v.get_ref()))
+fn lookup_key<'a, 'i>(table: &'a DeTable<'i>, key: &str) -> Option<(Range<usize>, &'a DeValue<'i>)> {
+    table.iter().find(|(k, _)| k.get_ref().as_ref() == key).map(|(_, v)| (v.span(), v.get_ref()))
 }
 
 /// Splits `a.b[2].c` into `a`, `b`, `[2]`, `c`; a key may be quoted
@@ -139,34 +118,73 @@ fn path_segments(path: &str) -> impl Iterator<Item = String> + '_ {
     out.into_iter()
 }
 
-/// Quotes a TOML key for a field path when it is not a bare key.
-pub fn path_key(key: &str) -> String {
-    let bare = !key.is_empty()
-        && key
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-    if bare {
-        key.to_owned()
-    } else {
-        format!("\"{key}\"")
+/// The byte offset in the file of byte `decoded` of the string value whose
+/// literal starts at `literal_start` (its opening quote): escapes and a
+/// multi-line string's leading newline are accounted for.
+pub fn string_offset(text: &str, literal_start: usize, decoded: usize) -> usize {
+    let raw = text.get(literal_start..).unwrap_or("");
+    let (open, escapes) = match raw.as_bytes().first() {
+        Some(b'"') if raw.starts_with("\"\"\"") => (3, true),
+        Some(b'\'') if raw.starts_with("'''") => (3, false),
+        Some(b'"') => (1, true),
+        Some(b'\'') => (1, false),
+        _ => return literal_start,
+    };
+    let mut at = open;
+    if open == 3 {
+        if raw[at..].starts_with("\r\n") {
+            at += 2;
+        } else if raw[at..].starts_with('\n') {
+            at += 1;
+        }
     }
+    let bytes = raw.as_bytes();
+    let mut produced = 0;
+    while produced < decoded && at < bytes.len() {
+        if escapes && bytes[at] == b'\\' {
+            let (consumed, emitted) = match bytes.get(at + 1) {
+                Some(b'u') => (6, decoded_len(raw.get(at + 2..at + 6))),
+                Some(b'U') => (10, decoded_len(raw.get(at + 2..at + 10))),
+                Some(_) => (2, 1),
+                None => (1, 1),
+            };
+            at += consumed;
+            produced += emitted;
+        } else {
+            let len = raw[at..].chars().next().map_or(1, char::len_utf8);
+            at += len;
+            produced += len;
+        }
+    }
+    literal_start + at
 }
 
-fn walk_table(
-    table: &DeTable<'_>,
-    prefix: &str,
-    offset: usize,
-    best: &mut Option<(usize, String)>,
-) {
+fn decoded_len(hex_digits: Option<&str>) -> usize {
+    hex_digits.and_then(|h| u32::from_str_radix(h, 16).ok()).and_then(char::from_u32).map_or(1, char::len_utf8)
+}
+
+/// Quotes a TOML key for a field path when it is not a bare key.
+pub fn path_key(key: &str) -> String {
+    let bare = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    if bare { key.to_owned() } else { format!("\"{key}\"") }
+}
+
+fn walk_table(table: &DeTable<'_>, prefix: &str, offset: usize, best: &mut Option<(usize, String)>) {
     for (key, value) in table.iter() {
-        let path = if prefix.is_empty() {
-            path_key(key.get_ref())
-        } else {
-            format!("{prefix}.{}", path_key(key.get_ref()))
-        };
+        let path =
+            if prefix.is_empty() { path_key(key.get_ref()) } else { format!("{prefix}.{}", path_key(key.get_ref())) };
         let start = key.span().start;
         if start <= offset && best.as_ref().is_none_or(|(b, _)| start >= *b) {
             *best = Some((start, path.clone()));
+        }
+        // A `[header]` table's span starts at its `[`, before its key: an
+        // error about the table as a whole (a missing field) points there.
+        let table_start = value.span().start;
+        if value.get_ref().as_table().is_some()
+            && table_start <= offset
+            && best.as_ref().is_none_or(|(b, _)| table_start > *b)
+        {
+            *best = Some((table_start, path.clone()));
         }
         walk_value(value.get_ref(), &path, offset, best);
     }
@@ -179,10 +197,7 @@ fn walk_value(value: &DeValue<'_>, path: &str, offset: usize, best: &mut Option<
         for (i, item) in array.iter().enumerate() {
             let item_path = format!("{path}[{i}]");
             let start = item.span().start;
-            if item.get_ref().as_table().is_none()
-                && start <= offset
-                && best.as_ref().is_none_or(|(b, _)| start > *b)
-            {
+            if item.get_ref().as_table().is_none() && start <= offset && best.as_ref().is_none_or(|(b, _)| start > *b) {
                 *best = Some((start, item_path.clone()));
             }
             walk_value(item.get_ref(), &item_path, offset, best);
@@ -194,8 +209,7 @@ fn walk_value(value: &DeValue<'_>, path: &str, offset: usize, best: &mut Option<
 mod tests {
     use super::*;
 
-    const TEXT: &str =
-        "[a]\nx = 1\n\n[[a.list]]\ny = \"two\"\n\n[[a.list]]\ny = 3\n[\"b.c\"]\nz = [1, 2]\n";
+    const TEXT: &str = "[a]\nx = 1\n\n[[a.list]]\ny = \"two\"\n\n[[a.list]]\ny = 3\n[\"b.c\"]\nz = [1, 2]\n";
 
     fn file() -> SourceFile {
         SourceFile::new("g.toml", TEXT.to_owned())
@@ -212,22 +226,30 @@ mod tests {
     #[test]
     fn names_the_field_at_an_offset() {
         let f = file();
-        assert_eq!(
-            f.field_at(TEXT.find("1\n").unwrap()).as_deref(),
-            Some("a.x")
-        );
-        assert_eq!(
-            f.field_at(TEXT.find("\"two\"").unwrap()).as_deref(),
-            Some("a.list[0].y")
-        );
-        assert_eq!(
-            f.field_at(TEXT.find("3\n").unwrap()).as_deref(),
-            Some("a.list[1].y")
-        );
-        assert_eq!(
-            f.field_at(TEXT.find("2]").unwrap()).as_deref(),
-            Some("\"b.c\".z[1]")
-        );
+        assert_eq!(f.field_at(TEXT.find("1\n").unwrap()).as_deref(), Some("a.x"));
+        assert_eq!(f.field_at(TEXT.find("\"two\"").unwrap()).as_deref(), Some("a.list[0].y"));
+        assert_eq!(f.field_at(TEXT.find("3\n").unwrap()).as_deref(), Some("a.list[1].y"));
+        assert_eq!(f.field_at(TEXT.find("2]").unwrap()).as_deref(), Some("\"b.c\".z[1]"));
+    }
+
+    #[test]
+    fn maps_string_offsets_through_escapes_and_multiline_openers() {
+        let text = r#"k = "caf\u00e9:{x}""#;
+        let start = text.find('"').unwrap();
+        // Decoded "café:{x}": the `{` is byte 6 (é is two bytes).
+        assert_eq!(&text[string_offset(text, start, 6)..][..1], "{");
+        let text = "k = \"\"\"\nab{x}\"\"\"";
+        let start = text.find('"').unwrap();
+        assert_eq!(&text[string_offset(text, start, 2)..][..1], "{");
+        let text = "k = 'a\\b{x}'";
+        assert_eq!(&text[string_offset(text, 4, 3)..][..1], "{");
+    }
+
+    #[test]
+    fn a_table_header_names_its_table() {
+        let text = "[a]\nx = 1\n[b.c]\ny = 2\n";
+        let f = SourceFile::new("t.toml", text.to_owned());
+        assert_eq!(f.field_at(text.find("[b").unwrap()).as_deref(), Some("b.c"));
     }
 
     #[test]

@@ -119,12 +119,7 @@ pub enum RenderError {
 impl KeyTemplate {
     /// Parses `source`.
     pub fn parse(source: &str) -> Result<KeyTemplate, TemplateError> {
-        Parser {
-            src: source,
-            pos: 0,
-            params: Vec::new(),
-        }
-        .run()
+        Parser { src: source, pos: 0, params: Vec::new() }.run()
     }
 
     pub fn source(&self) -> &str {
@@ -182,21 +177,12 @@ impl KeyTemplate {
 
     /// Renders from named parameters (the form applications use).
     pub fn render_map(&self, params: &HashMap<String, Value>) -> Result<String, RenderError> {
-        let values: Vec<Option<&Value>> =
-            self.params.iter().map(|name| params.get(&**name)).collect();
+        let values: Vec<Option<&Value>> = self.params.iter().map(|name| params.get(&**name)).collect();
         self.render(&values)
     }
 
-    fn value_of<'v>(
-        &self,
-        values: &[Option<&'v Value>],
-        i: usize,
-    ) -> Result<&'v Value, RenderError> {
-        values
-            .get(i)
-            .copied()
-            .flatten()
-            .ok_or_else(|| RenderError::Missing(self.params[i].clone()))
+    fn value_of<'v>(&self, values: &[Option<&'v Value>], i: usize) -> Result<&'v Value, RenderError> {
+        values.get(i).copied().flatten().ok_or_else(|| RenderError::Missing(self.params[i].clone()))
     }
 }
 
@@ -268,10 +254,7 @@ struct Parser<'a> {
 
 impl Parser<'_> {
     fn err<T>(&self, offset: usize, message: impl Into<String>) -> Result<T, TemplateError> {
-        Err(TemplateError {
-            offset,
-            message: message.into(),
-        })
+        Err(TemplateError { offset, message: message.into() })
     }
 
     fn run(mut self) -> Result<KeyTemplate, TemplateError> {
@@ -322,12 +305,7 @@ impl Parser<'_> {
             segments.push(Segment::Literal(literal));
         }
         let (params, optional) = self.params.into_iter().unzip();
-        Ok(KeyTemplate {
-            source: self.src.to_owned(),
-            segments,
-            params,
-            optional,
-        })
+        Ok(KeyTemplate { source: self.src.to_owned(), segments, params, optional })
     }
 
     fn query(&mut self, body: &str, offset: usize) -> Result<Segment, TemplateError> {
@@ -339,40 +317,29 @@ impl Parser<'_> {
         let mut at = offset;
         for part in body.split(',') {
             let name = part.split('|').next().unwrap_or("").trim();
+            if name.is_empty() {
+                return self.err(at, "empty parameter name in a query section `{?…}` (a stray comma?)");
+            }
             if names.contains(&name) {
-                return self.err(
-                    at,
-                    format!("parameter `{name}` appears twice in one query section"),
-                );
+                return self.err(at, format!("parameter `{name}` appears twice in one query section"));
             }
             names.push(name);
             entries.push(self.placeholder(part, at, false)?);
             at += part.len() + 1;
         }
         let params = &self.params;
-        entries
-            .sort_by(|a: &Placeholder, b: &Placeholder| params[a.param].0.cmp(&params[b.param].0));
+        entries.sort_by(|a: &Placeholder, b: &Placeholder| params[a.param].0.cmp(&params[b.param].0));
         Ok(Segment::Query(entries))
     }
 
-    fn placeholder(
-        &mut self,
-        body: &str,
-        offset: usize,
-        in_path: bool,
-    ) -> Result<Placeholder, TemplateError> {
+    fn placeholder(&mut self, body: &str, offset: usize, in_path: bool) -> Result<Placeholder, TemplateError> {
         let mut parts = body.split('|');
         let name = parts.next().unwrap_or("").trim();
         if name.is_empty() {
-            return self.err(
-                offset,
-                "empty placeholder `{}` (write `{{}}` for literal braces)",
-            );
+            return self.err(offset, "empty placeholder `{}` (write `{{}}` for literal braces)");
         }
-        let valid = name
-            .chars()
-            .enumerate()
-            .all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
+        let valid =
+            name.chars().enumerate().all(|(i, c)| c == '_' || c.is_ascii_alphabetic() || (i > 0 && c.is_ascii_digit()));
         if !valid {
             return self.err(
                 offset,
@@ -385,15 +352,16 @@ impl Parser<'_> {
             match Normaliser::parse(n) {
                 Some(norm) => {
                     if normalisers.last() == Some(&Normaliser::Sha256) {
-                        return self.err(offset, format!("`{n}` after `sha256` in `{name}`: sha256 must be the last normaliser"));
+                        return self.err(
+                            offset,
+                            format!("`{n}` after `sha256` in `{name}`: sha256 must be the last normaliser"),
+                        );
                     }
                     normalisers.push(norm);
                 }
                 None => {
-                    return self.err(
-                        offset,
-                        format!("unknown normaliser `{n}` (expected lower, upper, trim or sha256)"),
-                    );
+                    return self
+                        .err(offset, format!("unknown normaliser `{n}` (expected lower, upper, trim or sha256)"));
                 }
             }
         }
@@ -419,10 +387,7 @@ mod tests {
 
     fn render(template: &str, params: &[(&str, Value)]) -> Result<String, RenderError> {
         let t = KeyTemplate::parse(template).unwrap();
-        let map = params
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.clone()))
-            .collect();
+        let map = params.iter().map(|(k, v)| (k.to_string(), v.clone())).collect();
         t.render_map(&map)
     }
 
@@ -430,109 +395,143 @@ mod tests {
     fn renders_integers_booleans_and_strings() {
         let key = render(
             "user:{id}:{active}:{name}",
-            &[
-                ("id", Value::Int(42)),
-                ("active", Value::Bool(true)),
-                ("name", Value::Text("ann".into())),
-            ],
+            &[("id", Value::Int(42)), ("active", Value::Bool(true)), ("name", Value::Text("ann".into()))],
         );
         assert_eq!(key.unwrap(), "user:42:true:ann");
     }
 
     #[test]
     fn double_braces_make_a_hash_tag() {
-        assert_eq!(
-            render("user:{{{id}}}:profile", &[("id", Value::Int(7))]).unwrap(),
-            "user:{7}:profile"
-        );
+        assert_eq!(render("user:{{{id}}}:profile", &[("id", Value::Int(7))]).unwrap(), "user:{7}:profile");
     }
 
     #[test]
     fn query_section_is_sorted_by_name_and_skips_null() {
-        let params = [
-            ("size", Value::Text("XL".into())),
-            ("color", Value::Text("red".into())),
-            ("page", Value::Null),
-        ];
+        let params = [("size", Value::Text("XL".into())), ("color", Value::Text("red".into())), ("page", Value::Null)];
         assert_eq!(
             render(
                 "spu:{id}:{?size,color,page}",
-                &[
-                    ("id", Value::Int(1)),
-                    params[0].clone(),
-                    params[1].clone(),
-                    params[2].clone()
-                ]
+                &[("id", Value::Int(1)), params[0].clone(), params[1].clone(), params[2].clone()]
             )
             .unwrap(),
             "spu:1:color=red&size=XL"
         );
         assert_eq!(
-            render(
-                "spu:{id}:{?color,size}",
-                &[("id", Value::Int(1)), params[0].clone(), params[1].clone()]
-            )
-            .unwrap(),
+            render("spu:{id}:{?color,size}", &[("id", Value::Int(1)), params[0].clone(), params[1].clone()]).unwrap(),
             "spu:1:color=red&size=XL"
         );
     }
 
     #[test]
     fn reserved_characters_in_values_are_percent_encoded() {
-        let key = render(
-            "k:{a}:{b}",
-            &[
-                ("a", Value::Text("1:2".into())),
-                ("b", Value::Text("{x}%".into())),
-            ],
-        );
+        let key = render("k:{a}:{b}", &[("a", Value::Text("1:2".into())), ("b", Value::Text("{x}%".into()))]);
         assert_eq!(key.unwrap(), "k:1%3A2:%7Bx%7D%25");
     }
 
     #[test]
     fn normalisers_apply_left_to_right() {
-        let key = render(
-            "u:{email|trim|lower}",
-            &[("email", Value::Text("  Ann@X.io ".into()))],
-        );
+        let key = render("u:{email|trim|lower}", &[("email", Value::Text("  Ann@X.io ".into()))]);
         assert_eq!(key.unwrap(), "u:ann@x.io");
         let key = render("u:{email|sha256}", &[("email", Value::Text("a".into()))]).unwrap();
-        assert_eq!(
-            key,
-            "u:ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb"
-        );
+        assert_eq!(key, "u:ca978112ca1bbdcafac231b39a23dc4da786eff8147c4e72b9807785afee48bb");
     }
 
     #[test]
     fn null_path_placeholder_renders_no_key() {
-        assert_eq!(
-            render("c:{id}", &[("id", Value::Null)]),
-            Err(RenderError::Null("id".into()))
-        );
-        assert_eq!(
-            render("c:{id}", &[]),
-            Err(RenderError::Missing("id".into()))
-        );
+        assert_eq!(render("c:{id}", &[("id", Value::Null)]), Err(RenderError::Null("id".into())));
+        assert_eq!(render("c:{id}", &[]), Err(RenderError::Missing("id".into())));
     }
 
     #[test]
     fn parse_errors_point_at_the_offending_offset() {
         let e = KeyTemplate::parse("user:{id").unwrap_err();
-        assert_eq!(
-            (e.offset, e.message.as_str()),
-            (5, "unclosed `{` (write `{{` for a literal brace)")
-        );
+        assert_eq!((e.offset, e.message.as_str()), (5, "unclosed `{` (write `{{` for a literal brace)"));
         let e = KeyTemplate::parse("user:{id|upcase}").unwrap_err();
-        assert_eq!(
-            e.message,
-            "unknown normaliser `upcase` (expected lower, upper, trim or sha256)"
-        );
+        assert_eq!(e.message, "unknown normaliser `upcase` (expected lower, upper, trim or sha256)");
         let e = KeyTemplate::parse("a}b").unwrap_err();
         assert_eq!(e.offset, 1);
         assert!(KeyTemplate::parse("x:{id|sha256|lower}").is_err());
         assert!(KeyTemplate::parse("x:{}").is_err());
         assert!(KeyTemplate::parse("x:{1a}").is_err());
         assert!(KeyTemplate::parse("x:{?a,a}").is_err());
+    }
+
+    mod properties {
+        use super::super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            // Plenty of reserved characters, whitespace and case to collide on.
+            "[a-cA-C :%{}&=?\\n]{0,6}"
+        }
+
+        fn render_two(template: &KeyTemplate, a: &Value, b: &Value) -> String {
+            let (ia, ib) = (template.param_index("a").unwrap(), template.param_index("b").unwrap());
+            let mut values = vec![None; 2];
+            values[ia] = Some(a);
+            values[ib] = Some(b);
+            template.render(&values).unwrap()
+        }
+
+        proptest! {
+            #[test]
+            fn rendering_is_deterministic(a in text(), b in text()) {
+                let t = KeyTemplate::parse("k:{a}:{?b}").unwrap();
+                let (a, b) = (Value::Text(a), Value::Text(b));
+                prop_assert_eq!(render_two(&t, &a, &b), render_two(&t, &a, &b));
+            }
+
+            #[test]
+            fn query_parameter_order_never_matters(a in text(), b in text(), c in 0i64..1000) {
+                let forward = KeyTemplate::parse("s:{?a,b,c}").unwrap();
+                let backward = KeyTemplate::parse("s:{?c,b,a}").unwrap();
+                let params: HashMap<String, Value> = [
+                    ("a".to_owned(), Value::Text(a)),
+                    ("b".to_owned(), Value::Text(b)),
+                    ("c".to_owned(), Value::Int(c)),
+                ].into_iter().collect();
+                prop_assert_eq!(forward.render_map(&params).unwrap(), backward.render_map(&params).unwrap());
+            }
+
+            #[test]
+            fn normalisers_are_idempotent(x in text()) {
+                for n in [Normaliser::Lower, Normaliser::Upper, Normaliser::Trim] {
+                    let once = n.apply(&x);
+                    prop_assert_eq!(n.apply(&once), once.clone());
+                    // Normalising the value first changes nothing in the key.
+                    let t = KeyTemplate::parse(&format!("k:{{v|{}}}", n.name())).unwrap();
+                    let raw = t.render(&[Some(&Value::Text(x.clone()))]).unwrap();
+                    let pre = t.render(&[Some(&Value::Text(once))]).unwrap();
+                    prop_assert_eq!(raw, pre);
+                }
+            }
+
+            #[test]
+            fn distinct_values_never_collide_without_a_normaliser(a1 in text(), b1 in text(), a2 in text(), b2 in text()) {
+                prop_assume!((&a1, &b1) != (&a2, &b2));
+                for source in ["k:{a}:{b}", "k:{a}={b}", "{{{a}}}:{?b}", "k:{?a,b}"] {
+                    let t = KeyTemplate::parse(source).unwrap();
+                    let one = render_two(&t, &Value::Text(a1.clone()), &Value::Text(b1.clone()));
+                    let two = render_two(&t, &Value::Text(a2.clone()), &Value::Text(b2.clone()));
+                    prop_assert_ne!(one, two, "template {}", source);
+                }
+            }
+
+            #[test]
+            fn integers_never_collide(a in any::<i64>(), b in any::<i64>()) {
+                prop_assume!(a != b);
+                let t = KeyTemplate::parse("n:{a}").unwrap();
+                prop_assert_ne!(t.render(&[Some(&Value::Int(a))]).unwrap(), t.render(&[Some(&Value::Int(b))]).unwrap());
+            }
+
+            #[test]
+            fn a_value_cannot_forge_a_hash_tag_or_separator(x in text()) {
+                let t = KeyTemplate::parse("k:{v}").unwrap();
+                let key = t.render(&[Some(&Value::Text(x))]).unwrap();
+                let value = &key[2..];
+                prop_assert!(!value.contains(['{', '}', ':', '&', '=', '?']), "{}", key);
+            }
+        }
     }
 
     #[test]

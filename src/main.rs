@@ -9,17 +9,17 @@ fn main() -> ExitCode {
     // Diagnostics go to stderr; stdout carries command output only.
     let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
 
     // clap itself exits 2 on bad arguments and 0 for --help / --version.
     let cli = evictd::cli::Cli::parse();
     match evictd::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            // One line per problem, each marked, so a list of them reads well.
+            for line in e.to_string().lines() {
+                eprintln!("error: {line}");
+            }
             ExitCode::from(e.exit_code())
         }
     }

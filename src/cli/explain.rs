@@ -17,9 +17,7 @@ use serde_json::{Value as Json, json};
 use super::{CliError, prepare, write_stdout};
 use crate::change::{Change, Operation, Position, Row};
 use crate::graph::{Graph, LookupArg, Mapping, Trigger};
-use crate::resolve::{
-    Cause, Effect, Image, PathDisplay, PgLookupExecutor, Resolution, Resolver, Skip,
-};
+use crate::resolve::{Cause, Effect, Image, PathDisplay, PgLookupExecutor, Resolution, Resolver, Skip};
 use crate::source::debezium::{self, Decoded};
 
 #[derive(Debug, Args)]
@@ -48,12 +46,7 @@ pub struct ExplainArgs {
     pub debezium: Option<PathBuf>,
     /// Run look-ups against this database (secret: prefer --config or
     /// EVICTD_LOOKUP_URL).
-    #[arg(
-        long,
-        value_name = "URL",
-        env = "EVICTD_LOOKUP_URL",
-        hide_env_values = true
-    )]
+    #[arg(long, value_name = "URL", env = "EVICTD_LOOKUP_URL", hide_env_values = true)]
     pub lookup_url: Option<SecretString>,
     /// Print JSON instead of text.
     #[arg(long)]
@@ -75,33 +68,22 @@ pub fn run(args: &ExplainArgs) -> Result<(), CliError> {
     }
     let resolver = Resolver::new(graph);
     let mut resolution = resolver.resolve(&change);
-    let lookup = args
-        .lookup_url
-        .clone()
-        .or_else(|| prepared.config.as_ref().and_then(|c| c.lookup.url.clone()));
+    let lookup = args.lookup_url.clone().or_else(|| prepared.config.as_ref().and_then(|c| c.lookup.url.clone()));
     let pending = resolution.lookups.clone();
     let ran_lookups = match lookup {
         Some(url) if !resolution.lookups.is_empty() => {
             let (timeout, batch) = prepared
                 .config
                 .as_ref()
-                .map_or((Duration::from_secs(5), 1000), |c| {
-                    (c.lookup.timeout, c.lookup.batch_size)
-                });
+                .map_or((Duration::from_secs(5), 1000), |c| (c.lookup.timeout, c.lookup.batch_size));
             resolution = run_lookups(&resolver, resolution, &url, timeout, batch)?;
             true
         }
         _ => false,
     };
     let text = if args.json {
-        let mut s = serde_json::to_string_pretty(&to_json(
-            graph,
-            &change,
-            &resolution,
-            &pending,
-            ran_lookups,
-        ))
-        .map_err(|e| CliError::Runtime(e.to_string()))?;
+        let mut s = serde_json::to_string_pretty(&to_json(graph, &change, &resolution, &pending, ran_lookups))
+            .map_err(|e| CliError::Runtime(e.to_string()))?;
         s.push('\n');
         s
     } else {
@@ -127,25 +109,17 @@ fn run_lookups(
             .acquire_timeout(timeout)
             .connect(url.expose_secret())
             .await
-            .map_err(|e| {
-                CliError::Runtime(format!("cannot connect to the look-up database: {e}"))
-            })?;
+            .map_err(|e| CliError::Runtime(format!("cannot connect to the look-up database: {e}")))?;
         let executor = PgLookupExecutor::new(pool, timeout, batch);
-        resolver
-            .run_lookups(resolution, &executor)
-            .await
-            .map_err(|e| CliError::Runtime(e.to_string()))
+        resolver.run_lookups(resolution, &executor).await.map_err(|e| CliError::Runtime(e.to_string()))
     })
 }
 
 fn parse_row(flag: &str, text: &str) -> Result<Row, CliError> {
-    let json: Json = serde_json::from_str(text)
-        .map_err(|e| CliError::Input(format!("--{flag}: not JSON: {e}")))?;
+    let json: Json = serde_json::from_str(text).map_err(|e| CliError::Input(format!("--{flag}: not JSON: {e}")))?;
     match json.as_object() {
         Some(map) => Ok(Row::from_json_object(map, None)),
-        None => Err(CliError::Input(format!(
-            "--{flag}: expected a JSON object of column values"
-        ))),
+        None => Err(CliError::Input(format!("--{flag}: expected a JSON object of column values"))),
     }
 }
 
@@ -162,13 +136,12 @@ fn read_change(args: &ExplainArgs) -> Result<Change, CliError> {
                 .map_err(|e| CliError::Input(format!("cannot read {}: {e}", path.display())))?
         };
         let name = path.display();
-        let json: Json = serde_json::from_str(&text)
-            .map_err(|e| CliError::Input(format!("{name}: not JSON: {e}")))?;
+        let json: Json = serde_json::from_str(&text).map_err(|e| CliError::Input(format!("{name}: not JSON: {e}")))?;
         return match debezium::decode(&json, Position::File { line: 1 }) {
             Ok(Decoded::Change(c)) | Ok(Decoded::SnapshotRead(c)) => Ok(c),
-            Ok(Decoded::Tombstone) => Err(CliError::Input(format!(
-                "{name}: a tombstone (null value) carries no change"
-            ))),
+            Ok(Decoded::Tombstone) => {
+                Err(CliError::Input(format!("{name}: a tombstone (null value) carries no change")))
+            }
             Err(e) => Err(CliError::Input(format!("{name}: {e}"))),
         };
     }
@@ -177,16 +150,8 @@ fn read_change(args: &ExplainArgs) -> Result<Change, CliError> {
             "give a change: --table and --op (with --before/--after), or --debezium FILE".into(),
         ));
     };
-    let before = args
-        .before
-        .as_deref()
-        .map(|t| parse_row("before", t))
-        .transpose()?;
-    let after = args
-        .after
-        .as_deref()
-        .map(|t| parse_row("after", t))
-        .transpose()?;
+    let before = args.before.as_deref().map(|t| parse_row("before", t)).transpose()?;
+    let after = args.after.as_deref().map(|t| parse_row("after", t)).transpose()?;
     match op {
         Operation::Insert | Operation::Update if after.is_none() => {
             return Err(CliError::Input(format!("--op {op} needs --after")));
@@ -285,18 +250,9 @@ fn skip_text(graph: &Graph, skip: &Skip) -> String {
         Skip::Filtered { dependency } => {
             let dep = graph.dependency(*dependency);
             let cols: Vec<&str> = dep.filter.iter().flatten().map(|c| &**c).collect();
-            format!(
-                "{} ({}): the update changed none of {}",
-                dep.field,
-                graph.cache(dep.cache).name,
-                cols.join(", ")
-            )
+            format!("{} ({}): the update changed none of {}", dep.field, graph.cache(dep.cache).name, cols.join(", "))
         }
-        Skip::Null {
-            dependency,
-            name,
-            image,
-        } => {
+        Skip::Null { dependency, name, image } => {
             let dep = graph.dependency(*dependency);
             format!(
                 "{} ({}): `{name}` is NULL in the {}: no key",
@@ -328,46 +284,26 @@ fn to_text(
 ) -> String {
     let mut out = change_header(change);
     out.push_str(&format!("effects: {}\n", resolution.effects.len()));
-    let labels: Vec<String> = resolution
-        .effects
-        .iter()
-        .map(|r| action_label(graph, &r.effect))
-        .collect();
+    let labels: Vec<String> = resolution.effects.iter().map(|r| action_label(graph, &r.effect)).collect();
     let width = labels.iter().map(String::len).max().unwrap_or(0);
     for (resolved, label) in resolution.effects.iter().zip(&labels) {
         let cache = &graph.cache(resolved.effect.cache()).name;
-        out.push_str(&format!(
-            "  {label:<width$}  {}  [{cache}]\n",
-            target(graph, &resolved.effect)
-        ));
+        out.push_str(&format!("  {label:<width$}  {}  [{cache}]\n", target(graph, &resolved.effect)));
         for reason in &resolved.reasons {
             out.push_str(&format!(
                 "      via {} ({})\n",
-                PathDisplay {
-                    graph,
-                    path: &reason.path
-                },
+                PathDisplay { graph, path: &reason.path },
                 cause_text(&reason.cause)
             ));
         }
     }
     if !pending.is_empty() {
-        let state = if ran {
-            "run"
-        } else {
-            "not run: give --lookup-url or --config to run them"
-        };
+        let state = if ran { "run" } else { "not run: give --lookup-url or --config to run them" };
         out.push_str(&format!("look-ups: {} ({state})\n", pending.len()));
         for request in pending {
             let (query, arg) = lookup_text(graph, request);
             out.push_str(&format!("  {arg}: {query}\n"));
-            out.push_str(&format!(
-                "      via {}\n",
-                PathDisplay {
-                    graph,
-                    path: &request.path
-                }
-            ));
+            out.push_str(&format!("      via {}\n", PathDisplay { graph, path: &request.path }));
         }
     }
     if !resolution.skipped.is_empty() {

@@ -151,11 +151,7 @@ fn check(args: &CheckArgs) -> Result<(), CliError> {
     let prepared = prepare(args.source.config.as_ref(), &args.paths)?;
     let graph = &prepared.graph;
     let mut out = String::new();
-    let files: Vec<String> = graph
-        .files()
-        .iter()
-        .map(|f| f.file.display().to_string())
-        .collect();
+    let files: Vec<String> = graph.files().iter().map(|f| f.file.display().to_string()).collect();
     out.push_str(&format!(
         "ok: {} file(s), {} table(s), {} cache(s), {} dependencies\n",
         files.len(),
@@ -175,24 +171,15 @@ fn check(args: &CheckArgs) -> Result<(), CliError> {
                 pg.slot,
                 pg.publication
             )),
-            Some(config::SourceConfig::Kafka(k)) => out.push_str(&format!(
-                "  source: kafka {} (group {})\n",
-                k.brokers, k.group_id
-            )),
+            Some(config::SourceConfig::Kafka(k)) => {
+                out.push_str(&format!("  source: kafka {} (group {})\n", k.brokers, k.group_id))
+            }
             None => out.push_str("  source: none\n"),
         }
         for target in &config.redis {
             let urls: Vec<String> = target.urls.iter().map(config::redact_url).collect();
-            let kind = if target.cluster {
-                "cluster"
-            } else {
-                "standalone"
-            };
-            out.push_str(&format!(
-                "  redis.{}: {kind} {}\n",
-                target.name,
-                urls.join(",")
-            ));
+            let kind = if target.cluster { "cluster" } else { "standalone" };
+            out.push_str(&format!("  redis.{}: {kind} {}\n", target.name, urls.join(",")));
         }
         out.push_str(&format!("  server: {}\n", config.server.listen));
     }
@@ -205,8 +192,7 @@ fn print_graph(args: &GraphArgs) -> Result<(), CliError> {
         GraphFormat::Dot => graph::export::to_dot(&prepared.graph),
         GraphFormat::Json => {
             let json = graph::export::to_json(&prepared.graph);
-            let mut s = serde_json::to_string_pretty(&json)
-                .map_err(|e| CliError::Runtime(e.to_string()))?;
+            let mut s = serde_json::to_string_pretty(&json).map_err(|e| CliError::Runtime(e.to_string()))?;
             s.push('\n');
             s
         }
@@ -217,10 +203,7 @@ fn print_graph(args: &GraphArgs) -> Result<(), CliError> {
 /// Writes to stdout; a closed pipe (`evictd graph | head`) is not an error.
 fn write_stdout(text: &str) -> Result<(), CliError> {
     let mut stdout = std::io::stdout().lock();
-    match stdout
-        .write_all(text.as_bytes())
-        .and_then(|()| stdout.flush())
-    {
+    match stdout.write_all(text.as_bytes()).and_then(|()| stdout.flush()) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
         Err(e) => Err(CliError::Runtime(format!("cannot write to stdout: {e}"))),

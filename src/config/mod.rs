@@ -271,9 +271,7 @@ impl fmt::Display for ConfigError {
 
 /// Loads `path` with overrides from the process environment.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let env: HashMap<String, String> = std::env::vars()
-        .filter(|(k, _)| k.starts_with(ENV_PREFIX))
-        .collect();
+    let env: HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
     load_with_env(path, &env)
 }
 
@@ -311,10 +309,7 @@ pub fn load_with_env(path: &Path, env: &HashMap<String, String>) -> Result<Confi
         .with_list_parse_key("source.kafka.topics")
         .source(Some(overrides.clone().into_iter().collect()));
     let raw: RawConfig = config::Config::builder()
-        .add_source(config::File::from_str(
-            &source.text,
-            config::FileFormat::Toml,
-        ))
+        .add_source(config::File::from_str(&source.text, config::FileFormat::Toml))
         .add_source(environment)
         .build()
         .and_then(|c| c.try_deserialize())
@@ -354,11 +349,7 @@ impl Issues<'_> {
                 None => self.source.path.display().to_string(),
             }
         };
-        self.list.push(ConfigIssue {
-            place,
-            field: field.to_owned(),
-            message: message.into(),
-        });
+        self.list.push(ConfigIssue { place, field: field.to_owned(), message: message.into() });
     }
 
     /// A secret given inline or through a file; never both.
@@ -371,10 +362,7 @@ impl Issues<'_> {
     ) -> Option<SecretString> {
         match (inline, file) {
             (Some(_), Some(_)) => {
-                self.push(
-                    &format!("{field}_file"),
-                    format!("set either `{field}` or `{field}_file`, not both"),
-                );
+                self.push(&format!("{field}_file"), format!("set either `{field}` or `{field}_file`, not both"));
                 None
             }
             (Some(s), None) => Some(s),
@@ -383,10 +371,7 @@ impl Issues<'_> {
                 match std::fs::read_to_string(&path) {
                     Ok(text) => Some(SecretString::from(text.trim().to_owned())),
                     Err(e) => {
-                        self.push(
-                            &format!("{field}_file"),
-                            format!("cannot read {}: {e}", path.display()),
-                        );
+                        self.push(&format!("{field}_file"), format!("cannot read {}: {e}", path.display()));
                         None
                     }
                 }
@@ -399,69 +384,36 @@ impl Issues<'_> {
 fn is_identifier(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
-        && name
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
 }
 
 impl RawConfig {
     /// Checks every value and builds the validated [`Config`].
-    pub fn validate(
-        self,
-        source: &SourceFile,
-        overrides: &HashMap<String, String>,
-    ) -> Result<Config, ConfigError> {
-        let base = source
-            .path
-            .parent()
-            .map_or_else(|| PathBuf::from("."), Path::to_path_buf);
-        let mut issues = Issues {
-            source,
-            overrides,
-            list: Vec::new(),
-        };
+    pub fn validate(self, source: &SourceFile, overrides: &HashMap<String, String>) -> Result<Config, ConfigError> {
+        let base = source.path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
+        let mut issues = Issues { source, overrides, list: Vec::new() };
 
-        let paths = self
-            .graph
-            .paths
-            .unwrap_or_else(|| vec!["dependency-graphs".to_owned()]);
+        let paths = self.graph.paths.unwrap_or_else(|| vec!["dependency-graphs".to_owned()]);
         if paths.is_empty() {
             issues.push("graph.paths", "needs at least one graph file or directory");
         }
         let graph_paths = paths.iter().map(|p| base.join(p)).collect();
 
-        let source_config = self
-            .source
-            .and_then(|s| validate_source(s, &mut issues, &base));
+        let source_config = self.source.and_then(|s| validate_source(s, &mut issues, &base));
         let pg_url = match &source_config {
             Some(SourceConfig::Postgres(pg)) => Some(pg.url.clone()),
             _ => None,
         };
-        let lookup_url = issues
-            .secret(
-                "lookup.url",
-                self.lookup.url,
-                self.lookup.url_file.as_deref(),
-                &base,
-            )
-            .or(pg_url);
+        let lookup_url =
+            issues.secret("lookup.url", self.lookup.url, self.lookup.url_file.as_deref(), &base).or(pg_url);
         if let Some(url) = &lookup_url {
             check_pg_url(&mut issues, "lookup.url", url);
         }
         let lookup = LookupConfig {
             url: lookup_url,
-            timeout: Duration::from_millis(positive(
-                &mut issues,
-                "lookup.timeout_ms",
-                self.lookup.timeout_ms,
-                2000,
-            )),
-            batch_size: positive(
-                &mut issues,
-                "lookup.batch_size",
-                self.lookup.batch_size.map(|v| v as u64),
-                1000,
-            ) as usize,
+            timeout: Duration::from_millis(positive(&mut issues, "lookup.timeout_ms", self.lookup.timeout_ms, 2000)),
+            batch_size: positive(&mut issues, "lookup.batch_size", self.lookup.batch_size.map(|v| v as u64), 1000)
+                as usize,
             max_connections: positive(
                 &mut issues,
                 "lookup.max_connections",
@@ -475,12 +427,8 @@ impl RawConfig {
             issues.push("batch.max_delay_ms", "must be at most 60000 (a minute)");
         }
         let batch = BatchLimits {
-            max_effects: positive(
-                &mut issues,
-                "batch.max_effects",
-                self.batch.max_effects.map(|v| v as u64),
-                1000,
-            ) as usize,
+            max_effects: positive(&mut issues, "batch.max_effects", self.batch.max_effects.map(|v| v as u64), 1000)
+                as usize,
             max_delay: Duration::from_millis(max_delay_ms),
         };
 
@@ -488,61 +436,35 @@ impl RawConfig {
         for (name, target) in self.redis {
             let field = format!("redis.{name}");
             if !is_identifier(&name) {
-                issues.push(
-                    &field,
-                    format!("target name `{name}` must use lowercase letters, digits and `_`"),
-                );
+                issues.push(&field, format!("target name `{name}` must use lowercase letters, digits and `_`"));
             }
-            let Some(url) = issues.secret(
-                &format!("{field}.url"),
-                target.url,
-                target.url_file.as_deref(),
-                &base,
-            ) else {
+            let Some(url) = issues.secret(&format!("{field}.url"), target.url, target.url_file.as_deref(), &base)
+            else {
                 if !issues.list.iter().any(|i| i.field.starts_with(&field)) {
                     issues.push(&field, "needs `url` (or `url_file`)");
                 }
                 continue;
             };
             let cluster = target.cluster.unwrap_or(false);
-            let urls: Vec<SecretString> = url
-                .expose_secret()
-                .split(',')
-                .map(|u| SecretString::from(u.trim().to_owned()))
-                .collect();
+            let urls: Vec<SecretString> =
+                url.expose_secret().split(',').map(|u| SecretString::from(u.trim().to_owned())).collect();
             if urls.len() > 1 && !cluster {
-                issues.push(
-                    &format!("{field}.url"),
-                    "several URLs are only for a Cluster: set `cluster = true`",
-                );
+                issues.push(&format!("{field}.url"), "several URLs are only for a Cluster: set `cluster = true`");
             }
             for u in &urls {
                 if let Err(e) = redis::Client::open(u.expose_secret()) {
                     let reason = e.to_string().replace(u.expose_secret(), "****");
-                    issues.push(
-                        &format!("{field}.url"),
-                        format!("not a Redis URL ({reason})"),
-                    );
+                    issues.push(&format!("{field}.url"), format!("not a Redis URL ({reason})"));
                 }
             }
-            redis.push(RedisTarget {
-                name,
-                urls,
-                cluster,
-            });
+            redis.push(RedisTarget { name, urls, cluster });
         }
 
-        let listen_text = self
-            .server
-            .listen
-            .unwrap_or_else(|| "127.0.0.1:9187".to_owned());
+        let listen_text = self.server.listen.unwrap_or_else(|| "127.0.0.1:9187".to_owned());
         let listen = match SocketAddr::from_str(&listen_text) {
             Ok(a) => a,
             Err(_) => {
-                issues.push(
-                    "server.listen",
-                    format!("`{listen_text}` is not an address like 127.0.0.1:9187"),
-                );
+                issues.push("server.listen", format!("`{listen_text}` is not an address like 127.0.0.1:9187"));
                 SocketAddr::from(([127, 0, 0, 1], 9187))
             }
         };
@@ -550,10 +472,7 @@ impl RawConfig {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
             other => {
-                issues.push(
-                    "log.format",
-                    format!("unknown format `{other}` (expected text or json)"),
-                );
+                issues.push("log.format", format!("unknown format `{other}` (expected text or json)"));
                 LogFormat::Text
             }
         };
@@ -596,11 +515,7 @@ fn check_pg_url(issues: &mut Issues<'_>, field: &str, url: &SecretString) {
             sqlx::Error::Configuration(inner) => inner.to_string(),
             _ => "unreadable".to_owned(),
         };
-        let reason = if reason.contains(url.expose_secret()) {
-            "unreadable".to_owned()
-        } else {
-            reason
-        };
+        let reason = if reason.contains(url.expose_secret()) { "unreadable".to_owned() } else { reason };
         issues.push(field, format!("not a Postgres URL ({reason})"));
     }
 }
@@ -609,19 +524,12 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
     match raw.kind.as_str() {
         "postgres" => {
             let Some(pg) = raw.postgres else {
-                issues.push(
-                    "source",
-                    "kind = \"postgres\" needs a [source.postgres] section",
-                );
+                issues.push("source", "kind = \"postgres\" needs a [source.postgres] section");
                 return None;
             };
             let url = issues.secret("source.postgres.url", pg.url, pg.url_file.as_deref(), base);
             let Some(url) = url else {
-                if !issues
-                    .list
-                    .iter()
-                    .any(|i| i.field.starts_with("source.postgres.url"))
-                {
+                if !issues.list.iter().any(|i| i.field.starts_with("source.postgres.url")) {
                     issues.push("source.postgres", "needs `url` (or `url_file`)");
                 }
                 return None;
@@ -629,11 +537,19 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
             check_pg_url(issues, "source.postgres.url", &url);
             let slot = pg.slot.unwrap_or_else(|| "evictd".to_owned());
             if !is_identifier(&slot) {
-                issues.push("source.postgres.slot", format!("`{slot}` is not a slot name (lowercase letters, digits and `_`, at most 63)"));
+                issues.push(
+                    "source.postgres.slot",
+                    format!("`{slot}` is not a slot name (lowercase letters, digits and `_`, at most 63)"),
+                );
             }
             let publication = pg.publication.unwrap_or_else(|| "evictd".to_owned());
             if !is_identifier(&publication) {
-                issues.push("source.postgres.publication", format!("`{publication}` is not a publication name (lowercase letters, digits and `_`, at most 63)"));
+                issues.push(
+                    "source.postgres.publication",
+                    format!(
+                        "`{publication}` is not a publication name (lowercase letters, digits and `_`, at most 63)"
+                    ),
+                );
             }
             let interval = pg.status_interval_ms.unwrap_or(1000);
             if !(100..=10_000).contains(&interval) {
@@ -658,16 +574,10 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
             };
             let topics = kafka.topics.unwrap_or_default();
             if topics.is_empty() == kafka.topic_pattern.is_none() {
-                issues.push(
-                    "source.kafka.topics",
-                    "set either `topics` or `topic_pattern`",
-                );
+                issues.push("source.kafka.topics", "set either `topics` or `topic_pattern`");
             }
             if kafka.brokers.trim().is_empty() {
-                issues.push(
-                    "source.kafka.brokers",
-                    "needs at least one broker (host:port)",
-                );
+                issues.push("source.kafka.brokers", "needs at least one broker (host:port)");
             }
             let mut client = rdkafka::ClientConfig::new();
             for (key, value) in &kafka.properties {
@@ -676,10 +586,7 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
             client.set("bootstrap.servers", &kafka.brokers);
             client.set("group.id", kafka.group_id.as_deref().unwrap_or("evictd"));
             if let Err(e) = client.create::<rdkafka::consumer::BaseConsumer>() {
-                issues.push(
-                    "source.kafka.properties",
-                    format!("rejected by librdkafka: {e}"),
-                );
+                issues.push("source.kafka.properties", format!("rejected by librdkafka: {e}"));
             }
             Some(SourceConfig::Kafka(KafkaSource {
                 brokers: kafka.brokers,
@@ -690,10 +597,7 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
             }))
         }
         other => {
-            issues.push(
-                "source.kind",
-                format!("unknown source `{other}` (expected postgres or kafka)"),
-            );
+            issues.push("source.kind", format!("unknown source `{other}` (expected postgres or kafka)"));
             None
         }
     }
@@ -712,18 +616,11 @@ pub fn redact_url(url: &SecretString) -> String {
     match authority.rsplit_once('@') {
         Some((userinfo, host)) => {
             let user = userinfo.split(':').next().unwrap_or("");
-            let shown = if userinfo.contains(':') {
-                format!("{user}:****")
-            } else {
-                user.to_owned()
-            };
+            let shown = if userinfo.contains(':') { format!("{user}:****") } else { user.to_owned() };
             let tail = tail.split('?').next().unwrap_or("");
             format!("{scheme}://{shown}@{host}{tail}")
         }
-        None => format!(
-            "{scheme}://{authority}{}",
-            tail.split('?').next().unwrap_or("")
-        ),
+        None => format!("{scheme}://{authority}{}", tail.split('?').next().unwrap_or("")),
     }
 }
 

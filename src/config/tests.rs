@@ -1,1 +1,179 @@
 use super::*;
+
+const VALID: &str = r#"
+[graph]
+paths = ["graphs"]
+
+[source]
+kind = "postgres"
+
+[source.postgres]
+url = "postgres://evictd:hunter2@127.0.0.1:5432/app"
+slot = "evictd_main"
+
+[batch]
+max_effects = 500
+
+[redis.primary]
+url = "redis://:s3cret@127.0.0.1:6379"
+
+[redis.cluster_eu]
+url = "redis://127.0.0.1:7101,redis://127.0.0.1:7102"
+cluster = true
+"#;
+
+fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evictd.toml");
+    std::fs::write(&path, text).unwrap();
+    (dir, path)
+}
+
+fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+    pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+}
+
+fn messages(e: ConfigError) -> Vec<String> {
+    e.0.iter().map(|i| i.to_string().replace(&i.place, "PLACE")).collect()
+}
+
+#[test]
+fn a_valid_file_loads_with_defaults() {
+    let (dir, path) = write(VALID);
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    assert_eq!(c.graph_paths, vec![dir.path().join("graphs")], "relative to the config file");
+    assert_eq!(c.batch.max_effects, 500);
+    assert_eq!(c.batch.max_delay, Duration::from_millis(5));
+    assert_eq!(c.redis.len(), 2);
+    assert!(c.redis.iter().any(|t| t.name == "cluster_eu" && t.cluster && t.urls.len() == 2));
+    let Some(SourceConfig::Postgres(pg)) = &c.source else { panic!("postgres source expected") };
+    assert_eq!(pg.slot, "evictd_main");
+    assert_eq!(pg.publication, "evictd");
+    assert!(c.lookup.url.is_some(), "look-ups default to the source database");
+    assert_eq!(c.server.listen.to_string(), "127.0.0.1:9187");
+}
+
+#[test]
+fn secrets_never_show_in_debug_output() {
+    let (_dir, path) = write(VALID);
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    let debug = format!("{c:?}");
+    assert!(!debug.contains("hunter2") && !debug.contains("s3cret"), "{debug}");
+}
+
+#[test]
+fn an_unknown_key_names_the_file_line_and_field() {
+    let (_dir, path) = write("[batch]\nmax_effects = 10\nmax_delay = 5\n");
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    assert_eq!(e.0.len(), 1);
+    let issue = &e.0[0];
+    assert_eq!(issue.place, format!("{}:3:1", path.display()));
+    assert_eq!(issue.field, "batch.max_delay");
+    assert!(issue.message.starts_with("unknown field `max_delay`"), "{}", issue.message);
+}
+
+#[test]
+fn a_value_of_the_wrong_type_names_the_field() {
+    let (_dir, path) = write("[lookup]\ntimeout_ms = \"soon\"\n");
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    assert_eq!(e.0[0].place, format!("{}:2:14", path.display()));
+    assert_eq!(e.0[0].field, "lookup.timeout_ms");
+}
+
+#[test]
+fn a_bad_value_is_reported_at_its_line() {
+    let (_dir, path) = write("[batch]\n\nmax_effects = 0\n\n[log]\nformat = \"xml\"\n");
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    let got: Vec<String> = e.0.iter().map(ToString::to_string).collect();
+    let file = path.display();
+    assert_eq!(
+        got,
+        [
+            format!("{file}:3:15: batch.max_effects: must be greater than 0"),
+            format!("{file}:6:10: log.format: unknown format `xml` (expected text or json)"),
+        ]
+    );
+}
+
+#[test]
+fn environment_overrides_win_over_the_file() {
+    let (_dir, path) = write(VALID);
+    let c = load_with_env(
+        &path,
+        &env(&[
+            ("EVICTD__BATCH__MAX_EFFECTS", "42"),
+            ("EVICTD__REDIS__PRIMARY__URL", "redis://10.0.0.9:6379"),
+            ("EVICTD__GRAPH__PATHS", "a,b"),
+            ("UNRELATED", "x"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(c.batch.max_effects, 42);
+    let primary = c.redis.iter().find(|t| t.name == "primary").unwrap();
+    assert_eq!(primary.urls[0].expose_secret(), "redis://10.0.0.9:6379");
+    assert_eq!(c.graph_paths.len(), 2);
+}
+
+#[test]
+fn a_bad_override_names_the_variable() {
+    let (_dir, path) = write(VALID);
+    let e = load_with_env(&path, &env(&[("EVICTD__BATCH__MAX_EFFECTS", "0")])).unwrap_err();
+    assert_eq!(e.0[0].place, "EVICTD__BATCH__MAX_EFFECTS");
+    assert_eq!(e.0[0].field, "batch.max_effects");
+    let e = load_with_env(&path, &env(&[("EVICTD__BATCH__MAX_EFECTS", "5")])).unwrap_err();
+    assert!(e.0[0].place.contains("EVICTD__BATCH__MAX_EFECTS"), "{:?}", e.0[0]);
+    assert!(e.0[0].message.contains("max_efects"), "{:?}", e.0[0]);
+}
+
+#[test]
+fn invalid_urls_are_rejected_without_printing_them() {
+    let text = VALID
+        .replace("postgres://evictd:hunter2@127.0.0.1:5432/app", "postgres://evictd:hunter2@127.0.0.1:notaport/app");
+    let (_dir, path) = write(&text);
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    let all = e.to_string();
+    assert!(all.contains("source.postgres.url: not a Postgres URL"), "{all}");
+    assert!(!all.contains("hunter2"), "{all}");
+}
+
+#[test]
+fn a_source_kind_needs_its_section_and_a_known_name() {
+    let (_dir, path) = write("[source]\nkind = \"mysql\"\n");
+    assert_eq!(
+        messages(load_with_env(&path, &env(&[])).unwrap_err()),
+        ["PLACE: source.kind: unknown source `mysql` (expected postgres or kafka)"]
+    );
+    let (_dir, path) = write("[source]\nkind = \"kafka\"\n");
+    assert_eq!(
+        messages(load_with_env(&path, &env(&[])).unwrap_err()),
+        ["PLACE: source: kind = \"kafka\" needs a [source.kafka] section"]
+    );
+}
+
+#[test]
+fn unknown_librdkafka_properties_are_rejected() {
+    let text = "[source]\nkind = \"kafka\"\n[source.kafka]\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"t\"]\n[source.kafka.properties]\n\"no.such.property\" = \"1\"\n";
+    let (_dir, path) = write(text);
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    assert_eq!(e.0[0].field, "source.kafka.properties");
+    assert!(e.0[0].message.contains("no.such.property"), "{}", e.0[0].message);
+}
+
+#[test]
+fn a_secret_can_come_from_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("redis-url"), "redis://:pw@127.0.0.1:6379\n").unwrap();
+    let path = dir.path().join("evictd.toml");
+    std::fs::write(&path, "[redis.primary]\nurl_file = \"redis-url\"\n").unwrap();
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    assert_eq!(c.redis[0].urls[0].expose_secret(), "redis://:pw@127.0.0.1:6379");
+}
+
+#[test]
+fn redacted_urls_hide_the_password_only() {
+    let url = |s: &str| redact_url(&SecretString::from(s.to_owned()));
+    assert_eq!(url("postgres://u:pw@h:5432/db?sslmode=require&password=x"), "postgres://u:****@h:5432/db");
+    assert_eq!(url("redis://:pw@h:6379"), "redis://:****@h:6379");
+    assert_eq!(url("redis://h:6379"), "redis://h:6379");
+    assert_eq!(url("not a url"), "****");
+}

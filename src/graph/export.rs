@@ -11,31 +11,17 @@ use super::{Graph, LookupArg, Mapping, Node, Trigger};
 /// template, one edge per dependency labelled with its kind and filter.
 pub fn to_dot(graph: &Graph) -> String {
     let view = graph.view();
-    let mut out =
-        String::from("digraph evictd {\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];\n");
+    let mut out = String::from("digraph evictd {\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];\n");
     for index in view.node_indices() {
         let line = match view[index] {
             Node::Table(t) => {
                 let table = graph.table(t);
-                format!(
-                    "  {} [shape=box, label={}];\n",
-                    node_id(&view[index], graph),
-                    quote(&table.name)
-                )
+                format!("  {} [shape=box, label={}];\n", node_id(&view[index], graph), quote(&table.name))
             }
             Node::Cache(c) => {
                 let cache = graph.cache(c);
-                let label = format!(
-                    "{}\n{}\n({})",
-                    cache.name,
-                    cache.template,
-                    cache.options.action.as_str()
-                );
-                format!(
-                    "  {} [shape=ellipse, label={}];\n",
-                    node_id(&view[index], graph),
-                    quote(&label)
-                )
+                let label = format!("{}\n{}\n({})", cache.name, cache.template, cache.options.action.as_str());
+                format!("  {} [shape=ellipse, label={}];\n", node_id(&view[index], graph), quote(&label))
             }
         };
         out.push_str(&line);
@@ -71,10 +57,7 @@ fn node_id(node: &Node, graph: &Graph) -> String {
 }
 
 fn quote(s: &str) -> String {
-    let escaped = s
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n");
+    let escaped = s.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n");
     format!("\"{escaped}\"")
 }
 
@@ -96,11 +79,7 @@ pub fn to_json(graph: &Graph) -> Json {
         .caches()
         .iter()
         .map(|c| {
-            let dependencies: Vec<Json> = c
-                .dependencies
-                .iter()
-                .map(|d| dependency_json(graph, *d))
-                .collect();
+            let dependencies: Vec<Json> = c.dependencies.iter().map(|d| dependency_json(graph, *d)).collect();
             json!({
                 "name": &*c.name,
                 "key": c.template.source(),
@@ -136,13 +115,8 @@ fn dependency_json(graph: &Graph, id: super::DepId) -> Json {
     }
     match &dep.mapping {
         Mapping::Columns(columns) => {
-            let bind: serde_json::Map<String, Json> = cache
-                .template
-                .params()
-                .iter()
-                .zip(columns)
-                .map(|(p, c)| (p.to_string(), json!(&**c)))
-                .collect();
+            let bind: serde_json::Map<String, Json> =
+                cache.template.params().iter().zip(columns).map(|(p, c)| (p.to_string(), json!(&**c))).collect();
             out["bind"] = Json::Object(bind);
         }
         Mapping::Params(params) => {
@@ -161,13 +135,10 @@ fn dependency_json(graph: &Graph, id: super::DepId) -> Json {
         Mapping::Lookup(lookup) => {
             let arg = match (&lookup.arg, dep.trigger) {
                 (LookupArg::Column(c), _) => c.to_string(),
-                (LookupArg::Param(i), Trigger::Embeds(e)) => {
-                    graph.cache(e).template.params()[*i].to_string()
-                }
+                (LookupArg::Param(i), Trigger::Embeds(e)) => graph.cache(e).template.params()[*i].to_string(),
                 (LookupArg::Param(i), Trigger::Table(_)) => i.to_string(),
             };
-            out["lookup"] =
-                json!({ "query": lookup.query, "arg": arg, "timeout_ms": lookup.timeout_ms });
+            out["lookup"] = json!({ "query": lookup.query, "arg": arg, "timeout_ms": lookup.timeout_ms });
         }
         Mapping::Tags(tags) => {
             out["tags"] = json!(tags.iter().map(|t| t.template.source()).collect::<Vec<_>>());

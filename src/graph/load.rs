@@ -5,7 +5,7 @@
 //! (`caches.product_detail.depends[1].bind.id`), sorted by place. Loading is
 //! all or nothing: a graph with any error is not built.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -17,10 +17,10 @@ use serde_spanned::Spanned;
 
 use super::file::{CacheSpec, DependencySpec, GraphFile, LookupSpec, Names, TableSpec};
 use super::{
-    Action, Cache, CacheId, CacheOptions, DEFAULT_FANOUT_LIMIT, DepId, Dependency, Graph, Lookup,
-    LookupArg, Mapping, Table, TableId, TagTemplate, Trigger,
+    Action, Cache, CacheId, CacheOptions, DEFAULT_FANOUT_LIMIT, DepId, Dependency, Graph, Lookup, LookupArg, Mapping,
+    Table, TableId, TagTemplate, Trigger,
 };
-use crate::diagnostic::{Location, SourceFile, path_key};
+use crate::diagnostic::{Location, SourceFile, path_key, string_offset};
 use crate::key::KeyTemplate;
 
 /// One problem in the graph files.
@@ -72,9 +72,7 @@ pub fn load_paths(paths: &[PathBuf]) -> Result<Graph, GraphErrors> {
                 for file in files {
                     match std::fs::read_to_string(&file) {
                         Ok(text) => sources.push(SourceFile::new(file, text)),
-                        Err(e) => {
-                            errors.push(plain(format!("cannot read {}: {e}", file.display())))
-                        }
+                        Err(e) => errors.push(plain(format!("cannot read {}: {e}", file.display()))),
                     }
                 }
             }
@@ -96,13 +94,16 @@ pub fn load_sources(sources: &[SourceFile]) -> Result<Graph, GraphErrors> {
             Ok(file) => parsed.push((source, file)),
             Err(e) => {
                 let span = e.span().unwrap_or(0..0);
-                loader.errors.push(GraphError {
-                    location: Some(source.location(span.start)),
-                    field: source.field_at(span.start),
-                    message: e.message().trim_end().to_owned(),
-                });
+                let field = source.field_at(span.start);
+                let message = plain_toml_message(e.message(), field.as_deref());
+                loader.errors.push(GraphError { location: Some(source.location(span.start)), field, message });
             }
         }
+    }
+    // Cross-file checks against a file that did not parse would only mislead
+    // (its tables would look undeclared): report the syntax first.
+    if !loader.errors.is_empty() {
+        return loader.finish(sources);
     }
     for (source, file) in &parsed {
         for (name, spec) in &file.tables {
@@ -116,7 +117,9 @@ pub fn load_sources(sources: &[SourceFile]) -> Result<Graph, GraphErrors> {
     }
     for (source, file) in &parsed {
         for (name, spec) in &file.caches {
-            if let Some(&cache) = loader.cache_index.get(name.get_ref().as_str()) {
+            // Only the declaration that was registered: a duplicate or an
+            // invalid cache has had its error already.
+            if let Some(&cache) = loader.declared_caches.get(&(source.path.clone(), name.span().start)) {
                 for (i, dep) in spec.get_ref().depends.iter().enumerate() {
                     loader.dependency(source, cache, name.get_ref(), i, dep);
                 }
@@ -125,10 +128,7 @@ pub fn load_sources(sources: &[SourceFile]) -> Result<Graph, GraphErrors> {
                         source,
                         name.span(),
                         format!("caches.{}", path_key(name.get_ref())),
-                        format!(
-                            "cache `{}` has no `depends`: nothing would ever invalidate it",
-                            name.get_ref()
-                        ),
+                        format!("cache `{}` has no `depends`: nothing would ever invalidate it", name.get_ref()),
                     );
                 }
             }
@@ -138,32 +138,47 @@ pub fn load_sources(sources: &[SourceFile]) -> Result<Graph, GraphErrors> {
     loader.finish(sources)
 }
 
-fn plain(message: String) -> GraphError {
-    GraphError {
-        location: None,
-        field: None,
-        message,
+/// TOML and serde messages in a platform engineer's words.
+fn plain_toml_message(message: &str, field: Option<&str>) -> String {
+    let mut text = message.trim_end().to_owned();
+    for (jargon, words) in [
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected a sequence", "expected an array, as `[\"id\"]`"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        text = text.replace(jargon, words);
     }
+    if text == "duplicate key" {
+        text = "declared twice in this file".to_owned();
+    }
+    if text.starts_with("unknown field")
+        && field.is_some_and(|f| f.starts_with("tables.") && !f.starts_with("tables.\""))
+    {
+        text.push_str(" (a table name holds a dot: quote it, as [tables.\"schema.table\"])");
+    }
+    text
+}
+
+fn plain(message: String) -> GraphError {
+    GraphError { location: None, field: None, message }
 }
 
 fn graph_files(path: &Path) -> Result<Vec<PathBuf>, GraphError> {
-    let meta = std::fs::metadata(path)
-        .map_err(|e| plain(format!("cannot read {}: {e}", path.display())))?;
+    let meta = std::fs::metadata(path).map_err(|e| plain(format!("cannot read {}: {e}", path.display())))?;
     if !meta.is_dir() {
         return Ok(vec![path.to_path_buf()]);
     }
-    let entries = std::fs::read_dir(path)
-        .map_err(|e| plain(format!("cannot read directory {}: {e}", path.display())))?;
+    let entries =
+        std::fs::read_dir(path).map_err(|e| plain(format!("cannot read directory {}: {e}", path.display())))?;
     let mut files: Vec<PathBuf> = entries
         .filter_map(|entry| entry.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|ext| ext == "toml") && p.is_file())
         .collect();
     files.sort();
     if files.is_empty() {
-        return Err(plain(format!(
-            "no graph files (*.toml) in {}",
-            path.display()
-        )));
+        return Err(plain(format!("no graph files (*.toml) in {}", path.display())));
     }
     Ok(files)
 }
@@ -176,35 +191,28 @@ struct Loader {
     caches: Vec<Cache>,
     cache_index: HashMap<String, CacheId>,
     dependencies: Vec<Dependency>,
+    /// The cache registered for each declaration (file, name offset).
+    declared_caches: HashMap<(Arc<Path>, usize), CacheId>,
+    /// Names declared with errors: references to them are not reported again.
+    broken_tables: HashSet<String>,
+    broken_caches: HashSet<String>,
 }
 
-/// Byte offset of `offset` inside the string value at `span` (past the
-/// opening quote).
+/// File offset of byte `offset` of the string value at `span`.
 fn inside_string(source: &SourceFile, span: &Range<usize>, offset: usize) -> usize {
-    let quote = source.text.as_bytes().get(span.start).copied();
-    match quote {
-        Some(b'"') | Some(b'\'') => {
-            let triple = source
-                .text
-                .get(span.start..span.start + 3)
-                .is_some_and(|s| s == "\"\"\"" || s == "'''");
-            span.start + if triple { 3 } else { 1 } + offset
-        }
-        _ => span.start,
-    }
+    string_offset(&source.text, span.start, offset)
 }
 
 fn list(names: &[Arc<str>]) -> String {
+    if names.is_empty() {
+        return "none".to_owned();
+    }
     names.iter().map(|n| &**n).collect::<Vec<_>>().join(", ")
 }
 
 impl Loader {
     fn error(&mut self, source: &SourceFile, span: Range<usize>, field: String, message: String) {
-        self.errors.push(GraphError {
-            location: Some(source.location(span.start)),
-            field: Some(field),
-            message,
-        });
+        self.errors.push(GraphError { location: Some(source.location(span.start)), field: Some(field), message });
     }
 
     fn table(&mut self, source: &SourceFile, name: &Spanned<String>, spec: &Spanned<TableSpec>) {
@@ -217,20 +225,15 @@ impl Loader {
                 source,
                 name.span(),
                 field.clone(),
-                format!("table name `{table_name}` must be schema-qualified, as `schema.table`"),
+                format!("table name `{table_name}` must be `schema.table`: a schema, one dot, a table"),
             );
         }
         if let Some(&existing) = self.table_index.get(table_name) {
             let at = self.tables[existing.0].location.clone();
-            self.error(
-                source,
-                name.span(),
-                field.clone(),
-                format!("table `{table_name}` is already declared at {at}"),
-            );
+            self.error(source, name.span(), field.clone(), format!("table `{table_name}` is already declared at {at}"));
         }
         let columns = self.name_list(source, &spec.columns, &format!("{field}.columns"), "column");
-        if columns.is_empty() {
+        if spec.columns.get_ref().is_empty() {
             self.error(
                 source,
                 spec.columns.span(),
@@ -239,69 +242,39 @@ impl Loader {
             );
         }
         let key = self.name_list(source, &spec.key, &format!("{field}.key"), "key column");
-        if key.is_empty() {
-            self.error(
-                source,
-                spec.key.span(),
-                format!("{field}.key"),
-                "a table needs at least one key column".into(),
-            );
+        if spec.key.get_ref().is_empty() {
+            self.error(source, spec.key.span(), format!("{field}.key"), "a table needs at least one key column".into());
         }
         for (i, k) in spec.key.get_ref().iter().enumerate() {
-            if !columns.iter().any(|c| **c == **k.get_ref()) && !columns.is_empty() {
+            if !k.get_ref().is_empty() && !columns.iter().any(|c| **c == **k.get_ref()) && !columns.is_empty() {
                 self.error(
                     source,
                     k.span(),
                     format!("{field}.key[{i}]"),
-                    format!(
-                        "key column `{}` is not among the table's columns ({})",
-                        k.get_ref(),
-                        list(&columns)
-                    ),
+                    format!("key column `{}` is not among the table's columns ({})", k.get_ref(), list(&columns)),
                 );
             }
         }
         if self.errors.len() > before {
+            self.broken_tables.insert(table_name.to_owned());
             return;
         }
         let id = TableId(self.tables.len());
         let location = source.location(name.span().start);
         let name: Arc<str> = Arc::from(table_name);
         self.table_index.insert(name.clone(), id);
-        self.tables.push(Table {
-            name,
-            key,
-            columns,
-            location,
-            dependents: Vec::new(),
-        });
+        self.tables.push(Table { name, key, columns, location, dependents: Vec::new() });
     }
 
     /// Reads a list of names, reporting empty and repeated entries.
-    fn name_list(
-        &mut self,
-        source: &SourceFile,
-        names: &Spanned<Names>,
-        field: &str,
-        what: &str,
-    ) -> Vec<Arc<str>> {
+    fn name_list(&mut self, source: &SourceFile, names: &Spanned<Names>, field: &str, what: &str) -> Vec<Arc<str>> {
         let mut out: Vec<Arc<str>> = Vec::new();
         for (i, n) in names.get_ref().iter().enumerate() {
             let name = n.get_ref().as_str();
             if name.is_empty() {
-                self.error(
-                    source,
-                    n.span(),
-                    format!("{field}[{i}]"),
-                    format!("empty {what} name"),
-                );
+                self.error(source, n.span(), format!("{field}[{i}]"), format!("empty {what} name"));
             } else if out.iter().any(|c| &**c == name) {
-                self.error(
-                    source,
-                    n.span(),
-                    format!("{field}[{i}]"),
-                    format!("{what} `{name}` is listed twice"),
-                );
+                self.error(source, n.span(), format!("{field}[{i}]"), format!("{what} `{name}` is listed twice"));
             } else {
                 out.push(Arc::from(name));
             }
@@ -315,27 +288,18 @@ impl Loader {
         let spec = spec.get_ref();
         let before = self.errors.len();
         let valid_name = !cache_name.is_empty()
-            && cache_name
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+            && cache_name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !valid_name {
             self.error(
                 source,
                 name.span(),
                 field.clone(),
-                format!(
-                    "cache name `{cache_name}` must use lowercase letters, digits and `_` only"
-                ),
+                format!("cache name `{cache_name}` must use lowercase letters, digits and `_` only"),
             );
         }
         if let Some(&existing) = self.cache_index.get(cache_name) {
             let at = self.caches[existing.0].location.clone();
-            self.error(
-                source,
-                name.span(),
-                field.clone(),
-                format!("cache `{cache_name}` is already declared at {at}"),
-            );
+            self.error(source, name.span(), field.clone(), format!("cache `{cache_name}` is already declared at {at}"));
         }
         let template = match KeyTemplate::parse(spec.key.get_ref()) {
             Ok(t) => Some(t),
@@ -352,13 +316,18 @@ impl Loader {
         };
         let options = self.options(source, &field, spec);
         let (Some(template), Some(options)) = (template, options) else {
+            self.broken_caches.insert(cache_name.to_owned());
             return;
         };
         if self.errors.len() > before {
+            if !self.cache_index.contains_key(cache_name) {
+                self.broken_caches.insert(cache_name.to_owned());
+            }
             return;
         }
         let id = CacheId(self.caches.len());
         self.cache_index.insert(cache_name.to_owned(), id);
+        self.declared_caches.insert((source.path.clone(), name.span().start), id);
         self.caches.push(Cache {
             name: Arc::from(cache_name),
             template,
@@ -370,12 +339,7 @@ impl Loader {
         });
     }
 
-    fn options(
-        &mut self,
-        source: &SourceFile,
-        field: &str,
-        spec: &CacheSpec,
-    ) -> Option<CacheOptions> {
+    fn options(&mut self, source: &SourceFile, field: &str, spec: &CacheSpec) -> Option<CacheOptions> {
         let before = self.errors.len();
         let action = match &spec.action {
             None => Action::Delete,
@@ -411,19 +375,17 @@ impl Loader {
                 );
             }
         }
-        for (name, value) in [
-            ("expire_after_ms", &spec.expire_after_ms),
-            ("expire_jitter_ms", &spec.expire_jitter_ms),
-        ] {
-            if let Some(v) = value {
-                if action != Action::Expire {
-                    self.error(
-                        source,
-                        v.span(),
-                        format!("{field}.{name}"),
-                        format!("`{name}` applies only to action = \"expire\""),
-                    );
-                }
+        for (name, value) in [("expire_after_ms", &spec.expire_after_ms), ("expire_jitter_ms", &spec.expire_jitter_ms)]
+        {
+            if let Some(v) = value
+                && action != Action::Expire
+            {
+                self.error(
+                    source,
+                    v.span(),
+                    format!("{field}.{name}"),
+                    format!("`{name}` applies only to action = \"expire\""),
+                );
             }
         }
         if action == Action::Expire {
@@ -438,25 +400,15 @@ impl Loader {
                     );
                 }
                 Some(v) if *v.get_ref() == 0 => {
-                    self.error(
-                        source,
-                        v.span(),
-                        format!("{field}.expire_after_ms"),
-                        "must be greater than 0".into(),
-                    );
+                    self.error(source, v.span(), format!("{field}.expire_after_ms"), "must be greater than 0".into());
                 }
                 Some(_) => {}
             }
         }
-        if let Some(f) = &spec.fanout_limit {
-            if *f.get_ref() == 0 {
-                self.error(
-                    source,
-                    f.span(),
-                    format!("{field}.fanout_limit"),
-                    "must be at least 1".into(),
-                );
-            }
+        if let Some(f) = &spec.fanout_limit
+            && *f.get_ref() == 0
+        {
+            self.error(source, f.span(), format!("{field}.fanout_limit"), "must be at least 1".into());
         }
         if self.errors.len() > before {
             return None;
@@ -465,10 +417,7 @@ impl Loader {
             action,
             redelete_after_ms: spec.redelete_after_ms.as_ref().map(|v| *v.get_ref()),
             broadcast: spec.broadcast.unwrap_or(true),
-            fanout_limit: spec
-                .fanout_limit
-                .as_ref()
-                .map_or(DEFAULT_FANOUT_LIMIT, |v| *v.get_ref()),
+            fanout_limit: spec.fanout_limit.as_ref().map_or(DEFAULT_FANOUT_LIMIT, |v| *v.get_ref()),
             expire_after_ms: spec.expire_after_ms.as_ref().map(|v| *v.get_ref()),
             expire_jitter_ms: spec.expire_jitter_ms.as_ref().map_or(0, |v| *v.get_ref()),
         })
@@ -507,48 +456,45 @@ impl Loader {
             }
             (Some(t), None) => match self.table_index.get(t.get_ref().as_str()) {
                 Some(&id) => Trigger::Table(id),
+                None if self.broken_tables.contains(t.get_ref().as_str()) => return,
                 None => {
-                    let mut known: Vec<Arc<str>> =
-                        self.tables.iter().map(|t| t.name.clone()).collect();
+                    let mut known: Vec<Arc<str>> = self.tables.iter().map(|t| t.name.clone()).collect();
                     known.sort();
                     self.error(
                         source,
                         t.span(),
                         format!("{field}.table"),
-                        format!(
-                            "unknown table `{}` (declared: {})",
-                            t.get_ref(),
-                            list(&known)
-                        ),
+                        format!("unknown table `{}` (declared: {})", t.get_ref(), list(&known)),
                     );
                     return;
                 }
             },
             (None, Some(e)) => match self.cache_index.get(e.get_ref().as_str()) {
                 Some(&id) => Trigger::Embeds(id),
+                None if self.broken_caches.contains(e.get_ref().as_str()) => return,
                 None => {
-                    self.error(
-                        source,
-                        e.span(),
-                        format!("{field}.embeds"),
-                        format!("unknown cache `{}`", e.get_ref()),
-                    );
+                    let mut known: Vec<Arc<str>> = self.caches.iter().map(|c| c.name.clone()).collect();
+                    known.sort();
+                    let message = format!("unknown cache `{}` (declared: {})", e.get_ref(), list(&known));
+                    self.error(source, e.span(), format!("{field}.embeds"), message);
                     return;
                 }
             },
         };
-        let given = [
-            spec.bind.is_some(),
-            spec.lookup.is_some(),
-            spec.tags.is_some(),
-        ];
-        if given.iter().filter(|g| **g).count() > 1 {
-            self.error(
-                source,
-                span,
-                field,
-                "a dependency takes at most one of `bind`, `lookup` and `tags`".into(),
+        let given: Vec<(&str, Range<usize>)> = [
+            spec.bind.as_ref().map(|b| ("bind", b.span())),
+            spec.lookup.as_ref().map(|l| ("lookup", l.span())),
+            spec.tags.as_ref().map(|t| ("tags", t.span())),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if let [first, second, ..] = given.as_slice() {
+            let message = format!(
+                "`{}` and `{}` both given: a dependency takes one of `bind`, `lookup` and `tags`",
+                first.0, second.0
             );
+            self.error(source, second.1.clone(), format!("{field}.{}", second.0), message);
             return;
         }
         let filter = match (&spec.columns, trigger) {
@@ -565,10 +511,17 @@ impl Loader {
             (Some(cols), Trigger::Table(t)) => {
                 let names = self.name_list(source, cols, &format!("{field}.columns"), "column");
                 for (i, c) in cols.get_ref().iter().enumerate() {
-                    self.check_column(source, t, c, format!("{field}.columns[{i}]"));
+                    if !c.get_ref().is_empty() {
+                        self.check_column(source, t, c, format!("{field}.columns[{i}]"));
+                    }
                 }
                 if names.is_empty() {
-                    self.error(source, cols.span(), format!("{field}.columns"), "an empty column filter would ignore every update; leave `columns` out instead".into());
+                    self.error(
+                        source,
+                        cols.span(),
+                        format!("{field}.columns"),
+                        "an empty column filter would ignore every update; leave `columns` out instead".into(),
+                    );
                 }
                 Some(names)
             }
@@ -601,11 +554,7 @@ impl Loader {
             Trigger::Embeds(c) => self.caches[c.0].embedded_by.push(id),
         }
         self.caches[cache.0].dependencies.push(id);
-        let at = spec
-            .table
-            .as_ref()
-            .or(spec.embeds.as_ref())
-            .map_or(span.start, |s| s.span().start);
+        let at = spec.table.as_ref().or(spec.embeds.as_ref()).map_or(span.start, |s| s.span().start);
         self.dependencies.push(Dependency {
             id,
             cache,
@@ -617,41 +566,20 @@ impl Loader {
         });
     }
 
-    fn check_column(
-        &mut self,
-        source: &SourceFile,
-        table: TableId,
-        column: &Spanned<String>,
-        field: String,
-    ) -> bool {
+    fn check_column(&mut self, source: &SourceFile, table: TableId, column: &Spanned<String>, field: String) -> bool {
         let t = &self.tables[table.0];
         if t.has_column(column.get_ref()) {
             return true;
         }
-        let message = format!(
-            "unknown column `{}` in table `{}` (columns: {})",
-            column.get_ref(),
-            t.name,
-            list(&t.columns)
-        );
+        let message =
+            format!("unknown column `{}` in table `{}` (columns: {})", column.get_ref(), t.name, list(&t.columns));
         self.error(source, column.span(), field, message);
         false
     }
 
-    fn tags(
-        &mut self,
-        source: &SourceFile,
-        table: TableId,
-        tags: &Spanned<Names>,
-        field: &str,
-    ) -> Option<Mapping> {
+    fn tags(&mut self, source: &SourceFile, table: TableId, tags: &Spanned<Names>, field: &str) -> Option<Mapping> {
         if tags.get_ref().is_empty() {
-            self.error(
-                source,
-                tags.span(),
-                format!("{field}.tags"),
-                "`tags` needs at least one tag template".into(),
-            );
+            self.error(source, tags.span(), format!("{field}.tags"), "`tags` needs at least one tag template".into());
             return None;
         }
         let mut out = Vec::new();
@@ -661,12 +589,7 @@ impl Loader {
                 Ok(t) => t,
                 Err(e) => {
                     let at = inside_string(source, &tag.span(), e.offset);
-                    self.error(
-                        source,
-                        at..at,
-                        tag_field,
-                        format!("{} in tag template `{}`", e.message, tag.get_ref()),
-                    );
+                    self.error(source, at..at, tag_field, format!("{} in tag template `{}`", e.message, tag.get_ref()));
                     continue;
                 }
             };
@@ -699,31 +622,19 @@ impl Loader {
         let spec = lookup.get_ref();
         let query = spec.query.get_ref();
         let before = self.errors.len();
-        if !query.contains("$1") {
-            self.error(
-                source,
-                spec.query.span(),
-                format!("{field}.query"),
-                "the query must use `$1`, the array of `arg` values, as in `WHERE id = ANY($1)`"
-                    .into(),
-            );
-        } else if (2..=9).any(|n| query.contains(&format!("${n}"))) {
-            self.error(
-                source,
-                spec.query.span(),
-                format!("{field}.query"),
-                "the query may use only `$1`, the array of `arg` values".into(),
-            );
+        let parameters = query_parameters(query);
+        if let Some((offset, other)) = parameters.iter().find(|(_, p)| p != "$1") {
+            let at = inside_string(source, &spec.query.span(), *offset);
+            let message = format!("the query uses `{other}`: only `$1`, the array of `arg` values, is bound");
+            self.error(source, at..at, format!("{field}.query"), message);
+        } else if parameters.is_empty() {
+            let message = "the query must use `$1`, the array of `arg` values, as in `WHERE id = ANY($1)`";
+            self.error(source, spec.query.span(), format!("{field}.query"), message.into());
         }
-        if let Some(t) = &spec.timeout_ms {
-            if *t.get_ref() == 0 {
-                self.error(
-                    source,
-                    t.span(),
-                    format!("{field}.timeout_ms"),
-                    "must be greater than 0".into(),
-                );
-            }
+        if let Some(t) = &spec.timeout_ms
+            && *t.get_ref() == 0
+        {
+            self.error(source, t.span(), format!("{field}.timeout_ms"), "must be greater than 0".into());
         }
         let arg = match trigger {
             Trigger::Table(t) => {
@@ -771,7 +682,7 @@ impl Loader {
         let empty = BTreeMap::new();
         let bind = spec.bind.as_ref().map_or(&empty, |b| b.get_ref());
         let before = self.errors.len();
-        for (placeholder, _) in bind {
+        for placeholder in bind.keys() {
             if template.param_index(placeholder.get_ref()).is_none() {
                 let message = format!(
                     "`{}` is not a placeholder of the key template `{}` (placeholders: {})",
@@ -788,18 +699,11 @@ impl Loader {
             }
         }
         let unbound_span = spec.bind.as_ref().map_or(span, |b| b.span());
-        let unbound_field = if spec.bind.is_some() {
-            format!("{field}.bind")
-        } else {
-            field.to_owned()
-        };
+        let unbound_field = if spec.bind.is_some() { format!("{field}.bind") } else { field.to_owned() };
         let mut columns = Vec::new();
         let mut params = Vec::new();
         for param in template.params() {
-            let explicit = bind
-                .iter()
-                .find(|(k, _)| **k.get_ref() == **param)
-                .map(|(_, v)| v);
+            let explicit = bind.iter().find(|(k, _)| **k.get_ref() == **param).map(|(_, v)| v);
             let source_name = explicit.map_or(param.to_string(), |v| v.get_ref().clone());
             let item_field = format!("{field}.bind.{}", path_key(param));
             match trigger {
@@ -822,16 +726,26 @@ impl Loader {
                     match embedded.template.param_index(&source_name) {
                         Some(i) => params.push(i),
                         None => {
-                            let (at, f) = match explicit {
-                                Some(v) => (v.span(), item_field),
-                                None => (unbound_span.clone(), unbound_field.clone()),
+                            let (at, f, message) = match explicit {
+                                Some(v) => (
+                                    v.span(),
+                                    item_field,
+                                    format!(
+                                        "`{source_name}` is not a placeholder of the embedded cache `{}` (`{}`; placeholders: {})",
+                                        embedded.name,
+                                        embedded.template,
+                                        list(embedded.template.params())
+                                    ),
+                                ),
+                                None => (
+                                    unbound_span.clone(),
+                                    unbound_field.clone(),
+                                    format!(
+                                        "placeholder `{param}` of `{template}` is not bound: the embedded cache `{}` (`{}`) has no placeholder `{param}`; add `{param} = \"<placeholder of {}>\"` to `bind`, or use `lookup`",
+                                        embedded.name, embedded.template, embedded.name
+                                    ),
+                                ),
                             };
-                            let message = format!(
-                                "placeholder `{param}` of `{template}` is not bound: the embedded cache `{}` (`{}`) has no placeholder `{source_name}` (placeholders: {})",
-                                embedded.name,
-                                embedded.template,
-                                list(embedded.template.params())
-                            );
                             self.error(source, at, f, message);
                         }
                     }
@@ -850,17 +764,14 @@ impl Loader {
     /// Reports every cycle among `embeds` edges, at one dependency of it.
     fn check_cycles(&mut self) {
         let mut embeds: DiGraph<CacheId, DepId> = DiGraph::new();
-        let nodes: Vec<_> = (0..self.caches.len())
-            .map(|i| embeds.add_node(CacheId(i)))
-            .collect();
+        let nodes: Vec<_> = (0..self.caches.len()).map(|i| embeds.add_node(CacheId(i))).collect();
         for dep in &self.dependencies {
             if let Trigger::Embeds(embedded) = dep.trigger {
                 embeds.add_edge(nodes[embedded.0], nodes[dep.cache.0], dep.id);
             }
         }
         for component in tarjan_scc(&embeds) {
-            let self_loop =
-                component.len() == 1 && embeds.find_edge(component[0], component[0]).is_some();
+            let self_loop = component.len() == 1 && embeds.find_edge(component[0], component[0]).is_some();
             if component.len() < 2 && !self_loop {
                 continue;
             }
@@ -895,21 +806,14 @@ impl Loader {
             self.errors.push(GraphError {
                 location: Some(dep.location.clone()),
                 field: Some(format!("{}.embeds", dep.field)),
-                message: format!(
-                    "embeds cycle: {} (a cache cannot contain itself)",
-                    names.join(" ← ")
-                ),
+                message: cycle_message(&names),
             });
         }
     }
 
     fn finish(mut self, sources: &[SourceFile]) -> Result<Graph, GraphErrors> {
         if !self.errors.is_empty() {
-            self.errors.sort_by(|a, b| {
-                a.location
-                    .cmp(&b.location)
-                    .then_with(|| a.message.cmp(&b.message))
-            });
+            self.errors.sort_by(|a, b| a.location.cmp(&b.location).then_with(|| a.message.cmp(&b.message)));
             self.errors.dedup();
             return Err(GraphErrors(self.errors));
         }
@@ -918,17 +822,56 @@ impl Loader {
             caches: self.caches,
             dependencies: self.dependencies,
             table_index: self.table_index,
-            cache_index: self
-                .cache_index
-                .into_iter()
-                .map(|(k, v)| (Arc::from(k.as_str()), v))
-                .collect(),
+            cache_index: self.cache_index.into_iter().map(|(k, v)| (Arc::from(k.as_str()), v)).collect(),
             view: DiGraph::new(),
             files: sources.iter().map(|s| s.location(0)).collect(),
         };
         graph.build_view();
         Ok(graph)
     }
+}
+
+/// `a embeds b, which embeds a`, from the cycle's caches in embedding
+/// order (each embedded by the next).
+fn cycle_message(names: &[&str]) -> String {
+    if names.len() <= 2 {
+        let name = names.first().copied().unwrap_or("?");
+        return format!("embeds cycle: cache `{name}` embeds itself");
+    }
+    // names[i + 1] embeds names[i]; read it from the last embedder down.
+    let mut text = format!("embeds cycle: `{}` embeds `{}`", names[names.len() - 1], names[names.len() - 2]);
+    for name in names.iter().rev().skip(2) {
+        text.push_str(&format!(", which embeds `{name}`"));
+    }
+    text.push_str(" (a cache cannot contain itself)");
+    text
+}
+
+/// The `$N` parameters of a query with their byte offsets (outside quoted
+/// literals and identifiers).
+fn query_parameters(query: &str) -> Vec<(usize, String)> {
+    let bytes = query.as_bytes();
+    let mut out = Vec::new();
+    let mut quote: Option<u8> = None;
+    let mut i = 0;
+    while i < bytes.len() {
+        let b = bytes[i];
+        match quote {
+            Some(q) if b == q => quote = None,
+            Some(_) => {}
+            None if b == b'\'' || b == b'"' => quote = Some(b),
+            None if b == b'$' => {
+                let digits = bytes[i + 1..].iter().take_while(|d| d.is_ascii_digit()).count();
+                if digits > 0 {
+                    out.push((i, query[i..i + 1 + digits].to_owned()));
+                    i += digits;
+                }
+            }
+            None => {}
+        }
+        i += 1;
+    }
+    out
 }
 
 fn is_qualified(name: &str) -> bool {

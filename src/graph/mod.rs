@@ -252,20 +252,13 @@ impl Graph {
 
     /// Caches that depend on `table` through a row trigger (any kind).
     pub fn caches_of_table(&self, table: TableId) -> impl Iterator<Item = CacheId> + '_ {
-        self.tables[table.0]
-            .dependents
-            .iter()
-            .map(|d| self.dependencies[d.0].cache)
+        self.tables[table.0].dependents.iter().map(|d| self.dependencies[d.0].cache)
     }
 
     fn build_view(&mut self) {
         let mut view = DiGraph::new();
-        let tables: Vec<NodeIndex> = (0..self.tables.len())
-            .map(|i| view.add_node(Node::Table(TableId(i))))
-            .collect();
-        let caches: Vec<NodeIndex> = (0..self.caches.len())
-            .map(|i| view.add_node(Node::Cache(CacheId(i))))
-            .collect();
+        let tables: Vec<NodeIndex> = (0..self.tables.len()).map(|i| view.add_node(Node::Table(TableId(i)))).collect();
+        let caches: Vec<NodeIndex> = (0..self.caches.len()).map(|i| view.add_node(Node::Cache(CacheId(i)))).collect();
         for dep in &self.dependencies {
             let from = match dep.trigger {
                 Trigger::Table(t) => tables[t.0],

@@ -2,11 +2,12 @@
 //!
 //! Requests of one dependency are batched into one query per chunk of
 //! distinct arguments (`$1` is the array of them, so the user's query says
-//! `WHERE author_id = ANY($1)`). The user's query is wrapped so that:
-//! - each key parameter comes back as text (`"id"::text`), which renders
-//!   exactly as the typed value the replication stream would give — integers
-//!   in decimal, booleans `true`/`false`, numeric and timestamps as Postgres
-//!   prints them;
+//! `WHERE author_id = ANY($1)`; integers bind as `bigint[]`, anything else
+//! as `text[]`). The user's query is wrapped so that:
+//! - each key parameter comes back twice, as itself and as text: integers,
+//!   booleans and floats are read as such (so a chained look-up binds them
+//!   as `bigint[]` again), every other type as Postgres prints it (numeric,
+//!   uuid, timestamps), which is how the replication stream renders them;
 //! - at most `fanout_limit + 1` rows are read: more than the limit and the
 //!   cache's namespace is bumped instead, so memory stays bounded.
 //!
@@ -103,30 +104,38 @@ impl PgLookupExecutor {
     /// `batch_size` bounds the `$1` array of one query; `default_timeout`
     /// applies to dependencies that set no `timeout_ms`.
     pub fn new(pool: PgPool, default_timeout: Duration, batch_size: usize) -> PgLookupExecutor {
-        PgLookupExecutor {
-            pool,
-            default_timeout,
-            batch_size: batch_size.max(1),
-        }
+        PgLookupExecutor { pool, default_timeout, batch_size: batch_size.max(1) }
     }
 }
 
-/// The user's query wrapped to return text parameters and at most
-/// `limit + 1` rows.
+/// The user's query wrapped to return each parameter as itself and as text
+/// (columns `2i` and `2i + 1`), and at most `limit + 1` rows.
 pub fn wrap_query(query: &str, params: &[Arc<str>], limit: u64) -> String {
     let inner = query.trim().trim_end_matches(';').trim_end();
     let columns: Vec<String> = params
         .iter()
         .map(|p| {
             let quoted = p.replace('"', "\"\"");
-            format!("\"{quoted}\"::text AS \"{quoted}\"")
+            format!("evictd_lookup.\"{quoted}\", evictd_lookup.\"{quoted}\"::text")
         })
         .collect();
-    format!(
-        "SELECT {} FROM ({inner}) AS evictd_lookup LIMIT {}",
-        columns.join(", "),
-        limit.saturating_add(1)
-    )
+    format!("SELECT {} FROM ({inner}) AS evictd_lookup LIMIT {}", columns.join(", "), limit.saturating_add(1))
+}
+
+/// Reads parameter `i` of a wrapped look-up row.
+fn read_param(row: &sqlx::postgres::PgRow, i: usize) -> Result<Option<Value>, sqlx::Error> {
+    use sqlx::{Column as _, TypeInfo as _};
+    let native = 2 * i;
+    let type_name = row.columns().get(native).map(|c| c.type_info().name().to_owned()).unwrap_or_default();
+    Ok(match type_name.as_str() {
+        "INT2" => row.try_get::<Option<i16>, _>(native)?.map(|v| Value::Int(i64::from(v))),
+        "INT4" => row.try_get::<Option<i32>, _>(native)?.map(|v| Value::Int(i64::from(v))),
+        "INT8" => row.try_get::<Option<i64>, _>(native)?.map(Value::Int),
+        "BOOL" => row.try_get::<Option<bool>, _>(native)?.map(Value::Bool),
+        "FLOAT4" => row.try_get::<Option<f32>, _>(native)?.map(|v| Value::Float(f64::from(v))),
+        "FLOAT8" => row.try_get::<Option<f64>, _>(native)?.map(Value::Float),
+        _ => row.try_get::<Option<String>, _>(native + 1)?.map(Value::Text),
+    })
 }
 
 /// How `$1` is bound: `bigint[]` when every argument is an integer,
@@ -137,16 +146,7 @@ enum Args {
 }
 
 fn bind_args(args: &[Value]) -> Args {
-    let ints: Option<Vec<i64>> = args
-        .iter()
-        .map(|a| {
-            if let Value::Int(i) = a {
-                Some(*i)
-            } else {
-                None
-            }
-        })
-        .collect();
+    let ints: Option<Vec<i64>> = args.iter().map(|a| if let Value::Int(i) = a { Some(*i) } else { None }).collect();
     match ints {
         Some(ints) => Args::Ints(ints),
         None => Args::Texts(
@@ -170,9 +170,7 @@ impl LookupExecutor for PgLookupExecutor {
         params: &[Arc<str>],
         limit: u64,
     ) -> Result<LookupOutcome, LookupError> {
-        let timeout = lookup
-            .timeout_ms
-            .map_or(self.default_timeout, Duration::from_millis);
+        let timeout = lookup.timeout_ms.map_or(self.default_timeout, Duration::from_millis);
         let sql = wrap_query(&lookup.query, params, limit);
         let mut rows: LookupRows = Vec::new();
         for chunk in args.chunks(self.batch_size) {
@@ -190,24 +188,16 @@ impl LookupExecutor for PgLookupExecutor {
                     field: field.to_owned(),
                     timeout_ms: u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX),
                 })?
-                .map_err(|source| LookupError::Query {
-                    field: field.to_owned(),
-                    source,
-                })?;
+                .map_err(|source| LookupError::Query { field: field.to_owned(), source })?;
             if fetched.len() as u64 > remaining {
-                return Ok(LookupOutcome::FanoutExceeded {
-                    rows: rows.len() as u64 + fetched.len() as u64,
-                });
+                return Ok(LookupOutcome::FanoutExceeded { rows: rows.len() as u64 + fetched.len() as u64 });
             }
             for row in fetched {
                 let mut values = Vec::with_capacity(params.len());
                 for i in 0..params.len() {
-                    let text: Option<String> =
-                        row.try_get(i).map_err(|source| LookupError::Query {
-                            field: field.to_owned(),
-                            source,
-                        })?;
-                    values.push(text.map(Value::Text));
+                    let value =
+                        read_param(&row, i).map_err(|source| LookupError::Query { field: field.to_owned(), source })?;
+                    values.push(value);
                 }
                 rows.push(values);
             }
@@ -221,9 +211,7 @@ impl LookupExecutor for PgLookupExecutor {
 pub fn group_requests(requests: Vec<LookupRequest>) -> BTreeMap<DepId, (Path, Vec<Value>)> {
     let mut groups: BTreeMap<DepId, (Path, Vec<Value>)> = BTreeMap::new();
     for request in requests {
-        let group = groups
-            .entry(request.dependency)
-            .or_insert_with(|| (request.path.clone(), Vec::new()));
+        let group = groups.entry(request.dependency).or_insert_with(|| (request.path.clone(), Vec::new()));
         if !group.1.contains(&request.arg) {
             group.1.push(request.arg);
         }
@@ -250,19 +238,11 @@ impl Resolver<'_> {
                 let cache = self.graph().cache(dep.cache);
                 let field = format!("{}.lookup", dep.field);
                 let outcome = executor
-                    .execute(
-                        &field,
-                        lookup,
-                        &args,
-                        cache.template.params(),
-                        cache.options.fanout_limit,
-                    )
+                    .execute(&field, lookup, &args, cache.template.params(), cache.options.fanout_limit)
                     .await?;
                 let mut part = match outcome {
                     LookupOutcome::Rows(rows) => self.resolve_lookup_rows(dep_id, &path, &rows),
-                    LookupOutcome::FanoutExceeded { rows } => {
-                        self.fanout_exceeded(dep_id, &path, rows)
-                    }
+                    LookupOutcome::FanoutExceeded { rows } => self.fanout_exceeded(dep_id, &path, rows),
                 };
                 next.append(&mut part.lookups);
                 resolution.merge(part);
@@ -279,22 +259,16 @@ mod tests {
 
     #[test]
     fn wrapped_query_casts_params_to_text_and_limits_rows() {
-        let sql = wrap_query(
-            "SELECT id FROM a WHERE b = ANY($1);  ",
-            &[Arc::from("id")],
-            100,
-        );
+        let sql = wrap_query("SELECT id FROM a WHERE b = ANY($1);  ", &[Arc::from("id")], 100);
         assert_eq!(
             sql,
-            "SELECT \"id\"::text AS \"id\" FROM (SELECT id FROM a WHERE b = ANY($1)) AS evictd_lookup LIMIT 101"
+            "SELECT evictd_lookup.\"id\", evictd_lookup.\"id\"::text FROM (SELECT id FROM a WHERE b = ANY($1)) AS evictd_lookup LIMIT 101"
         );
     }
 
     #[test]
     fn integer_args_bind_as_bigint_and_others_as_text() {
-        assert!(
-            matches!(bind_args(&[Value::Int(1), Value::Int(2)]), Args::Ints(v) if v == vec![1, 2])
-        );
+        assert!(matches!(bind_args(&[Value::Int(1), Value::Int(2)]), Args::Ints(v) if v == vec![1, 2]));
         match bind_args(&[Value::Int(1), Value::Text("x".into()), Value::Bool(true)]) {
             Args::Texts(v) => assert_eq!(v, vec!["1", "x", "true"]),
             Args::Ints(_) => panic!("mixed arguments must bind as text"),
@@ -303,11 +277,7 @@ mod tests {
 
     #[test]
     fn grouping_dedupes_arguments_per_dependency() {
-        let req = |d, a| LookupRequest {
-            dependency: DepId(d),
-            arg: Value::Int(a),
-            path: Path::new(),
-        };
+        let req = |d, a| LookupRequest { dependency: DepId(d), arg: Value::Int(a), path: Path::new() };
         let groups = group_requests(vec![req(1, 5), req(0, 7), req(1, 5), req(1, 6)]);
         assert_eq!(groups[&DepId(1)].1, vec![Value::Int(5), Value::Int(6)]);
         assert_eq!(groups[&DepId(0)].1, vec![Value::Int(7)]);

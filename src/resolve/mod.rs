@@ -28,9 +28,7 @@ use std::sync::Arc;
 
 use smallvec::SmallVec;
 
-pub use lookup::{
-    LookupError, LookupExecutor, LookupOutcome, LookupRows, PgLookupExecutor, group_requests,
-};
+pub use lookup::{LookupError, LookupExecutor, LookupOutcome, LookupRows, PgLookupExecutor, group_requests};
 
 use crate::change::{Cell, Change, Operation, Value};
 use crate::graph::{CacheId, DepId, Graph, LookupArg, Mapping, TableId, Trigger};
@@ -53,9 +51,7 @@ pub enum Effect {
 impl Effect {
     pub fn cache(&self) -> CacheId {
         match self {
-            Effect::Key { cache, .. }
-            | Effect::Tag { cache, .. }
-            | Effect::NamespaceBump { cache } => *cache,
+            Effect::Key { cache, .. } | Effect::Tag { cache, .. } | Effect::NamespaceBump { cache } => *cache,
         }
     }
 }
@@ -114,11 +110,7 @@ pub enum Skip {
     /// An update changed none of the filter's columns.
     Filtered { dependency: DepId },
     /// A parameter was NULL, so there is no key (or tag, or look-up).
-    Null {
-        dependency: DepId,
-        name: Arc<str>,
-        image: Image,
-    },
+    Null { dependency: DepId, name: Arc<str>, image: Image },
 }
 
 /// Everything one change (or one batch of look-up rows) resolves to.
@@ -137,18 +129,12 @@ impl Resolution {
     fn add(&mut self, effect: Effect, reason: Reason) {
         match self.effects.iter_mut().find(|r| r.effect == effect) {
             Some(existing) => merge_reason(&mut existing.reasons, reason),
-            None => self.effects.push(Resolved {
-                effect,
-                reasons: vec![reason],
-            }),
+            None => self.effects.push(Resolved { effect, reasons: vec![reason] }),
         }
     }
 
     fn lookup(&mut self, request: LookupRequest) {
-        let duplicate = self
-            .lookups
-            .iter()
-            .any(|r| r.dependency == request.dependency && r.arg == request.arg);
+        let duplicate = self.lookups.iter().any(|r| r.dependency == request.dependency && r.arg == request.arg);
         if !duplicate {
             self.lookups.push(request);
         }
@@ -234,25 +220,12 @@ impl<'g> Resolver<'g> {
     /// Continues resolution with the rows a look-up returned for
     /// `request`'s dependency: `rows[r][i]` is parameter `i` of the target
     /// cache's key.
-    pub fn resolve_lookup_rows(
-        &self,
-        dependency: DepId,
-        path: &Path,
-        rows: &[Vec<Option<Value>>],
-    ) -> Resolution {
+    pub fn resolve_lookup_rows(&self, dependency: DepId, path: &Path, rows: &[Vec<Option<Value>>]) -> Resolution {
         let mut out = Resolution::default();
         let cache = self.graph.dependency(dependency).cache;
         for row in rows {
             let params: SmallVec<[Option<&Value>; 8]> = row.iter().map(Option::as_ref).collect();
-            self.key(
-                cache,
-                &params,
-                path.clone(),
-                Cause::LookupRow,
-                dependency,
-                Image::New,
-                &mut out,
-            );
+            self.key(cache, &params, path.clone(), Cause::LookupRow, dependency, Image::New, &mut out);
         }
         out
     }
@@ -263,12 +236,7 @@ impl<'g> Resolver<'g> {
         let mut out = Resolution::default();
         let cache = self.graph.dependency(dependency).cache;
         let limit = self.graph.cache(cache).options.fanout_limit;
-        self.bump(
-            cache,
-            path.clone(),
-            Cause::FanoutExceeded { rows, limit },
-            &mut out,
-        );
+        self.bump(cache, path.clone(), Cause::FanoutExceeded { rows, limit }, &mut out);
         out
     }
 
@@ -310,83 +278,45 @@ impl<'g> Resolver<'g> {
             }
             Image::New | Image::Both => {
                 let new = change.new_cell(column);
-                if matches!(new, Cell::Unknown) && change.op == Operation::Update {
-                    change.old(column)
-                } else {
-                    new
-                }
+                if matches!(new, Cell::Unknown) && change.op == Operation::Update { change.old(column) } else { new }
             }
         }
     }
 
-    fn apply(
-        &self,
-        change: &Change,
-        table: TableId,
-        dep_id: DepId,
-        image: Image,
-        path: Path,
-        out: &mut Resolution,
-    ) {
+    fn apply(&self, change: &Change, table: TableId, dep_id: DepId, image: Image, path: Path, out: &mut Resolution) {
         let dep = self.graph.dependency(dep_id);
         match &dep.mapping {
             Mapping::Columns(columns) => {
-                let mut params: SmallVec<[Option<&Value>; 8]> =
-                    SmallVec::with_capacity(columns.len());
+                let mut params: SmallVec<[Option<&Value>; 8]> = SmallVec::with_capacity(columns.len());
                 for column in columns {
                     match self.cell(change, table, column, image) {
                         Cell::Known(v) => params.push(Some(v)),
                         Cell::Unknown => {
-                            let cause = Cause::Unknown {
-                                column: column.clone(),
-                                image,
-                            };
+                            let cause = Cause::Unknown { column: column.clone(), image };
                             return self.bump(dep.cache, path, cause, out);
                         }
                     }
                 }
-                self.key(
-                    dep.cache,
-                    &params,
-                    path,
-                    Cause::Row(image),
-                    dep_id,
-                    image,
-                    out,
-                );
+                self.key(dep.cache, &params, path, Cause::Row(image), dep_id, image, out);
             }
             Mapping::Tags(tags) => {
                 for tag in tags {
-                    let mut params: SmallVec<[Option<&Value>; 8]> =
-                        SmallVec::with_capacity(tag.columns.len());
+                    let mut params: SmallVec<[Option<&Value>; 8]> = SmallVec::with_capacity(tag.columns.len());
                     for column in &tag.columns {
                         match self.cell(change, table, column, image) {
                             Cell::Known(v) => params.push(Some(v)),
                             Cell::Unknown => {
-                                let cause = Cause::Unknown {
-                                    column: column.clone(),
-                                    image,
-                                };
+                                let cause = Cause::Unknown { column: column.clone(), image };
                                 return self.bump(dep.cache, path, cause, out);
                             }
                         }
                     }
                     match tag.template.render(&params) {
                         Ok(rendered) => out.add(
-                            Effect::Tag {
-                                cache: dep.cache,
-                                tag: rendered,
-                            },
-                            Reason {
-                                path: path.clone(),
-                                cause: Cause::Row(image),
-                            },
+                            Effect::Tag { cache: dep.cache, tag: rendered },
+                            Reason { path: path.clone(), cause: Cause::Row(image) },
                         ),
-                        Err(e) => out.skipped.push(Skip::Null {
-                            dependency: dep_id,
-                            name: render_param(e),
-                            image,
-                        }),
+                        Err(e) => out.skipped.push(Skip::Null { dependency: dep_id, name: render_param(e), image }),
                     }
                 }
             }
@@ -396,22 +326,11 @@ impl<'g> Resolver<'g> {
                 };
                 match self.cell(change, table, column, image) {
                     Cell::Known(Value::Null) => {
-                        out.skipped.push(Skip::Null {
-                            dependency: dep_id,
-                            name: column.clone(),
-                            image,
-                        });
+                        out.skipped.push(Skip::Null { dependency: dep_id, name: column.clone(), image });
                     }
-                    Cell::Known(v) => out.lookup(LookupRequest {
-                        dependency: dep_id,
-                        arg: v.clone(),
-                        path,
-                    }),
+                    Cell::Known(v) => out.lookup(LookupRequest { dependency: dep_id, arg: v.clone(), path }),
                     Cell::Unknown => {
-                        let cause = Cause::Unknown {
-                            column: column.clone(),
-                            image,
-                        };
+                        let cause = Cause::Unknown { column: column.clone(), image };
                         self.bump(dep.cache, path, cause, out);
                     }
                 }
@@ -437,20 +356,10 @@ impl<'g> Resolver<'g> {
         let template = &self.graph.cache(cache).template;
         match template.render(params) {
             Ok(key) => {
-                out.add(
-                    Effect::Key { cache, key },
-                    Reason {
-                        path: path.clone(),
-                        cause: cause.clone(),
-                    },
-                );
+                out.add(Effect::Key { cache, key }, Reason { path: path.clone(), cause: cause.clone() });
                 self.follow_embedders(cache, params, &path, cause, image, out);
             }
-            Err(e) => out.skipped.push(Skip::Null {
-                dependency: dep,
-                name: render_param(e),
-                image,
-            }),
+            Err(e) => out.skipped.push(Skip::Null { dependency: dep, name: render_param(e), image }),
         }
     }
 
@@ -469,29 +378,15 @@ impl<'g> Resolver<'g> {
             next_path.push(dep_id);
             match &dep.mapping {
                 Mapping::Params(indexes) => {
-                    let next: SmallVec<[Option<&Value>; 8]> = indexes
-                        .iter()
-                        .map(|&i| params.get(i).copied().flatten())
-                        .collect();
-                    self.key(
-                        dep.cache,
-                        &next,
-                        next_path,
-                        cause.clone(),
-                        dep_id,
-                        image,
-                        out,
-                    );
+                    let next: SmallVec<[Option<&Value>; 8]> =
+                        indexes.iter().map(|&i| params.get(i).copied().flatten()).collect();
+                    self.key(dep.cache, &next, next_path, cause.clone(), dep_id, image, out);
                 }
                 Mapping::Lookup(lookup) => {
                     if let LookupArg::Param(i) = lookup.arg {
                         match params.get(i).copied().flatten() {
                             Some(v) if !v.is_null() => {
-                                out.lookup(LookupRequest {
-                                    dependency: dep_id,
-                                    arg: v.clone(),
-                                    path: next_path,
-                                });
+                                out.lookup(LookupRequest { dependency: dep_id, arg: v.clone(), path: next_path });
                             }
                             _ => {}
                         }

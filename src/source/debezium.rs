@@ -49,13 +49,8 @@ pub fn decode(event: &Json, position: Position) -> Result<Decoded, DebeziumError
     if payload.is_null() {
         return Ok(Decoded::Tombstone);
     }
-    let object = payload
-        .as_object()
-        .ok_or_else(|| DebeziumError::Shape("the event is not a JSON object".into()))?;
-    let op_text = object
-        .get("op")
-        .and_then(Json::as_str)
-        .ok_or_else(|| DebeziumError::Shape("missing `op`".into()))?;
+    let object = payload.as_object().ok_or_else(|| DebeziumError::Shape("the event is not a JSON object".into()))?;
+    let op_text = object.get("op").and_then(Json::as_str).ok_or_else(|| DebeziumError::Shape("missing `op`".into()))?;
     let source = object
         .get("source")
         .and_then(Json::as_object)
@@ -73,9 +68,7 @@ pub fn decode(event: &Json, position: Position) -> Result<Decoded, DebeziumError
         match object.get(name) {
             None | Some(Json::Null) => Ok(None),
             Some(Json::Object(map)) => Ok(Some(Row::from_json_object(map, Some(UNAVAILABLE)))),
-            Some(_) => Err(DebeziumError::Shape(format!(
-                "`{name}` is neither an object nor null"
-            ))),
+            Some(_) => Err(DebeziumError::Shape(format!("`{name}` is neither an object nor null"))),
         }
     };
     let (op, snapshot) = match op_text {
@@ -90,46 +83,25 @@ pub fn decode(event: &Json, position: Position) -> Result<Decoded, DebeziumError
     let after = image("after")?;
     match op {
         Operation::Insert | Operation::Update if after.is_none() => {
-            return Err(DebeziumError::Shape(format!(
-                "op `{op_text}` without `after`"
-            )));
+            return Err(DebeziumError::Shape(format!("op `{op_text}` without `after`")));
         }
         Operation::Delete if before.is_none() => {
             return Err(DebeziumError::Shape("op `d` without `before`".into()));
         }
         _ => {}
     }
-    let commit_time_micros = source.get("ts_us").and_then(Json::as_i64).or_else(|| {
-        source
-            .get("ts_ms")
-            .and_then(Json::as_i64)
-            .map(|ms| ms.saturating_mul(1000))
-    });
+    let commit_time_micros = source
+        .get("ts_us")
+        .and_then(Json::as_i64)
+        .or_else(|| source.get("ts_ms").and_then(Json::as_i64).map(|ms| ms.saturating_mul(1000)));
     let xid = match source.get("txId") {
-        Some(Json::Number(n)) => n
-            .as_u64()
-            .and_then(|x| u32::try_from(x).ok())
-            .map(TransactionId::Postgres),
+        Some(Json::Number(n)) => n.as_u64().and_then(|x| u32::try_from(x).ok()).map(TransactionId::Postgres),
         Some(Json::String(s)) => Some(TransactionId::Other(Arc::from(s.as_str()))),
-        _ => source
-            .get("gtid")
-            .and_then(Json::as_str)
-            .map(|g| TransactionId::Other(Arc::from(g))),
+        _ => source.get("gtid").and_then(Json::as_str).map(|g| TransactionId::Other(Arc::from(g))),
     };
-    let change = Change {
-        table: Arc::from(format!("{schema}.{table}")),
-        op,
-        before,
-        after,
-        position,
-        commit_time_micros,
-        xid,
-    };
-    Ok(if snapshot {
-        Decoded::SnapshotRead(change)
-    } else {
-        Decoded::Change(change)
-    })
+    let change =
+        Change { table: Arc::from(format!("{schema}.{table}")), op, before, after, position, commit_time_micros, xid };
+    Ok(if snapshot { Decoded::SnapshotRead(change) } else { Decoded::Change(change) })
 }
 
 #[cfg(test)]
@@ -150,9 +122,7 @@ mod tests {
             "op": "u",
             "source": {"schema": "shop", "table": "products", "txId": 771, "ts_ms": 1700000000000i64},
         });
-        let Decoded::Change(change) = decode(&event, at()).unwrap() else {
-            panic!("not a change")
-        };
+        let Decoded::Change(change) = decode(&event, at()).unwrap() else { panic!("not a change") };
         assert_eq!(&*change.table, "shop.products");
         assert_eq!(change.op, Operation::Update);
         assert_eq!(change.old("name"), &Cell::Known(Value::Text("old".into())));
@@ -167,9 +137,7 @@ mod tests {
             "schema": {"type": "struct"},
             "payload": {"before": null, "after": {"id": 2}, "op": "c", "source": {"db": "app", "table": "users"}},
         });
-        let Decoded::Change(change) = decode(&event, at()).unwrap() else {
-            panic!("not a change")
-        };
+        let Decoded::Change(change) = decode(&event, at()).unwrap() else { panic!("not a change") };
         assert_eq!(&*change.table, "app.users");
         assert_eq!(change.op, Operation::Insert);
         assert!(change.before.is_none());
@@ -185,10 +153,7 @@ mod tests {
     #[test]
     fn malformed_events_are_errors() {
         let no_op = json!({"after": {}, "source": {"schema": "s", "table": "t"}});
-        assert_eq!(
-            decode(&no_op, at()),
-            Err(DebeziumError::Shape("missing `op`".into()))
-        );
+        assert_eq!(decode(&no_op, at()), Err(DebeziumError::Shape("missing `op`".into())));
         let bad_op = json!({"op": "x", "source": {"schema": "s", "table": "t"}});
         assert_eq!(decode(&bad_op, at()), Err(DebeziumError::Op("x".into())));
         let no_after = json!({"op": "c", "source": {"schema": "s", "table": "t"}});

@@ -55,8 +55,5 @@ pub enum SourceError {
 ///   is skipped.
 pub trait Source {
     fn next(&mut self) -> impl Future<Output = Result<SourceEvent, SourceError>> + Send;
-    fn acknowledge(
-        &mut self,
-        position: &Position,
-    ) -> impl Future<Output = Result<(), SourceError>> + Send;
+    fn acknowledge(&mut self, position: &Position) -> impl Future<Output = Result<(), SourceError>> + Send;
 }

@@ -1,1 +1,10 @@
+//! Integration tests: one binary (ripgrep's layout). They run the real
+//! `evictd` binary and real services started by `scripts/test.sh`
+//! (`EVICTD_TEST_PG_URL` …); run them through that script.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod cli;
+mod key_vectors;
+mod lookup;
+mod support;
