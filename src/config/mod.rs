@@ -292,7 +292,7 @@ pub fn load_with_env(path: &Path, env: &HashMap<String, String>) -> Result<Confi
         return Err(ConfigError(vec![ConfigIssue {
             place: source.location(offset).to_string(),
             field: source.field_at(offset).unwrap_or_default(),
-            message: e.message().trim_end().to_owned(),
+            message: plain_message(e.message()),
         }]));
     }
     let overrides: HashMap<String, String> = env
@@ -300,6 +300,36 @@ pub fn load_with_env(path: &Path, env: &HashMap<String, String>) -> Result<Confi
         .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    let raw = match merge(&source.text, &overrides) {
+        Ok(raw) => raw,
+        Err(e) => {
+            // Find the variables that fail on their own, to name them.
+            let mut culprits: Vec<&String> =
+                overrides.iter().filter(|(k, v)| merge(&source.text, &single(k, v)).is_err()).map(|(k, _)| k).collect();
+            culprits.sort();
+            let place = if culprits.is_empty() {
+                let mut all: Vec<&String> = overrides.keys().collect();
+                all.sort();
+                format!("environment ({})", all.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", "))
+            } else {
+                culprits.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", ")
+            };
+            return Err(ConfigError(vec![ConfigIssue {
+                place,
+                field: String::new(),
+                message: format!("override rejected: {}", plain_message(&e.to_string())),
+            }]));
+        }
+    };
+    raw.validate(&source, &overrides)
+}
+
+fn single(key: &str, value: &str) -> HashMap<String, String> {
+    HashMap::from([(key.to_owned(), value.to_owned())])
+}
+
+/// The file with the environment layered on top (the `config` crate).
+fn merge(text: &str, overrides: &HashMap<String, String>) -> Result<RawConfig, config::ConfigError> {
     let environment = config::Environment::with_prefix(ENV_PREFIX)
         .prefix_separator("__")
         .separator("__")
@@ -308,22 +338,59 @@ pub fn load_with_env(path: &Path, env: &HashMap<String, String>) -> Result<Confi
         .with_list_parse_key("graph.paths")
         .with_list_parse_key("source.kafka.topics")
         .source(Some(overrides.clone().into_iter().collect()));
-    let raw: RawConfig = config::Config::builder()
-        .add_source(config::File::from_str(&source.text, config::FileFormat::Toml))
+    config::Config::builder()
+        .add_source(config::File::from_str(text, config::FileFormat::Toml))
         .add_source(environment)
         .build()
         .and_then(|c| c.try_deserialize())
-        .map_err(|e| {
-            let mut names: Vec<&String> = overrides.keys().collect();
-            names.sort();
-            let names: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-            ConfigError(vec![ConfigIssue {
-                place: format!("environment ({})", names.join(", ")),
-                field: String::new(),
-                message: format!("override rejected: {e}"),
-            }])
-        })?;
-    raw.validate(&source, &overrides)
+}
+
+/// A serde message in an operator's words, with any URL's password hidden
+/// (a URL given where a table belongs is echoed back by serde).
+fn plain_message(message: &str) -> String {
+    let mut text = hide_passwords(message.trim_end());
+    for (jargon, words) in [
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected a sequence", "expected an array"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        text = text.replace(jargon, words);
+    }
+    while let Some(start) = text.find("struct Raw") {
+        let end = text[start + 10..].find(|c: char| !c.is_ascii_alphanumeric()).map_or(text.len(), |i| start + 10 + i);
+        text.replace_range(start..end, "a table");
+    }
+    text
+}
+
+/// Replaces the password of every `scheme://user:password@` in `text`.
+pub fn hide_passwords(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find("://") {
+        let (head, tail) = rest.split_at(i + 3);
+        out.push_str(head);
+        let end =
+            tail.find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | '/' | ',')).unwrap_or(tail.len());
+        let authority = &tail[..end];
+        match authority.rfind('@') {
+            Some(at) => {
+                let userinfo = &authority[..at];
+                let user = userinfo.split(':').next().unwrap_or("");
+                out.push_str(user);
+                if userinfo.contains(':') {
+                    out.push_str(":****");
+                }
+                out.push_str(&authority[at..]);
+            }
+            None => out.push_str(authority),
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// The environment variable that overrides dotted `field`.
@@ -399,16 +466,24 @@ impl RawConfig {
         }
         let graph_paths = paths.iter().map(|p| base.join(p)).collect();
 
+        // `run` needs somewhere to read from and somewhere to apply to, and
+        // `check` validates exactly what `run` will use.
+        if self.source.is_none() {
+            issues.push("source", "missing: add a [source] section with kind = \"postgres\" or \"kafka\"");
+        }
+        if self.redis.is_empty() {
+            issues.push("redis", "no Redis target: add a [redis.NAME] section with a `url`");
+        }
         let source_config = self.source.and_then(|s| validate_source(s, &mut issues, &base));
         let pg_url = match &source_config {
             Some(SourceConfig::Postgres(pg)) => Some(pg.url.clone()),
             _ => None,
         };
-        let lookup_url =
-            issues.secret("lookup.url", self.lookup.url, self.lookup.url_file.as_deref(), &base).or(pg_url);
-        if let Some(url) = &lookup_url {
+        let own_lookup_url = issues.secret("lookup.url", self.lookup.url, self.lookup.url_file.as_deref(), &base);
+        if let Some(url) = &own_lookup_url {
             check_pg_url(&mut issues, "lookup.url", url);
         }
+        let lookup_url = own_lookup_url.or(pg_url);
         let lookup = LookupConfig {
             url: lookup_url,
             timeout: Duration::from_millis(positive(&mut issues, "lookup.timeout_ms", self.lookup.timeout_ms, 2000)),
@@ -509,6 +584,12 @@ fn positive(issues: &mut Issues<'_>, field: &str, value: Option<u64>, default: u
 }
 
 fn check_pg_url(issues: &mut Issues<'_>, field: &str, url: &SecretString) {
+    let text = url.expose_secret();
+    if !(text.starts_with("postgres://") || text.starts_with("postgresql://")) {
+        let scheme = text.split_once("://").map_or("none", |(s, _)| s);
+        issues.push(field, format!("not a Postgres URL (scheme `{scheme}`; expected postgres:// or postgresql://)"));
+        return;
+    }
     // The parse error never contains the URL itself.
     if let Err(e) = sqlx::postgres::PgConnectOptions::from_str(url.expose_secret()) {
         let reason = match e {

@@ -22,6 +22,9 @@ url = "redis://127.0.0.1:7101,redis://127.0.0.1:7102"
 cluster = true
 "#;
 
+/// The sections every config needs, for tests about other sections.
+const REQUIRED: &str = "\n[source]\nkind = \"postgres\"\n[source.postgres]\nurl = \"postgres://u@h/db\"\n[redis.primary]\nurl = \"redis://h:6379\"\n";
+
 fn write(text: &str) -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("evictd.toml");
@@ -82,7 +85,7 @@ fn a_value_of_the_wrong_type_names_the_field() {
 
 #[test]
 fn a_bad_value_is_reported_at_its_line() {
-    let (_dir, path) = write("[batch]\n\nmax_effects = 0\n\n[log]\nformat = \"xml\"\n");
+    let (_dir, path) = write(&format!("[batch]\n\nmax_effects = 0\n\n[log]\nformat = \"xml\"\n{REQUIRED}"));
     let e = load_with_env(&path, &env(&[])).unwrap_err();
     let got: Vec<String> = e.0.iter().map(ToString::to_string).collect();
     let file = path.display();
@@ -138,21 +141,30 @@ fn invalid_urls_are_rejected_without_printing_them() {
 
 #[test]
 fn a_source_kind_needs_its_section_and_a_known_name() {
-    let (_dir, path) = write("[source]\nkind = \"mysql\"\n");
+    let redis = "[redis.primary]\nurl = \"redis://h:6379\"\n";
+    let (_dir, path) = write(&format!("[source]\nkind = \"mysql\"\n{redis}"));
     assert_eq!(
         messages(load_with_env(&path, &env(&[])).unwrap_err()),
         ["PLACE: source.kind: unknown source `mysql` (expected postgres or kafka)"]
     );
-    let (_dir, path) = write("[source]\nkind = \"kafka\"\n");
+    let (_dir, path) = write(&format!("[source]\nkind = \"kafka\"\n{redis}"));
     assert_eq!(
         messages(load_with_env(&path, &env(&[])).unwrap_err()),
         ["PLACE: source: kind = \"kafka\" needs a [source.kafka] section"]
+    );
+    let (_dir, path) = write("[batch]\nmax_effects = 5\n");
+    assert_eq!(
+        messages(load_with_env(&path, &env(&[])).unwrap_err()),
+        [
+            "PLACE: source: missing: add a [source] section with kind = \"postgres\" or \"kafka\"",
+            "PLACE: redis: no Redis target: add a [redis.NAME] section with a `url`",
+        ]
     );
 }
 
 #[test]
 fn unknown_librdkafka_properties_are_rejected() {
-    let text = "[source]\nkind = \"kafka\"\n[source.kafka]\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"t\"]\n[source.kafka.properties]\n\"no.such.property\" = \"1\"\n";
+    let text = "[redis.primary]\nurl = \"redis://h:6379\"\n[source]\nkind = \"kafka\"\n[source.kafka]\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"t\"]\n[source.kafka.properties]\n\"no.such.property\" = \"1\"\n";
     let (_dir, path) = write(text);
     let e = load_with_env(&path, &env(&[])).unwrap_err();
     assert_eq!(e.0[0].field, "source.kafka.properties");
@@ -164,9 +176,38 @@ fn a_secret_can_come_from_a_file() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("redis-url"), "redis://:pw@127.0.0.1:6379\n").unwrap();
     let path = dir.path().join("evictd.toml");
-    std::fs::write(&path, "[redis.primary]\nurl_file = \"redis-url\"\n").unwrap();
+    std::fs::write(&path, "[source]\nkind = \"postgres\"\n[source.postgres]\nurl = \"postgres://u@h/db\"\n[redis.primary]\nurl_file = \"redis-url\"\n").unwrap();
     let c = load_with_env(&path, &env(&[])).unwrap();
     assert_eq!(c.redis[0].urls[0].expose_secret(), "redis://:pw@127.0.0.1:6379");
+}
+
+#[test]
+fn a_url_given_where_a_table_belongs_does_not_leak_its_password() {
+    let (_dir, path) = write(VALID);
+    let e = load_with_env(&path, &env(&[("EVICTD__REDIS__PRIMARY", "redis://:hunter2@r:6379")])).unwrap_err();
+    let text = e.to_string();
+    assert!(!text.contains("hunter2") && !text.contains("RawRedis"), "{text}");
+    assert_eq!(e.0[0].place, "EVICTD__REDIS__PRIMARY", "the culprit is named alone");
+    let (_dir, path) = write(&VALID.replace("[redis.primary]\nurl = ", "[redis]\nprimary = "));
+    let text = load_with_env(&path, &env(&[])).unwrap_err().to_string();
+    assert!(!text.contains("s3cret"), "{text}");
+}
+
+#[test]
+fn a_bad_source_url_is_reported_once_and_by_scheme() {
+    let (_dir, path) = write(&VALID.replace("postgres://evictd:hunter2@", "mysql://evictd:hunter2@"));
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    assert_eq!(e.0.len(), 1, "{e}");
+    assert_eq!(e.0[0].field, "source.postgres.url");
+    assert_eq!(e.0[0].message, "not a Postgres URL (scheme `mysql`; expected postgres:// or postgresql://)");
+}
+
+#[test]
+fn passwords_are_hidden_in_free_text() {
+    assert_eq!(
+        hide_passwords("invalid type: string \"redis://:pw@h:1\", and postgres://u:p@db/x"),
+        "invalid type: string \"redis://:****@h:1\", and postgres://u:****@db/x"
+    );
 }
 
 #[test]
