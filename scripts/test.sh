@@ -13,9 +13,10 @@
 # Steps, failing fast:
 #   1. cargo fmt --all -- --check
 #   2. cargo clippy --all-targets --locked -- -D warnings
-#   3. cargo test --all-targets --locked [ARGS]
-#   4. cargo test --doc --locked [ARGS]   (skipped when ARGS select targets,
+#   3. cargo test --doc --locked [ARGS]   (skipped when ARGS select targets,
 #                                          e.g. --test it or --lib)
+#   4. cargo test --all-targets --locked [ARGS]
+# and ends with one plain line: "N passed, N failed".
 #
 # The tests find the servers through
 #   EVICTD_TEST_PG_URL              postgres://postgres@127.0.0.1:55432/evictd
@@ -85,50 +86,20 @@ trap 'exit 143' TERM
 # --- prerequisites --------------------------------------------------------------
 section "checking prerequisites"
 
-if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then
-  PATH="$HOME/.cargo/bin:$PATH"
-fi
-command -v cargo >/dev/null \
-  || die "cargo not found: install the Rust toolchain with rustup (see Cargo.toml for rust-version)"
-
+# shellcheck source=scripts/lib/prerequisites.sh
+. "$ROOT/scripts/lib/prerequisites.sh"
 PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
-missing=()
-need_cmd() { command -v "$1" >/dev/null || missing+=("$2"); }   # command, package
-need_pkg() { dpkg -s "$1" >/dev/null 2>&1 || missing+=("$1"); } # package
-need_cmd cc gcc
-need_cmd make make
-need_cmd pkg-config pkg-config
-need_cmd python3 python3
-if command -v dpkg >/dev/null; then
-  need_pkg libc6-dev
-  need_pkg zlib1g-dev
-  need_pkg libssl-dev
-  need_pkg ca-certificates
-fi
-# The servers, so that everything comes from a single apt-get update.
+servers=()
+# The servers too, so that everything comes from a single apt-get update.
 if [ -z "${EVICTD_TEST_PG_URL:-}" ]; then
-  [ -x "$PGBIN/postgres" ] || missing+=(postgresql-15)
-  need_cmd psql postgresql-client-15
+  [ -x "$PGBIN/postgres" ] || servers+=(postgresql-15)
+  command -v psql >/dev/null || servers+=(postgresql-client-15)
 fi
 if [ -z "${EVICTD_TEST_REDIS_URL:-}" ] || [ -z "${EVICTD_TEST_REDIS_CLUSTER_URLS:-}" ]; then
-  need_cmd redis-server redis-server
-  need_cmd redis-cli redis-tools
+  command -v redis-server >/dev/null || servers+=(redis-server)
+  command -v redis-cli >/dev/null || servers+=(redis-tools)
 fi
-
-if [ "${#missing[@]}" -gt 0 ]; then
-  command -v apt-get >/dev/null || die "missing: ${missing[*]} (no apt-get here: install them by hand)"
-  SUDO=()
-  if [ "$(id -u)" -ne 0 ]; then
-    command -v sudo >/dev/null || die "missing: ${missing[*]}; run as root or install them: apt-get install ${missing[*]}"
-    SUDO=(sudo)
-  fi
-  note "installing with apt-get: ${missing[*]}"
-  ${SUDO[@]+"${SUDO[@]}"} apt-get update -qq >&2
-  ${SUDO[@]+"${SUDO[@]}"} env DEBIAN_FRONTEND=noninteractive \
-    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-else
-  note "build prerequisites present"
-fi
+ensure_packages ${servers[@]+"${servers[@]}"}
 
 if command -v rustup >/dev/null; then
   installed="$(rustup component list --installed 2>/dev/null || true)"
@@ -201,13 +172,30 @@ run cargo fmt --all -- --check
 section "cargo clippy"
 run cargo clippy --all-targets --locked -- -D warnings
 
+# The test output is also kept so that the run ends with one plain total.
+TEST_LOG="$(mktemp -t evictd-test.XXXXXX)"
+tested() {
+  run "$@" 2>&1 | tee -a "$TEST_LOG"
+}
+
 if [ "$picks_targets" = 1 ]; then
   section "cargo test${*:+ $*}"
-  run cargo test --locked "$@"
+  tested cargo test --locked "$@"
   note "target selection given: skipping doc tests"
 else
-  section "cargo test --all-targets${*:+ $*}"
-  run cargo test --all-targets --locked "$@"
   section "cargo test --doc${*:+ $*}"
-  run cargo test --doc --locked "$@"
+  tested cargo test --doc --locked "$@"
+  section "cargo test --all-targets${*:+ $*}"
+  tested cargo test --all-targets --locked "$@"
 fi
+
+# Sum cargo's "test result:" lines into the closing line CI reads.
+passed=0 failed=0
+while read -r p f; do
+  passed=$((passed + p)); failed=$((failed + f))
+done < <(sed -n 's/^test result: [a-zA-Z]*\. \([0-9]*\) passed; \([0-9]*\) failed.*/\1 \2/p' "$TEST_LOG")
+rm -f "$TEST_LOG"
+if [ "$DRY_RUN" != 1 ] && [ "$passed" -eq 0 ]; then
+  die "no test ran"
+fi
+echo "$passed passed, $failed failed"
