@@ -163,6 +163,40 @@ fn decoded_len(hex_digits: Option<&str>) -> usize {
     hex_digits.and_then(|h| u32::from_str_radix(h, 16).ok()).and_then(char::from_u32).map_or(1, char::len_utf8)
 }
 
+/// A TOML or serde message in a platform engineer's words: no Rust type
+/// names (`u64`, `struct RawRedis`), and `duplicate key` said plainly.
+pub fn plain_serde_message(message: &str) -> String {
+    let mut text = message.trim_end().to_owned();
+    for (jargon, words) in [
+        ("expected u64", "expected a whole number, 0 or more"),
+        ("expected usize", "expected a whole number, 0 or more"),
+        ("expected u32", "expected a whole number, 0 or more"),
+        ("expected a sequence", "expected an array"),
+        ("expected a boolean", "expected true or false"),
+    ] {
+        text = text.replace(jargon, words);
+    }
+    while let Some(start) = text.find("struct Raw") {
+        let end = text[start + 10..].find(|c: char| !c.is_ascii_alphanumeric()).map_or(text.len(), |i| start + 10 + i);
+        text.replace_range(start..end, "a table");
+    }
+    if text == "duplicate key" {
+        text = "declared twice in this file".to_owned();
+    }
+    text
+}
+
+/// Writes one item per line: how every list of input problems is shown.
+pub fn write_lines<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result {
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            f.write_str("\n")?;
+        }
+        write!(f, "{item}")?;
+    }
+    Ok(())
+}
+
 /// Quotes a TOML key for a field path when it is not a bare key.
 pub fn path_key(key: &str) -> String {
     let bare = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');

@@ -23,7 +23,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::batch::BatchLimits;
-use crate::diagnostic::SourceFile;
+use crate::diagnostic::{SourceFile, plain_serde_message, write_lines};
 
 /// The environment variable prefix: `EVICTD__BATCH__MAX_EFFECTS`.
 pub const ENV_PREFIX: &str = "EVICTD";
@@ -259,13 +259,7 @@ pub struct ConfigError(pub Vec<ConfigIssue>);
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, issue) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{issue}")?;
-        }
-        Ok(())
+        write_lines(f, &self.0)
     }
 }
 
@@ -348,21 +342,7 @@ fn merge(text: &str, overrides: &HashMap<String, String>) -> Result<RawConfig, c
 /// A serde message in an operator's words, with any URL's password hidden
 /// (a URL given where a table belongs is echoed back by serde).
 fn plain_message(message: &str) -> String {
-    let mut text = hide_passwords(message.trim_end());
-    for (jargon, words) in [
-        ("expected u64", "expected a whole number, 0 or more"),
-        ("expected usize", "expected a whole number, 0 or more"),
-        ("expected u32", "expected a whole number, 0 or more"),
-        ("expected a sequence", "expected an array"),
-        ("expected a boolean", "expected true or false"),
-    ] {
-        text = text.replace(jargon, words);
-    }
-    while let Some(start) = text.find("struct Raw") {
-        let end = text[start + 10..].find(|c: char| !c.is_ascii_alphanumeric()).map_or(text.len(), |i| start + 10 + i);
-        text.replace_range(start..end, "a table");
-    }
-    text
+    plain_serde_message(&hide_passwords(message))
 }
 
 /// Replaces the password of every `scheme://user:password@` in `text`.

@@ -20,7 +20,7 @@ use super::{
     Action, Cache, CacheId, CacheOptions, DEFAULT_FANOUT_LIMIT, DepId, Dependency, Graph, Lookup, LookupArg, Mapping,
     Table, TableId, TagTemplate, Trigger,
 };
-use crate::diagnostic::{Location, SourceFile, path_key, string_offset};
+use crate::diagnostic::{Location, SourceFile, path_key, plain_serde_message, string_offset, write_lines};
 use crate::key::KeyTemplate;
 
 /// One problem in the graph files.
@@ -51,13 +51,7 @@ pub struct GraphErrors(pub Vec<GraphError>);
 
 impl fmt::Display for GraphErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, e) in self.0.iter().enumerate() {
-            if i > 0 {
-                f.write_str("\n")?;
-            }
-            write!(f, "{e}")?;
-        }
-        Ok(())
+        write_lines(f, &self.0)
     }
 }
 
@@ -140,19 +134,7 @@ pub fn load_sources(sources: &[SourceFile]) -> Result<Graph, GraphErrors> {
 
 /// TOML and serde messages in a platform engineer's words.
 fn plain_toml_message(message: &str, field: Option<&str>) -> String {
-    let mut text = message.trim_end().to_owned();
-    for (jargon, words) in [
-        ("expected u64", "expected a whole number, 0 or more"),
-        ("expected usize", "expected a whole number, 0 or more"),
-        ("expected u32", "expected a whole number, 0 or more"),
-        ("expected a sequence", "expected an array, as `[\"id\"]`"),
-        ("expected a boolean", "expected true or false"),
-    ] {
-        text = text.replace(jargon, words);
-    }
-    if text == "duplicate key" {
-        text = "declared twice in this file".to_owned();
-    }
+    let mut text = plain_serde_message(message);
     if text.starts_with("unknown field")
         && field.is_some_and(|f| f.starts_with("tables.") && !f.starts_with("tables.\""))
     {

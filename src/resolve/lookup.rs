@@ -22,6 +22,7 @@ use std::time::Duration;
 
 use sqlx::Row as _;
 use sqlx::postgres::PgPool;
+use tracing::Instrument as _;
 
 use super::{LookupRequest, Path, Resolution, Resolver};
 use crate::change::Value;
@@ -237,9 +238,20 @@ impl Resolver<'_> {
                 };
                 let cache = self.graph().cache(dep.cache);
                 let field = format!("{}.lookup", dep.field);
+                let span = tracing::debug_span!("lookup", dependency = %field, cache = %cache.name, args = args.len());
                 let outcome = executor
                     .execute(&field, lookup, &args, cache.template.params(), cache.options.fanout_limit)
+                    .instrument(span)
                     .await?;
+                if let LookupOutcome::FanoutExceeded { rows } = &outcome {
+                    tracing::warn!(
+                        dependency = %field,
+                        cache = %cache.name,
+                        rows,
+                        limit = cache.options.fanout_limit,
+                        "look-up fan-out over the limit: bumping the cache's namespace"
+                    );
+                }
                 let mut part = match outcome {
                     LookupOutcome::Rows(rows) => self.resolve_lookup_rows(dep_id, &path, &rows),
                     LookupOutcome::FanoutExceeded { rows } => self.fanout_exceeded(dep_id, &path, rows),

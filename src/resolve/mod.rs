@@ -23,6 +23,7 @@
 
 mod lookup;
 
+use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -119,7 +120,13 @@ pub struct Resolution {
     pub effects: Vec<Resolved>,
     pub lookups: Vec<LookupRequest>,
     pub skipped: Vec<Skip>,
+    /// Effect → index in `effects`, built once there are too many effects
+    /// for a linear scan (most changes resolve to a handful).
+    index: Option<HashMap<Effect, usize>>,
 }
+
+/// Past this many effects, deduplication switches from a scan to a map.
+const SCAN_LIMIT: usize = 16;
 
 impl Resolution {
     pub fn is_empty(&self) -> bool {
@@ -127,9 +134,21 @@ impl Resolution {
     }
 
     fn add(&mut self, effect: Effect, reason: Reason) {
-        match self.effects.iter_mut().find(|r| r.effect == effect) {
-            Some(existing) => merge_reason(&mut existing.reasons, reason),
-            None => self.effects.push(Resolved { effect, reasons: vec![reason] }),
+        if self.index.is_none() && self.effects.len() >= SCAN_LIMIT {
+            self.index = Some(self.effects.iter().enumerate().map(|(i, r)| (r.effect.clone(), i)).collect());
+        }
+        let found = match &self.index {
+            Some(index) => index.get(&effect).copied(),
+            None => self.effects.iter().position(|r| r.effect == effect),
+        };
+        match found {
+            Some(i) => merge_reason(&mut self.effects[i].reasons, reason),
+            None => {
+                if let Some(index) = &mut self.index {
+                    index.insert(effect.clone(), self.effects.len());
+                }
+                self.effects.push(Resolved { effect, reasons: vec![reason] });
+            }
         }
     }
 

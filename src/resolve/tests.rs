@@ -221,6 +221,19 @@ fn a_null_parameter_renders_no_key_and_says_so() {
 }
 
 #[test]
+fn many_effects_are_deduplicated_past_the_scan_limit() {
+    let mut r = Resolution::default();
+    let reason = |image| Reason { path: Path::new(), cause: Cause::Row(image) };
+    for round in [Image::Old, Image::New] {
+        for k in 0..100 {
+            r.add(Effect::Key { cache: CacheId(0), key: format!("k{k}") }, reason(round));
+        }
+    }
+    assert_eq!(r.effects.len(), 100);
+    assert!(r.effects.iter().all(|e| e.reasons == [reason(Image::Both)]));
+}
+
+#[test]
 fn a_table_outside_the_graph_resolves_to_nothing() {
     let g = graph();
     let c = Change::new("app.other", Operation::Insert, None, Some(Row::new()));
