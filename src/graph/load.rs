@@ -135,6 +135,9 @@ pub fn load_sources(sources: &[SourceFile]) -> Result<Graph, GraphErrors> {
 /// TOML and serde messages in a platform engineer's words.
 fn plain_toml_message(message: &str, field: Option<&str>) -> String {
     let mut text = plain_serde_message(message);
+    if text.ends_with("expected an array") {
+        text.push_str(", as `[\"id\"]`");
+    }
     if text.starts_with("unknown field")
         && field.is_some_and(|f| f.starts_with("tables.") && !f.starts_with("tables.\""))
     {
