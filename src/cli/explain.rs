@@ -7,7 +7,7 @@
 //! (`--lookup-url`, or `--config` with one).
 
 use std::io::Read;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Args;
@@ -26,6 +26,9 @@ pub struct ExplainArgs {
     /// `graph.paths`, else `dependency-graphs/`.
     #[arg(long = "graph", value_name = "GRAPH_OR_DIR")]
     pub graphs: Vec<PathBuf>,
+    /// Graph files or directories, as for `check` (added to `--graph`).
+    #[arg(value_name = "GRAPH_OR_DIR")]
+    pub paths: Vec<PathBuf>,
     /// A config file; its graph and look-up database are used.
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
@@ -41,6 +44,11 @@ pub struct ExplainArgs {
     /// The new row as a JSON object.
     #[arg(long, value_name = "JSON", requires = "table")]
     pub after: Option<String>,
+    /// A change as JSON in a file (`-` for stdin): either
+    /// `{"table": …, "op": …, "before": {…}, "after": {…}}` or a Debezium
+    /// change event, told apart by their fields.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["table", "debezium"])]
+    pub change: Option<PathBuf>,
     /// A Debezium change event (JSON) in a file, or `-` for stdin.
     #[arg(long, value_name = "FILE")]
     pub debezium: Option<PathBuf>,
@@ -54,7 +62,8 @@ pub struct ExplainArgs {
 }
 
 pub fn run(args: &ExplainArgs) -> Result<(), CliError> {
-    let prepared = prepare(args.config.as_ref(), &args.graphs)?;
+    let graphs: Vec<PathBuf> = args.graphs.iter().chain(&args.paths).cloned().collect();
+    let prepared = prepare(args.config.as_ref(), &graphs)?;
     let graph = &prepared.graph;
     let change = read_change(args)?;
     if graph.table_id(&change.table).is_none() {
@@ -123,48 +132,73 @@ fn parse_row(flag: &str, text: &str) -> Result<Row, CliError> {
     }
 }
 
+/// Reads a JSON document from a file, or stdin for `-`.
+fn read_json(path: &Path) -> Result<Json, CliError> {
+    let text = if path.as_os_str() == "-" {
+        let mut s = String::new();
+        std::io::stdin().read_to_string(&mut s).map_err(|e| CliError::Runtime(format!("cannot read stdin: {e}")))?;
+        s
+    } else {
+        std::fs::read_to_string(path).map_err(|e| CliError::Input(format!("cannot read {}: {e}", path.display())))?
+    };
+    serde_json::from_str(&text).map_err(|e| CliError::Input(format!("{}: not JSON: {e}", path.display())))
+}
+
+fn from_debezium(json: &Json, name: &str) -> Result<Change, CliError> {
+    match debezium::decode(json, Position::File { line: 1 }) {
+        Ok(Decoded::Change(c)) | Ok(Decoded::SnapshotRead(c)) => Ok(c),
+        Ok(Decoded::Tombstone) => Err(CliError::Input(format!("{name}: a tombstone (null value) carries no change"))),
+        Err(e) => Err(CliError::Input(format!("{name}: {e}"))),
+    }
+}
+
+fn row_of(what: &str, json: Option<&Json>) -> Result<Option<Row>, CliError> {
+    match json {
+        None | Some(Json::Null) => Ok(None),
+        Some(Json::Object(map)) => Ok(Some(Row::from_json_object(map, None))),
+        Some(_) => Err(CliError::Input(format!("{what}: expected a JSON object of column values"))),
+    }
+}
+
 fn read_change(args: &ExplainArgs) -> Result<Change, CliError> {
     if let Some(path) = &args.debezium {
-        let text = if path.as_os_str() == "-" {
-            let mut s = String::new();
-            std::io::stdin()
-                .read_to_string(&mut s)
-                .map_err(|e| CliError::Runtime(format!("cannot read stdin: {e}")))?;
-            s
-        } else {
-            std::fs::read_to_string(path)
-                .map_err(|e| CliError::Input(format!("cannot read {}: {e}", path.display())))?
+        return from_debezium(&read_json(path)?, &path.display().to_string());
+    }
+    if let Some(path) = &args.change {
+        let json = read_json(path)?;
+        let name = path.display().to_string();
+        let (Some(table), Some(op)) = (json.get("table"), json.get("op")) else {
+            return from_debezium(&json, &name);
         };
-        let name = path.display();
-        let json: Json = serde_json::from_str(&text).map_err(|e| CliError::Input(format!("{name}: not JSON: {e}")))?;
-        return match debezium::decode(&json, Position::File { line: 1 }) {
-            Ok(Decoded::Change(c)) | Ok(Decoded::SnapshotRead(c)) => Ok(c),
-            Ok(Decoded::Tombstone) => {
-                Err(CliError::Input(format!("{name}: a tombstone (null value) carries no change")))
-            }
-            Err(e) => Err(CliError::Input(format!("{name}: {e}"))),
-        };
+        let table = table.as_str().ok_or_else(|| CliError::Input(format!("{name}: `table` must be a string")))?;
+        let op: Operation = op
+            .as_str()
+            .ok_or_else(|| CliError::Input(format!("{name}: `op` must be a string")))?
+            .parse()
+            .map_err(|e| CliError::Input(format!("{name}: {e}")))?;
+        let before = row_of(&format!("{name}: `before`"), json.get("before"))?;
+        let after = row_of(&format!("{name}: `after`"), json.get("after"))?;
+        return change_of(table, op, before, after);
     }
     let (Some(table), Some(op)) = (&args.table, args.op) else {
         return Err(CliError::Input(
-            "give a change: --table and --op (with --before/--after), or --debezium FILE".into(),
+            "give a change: --table and --op (with --before/--after), --change FILE or --debezium FILE".into(),
         ));
     };
     let before = args.before.as_deref().map(|t| parse_row("before", t)).transpose()?;
     let after = args.after.as_deref().map(|t| parse_row("after", t)).transpose()?;
+    change_of(table, op, before, after)
+}
+
+/// A change whose images fit its operation.
+fn change_of(table: &str, op: Operation, before: Option<Row>, after: Option<Row>) -> Result<Change, CliError> {
     match op {
         Operation::Insert | Operation::Update if after.is_none() => {
             return Err(CliError::Input(format!("--op {op} needs --after")));
         }
-        Operation::Delete if before.is_none() => {
-            return Err(CliError::Input("--op delete needs --before".into()));
-        }
-        Operation::Insert if before.is_some() => {
-            return Err(CliError::Input("--op insert takes no --before".into()));
-        }
-        Operation::Delete if after.is_some() => {
-            return Err(CliError::Input("--op delete takes no --after".into()));
-        }
+        Operation::Delete if before.is_none() => return Err(CliError::Input("--op delete needs --before".into())),
+        Operation::Insert if before.is_some() => return Err(CliError::Input("--op insert takes no --before".into())),
+        Operation::Delete if after.is_some() => return Err(CliError::Input("--op delete takes no --after".into())),
         Operation::Truncate if before.is_some() || after.is_some() => {
             return Err(CliError::Input("--op truncate takes no row".into()));
         }

@@ -15,12 +15,13 @@ use petgraph::algo::tarjan_scc;
 use petgraph::graph::DiGraph;
 use serde_spanned::Spanned;
 
+use super::checks::{cycle_message, is_qualified, list, plain_toml_message, query_parameters};
 use super::file::{CacheSpec, DependencySpec, GraphFile, LookupSpec, Names, TableSpec};
 use super::{
     Action, Cache, CacheId, CacheOptions, DEFAULT_FANOUT_LIMIT, DepId, Dependency, Graph, Lookup, LookupArg, Mapping,
     Table, TableId, TagTemplate, Trigger,
 };
-use crate::diagnostic::{Location, SourceFile, path_key, plain_serde_message, string_offset, write_lines};
+use crate::diagnostic::{Location, SourceFile, path_key, string_offset, write_lines};
 use crate::key::KeyTemplate;
 
 /// One problem in the graph files.
@@ -132,20 +133,6 @@ pub fn load_sources(sources: &[SourceFile]) -> Result<Graph, GraphErrors> {
     loader.finish(sources)
 }
 
-/// TOML and serde messages in a platform engineer's words.
-fn plain_toml_message(message: &str, field: Option<&str>) -> String {
-    let mut text = plain_serde_message(message);
-    if text.ends_with("expected an array") {
-        text.push_str(", as `[\"id\"]`");
-    }
-    if text.starts_with("unknown field")
-        && field.is_some_and(|f| f.starts_with("tables.") && !f.starts_with("tables.\""))
-    {
-        text.push_str(" (a table name holds a dot: quote it, as [tables.\"schema.table\"])");
-    }
-    text
-}
-
 fn plain(message: String) -> GraphError {
     GraphError { location: None, field: None, message }
 }
@@ -186,13 +173,6 @@ struct Loader {
 /// File offset of byte `offset` of the string value at `span`.
 fn inside_string(source: &SourceFile, span: &Range<usize>, offset: usize) -> usize {
     string_offset(&source.text, span.start, offset)
-}
-
-fn list(names: &[Arc<str>]) -> String {
-    if names.is_empty() {
-        return "none".to_owned();
-    }
-    names.iter().map(|n| &**n).collect::<Vec<_>>().join(", ")
 }
 
 impl Loader {
@@ -813,55 +793,5 @@ impl Loader {
         };
         graph.build_view();
         Ok(graph)
-    }
-}
-
-/// `a embeds b, which embeds a`, from the cycle's caches in embedding
-/// order (each embedded by the next).
-fn cycle_message(names: &[&str]) -> String {
-    if names.len() <= 2 {
-        let name = names.first().copied().unwrap_or("?");
-        return format!("embeds cycle: cache `{name}` embeds itself");
-    }
-    // names[i + 1] embeds names[i]; read it from the last embedder down.
-    let mut text = format!("embeds cycle: `{}` embeds `{}`", names[names.len() - 1], names[names.len() - 2]);
-    for name in names.iter().rev().skip(2) {
-        text.push_str(&format!(", which embeds `{name}`"));
-    }
-    text.push_str(" (a cache cannot contain itself)");
-    text
-}
-
-/// The `$N` parameters of a query with their byte offsets (outside quoted
-/// literals and identifiers).
-fn query_parameters(query: &str) -> Vec<(usize, String)> {
-    let bytes = query.as_bytes();
-    let mut out = Vec::new();
-    let mut quote: Option<u8> = None;
-    let mut i = 0;
-    while i < bytes.len() {
-        let b = bytes[i];
-        match quote {
-            Some(q) if b == q => quote = None,
-            Some(_) => {}
-            None if b == b'\'' || b == b'"' => quote = Some(b),
-            None if b == b'$' => {
-                let digits = bytes[i + 1..].iter().take_while(|d| d.is_ascii_digit()).count();
-                if digits > 0 {
-                    out.push((i, query[i..i + 1 + digits].to_owned()));
-                    i += digits;
-                }
-            }
-            None => {}
-        }
-        i += 1;
-    }
-    out
-}
-
-fn is_qualified(name: &str) -> bool {
-    match name.split_once('.') {
-        Some((schema, table)) => !schema.is_empty() && !table.is_empty() && !table.contains('.'),
-        None => false,
     }
 }

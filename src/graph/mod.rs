@@ -12,6 +12,7 @@
 //! dependencies; every column named anywhere is declared for its table;
 //! `embeds` edges form no cycle; cache and table names are unique.
 
+mod checks;
 pub mod export;
 pub mod file;
 pub mod load;

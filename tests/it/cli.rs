@@ -253,6 +253,28 @@ fn explain_reads_a_debezium_event_from_stdin() {
 }
 
 #[test]
+fn explain_reads_a_change_document_and_positional_graph_paths() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("change.json");
+    let change = serde_json::json!({
+        "table": "content.comments", "op": "delete",
+        "before": {"id": 100, "article_id": 10, "author_id": 2, "body": "x", "created_at": "2026-11-02"},
+        "after": null,
+    });
+    std::fs::write(&path, change.to_string()).unwrap();
+    let out = evictd(&["explain", "dependency-graphs/social.toml", "--json", "--change", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let json: serde_json::Value = serde_json::from_str(&stdout(&out)).unwrap();
+    let targets: Vec<&str> = json["effects"].as_array().unwrap().iter().filter_map(|e| e["target"].as_str()).collect();
+    assert_eq!(targets, ["article:{10}:comments"]);
+    // A Debezium event given to --change is recognised as one.
+    let event = root().join("tests/fixtures/explain/products-update.debezium.json");
+    let out = evictd(&["explain", "dependency-graphs", "--change", event.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert!(stdout(&out).contains("product:{1}:detail"), "{}", stdout(&out));
+}
+
+#[test]
 fn explain_rejects_bad_changes_with_exit_2() {
     let cases: [(&[&str], &str); 5] = [
         (
