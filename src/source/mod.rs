@@ -7,28 +7,27 @@
 //! `evictd replay` and `evictd explain`.
 
 pub mod debezium;
+pub mod postgres;
 
 use std::future::Future;
 
 use crate::change::{Change, Position};
 
-/// What a source yields next.
+/// What a source yields next. Changes come between a `Begin` and its
+/// `Commit`, one at a time, so a transaction of any size streams through in
+/// bounded memory.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SourceEvent {
-    /// One whole committed transaction, in commit order.
-    Transaction(Transaction),
-    /// Nothing to do up to `position` (a keepalive). The run loop may
-    /// acknowledge it only while no batch is in flight.
+    /// A transaction starts.
+    Begin,
+    /// One row change of the open transaction.
+    Change(Change),
+    /// The open transaction committed; `position` is what to acknowledge
+    /// once every effect of it (and of everything before) is confirmed.
+    Commit { position: Position, commit_time_micros: Option<i64> },
+    /// Nothing to do up to `position` (a keepalive between transactions).
+    /// The run loop may acknowledge it only while nothing is in flight.
     Idle { position: Position },
-}
-
-/// The changes of one source transaction, applied together.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Transaction {
-    /// The position to acknowledge once every effect of the transaction is
-    /// confirmed (Postgres: the commit's end LSN).
-    pub position: Position,
-    pub changes: Vec<Change>,
 }
 
 /// Why a source failed.
@@ -45,7 +44,8 @@ pub enum SourceError {
 /// A stream of committed transactions with at-least-once delivery.
 ///
 /// Contract:
-/// - transactions arrive in commit order, each whole;
+/// - transactions arrive in commit order, each whole (`Begin`, its changes,
+///   `Commit`), never interleaved;
 /// - `acknowledge(p)` tells the source that every effect of every
 ///   transaction up to and including `p` is applied and confirmed by every
 ///   sink; the run loop calls it with non-decreasing positions only, and

@@ -1,0 +1,273 @@
+//! The Postgres source: logical replication with the built-in `pgoutput`
+//! plugin over the streaming replication protocol (`START_REPLICATION …
+//! LOGICAL`), never polling.
+//!
+//! ```text
+//!  sqlx (setup.rs)            pgwire-replication              pgoutput.rs
+//!  checks, slot, publication   START_REPLICATION, keepalives,  Relation/Insert/Update/
+//!  confirmed_flush_lsn ──────► status updates (flushed = ours) Delete/Truncate → Change
+//! ```
+//!
+//! Acknowledgement: [`Source::acknowledge`] hands the LSN to the client,
+//! which reports it as flushed in its next standby status update (every
+//! `status_interval`, also on an idle stream and while we are backed up).
+//! Nothing else ever moves the slot: the client never acknowledges on its
+//! own. Replication resumes from the slot's `confirmed_flush_lsn`; right
+//! after `START_REPLICATION` we check that nobody moved the slot past it in
+//! between (changes would have been skipped).
+//!
+//! Large transactions: protocol version 1 delivers a transaction only once
+//! it committed (the server spills it to disk, `logical_decoding_work_mem`),
+//! and we hand it on change by change: memory holds one change at a time
+//! here; the run loop bounds what it accumulates per transaction.
+
+pub mod pgoutput;
+pub mod setup;
+
+use std::collections::VecDeque;
+use std::str::FromStr;
+use std::time::Duration;
+
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+
+use self::pgoutput::{Decoder, TxContext};
+use super::{Source, SourceError, SourceEvent};
+use crate::change::{Lsn, Position};
+use crate::config::PostgresSource as PostgresConfig;
+use crate::graph::Graph;
+
+/// Why the source could not start.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceSetupError {
+    /// Retry with backoff: the server is down or restarting.
+    #[error("{0}")]
+    Transient(String),
+    /// An operator must act: the message says what is missing.
+    #[error("{0}")]
+    Definite(String),
+}
+
+impl From<SourceSetupError> for SourceError {
+    fn from(e: SourceSetupError) -> SourceError {
+        match e {
+            SourceSetupError::Transient(m) => SourceError::Transient(m),
+            SourceSetupError::Definite(m) => SourceError::Definite(m),
+        }
+    }
+}
+
+/// Connection parameters read from the URL (the URL itself is a secret).
+struct Endpoint {
+    host: String,
+    port: u16,
+    user: String,
+    password: String,
+    database: String,
+    tls: TlsConfig,
+}
+
+fn endpoint(url: &str) -> Result<Endpoint, SourceSetupError> {
+    let parsed = url::Url::parse(url).map_err(|e| SourceSetupError::Definite(format!("source URL: {e}")))?;
+    let options = PgConnectOptions::from_str(url)
+        .map_err(|_| SourceSetupError::Definite("source URL: not a Postgres URL".into()))?;
+    let decode = |s: &str| {
+        url::form_urlencoded::parse(format!("x={s}").as_bytes())
+            .next()
+            .map(|(_, v)| v.into_owned())
+            .unwrap_or_default()
+    };
+    let sslmode = parsed.query_pairs().find(|(k, _)| k == "sslmode").map(|(_, v)| v.into_owned());
+    let tls = match sslmode.as_deref() {
+        None | Some("disable") | Some("allow") | Some("prefer") => TlsConfig::disabled(),
+        Some("require") => TlsConfig::require(),
+        Some("verify-ca") => TlsConfig::verify_ca(None),
+        Some("verify-full") => TlsConfig::verify_full(None),
+        Some(other) => return Err(SourceSetupError::Definite(format!("source URL: unknown sslmode `{other}`"))),
+    };
+    Ok(Endpoint {
+        host: options.get_host().to_owned(),
+        port: options.get_port(),
+        user: options.get_username().to_owned(),
+        password: parsed.password().map(decode).unwrap_or_default(),
+        database: options.get_database().unwrap_or("postgres").to_owned(),
+        tls,
+    })
+}
+
+/// Logical replication from one slot.
+pub struct PostgresSource {
+    client: ReplicationClient,
+    decoder: Decoder,
+    /// The open transaction, between Begin and Commit.
+    tx: Option<TxContext>,
+    /// Events decoded but not yet handed out (a Truncate of several tables).
+    pending: VecDeque<SourceEvent>,
+    /// The slot's position when replication started.
+    resumed_from: Lsn,
+}
+
+impl PostgresSource {
+    /// Checks the server, prepares the slot and publication, and starts
+    /// streaming from the slot's `confirmed_flush_lsn`.
+    pub async fn start(config: &PostgresConfig, graph: &Graph) -> Result<PostgresSource, SourceSetupError> {
+        let url = config.url.expose_secret();
+        let endpoint = endpoint(url)?;
+        let pool = admin_pool(url).await?;
+        let state = setup::prepare(
+            &pool,
+            &config.slot,
+            &config.publication,
+            config.create_slot,
+            config.create_publication,
+            graph,
+        )
+        .await?;
+        let replication = ReplicationConfig::new(
+            endpoint.host,
+            endpoint.user,
+            endpoint.password,
+            endpoint.database,
+            config.slot.clone(),
+            config.publication.clone(),
+        )
+        .with_port(endpoint.port)
+        .with_tls(endpoint.tls)
+        .with_start_lsn(pgwire_replication::Lsn(state.confirmed_flush.0))
+        .with_status_interval(config.status_interval)
+        .with_wakeup_interval(config.status_interval)
+        .with_buffer_size(4096)
+        .with_application_name("evictd");
+        let mut client = ReplicationClient::connect(replication).await.map_err(classify)?;
+        client.wait_started().await.map_err(classify)?;
+        // We hold the slot now. Had anyone advanced it since we read it,
+        // what lies between would be skipped: refuse.
+        let after = setup::read_slot(&pool, &config.slot).await?.ok_or_else(|| {
+            SourceSetupError::Transient(format!("replication slot `{}` vanished while starting", config.slot))
+        })?;
+        pool.close().await;
+        if after.confirmed_flush > state.confirmed_flush {
+            return Err(SourceSetupError::Definite(format!(
+                "replication slot `{}` moved from {} to {} while evictd was starting: another consumer is acknowledging it",
+                config.slot, state.confirmed_flush, after.confirmed_flush
+            )));
+        }
+        tracing::info!(slot = %config.slot, resume = %state.confirmed_flush, "streaming from the slot");
+        Ok(PostgresSource {
+            client,
+            decoder: Decoder::new(),
+            tx: None,
+            pending: VecDeque::new(),
+            resumed_from: state.confirmed_flush,
+        })
+    }
+
+    /// Where replication resumed.
+    pub fn resumed_from(&self) -> Lsn {
+        self.resumed_from
+    }
+
+    /// Ends the session after a last status update.
+    pub async fn shutdown(mut self) {
+        if let Err(e) = self.client.shutdown().await {
+            tracing::debug!(error = %e, "replication session ended with an error");
+        }
+    }
+
+    fn on_event(&mut self, event: ReplicationEvent) -> Result<(), SourceError> {
+        match event {
+            ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
+                if self.tx.is_some() {
+                    return Err(SourceError::Definite(format!("nested BEGIN (xid {xid}) inside an open transaction")));
+                }
+                self.tx = Some(TxContext { final_lsn: final_lsn.as_u64(), xid, commit_time_micros });
+                self.pending.push_back(SourceEvent::Begin);
+            }
+            ReplicationEvent::XLogData { wal_start, data, .. } => {
+                let tx = self
+                    .tx
+                    .ok_or_else(|| SourceError::Definite(format!("change at {} outside a transaction", Lsn(wal_start.as_u64()))))?;
+                let position = Position::Postgres { commit_lsn: Lsn(tx.final_lsn), lsn: Lsn(wal_start.as_u64()) };
+                let changes = self
+                    .decoder
+                    .decode(&data, tx, position)
+                    .map_err(|e| SourceError::Definite(format!("at {}: {e}", Lsn(wal_start.as_u64()))))?;
+                self.pending.extend(changes.into_iter().map(SourceEvent::Change));
+            }
+            ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
+                let tx = self.tx.take().ok_or_else(|| SourceError::Definite(format!("COMMIT at {} without BEGIN", Lsn(lsn.as_u64()))))?;
+                if tx.final_lsn != lsn.as_u64() {
+                    return Err(SourceError::Definite(format!(
+                        "COMMIT at {} does not match its BEGIN's final LSN {}",
+                        Lsn(lsn.as_u64()),
+                        Lsn(tx.final_lsn)
+                    )));
+                }
+                self.pending.push_back(SourceEvent::Commit {
+                    position: Position::Postgres { commit_lsn: Lsn(lsn.as_u64()), lsn: Lsn(end_lsn.as_u64()) },
+                    commit_time_micros: Some(commit_time_micros.saturating_add(pgoutput::PG_EPOCH_OFFSET_MICROS)),
+                });
+            }
+            ReplicationEvent::KeepAlive { wal_end, .. } => {
+                // Only between transactions: inside one, nothing is settled.
+                if self.tx.is_none() {
+                    let lsn = Lsn(wal_end.as_u64());
+                    self.pending.push_back(SourceEvent::Idle { position: Position::Postgres { commit_lsn: lsn, lsn } });
+                }
+            }
+            ReplicationEvent::Message { .. } => {}
+            ReplicationEvent::StoppedAt { .. } => {
+                return Err(SourceError::Transient("the replication stream stopped".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+fn classify(e: pgwire_replication::PgWireError) -> SourceSetupError {
+    use pgwire_replication::PgWireError as E;
+    match &e {
+        E::Auth(_) | E::Tls(_) => SourceSetupError::Definite(format!("replication connection: {e}")),
+        // "replication slot is active for PID …" clears when the other session ends.
+        E::Server(m) if m.contains("does not exist") || m.contains("permission denied") => {
+            SourceSetupError::Definite(format!("replication connection: {e}"))
+        }
+        _ => SourceSetupError::Transient(format!("replication connection: {e}")),
+    }
+}
+
+/// A small pool for setup queries.
+async fn admin_pool(url: &str) -> Result<PgPool, SourceSetupError> {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(url)
+        .await
+        .map_err(|e| SourceSetupError::Transient(format!("cannot connect to the source database: {}", crate::config::hide_passwords(&e.to_string()))))
+}
+
+impl Source for PostgresSource {
+    async fn next(&mut self) -> Result<SourceEvent, SourceError> {
+        loop {
+            if let Some(event) = self.pending.pop_front() {
+                return Ok(event);
+            }
+            match self.client.recv().await {
+                Ok(Some(event)) => self.on_event(event)?,
+                Ok(None) => return Err(SourceError::Transient("the replication stream ended".into())),
+                Err(e) => return Err(classify(e).into()),
+            }
+        }
+    }
+
+    async fn acknowledge(&mut self, position: &Position) -> Result<(), SourceError> {
+        match position {
+            Position::Postgres { lsn, .. } => {
+                self.client.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+                Ok(())
+            }
+            other => Err(SourceError::Definite(format!("a Postgres source cannot acknowledge {other}"))),
+        }
+    }
+}

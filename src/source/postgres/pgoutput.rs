@@ -1,0 +1,331 @@
+//! Decoding `pgoutput` (protocol version 1) messages into [`Change`]s.
+//!
+//! The replication client hands us the payload of each XLogData message;
+//! Begin and Commit are parsed by the client, everything else here:
+//! Relation, Type, Origin, Insert, Update, Delete, Truncate. Format:
+//! <https://www.postgresql.org/docs/15/protocol-logicalrep-message-formats.html>.
+//!
+//! Invariants:
+//! - a relation's metadata is kept across schema changes: a new Relation
+//!   message for an OID replaces the old one, and rows are always decoded
+//!   with the latest one seen (Postgres sends it before the first row that
+//!   needs it);
+//! - an unchanged TOASTed value (`u`) is [`Cell::Unknown`], never NULL; in an
+//!   old tuple sent as `K` (identity only), every non-identity column is
+//!   unknown, whatever the wire says;
+//! - values are typed by their column's type OID: integers, booleans and
+//!   floats as such, `bytea` as bytes, everything else as the text Postgres
+//!   printed;
+//! - anything unexpected (a row for a relation never described, a truncated
+//!   message, an unknown tag) is an error, never a skip.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::change::{Cell, Change, Operation, Position, Row, TransactionId, Value};
+
+/// A malformed or unexpected message.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("pgoutput message `{tag}` is truncated (needed {needed} more bytes)")]
+    Truncated { tag: char, needed: usize },
+    #[error("pgoutput message `{0}` is not one evictd knows (protocol version 1 expected)")]
+    UnknownTag(char),
+    #[error("row for relation {0}, which was never described by a Relation message")]
+    UnknownRelation(u32),
+    #[error("pgoutput `{tag}` message: {message}")]
+    Malformed { tag: char, message: String },
+}
+
+/// One column of a relation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: Arc<str>,
+    pub type_oid: u32,
+    /// Part of the replica identity.
+    pub is_key: bool,
+}
+
+/// What a Relation message said about a table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Relation {
+    pub oid: u32,
+    /// `schema.table`.
+    pub name: Arc<str>,
+    /// `d` default, `n` nothing, `f` full, `i` index.
+    pub replica_identity: u8,
+    pub columns: Vec<Column>,
+}
+
+/// The transaction a message belongs to (from the client's Begin).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TxContext {
+    pub final_lsn: u64,
+    pub xid: u32,
+    pub commit_time_micros: i64,
+}
+
+/// Decodes pgoutput messages; owns the relation cache.
+#[derive(Debug, Default)]
+pub struct Decoder {
+    relations: HashMap<u32, Relation>,
+}
+
+/// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
+pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+
+struct Reader<'a> {
+    tag: char,
+    bytes: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], DecodeError> {
+        if self.bytes.len() < n {
+            return Err(DecodeError::Truncated { tag: self.tag, needed: n - self.bytes.len() });
+        }
+        let (head, tail) = self.bytes.split_at(n);
+        self.bytes = tail;
+        Ok(head)
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, DecodeError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+
+    /// A NUL-terminated string.
+    fn string(&mut self) -> Result<String, DecodeError> {
+        let end = self.bytes.iter().position(|b| *b == 0).ok_or(DecodeError::Malformed {
+            tag: self.tag,
+            message: "string without its terminating NUL".into(),
+        })?;
+        let text = String::from_utf8_lossy(&self.bytes[..end]).into_owned();
+        self.bytes = &self.bytes[end + 1..];
+        Ok(text)
+    }
+}
+
+/// A decoded tuple: for each column, its wire cell.
+enum WireCell<'a> {
+    Null,
+    Unchanged,
+    Text(&'a [u8]),
+    Binary(&'a [u8]),
+}
+
+impl Decoder {
+    pub fn new() -> Decoder {
+        Decoder::default()
+    }
+
+    /// The relation last described for `oid`.
+    pub fn relation(&self, oid: u32) -> Option<&Relation> {
+        self.relations.get(&oid)
+    }
+
+    /// Decodes one XLogData payload. Returns the row changes it carries (none
+    /// for Relation, Type and Origin; one per table for Truncate).
+    /// `position` is the change's place in the stream.
+    pub fn decode(&mut self, data: &[u8], tx: TxContext, position: Position) -> Result<Vec<Change>, DecodeError> {
+        let Some((&tag, body)) = data.split_first() else {
+            return Err(DecodeError::Truncated { tag: '?', needed: 1 });
+        };
+        let tag_char = char::from(tag);
+        let mut r = Reader { tag: tag_char, bytes: body };
+        let change = |table: Arc<str>, op, before, after| Change {
+            table,
+            op,
+            before,
+            after,
+            position: position.clone(),
+            commit_time_micros: Some(tx.commit_time_micros.saturating_add(PG_EPOCH_OFFSET_MICROS)),
+            xid: Some(TransactionId::Postgres(tx.xid)),
+        };
+        match tag {
+            b'R' => {
+                let relation = read_relation(&mut r)?;
+                self.relations.insert(relation.oid, relation);
+                Ok(Vec::new())
+            }
+            b'Y' => {
+                let _oid = r.u32()?;
+                let _namespace = r.string()?;
+                let _name = r.string()?;
+                Ok(Vec::new())
+            }
+            b'O' => {
+                let _lsn = r.u64()?;
+                let _name = r.string()?;
+                Ok(Vec::new())
+            }
+            b'I' => {
+                let relation = self.lookup(r.u32()?)?;
+                expect_byte(&mut r, b'N')?;
+                let after = read_tuple(&mut r, relation, TupleKind::New)?;
+                Ok(vec![change(relation.name.clone(), Operation::Insert, None, Some(after))])
+            }
+            b'U' => {
+                let relation = self.lookup(r.u32()?)?;
+                let mut before = None;
+                let mut marker = r.u8()?;
+                if marker == b'K' || marker == b'O' {
+                    let kind = if marker == b'K' { TupleKind::OldKey } else { TupleKind::OldFull };
+                    before = Some(read_tuple(&mut r, relation, kind)?);
+                    marker = r.u8()?;
+                }
+                if marker != b'N' {
+                    return Err(malformed(tag_char, format!("expected `N` before the new tuple, got `{}`", char::from(marker))));
+                }
+                let after = read_tuple(&mut r, relation, TupleKind::New)?;
+                Ok(vec![change(relation.name.clone(), Operation::Update, before, Some(after))])
+            }
+            b'D' => {
+                let relation = self.lookup(r.u32()?)?;
+                let kind = match r.u8()? {
+                    b'K' => TupleKind::OldKey,
+                    b'O' => TupleKind::OldFull,
+                    other => return Err(malformed(tag_char, format!("expected `K` or `O`, got `{}`", char::from(other)))),
+                };
+                let before = read_tuple(&mut r, relation, kind)?;
+                Ok(vec![change(relation.name.clone(), Operation::Delete, Some(before), None)])
+            }
+            b'T' => {
+                let count = r.u32()?;
+                let _options = r.u8()?;
+                let mut out = Vec::with_capacity(count.min(1024) as usize);
+                for _ in 0..count {
+                    let relation = self.lookup(r.u32()?)?;
+                    out.push(change(relation.name.clone(), Operation::Truncate, None, None));
+                }
+                Ok(out)
+            }
+            other => Err(DecodeError::UnknownTag(char::from(other))),
+        }
+    }
+
+    fn lookup(&self, oid: u32) -> Result<&Relation, DecodeError> {
+        self.relations.get(&oid).ok_or(DecodeError::UnknownRelation(oid))
+    }
+}
+
+fn malformed(tag: char, message: String) -> DecodeError {
+    DecodeError::Malformed { tag, message }
+}
+
+fn expect_byte(r: &mut Reader<'_>, want: u8) -> Result<(), DecodeError> {
+    let got = r.u8()?;
+    if got == want {
+        Ok(())
+    } else {
+        Err(malformed(r.tag, format!("expected `{}`, got `{}`", char::from(want), char::from(got))))
+    }
+}
+
+fn read_relation(r: &mut Reader<'_>) -> Result<Relation, DecodeError> {
+    let oid = r.u32()?;
+    let namespace = r.string()?;
+    let name = r.string()?;
+    let replica_identity = r.u8()?;
+    let count = r.u16()?;
+    let mut columns = Vec::with_capacity(usize::from(count));
+    for _ in 0..count {
+        let flags = r.u8()?;
+        let column = r.string()?;
+        let type_oid = r.u32()?;
+        let _type_modifier = r.u32()?;
+        columns.push(Column { name: Arc::from(column.as_str()), type_oid, is_key: flags & 1 == 1 });
+    }
+    let schema = if namespace.is_empty() { "pg_catalog" } else { namespace.as_str() };
+    Ok(Relation { oid, name: Arc::from(format!("{schema}.{name}")), replica_identity, columns })
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum TupleKind {
+    New,
+    /// `K`: only identity columns carry values.
+    OldKey,
+    /// `O`: the whole old row (REPLICA IDENTITY FULL).
+    OldFull,
+}
+
+fn read_tuple(r: &mut Reader<'_>, relation: &Relation, kind: TupleKind) -> Result<Row, DecodeError> {
+    let count = usize::from(r.u16()?);
+    if count > relation.columns.len() {
+        return Err(malformed(
+            r.tag,
+            format!("tuple has {count} columns, relation `{}` has {}", relation.name, relation.columns.len()),
+        ));
+    }
+    let mut row = Row::with_capacity(count);
+    for column in &relation.columns[..count] {
+        let cell = match r.u8()? {
+            b'n' => WireCell::Null,
+            b'u' => WireCell::Unchanged,
+            b't' => {
+                let len = r.u32()? as usize;
+                WireCell::Text(r.take(len)?)
+            }
+            b'b' => {
+                let len = r.u32()? as usize;
+                WireCell::Binary(r.take(len)?)
+            }
+            other => return Err(malformed(r.tag, format!("unknown tuple cell kind `{}`", char::from(other)))),
+        };
+        if kind == TupleKind::OldKey && !column.is_key {
+            // Not sent: the wire says `n`, which is not a NULL.
+            row.set(column.name.clone(), Cell::Unknown);
+            continue;
+        }
+        let cell = match cell {
+            WireCell::Null => Cell::Known(Value::Null),
+            WireCell::Unchanged => Cell::Unknown,
+            WireCell::Text(text) => Cell::Known(typed(column.type_oid, text)),
+            WireCell::Binary(bytes) => Cell::Known(Value::Bytes(bytes.to_vec())),
+        };
+        row.set(column.name.clone(), cell);
+    }
+    Ok(row)
+}
+
+/// Types a text-format value by its column's type OID (`pg_type.oid`).
+pub fn typed(type_oid: u32, text: &[u8]) -> Value {
+    let s = String::from_utf8_lossy(text);
+    match type_oid {
+        // bool
+        16 => match &*s {
+            "t" => Value::Bool(true),
+            "f" => Value::Bool(false),
+            _ => Value::Text(s.into_owned()),
+        },
+        // int8, int2, int4, oid
+        20 | 21 | 23 | 26 => s.parse().map(Value::Int).unwrap_or_else(|_| Value::Text(s.into_owned())),
+        // float4, float8
+        700 | 701 => s.parse().map(Value::Float).unwrap_or_else(|_| Value::Text(s.into_owned())),
+        // bytea, hex output: \x0a0b
+        17 => match s.strip_prefix("\\x").map(hex::decode) {
+            Some(Ok(bytes)) => Value::Bytes(bytes),
+            _ => Value::Text(s.into_owned()),
+        },
+        _ => Value::Text(s.into_owned()),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,193 @@
+//! Preparing Postgres for evictd: checks that say what is missing, and the
+//! publication and slot, created when configured to.
+//!
+//! Runs over an ordinary `sqlx` connection before replication starts:
+//! `wal_level` must be `logical`, the role needs the `REPLICATION`
+//! attribute, the publication and the slot must exist (or be created), the
+//! slot must use `pgoutput`. Tables whose dependencies read non-identity
+//! columns of old rows get a warning unless they have `REPLICA IDENTITY
+//! FULL`: without it evictd still invalidates correctly, but through
+//! namespace bumps (see `resolve`).
+
+use std::collections::BTreeSet;
+
+use sqlx::postgres::PgPool;
+use sqlx::{Executor as _, Row as _};
+
+use super::SourceSetupError;
+use crate::change::Lsn;
+use crate::graph::{Graph, LookupArg, Mapping, Trigger};
+
+/// What the slot looked like when replication was about to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SlotState {
+    /// The slot's `confirmed_flush_lsn`: where replication resumes.
+    pub confirmed_flush: Lsn,
+    /// Whether another session holds the slot right now.
+    pub active: bool,
+}
+
+/// Runs every check and creates what is configured to be created.
+pub async fn prepare(
+    pool: &PgPool,
+    slot: &str,
+    publication: &str,
+    create_slot: bool,
+    create_publication: bool,
+    graph: &Graph,
+) -> Result<SlotState, SourceSetupError> {
+    let wal_level: String = sqlx::query_scalar("SHOW wal_level").fetch_one(pool).await.map_err(query)?;
+    if wal_level != "logical" {
+        return Err(SourceSetupError::Definite(format!(
+            "wal_level is `{wal_level}`: logical replication needs `wal_level = logical` in postgresql.conf (and a restart)"
+        )));
+    }
+    let can_replicate: bool = sqlx::query_scalar(
+        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(query)?;
+    if !can_replicate {
+        return Err(SourceSetupError::Definite(
+            "the role evictd connects as lacks the REPLICATION attribute: ALTER ROLE <role> REPLICATION".into(),
+        ));
+    }
+    ensure_publication(pool, publication, create_publication, graph).await?;
+    let state = ensure_slot(pool, slot, create_slot).await?;
+    warn_about_replica_identity(pool, graph).await?;
+    Ok(state)
+}
+
+fn query(e: sqlx::Error) -> SourceSetupError {
+    SourceSetupError::Transient(format!("preflight query failed: {e}"))
+}
+
+fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `schema.table` as a quoted SQL name.
+fn quote_table(name: &str) -> String {
+    match name.split_once('.') {
+        Some((schema, table)) => format!("{}.{}", quote_ident(schema), quote_ident(table)),
+        None => quote_ident(name),
+    }
+}
+
+async fn ensure_publication(pool: &PgPool, name: &str, create: bool, graph: &Graph) -> Result<(), SourceSetupError> {
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
+        .bind(name)
+        .fetch_one(pool)
+        .await
+        .map_err(query)?;
+    if exists {
+        return Ok(());
+    }
+    if !create {
+        return Err(SourceSetupError::Definite(format!(
+            "publication `{name}` does not exist: CREATE PUBLICATION {} FOR TABLE <the graph's tables>, or set source.postgres.create_publication = true",
+            quote_ident(name)
+        )));
+    }
+    let tables: Vec<String> = graph.tables().iter().map(|t| quote_table(&t.name)).collect();
+    let sql = format!("CREATE PUBLICATION {} FOR TABLE {}", quote_ident(name), tables.join(", "));
+    pool.execute(sqlx::AssertSqlSafe(sql)).await.map_err(|e| {
+        SourceSetupError::Definite(format!("cannot create publication `{name}` for the graph's tables: {e}"))
+    })?;
+    tracing::info!(publication = name, tables = tables.len(), "created the publication");
+    Ok(())
+}
+
+/// Reads the slot, creating it first when configured to.
+pub async fn ensure_slot(pool: &PgPool, slot: &str, create: bool) -> Result<SlotState, SourceSetupError> {
+    if read_slot(pool, slot).await?.is_none() {
+        if !create {
+            return Err(SourceSetupError::Definite(format!(
+                "replication slot `{slot}` does not exist: SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'), or set source.postgres.create_slot = true"
+            )));
+        }
+        let created = sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
+            .bind(slot)
+            .execute(pool)
+            .await;
+        match created {
+            Ok(_) => tracing::info!(slot, "created the replication slot"),
+            // Another replica created it first: use it.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42710") => {}
+            Err(e) => return Err(SourceSetupError::Definite(format!("cannot create replication slot `{slot}`: {e}"))),
+        }
+    }
+    read_slot(pool, slot)
+        .await?
+        .ok_or_else(|| SourceSetupError::Transient(format!("replication slot `{slot}` vanished while starting")))
+}
+
+/// The slot's state, or `None` when it does not exist.
+pub async fn read_slot(pool: &PgPool, slot: &str) -> Result<Option<SlotState>, SourceSetupError> {
+    let row = sqlx::query(
+        "SELECT plugin, slot_type, confirmed_flush_lsn::text AS confirmed, active FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(slot)
+    .fetch_optional(pool)
+    .await
+    .map_err(query)?;
+    let Some(row) = row else { return Ok(None) };
+    let plugin: Option<String> = row.try_get("plugin").map_err(query)?;
+    let slot_type: String = row.try_get("slot_type").map_err(query)?;
+    if slot_type != "logical" || plugin.as_deref() != Some("pgoutput") {
+        return Err(SourceSetupError::Definite(format!(
+            "replication slot `{slot}` is a {slot_type} slot with plugin {}: evictd needs a logical slot with pgoutput",
+            plugin.as_deref().unwrap_or("none")
+        )));
+    }
+    let confirmed: Option<String> = row.try_get("confirmed").map_err(query)?;
+    let confirmed_flush = match confirmed {
+        Some(text) => text.parse().map_err(|e| SourceSetupError::Definite(format!("slot `{slot}`: {e}")))?,
+        None => Lsn(0),
+    };
+    let active: bool = row.try_get("active").map_err(query)?;
+    Ok(Some(SlotState { confirmed_flush, active }))
+}
+
+/// Graph tables whose dependencies read non-identity columns of old rows.
+pub fn tables_needing_old_values(graph: &Graph) -> BTreeSet<&str> {
+    let mut out = BTreeSet::new();
+    for dep in graph.dependencies() {
+        let Trigger::Table(t) = dep.trigger else { continue };
+        let table = graph.table(t);
+        let non_key = |c: &str| !table.is_key(c);
+        let reads_non_key = match &dep.mapping {
+            Mapping::Columns(columns) => columns.iter().any(|c| non_key(c)),
+            Mapping::Tags(tags) => tags.iter().flat_map(|t| &t.columns).any(|c| non_key(c)),
+            Mapping::Lookup(l) => matches!(&l.arg, LookupArg::Column(c) if non_key(c)),
+            Mapping::Params(_) => false,
+        };
+        let filters_non_key = dep.filter.iter().flatten().any(|c| non_key(c));
+        if reads_non_key || filters_non_key {
+            out.insert(&*table.name);
+        }
+    }
+    out
+}
+
+async fn warn_about_replica_identity(pool: &PgPool, graph: &Graph) -> Result<(), SourceSetupError> {
+    for table in tables_needing_old_values(graph) {
+        let row: Option<String> = sqlx::query_scalar("SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)")
+            .bind(table)
+            .fetch_optional(pool)
+            .await
+            .map_err(query)?;
+        match row.as_deref() {
+            None => tracing::warn!(table, "graph table does not exist in the database"),
+            Some("f") => {}
+            Some(other) => tracing::warn!(
+                table,
+                replica_identity = other,
+                "old rows of this table arrive without the non-key columns its caches read: updates that move a key \
+                 will bump whole namespaces instead of deleting two keys; ALTER TABLE {table} REPLICA IDENTITY FULL"
+            ),
+        }
+    }
+    Ok(())
+}
