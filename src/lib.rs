@@ -27,5 +27,6 @@ pub mod diagnostic;
 pub mod graph;
 pub mod key;
 pub mod resolve;
+pub mod run;
 pub mod sink;
 pub mod source;

@@ -73,10 +73,7 @@ fn endpoint(url: &str) -> Result<Endpoint, SourceSetupError> {
     let options = PgConnectOptions::from_str(url)
         .map_err(|_| SourceSetupError::Definite("source URL: not a Postgres URL".into()))?;
     let decode = |s: &str| {
-        url::form_urlencoded::parse(format!("x={s}").as_bytes())
-            .next()
-            .map(|(_, v)| v.into_owned())
-            .unwrap_or_default()
+        url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
     };
     let sslmode = parsed.query_pairs().find(|(k, _)| k == "sslmode").map(|(_, v)| v.into_owned());
     let tls = match sslmode.as_deref() {
@@ -185,9 +182,9 @@ impl PostgresSource {
                 self.pending.push_back(SourceEvent::Begin);
             }
             ReplicationEvent::XLogData { wal_start, data, .. } => {
-                let tx = self
-                    .tx
-                    .ok_or_else(|| SourceError::Definite(format!("change at {} outside a transaction", Lsn(wal_start.as_u64()))))?;
+                let tx = self.tx.ok_or_else(|| {
+                    SourceError::Definite(format!("change at {} outside a transaction", Lsn(wal_start.as_u64())))
+                })?;
                 let position = Position::Postgres { commit_lsn: Lsn(tx.final_lsn), lsn: Lsn(wal_start.as_u64()) };
                 let changes = self
                     .decoder
@@ -196,7 +193,10 @@ impl PostgresSource {
                 self.pending.extend(changes.into_iter().map(SourceEvent::Change));
             }
             ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
-                let tx = self.tx.take().ok_or_else(|| SourceError::Definite(format!("COMMIT at {} without BEGIN", Lsn(lsn.as_u64()))))?;
+                let tx = self
+                    .tx
+                    .take()
+                    .ok_or_else(|| SourceError::Definite(format!("COMMIT at {} without BEGIN", Lsn(lsn.as_u64()))))?;
                 if tx.final_lsn != lsn.as_u64() {
                     return Err(SourceError::Definite(format!(
                         "COMMIT at {} does not match its BEGIN's final LSN {}",
@@ -239,12 +239,12 @@ fn classify(e: pgwire_replication::PgWireError) -> SourceSetupError {
 
 /// A small pool for setup queries.
 async fn admin_pool(url: &str) -> Result<PgPool, SourceSetupError> {
-    PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect(url)
-        .await
-        .map_err(|e| SourceSetupError::Transient(format!("cannot connect to the source database: {}", crate::config::hide_passwords(&e.to_string()))))
+    PgPoolOptions::new().max_connections(1).acquire_timeout(Duration::from_secs(10)).connect(url).await.map_err(|e| {
+        SourceSetupError::Transient(format!(
+            "cannot connect to the source database: {}",
+            crate::config::hide_passwords(&e.to_string())
+        ))
+    })
 }
 
 impl Source for PostgresSource {

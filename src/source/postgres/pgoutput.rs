@@ -112,10 +112,11 @@ impl<'a> Reader<'a> {
 
     /// A NUL-terminated string.
     fn string(&mut self) -> Result<String, DecodeError> {
-        let end = self.bytes.iter().position(|b| *b == 0).ok_or(DecodeError::Malformed {
-            tag: self.tag,
-            message: "string without its terminating NUL".into(),
-        })?;
+        let end = self
+            .bytes
+            .iter()
+            .position(|b| *b == 0)
+            .ok_or(DecodeError::Malformed { tag: self.tag, message: "string without its terminating NUL".into() })?;
         let text = String::from_utf8_lossy(&self.bytes[..end]).into_owned();
         self.bytes = &self.bytes[end + 1..];
         Ok(text)
@@ -191,7 +192,10 @@ impl Decoder {
                     marker = r.u8()?;
                 }
                 if marker != b'N' {
-                    return Err(malformed(tag_char, format!("expected `N` before the new tuple, got `{}`", char::from(marker))));
+                    return Err(malformed(
+                        tag_char,
+                        format!("expected `N` before the new tuple, got `{}`", char::from(marker)),
+                    ));
                 }
                 let after = read_tuple(&mut r, relation, TupleKind::New)?;
                 Ok(vec![change(relation.name.clone(), Operation::Update, before, Some(after))])
@@ -201,7 +205,9 @@ impl Decoder {
                 let kind = match r.u8()? {
                     b'K' => TupleKind::OldKey,
                     b'O' => TupleKind::OldFull,
-                    other => return Err(malformed(tag_char, format!("expected `K` or `O`, got `{}`", char::from(other)))),
+                    other => {
+                        return Err(malformed(tag_char, format!("expected `K` or `O`, got `{}`", char::from(other))));
+                    }
                 };
                 let before = read_tuple(&mut r, relation, kind)?;
                 Ok(vec![change(relation.name.clone(), Operation::Delete, Some(before), None)])

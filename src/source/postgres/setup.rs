@@ -42,12 +42,11 @@ pub async fn prepare(
             "wal_level is `{wal_level}`: logical replication needs `wal_level = logical` in postgresql.conf (and a restart)"
         )));
     }
-    let can_replicate: bool = sqlx::query_scalar(
-        "SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user",
-    )
-    .fetch_one(pool)
-    .await
-    .map_err(query)?;
+    let can_replicate: bool =
+        sqlx::query_scalar("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user")
+            .fetch_one(pool)
+            .await
+            .map_err(query)?;
     if !can_replicate {
         return Err(SourceSetupError::Definite(
             "the role evictd connects as lacks the REPLICATION attribute: ALTER ROLE <role> REPLICATION".into(),
@@ -107,10 +106,8 @@ pub async fn ensure_slot(pool: &PgPool, slot: &str, create: bool) -> Result<Slot
                 "replication slot `{slot}` does not exist: SELECT pg_create_logical_replication_slot('{slot}', 'pgoutput'), or set source.postgres.create_slot = true"
             )));
         }
-        let created = sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')")
-            .bind(slot)
-            .execute(pool)
-            .await;
+        let created =
+            sqlx::query("SELECT pg_create_logical_replication_slot($1, 'pgoutput')").bind(slot).execute(pool).await;
         match created {
             Ok(_) => tracing::info!(slot, "created the replication slot"),
             // Another replica created it first: use it.
@@ -173,11 +170,12 @@ pub fn tables_needing_old_values(graph: &Graph) -> BTreeSet<&str> {
 
 async fn warn_about_replica_identity(pool: &PgPool, graph: &Graph) -> Result<(), SourceSetupError> {
     for table in tables_needing_old_values(graph) {
-        let row: Option<String> = sqlx::query_scalar("SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)")
-            .bind(table)
-            .fetch_optional(pool)
-            .await
-            .map_err(query)?;
+        let row: Option<String> =
+            sqlx::query_scalar("SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)")
+                .bind(table)
+                .fetch_optional(pool)
+                .await
+                .map_err(query)?;
         match row.as_deref() {
             None => tracing::warn!(table, "graph table does not exist in the database"),
             Some("f") => {}

@@ -1,0 +1,306 @@
+//! The run loop: source → resolve → batch → sinks → acknowledge.
+//!
+//! One `select!` drives a source session; its priorities, first to last:
+//! 1. shutdown: stop reading, flush what is complete, wait for it, acknowledge;
+//! 2. the in-flight batch finishing: confirm it, acknowledge the watermark;
+//! 3. the open batch's deadline: send it;
+//! 4. the next source event — only while the next batch has room, which is
+//!    the back-pressure: a stalled sink stops the reading.
+//!
+//! One batch is in flight at a time; its task runs the batch's look-ups and
+//! then the sinks, retrying transient failures with backoff until they
+//! succeed or shutdown comes. Nothing is acknowledged that a sink has not
+//! confirmed (the [`Watermark`]). A session that loses its source drops
+//! everything unacknowledged; the next session gets it again from the slot.
+
+mod transaction;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
+
+pub use self::transaction::TransactionEffects;
+use crate::batch::{Batch, BatchLimits};
+use crate::change::Position;
+use crate::checkpoint::Watermark;
+use crate::graph::Graph;
+use crate::resolve::{Effect, LookupExecutor, LookupRequest, Resolution, Resolver};
+use crate::sink::{Sink, SinkBatch, SinkError};
+use crate::source::{Source, SourceError, SourceEvent};
+
+/// How the loop batches, bounds and retries.
+#[derive(Debug, Clone, Copy)]
+pub struct RunOptions {
+    pub batch: BatchLimits,
+    /// Distinct effects one transaction may accumulate before its caches
+    /// collapse into namespace bumps.
+    pub max_transaction_effects: usize,
+    /// First and longest wait between retries of a failing sink or look-up.
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            batch: BatchLimits { max_effects: 1000, max_delay: Duration::from_millis(5) },
+            max_transaction_effects: 100_000,
+            retry_min: Duration::from_millis(50),
+            retry_max: Duration::from_secs(5),
+        }
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug)]
+pub enum SessionEnd {
+    /// Shutdown was asked for; everything complete was applied and acknowledged.
+    Shutdown,
+    /// The source failed in a way worth reconnecting for.
+    SourceLost(String),
+}
+
+/// A failure that must stop the daemon (safely: nothing unconfirmed acknowledged).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("source: {0}")]
+    Source(String),
+    #[error("sink: {0}")]
+    Sink(String),
+    #[error("look-up: {0}")]
+    Lookup(String),
+    #[error("internal: {0}")]
+    Internal(String),
+    /// Shutdown came while a batch was still retrying: it stays
+    /// unacknowledged and will be replayed.
+    #[error("shut down with a batch unconfirmed; it will be replayed")]
+    Cancelled,
+}
+
+/// Everything a batch task needs, shared.
+pub struct Pipeline<K, L> {
+    pub graph: Arc<Graph>,
+    pub sink: Arc<K>,
+    pub lookups: Option<Arc<L>>,
+    pub options: RunOptions,
+}
+
+impl<K, L> Clone for Pipeline<K, L> {
+    fn clone(&self) -> Self {
+        Pipeline {
+            graph: self.graph.clone(),
+            sink: self.sink.clone(),
+            lookups: self.lookups.clone(),
+            options: self.options,
+        }
+    }
+}
+
+/// A batch with the look-ups its transactions asked for.
+struct Pending {
+    batch: Batch,
+    lookups: Vec<LookupRequest>,
+    opened: Instant,
+}
+
+/// What a finished batch task reports.
+struct Applied {
+    batch: u64,
+    effects: usize,
+}
+
+impl<K, L> Pipeline<K, L>
+where
+    K: Sink + Send + Sync + 'static,
+    L: LookupExecutor + Send + Sync + 'static,
+{
+    /// Runs one source session until shutdown or until the source fails.
+    pub async fn run_session<S: Source>(
+        &self,
+        source: &mut S,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, RunError> {
+        let graph = self.graph.clone();
+        let resolver = Resolver::new(&graph);
+        let mut watermark: Watermark<Position> = Watermark::new();
+        let mut next_batch_id: u64 = 1;
+        let mut open_tx: Option<TransactionEffects> = None;
+        let mut pending: Option<Pending> = None;
+        let mut in_flight: Option<(u64, JoinHandle<Result<Applied, RunError>>)> = None;
+        let mut last_acked: Option<Position> = None;
+        let mut stopping = false;
+        loop {
+            let full = pending.as_ref().is_some_and(|p| p.batch.is_full(&self.options.batch));
+            let deadline = pending.as_ref().map(|p| p.opened + self.options.batch.max_delay);
+            // Send the open batch when nothing is in flight and it is due.
+            if in_flight.is_none() {
+                let due = full || deadline.is_some_and(|d| d <= Instant::now()) || (stopping && pending.is_some());
+                if let Some(p) = pending.take_if(|_| due) {
+                    let id = p.batch.id();
+                    if let Some(position) = p.batch.last_position() {
+                        watermark.begin(id, position.clone());
+                    }
+                    in_flight = Some((id, self.dispatch(p, shutdown.clone())));
+                    continue;
+                }
+                if stopping {
+                    return Ok(SessionEnd::Shutdown);
+                }
+            }
+            // Back-pressure: with a batch in flight and the next one full, stop reading.
+            let backed_up = full && in_flight.is_some();
+            let can_read = !(stopping || backed_up);
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled(), if !stopping => {
+                    tracing::info!("shutting down: no more reading; flushing what is complete");
+                    stopping = true;
+                }
+                joined = async { match in_flight.as_mut() { Some((_, h)) => h.await, None => std::future::pending().await } }, if in_flight.is_some() => {
+                                        in_flight = None;
+                    let applied = match joined.map_err(|e| RunError::Internal(format!("batch task: {e}")))? {
+                        Ok(applied) => applied,
+                        Err(RunError::Cancelled) if stopping => return Ok(SessionEnd::Shutdown),
+                        Err(e) => return Err(e),
+                    };
+                    let moved = watermark.confirm(applied.batch).map_err(|e| RunError::Internal(e.to_string()))?;
+                    if let Some(position) = moved {
+                        tracing::debug!(batch_id = applied.batch, effects = applied.effects, %position, "acknowledging");
+                        acknowledge(source, &position, &mut last_acked).await?;
+                    }
+                }
+                () = sleep_until_or_never(deadline), if in_flight.is_none() && deadline.is_some() => {}
+                event = source.next(), if can_read => {
+                    let event = match event {
+                        Ok(e) => e,
+                        Err(SourceError::Transient(m)) => return Ok(SessionEnd::SourceLost(m)),
+                        Err(SourceError::Definite(m)) => return Err(RunError::Source(m)),
+                    };
+                    match event {
+                        SourceEvent::Begin => {
+                            if open_tx.is_some() {
+                                return Err(RunError::Source("a transaction began inside another".into()));
+                            }
+                            open_tx = Some(TransactionEffects::new(self.options.max_transaction_effects));
+                        }
+                        SourceEvent::Change(change) => {
+                            let tx = open_tx.as_mut().ok_or_else(|| RunError::Source(format!("change at {} outside a transaction", change.position)))?;
+                            let span = tracing::trace_span!("change", position = %change.position, table = %change.table, op = %change.op);
+                            let resolution = span.in_scope(|| resolver.resolve(&change));
+                            tx.add(&graph, resolution);
+                        }
+                        SourceEvent::Commit { position, .. } => {
+                            let tx = open_tx.take().ok_or_else(|| RunError::Source(format!("commit at {position} without a transaction")))?;
+                            let (effects, lookups) = tx.finish();
+                            let p = pending.get_or_insert_with(|| {
+                                let id = next_batch_id;
+                                next_batch_id += 1;
+                                Pending { batch: Batch::new(id), lookups: Vec::new(), opened: Instant::now() }
+                            });
+                            p.batch.push_transaction(position, effects);
+                            p.lookups.extend(lookups);
+                        }
+                        SourceEvent::Idle { position } => {
+                            if open_tx.is_none() && pending.is_none() && in_flight.is_none() && watermark.is_idle() {
+                                acknowledge(source, &position, &mut last_acked).await?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Starts the task that applies one batch.
+    fn dispatch(&self, pending: Pending, shutdown: CancellationToken) -> JoinHandle<Result<Applied, RunError>> {
+        let pipeline = self.clone();
+        let span =
+            tracing::info_span!("batch", batch_id = pending.batch.id(), transactions = pending.batch.transactions());
+        tokio::spawn(async move { pipeline.apply(pending, &shutdown).await }.instrument(span))
+    }
+
+    async fn apply(&self, pending: Pending, shutdown: &CancellationToken) -> Result<Applied, RunError> {
+        let Pending { batch, lookups, .. } = pending;
+        let mut effects: Vec<Effect> = batch.effects().to_vec();
+        if !lookups.is_empty() {
+            let executor = self
+                .lookups
+                .as_ref()
+                .ok_or_else(|| RunError::Lookup("the graph has look-ups but no database is configured".into()))?;
+            let resolver = Resolver::new(&self.graph);
+            let mut backoff = self.options.retry_min;
+            let found = loop {
+                let mut request = Resolution::default();
+                request.lookups = lookups.clone();
+                match resolver.run_lookups(request, executor.as_ref()).await {
+                    Ok(resolution) => break resolution,
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "look-up failed; retrying");
+                        backoff = wait(backoff, self.options.retry_max, shutdown).await?;
+                    }
+                    Err(e) => return Err(RunError::Lookup(e.to_string())),
+                }
+            };
+            let mut seen: std::collections::HashSet<Effect> = effects.iter().cloned().collect();
+            for resolved in found.effects {
+                if seen.insert(resolved.effect.clone()) {
+                    effects.push(resolved.effect);
+                }
+            }
+        }
+        let version = batch.last_position().map_or(0, Position::version);
+        let mut backoff = self.options.retry_min;
+        if !effects.is_empty() {
+            loop {
+                let sink_batch = SinkBatch { id: batch.id(), graph: &self.graph, effects: &effects, version };
+                match self.sink.apply(sink_batch).await {
+                    Ok(()) => break,
+                    Err(SinkError::Transient { target, message }) => {
+                        tracing::warn!(%target, error = %message, retry_in_ms = backoff.as_millis() as u64, "sink unavailable; retrying (the source is paused)");
+                        backoff = wait(backoff, self.options.retry_max, shutdown).await?;
+                    }
+                    Err(e @ SinkError::Definite { .. }) => return Err(RunError::Sink(e.to_string())),
+                }
+            }
+        }
+        Ok(Applied { batch: batch.id(), effects: effects.len() })
+    }
+}
+
+/// Sleeps `current` (or until shutdown, which abandons the batch) and
+/// returns the next, doubled backoff.
+async fn wait(current: Duration, max: Duration, shutdown: &CancellationToken) -> Result<Duration, RunError> {
+    let jittered = current + Duration::from_millis(fastrand::u64(0..=current.as_millis() as u64 / 4));
+    tokio::select! {
+        () = tokio::time::sleep(jittered) => Ok((current * 2).min(max)),
+                () = shutdown.cancelled() => Err(RunError::Cancelled),
+    }
+}
+
+async fn sleep_until_or_never(deadline: Option<Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Acknowledges `position` if it is past what was acknowledged already.
+async fn acknowledge<S: Source>(
+    source: &mut S,
+    position: &Position,
+    last: &mut Option<Position>,
+) -> Result<(), RunError> {
+    if last.as_ref().is_some_and(|l| l.partial_cmp(position) != Some(std::cmp::Ordering::Less)) {
+        return Ok(());
+    }
+    source.acknowledge(position).await.map_err(|e| RunError::Source(e.to_string()))?;
+    *last = Some(position.clone());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
