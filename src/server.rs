@@ -46,7 +46,8 @@ use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
 /// that stalls mid-request must not hold up the process's exit).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
-/// When the probes fail.
+/// When the probes fail (`[server]` `heartbeat_timeout_ms` and
+/// `ready_max_lag_bytes` in the config).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HealthThresholds {
     /// `/healthz` fails once the run loop has not beaten for longer than
