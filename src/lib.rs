@@ -17,6 +17,9 @@
 //! - [`sink`]: where effects are applied ([`sink::Sink`]).
 //! - [`checkpoint`]: which position may be acknowledged.
 //! - [`config`], [`cli`]: the operator's surface.
+//! - [`metrics`]: every exported metric, recorded through typed methods.
+//! - [`server`]: `/metrics`, `/healthz` and `/readyz`, and the [`server::Health`]
+//!   state the run loop reports into.
 
 pub mod batch;
 pub mod change;
@@ -26,7 +29,9 @@ pub mod config;
 pub mod diagnostic;
 pub mod graph;
 pub mod key;
+pub mod metrics;
 pub mod resolve;
 pub mod run;
+pub mod server;
 pub mod sink;
 pub mod source;

@@ -24,6 +24,7 @@ use serde::Deserialize;
 
 use crate::batch::BatchLimits;
 use crate::diagnostic::{SourceFile, plain_serde_message, write_lines};
+use crate::server::HealthThresholds;
 
 /// The environment variable prefix: `EVICTD__BATCH__MAX_EFFECTS`.
 pub const ENV_PREFIX: &str = "EVICTD";
@@ -149,6 +150,12 @@ pub struct RawRedis {
 pub struct RawServer {
     /// Listen address. Default `127.0.0.1:9187`.
     pub listen: Option<String>,
+    /// `/healthz` fails once the run loop has not turned for this long, in
+    /// ms. Default 30000.
+    pub heartbeat_timeout_ms: Option<u64>,
+    /// `/readyz` fails while the source lag exceeds this many bytes.
+    /// Default 1073741824 (1 GiB).
+    pub ready_max_lag_bytes: Option<u64>,
 }
 
 /// `[log]`
@@ -220,6 +227,7 @@ pub struct RedisTarget {
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
     pub listen: SocketAddr,
+    pub health: HealthThresholds,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -523,6 +531,22 @@ impl RawConfig {
                 SocketAddr::from(([127, 0, 0, 1], 9187))
             }
         };
+        let defaults = HealthThresholds::default();
+        let default_timeout_ms = u64::try_from(defaults.heartbeat_timeout.as_millis()).unwrap_or(u64::MAX);
+        let health = HealthThresholds {
+            heartbeat_timeout: Duration::from_millis(positive(
+                &mut issues,
+                "server.heartbeat_timeout_ms",
+                self.server.heartbeat_timeout_ms,
+                default_timeout_ms,
+            )),
+            max_lag_bytes: positive(
+                &mut issues,
+                "server.ready_max_lag_bytes",
+                self.server.ready_max_lag_bytes,
+                defaults.max_lag_bytes,
+            ),
+        };
         let format = match self.log.format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -546,7 +570,7 @@ impl RawConfig {
             lookup,
             batch,
             redis,
-            server: ServerConfig { listen },
+            server: ServerConfig { listen, health },
             log: LogConfig { format, level },
         })
     }

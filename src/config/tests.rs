@@ -54,6 +54,18 @@ fn a_valid_file_loads_with_defaults() {
     assert_eq!(pg.publication, "evictd");
     assert!(c.lookup.url.is_some(), "look-ups default to the source database");
     assert_eq!(c.server.listen.to_string(), "127.0.0.1:9187");
+    assert_eq!(c.server.health, crate::server::HealthThresholds::default());
+}
+
+#[test]
+fn health_thresholds_come_from_the_server_section_or_the_environment() {
+    let (_dir, path) = write(&format!("[server]\nheartbeat_timeout_ms = 5000\n{REQUIRED}"));
+    let c = load_with_env(&path, &env(&[("EVICTD__SERVER__READY_MAX_LAG_BYTES", "1048576")])).unwrap();
+    assert_eq!(c.server.health.heartbeat_timeout, Duration::from_secs(5));
+    assert_eq!(c.server.health.max_lag_bytes, 1_048_576);
+    let e = load_with_env(&path, &env(&[("EVICTD__SERVER__HEARTBEAT_TIMEOUT_MS", "0")])).unwrap_err();
+    assert_eq!(e.0[0].place, "EVICTD__SERVER__HEARTBEAT_TIMEOUT_MS");
+    assert_eq!(e.0[0].message, "must be greater than 0");
 }
 
 #[test]

@@ -7,4 +7,5 @@
 mod cli;
 mod key_vectors;
 mod lookup;
+mod server;
 mod support;

@@ -1,0 +1,395 @@
+//! Metrics: every metric evictd exports, and the only code that touches them.
+//!
+//! One [`Metrics`] is created at start-up and shared by `Arc`; it owns its
+//! [`Registry`] (no global state), and creating it describes every metric
+//! (name, help, unit). Callers record through small typed methods
+//! ([`Metrics::changes_received`], [`Metrics::positions`], …) and never see a
+//! label set.
+//!
+//! Rules (vector's `docs/specs/instrumentation.md`):
+//! - names are the constants below, exactly as exposed: `evictd_<noun>_<unit>`,
+//!   counters end in `_total`, units are seconds and bytes;
+//! - labels take bounded values only — table, cache and target names from the
+//!   graph and the config, and fixed words (`op`, `kind`, `action`,
+//!   `reason`) — never a key, a tag or a position;
+//! - record per batch, not per key: the methods take counts.
+//!
+//! The text is OpenMetrics 1.0 (what `prometheus-client` writes: counters
+//! typed under their name without `_total`, `# UNIT` lines, a closing
+//! `# EOF`), served with [`OPENMETRICS_CONTENT_TYPE`].
+
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Metric, Registry, Unit};
+
+use crate::change::{Lsn, Operation};
+use crate::graph::Action;
+use crate::server::Role;
+use crate::sink::SinkError;
+
+/// The content type of [`Metrics::encode`]'s text.
+pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+pub const CHANGES_RECEIVED_TOTAL: &str = "evictd_changes_received_total";
+pub const EFFECTS_RESOLVED_TOTAL: &str = "evictd_effects_resolved_total";
+pub const BATCH_EFFECTS: &str = "evictd_batch_effects";
+pub const BATCH_DURATION_SECONDS: &str = "evictd_batch_duration_seconds";
+pub const COMMIT_TO_APPLIED_SECONDS: &str = "evictd_commit_to_applied_seconds";
+pub const POSITION_RECEIVED_BYTES: &str = "evictd_position_received_bytes";
+pub const POSITION_RESOLVED_BYTES: &str = "evictd_position_resolved_bytes";
+pub const POSITION_APPLIED_BYTES: &str = "evictd_position_applied_bytes";
+pub const POSITION_ACKNOWLEDGED_BYTES: &str = "evictd_position_acknowledged_bytes";
+pub const POSITION_WAL_END_BYTES: &str = "evictd_position_wal_end_bytes";
+pub const SOURCE_LAG_BYTES: &str = "evictd_source_lag_bytes";
+pub const SINK_ERRORS_TOTAL: &str = "evictd_sink_errors_total";
+pub const SINK_RETRIES_TOTAL: &str = "evictd_sink_retries_total";
+pub const DEAD_LETTERED_TOTAL: &str = "evictd_dead_lettered_total";
+pub const LOOKUP_QUERIES_TOTAL: &str = "evictd_lookup_queries_total";
+pub const LOOKUP_ROWS_TOTAL: &str = "evictd_lookup_rows_total";
+pub const LOOKUP_FANOUT_OVERFLOWS_TOTAL: &str = "evictd_lookup_fanout_overflows_total";
+pub const BUILD_INFO: &str = "evictd_build_info";
+pub const ACTIVE: &str = "evictd_active";
+
+/// Every name above, for tests and documentation.
+pub const ALL: [&str; 19] = [
+    CHANGES_RECEIVED_TOTAL,
+    EFFECTS_RESOLVED_TOTAL,
+    BATCH_EFFECTS,
+    BATCH_DURATION_SECONDS,
+    COMMIT_TO_APPLIED_SECONDS,
+    POSITION_RECEIVED_BYTES,
+    POSITION_RESOLVED_BYTES,
+    POSITION_APPLIED_BYTES,
+    POSITION_ACKNOWLEDGED_BYTES,
+    POSITION_WAL_END_BYTES,
+    SOURCE_LAG_BYTES,
+    SINK_ERRORS_TOTAL,
+    SINK_RETRIES_TOTAL,
+    DEAD_LETTERED_TOTAL,
+    LOOKUP_QUERIES_TOTAL,
+    LOOKUP_ROWS_TOTAL,
+    LOOKUP_FANOUT_OVERFLOWS_TOTAL,
+    BUILD_INFO,
+    ACTIVE,
+];
+
+/// Latency buckets, 0.5 ms to 60 s: a healthy invalidation lands in
+/// milliseconds, a stalled one in tens of seconds.
+const LATENCY_BUCKETS: [f64; 16] =
+    [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// Effects per batch; `batch.max_effects` defaults to 1000, and look-ups can
+/// push a batch past it.
+const BATCH_EFFECTS_BUCKETS: [f64; 13] =
+    [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0];
+
+/// What an effect does, as the `kind` and `action` labels of
+/// [`EFFECTS_RESOLVED_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Invalidation {
+    /// A key, with its cache's action.
+    Key(Action),
+    /// Every key registered under a tag, with its cache's action.
+    Tag(Action),
+    /// The cache's namespace version was bumped (`action="bump"`).
+    NamespaceBump,
+}
+
+impl Invalidation {
+    fn labels(self) -> (&'static str, &'static str) {
+        match self {
+            Invalidation::Key(action) => ("key", action.as_str()),
+            Invalidation::Tag(action) => ("tag", action.as_str()),
+            Invalidation::NamespaceBump => ("namespace", "bump"),
+        }
+    }
+}
+
+/// Why an event went to the dead-letter destination.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    /// The source's payload could not be decoded into a change.
+    Decode,
+    /// The change could not be resolved (e.g. a look-up failed definitely).
+    Resolve,
+}
+
+impl DeadLetterReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadLetterReason::Decode => "decode",
+            DeadLetterReason::Resolve => "resolve",
+        }
+    }
+}
+
+/// The position ladder of a Postgres source, as LSNs (byte offsets in the
+/// WAL): each rung is at or behind the one before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct PositionLadder {
+    /// The server's WAL end, as last reported by a keepalive or XLogData.
+    pub wal_end: Lsn,
+    /// The last change read from the stream.
+    pub received: Lsn,
+    /// The last change whose effects are resolved (look-ups done).
+    pub resolved: Lsn,
+    /// The last change whose batch every sink confirmed.
+    pub applied: Lsn,
+    /// The position acknowledged to the server (the contiguous watermark).
+    pub acknowledged: Lsn,
+}
+
+impl PositionLadder {
+    /// WAL the server retains for us: its WAL end minus what we acknowledged.
+    pub fn lag_bytes(&self) -> u64 {
+        self.wal_end.0.saturating_sub(self.acknowledged.0)
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TableOp {
+    table: String,
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheKindAction {
+    cache: String,
+    kind: &'static str,
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetKind {
+    target: String,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetLabel {
+    target: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLabel {
+    cache: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct VersionLabel {
+    version: &'static str,
+}
+
+type PositionGauge = Gauge<u64, std::sync::atomic::AtomicU64>;
+
+/// All of evictd's metrics and the registry that exposes them.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    changes_received: Family<TableOp, Counter>,
+    effects_resolved: Family<CacheKindAction, Counter>,
+    batch_effects: Histogram,
+    batch_duration: Histogram,
+    commit_to_applied: Histogram,
+    received: PositionGauge,
+    resolved: PositionGauge,
+    applied: PositionGauge,
+    acknowledged: PositionGauge,
+    wal_end: PositionGauge,
+    source_lag: PositionGauge,
+    sink_errors: Family<TargetKind, Counter>,
+    sink_retries: Family<TargetLabel, Counter>,
+    dead_lettered: Family<ReasonLabel, Counter>,
+    lookup_queries: Family<CacheLabel, Counter>,
+    lookup_rows: Family<CacheLabel, Counter>,
+    fanout_overflows: Family<CacheLabel, Counter>,
+    active: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and describes every metric. The role starts as active, the
+    /// state of a replica that runs no leader election.
+    pub fn new() -> Metrics {
+        let mut m = Metrics {
+            registry: Registry::default(),
+            changes_received: Family::default(),
+            effects_resolved: Family::default(),
+            batch_effects: Histogram::new(BATCH_EFFECTS_BUCKETS),
+            batch_duration: Histogram::new(LATENCY_BUCKETS),
+            commit_to_applied: Histogram::new(LATENCY_BUCKETS),
+            received: PositionGauge::default(),
+            resolved: PositionGauge::default(),
+            applied: PositionGauge::default(),
+            acknowledged: PositionGauge::default(),
+            wal_end: PositionGauge::default(),
+            source_lag: PositionGauge::default(),
+            sink_errors: Family::default(),
+            sink_retries: Family::default(),
+            dead_lettered: Family::default(),
+            lookup_queries: Family::default(),
+            lookup_rows: Family::default(),
+            fanout_overflows: Family::default(),
+            active: Gauge::default(),
+        };
+        let r = &mut m.registry;
+        let help = "Row changes received from the source, by table and operation";
+        register(r, CHANGES_RECEIVED_TOTAL, help, m.changes_received.clone());
+        let help = "Effects resolved, by cache, kind (key, tag, namespace) and action";
+        register(r, EFFECTS_RESOLVED_TOTAL, help, m.effects_resolved.clone());
+        register(r, BATCH_EFFECTS, "Distinct effects per applied batch", m.batch_effects.clone());
+        let help = "Time from a batch being closed to every sink confirming it";
+        register(r, BATCH_DURATION_SECONDS, help, m.batch_duration.clone());
+        let help = "Time from a transaction's commit at the source to its batch being applied";
+        register(r, COMMIT_TO_APPLIED_SECONDS, help, m.commit_to_applied.clone());
+        let help = "LSN of the last change received from the source";
+        register(r, POSITION_RECEIVED_BYTES, help, m.received.clone());
+        let help = "LSN of the last change whose effects are resolved";
+        register(r, POSITION_RESOLVED_BYTES, help, m.resolved.clone());
+        let help = "LSN of the last change every sink has applied";
+        register(r, POSITION_APPLIED_BYTES, help, m.applied.clone());
+        let help = "LSN acknowledged to the source (the contiguous confirmed watermark)";
+        register(r, POSITION_ACKNOWLEDGED_BYTES, help, m.acknowledged.clone());
+        let help = "The source server's WAL end LSN, as last reported";
+        register(r, POSITION_WAL_END_BYTES, help, m.wal_end.clone());
+        let help = "WAL the source retains for evictd: server WAL end minus acknowledged LSN";
+        register(r, SOURCE_LAG_BYTES, help, m.source_lag.clone());
+        let help = "Failed batch applications, by sink target and kind (transient, definite)";
+        register(r, SINK_ERRORS_TOTAL, help, m.sink_errors.clone());
+        let help = "Batch applications retried after a transient error, by sink target";
+        register(r, SINK_RETRIES_TOTAL, help, m.sink_retries.clone());
+        let help = "Events sent to the dead-letter destination, by reason (decode, resolve)";
+        register(r, DEAD_LETTERED_TOTAL, help, m.dead_lettered.clone());
+        register(r, LOOKUP_QUERIES_TOTAL, "Look-up queries run, by cache", m.lookup_queries.clone());
+        register(r, LOOKUP_ROWS_TOTAL, "Rows returned by look-up queries, by cache", m.lookup_rows.clone());
+        let help = "Look-ups past their fan-out limit, answered by a namespace bump of the cache, by cache";
+        register(r, LOOKUP_FANOUT_OVERFLOWS_TOTAL, help, m.fanout_overflows.clone());
+        let build = Family::<VersionLabel, Gauge>::default();
+        build.get_or_create(&VersionLabel { version: env!("CARGO_PKG_VERSION") }).set(1);
+        register(r, BUILD_INFO, "Always 1; the version label is evictd's version", build);
+        let help = "1 while this replica is the active consumer, 0 while it is a standby";
+        register(r, ACTIVE, help, m.active.clone());
+        m.active.set(1);
+        m
+    }
+
+    /// The registry as OpenMetrics text, ending in `# EOF`.
+    pub fn encode(&self) -> Result<String, std::fmt::Error> {
+        let mut text = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::text::encode(&mut text, &self.registry)?;
+        Ok(text)
+    }
+
+    /// `count` changes of `table` (`schema.table`) with operation `op`.
+    pub fn changes_received(&self, table: &str, op: Operation, count: u64) {
+        self.changes_received.get_or_create(&TableOp { table: table.to_owned(), op: op.as_str() }).inc_by(count);
+    }
+
+    /// `count` effects of `cache` resolved to `what`.
+    pub fn effects_resolved(&self, cache: &str, what: Invalidation, count: u64) {
+        let (kind, action) = what.labels();
+        let labels = CacheKindAction { cache: cache.to_owned(), kind, action };
+        self.effects_resolved.get_or_create(&labels).inc_by(count);
+    }
+
+    /// A batch of `effects` distinct effects was confirmed by every sink,
+    /// `duration` after it was closed.
+    pub fn batch_applied(&self, effects: usize, duration: Duration) {
+        self.batch_effects.observe(effects as f64);
+        self.batch_duration.observe(duration.as_secs_f64());
+    }
+
+    /// One applied transaction, `latency` after its commit at the source.
+    /// Clocks differ: pass zero when the commit time is in the future.
+    pub fn commit_to_applied(&self, latency: Duration) {
+        self.commit_to_applied.observe(latency.as_secs_f64());
+    }
+
+    /// Sets the position ladder and the source lag it implies.
+    pub fn positions(&self, ladder: &PositionLadder) {
+        self.wal_end.set(ladder.wal_end.0);
+        self.received.set(ladder.received.0);
+        self.resolved.set(ladder.resolved.0);
+        self.applied.set(ladder.applied.0);
+        self.acknowledged.set(ladder.acknowledged.0);
+        self.source_lag.set(ladder.lag_bytes());
+    }
+
+    /// Creates the sink series of `target` at zero, so that `rate()` and
+    /// `increase()` see its first error.
+    pub fn sink_target(&self, target: &str) {
+        for kind in ["transient", "definite"] {
+            drop(self.sink_errors.get_or_create(&TargetKind { target: target.to_owned(), kind }));
+        }
+        drop(self.sink_retries.get_or_create(&TargetLabel { target: target.to_owned() }));
+    }
+
+    /// A sink failed to apply a batch.
+    pub fn sink_error(&self, error: &SinkError) {
+        let (target, kind) = match error {
+            SinkError::Transient { target, .. } => (target, "transient"),
+            SinkError::Definite { target, .. } => (target, "definite"),
+        };
+        self.sink_errors.get_or_create(&TargetKind { target: target.clone(), kind }).inc();
+    }
+
+    /// A batch is being applied again to `target` after a transient error.
+    pub fn sink_retry(&self, target: &str) {
+        self.sink_retries.get_or_create(&TargetLabel { target: target.to_owned() }).inc();
+    }
+
+    /// An event went to the dead-letter destination.
+    pub fn dead_lettered(&self, reason: DeadLetterReason) {
+        self.dead_lettered.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc();
+    }
+
+    /// `queries` look-up queries for `cache` returned `rows` rows in all.
+    pub fn lookups(&self, cache: &str, queries: u64, rows: u64) {
+        let labels = CacheLabel { cache: cache.to_owned() };
+        self.lookup_queries.get_or_create(&labels).inc_by(queries);
+        self.lookup_rows.get_or_create(&labels).inc_by(rows);
+    }
+
+    /// A look-up for `cache` passed its fan-out limit, so the cache's
+    /// namespace was bumped instead.
+    pub fn fanout_overflow(&self, cache: &str) {
+        self.fanout_overflows.get_or_create(&CacheLabel { cache: cache.to_owned() }).inc();
+    }
+
+    /// Whether this replica is the active consumer or a standby.
+    pub fn set_role(&self, role: Role) {
+        self.active.set(i64::from(role == Role::Active));
+    }
+}
+
+/// Registers `metric` under its exposed `name`. `prometheus-client` appends
+/// `_total` to counters and the unit to the name itself, so both are taken
+/// off here and the unit is declared instead (a `# UNIT` line).
+fn register(registry: &mut Registry, name: &str, help: &str, metric: impl Metric) {
+    let base = name.strip_suffix("_total").unwrap_or(name);
+    if let Some(base) = base.strip_suffix("_seconds") {
+        registry.register_with_unit(base, help, Unit::Seconds, metric);
+    } else if let Some(base) = base.strip_suffix("_bytes") {
+        registry.register_with_unit(base, help, Unit::Bytes, metric);
+    } else {
+        registry.register(base, help, metric);
+    }
+}
+
+#[cfg(test)]
+mod tests;

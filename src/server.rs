@@ -1,0 +1,369 @@
+//! The HTTP server for operators: `GET /metrics`, `GET /healthz`,
+//! `GET /readyz`; and [`Health`], the state the probes read.
+//!
+//! The run loop reports into [`Health`] (atomics, shared by `Arc`) through
+//! its setters; the handlers only read it. The decisions are pure
+//! ([`Health::liveness_at`], [`Health::readiness`]) and tested without I/O.
+//!
+//! - `/healthz` answers "is the process alive and its run loop turning?":
+//!   200 `ok` while the loop's last [`Health::heartbeat`] is recent, 503 once
+//!   it is older than [`HealthThresholds::heartbeat_timeout`]. It checks
+//!   nothing external, so a Postgres or Redis outage never gets evictd
+//!   restarted in a loop. The loop must beat while it waits (for a sink, a
+//!   reconnect, a standby's lease), not only when changes flow.
+//! - `/readyz` answers "can this replica do its job?": 200 `ready` when the
+//!   source is connected, every sink reachable and the lag at most
+//!   [`HealthThresholds::max_lag_bytes`]; otherwise 503 with one line per
+//!   failed check. A standby answers 200 `standby` whatever its
+//!   connections, so that a Deployment with one active and one standby
+//!   replica can roll and a node can be drained.
+//! - `/metrics` is [`Metrics::encode`], OpenMetrics text. `prometheus-client`
+//!   writes OpenMetrics 1.0 (counter families typed without `_total`,
+//!   `# UNIT`, `# EOF`), so it is labelled as such; labelled `text/plain;
+//!   version=0.0.4`, Prometheus would parse it with the classic parser, which
+//!   would not match the counters' `# TYPE` lines to their samples.
+//!
+//! [`serve`] takes its listener (bound by the caller) and a shutdown token,
+//! as mini-redis's `server::run` does.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
+
+/// How long connections still open at shutdown get to finish their request
+/// before [`serve`] returns anyway (a scrape takes milliseconds; a client
+/// that stalls mid-request must not hold up the process's exit).
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// When the probes fail (`[server]` `heartbeat_timeout_ms` and
+/// `ready_max_lag_bytes` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthThresholds {
+    /// `/healthz` fails once the run loop has not beaten for longer than
+    /// this. Default 30 s.
+    pub heartbeat_timeout: Duration,
+    /// `/readyz` fails while the source lag exceeds this. Default 1 GiB:
+    /// lag counts all the server's WAL, including tables evictd ignores, so a
+    /// low threshold would flap on unrelated bulk writes.
+    pub max_lag_bytes: u64,
+}
+
+impl Default for HealthThresholds {
+    fn default() -> Self {
+        HealthThresholds { heartbeat_timeout: Duration::from_secs(30), max_lag_bytes: 1 << 30 }
+    }
+}
+
+/// Whether this replica consumes the source or waits to take over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Active,
+    Standby,
+}
+
+/// What the run loop last reported. Each field is independent, so relaxed
+/// atomics suffice: a probe may see one update before another, never a torn
+/// value.
+#[derive(Debug)]
+pub struct Health {
+    thresholds: HealthThresholds,
+    /// `heartbeat_ms` counts from here.
+    epoch: Instant,
+    heartbeat_ms: AtomicU64,
+    source_connected: AtomicBool,
+    /// One entry per configured sink target, fixed at creation.
+    sinks: Box<[(String, AtomicBool)]>,
+    lag_bytes: AtomicU64,
+    standby: AtomicBool,
+}
+
+/// `/healthz`'s verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    Alive,
+    /// The run loop has not beaten for `silent_for`.
+    Stale {
+        silent_for: Duration,
+        timeout: Duration,
+    },
+}
+
+/// `/readyz`'s verdict.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    Standby,
+    /// Every failed check, in a stable order: source, sinks, lag.
+    NotReady(Vec<Unready>),
+}
+
+/// One failed readiness check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Unready {
+    SourceDisconnected,
+    SinkUnreachable(String),
+    Lagging { bytes: u64, max: u64 },
+}
+
+impl fmt::Display for Unready {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Unready::SourceDisconnected => f.write_str("source: not connected"),
+            Unready::SinkUnreachable(target) => write!(f, "sink {target}: unreachable"),
+            Unready::Lagging { bytes, max } => write!(f, "lag: {bytes} bytes, over the limit of {max}"),
+        }
+    }
+}
+
+impl Health {
+    /// A fresh state for the given sink targets: source not connected, no
+    /// sink reachable yet, role active, heartbeat now. Readiness needs
+    /// positive reports; liveness starts with the benefit of the doubt.
+    pub fn new<S: Into<String>>(thresholds: HealthThresholds, sinks: impl IntoIterator<Item = S>) -> Health {
+        Health {
+            thresholds,
+            epoch: Instant::now(),
+            heartbeat_ms: AtomicU64::new(0),
+            source_connected: AtomicBool::new(false),
+            sinks: sinks.into_iter().map(|s| (s.into(), AtomicBool::new(false))).collect(),
+            lag_bytes: AtomicU64::new(0),
+            standby: AtomicBool::new(false),
+        }
+    }
+
+    pub fn thresholds(&self) -> HealthThresholds {
+        self.thresholds
+    }
+
+    /// The run loop is turning: called on every iteration of its `select!`.
+    pub fn heartbeat(&self) {
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.heartbeat_ms.store(ms, Ordering::Relaxed);
+    }
+
+    pub fn set_source_connected(&self, connected: bool) {
+        self.source_connected.store(connected, Ordering::Relaxed);
+    }
+
+    /// Records whether `target` answered its last command or probe. A name
+    /// that is not one of the targets given to [`Health::new`] is a bug in
+    /// the caller; it is logged and ignored.
+    pub fn set_sink_reachable(&self, target: &str, reachable: bool) {
+        match self.sinks.iter().find(|(name, _)| name == target) {
+            Some((_, flag)) => flag.store(reachable, Ordering::Relaxed),
+            None => tracing::warn!(target, "reachability reported for an unknown sink target"),
+        }
+    }
+
+    /// Source lag in bytes (Postgres: server WAL end − acknowledged LSN).
+    pub fn set_lag_bytes(&self, bytes: u64) {
+        self.lag_bytes.store(bytes, Ordering::Relaxed);
+    }
+
+    pub fn set_role(&self, role: Role) {
+        self.standby.store(role == Role::Standby, Ordering::Relaxed);
+    }
+
+    /// Whether the run loop has beaten recently enough, as of `now`.
+    pub fn liveness_at(&self, now: Instant) -> Liveness {
+        let last = self.epoch + Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
+        let silent_for = now.saturating_duration_since(last);
+        let timeout = self.thresholds.heartbeat_timeout;
+        if silent_for > timeout { Liveness::Stale { silent_for, timeout } } else { Liveness::Alive }
+    }
+
+    /// Whether this replica can do its job, and if not, every reason.
+    pub fn readiness(&self) -> Readiness {
+        if self.standby.load(Ordering::Relaxed) {
+            return Readiness::Standby;
+        }
+        let mut failed = Vec::new();
+        if !self.source_connected.load(Ordering::Relaxed) {
+            failed.push(Unready::SourceDisconnected);
+        }
+        for (target, reachable) in self.sinks.iter() {
+            if !reachable.load(Ordering::Relaxed) {
+                failed.push(Unready::SinkUnreachable(target.clone()));
+            }
+        }
+        let bytes = self.lag_bytes.load(Ordering::Relaxed);
+        if bytes > self.thresholds.max_lag_bytes {
+            failed.push(Unready::Lagging { bytes, max: self.thresholds.max_lag_bytes });
+        }
+        if failed.is_empty() { Readiness::Ready } else { Readiness::NotReady(failed) }
+    }
+}
+
+/// What the handlers read.
+#[derive(Debug, Clone)]
+pub struct ServerState {
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+}
+
+/// The routes, without a listener (for tests that call the router directly).
+pub fn router(state: ServerState) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+}
+
+/// Serves the routes on `listener` until `shutdown` is cancelled, then lets
+/// open requests finish for at most [`DRAIN_TIMEOUT`] and returns.
+///
+/// Cancel `shutdown` last, once the run loop has flushed and acknowledged,
+/// so that the probes keep answering while it does.
+pub async fn serve(listener: TcpListener, state: ServerState, shutdown: CancellationToken) -> std::io::Result<()> {
+    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let drained = async {
+        shutdown.cancelled().await;
+        tokio::time::sleep(DRAIN_TIMEOUT).await;
+    };
+    tokio::select! {
+        result = server => result,
+        () = drained => {
+            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "HTTP connections still open at shutdown were dropped");
+            Ok(())
+        }
+    }
+}
+
+async fn metrics(State(state): State<ServerState>) -> Response {
+    match state.metrics.encode() {
+        Ok(text) => ([(header::CONTENT_TYPE, OPENMETRICS_CONTENT_TYPE)], text).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "could not encode the metrics");
+            (StatusCode::INTERNAL_SERVER_ERROR, "could not encode the metrics\n").into_response()
+        }
+    }
+}
+
+async fn healthz(State(state): State<ServerState>) -> Response {
+    health_response(state.health.liveness_at(Instant::now()))
+}
+
+async fn readyz(State(state): State<ServerState>) -> Response {
+    readiness_response(state.health.readiness())
+}
+
+fn health_response(liveness: Liveness) -> Response {
+    match liveness {
+        Liveness::Alive => (StatusCode::OK, "ok\n").into_response(),
+        Liveness::Stale { silent_for, timeout } => {
+            let body = format!(
+                "run loop: no heartbeat for {:.1} s, over the limit of {:.1} s\n",
+                silent_for.as_secs_f64(),
+                timeout.as_secs_f64()
+            );
+            (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+        }
+    }
+}
+
+fn readiness_response(readiness: Readiness) -> Response {
+    match readiness {
+        Readiness::Ready => (StatusCode::OK, "ready\n").into_response(),
+        Readiness::Standby => (StatusCode::OK, "standby\n").into_response(),
+        Readiness::NotReady(failed) => {
+            let body: String = failed.iter().map(|f| format!("{f}\n")).collect();
+            (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn health() -> Health {
+        let thresholds = HealthThresholds { heartbeat_timeout: Duration::from_secs(10), max_lag_bytes: 1000 };
+        Health::new(thresholds, ["primary", "eu"])
+    }
+
+    fn all_good(h: &Health) {
+        h.set_source_connected(true);
+        h.set_sink_reachable("primary", true);
+        h.set_sink_reachable("eu", true);
+        h.set_lag_bytes(1000);
+    }
+
+    #[test]
+    fn a_fresh_state_is_alive_but_not_ready_until_everything_reported() {
+        let h = health();
+        assert_eq!(h.liveness_at(Instant::now()), Liveness::Alive);
+        assert_eq!(
+            h.readiness(),
+            Readiness::NotReady(vec![
+                Unready::SourceDisconnected,
+                Unready::SinkUnreachable("primary".into()),
+                Unready::SinkUnreachable("eu".into()),
+            ])
+        );
+    }
+
+    #[test]
+    fn ready_when_connected_reachable_and_lag_at_the_limit() {
+        let h = health();
+        all_good(&h);
+        assert_eq!(h.readiness(), Readiness::Ready);
+    }
+
+    #[test]
+    fn each_failed_check_is_named() {
+        let h = health();
+        all_good(&h);
+        h.set_sink_reachable("eu", false);
+        h.set_lag_bytes(1001);
+        let Readiness::NotReady(failed) = h.readiness() else { panic!("expected not ready") };
+        let lines: Vec<String> = failed.iter().map(ToString::to_string).collect();
+        assert_eq!(lines, ["sink eu: unreachable", "lag: 1001 bytes, over the limit of 1000"]);
+    }
+
+    #[test]
+    fn a_standby_is_ready_whatever_its_connections() {
+        let h = health();
+        h.set_role(Role::Standby);
+        assert_eq!(h.readiness(), Readiness::Standby);
+        h.set_role(Role::Active);
+        assert!(matches!(h.readiness(), Readiness::NotReady(_)));
+    }
+
+    #[test]
+    fn an_unknown_sink_target_changes_nothing() {
+        let h = health();
+        all_good(&h);
+        h.set_sink_reachable("nowhere", false);
+        assert_eq!(h.readiness(), Readiness::Ready);
+    }
+
+    #[test]
+    fn liveness_goes_stale_after_the_timeout_and_a_heartbeat_revives_it() {
+        let h = health();
+        let later = Instant::now() + Duration::from_secs(11);
+        assert!(matches!(h.liveness_at(later), Liveness::Stale { timeout, .. } if timeout == Duration::from_secs(10)));
+        assert_eq!(h.liveness_at(Instant::now() + Duration::from_secs(9)), Liveness::Alive);
+        h.heartbeat();
+        assert_eq!(h.liveness_at(Instant::now()), Liveness::Alive);
+    }
+
+    #[test]
+    fn a_clock_before_the_last_heartbeat_counts_as_alive() {
+        let h = health();
+        h.heartbeat();
+        let earlier = Instant::now().checked_sub(Duration::from_secs(60)).unwrap_or_else(Instant::now);
+        assert_eq!(h.liveness_at(earlier), Liveness::Alive);
+    }
+}
