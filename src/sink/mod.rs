@@ -5,6 +5,8 @@
 //! rather than update, version bumps that only ever raise a version to the
 //! change's commit position — so a sink may apply a batch more than once.
 
+pub mod redis;
+
 use std::future::Future;
 
 use crate::graph::Graph;
