@@ -5,10 +5,15 @@
 //! rather than update, version bumps that only ever raise a version to the
 //! change's commit position — so a sink may apply a batch more than once.
 
+pub mod multi;
+pub mod redis;
+
 use std::future::Future;
 
 use crate::graph::Graph;
 use crate::resolve::Effect;
+
+pub use multi::MultiSink;
 
 /// One batch as a sink sees it.
 #[derive(Debug, Clone, Copy)]

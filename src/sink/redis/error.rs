@@ -1,0 +1,173 @@
+//! Error classification: every failure of a Redis target becomes a
+//! [`SinkError`], transient (retry with backoff, pause the source) or
+//! definite (retrying will not help; an operator must act).
+//!
+//! **Invariants:** unclassified means transient (style guide); no message
+//! carries a target URL or password (URLs are scrubbed before anything is
+//! formatted).
+
+use std::time::Duration;
+
+use redis::{ErrorKind, RedisError, ServerErrorKind};
+
+use crate::sink::SinkError;
+
+/// Which way a failure goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Class {
+    Transient,
+    Definite,
+}
+
+/// Error codes (the first word of a server error) that retrying cannot fix.
+const DEFINITE_CODES: &[&str] = &["WRONGTYPE", "NOAUTH", "WRONGPASS", "NOPERM", "EVICTD_NOT_A_VERSION"];
+
+/// Classifies a Redis client or server error.
+pub fn classify(err: &RedisError) -> Class {
+    if err.is_io_error() || err.is_timeout() || err.is_connection_dropped() || err.is_connection_refusal() {
+        return Class::Transient;
+    }
+    match err.kind() {
+        ErrorKind::AuthenticationFailed
+        | ErrorKind::InvalidClientConfig
+        | ErrorKind::Parse
+        | ErrorKind::UnexpectedReturnType => Class::Definite,
+        ErrorKind::Server(kind) => match kind {
+            ServerErrorKind::TryAgain
+            | ServerErrorKind::ClusterDown
+            | ServerErrorKind::MasterDown
+            | ServerErrorKind::BusyLoading
+            | ServerErrorKind::ReadOnly
+            | ServerErrorKind::Moved
+            | ServerErrorKind::Ask => Class::Transient,
+            // `ERR`: syntax, unknown command or option (a Redis too old for
+            // `PEXPIRE … LT`), a failing script. The one `ERR` that passes
+            // is the server's client limit.
+            ServerErrorKind::ResponseError => {
+                if err.detail().is_some_and(|d| d.contains("max number of clients")) {
+                    Class::Transient
+                } else {
+                    Class::Definite
+                }
+            }
+            ServerErrorKind::ExecAbort
+            | ServerErrorKind::NoScript
+            | ServerErrorKind::CrossSlot
+            | ServerErrorKind::NotBusy
+            | ServerErrorKind::NoSub
+            | ServerErrorKind::NoPerm => Class::Definite,
+            _ => Class::Transient,
+        },
+        ErrorKind::Extension => match err.code() {
+            Some(code) if DEFINITE_CODES.contains(&code) => Class::Definite,
+            // OOM, BUSY (a long script), anything new: wait and retry.
+            _ => Class::Transient,
+        },
+        _ => Class::Transient,
+    }
+}
+
+/// Builds [`SinkError`]s for one target, scrubbing its URLs from messages.
+#[derive(Debug, Clone)]
+pub struct Errors {
+    target: String,
+    /// URL texts (with passwords) that must never appear in a message.
+    secrets: Vec<String>,
+}
+
+impl Errors {
+    pub fn new(target: &str, secrets: Vec<String>) -> Errors {
+        Errors { target: target.to_owned(), secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect() }
+    }
+
+    fn scrub(&self, mut message: String) -> String {
+        for secret in &self.secrets {
+            if message.contains(secret.as_str()) {
+                message = message.replace(secret.as_str(), "****");
+            }
+        }
+        message
+    }
+
+    pub fn make(&self, class: Class, message: String) -> SinkError {
+        let message = self.scrub(message);
+        let target = self.target.clone();
+        match class {
+            Class::Transient => SinkError::Transient { target, message },
+            Class::Definite => SinkError::Definite { target, message },
+        }
+    }
+
+    /// A Redis error while doing `what`.
+    pub fn redis(&self, what: &str, err: &RedisError) -> SinkError {
+        self.make(classify(err), format!("{what}: {err}"))
+    }
+
+    /// No reply within the command timeout: the target hangs or is gone.
+    pub fn timeout(&self, what: &str, after: Duration) -> SinkError {
+        self.make(Class::Transient, format!("{what}: no reply within {} ms", after.as_millis()))
+    }
+
+    /// A reply that is not what the command returns: a protocol surprise.
+    pub fn unexpected(&self, what: &str, reply: &redis::Value) -> SinkError {
+        self.make(Class::Definite, format!("{what}: unexpected reply {reply:?}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn server(code: &str, detail: &str) -> RedisError {
+        // Parse a real RESP error line, as the client would.
+        let line = format!("-{code} {detail}\r\n");
+        let value = redis::parse_redis_value(line.as_bytes()).expect("an error line parses");
+        match value {
+            redis::Value::ServerError(e) => e.into(),
+            other => panic!("not an error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn overload_and_topology_changes_are_transient() {
+        for (code, detail) in [
+            ("TRYAGAIN", "Multiple keys request during rehashing of slot"),
+            ("CLUSTERDOWN", "The cluster is down"),
+            ("LOADING", "Redis is loading the dataset in memory"),
+            ("MASTERDOWN", "Link with MASTER is down"),
+            ("OOM", "command not allowed when used memory > 'maxmemory'."),
+            ("BUSY", "Redis is busy running a script."),
+            ("ERR", "max number of clients reached"),
+        ] {
+            assert_eq!(classify(&server(code, detail)), Class::Transient, "{code}");
+        }
+    }
+
+    #[test]
+    fn type_script_and_auth_errors_are_definite() {
+        for (code, detail) in [
+            ("WRONGTYPE", "Operation against a key holding the wrong kind of value"),
+            ("ERR", "user_script:1: Script attempted to access nonexistent global variable"),
+            ("EVICTD_NOT_A_VERSION", "v:1 holds a value that is not a decimal version"),
+            ("NOAUTH", "Authentication required."),
+            ("WRONGPASS", "invalid username-password pair or user is disabled."),
+            ("NOPERM", "this user has no permissions to run the 'unlink' command"),
+            ("ERR", "Unsupported option LT"),
+        ] {
+            assert_eq!(classify(&server(code, detail)), Class::Definite, "{code}");
+        }
+    }
+
+    #[test]
+    fn io_errors_are_transient() {
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert_eq!(classify(&RedisError::from(refused)), Class::Transient);
+    }
+
+    #[test]
+    fn messages_never_show_a_url() {
+        let errors = Errors::new("eu", vec!["redis://:hunter2@10.0.0.1:6379".to_owned()]);
+        let e = errors.make(Class::Transient, "cannot reach redis://:hunter2@10.0.0.1:6379".to_owned());
+        assert_eq!(e.to_string(), "eu: cannot reach ****");
+    }
+}

@@ -1,0 +1,135 @@
+//! The Redis key layout evictd writes and reads, and the Lua scripts that
+//! touch it. `docs/redis-layout.md` is the user-facing description of the
+//! same contract; change both together.
+//!
+//! - Namespace version of cache `NAME`: the string key `evictd:ns:NAME`.
+//! - Version keys (action `bump`) and namespace keys hold a **version**: an
+//!   unsigned 64-bit integer in canonical decimal (ASCII digits, no sign, no
+//!   leading zeros, `0` for zero), e.g. `"4271093"`. Readers parse it as a
+//!   u64; a missing key reads as "no version yet".
+//! - Tag registry of tag `T`: the sorted set `evictd:tag:{T}`; member = a
+//!   cache key registered under the tag, score = that key's expiry as Unix
+//!   time in milliseconds (`+inf` for a key without expiry).
+//!
+//! **Invariants** of the scripts: [`BUMP`] never lowers a version and
+//! compares exactly for every u64 (digit strings, never Lua numbers, which
+//! are doubles); [`FORGET`] removes a registration only if its score is still
+//! the one evictd read, so a registration refreshed after the read survives.
+
+use redis::Script;
+
+/// Prefix of namespace version keys.
+pub const NAMESPACE_PREFIX: &str = "evictd:ns:";
+
+/// Prefix of tag registries (the tag follows in braces).
+pub const TAG_PREFIX: &str = "evictd:tag:";
+
+/// The namespace version key of a cache.
+pub fn namespace_key(cache: &str) -> String {
+    format!("{NAMESPACE_PREFIX}{cache}")
+}
+
+/// The registry of a tag. The braces make the tag the key's Redis Cluster
+/// hash tag, so a registry's slot depends on the tag alone.
+pub fn tag_key(tag: &str) -> String {
+    format!("{TAG_PREFIX}{{{tag}}}")
+}
+
+/// A version as stored: canonical decimal.
+pub fn encode_version(version: u64) -> String {
+    version.to_string()
+}
+
+/// Lua source of [`BUMP`].
+///
+/// `KEYS[1]` is a version key, `ARGV[1]` the new version in canonical
+/// decimal. The key is set to `ARGV[1]` if that is greater than the version
+/// there (or there is none); returns 1 if it was raised, 0 if it was kept.
+/// A value that is not a decimal version fails with `EVICTD_NOT_A_VERSION`;
+/// a key of another type fails with `WRONGTYPE` (from `GET`). Leading zeros
+/// of a stored value are ignored; the key's TTL, if any, is removed by `SET`
+/// (evictd never gives version keys a TTL).
+pub const BUMP_LUA: &str = r#"
+local function greater(a, b)
+  if #a ~= #b then return #a > #b end
+  for i = 1, #a do
+    local x, y = string.byte(a, i), string.byte(b, i)
+    if x ~= y then return x > y end
+  end
+  return false
+end
+local new = ARGV[1]
+local cur = redis.call('GET', KEYS[1])
+if cur then
+  if not string.match(cur, '^%d+$') then
+    return redis.error_reply('EVICTD_NOT_A_VERSION ' .. KEYS[1] .. ' holds a value that is not a decimal version')
+  end
+  cur = string.gsub(cur, '^0+', '')
+  if not greater(new, cur) then return 0 end
+end
+redis.call('SET', KEYS[1], new)
+return 1
+"#;
+
+/// Lua source of [`FORGET`].
+///
+/// `KEYS[1]` is a tag registry; `ARGV[1]` a score bound: registrations
+/// scored strictly below it are dropped (their keys expired). `ARGV[2]`,
+/// `ARGV[3]`, … are `member, score` pairs as evictd read them before
+/// deleting the members' keys: each is removed only if its score is still
+/// that (same text, or the same number: `ZSCAN` and `ZSCORE` may print a
+/// score differently). Returns the number of registrations removed.
+pub const FORGET_LUA: &str = r#"
+local removed = redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+for i = 2, #ARGV, 2 do
+  local score = redis.call('ZSCORE', KEYS[1], ARGV[i])
+  local now, was = tonumber(score), tonumber(ARGV[i + 1])
+  if score and (score == ARGV[i + 1] or (now ~= nil and now == was)) then
+    removed = removed + redis.call('ZREM', KEYS[1], ARGV[i])
+  end
+end
+return removed
+"#;
+
+/// The scripts evictd runs, built once per sink.
+#[derive(Debug)]
+pub struct Scripts {
+    pub bump: Script,
+    pub forget: Script,
+}
+
+impl Scripts {
+    pub fn new() -> Scripts {
+        Scripts { bump: Script::new(BUMP_LUA), forget: Script::new(FORGET_LUA) }
+    }
+
+    pub fn all(&self) -> [&Script; 2] {
+        [&self.bump, &self.forget]
+    }
+}
+
+impl Default for Scripts {
+    fn default() -> Scripts {
+        Scripts::new()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use redis::cluster_routing::Slot;
+
+    #[test]
+    fn versions_are_canonical_decimal() {
+        assert_eq!(encode_version(0), "0");
+        assert_eq!(encode_version(42), "42");
+        assert_eq!(encode_version(u64::MAX), "18446744073709551615");
+    }
+
+    #[test]
+    fn a_tag_registry_hashes_on_its_tag_alone() {
+        assert_eq!(tag_key("user:42"), "evictd:tag:{user:42}");
+        assert_eq!(Slot::for_key(tag_key("user:42")), Slot::for_key("user:42"));
+        assert_eq!(namespace_key("product_detail"), "evictd:ns:product_detail");
+    }
+}

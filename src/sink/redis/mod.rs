@@ -1,0 +1,220 @@
+//! The Redis sink: applies a batch's effects to one Redis target,
+//! standalone or Cluster, and confirms only once every reply was read.
+//!
+//! ```text
+//! SinkBatch ──plan──► groups (one pipeline per slot) ─┐
+//!            └──────► tag jobs (read, UNLINK, forget) ├─► all confirmed ──► Ok
+//!                                                     └─► delayed second deletes (not acknowledged)
+//! ```
+//!
+//! - [`plan`]: the pure batch → commands step, grouped by hash slot.
+//! - [`layout`]: key names, the version format, the Lua scripts
+//!   (`docs/redis-layout.md` is the user-facing contract).
+//! - `conn`: the connection, round trips with a timeout, `NOSCRIPT` reload.
+//! - `tags`: tag registries; `redelete`: the delayed second delete;
+//!   `error`: transient or definite.
+//!
+//! **Invariants:** `apply` returns `Ok` only after every command of the
+//! batch was answered without error (the [`Sink`] contract); every round
+//! trip is bounded by [`RedisSinkOptions::timeout`]; a second delete
+//! (`redelete_after_ms`) is scheduled only after the batch is confirmed, is
+//! best-effort, and is not part of the acknowledgement.
+
+mod conn;
+mod error;
+pub mod layout;
+pub mod plan;
+mod redelete;
+mod tags;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures_util::{StreamExt, TryStreamExt, stream};
+use secrecy::ExposeSecret;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+pub use error::{Class, classify};
+pub use plan::{Command, Group, Plan, PlanError, Redelete, TagJob, Topology};
+
+use self::conn::{Conn, Runner};
+use self::error::Errors;
+use self::layout::Scripts;
+use crate::config::RedisTarget;
+use crate::sink::{Sink, SinkBatch, SinkError};
+
+/// Tags invalidated at once within a batch (each runs its own pipelines).
+const TAG_CONCURRENCY: usize = 4;
+
+/// How a [`RedisSink`] behaves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisSinkOptions {
+    /// Longest wait for one round trip (connecting included). Past it the
+    /// batch fails with a transient error.
+    pub timeout: Duration,
+    /// Pipelines in flight at once for one batch.
+    pub max_in_flight: usize,
+}
+
+impl Default for RedisSinkOptions {
+    fn default() -> RedisSinkOptions {
+        RedisSinkOptions { timeout: Duration::from_secs(5), max_in_flight: 16 }
+    }
+}
+
+/// A [`Sink`] for one Redis target. Cheap to clone.
+#[derive(Clone)]
+pub struct RedisSink {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    name: String,
+    conn: Conn,
+    scripts: Scripts,
+    errors: Errors,
+    options: RedisSinkOptions,
+    /// Delayed second deletes still waiting or running.
+    redeletes: TaskTracker,
+    redelete_failures: AtomicU64,
+}
+
+impl Inner {
+    fn runner(&self) -> Runner<'_> {
+        Runner { conn: &self.conn, scripts: &self.scripts, errors: &self.errors, timeout: self.options.timeout }
+    }
+}
+
+impl RedisSink {
+    /// Connects to a target with the default options.
+    pub async fn connect(target: &RedisTarget) -> Result<RedisSink, SinkError> {
+        RedisSink::connect_with(target, RedisSinkOptions::default()).await
+    }
+
+    /// Connects to a target. An unreachable target is a transient error
+    /// after at most `options.timeout`.
+    pub async fn connect_with(target: &RedisTarget, options: RedisSinkOptions) -> Result<RedisSink, SinkError> {
+        let secrets = target.urls.iter().map(|u| u.expose_secret().to_owned()).collect();
+        let errors = Errors::new(&target.name, secrets);
+        let options = RedisSinkOptions { max_in_flight: options.max_in_flight.max(1), ..options };
+        let conn = Conn::connect(target, options.timeout, &errors).await?;
+        Ok(RedisSink {
+            inner: Arc::new(Inner {
+                name: target.name.clone(),
+                conn,
+                scripts: Scripts::new(),
+                errors,
+                options,
+                redeletes: TaskTracker::new(),
+                redelete_failures: AtomicU64::new(0),
+            }),
+        })
+    }
+
+    pub fn topology(&self) -> Topology {
+        self.inner.conn.topology()
+    }
+
+    /// Delayed second deletes that failed so far (each is logged).
+    pub fn redelete_failures(&self) -> u64 {
+        self.inner.redelete_failures.load(Ordering::Relaxed)
+    }
+
+    /// The delayed second deletes: `close()` then `wait()` on shutdown to
+    /// let pending ones finish, or drop the sink to abandon them.
+    pub fn redeletes(&self) -> &TaskTracker {
+        &self.inner.redeletes
+    }
+
+    async fn apply_batch(&self, batch: SinkBatch<'_>) -> Result<(), SinkError> {
+        let inner = &self.inner;
+        let topology = inner.conn.topology();
+        let plan = plan::plan(&batch, topology, &mut fastrand::Rng::new())
+            .map_err(|e| inner.errors.make(Class::Definite, e.to_string()))?;
+        let runner = inner.runner();
+        let max = inner.options.max_in_flight;
+        let now = now_ms();
+        let keys = run_groups(&runner, &plan.groups, &plan.version, max);
+        // Futures built up front (not in a stream closure): a closure over
+        // borrowed jobs trips the compiler's Send check of `apply`.
+        let tag_jobs: Vec<_> = plan.tags.iter().map(|job| tag_job(&runner, job, now, topology, max)).collect();
+        let tags = stream::iter(tag_jobs).buffer_unordered(TAG_CONCURRENCY).try_collect::<Vec<_>>();
+        let ((), tag_keys) = futures_util::try_join!(keys, tags)?;
+        tracing::debug!(groups = plan.groups.len(), tags = plan.tags.len(), "batch confirmed");
+
+        // Confirmed: only now schedule the second deletes.
+        for redelete in plan.redeletes {
+            redelete::schedule(&self.inner, batch.id, redelete.after_ms, redelete.keys);
+        }
+        for (after_ms, keys) in tag_keys {
+            if let Some(after_ms) = after_ms
+                && !keys.is_empty()
+            {
+                redelete::schedule(&self.inner, batch.id, after_ms, keys);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Sink for RedisSink {
+    fn name(&self) -> &str {
+        &self.inner.name
+    }
+
+    fn apply(&self, batch: SinkBatch<'_>) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let span = tracing::info_span!(
+            "redis_apply",
+            batch_id = batch.id,
+            target = %self.inner.name,
+            effects = batch.effects.len()
+        );
+        self.apply_batch(batch).instrument(span)
+    }
+}
+
+/// Runs groups as pipelines, at most `max` at once; `Ok` once all replied.
+async fn run_groups(runner: &Runner<'_>, groups: &[Group], version: &str, max: usize) -> Result<(), SinkError> {
+    let pipelines: Vec<_> = groups.iter().map(|group| run_group(runner, group, version)).collect();
+    stream::iter(pipelines).buffer_unordered(max).try_collect::<()>().await
+}
+
+/// One tag job; returns its second-delete delay and the keys it deleted.
+async fn tag_job(
+    runner: &Runner<'_>,
+    job: &TagJob,
+    now: u64,
+    topology: Topology,
+    max: usize,
+) -> Result<(Option<u64>, Vec<Vec<u8>>), SinkError> {
+    let deleted = tags::invalidate(runner, job, now, topology, max).await?;
+    Ok((job.redelete_after_ms, deleted))
+}
+
+async fn run_group(runner: &Runner<'_>, group: &Group, version: &str) -> Result<(), SinkError> {
+    let mut pipe = redis::pipe();
+    for command in &group.commands {
+        match command {
+            Command::Unlink(keys) => {
+                pipe.cmd("UNLINK").arg(keys);
+            }
+            Command::Bump(key) => {
+                pipe.cmd("EVALSHA").arg(runner.scripts.bump.get_hash()).arg(1).arg(key).arg(version);
+            }
+            Command::Expire { key, ttl_ms } => {
+                pipe.cmd("PEXPIRE").arg(key).arg(*ttl_ms).arg("LT");
+            }
+        }
+    }
+    let what = format!("pipeline of {} commands", group.commands.len());
+    runner.pipeline(&what, &mut pipe).await?;
+    Ok(())
+}
+
+/// Now as Unix milliseconds (0 if the clock is before 1970).
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
