@@ -6,13 +6,15 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
-    // Diagnostics go to stderr; stdout carries command output only.
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-
     // clap itself exits 2 on bad arguments and 0 for --help / --version.
     let cli = evictd::cli::Cli::parse();
+    // `run` logs as its config says; the other commands warn on stderr
+    // (stdout carries their output).
+    if !matches!(cli.command, evictd::cli::Command::Run(_)) {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
     match evictd::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -166,6 +166,13 @@ impl Health {
         }
     }
 
+    /// Every sink confirmed a batch: all are reachable.
+    pub fn set_all_sinks_reachable(&self) {
+        for (_, flag) in &self.sinks {
+            flag.store(true, Ordering::Relaxed);
+        }
+    }
+
     /// Source lag in bytes (Postgres: server WAL end − acknowledged LSN).
     pub fn set_lag_bytes(&self, bytes: u64) {
         self.lag_bytes.store(bytes, Ordering::Relaxed);

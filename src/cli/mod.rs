@@ -6,6 +6,7 @@
 //! before it does any work, through the same [`prepare`] that `run` uses.
 
 mod explain;
+mod run;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -31,6 +32,8 @@ pub enum Command {
     Graph(GraphArgs),
     /// Show what one change invalidates, and why.
     Explain(explain::ExplainArgs),
+    /// Run the daemon: tail the source, invalidate the caches.
+    Run(run::RunArgs),
 }
 
 /// Where the graph comes from: paths, else the config's `graph.paths`, else
@@ -144,6 +147,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Check(args) => check(&args),
         Command::Graph(args) => print_graph(&args),
         Command::Explain(args) => explain::run(&args),
+        Command::Run(args) => run::run(&args),
     }
 }
 

@@ -40,6 +40,8 @@ pub struct RawConfig {
     pub lookup: RawLookup,
     #[serde(default)]
     pub batch: RawBatch,
+    #[serde(default)]
+    pub run: RawRun,
     /// Named Redis targets: `[redis.primary]`, `[redis.eu]`.
     #[serde(default)]
     pub redis: BTreeMap<String, RawRedis>,
@@ -131,6 +133,20 @@ pub struct RawBatch {
     pub max_delay_ms: Option<u64>,
 }
 
+/// `[run]`: how the daemon retries and shuts down.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRun {
+    /// Longest wait between retries of a failing sink, look-up or source
+    /// connection, in ms. Default 5000.
+    pub retry_max_ms: Option<u64>,
+    /// How long SIGTERM may take to flush and acknowledge, in ms. Default 10000.
+    pub shutdown_grace_ms: Option<u64>,
+    /// Distinct effects one transaction may collect before its caches are
+    /// invalidated whole (namespace bumps). Default 100000.
+    pub max_transaction_effects: Option<usize>,
+}
+
 /// `[redis.NAME]`: one Redis target.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -177,9 +193,17 @@ pub struct Config {
     pub source: Option<SourceConfig>,
     pub lookup: LookupConfig,
     pub batch: BatchLimits,
+    pub run: RunConfig,
     pub redis: Vec<RedisTarget>,
     pub server: ServerConfig,
     pub log: LogConfig,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct RunConfig {
+    pub retry_max: Duration,
+    pub shutdown_grace: Duration,
+    pub max_transaction_effects: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -494,6 +518,21 @@ impl RawConfig {
                 as usize,
             max_delay: Duration::from_millis(max_delay_ms),
         };
+        let run = RunConfig {
+            retry_max: Duration::from_millis(positive(&mut issues, "run.retry_max_ms", self.run.retry_max_ms, 5000)),
+            shutdown_grace: Duration::from_millis(positive(
+                &mut issues,
+                "run.shutdown_grace_ms",
+                self.run.shutdown_grace_ms,
+                10_000,
+            )),
+            max_transaction_effects: positive(
+                &mut issues,
+                "run.max_transaction_effects",
+                self.run.max_transaction_effects.map(|v| v as u64),
+                100_000,
+            ) as usize,
+        };
 
         let mut redis = Vec::new();
         for (name, target) in self.redis {
@@ -569,6 +608,7 @@ impl RawConfig {
             source: source_config,
             lookup,
             batch,
+            run,
             redis,
             server: ServerConfig { listen, health },
             log: LogConfig { format, level },

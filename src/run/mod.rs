@@ -25,10 +25,12 @@ use tracing::Instrument as _;
 
 pub use self::transaction::TransactionEffects;
 use crate::batch::{Batch, BatchLimits};
-use crate::change::Position;
+use crate::change::{Lsn, Position};
 use crate::checkpoint::Watermark;
 use crate::graph::Graph;
+use crate::metrics::{Invalidation, Metrics, PositionLadder};
 use crate::resolve::{Effect, LookupExecutor, LookupRequest, Resolution, Resolver};
+use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
 use crate::source::{Source, SourceError, SourceEvent};
 
@@ -87,6 +89,8 @@ pub struct Pipeline<K, L> {
     pub sink: Arc<K>,
     pub lookups: Option<Arc<L>>,
     pub options: RunOptions,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
 }
 
 impl<K, L> Clone for Pipeline<K, L> {
@@ -96,6 +100,8 @@ impl<K, L> Clone for Pipeline<K, L> {
             sink: self.sink.clone(),
             lookups: self.lookups.clone(),
             options: self.options,
+            metrics: self.metrics.clone(),
+            health: self.health.clone(),
         }
     }
 }
@@ -105,12 +111,22 @@ struct Pending {
     batch: Batch,
     lookups: Vec<LookupRequest>,
     opened: Instant,
+    /// Commit time of the batch's last transaction (µs since the epoch).
+    commit_time_micros: Option<i64>,
 }
 
 /// What a finished batch task reports.
 struct Applied {
     batch: u64,
     effects: usize,
+}
+
+/// A position's LSN, for the position ladder (Postgres only).
+fn lsn_of(position: &Position) -> Option<Lsn> {
+    match position {
+        Position::Postgres { lsn, .. } => Some(*lsn),
+        _ => None,
+    }
 }
 
 impl<K, L> Pipeline<K, L>
@@ -133,7 +149,17 @@ where
         let mut in_flight: Option<(u64, JoinHandle<Result<Applied, RunError>>)> = None;
         let mut last_acked: Option<Position> = None;
         let mut stopping = false;
+        let mut ladder = PositionLadder::default();
+        let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        self.health.set_source_connected(true);
+        let _disconnected = OnDrop(|| self.health.set_source_connected(false));
         loop {
+            self.health.heartbeat();
+            if let Some(wal_end) = source.server_position().as_ref().and_then(lsn_of) {
+                ladder.wal_end = ladder.wal_end.max(wal_end);
+            }
+            self.metrics.positions(&ladder);
+            self.health.set_lag_bytes(ladder.lag_bytes());
             let full = pending.as_ref().is_some_and(|p| p.batch.is_full(&self.options.batch));
             let deadline = pending.as_ref().map(|p| p.opened + self.options.batch.max_delay);
             // Send the open batch when nothing is in flight and it is due.
@@ -168,12 +194,17 @@ where
                         Err(e) => return Err(e),
                     };
                     let moved = watermark.confirm(applied.batch).map_err(|e| RunError::Internal(e.to_string()))?;
-                    if let Some(position) = moved {
+                                        if let Some(position) = moved {
                         tracing::debug!(batch_id = applied.batch, effects = applied.effects, %position, "acknowledging");
                         acknowledge(source, &position, &mut last_acked).await?;
+                        if let Some(lsn) = lsn_of(&position) {
+                            ladder.applied = ladder.applied.max(lsn);
+                            ladder.acknowledged = ladder.acknowledged.max(lsn);
+                        }
                     }
                 }
-                () = sleep_until_or_never(deadline), if in_flight.is_none() && deadline.is_some() => {}
+                                () = sleep_until_or_never(deadline), if in_flight.is_none() && deadline.is_some() => {}
+                _ = heartbeat.tick() => {}
                 event = source.next(), if can_read => {
                     let event = match event {
                         Ok(e) => e,
@@ -189,24 +220,39 @@ where
                         }
                         SourceEvent::Change(change) => {
                             let tx = open_tx.as_mut().ok_or_else(|| RunError::Source(format!("change at {} outside a transaction", change.position)))?;
+                                                        self.metrics.changes_received(&change.table, change.op, 1);
+                            if let Some(lsn) = lsn_of(&change.position) {
+                                ladder.received = ladder.received.max(lsn);
+                            }
                             let span = tracing::trace_span!("change", position = %change.position, table = %change.table, op = %change.op);
                             let resolution = span.in_scope(|| resolver.resolve(&change));
                             tx.add(&graph, resolution);
                         }
-                        SourceEvent::Commit { position, .. } => {
+                                                SourceEvent::Commit { position, commit_time_micros } => {
+                            if let Some(lsn) = lsn_of(&position) {
+                                ladder.received = ladder.received.max(lsn);
+                                ladder.resolved = ladder.resolved.max(lsn);
+                            }
                             let tx = open_tx.take().ok_or_else(|| RunError::Source(format!("commit at {position} without a transaction")))?;
                             let (effects, lookups) = tx.finish();
                             let p = pending.get_or_insert_with(|| {
                                 let id = next_batch_id;
                                 next_batch_id += 1;
-                                Pending { batch: Batch::new(id), lookups: Vec::new(), opened: Instant::now() }
+                                                                Pending { batch: Batch::new(id), lookups: Vec::new(), opened: Instant::now(), commit_time_micros: None }
                             });
+                            p.commit_time_micros = commit_time_micros.or(p.commit_time_micros);
                             p.batch.push_transaction(position, effects);
                             p.lookups.extend(lookups);
                         }
-                        SourceEvent::Idle { position } => {
+                                                SourceEvent::Idle { position } => {
+                            if let Some(lsn) = lsn_of(&position) {
+                                ladder.wal_end = ladder.wal_end.max(lsn);
+                            }
                             if open_tx.is_none() && pending.is_none() && in_flight.is_none() && watermark.is_idle() {
                                 acknowledge(source, &position, &mut last_acked).await?;
+                                if let Some(lsn) = lsn_of(&position) {
+                                    ladder.acknowledged = ladder.acknowledged.max(lsn);
+                                }
                             }
                         }
                     }
@@ -224,7 +270,8 @@ where
     }
 
     async fn apply(&self, pending: Pending, shutdown: &CancellationToken) -> Result<Applied, RunError> {
-        let Pending { batch, lookups, .. } = pending;
+        let started = Instant::now();
+        let Pending { batch, lookups, commit_time_micros, .. } = pending;
         let mut effects: Vec<Effect> = batch.effects().to_vec();
         if !lookups.is_empty() {
             let executor = self
@@ -259,15 +306,56 @@ where
                 let sink_batch = SinkBatch { id: batch.id(), graph: &self.graph, effects: &effects, version };
                 match self.sink.apply(sink_batch).await {
                     Ok(()) => break,
-                    Err(SinkError::Transient { target, message }) => {
+                    Err(e @ SinkError::Transient { .. }) => {
+                        self.metrics.sink_error(&e);
+                        let (target, message) = match e {
+                            SinkError::Transient { target, message } | SinkError::Definite { target, message } => {
+                                (target, message)
+                            }
+                        };
+                        self.metrics.sink_retry(&target);
+                        self.health.set_sink_reachable(&target, false);
                         tracing::warn!(%target, error = %message, retry_in_ms = backoff.as_millis() as u64, "sink unavailable; retrying (the source is paused)");
                         backoff = wait(backoff, self.options.retry_max, shutdown).await?;
                     }
-                    Err(e @ SinkError::Definite { .. }) => return Err(RunError::Sink(e.to_string())),
+                    Err(e @ SinkError::Definite { .. }) => {
+                        self.metrics.sink_error(&e);
+                        return Err(RunError::Sink(e.to_string()));
+                    }
                 }
             }
         }
+        self.record(&effects, started, commit_time_micros);
         Ok(Applied { batch: batch.id(), effects: effects.len() })
+    }
+
+    /// Per-batch metrics (never per key), and the sinks are reachable again.
+    fn record(&self, effects: &[Effect], started: Instant, commit_time_micros: Option<i64>) {
+        let mut counts: std::collections::HashMap<(crate::graph::CacheId, u8), u64> = std::collections::HashMap::new();
+        for e in effects {
+            let kind = match e {
+                Effect::Key { .. } => 0,
+                Effect::Tag { .. } => 1,
+                Effect::NamespaceBump { .. } => 2,
+            };
+            *counts.entry((e.cache(), kind)).or_insert(0) += 1;
+        }
+        for ((cache, kind), n) in counts {
+            let cache = self.graph.cache(cache);
+            let what = match kind {
+                0 => Invalidation::Key(cache.options.action),
+                1 => Invalidation::Tag(cache.options.action),
+                _ => Invalidation::NamespaceBump,
+            };
+            self.metrics.effects_resolved(&cache.name, what, n);
+        }
+        self.metrics.batch_applied(effects.len(), started.elapsed());
+        if let Some(committed) = commit_time_micros {
+            let now =
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as i64);
+            self.metrics.commit_to_applied(Duration::from_micros(now.saturating_sub(committed).max(0) as u64));
+        }
+        self.health.set_all_sinks_reachable();
     }
 }
 
@@ -278,6 +366,15 @@ async fn wait(current: Duration, max: Duration, shutdown: &CancellationToken) ->
     tokio::select! {
         () = tokio::time::sleep(jittered) => Ok((current * 2).min(max)),
                 () = shutdown.cancelled() => Err(RunError::Cancelled),
+    }
+}
+
+/// Runs a closure when dropped (on every way out of a session).
+struct OnDrop<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for OnDrop<F> {
+    fn drop(&mut self) {
+        (self.0)();
     }
 }
 

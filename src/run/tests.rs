@@ -100,7 +100,15 @@ impl LookupExecutor for NoLookups {
 
 fn pipeline(sink: Arc<Recorder>) -> Pipeline<Recorder, NoLookups> {
     let graph = load_sources(&[SourceFile::new("t.toml", GRAPH.to_owned())]).unwrap();
-    Pipeline { graph: Arc::new(graph), sink, lookups: None, options: RunOptions::default() }
+    let health = Arc::new(Health::new(crate::server::HealthThresholds::default(), ["recorder"]));
+    Pipeline {
+        graph: Arc::new(graph),
+        sink,
+        lookups: None,
+        options: RunOptions::default(),
+        metrics: Arc::new(Metrics::new()),
+        health,
+    }
 }
 
 fn tx(id: i64, at: u64) -> Vec<Result<SourceEvent, SourceError>> {

@@ -56,4 +56,10 @@ pub enum SourceError {
 pub trait Source {
     fn next(&mut self) -> impl Future<Output = Result<SourceEvent, SourceError>> + Send;
     fn acknowledge(&mut self, position: &Position) -> impl Future<Output = Result<(), SourceError>> + Send;
+
+    /// The server's own latest position, when the source knows it (the
+    /// Postgres WAL end), for the position ladder and lag.
+    fn server_position(&self) -> Option<Position> {
+        None
+    }
 }

@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod cli;
+mod daemon;
 mod key_vectors;
 mod lookup;
 mod server;

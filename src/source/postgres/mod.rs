@@ -103,6 +103,9 @@ pub struct PostgresSource {
     pending: VecDeque<SourceEvent>,
     /// The slot's position when replication started.
     resumed_from: Lsn,
+    /// The last position handed to the client for its status updates.
+    acknowledged: Lsn,
+    status_interval: Duration,
 }
 
 impl PostgresSource {
@@ -157,6 +160,8 @@ impl PostgresSource {
             tx: None,
             pending: VecDeque::new(),
             resumed_from: state.confirmed_flush,
+            acknowledged: state.confirmed_flush,
+            status_interval: config.status_interval,
         })
     }
 
@@ -165,8 +170,21 @@ impl PostgresSource {
         self.resumed_from
     }
 
-    /// Ends the session after a last status update.
+    /// The server's WAL end as last seen on the stream, and what we
+    /// acknowledged: their difference is the slot's lag.
+    pub fn positions(&self) -> (Lsn, Lsn) {
+        (Lsn(self.client.metrics().last_wal_end().as_u64()), self.acknowledged)
+    }
+
+    /// Ends the session once the last acknowledgement has reached the
+    /// server (the client sends status updates on its own schedule, and
+    /// stopping does not send one), or after one status interval more.
     pub async fn shutdown(mut self) {
+        let deadline = tokio::time::Instant::now() + self.status_interval + Duration::from_millis(500);
+        let metrics = self.client.metrics();
+        while metrics.last_applied_lsn().as_u64() < self.acknowledged.0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         if let Err(e) = self.client.shutdown().await {
             tracing::debug!(error = %e, "replication session ended with an error");
         }
@@ -261,10 +279,16 @@ impl Source for PostgresSource {
         }
     }
 
+    fn server_position(&self) -> Option<Position> {
+        let (wal_end, _) = self.positions();
+        Some(Position::Postgres { commit_lsn: wal_end, lsn: wal_end })
+    }
+
     async fn acknowledge(&mut self, position: &Position) -> Result<(), SourceError> {
         match position {
             Position::Postgres { lsn, .. } => {
                 self.client.update_applied_lsn(pgwire_replication::Lsn(lsn.0));
+                self.acknowledged = self.acknowledged.max(*lsn);
                 Ok(())
             }
             other => Err(SourceError::Definite(format!("a Postgres source cannot acknowledge {other}"))),

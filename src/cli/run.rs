@@ -1,0 +1,233 @@
+//! `evictd run --config FILE`: the daemon.
+//!
+//! Validation first (the same `prepare` as `check`; bad input exits 2
+//! before anything starts), then one runtime: signals, the Redis targets,
+//! the look-up pool, and source sessions one after another — a lost
+//! connection is retried with backoff and resumes from the slot.
+//!
+//! Shutdown: the first SIGTERM or SIGINT stops the reading, flushes what is
+//! complete and acknowledges it; after `run.shutdown_grace_ms` the process
+//! exits anyway (nothing unconfirmed was acknowledged, so nothing is lost).
+//! A second signal exits at once.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clap::Args;
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use super::{CliError, prepare};
+use crate::config::{Config, LogFormat, PostgresSource as PostgresConfig, SourceConfig};
+use crate::graph::Graph;
+use crate::metrics::Metrics;
+use crate::resolve::PgLookupExecutor;
+use crate::run::{Pipeline, RunOptions, SessionEnd};
+use crate::server::{Health, ServerState};
+use crate::sink::SinkError;
+use crate::sink::multi::MultiSink;
+use crate::sink::redis::RedisSink;
+use crate::source::postgres::{PostgresSource, SourceSetupError};
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// The config file (`evictd.toml`); see evictd.example.toml.
+    #[arg(long, value_name = "FILE")]
+    pub config: PathBuf,
+}
+
+pub fn run(args: &RunArgs) -> Result<(), CliError> {
+    let prepared = prepare(Some(&args.config), &[])?;
+    let Some(config) = prepared.config else {
+        return Err(CliError::Input("evictd run needs --config".into()));
+    };
+    let source = match &config.source {
+        Some(SourceConfig::Postgres(pg)) => pg.clone(),
+        Some(SourceConfig::Kafka(_)) => {
+            return Err(CliError::Input(format!(
+                "{}: source.kind: the kafka source is not available in this version; use kind = \"postgres\"",
+                config.file.display()
+            )));
+        }
+        None => return Err(CliError::Input(format!("{}: source: missing", config.file.display()))),
+    };
+    init_logging(&config)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(|e| CliError::Runtime(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(daemon(config, source, prepared.graph))
+}
+
+fn init_logging(config: &Config) -> Result<(), CliError> {
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
+        .map_err(|e| CliError::Input(format!("log.level: {e}")))?;
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let installed = match config.log.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    installed.map_err(|e| CliError::Runtime(format!("cannot install the logger: {e}")))
+}
+
+/// Cancels `shutdown` on the first SIGTERM/SIGINT, exits after the grace
+/// period, and at once on a second signal.
+fn watch_signals(shutdown: CancellationToken, grace: Duration) {
+    tokio::spawn(async move {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot listen for SIGTERM");
+                return;
+            }
+        };
+        let signal = async {
+            tokio::select! {
+                _ = term.recv() => "SIGTERM",
+                _ = tokio::signal::ctrl_c() => "SIGINT",
+            }
+        };
+        let first = signal.await;
+        tracing::info!(signal = first, grace_ms = grace.as_millis() as u64, "shutting down");
+        shutdown.cancel();
+        tokio::select! {
+            () = tokio::time::sleep(grace) => {
+                tracing::warn!("grace period over: exiting with the last confirmed position acknowledged");
+                std::process::exit(1);
+            }
+            _ = term.recv() => std::process::exit(130),
+            _ = tokio::signal::ctrl_c() => std::process::exit(130),
+        }
+    });
+}
+
+/// Sleeps `backoff` unless shutdown comes first; returns the next backoff.
+async fn pause(backoff: Duration, max: Duration, shutdown: &CancellationToken) -> Option<Duration> {
+    tokio::select! {
+        () = tokio::time::sleep(backoff) => Some((backoff * 2).min(max)),
+        () = shutdown.cancelled() => None,
+    }
+}
+
+async fn connect_sinks(
+    config: &Config,
+    shutdown: &CancellationToken,
+) -> Result<Option<MultiSink<RedisSink>>, CliError> {
+    let mut targets = Vec::new();
+    for target in &config.redis {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            match RedisSink::connect(target).await {
+                Ok(sink) => {
+                    targets.push(sink);
+                    break;
+                }
+                Err(SinkError::Transient { message, .. }) => {
+                    tracing::warn!(target = %target.name, error = %message, "Redis target unreachable; retrying");
+                    match pause(backoff, config.run.retry_max, shutdown).await {
+                        Some(next) => backoff = next,
+                        None => return Ok(None),
+                    }
+                }
+                Err(e @ SinkError::Definite { .. }) => return Err(CliError::Runtime(e.to_string())),
+            }
+        }
+    }
+    Ok(Some(MultiSink::new(targets)))
+}
+
+async fn daemon(config: Config, source_config: PostgresConfig, graph: Graph) -> Result<(), CliError> {
+    let shutdown = CancellationToken::new();
+    watch_signals(shutdown.clone(), config.run.shutdown_grace);
+    let graph = Arc::new(graph);
+    let metrics = Arc::new(Metrics::new());
+    let health = Arc::new(Health::new(config.server.health, config.redis.iter().map(|t| t.name.clone())));
+    for target in &config.redis {
+        metrics.sink_target(&target.name);
+    }
+    // The HTTP server stops last, so the probes answer while the loop flushes.
+    let server_stop = CancellationToken::new();
+    let listener = tokio::net::TcpListener::bind(config.server.listen)
+        .await
+        .map_err(|e| CliError::Runtime(format!("server.listen: cannot listen on {}: {e}", config.server.listen)))?;
+    tracing::info!(address = %config.server.listen, "serving /metrics, /healthz, /readyz");
+    let state = ServerState { metrics: metrics.clone(), health: health.clone() };
+    let server = tokio::spawn(crate::server::serve(listener, state, server_stop.clone()));
+    let result = work(&config, source_config, graph, metrics, health, &shutdown).await;
+    server_stop.cancel();
+    let _ = server.await;
+    result
+}
+
+async fn work(
+    config: &Config,
+    source_config: PostgresConfig,
+    graph: Arc<Graph>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: &CancellationToken,
+) -> Result<(), CliError> {
+    let shutdown = shutdown.clone();
+    let lookups = match &config.lookup.url {
+        Some(url) => {
+            let pool = sqlx::postgres::PgPoolOptions::new()
+                .max_connections(config.lookup.max_connections)
+                .acquire_timeout(config.lookup.timeout)
+                .connect_lazy(url.expose_secret())
+                .map_err(|_| CliError::Input("lookup.url: not a Postgres URL".into()))?;
+            Some(Arc::new(PgLookupExecutor::new(pool, config.lookup.timeout, config.lookup.batch_size)))
+        }
+        None => None,
+    };
+    let Some(sink) = connect_sinks(config, &shutdown).await? else { return Ok(()) };
+    let options = RunOptions {
+        batch: config.batch,
+        max_transaction_effects: config.run.max_transaction_effects,
+        retry_min: Duration::from_millis(50),
+        retry_max: config.run.retry_max,
+    };
+    let pipeline = Pipeline { graph: graph.clone(), sink: Arc::new(sink), lookups, options, metrics, health };
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let started = tokio::select! {
+            s = PostgresSource::start(&source_config, &graph) => s,
+            () = shutdown.cancelled() => break,
+        };
+        let mut source = match started {
+            Ok(s) => {
+                backoff = Duration::from_millis(100);
+                s
+            }
+            Err(SourceSetupError::Transient(m)) => {
+                tracing::warn!(error = %m, retry_in_ms = backoff.as_millis() as u64, "source unavailable; retrying");
+                match pause(backoff, config.run.retry_max, &shutdown).await {
+                    Some(next) => backoff = next,
+                    None => break,
+                }
+                continue;
+            }
+            Err(SourceSetupError::Definite(m)) => return Err(CliError::Runtime(m)),
+        };
+        match pipeline.run_session(&mut source, &shutdown).await {
+            Ok(SessionEnd::Shutdown) => {
+                source.shutdown().await;
+                break;
+            }
+            Ok(SessionEnd::SourceLost(m)) => {
+                tracing::warn!(error = %m, "lost the source; reconnecting from the slot");
+                drop(source);
+                if pause(backoff, config.run.retry_max, &shutdown).await.is_none() {
+                    break;
+                }
+            }
+            Err(e) => {
+                source.shutdown().await;
+                return Err(CliError::Runtime(e.to_string()));
+            }
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
