@@ -65,8 +65,13 @@ pub struct Daemon {
 
 impl Daemon {
     pub async fn new(redis: &str) -> Daemon {
+        Daemon::new_on(&super::support::pg_url(), redis).await
+    }
+
+    /// A daemon on the Postgres at `admin_url` (a database of its own in it).
+    pub async fn new_on(admin_url: &str, redis: &str) -> Daemon {
         let prefix = unique("t");
-        let db = TestDb::new(&prefix).await;
+        let db = TestDb::new_on(admin_url, &prefix).await;
         db.run_sql(SCHEMA).await;
         let slot = format!("evictd_{prefix}");
         let dir = tempfile::tempdir().unwrap();

@@ -8,5 +8,6 @@ mod cli;
 mod daemon;
 mod key_vectors;
 mod lookup;
+mod outage;
 mod server;
 mod support;

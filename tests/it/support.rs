@@ -77,7 +77,12 @@ pub struct TestDb {
 
 impl TestDb {
     pub async fn new(prefix: &str) -> TestDb {
-        let admin = pg_url();
+        TestDb::new_on(&pg_url(), prefix).await
+    }
+
+    /// A database on the server at `admin`.
+    pub async fn new_on(admin: &str, prefix: &str) -> TestDb {
+        let admin = admin.to_owned();
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
         let name = format!("evictd_{prefix}_{}_{}", std::process::id(), nanos % 1_000_000_000);
         let mut conn = sqlx::PgConnection::connect(&admin).await.expect("test Postgres reachable");
