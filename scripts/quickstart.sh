@@ -1,20 +1,21 @@
 #!/usr/bin/env bash
-# evictd quickstart: from a fresh Debian machine to seeing what a row change
-# invalidates, with real look-ups against a real Postgres.
+# evictd quickstart: Postgres → evictd → Redis on this machine, in one command.
 #
 #   scripts/quickstart.sh
 #
-# 1. installs what the build needs (apt-get, once) and builds evictd;
-# 2. starts Postgres 15 on 127.0.0.1:55432 (scripts/services/pg-start.sh) and
-#    loads the example schemas and rows (examples/schema/*.sql) into a fresh
-#    database `evictd_quickstart`;
-# 3. validates the example graphs (`evictd check`) and explains a few changes,
-#    running their look-ups against that database (`evictd explain`).
+# 1. installs what the build and the services need (apt-get, once) and builds evictd;
+# 2. starts Postgres 15 (wal_level=logical) on 127.0.0.1:55432 and Redis on
+#    127.0.0.1:6479 (scripts/services/), and loads the e-commerce demo schema
+#    and rows (examples/schema/ecommerce.sql) into a fresh database;
+# 3. starts `evictd run` with the e-commerce graph (dependency-graphs/ecommerce.toml),
+#    its metrics on http://127.0.0.1:9187/metrics;
+# 4. caches a few keys in Redis, writes to Postgres, and shows which keys
+#    evictd invalidated and why.
 #
-# Until `evictd run` (the replication daemon) lands, this is the daemon's
-# resolution step on its own: what would be invalidated, and why.
-# Everything binds to 127.0.0.1. At exit (or Ctrl-C) the Postgres this script
-# started is stopped; EVICTD_KEEP_SERVICES=1 leaves it running.
+# Then it keeps evictd running for you to try more (the commands are printed)
+# until Ctrl-C, which stops evictd, drops the demo slot and stops the servers
+# this script started. Without a terminal (or with QUICKSTART_EXIT=1) it
+# cleans up right after the demo. Everything binds to 127.0.0.1 only.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -24,65 +25,135 @@ die() { echo "quickstart: error: $*" >&2; exit 1; }
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 PGPORT="${PGPORT:-55432}"
+REDIS_PORT="${REDIS_PORT:-6479}"
+METRICS="127.0.0.1:${EVICTD_METRICS_PORT:-9187}"
 DB=evictd_quickstart
-STOP_PG=0
+SLOT=evictd_quickstart
+WORK="$(mktemp -d -t evictd-quickstart.XXXXXX)"
+STOP=()
+EVICTD_PID=""
+
 cleanup() {
-  if [ "$STOP_PG" = 1 ] && [ "${EVICTD_KEEP_SERVICES:-0}" != 1 ]; then
-    note "stopping the Postgres this script started"
-    bash scripts/services/pg-stop.sh >/dev/null 2>&1 || true
+  trap - EXIT INT TERM
+  set +e
+  if [ -n "$EVICTD_PID" ] && kill -0 "$EVICTD_PID" 2>/dev/null; then
+    note "stopping evictd"
+    kill -TERM "$EVICTD_PID"; wait "$EVICTD_PID" 2>/dev/null
   fi
+  if [ -n "${admin_url:-}" ]; then
+    psql -X -q "$admin_url" -c "SELECT pg_drop_replication_slot('$SLOT') FROM pg_replication_slots WHERE slot_name = '$SLOT'" >/dev/null 2>&1
+  fi
+  for s in "${STOP[@]+"${STOP[@]}"}"; do
+    note "stopping ($s)"
+    bash "scripts/services/$s" >/dev/null 2>&1
+  done
+  rm -rf "$WORK"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
 step "installing prerequisites and building evictd"
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
-ensure_packages
+extra=()
+[ -x /usr/lib/postgresql/15/bin/postgres ] || extra+=(postgresql-15)
+command -v psql >/dev/null || extra+=(postgresql-client-15)
+command -v redis-server >/dev/null || extra+=(redis-server)
+command -v redis-cli >/dev/null || extra+=(redis-tools)
+command -v curl >/dev/null || extra+=(curl)
+ensure_packages ${extra[@]+"${extra[@]}"}
 cargo build --locked --quiet
 EVICTD="$ROOT/target/debug/evictd"
 
-step "starting Postgres 15 (wal_level=logical) on 127.0.0.1:$PGPORT"
-(exec 3<>"/dev/tcp/127.0.0.1/$PGPORT") 2>/dev/null || STOP_PG=1
+step "starting Postgres 15 (wal_level=logical) and Redis on 127.0.0.1"
+port_open "$PGPORT" || STOP+=(pg-stop.sh)
 admin_url="$(PGPORT="$PGPORT" bash scripts/services/pg-start.sh | tail -n 1)"
-psql_admin=(psql -X -q -v ON_ERROR_STOP=1 "$admin_url")
-"${psql_admin[@]}" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
+port_open "$REDIS_PORT" || STOP+=(redis-stop.sh)
+redis_url="$(REDIS_PORT="$REDIS_PORT" bash scripts/services/redis-start.sh | tail -n 1)"
+psql -X -q "$admin_url" -c "SELECT pg_drop_replication_slot('$SLOT') FROM pg_replication_slots WHERE slot_name = '$SLOT'" >/dev/null
+psql -X -q -v ON_ERROR_STOP=1 "$admin_url" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
 url="${admin_url%/*}/$DB"
-for schema in examples/schema/ecommerce.sql examples/schema/social.sql; do
-  psql -X -q -v ON_ERROR_STOP=1 "$url" -f "$schema" >/dev/null
-  note "loaded $schema"
+psql -X -q -v ON_ERROR_STOP=1 "$url" -f examples/schema/ecommerce.sql >/dev/null
+note "loaded examples/schema/ecommerce.sql into $url"
+
+step "starting evictd run (graph: dependency-graphs/ecommerce.toml)"
+cat >"$WORK/evictd.toml" <<TOML
+[graph]
+paths = ["$ROOT/dependency-graphs/ecommerce.toml"]
+[source]
+kind = "postgres"
+[source.postgres]
+url = "$url"
+slot = "$SLOT"
+publication = "$SLOT"
+create_slot = true
+create_publication = true
+[redis.primary]
+url = "$redis_url"
+[server]
+listen = "$METRICS"
+[log]
+level = "info"
+TOML
+"$EVICTD" run --config "$WORK/evictd.toml" 2>"$WORK/evictd.log" &
+EVICTD_PID=$!
+for _ in $(seq 1 150); do
+  [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$METRICS/readyz")" = 200 ] && break
+  kill -0 "$EVICTD_PID" 2>/dev/null || { cat "$WORK/evictd.log" >&2; die "evictd exited"; }
+  sleep 0.1
 done
+note "evictd is ready (log: $WORK/evictd.log)"
 
-step "evictd check dependency-graphs/"
-"$EVICTD" check dependency-graphs/
-
-explain() {
-  printf '\n$ evictd explain %s\n' "$*"
-  "$EVICTD" explain --graph dependency-graphs --lookup-url "$url" "$@"
+rcli() { redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"; }
+show() {  # show KEY...: which of the keys are still cached
+  for key in "$@"; do
+    if [ "$(rcli EXISTS "$key")" = 1 ]; then printf '    %-28s still cached\n' "$key"
+    else printf '    %-28s invalidated\n' "$key"; fi
+  done
+}
+demo() {  # demo "title" "SQL" KEY...: cache the keys, run the SQL, show what went
+  local title="$1" sql="$2"; shift 2
+  printf '\n  %s\n    $ psql -c "%s"\n' "$title" "$sql"
+  for key in "$@"; do rcli SET "$key" cached >/dev/null; done
+  psql -X -q "$url" -c "$sql"
+  for _ in $(seq 1 50); do [ "$(rcli EXISTS "$@")" = 0 ] && break; sleep 0.05; done
+  show "$@"
 }
 
-step "a product is renamed and moves to another category"
-explain --table shop.products --op update \
-  --before '{"id":1,"slug":"trail-runner-2","brand_id":10,"category_id":3,"name":"Trail Runner 2","description":"Grippy.","status":"active","updated_at":"2026-11-20 10:00:00+00"}' \
-  --after '{"id":1,"slug":"trail-runner-2","brand_id":10,"category_id":4,"name":"Trail Runner 2 GTX","description":"Grippy.","status":"active","updated_at":"2026-11-23 10:00:00+00"}'
+step "writes to Postgres, invalidations in Redis"
+demo "a product is renamed: its detail, and the page that embeds it" \
+  "UPDATE shop.products SET name = name || ' (new)' WHERE id = 1" \
+  'product:{1}:detail' 'product:{1}:page'
+demo "a product moves from category 3 to 4: both listings" \
+  "UPDATE shop.products SET category_id = 4 WHERE id = 2" \
+  'category:3:listing' 'category:4:listing'
+demo "stock changes: the SKU's stock and, through a look-up, its product page" \
+  "UPDATE shop.inventory SET on_hand = on_hand - 1 WHERE sku_id = 101" \
+  'sku:{101}:stock' 'product:{1}:page'
+printf '\n  an update that touches no watched column invalidates nothing:\n'
+rcli SET 'product:{3}:detail' cached >/dev/null
+psql -X -q "$url" -c "UPDATE shop.products SET updated_at = now() WHERE id = 3"
+psql -X -q "$url" -c "UPDATE shop.products SET name = name WHERE id = 1"
+sleep 0.5
+show 'product:{3}:detail'
 
-step "stock of one SKU changes: look-ups find its product page and category"
-sku="$(psql -X -At "$url" -c 'SELECT sku_id FROM shop.inventory ORDER BY 1 LIMIT 1')"
-explain --table shop.inventory --op update \
-  --before "{\"sku_id\":$sku,\"warehouse_id\":1,\"on_hand\":5,\"reserved\":0}" \
-  --after "{\"sku_id\":$sku,\"warehouse_id\":1,\"on_hand\":4,\"reserved\":1}"
+step "metrics"
+curl -s "http://$METRICS/metrics" | grep -E '^evictd_(changes_received_total|effects_resolved_total|position_acknowledged_bytes|source_lag_bytes)' | head -12
+echo "  (all of them: curl http://$METRICS/metrics; probes: /healthz, /readyz)"
 
-step "an author changes their display name: every article embedding it goes stale"
-explain --table content.users --op update \
-  --before '{"id":1,"handle":"ann","display_name":"Ann Example","avatar_url":null,"bio":"","email":"ann@example.com"}' \
-  --after '{"id":1,"handle":"ann","display_name":"Ann E.","avatar_url":null,"bio":"","email":"ann@example.com"}'
-
-step "done"
+if [ "${QUICKSTART_EXIT:-0}" = 1 ] || [ ! -t 0 ]; then
+  step "done"
+  exit 0
+fi
+step "evictd is running: try your own writes, Ctrl-C to stop and clean up"
 cat <<TXT
-The example graphs are in dependency-graphs/ (format: dependency-graphs/README.md).
-Try your own change (start with EVICTD_KEEP_SERVICES=1 to keep Postgres up for it):
-  $EVICTD explain --graph dependency-graphs --lookup-url $url \\
-      --table content.comments --op insert --after '{"id":7,"article_id":10,"author_id":2,"body":"hi","created_at":"2026-11-23"}'
-Print the graph:   $EVICTD graph --format dot | dot -Tsvg > graph.svg
+  psql $url -c "UPDATE shop.products SET status = 'archived' WHERE id = 3"
+  redis-cli -p $REDIS_PORT SET 'product:{3}:detail' cached     # before the write
+  redis-cli -p $REDIS_PORT EXISTS 'product:{3}:detail'         # after it: 0
+  $EVICTD explain --graph dependency-graphs/ecommerce.toml --table shop.products --op update --before '{"id":3,"status":"active"}' --after '{"id":3,"status":"archived"}'
+  tail -f $WORK/evictd.log
 TXT
+wait "$EVICTD_PID"
