@@ -70,12 +70,28 @@ impl Daemon {
 
     /// A daemon on the Postgres at `admin_url` (a database of its own in it).
     pub async fn new_on(admin_url: &str, redis: &str) -> Daemon {
+        Daemon::custom(admin_url, redis, SCHEMA, graph, "").await
+    }
+
+    /// A daemon with its own schema, graph (given the test's unique prefix)
+    /// and extra config lines (`[redis.primary]` may be replaced by them).
+    pub async fn custom(admin_url: &str, redis: &str, schema: &str, graph: fn(&str) -> String, extra: &str) -> Daemon {
         let prefix = unique("t");
         let db = TestDb::new_on(admin_url, &prefix).await;
-        db.run_sql(SCHEMA).await;
+        db.run_sql(schema).await;
         let slot = format!("evictd_{prefix}");
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("graph.toml"), graph(&prefix)).unwrap();
+        // Extra `[run]` settings join the base `[run]` section.
+        let (run_extra, extra) = match extra.strip_prefix("[run]\n") {
+            Some(rest) => (rest, ""),
+            None => ("", extra),
+        };
+        let redis_section = if extra.contains("[redis.primary]") {
+            String::new()
+        } else {
+            format!("[redis.primary]\nurl = \"{redis}\"\n")
+        };
         let config = dir.path().join("evictd.toml");
         std::fs::write(
             &config,
@@ -97,8 +113,8 @@ max_delay_ms = 5
 [run]
 retry_max_ms = 200
 shutdown_grace_ms = 5000
-[redis.primary]
-url = "{redis}"
+{run_extra}
+{redis_section}{extra}
 [server]
 listen = "127.0.0.1:0"
 [log]

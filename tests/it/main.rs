@@ -9,5 +9,6 @@ mod daemon;
 mod key_vectors;
 mod lookup;
 mod outage;
+mod pipeline;
 mod server;
 mod support;
