@@ -7,4 +7,6 @@
 mod cli;
 mod key_vectors;
 mod lookup;
+mod redis_sink;
+mod redis_support;
 mod support;
