@@ -308,3 +308,32 @@ async fn an_unreachable_or_silent_target_is_a_transient_error_within_the_timeout
     assert!(matches!(err, SinkError::Transient { .. }), "{err:?}");
     assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
 }
+
+#[tokio::test]
+async fn a_restarted_target_fails_transiently_then_confirms_again() {
+    let g = TestGraph::new(&unique());
+    let p = unique();
+    let proxy = Proxy::start(&urls(Kind::Standalone)[0]).await;
+    let options = RedisSinkOptions { timeout: Duration::from_millis(800), ..RedisSinkOptions::default() };
+    let s =
+        RedisSink::connect_with(&target("restarts", std::slice::from_ref(&proxy.url), false), options).await.unwrap();
+    let probe = Probe::new(Kind::Standalone).await;
+    let k = format!("it:{p}:restart");
+    let effects = [key(&g, "gone", &k)];
+
+    proxy.set_down(true);
+    probe.set(&k, "v").await;
+    let started = Instant::now();
+    let err = apply(&s, &g, &effects, 1).await.unwrap_err();
+    assert!(matches!(err, SinkError::Transient { .. }), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(2), "took {:?}", started.elapsed());
+    assert!(probe.exists(&k).await);
+
+    proxy.set_down(false);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while let Err(e) = apply(&s, &g, &effects, 1).await {
+        assert!(Instant::now() < deadline, "no reconnection: {e}");
+        tokio::time::sleep(Duration::from_millis(50)).await; // the caller's backoff
+    }
+    assert!(!probe.exists(&k).await);
+}

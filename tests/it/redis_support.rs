@@ -166,10 +166,13 @@ impl TestGraph {
 }
 
 /// A TCP proxy in front of a Redis: while frozen, nothing it receives is
-/// passed on, so the client sees a target that accepts and never answers.
+/// passed on, so the client sees a target that accepts and never answers;
+/// while down, its connections are cut and new ones closed at once, as
+/// when a Redis restarts.
 pub struct Proxy {
     pub url: String,
     frozen: watch::Sender<bool>,
+    down: watch::Sender<bool>,
 }
 
 impl Proxy {
@@ -177,35 +180,49 @@ impl Proxy {
         let upstream = upstream.trim_start_matches("redis://").trim_end_matches('/').to_owned();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("redis://{}", listener.local_addr().unwrap());
-        let (frozen, rx) = watch::channel(false);
+        let (frozen, frozen_rx) = watch::channel(false);
+        let (down, down_rx) = watch::channel(false);
         let upstream = Arc::new(upstream);
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
+                if *down_rx.borrow() {
+                    continue; // dropped: closed at once
+                }
                 let Ok(server) = TcpStream::connect(upstream.as_str()).await else { continue };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, rx.clone()));
-                tokio::spawn(pump(sr, cw, rx.clone()));
+                tokio::spawn(pump(cr, sw, frozen_rx.clone(), down_rx.clone()));
+                tokio::spawn(pump(sr, cw, frozen_rx.clone(), down_rx.clone()));
             }
         });
-        Proxy { url, frozen }
+        Proxy { url, frozen, down }
     }
 
     pub fn freeze(&self, frozen: bool) {
         self.frozen.send_replace(frozen);
     }
+
+    /// Down: cut every connection and refuse new ones. Up: accept again.
+    pub fn set_down(&self, down: bool) {
+        self.down.send_replace(down);
+    }
 }
 
+/// Copies one direction until either side closes or the proxy goes down.
 async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     mut frozen: watch::Receiver<bool>,
+    mut down: watch::Receiver<bool>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
+        let n = tokio::select! {
+            read = from.read(&mut buf) => match read {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            _ = down.wait_for(|d| *d) => return,
         };
         if frozen.wait_for(|f| !*f).await.is_err() || to.write_all(&buf[..n]).await.is_err() {
             return;
