@@ -10,5 +10,7 @@ mod key_vectors;
 mod lookup;
 mod outage;
 mod pipeline;
+mod redis_sink;
+mod redis_support;
 mod server;
 mod support;

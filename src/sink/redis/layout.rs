@@ -11,6 +11,10 @@
 //!   cache key registered under the tag, score = that key's expiry as Unix
 //!   time in milliseconds (`+inf` for a key without expiry).
 //!
+//! - Values of caches read under a namespace carry the namespace version
+//!   their writer read *before* reading the database: `<ns>|<payload>`
+//!   ([`stamp`], [`unstamp`]); evictd never reads or writes them.
+//!
 //! **Invariants** of the scripts: [`BUMP`] never lowers a version and
 //! compares exactly for every u64 (digit strings, never Lua numbers, which
 //! are doubles); [`FORGET`] removes a registration only if its score is still
@@ -38,6 +42,37 @@ pub fn tag_key(tag: &str) -> String {
 /// A version as stored: canonical decimal.
 pub fn encode_version(version: u64) -> String {
     version.to_string()
+}
+
+/// The data key of version `version` of a `bump` cache's version key:
+/// `product:{42}:prices` at version 4271093 → `product:{42}:prices:v4271093`.
+pub fn versioned_key(key: &str, version: u64) -> String {
+    format!("{key}:v{version}")
+}
+
+/// Reads a stored version (canonical decimal; leading zeros tolerated).
+/// `None` for anything else. A missing key is version 0 for readers.
+pub fn parse_version(stored: &[u8]) -> Option<u64> {
+    if stored.is_empty() || !stored.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    std::str::from_utf8(stored).ok()?.parse().ok()
+}
+
+/// A cached value stamped with the namespace version its writer read
+/// before reading the database: `<ns>|<payload>`.
+pub fn stamp(namespace: u64, payload: &[u8]) -> Vec<u8> {
+    let mut out = format!("{namespace}|").into_bytes();
+    out.extend_from_slice(payload);
+    out
+}
+
+/// The payload of a stamped value if it was written under `namespace`,
+/// the current namespace version; `None` means a miss (another namespace,
+/// or not a stamped value).
+pub fn unstamp(value: &[u8], namespace: u64) -> Option<&[u8]> {
+    let bar = value.iter().position(|&b| b == b'|')?;
+    (parse_version(&value[..bar])? == namespace).then(|| &value[bar + 1..])
 }
 
 /// Lua source of [`BUMP`].
@@ -124,6 +159,21 @@ mod tests {
         assert_eq!(encode_version(0), "0");
         assert_eq!(encode_version(42), "42");
         assert_eq!(encode_version(u64::MAX), "18446744073709551615");
+    }
+
+    #[test]
+    fn readers_parse_versions_and_stamps() {
+        assert_eq!(parse_version(b"18446744073709551615"), Some(u64::MAX));
+        assert_eq!(parse_version(b"0042"), Some(42));
+        assert_eq!(parse_version(b"18446744073709551616"), None);
+        assert_eq!(parse_version(b"-1"), None);
+        assert_eq!(parse_version(b""), None);
+        assert_eq!(versioned_key("product:{42}:prices", 7), "product:{42}:prices:v7");
+        let value = stamp(17, b"{\"a\":1|2}");
+        assert_eq!(value, b"17|{\"a\":1|2}");
+        assert_eq!(unstamp(&value, 17), Some(&b"{\"a\":1|2}"[..]));
+        assert_eq!(unstamp(&value, 18), None);
+        assert_eq!(unstamp(b"no stamp", 0), None);
     }
 
     #[test]

@@ -123,8 +123,9 @@ impl RedisSink {
         self.inner.redelete_failures.load(Ordering::Relaxed)
     }
 
-    /// The delayed second deletes: `close()` then `wait()` on shutdown to
-    /// let pending ones finish, or drop the sink to abandon them.
+    /// The delayed second deletes. They run to their end even if the sink
+    /// is dropped; on shutdown, `close()` then `wait()` with the grace
+    /// period as deadline, and what has not run by then is lost.
     pub fn redeletes(&self) -> &TaskTracker {
         &self.inner.redeletes
     }
