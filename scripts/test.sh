@@ -147,6 +147,9 @@ start_service() {
 section "starting PostgreSQL"
 start_service EVICTD_TEST_PG_URL pg-start.sh pg-stop.sh "${PGPORT:-55432}"
 
+# Slots left by an interrupted earlier run would retain WAL for ever.
+psql -X -q "$EVICTD_TEST_PG_URL" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'evictd\_t\_%' AND NOT active" >/dev/null 2>&1 || true
+
 section "starting Redis (standalone)"
 start_service EVICTD_TEST_REDIS_URL redis-start.sh redis-stop.sh "${REDIS_PORT:-6479}"
 
@@ -180,13 +183,14 @@ tested() {
 
 if [ "$picks_targets" = 1 ]; then
   section "cargo test${*:+ $*}"
-  tested cargo test --locked "$@"
+  tested timeout --foreground "${EVICTD_TEST_TIMEOUT:-1500}" cargo test --locked "$@"
   note "target selection given: skipping doc tests"
 else
   section "cargo test --doc${*:+ $*}"
   tested cargo test --doc --locked "$@"
   section "cargo test --all-targets${*:+ $*}"
-  tested cargo test --all-targets --locked "$@"
+  # A hung test must fail the run, not eat CI's time: 25 minutes at most.
+  tested timeout --foreground "${EVICTD_TEST_TIMEOUT:-1500}" cargo test --all-targets --locked "$@"
 fi
 
 # Sum cargo's "test result:" lines into the closing line CI reads.

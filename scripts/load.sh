@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# Load figures for evictd: Postgres → evictd → Redis on this machine.
+#
+#   scripts/load.sh [RATE...]        default rates: 1000 5000 0 (0 = unthrottled)
+#
+# Builds evictd and evictd-load in release mode, starts Postgres and Redis
+# (scripts/services/), loads the e-commerce schema into a fresh database,
+# starts `evictd run` with the e-commerce graph, then for each rate drives
+# single-row UPDATEs of shop.products for LOAD_SECONDS (default 10) with
+# evictd-load and prints commit → key-gone latency (p50/p99), the sustained
+# rates, and evictd's CPU time and peak RSS over the run. Everything on
+# 127.0.0.1; the servers this script started are stopped at exit.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+note() { echo "load: $*" >&2; }
+die() { echo "load: error: $*" >&2; exit 1; }
+RATES=("$@"); [ "${#RATES[@]}" -gt 0 ] || RATES=(1000 5000 0)
+SECONDS_PER_RATE="${LOAD_SECONDS:-10}"
+PGPORT="${PGPORT:-55432}"; REDIS_PORT="${REDIS_PORT:-6479}"
+DB=evictd_load; SLOT=evictd_load
+WORK="$(mktemp -d -t evictd-load.XXXXXX)"
+STOP=(); EVICTD_PID=""
+cleanup() {
+  set +e
+  [ -n "$EVICTD_PID" ] && kill -TERM "$EVICTD_PID" 2>/dev/null && wait "$EVICTD_PID" 2>/dev/null
+  [ -n "${admin_url:-}" ] && psql -X -q "$admin_url" -c "SELECT pg_drop_replication_slot('$SLOT') FROM pg_replication_slots WHERE slot_name = '$SLOT'" >/dev/null 2>&1
+  for s in "${STOP[@]+"${STOP[@]}"}"; do bash "scripts/services/$s" >/dev/null 2>&1; done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# shellcheck source=scripts/lib/prerequisites.sh
+. "$ROOT/scripts/lib/prerequisites.sh"
+ensure_packages
+note "building (release)"
+cargo build --release --locked --quiet --bin evictd --bin evictd-load
+port_open "$PGPORT" || STOP+=(pg-stop.sh)
+admin_url="$(PGPORT="$PGPORT" bash scripts/services/pg-start.sh | tail -n 1)"
+port_open "$REDIS_PORT" || STOP+=(redis-stop.sh)
+redis_url="$(REDIS_PORT="$REDIS_PORT" bash scripts/services/redis-start.sh | tail -n 1)"
+psql -X -q "$admin_url" -c "SELECT pg_drop_replication_slot('$SLOT') FROM pg_replication_slots WHERE slot_name = '$SLOT'" >/dev/null
+psql -X -q -v ON_ERROR_STOP=1 "$admin_url" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
+url="${admin_url%/*}/$DB"
+psql -X -q -v ON_ERROR_STOP=1 "$url" -f examples/schema/ecommerce.sql >/dev/null
+cat >"$WORK/evictd.toml" <<TOML
+[graph]
+paths = ["$ROOT/dependency-graphs/ecommerce.toml"]
+[source]
+kind = "postgres"
+[source.postgres]
+url = "$url"
+slot = "$SLOT"
+publication = "$SLOT"
+create_publication = true
+[redis.primary]
+url = "$redis_url"
+[server]
+listen = "127.0.0.1:0"
+[log]
+level = "warn"
+TOML
+target/release/evictd run --config "$WORK/evictd.toml" 2>"$WORK/evictd.log" &
+EVICTD_PID=$!
+for _ in $(seq 1 100); do
+  [ "$(psql -X -At "$url" -c "SELECT active FROM pg_replication_slots WHERE slot_name = '$SLOT'")" = t ] && break
+  kill -0 "$EVICTD_PID" 2>/dev/null || { cat "$WORK/evictd.log" >&2; die "evictd exited"; }
+  sleep 0.1
+done
+cpu() { awk '{print $14 + $15}' "/proc/$EVICTD_PID/stat"; }   # utime + stime, clock ticks
+hz="$(getconf CLK_TCK)"
+printf '| target rate (changes/s) | committed/s | invalidated/s | p50 ms | p99 ms | max ms | not invalidated | evictd CPU s | evictd peak RSS MiB |\n'
+printf '|---|---|---|---|---|---|---|---|---|\n'
+for rate in "${RATES[@]}"; do
+  before="$(cpu)"
+  out="$(target/release/evictd-load --pg "$url" --redis "$redis_url" --rate "$rate" --seconds "$SECONDS_PER_RATE")"
+  after="$(cpu)"
+  rss="$(awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$EVICTD_PID/status")"
+  python3 - "$out" "$rate" "$(( after - before ))" "$hz" "$rss" <<'PY'
+import json, sys
+r = json.loads(sys.argv[1]); rate = int(sys.argv[2]); ticks = int(sys.argv[3]); hz = int(sys.argv[4])
+label = "unthrottled" if rate == 0 else str(rate)
+print(f"| {label} | {r['commit_rate']:.0f} | {r['invalidation_rate']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {r['not_invalidated']} | {ticks / hz:.2f} | {sys.argv[5]} |")
+PY
+done
