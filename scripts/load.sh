@@ -16,6 +16,7 @@ cd "$ROOT"
 note() { echo "load: $*" >&2; }
 die() { echo "load: error: $*" >&2; exit 1; }
 RATES=("$@"); [ "${#RATES[@]}" -gt 0 ] || RATES=(1000 5000 0)
+[ "${RATES[0]}" = none ] && RATES=()
 SECONDS_PER_RATE="${LOAD_SECONDS:-10}"
 PGPORT="${PGPORT:-55432}"; REDIS_PORT="${REDIS_PORT:-6479}"
 DB=evictd_load; SLOT=evictd_load
@@ -72,7 +73,7 @@ cpu() { awk '{print $14 + $15}' "/proc/$EVICTD_PID/stat"; }   # utime + stime, c
 hz="$(getconf CLK_TCK)"
 printf '| target rate (changes/s) | committed/s | invalidated/s | p50 ms | p99 ms | max ms | not invalidated | evictd CPU s | evictd peak RSS MiB |\n'
 printf '|---|---|---|---|---|---|---|---|---|\n'
-for rate in "${RATES[@]}"; do
+for rate in "${RATES[@]+"${RATES[@]}"}"; do
   before="$(cpu)"
   out="$(target/release/evictd-load --pg "$url" --redis "$redis_url" --rate "$rate" --seconds "$SECONDS_PER_RATE")"
   after="$(cpu)"
@@ -84,3 +85,23 @@ label = "unthrottled" if rate == 0 else str(rate)
 print(f"| {label} | {r['commit_rate']:.0f} | {r['invalidation_rate']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['max_ms']:.2f} | {r['not_invalidated']} | {ticks / hz:.2f} | {sys.argv[5]} |")
 PY
 done
+
+# One large transaction: evictd's memory must not grow with it (its effects
+# collapse into namespace bumps past run.max_transaction_effects).
+LARGE_ROWS="${LARGE_ROWS:-200000}"
+if [ "$LARGE_ROWS" -gt 0 ]; then
+  rss_before="$(awk '/VmRSS/ {printf "%.1f", $2 / 1024}' "/proc/$EVICTD_PID/status")"
+  start=$(date +%s.%N)
+  psql -X -q "$url" -c "BEGIN; INSERT INTO shop.products (id, slug, brand_id, category_id, name, description, status, updated_at)
+    SELECT g, 'bulk-' || g, 1, 1 + g % 4, 'bulk ' || g, '', 'active', now() FROM generate_series(5000000, 5000000 + $LARGE_ROWS - 1) g;
+    UPDATE shop.products SET name = name || '!' WHERE id >= 5000000; COMMIT;"
+  target="$(psql -X -At "$url" -c 'SELECT pg_current_wal_lsn()')"
+  until [ "$(psql -X -At "$url" -c "SELECT confirmed_flush_lsn >= '$target' FROM pg_replication_slots WHERE slot_name = '$SLOT'")" = t ]; do
+    kill -0 "$EVICTD_PID" 2>/dev/null || die "evictd exited"
+    sleep 0.1
+  done
+  end=$(date +%s.%N)
+  rss="$(awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$EVICTD_PID/status")"
+  printf '\none transaction of %s inserts + %s updates: evictd caught up %.1f s after the first statement; RSS before %s MiB, peak %s MiB\n' \
+    "$LARGE_ROWS" "$LARGE_ROWS" "$(python3 -c "print($end - $start)")" "$rss_before" "$rss"
+fi

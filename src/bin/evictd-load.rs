@@ -65,7 +65,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
          ON CONFLICT (id) DO NOTHING",
     )
     .bind(FIRST_ID as i64)
-        .bind((FIRST_ID + args.rows - 1) as i64)
+    .bind((FIRST_ID + args.rows - 1) as i64)
     .execute(&pool)
     .await?;
     // Let evictd digest the set-up (the first run inserts the rows) before
@@ -106,7 +106,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
                     continue;
                 }
                 let channel = msg.get_channel_name();
-                let Some(id) = channel.split('{').nth(1).and_then(|s| s.split('}').next()).and_then(|s| s.parse::<u64>().ok()) else {
+                let Some(id) =
+                    channel.split('{').nth(1).and_then(|s| s.split('}').next()).and_then(|s| s.parse::<u64>().ok())
+                else {
                     continue;
                 };
                 if let Some(at) = committed.lock().await.remove(&id) {
@@ -131,7 +133,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         writers.push(tokio::spawn(async move {
             let mut cache = client.get_multiplexed_async_connection().await?;
             let mut n: u64 = 0;
-            let interval = if per_writer == 0 { Duration::ZERO } else { Duration::from_secs_f64(1.0 / per_writer as f64) };
+            let interval =
+                if per_writer == 0 { Duration::ZERO } else { Duration::from_secs_f64(1.0 / per_writer as f64) };
             let mut next = Instant::now();
             while Instant::now() < end {
                 // Ids are spread over the writers, and no id is reused
