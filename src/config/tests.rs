@@ -46,7 +46,7 @@ fn a_valid_file_loads_with_defaults() {
     let c = load_with_env(&path, &env(&[])).unwrap();
     assert_eq!(c.graph_paths, vec![dir.path().join("graphs")], "relative to the config file");
     assert_eq!(c.batch.max_effects, 500);
-    assert_eq!(c.batch.max_delay, Duration::from_millis(5));
+    assert_eq!(c.batch.max_delay, Duration::from_millis(1));
     assert_eq!(c.redis.len(), 2);
     assert!(c.redis.iter().any(|t| t.name == "cluster_eu" && t.cluster && t.urls.len() == 2));
     let Some(SourceConfig::Postgres(pg)) = &c.source else { panic!("postgres source expected") };

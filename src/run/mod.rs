@@ -49,7 +49,7 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            batch: BatchLimits { max_effects: 1000, max_delay: Duration::from_millis(5) },
+            batch: BatchLimits { max_effects: 1000, max_delay: Duration::from_millis(1) },
             max_transaction_effects: 100_000,
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
