@@ -25,43 +25,22 @@ STOP=(); EVICTD_PID=""
 cleanup() {
   set +e
   [ -n "$EVICTD_PID" ] && kill -TERM "$EVICTD_PID" 2>/dev/null && wait "$EVICTD_PID" 2>/dev/null
-  [ -n "${admin_url:-}" ] && psql -X -q "$admin_url" -c "SELECT pg_drop_replication_slot('$SLOT') FROM pg_replication_slots WHERE slot_name = '$SLOT'" >/dev/null 2>&1
+  [ -n "${admin_url:-}" ] && drop_slot "$SLOT" 2>/dev/null
   for s in "${STOP[@]+"${STOP[@]}"}"; do bash "scripts/services/$s" >/dev/null 2>&1; done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
 ensure_packages
 note "building (release)"
 cargo build --release --locked --quiet --bin evictd --bin evictd-load
-port_open "$PGPORT" || STOP+=(pg-stop.sh)
-admin_url="$(PGPORT="$PGPORT" bash scripts/services/pg-start.sh | tail -n 1)"
-port_open "$REDIS_PORT" || STOP+=(redis-stop.sh)
-redis_url="$(REDIS_PORT="$REDIS_PORT" bash scripts/services/redis-start.sh | tail -n 1)"
-psql -X -q "$admin_url" -c "SELECT pg_drop_replication_slot('$SLOT') FROM pg_replication_slots WHERE slot_name = '$SLOT'" >/dev/null
-psql -X -q -v ON_ERROR_STOP=1 "$admin_url" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
-url="${admin_url%/*}/$DB"
-psql -X -q -v ON_ERROR_STOP=1 "$url" -f examples/schema/ecommerce.sql >/dev/null
-cat >"$WORK/evictd.toml" <<TOML
-[graph]
-paths = ["$ROOT/dependency-graphs/ecommerce.toml"]
-[source]
-kind = "postgres"
-[source.postgres]
-url = "$url"
-slot = "$SLOT"
-publication = "$SLOT"
-create_publication = true
-[redis.primary]
-url = "$redis_url"
-[server]
-listen = "127.0.0.1:0"
-[log]
-level = "warn"
-TOML
+# shellcheck source=scripts/lib/demo-stack.sh
+. "$ROOT/scripts/lib/demo-stack.sh"
+start_stack
+fresh_database "$DB" "$SLOT"
+write_config "$WORK/evictd.toml" "$SLOT" 127.0.0.1:0 warn
 target/release/evictd run --config "$WORK/evictd.toml" 2>"$WORK/evictd.log" &
 EVICTD_PID=$!
 for _ in $(seq 1 100); do

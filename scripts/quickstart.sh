@@ -40,9 +40,7 @@ cleanup() {
     note "stopping evictd"
     kill -TERM "$EVICTD_PID"; wait "$EVICTD_PID" 2>/dev/null
   fi
-  if [ -n "${admin_url:-}" ]; then
-    psql -X -q "$admin_url" -c "SELECT pg_drop_replication_slot('$SLOT') FROM pg_replication_slots WHERE slot_name = '$SLOT'" >/dev/null 2>&1
-  fi
+  [ -n "${admin_url:-}" ] && drop_slot "$SLOT" 2>/dev/null
   for s in "${STOP[@]+"${STOP[@]}"}"; do
     note "stopping ($s)"
     bash "scripts/services/$s" >/dev/null 2>&1
@@ -53,7 +51,8 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=scripts/lib/demo-stack.sh
+. "$ROOT/scripts/lib/demo-stack.sh"
 
 step "installing prerequisites and building evictd"
 # shellcheck source=scripts/lib/prerequisites.sh
@@ -69,35 +68,11 @@ cargo build --locked --quiet
 EVICTD="$ROOT/target/debug/evictd"
 
 step "starting Postgres 15 (wal_level=logical) and Redis on 127.0.0.1"
-port_open "$PGPORT" || STOP+=(pg-stop.sh)
-admin_url="$(PGPORT="$PGPORT" bash scripts/services/pg-start.sh | tail -n 1)"
-port_open "$REDIS_PORT" || STOP+=(redis-stop.sh)
-redis_url="$(REDIS_PORT="$REDIS_PORT" bash scripts/services/redis-start.sh | tail -n 1)"
-psql -X -q "$admin_url" -c "SELECT pg_drop_replication_slot('$SLOT') FROM pg_replication_slots WHERE slot_name = '$SLOT'" >/dev/null
-psql -X -q -v ON_ERROR_STOP=1 "$admin_url" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" -c "CREATE DATABASE $DB"
-url="${admin_url%/*}/$DB"
-psql -X -q -v ON_ERROR_STOP=1 "$url" -f examples/schema/ecommerce.sql >/dev/null
-note "loaded examples/schema/ecommerce.sql into $url"
+start_stack
+fresh_database "$DB" "$SLOT"
 
 step "starting evictd run (graph: dependency-graphs/ecommerce.toml)"
-cat >"$WORK/evictd.toml" <<TOML
-[graph]
-paths = ["$ROOT/dependency-graphs/ecommerce.toml"]
-[source]
-kind = "postgres"
-[source.postgres]
-url = "$url"
-slot = "$SLOT"
-publication = "$SLOT"
-create_slot = true
-create_publication = true
-[redis.primary]
-url = "$redis_url"
-[server]
-listen = "$METRICS"
-[log]
-level = "info"
-TOML
+write_config "$WORK/evictd.toml" "$SLOT" "$METRICS" info
 "$EVICTD" run --config "$WORK/evictd.toml" 2>"$WORK/evictd.log" &
 EVICTD_PID=$!
 for _ in $(seq 1 150); do

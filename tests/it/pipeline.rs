@@ -54,6 +54,28 @@ tags = ["{p}-author:{{author_id}}"]
     )
 }
 
+/// Runs `sql` and waits until cache `name`'s namespace version moved.
+async fn expect_namespace_bump(
+    d: &Daemon,
+    r: &redis::aio::MultiplexedConnection,
+    name: &str,
+    sql: &str,
+    limit: Duration,
+) {
+    let ns = format!("evictd:ns:{name}");
+    let before: Option<String> = r.clone().get(&ns).await.unwrap();
+    d.sql(sql).await;
+    d.wait_for(&format!("the namespace bump of {name}"), limit, || {
+        let mut conn = r.clone();
+        let (ns, before) = (ns.clone(), before.clone());
+        async move {
+            let now: Option<String> = conn.get(&ns).await.ok()?;
+            (now.is_some() && now != before).then_some(())
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn lookups_find_embedding_keys_and_an_oversized_fanout_bumps_the_namespace() {
     let url = redis_url();
@@ -68,20 +90,9 @@ async fn lookups_find_embedding_keys_and_an_oversized_fanout_bumps_the_namespace
 
     // Bo has 20 posts, past the cache's fan-out limit of 5: the post cache's
     // namespace version moves instead of 20 deletes.
-    let ns = format!("evictd:ns:{p}_post");
-    let before: Option<String> = r.get(&ns).await.unwrap();
     fill(&mut r, &[d.key("post:100")]).await;
-    d.sql("UPDATE app.users SET name = 'bob' WHERE id = 2").await;
-    let conn = r.clone();
-    d.wait_for("the post namespace bump", Duration::from_secs(10), || {
-        let mut conn = conn.clone();
-        let (ns, before) = (ns.clone(), before.clone());
-        async move {
-            let now: Option<String> = conn.get(&ns).await.ok()?;
-            (now.is_some() && now != before).then_some(())
-        }
-    })
-    .await;
+    let bob = "UPDATE app.users SET name = 'bob' WHERE id = 2";
+    expect_namespace_bump(&d, &r, &format!("{p}_post"), bob, Duration::from_secs(10)).await;
     assert!(exists(&mut r, &d.key("post:100")).await, "no key-by-key deletes past the limit");
     d.finish().await;
 }
@@ -122,19 +133,8 @@ async fn a_transaction_past_the_effect_limit_bumps_instead_of_holding_everything
     d.sql("UPDATE app.posts SET title = 'a' WHERE id BETWEEN 1000 AND 1499").await;
     wait_gone(&d, &r, &small, Duration::from_secs(20)).await;
     // 20 000 rows in one transaction: the whole cache, once.
-    let ns = format!("evictd:ns:{p}_post");
-    let before: Option<String> = r.get(&ns).await.unwrap();
-    d.sql("UPDATE app.posts SET title = 'b' WHERE author_id = 3").await;
-    let conn = r.clone();
-    d.wait_for("the namespace bump of the large transaction", Duration::from_secs(30), || {
-        let mut conn = conn.clone();
-        let (ns, before) = (ns.clone(), before.clone());
-        async move {
-            let now: Option<String> = conn.get(&ns).await.ok()?;
-            (now.is_some() && now != before).then_some(())
-        }
-    })
-    .await;
+    let bulk = "UPDATE app.posts SET title = 'b' WHERE author_id = 3";
+    expect_namespace_bump(&d, &r, &format!("{p}_post"), bulk, Duration::from_secs(30)).await;
     assert!(d.log().contains("past its effect limit"), "{}", d.log());
     d.finish().await;
 }

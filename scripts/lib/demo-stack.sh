@@ -1,0 +1,59 @@
+# Sourced by scripts/quickstart.sh and scripts/load.sh: Postgres and Redis
+# on 127.0.0.1, a fresh database with the e-commerce example, and an evictd
+# config for it.
+#
+#   start_stack                   sets admin_url, redis_url; appends to STOP
+#                                 the stop scripts of servers it started
+#   fresh_database DB SLOT        drops SLOT, recreates DB with the e-commerce
+#                                 schema and rows; sets url
+#   write_config FILE SLOT LISTEN LOG_LEVEL
+#                                 an evictd.toml for `url`, `redis_url` and
+#                                 dependency-graphs/ecommerce.toml
+#   drop_slot SLOT                (also what cleanups call)
+#
+# Needs ROOT, PGPORT, REDIS_PORT, STOP=() and `note` from the caller.
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+start_stack() {
+  port_open "$PGPORT" || STOP+=(pg-stop.sh)
+  admin_url="$(PGPORT="$PGPORT" bash "$ROOT/scripts/services/pg-start.sh" | tail -n 1)"
+  port_open "$REDIS_PORT" || STOP+=(redis-stop.sh)
+  redis_url="$(REDIS_PORT="$REDIS_PORT" bash "$ROOT/scripts/services/redis-start.sh" | tail -n 1)"
+}
+
+drop_slot() {
+  psql -X -q "$admin_url" \
+    -c "SELECT pg_drop_replication_slot('$1') FROM pg_replication_slots WHERE slot_name = '$1'" >/dev/null
+}
+
+fresh_database() {
+  local db="$1" slot="$2"
+  drop_slot "$slot"
+  psql -X -q -v ON_ERROR_STOP=1 "$admin_url" -c "DROP DATABASE IF EXISTS $db WITH (FORCE)" -c "CREATE DATABASE $db"
+  url="${admin_url%/*}/$db"
+  psql -X -q -v ON_ERROR_STOP=1 "$url" -f "$ROOT/examples/schema/ecommerce.sql" >/dev/null 2>&1
+  note "loaded examples/schema/ecommerce.sql into $url"
+}
+
+write_config() {
+  local file="$1" slot="$2" listen="$3" level="$4"
+  cat >"$file" <<TOML
+[graph]
+paths = ["$ROOT/dependency-graphs/ecommerce.toml"]
+[source]
+kind = "postgres"
+[source.postgres]
+url = "$url"
+slot = "$slot"
+publication = "$slot"
+create_slot = true
+create_publication = true
+[redis.primary]
+url = "$redis_url"
+[server]
+listen = "$listen"
+[log]
+level = "$level"
+TOML
+}
