@@ -88,6 +88,11 @@ pub struct RawPostgres {
     pub create_publication: Option<bool>,
     /// How often a standby status update is sent, in ms. Default 1000.
     pub status_interval_ms: Option<u64>,
+    /// Refuse to start while a table whose caches read non-key columns of
+    /// old rows lacks `REPLICA IDENTITY FULL`. Default true; false only
+    /// warns (evictd then bumps whole namespaces where it cannot render an
+    /// old key).
+    pub require_full_replica_identity: Option<bool>,
 }
 
 /// `[source.kafka]`
@@ -221,6 +226,7 @@ pub struct PostgresSource {
     pub create_slot: bool,
     pub create_publication: bool,
     pub status_interval: Duration,
+    pub require_full_replica_identity: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -691,6 +697,7 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
                 create_slot: pg.create_slot.unwrap_or(true),
                 create_publication: pg.create_publication.unwrap_or(false),
                 status_interval: Duration::from_millis(interval),
+                require_full_replica_identity: pg.require_full_replica_identity.unwrap_or(true),
             }))
         }
         "kafka" => {

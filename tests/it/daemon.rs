@@ -378,3 +378,17 @@ async fn a_bad_config_exits_2_before_starting() {
     );
     let _ = root();
 }
+
+#[tokio::test]
+async fn a_table_without_full_replica_identity_is_named_before_anything_starts() {
+    const DEFAULT_IDENTITY: &str = "CREATE SCHEMA app; CREATE TABLE app.items (id bigint PRIMARY KEY, owner_id bigint NOT NULL, name text NOT NULL, note text);";
+    let d = Daemon::custom(&super::support::pg_url(), &redis_url(), DEFAULT_IDENTITY, graph, "").await;
+    let out = evictd(&["run", "--config", d.config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("ALTER TABLE \"app\".\"items\" REPLICA IDENTITY FULL;"),
+        "the message says what to run: {}",
+        stderr(&out)
+    );
+    d.finish().await;
+}

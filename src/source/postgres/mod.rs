@@ -121,6 +121,7 @@ impl PostgresSource {
             &config.publication,
             config.create_slot,
             config.create_publication,
+            config.require_full_replica_identity,
             graph,
         )
         .await?;

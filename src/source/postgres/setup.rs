@@ -34,6 +34,7 @@ pub async fn prepare(
     publication: &str,
     create_slot: bool,
     create_publication: bool,
+    require_full_identity: bool,
     graph: &Graph,
 ) -> Result<SlotState, SourceSetupError> {
     let wal_level: String = sqlx::query_scalar("SHOW wal_level").fetch_one(pool).await.map_err(query)?;
@@ -54,7 +55,7 @@ pub async fn prepare(
     }
     ensure_publication(pool, publication, create_publication, graph).await?;
     let state = ensure_slot(pool, slot, create_slot).await?;
-    warn_about_replica_identity(pool, graph).await?;
+    check_replica_identity(pool, graph, require_full_identity).await?;
     Ok(state)
 }
 
@@ -168,7 +169,10 @@ pub fn tables_needing_old_values(graph: &Graph) -> BTreeSet<&str> {
     out
 }
 
-async fn warn_about_replica_identity(pool: &PgPool, graph: &Graph) -> Result<(), SourceSetupError> {
+/// Tables whose caches read non-key columns of old rows need the whole old
+/// row: an error naming them (or a warning, when not required).
+async fn check_replica_identity(pool: &PgPool, graph: &Graph, required: bool) -> Result<(), SourceSetupError> {
+    let mut missing = Vec::new();
     for table in tables_needing_old_values(graph) {
         let row: Option<String> =
             sqlx::query_scalar("SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)")
@@ -179,13 +183,27 @@ async fn warn_about_replica_identity(pool: &PgPool, graph: &Graph) -> Result<(),
         match row.as_deref() {
             None => tracing::warn!(table, "graph table does not exist in the database"),
             Some("f") => {}
-            Some(other) => tracing::warn!(
-                table,
-                replica_identity = other,
-                "old rows of this table arrive without the non-key columns its caches read: updates that move a key \
-                 will bump whole namespaces instead of deleting two keys; ALTER TABLE {table} REPLICA IDENTITY FULL"
-            ),
+            Some(other) => {
+                tracing::warn!(
+                    table,
+                    replica_identity = other,
+                    "old rows of this table arrive without the non-key columns its caches read: updates that move a \
+                     key will bump whole namespaces instead of deleting two keys; ALTER TABLE {table} REPLICA IDENTITY FULL"
+                );
+                missing.push(table);
+            }
         }
+    }
+    if required && !missing.is_empty() {
+        let statements: Vec<String> =
+            missing.iter().map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(t))).collect();
+        return Err(SourceSetupError::Definite(format!(
+            "the caches of {} read non-key columns of old rows (column filters, keys that can move), which Postgres \
+             sends only with REPLICA IDENTITY FULL: {} (or set source.postgres.require_full_replica_identity = false \
+             to accept namespace bumps instead)",
+            missing.join(", "),
+            statements.join(" ")
+        )));
     }
     Ok(())
 }
