@@ -6,6 +6,9 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // Several TLS clients share rustls; both of its crypto back-ends are
+    // compiled in, so pick one for the process before any connection.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     // clap itself exits 2 on bad arguments and 0 for --help / --version.
     let cli = evictd::cli::Cli::parse();
     // `run` logs as its config says; the other commands warn on stderr

@@ -64,7 +64,11 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
 fn init_logging(config: &Config) -> Result<(), CliError> {
     let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
         .map_err(|e| CliError::Input(format!("log.level: {e}")))?;
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    use std::io::IsTerminal as _;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let installed = match config.log.format {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
@@ -152,7 +156,8 @@ async fn daemon(config: Config, source_config: PostgresConfig, graph: Graph) -> 
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
         .map_err(|e| CliError::Runtime(format!("server.listen: cannot listen on {}: {e}", config.server.listen)))?;
-    tracing::info!(address = %config.server.listen, "serving /metrics, /healthz, /readyz");
+    let address = listener.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
+    tracing::info!(%address, "serving /metrics, /healthz, /readyz");
     let state = ServerState { metrics: metrics.clone(), health: health.clone() };
     let server = tokio::spawn(crate::server::serve(listener, state, server_stop.clone()));
     let result = work(&config, source_config, graph, metrics, health, &shutdown).await;

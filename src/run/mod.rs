@@ -292,6 +292,7 @@ where
                     Err(e) => return Err(RunError::Lookup(e.to_string())),
                 }
             };
+            self.record_lookups(&lookups, &found);
             let mut seen: std::collections::HashSet<Effect> = effects.iter().cloned().collect();
             for resolved in found.effects {
                 if seen.insert(resolved.effect.clone()) {
@@ -327,6 +328,31 @@ where
         }
         self.record(&effects, started, commit_time_micros);
         Ok(Applied { batch: batch.id(), effects: effects.len() })
+    }
+
+    /// Look-up queries (one per dependency and batch), the keys their rows
+    /// gave, and fan-outs past the limit, by cache.
+    fn record_lookups(&self, requests: &[LookupRequest], found: &Resolution) {
+        let mut per_cache: std::collections::HashMap<crate::graph::CacheId, (u64, u64)> =
+            std::collections::HashMap::new();
+        for dependency in crate::resolve::group_requests(requests.to_vec()).keys() {
+            per_cache.entry(self.graph.dependency(*dependency).cache).or_default().0 += 1;
+        }
+        for resolved in &found.effects {
+            let cache = resolved.effect.cache();
+            for reason in &resolved.reasons {
+                match reason.cause {
+                    crate::resolve::Cause::LookupRow => per_cache.entry(cache).or_default().1 += 1,
+                    crate::resolve::Cause::FanoutExceeded { .. } => {
+                        self.metrics.fanout_overflow(&self.graph.cache(cache).name)
+                    }
+                    _ => {}
+                }
+            }
+        }
+        for (cache, (queries, rows)) in per_cache {
+            self.metrics.lookups(&self.graph.cache(cache).name, queries, rows);
+        }
     }
 
     /// Per-batch metrics (never per key), and the sinks are reachable again.

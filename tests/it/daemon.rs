@@ -175,6 +175,16 @@ level = "info,evictd=debug"
         child.wait().ok().and_then(|s| s.code())
     }
 
+    /// Where the running daemon serves /metrics (from its log).
+    pub async fn http_address(&self) -> std::net::SocketAddr {
+        self.wait_for("the daemon's HTTP address in its log", Duration::from_secs(10), || async {
+            let log = self.log();
+            let line = log.lines().rev().find(|l| l.contains("serving /metrics"))?;
+            line.split("address=").nth(1)?.split_whitespace().next()?.parse().ok()
+        })
+        .await
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("evictd.log")).unwrap_or_default()
     }
@@ -319,6 +329,15 @@ async fn every_operation_invalidates_its_keys() {
         }
     })
     .await;
+
+    // The position ladder and the counters moved; the probes say ready.
+    let address = d.http_address().await;
+    let metrics = super::server::get(address, "/metrics").await.body;
+    assert!(metrics.contains("evictd_changes_received_total{table=\"app.items\",op=\"truncate\"} 1"), "{metrics}");
+    let acknowledged =
+        metrics.lines().find(|l| l.starts_with("evictd_position_acknowledged_bytes ")).unwrap_or_default();
+    assert!(!acknowledged.ends_with(" 0") && !acknowledged.is_empty(), "{metrics}");
+    assert_eq!(super::server::get(address, "/readyz").await.status, 200);
 
     // SIGTERM: a clean exit with everything acknowledged.
     let end = d.current_lsn().await;

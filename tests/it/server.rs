@@ -39,10 +39,10 @@ fn relaxed() -> HealthThresholds {
 }
 
 #[derive(Debug)]
-struct Reply {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: String,
+pub struct Reply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
 }
 
 impl Reply {
@@ -85,7 +85,8 @@ async fn read_reply(stream: &mut TcpStream) -> Reply {
     }
 }
 
-async fn get(addr: SocketAddr, path: &str) -> Reply {
+/// One GET over a fresh connection (also used by the daemon tests).
+pub async fn get(addr: SocketAddr, path: &str) -> Reply {
     let exchange = async {
         let mut stream = TcpStream::connect(addr).await.unwrap();
         stream.write_all(request(path, true).as_bytes()).await.unwrap();
