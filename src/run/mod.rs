@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
 pub use self::transaction::TransactionEffects;
@@ -146,7 +147,9 @@ where
         let mut next_batch_id: u64 = 1;
         let mut open_tx: Option<TransactionEffects> = None;
         let mut pending: Option<Pending> = None;
-        let mut in_flight: Option<(u64, JoinHandle<Result<Applied, RunError>>)> = None;
+        // Aborted if the session ends first: an unconfirmed batch is
+        // abandoned (it will be replayed), never left retrying on its own.
+        let mut in_flight: Option<(u64, AbortOnDropHandle<Result<Applied, RunError>>)> = None;
         let mut last_acked: Option<Position> = None;
         let mut stopping = false;
         let mut ladder = PositionLadder::default();
@@ -170,7 +173,7 @@ where
                     if let Some(position) = p.batch.last_position() {
                         watermark.begin(id, position.clone());
                     }
-                    in_flight = Some((id, self.dispatch(p, shutdown.clone())));
+                    in_flight = Some((id, AbortOnDropHandle::new(self.dispatch(p, shutdown.clone()))));
                     continue;
                 }
                 if stopping {
