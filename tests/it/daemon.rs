@@ -38,15 +38,15 @@ fn graph(prefix: &str) -> String {
 key = ["id"]
 columns = ["id", "owner_id", "name", "note"]
 
-[caches.item]
+[caches.{prefix}_item]
 key = "{prefix}:item:{{id}}"
-[[caches.item.depends]]
+[[caches.{prefix}_item.depends]]
 table = "app.items"
 columns = ["name"]
 
-[caches.owner_items]
+[caches.{prefix}_owner_items]
 key = "{prefix}:owner:{{owner_id}}:items"
-[[caches.owner_items.depends]]
+[[caches.{prefix}_owner_items.depends]]
 table = "app.items"
 columns = ["name"]
 "#
@@ -296,29 +296,30 @@ async fn every_operation_invalidates_its_keys() {
     // Insert: drops a cached "not found".
     fill(&mut r, &[item1.clone(), owner1.clone()]).await;
     d.sql("INSERT INTO app.items VALUES (1, 1, 'boots', NULL), (2, 1, 'socks', NULL)").await;
-    wait_gone(&d, &r, &[item1.clone(), owner1.clone()], Duration::from_secs(10)).await;
+    wait_gone(&d, &r, &[item1.clone(), owner1.clone()], Duration::from_secs(30)).await;
 
     // Update of a filtered column, then key-column move: old and new owner.
     fill(&mut r, &[item1.clone(), owner1.clone(), owner2.clone()]).await;
     d.sql("UPDATE app.items SET name = 'boots 2', owner_id = 2 WHERE id = 1").await;
-    wait_gone(&d, &r, &[item1.clone(), owner1.clone(), owner2.clone()], Duration::from_secs(10)).await;
+    wait_gone(&d, &r, &[item1.clone(), owner1.clone(), owner2.clone()], Duration::from_secs(30)).await;
 
     // An update of a column no dependency watches invalidates nothing: the
     // next change's key going proves the first was processed.
     fill(&mut r, &[item1.clone(), item2.clone()]).await;
     d.sql("UPDATE app.items SET note = 'ignored' WHERE id = 1").await;
     d.sql("UPDATE app.items SET name = 'socks 2' WHERE id = 2").await;
-    wait_gone(&d, &r, std::slice::from_ref(&item2), Duration::from_secs(10)).await;
+    wait_gone(&d, &r, std::slice::from_ref(&item2), Duration::from_secs(30)).await;
     assert!(exists(&mut r, &item1).await, "a filtered-out update deleted a key");
 
     // Delete.
     fill(&mut r, &[item2.clone(), owner1.clone()]).await;
     d.sql("DELETE FROM app.items WHERE id = 2").await;
-    wait_gone(&d, &r, &[item2.clone(), owner1.clone()], Duration::from_secs(10)).await;
+    wait_gone(&d, &r, &[item2.clone(), owner1.clone()], Duration::from_secs(30)).await;
 
-    // Truncate: the namespace versions of both caches move.
+    // Truncate: the namespace versions of both caches move (cache names
+    // carry the test's prefix: namespace keys are per cache name).
     d.sql("TRUNCATE app.items").await;
-    let ns = ["evictd:ns:item".to_owned(), "evictd:ns:owner_items".to_owned()];
+    let ns = [format!("evictd:ns:{}_item", d.prefix), format!("evictd:ns:{}_owner_items", d.prefix)];
     let conn = r.clone();
     d.wait_for("namespace bumps", Duration::from_secs(10), || {
         let mut conn = conn.clone();
@@ -343,9 +344,13 @@ async fn every_operation_invalidates_its_keys() {
     let end = d.current_lsn().await;
     d.sql("INSERT INTO app.items VALUES (3, 3, 'hat', NULL)").await;
     let item3 = d.key("item:3");
-    wait_gone(&d, &r, &[item3], Duration::from_secs(10)).await;
+    wait_gone(&d, &r, &[item3], Duration::from_secs(30)).await;
     assert_eq!(d.terminate(), Some(0), "{}", d.log());
-    assert!(d.confirmed_flush().await > end, "the final acknowledgement did not reach the slot");
+    // The server applies the last status update when it reads it: give it a moment.
+    d.wait_for("the final acknowledgement to reach the slot", Duration::from_secs(5), || async {
+        (d.confirmed_flush().await > end).then_some(())
+    })
+    .await;
     d.finish().await;
 }
 

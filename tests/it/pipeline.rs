@@ -86,13 +86,13 @@ async fn lookups_find_embedding_keys_and_an_oversized_fanout_bumps_the_namespace
     let keys = [d.key("user:1"), d.key("post:1"), d.key("post:2")];
     fill(&mut r, &keys).await;
     d.sql("UPDATE app.users SET name = 'anne' WHERE id = 1").await;
-    wait_gone(&d, &r, &keys, Duration::from_secs(10)).await;
+    wait_gone(&d, &r, &keys, Duration::from_secs(30)).await;
 
     // Bo has 20 posts, past the cache's fan-out limit of 5: the post cache's
     // namespace version moves instead of 20 deletes.
     fill(&mut r, &[d.key("post:100")]).await;
     let bob = "UPDATE app.users SET name = 'bob' WHERE id = 2";
-    expect_namespace_bump(&d, &r, &format!("{p}_post"), bob, Duration::from_secs(10)).await;
+    expect_namespace_bump(&d, &r, &format!("{p}_post"), bob, Duration::from_secs(30)).await;
     assert!(exists(&mut r, &d.key("post:100")).await, "no key-by-key deletes past the limit");
     d.finish().await;
 }
@@ -114,7 +114,7 @@ async fn keys_registered_under_a_tag_are_invalidated_with_it() {
         let () = r.zadd(&registry, page, expires).await.unwrap();
     }
     d.sql("UPDATE app.posts SET title = 'new' WHERE id = 1").await;
-    wait_gone(&d, &r, &pages, Duration::from_secs(10)).await;
+    wait_gone(&d, &r, &pages, Duration::from_secs(30)).await;
     d.finish().await;
 }
 
