@@ -148,13 +148,18 @@ level = "info,evictd=debug"
             let url = self.db.url.clone();
             async move {
                 let mut conn = sqlx::PgConnection::connect(&url).await.ok()?;
-                let active: Option<bool> =
-                    sqlx::query_scalar("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                        .bind(&slot)
-                        .fetch_optional(&mut conn)
-                        .await
-                        .ok()?;
-                active.filter(|a| *a).map(|_| ())
+                                // Held by a streaming walsender: `active` alone is already true
+                // while the slot is still being created, before its start
+                // point, and a change committed then is before evictd began.
+                let streaming: bool = sqlx::query_scalar(
+                    "SELECT EXISTS (SELECT 1 FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid
+                     WHERE s.slot_name = $1 AND r.state = 'streaming')",
+                )
+                .bind(&slot)
+                .fetch_one(&mut conn)
+                .await
+                .ok()?;
+                streaming.then_some(())
             }
         })
         .await;
