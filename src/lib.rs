@@ -18,6 +18,7 @@
 //! - [`checkpoint`]: which position may be acknowledged.
 //! - [`config`], [`cli`]: the operator's surface.
 //! - [`metrics`]: every exported metric, recorded through typed methods.
+//! - [`reader`]: for applications: the fill guard, a race-free cache fill.
 //! - [`server`]: `/metrics`, `/healthz` and `/readyz`, and the [`server::Health`]
 //!   state the run loop reports into.
 
@@ -30,6 +31,7 @@ pub mod diagnostic;
 pub mod graph;
 pub mod key;
 pub mod metrics;
+pub mod reader;
 pub mod resolve;
 pub mod run;
 pub mod server;

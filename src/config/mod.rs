@@ -93,6 +93,8 @@ pub struct RawPostgres {
     /// warns (evictd then bumps whole namespaces where it cannot render an
     /// old key).
     pub require_full_replica_identity: Option<bool>,
+    /// How often a standby tries to take the slot's lock, in ms. Default 1000.
+    pub standby_retry_ms: Option<u64>,
 }
 
 /// `[source.kafka]`
@@ -164,6 +166,21 @@ pub struct RawRedis {
     pub url_file: Option<String>,
     /// Whether the target is a Redis Cluster. Default false.
     pub cluster: Option<bool>,
+    /// Write a fill-guard stamp (`evictd:guard:…`) before every key
+    /// invalidation, for readers that fill through the guard script.
+    /// Default true.
+    pub fill_guard: Option<bool>,
+    /// How long a fill-guard stamp lives, in ms: longer than any reader's
+    /// read-the-database-then-fill window. Default 60000.
+    pub fill_guard_ttl_ms: Option<u64>,
+    /// Publish one message per applied batch on `broadcast_channel`.
+    /// Default true.
+    pub broadcast: Option<bool>,
+    /// The pub/sub channel of the broadcast. Default `evictd:invalidations`.
+    pub broadcast_channel: Option<String>,
+    /// Most keys one broadcast message lists; past it the message names the
+    /// caches to drop whole instead. Default 10000.
+    pub broadcast_max_keys: Option<usize>,
 }
 
 /// `[server]`: the HTTP server for `/metrics`, `/healthz`, `/readyz`.
@@ -227,6 +244,8 @@ pub struct PostgresSource {
     pub create_publication: bool,
     pub status_interval: Duration,
     pub require_full_replica_identity: bool,
+    /// How often a standby tries to become the slot's active consumer.
+    pub standby_retry: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -253,6 +272,17 @@ pub struct RedisTarget {
     pub name: String,
     pub urls: Vec<SecretString>,
     pub cluster: bool,
+    /// Time to live of fill-guard stamps; `None`: no stamps written.
+    pub fill_guard_ttl: Option<Duration>,
+    /// Where and how batches are broadcast; `None`: not at all.
+    pub broadcast: Option<BroadcastConfig>,
+}
+
+/// The broadcast of one Redis target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastConfig {
+    pub channel: String,
+    pub max_keys: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -566,7 +596,29 @@ impl RawConfig {
                     issues.push(&format!("{field}.url"), format!("not a Redis URL ({reason})"));
                 }
             }
-            redis.push(RedisTarget { name, urls, cluster });
+            let fill_guard_ttl = target.fill_guard.unwrap_or(true).then(|| {
+                Duration::from_millis(positive(
+                    &mut issues,
+                    &format!("{field}.fill_guard_ttl_ms"),
+                    target.fill_guard_ttl_ms,
+                    60_000,
+                ))
+            });
+            let channel = target.broadcast_channel.unwrap_or_else(|| "evictd:invalidations".to_owned());
+            if channel.is_empty() {
+                issues.push(
+                    &format!("{field}.broadcast_channel"),
+                    "must not be empty (set `broadcast = false` to turn the broadcast off)",
+                );
+            }
+            let max_keys = positive(
+                &mut issues,
+                &format!("{field}.broadcast_max_keys"),
+                target.broadcast_max_keys.map(|v| v as u64),
+                10_000,
+            ) as usize;
+            let broadcast = target.broadcast.unwrap_or(true).then_some(BroadcastConfig { channel, max_keys });
+            redis.push(RedisTarget { name, urls, cluster, fill_guard_ttl, broadcast });
         }
 
         let listen_text = self.server.listen.unwrap_or_else(|| "127.0.0.1:9187".to_owned());
@@ -698,6 +750,12 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
                 create_publication: pg.create_publication.unwrap_or(false),
                 status_interval: Duration::from_millis(interval),
                 require_full_replica_identity: pg.require_full_replica_identity.unwrap_or(true),
+                standby_retry: Duration::from_millis(positive(
+                    issues,
+                    "source.postgres.standby_retry_ms",
+                    pg.standby_retry_ms,
+                    1000,
+                )),
             }))
         }
         "kafka" => {

@@ -307,7 +307,13 @@ where
         let mut backoff = self.options.retry_min;
         if !effects.is_empty() {
             loop {
-                let sink_batch = SinkBatch { id: batch.id(), graph: &self.graph, effects: &effects, version };
+                let sink_batch = SinkBatch {
+                    id: batch.id(),
+                    graph: &self.graph,
+                    effects: &effects,
+                    version,
+                    position: batch.last_position(),
+                };
                 match self.sink.apply(sink_batch).await {
                     Ok(()) => break,
                     Err(e @ SinkError::Transient { .. }) => {

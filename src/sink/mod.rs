@@ -10,6 +10,7 @@ pub mod redis;
 
 use std::future::Future;
 
+use crate::change::Position;
 use crate::graph::Graph;
 use crate::resolve::Effect;
 
@@ -25,6 +26,8 @@ pub struct SinkBatch<'a> {
     /// The version written by `bump` and namespace bumps: the batch's last
     /// commit position as a number, so replays never move a version back.
     pub version: u64,
+    /// The batch's last source position (carried by the broadcast).
+    pub position: Option<&'a Position>,
 }
 
 /// Why a sink could not confirm a batch.

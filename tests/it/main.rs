@@ -4,8 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod broadcast;
 mod cli;
 mod daemon;
+mod fill_guard;
 mod key_vectors;
 mod lookup;
 mod outage;

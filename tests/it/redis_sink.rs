@@ -11,7 +11,7 @@ use evictd::sink::redis::{RedisSink, RedisSinkOptions};
 use evictd::sink::{MultiSink, Sink, SinkBatch, SinkError};
 
 use super::redis_support::{
-    BOTH, Kind, Probe, Proxy, TestGraph, closed_port, silent_listener, sink, target, unique, urls,
+    BOTH, Kind, Probe, Proxy, TestGraph, closed_port, kind_target, silent_listener, sink, target, unique, urls,
 };
 
 fn key(g: &TestGraph, cache: &str, key: &str) -> Effect {
@@ -19,7 +19,7 @@ fn key(g: &TestGraph, cache: &str, key: &str) -> Effect {
 }
 
 async fn apply(sink: &impl Sink, g: &TestGraph, effects: &[Effect], version: u64) -> Result<(), SinkError> {
-    sink.apply(SinkBatch { id: version, graph: &g.graph, effects, version }).await
+    sink.apply(SinkBatch { id: version, graph: &g.graph, effects, version, position: None }).await
 }
 
 fn now_ms() -> u64 {
@@ -336,4 +336,67 @@ async fn a_restarted_target_fails_transiently_then_confirms_again() {
         tokio::time::sleep(Duration::from_millis(50)).await; // the caller's backoff
     }
     assert!(!probe.exists(&k).await);
+}
+
+#[tokio::test]
+async fn every_invalidated_key_gets_its_fill_guard_stamp_and_a_guarded_fill_works_on_every_slot() {
+    use evictd::reader::{begin_fill, fill, guard_key};
+    for kind in BOTH {
+        let (s, probe, g, p) = (sink(kind).await, Probe::new(kind).await, TestGraph::new(&unique()), unique());
+        // Keys with and without hash tags, spread over slots.
+        let keys: Vec<String> =
+            (0..50).map(|i| if i % 2 == 0 { format!("it:{p}:{{{i}}}:g") } else { format!("it:{p}:g:{i}") }).collect();
+        let mut stamps = Vec::new();
+        for k in &keys {
+            let stamp = match &probe {
+                Probe::One(c) => begin_fill(&mut c.clone(), k.as_bytes(), 60_000).await,
+                Probe::Cluster(c) => begin_fill(&mut c.clone(), k.as_bytes(), 60_000).await,
+            };
+            stamps.push(stamp.unwrap());
+        }
+        let effects: Vec<Effect> = keys.iter().map(|k| key(&g, "gone", k)).collect();
+        apply(&s, &g, &effects, 77).await.unwrap();
+        for (k, stamp) in keys.iter().zip(&stamps) {
+            let guard = String::from_utf8(guard_key(k.as_bytes())).unwrap();
+            assert_eq!(probe.get(&guard).await.as_deref(), Some("i77"), "{kind:?}: {guard}");
+            let ttl = probe.pttl(&guard).await;
+            assert!(ttl > 0 && ttl <= 60_000, "{kind:?}: the stamp expires ({ttl} ms)");
+            let stored = match &probe {
+                Probe::One(c) => fill(&mut c.clone(), k.as_bytes(), stamp, b"stale", 0).await,
+                Probe::Cluster(c) => fill(&mut c.clone(), k.as_bytes(), stamp, b"stale", 0).await,
+            };
+            assert!(!stored.unwrap(), "{kind:?}: a fill begun before the invalidation is refused");
+            assert!(!probe.exists(k).await);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_batch_is_published_after_its_effects_with_a_rising_sequence() {
+    use futures_util::StreamExt as _;
+    for kind in BOTH {
+        let (g, p) = (TestGraph::new(&unique()), unique());
+        let mut t = kind_target(kind);
+        let channel = format!("it:{p}:broadcast");
+        t.broadcast = Some(evictd::config::BroadcastConfig { channel: channel.clone(), max_keys: 100 });
+        let s = RedisSink::connect(&t).await.unwrap();
+        // Classic pub/sub reaches subscribers on every node of a Cluster.
+        let mut pubsub = redis::Client::open(urls(kind)[0].as_str()).unwrap().get_async_pubsub().await.unwrap();
+        pubsub.subscribe(&channel).await.unwrap();
+        let mut messages = pubsub.into_on_message();
+        let keys: Vec<String> = (0..20).map(|i| format!("it:{p}:b:{i}")).collect();
+        let effects: Vec<Effect> = keys.iter().map(|k| key(&g, "gone", k)).collect();
+        let mut seqs = Vec::new();
+        for version in [1, 2] {
+            apply(&s, &g, &effects, version).await.unwrap();
+            let msg = tokio::time::timeout(Duration::from_secs(5), messages.next()).await.unwrap().unwrap();
+            let json: serde_json::Value = serde_json::from_str(&msg.get_payload::<String>().unwrap()).unwrap();
+            assert_eq!(json["v"], 1);
+            assert_eq!(json["keys"].as_array().unwrap().len(), keys.len(), "{kind:?}: {json}");
+            seqs.push(json["seq"].as_u64().unwrap());
+        }
+        assert_eq!(seqs[1], seqs[0] + 1, "{kind:?}");
+        // Microseconds of the server clock at the first message: far past any small counter.
+        assert!(seqs[0] > 1_600_000_000_000_000, "{kind:?}: {}", seqs[0]);
+    }
 }

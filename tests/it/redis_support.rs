@@ -36,7 +36,13 @@ pub fn urls(kind: Kind) -> Vec<String> {
 }
 
 pub fn target(name: &str, urls: &[String], cluster: bool) -> RedisTarget {
-    RedisTarget { name: name.to_owned(), urls: urls.iter().map(|u| SecretString::from(u.clone())).collect(), cluster }
+    RedisTarget {
+        name: name.to_owned(),
+        urls: urls.iter().map(|u| SecretString::from(u.clone())).collect(),
+        cluster,
+        fill_guard_ttl: Some(std::time::Duration::from_secs(60)),
+        broadcast: None,
+    }
 }
 
 pub fn kind_target(kind: Kind) -> RedisTarget {

@@ -11,6 +11,13 @@
 //!   cache key registered under the tag, score = that key's expiry as Unix
 //!   time in milliseconds (`+inf` for a key without expiry).
 //!
+//! - Fill guard of cache key `K`: the string key [`guard_key`]`(K)`, in `K`'s
+//!   hash slot; evictd sets it to `i<version>` (the batch version) before it
+//!   invalidates `K`, readers create it with [`FILL_BEGIN_LUA`] and fill
+//!   through [`FILL_LUA`], which refuses once the stamp changed.
+//! - Broadcast sequence of channel `C`: the integer key `evictd:seq:C`,
+//!   raised by [`PUBLISH_LUA`] for every message.
+//!
 //! - Values of caches read under a namespace carry the namespace version
 //!   their writer read *before* reading the database: `<ns>|<payload>`
 //!   ([`stamp`], [`unstamp`]); evictd never reads or writes them.
@@ -37,6 +44,49 @@ pub fn namespace_key(cache: &str) -> String {
 /// hash tag, so a registry's slot depends on the tag alone.
 pub fn tag_key(tag: &str) -> String {
     format!("{TAG_PREFIX}{{{tag}}}")
+}
+
+/// Prefix of fill-guard stamps.
+pub const GUARD_PREFIX: &str = "evictd:guard:";
+
+/// Prefix of broadcast sequence keys (the channel follows).
+pub const SEQUENCE_PREFIX: &str = "evictd:seq:";
+
+/// The fill-guard stamp of a cache key, in the key's Redis Cluster hash
+/// slot: `evictd:guard:` + the key when the key has a hash tag (its tag then
+/// stays the first one), else `evictd:guard:{` + key + `}` (the whole key
+/// becomes the tag). A key without a hash tag that contains `}` would get
+/// another slot; evictd never renders one (values are percent-encoded).
+pub fn guard_key(key: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(GUARD_PREFIX.len() + key.len() + 2);
+    out.extend_from_slice(GUARD_PREFIX.as_bytes());
+    if has_hash_tag(key) {
+        out.extend_from_slice(key);
+    } else {
+        out.push(b'{');
+        out.extend_from_slice(key);
+        out.push(b'}');
+    }
+    out
+}
+
+/// Whether Redis Cluster hashes `key` on a hash tag: a `{` followed later
+/// by a `}` with at least one byte between them.
+fn has_hash_tag(key: &[u8]) -> bool {
+    key.iter()
+        .position(|&b| b == b'{')
+        .is_some_and(|open| key[open + 1..].iter().position(|&b| b == b'}').is_some_and(|len| len > 0))
+}
+
+/// The stamp evictd writes for an invalidation in a batch of `version`:
+/// `i<version>`. Readers' stamps start with `r`, so the two never collide.
+pub fn guard_stamp(version: &str) -> String {
+    format!("i{version}")
+}
+
+/// The sequence key of a broadcast channel.
+pub fn sequence_key(channel: &str) -> String {
+    format!("{SEQUENCE_PREFIX}{channel}")
 }
 
 /// A version as stored: canonical decimal.
@@ -126,20 +176,76 @@ end
 return removed
 "#;
 
+/// Lua source of the readers' first step of a guarded fill, run *before*
+/// reading the database.
+///
+/// `KEYS[1]` is [`guard_key`] of the cache key, `ARGV[1]` the stamp's time
+/// to live in ms (as long as evictd's `fill_guard_ttl_ms`). Returns the
+/// current stamp; when there is none, creates a fresh one
+/// (`r<seconds>.<microseconds>` of the server clock) and returns it. A
+/// missing stamp is never handed out as such, so a stamp that expires
+/// while a reader holds it makes that reader's fill fail, never pass.
+pub const FILL_BEGIN_LUA: &str = r#"
+local stamp = redis.call('GET', KEYS[1])
+if stamp then return stamp end
+local now = redis.call('TIME')
+stamp = 'r' .. now[1] .. '.' .. now[2]
+redis.call('SET', KEYS[1], stamp, 'PX', ARGV[1])
+return stamp
+"#;
+
+/// Lua source of the readers' second step: set the value only if the key
+/// was not invalidated since [`FILL_BEGIN_LUA`].
+///
+/// `KEYS[1]` is the cache key, `KEYS[2]` its [`guard_key`]; `ARGV[1]` the
+/// stamp `FILL_BEGIN_LUA` returned, `ARGV[2]` the value, `ARGV[3]` its time
+/// to live in ms (`0`: none). Returns 1 if the value was set, 0 if the stamp
+/// changed (evictd invalidated the key after the reader's stamp was taken,
+/// so what the reader read may be stale) or expired.
+pub const FILL_LUA: &str = r#"
+if redis.call('GET', KEYS[2]) ~= ARGV[1] then return 0 end
+local ttl = tonumber(ARGV[3])
+if ttl and ttl > 0 then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ttl)
+else
+  redis.call('SET', KEYS[1], ARGV[2])
+end
+return 1
+"#;
+
+/// Lua source of [`PUBLISH`](Scripts::publish): one broadcast message.
+///
+/// `KEYS[1]` is the channel's [`sequence_key`], `ARGV[1]` the channel,
+/// `ARGV[2]` the message's JSON after its sequence number (it starts with
+/// `,` and ends with `}`). The sequence is raised by one per message; a
+/// missing sequence (first use, or data lost) starts from the server clock
+/// in microseconds, so it keeps increasing across restarts of evictd and
+/// even across a loss of Redis's data. Returns the sequence number used.
+pub const PUBLISH_LUA: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  local now = redis.call('TIME')
+  redis.call('SET', KEYS[1], now[1] .. string.format('%06d', tonumber(now[2])))
+end
+local seq = redis.call('INCR', KEYS[1])
+redis.call('PUBLISH', ARGV[1], '{"v":1,"seq":' .. string.format('%d', seq) .. ARGV[2])
+return seq
+"#;
+
 /// The scripts evictd runs, built once per sink.
 #[derive(Debug)]
 pub struct Scripts {
     pub bump: Script,
     pub forget: Script,
+    pub publish: Script,
 }
 
 impl Scripts {
     pub fn new() -> Scripts {
-        Scripts { bump: Script::new(BUMP_LUA), forget: Script::new(FORGET_LUA) }
+        Scripts { bump: Script::new(BUMP_LUA), forget: Script::new(FORGET_LUA), publish: Script::new(PUBLISH_LUA) }
     }
 
-    pub fn all(&self) -> [&Script; 2] {
-        [&self.bump, &self.forget]
+    pub fn all(&self) -> [&Script; 3] {
+        [&self.bump, &self.forget, &self.publish]
     }
 }
 
@@ -181,5 +287,22 @@ mod tests {
         assert_eq!(tag_key("user:42"), "evictd:tag:{user:42}");
         assert_eq!(Slot::for_key(tag_key("user:42")), Slot::for_key("user:42"));
         assert_eq!(namespace_key("product_detail"), "evictd:ns:product_detail");
+    }
+
+    #[test]
+    fn a_guard_lives_in_its_keys_slot() {
+        for key in ["user:{42}:profile", "user:42:profile", "{x}", "x{", "p:{{a}}", "q?a=1&b=2"] {
+            let guard = guard_key(key.as_bytes());
+            assert_eq!(
+                Slot::for_key(&guard),
+                Slot::for_key(key.as_bytes()),
+                "{key} → {}",
+                String::from_utf8_lossy(&guard)
+            );
+        }
+        assert_eq!(guard_key(b"user:{42}:profile"), b"evictd:guard:user:{42}:profile");
+        assert_eq!(guard_key(b"user:42"), b"evictd:guard:{user:42}");
+        assert_eq!(guard_stamp("17"), "i17");
+        assert_eq!(sequence_key("evictd:invalidations"), "evictd:seq:evictd:invalidations");
     }
 }

@@ -20,6 +20,7 @@
 //! (`redelete_after_ms`) is scheduled only after the batch is confirmed, is
 //! best-effort, and is not part of the acknowledgement.
 
+pub mod broadcast;
 mod conn;
 mod error;
 pub mod layout;
@@ -43,7 +44,7 @@ pub use plan::{Command, Group, Plan, PlanError, Redelete, TagJob, Topology};
 use self::conn::{Conn, Runner};
 use self::error::Errors;
 use self::layout::Scripts;
-use crate::config::RedisTarget;
+use crate::config::{BroadcastConfig, RedisTarget};
 use crate::sink::{Sink, SinkBatch, SinkError};
 
 /// Tags invalidated at once within a batch (each runs its own pipelines).
@@ -80,6 +81,9 @@ struct Inner {
     /// Delayed second deletes still waiting or running.
     redeletes: TaskTracker,
     redelete_failures: AtomicU64,
+    /// Time to live of fill-guard stamps, ms; `None`: no stamps.
+    fill_guard_ttl_ms: Option<u64>,
+    broadcast: Option<BroadcastConfig>,
 }
 
 impl Inner {
@@ -110,6 +114,8 @@ impl RedisSink {
                 options,
                 redeletes: TaskTracker::new(),
                 redelete_failures: AtomicU64::new(0),
+                fill_guard_ttl_ms: target.fill_guard_ttl.map(|ttl| ttl.as_millis().max(1) as u64),
+                broadcast: target.broadcast.clone(),
             }),
         })
     }
@@ -138,12 +144,31 @@ impl RedisSink {
         let runner = inner.runner();
         let max = inner.options.max_in_flight;
         let now = now_ms();
-        let keys = run_groups(&runner, &plan.groups, &plan.version, max);
+        let stamp = inner.fill_guard_ttl_ms.map(|ttl_ms| Stamp { value: layout::guard_stamp(&plan.version), ttl_ms });
+        let stamp = stamp.as_ref();
+        let keys = run_groups(&runner, &plan.groups, &plan.version, max, stamp);
         // Futures built up front (not in a stream closure): a closure over
         // borrowed jobs trips the compiler's Send check of `apply`.
-        let tag_jobs: Vec<_> = plan.tags.iter().map(|job| tag_job(&runner, job, now, topology, max)).collect();
+        let tag_jobs: Vec<_> = plan.tags.iter().map(|job| tag_job(&runner, job, now, topology, max, stamp)).collect();
         let tags = stream::iter(tag_jobs).buffer_unordered(TAG_CONCURRENCY).try_collect::<Vec<_>>();
         let ((), tag_keys) = futures_util::try_join!(keys, tags)?;
+        // Every effect confirmed: only now tell the local caches.
+        if let Some(config) = &inner.broadcast
+            && let Some(message) = broadcast::message(&batch, config, now)
+        {
+            let tail = broadcast::tail(&message)
+                .map_err(|e| inner.errors.make(Class::Definite, format!("encoding the broadcast: {e}")))?;
+            let mut pipe = redis::pipe();
+            pipe.cmd("EVALSHA")
+                .arg(runner.scripts.publish.get_hash())
+                .arg(1)
+                .arg(layout::sequence_key(&config.channel))
+                .arg(&config.channel)
+                .arg(tail);
+            let what = format!("publishing on {}", config.channel);
+            let reply = runner.pipeline(&what, &mut pipe).await?;
+            tracing::debug!(channel = %config.channel, seq = ?reply.first(), "broadcast");
+        }
         tracing::debug!(groups = plan.groups.len(), tags = plan.tags.len(), "batch confirmed");
 
         // Confirmed: only now schedule the second deletes.
@@ -177,9 +202,24 @@ impl Sink for RedisSink {
     }
 }
 
+/// The fill-guard stamp written before each key invalidation of a batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stamp {
+    /// `i<version>`: see [`layout::guard_stamp`].
+    pub value: String,
+    pub ttl_ms: u64,
+}
+
 /// Runs groups as pipelines, at most `max` at once; `Ok` once all replied.
-async fn run_groups(runner: &Runner<'_>, groups: &[Group], version: &str, max: usize) -> Result<(), SinkError> {
-    let pipelines: Vec<_> = groups.iter().map(|group| run_group(runner, group, version)).collect();
+/// With a `stamp`, every deleted or expired key's fill guard is set first.
+async fn run_groups(
+    runner: &Runner<'_>,
+    groups: &[Group],
+    version: &str,
+    max: usize,
+    stamp: Option<&Stamp>,
+) -> Result<(), SinkError> {
+    let pipelines: Vec<_> = groups.iter().map(|group| run_group(runner, group, version, stamp)).collect();
     stream::iter(pipelines).buffer_unordered(max).try_collect::<()>().await
 }
 
@@ -190,22 +230,36 @@ async fn tag_job(
     now: u64,
     topology: Topology,
     max: usize,
+    stamp: Option<&Stamp>,
 ) -> Result<(Option<u64>, Vec<Vec<u8>>), SinkError> {
-    let deleted = tags::invalidate(runner, job, now, topology, max).await?;
+    let deleted = tags::invalidate(runner, job, now, topology, max, stamp).await?;
     Ok((job.redelete_after_ms, deleted))
 }
 
-async fn run_group(runner: &Runner<'_>, group: &Group, version: &str) -> Result<(), SinkError> {
+/// One group as one pipeline. A key's stamp goes out before the command
+/// that invalidates it, in the same pipeline (same connection, in order):
+/// a reader's guarded fill that runs after the invalidation always sees
+/// the new stamp, so it cannot put back what the reader read before.
+async fn run_group(runner: &Runner<'_>, group: &Group, version: &str, stamp: Option<&Stamp>) -> Result<(), SinkError> {
     let mut pipe = redis::pipe();
+    let guard = |pipe: &mut redis::Pipeline, key: &[u8]| {
+        if let Some(stamp) = stamp {
+            pipe.cmd("SET").arg(layout::guard_key(key)).arg(&stamp.value).arg("PX").arg(stamp.ttl_ms);
+        }
+    };
     for command in &group.commands {
         match command {
             Command::Unlink(keys) => {
+                for key in keys {
+                    guard(&mut pipe, key);
+                }
                 pipe.cmd("UNLINK").arg(keys);
             }
             Command::Bump(key) => {
                 pipe.cmd("EVALSHA").arg(runner.scripts.bump.get_hash()).arg(1).arg(key).arg(version);
             }
             Command::Expire { key, ttl_ms } => {
+                guard(&mut pipe, key.as_bytes());
                 pipe.cmd("PEXPIRE").arg(key).arg(*ttl_ms).arg("LT");
             }
         }

@@ -27,7 +27,7 @@ pub(super) fn schedule(inner: &Arc<Inner>, batch_id: u64, after_ms: u64, keys: V
             tokio::time::sleep(Duration::from_millis(after_ms)).await;
             let groups = unlink_groups(keys, inner.conn.topology());
             let runner = inner.runner();
-            match run_groups(&runner, &groups, "", inner.options.max_in_flight).await {
+            match run_groups(&runner, &groups, "", inner.options.max_in_flight, None).await {
                 Ok(()) => tracing::debug!("second delete done"),
                 Err(e) => {
                     inner.redelete_failures.fetch_add(1, Ordering::Relaxed);

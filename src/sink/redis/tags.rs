@@ -43,13 +43,14 @@ pub async fn invalidate(
     now_ms: u64,
     topology: Topology,
     max_in_flight: usize,
+    stamp: Option<&super::Stamp>,
 ) -> Result<Vec<Vec<u8>>, SinkError> {
     let from = now_ms.saturating_sub(GRACE_MS);
     let registrations = read(runner, job, from).await?;
     let keys: Vec<Vec<u8>> = registrations.iter().map(|(member, _)| member.clone()).collect();
     if !keys.is_empty() {
         let groups = unlink_groups(keys.clone(), topology);
-        super::run_groups(runner, &groups, "", max_in_flight).await?;
+        super::run_groups(runner, &groups, "", max_in_flight, stamp).await?;
     }
     forget(runner, job, from, &registrations).await?;
     Ok(keys)

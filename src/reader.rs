@@ -1,0 +1,55 @@
+//! What applications use to fill the keys evictd invalidates without
+//! racing it: the fill guard (`docs/redis-layout.md`, "Fill guard").
+//!
+//! The race it closes: a reader misses, reads the old row, a writer
+//! commits, evictd deletes the key, and *then* the reader's `SET` lands —
+//! the old value stays until its TTL. With the guard, the reader takes the
+//! key's stamp before reading the database ([`begin_fill`]) and sets the
+//! value only if the stamp is unchanged ([`fill`]); evictd writes a new
+//! stamp before every invalidation of the key, so a fill that would
+//! resurrect an invalidated value is refused.
+//!
+//! ```no_run
+//! # async fn example(con: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
+//! use evictd::reader::{begin_fill, fill};
+//! let key = "user:{42}:profile";
+//! let stamp = begin_fill(con, key.as_bytes(), 60_000).await?;   // 1. before the database
+//! let value = b"{\"name\":\"Ada\"}";                              // 2. read the database
+//! let stored = fill(con, key.as_bytes(), &stamp, value, 300_000).await?; // 3. guarded SET
+//! // `stored == false`: evictd invalidated the key meanwhile; serve the value, do not cache it.
+//! # Ok(()) }
+//! ```
+//!
+//! Both calls run scripts on the key's hash slot only, so they work on a
+//! Redis Cluster as on a single server.
+
+use std::sync::LazyLock;
+
+use redis::Script;
+use redis::aio::ConnectionLike;
+
+pub use crate::sink::redis::layout::{FILL_BEGIN_LUA, FILL_LUA, guard_key};
+
+static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_BEGIN_LUA));
+static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_LUA));
+
+/// The current fill-guard stamp of `key`, created if there is none. Call it
+/// before reading the database; `stamp_ttl_ms` should match evictd's
+/// `fill_guard_ttl_ms` (a fill later than that after this call is refused).
+pub async fn begin_fill<C: ConnectionLike>(con: &mut C, key: &[u8], stamp_ttl_ms: u64) -> redis::RedisResult<Vec<u8>> {
+    BEGIN.key(guard_key(key)).arg(stamp_ttl_ms).invoke_async(con).await
+}
+
+/// Sets `key` to `value` (with a TTL in ms; 0 for none) only if its stamp is
+/// still `stamp`. `Ok(false)`: evictd invalidated the key since
+/// [`begin_fill`] (or the stamp expired); nothing was written.
+pub async fn fill<C: ConnectionLike>(
+    con: &mut C,
+    key: &[u8],
+    stamp: &[u8],
+    value: &[u8],
+    ttl_ms: u64,
+) -> redis::RedisResult<bool> {
+    let stored: i64 = FILL.key(key).key(guard_key(key)).arg(stamp).arg(value).arg(ttl_ms).invoke_async(con).await?;
+    Ok(stored == 1)
+}
