@@ -11,10 +11,10 @@
 //!   nothing external, so a Postgres or Redis outage never gets evictd
 //!   restarted in a loop. The loop must beat while it waits (for a sink, a
 //!   reconnect, a standby's lease), not only when changes flow.
-//! - `/readyz` answers "can this replica do its job?": 200 `ready` when the
+//! - `/readyz` answers "can this replica do its job?": 200 `ready: active` when the
 //!   source is connected, every sink reachable and the lag at most
 //!   [`HealthThresholds::max_lag_bytes`]; otherwise 503 with one line per
-//!   failed check. A standby answers 200 `standby` whatever its
+//!   failed check. A standby answers 200 `ready: standby` whatever its
 //!   connections, so that a Deployment with one active and one standby
 //!   replica can roll and a node can be drained.
 //! - `/metrics` is [`Metrics::encode`], OpenMetrics text. `prometheus-client`
@@ -98,6 +98,10 @@ pub enum Liveness {
         timeout: Duration,
     },
 }
+
+/// The header by which `/readyz` names the replica's role (`active` or
+/// `standby`) when it is ready, for probes that do not read bodies.
+pub const ROLE_HEADER: &str = "x-evictd-role";
 
 /// `/readyz`'s verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -282,8 +286,8 @@ fn health_response(liveness: Liveness) -> Response {
 
 fn readiness_response(readiness: Readiness) -> Response {
     match readiness {
-        Readiness::Ready => (StatusCode::OK, "ready\n").into_response(),
-        Readiness::Standby => (StatusCode::OK, "standby\n").into_response(),
+        Readiness::Ready => (StatusCode::OK, [(ROLE_HEADER, "active")], "ready: active\n").into_response(),
+        Readiness::Standby => (StatusCode::OK, [(ROLE_HEADER, "standby")], "ready: standby\n").into_response(),
         Readiness::NotReady(failed) => {
             let body: String = failed.iter().map(|f| format!("{f}\n")).collect();
             (StatusCode::SERVICE_UNAVAILABLE, body).into_response()

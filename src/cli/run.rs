@@ -24,10 +24,11 @@ use crate::graph::Graph;
 use crate::metrics::Metrics;
 use crate::resolve::PgLookupExecutor;
 use crate::run::{Pipeline, RunOptions, SessionEnd};
-use crate::server::{Health, ServerState};
+use crate::server::{Health, Role, ServerState};
 use crate::sink::SinkError;
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
+use crate::source::postgres::lock::SlotLock;
 use crate::source::postgres::{PostgresSource, SourceSetupError};
 
 #[derive(Debug, Args)]
@@ -187,6 +188,8 @@ async fn work(
         None => None,
     };
     let Some(sink) = connect_sinks(config, &shutdown).await? else { return Ok(()) };
+    // Connected: reachable until a batch says otherwise.
+    health.set_all_sinks_reachable();
     let options = RunOptions {
         batch: config.batch,
         max_transaction_effects: config.run.max_transaction_effects,
@@ -194,11 +197,104 @@ async fn work(
         retry_max: config.run.retry_max,
     };
     let pipeline = Pipeline { graph: graph.clone(), sink: Arc::new(sink), lookups, options, metrics, health };
-    let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
+        let Some(lock) = wait_for_slot_lock(&source_config, &pipeline, &shutdown).await else { break };
+        // Active until shutdown, or until the lock's session is lost.
+        let stepped_down = shutdown.child_token();
+        let done = CancellationToken::new();
+        let watcher =
+            tokio::spawn(watch_slot_lock(lock, source_config.standby_retry, stepped_down.clone(), done.clone()));
+        let result = consume(&source_config, &graph, &pipeline, config, &stepped_down).await;
+        // Released only now: a standby must not start before the final
+        // acknowledgement of this replica went out.
+        done.cancel();
+        let _ = watcher.await;
+        result?;
+        if !shutdown.is_cancelled() {
+            tracing::warn!(slot = %source_config.slot, "lost the slot's lock; stepped down to standby");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Waits as a standby until this replica holds the slot's lock; `None` on
+/// shutdown. The run loop's heartbeat keeps beating meanwhile.
+async fn wait_for_slot_lock(
+    source: &PostgresConfig,
+    pipeline: &Pipeline<MultiSink<RedisSink>, PgLookupExecutor>,
+    shutdown: &CancellationToken,
+) -> Option<SlotLock> {
+    let mut announced = false;
+    loop {
+        pipeline.health.heartbeat();
+        match SlotLock::try_acquire(&source.url, &source.slot).await {
+            Ok(Some(lock)) => {
+                tracing::info!(slot = %source.slot, "holding the slot's lock: active");
+                pipeline.health.set_role(Role::Active);
+                pipeline.metrics.set_role(Role::Active);
+                return Some(lock);
+            }
+            Ok(None) => {
+                if !announced {
+                    tracing::info!(slot = %source.slot, retry_ms = source.standby_retry.as_millis() as u64, "another replica holds the slot's lock: standby");
+                    announced = true;
+                }
+                pipeline.health.set_role(Role::Standby);
+                pipeline.metrics.set_role(Role::Standby);
+            }
+            Err(e) => {
+                tracing::warn!(slot = %source.slot, error = %e, "cannot take the slot's lock; retrying");
+                pipeline.health.set_role(Role::Standby);
+                pipeline.metrics.set_role(Role::Standby);
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(source.standby_retry) => {}
+            () = shutdown.cancelled() => return None,
+        }
+    }
+}
+
+/// Holds the lock while active: checks its session every `interval` and
+/// cancels `stepped_down` if it is lost; releases it once `done`.
+async fn watch_slot_lock(
+    mut lock: SlotLock,
+    interval: Duration,
+    stepped_down: CancellationToken,
+    done: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = done.cancelled() => break,
+            () = tokio::time::sleep(interval) => {
+                if let Err(e) = lock.check().await {
+                    tracing::error!(error = %e, "lost the slot's lock: stepping down");
+                    stepped_down.cancel();
+                    // Wait for the sessions to stop; the session is gone anyway.
+                    done.cancelled().await;
+                    return;
+                }
+            }
+        }
+    }
+    lock.release().await;
+}
+
+/// Source sessions one after another while active: a lost connection is
+/// retried with backoff and resumes from the slot. Returns on `stop`.
+async fn consume(
+    source_config: &PostgresConfig,
+    graph: &Arc<Graph>,
+    pipeline: &Pipeline<MultiSink<RedisSink>, PgLookupExecutor>,
+    config: &Config,
+    stop: &CancellationToken,
+) -> Result<(), CliError> {
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
         let started = tokio::select! {
-            s = PostgresSource::start(&source_config, &graph) => s,
-            () = shutdown.cancelled() => break,
+            s = PostgresSource::start(source_config, graph) => s,
+            () = stop.cancelled() => break,
         };
         let mut source = match started {
             Ok(s) => {
@@ -207,7 +303,8 @@ async fn work(
             }
             Err(SourceSetupError::Transient(m)) => {
                 tracing::warn!(error = %m, retry_in_ms = backoff.as_millis() as u64, "source unavailable; retrying");
-                match pause(backoff, config.run.retry_max, &shutdown).await {
+                pipeline.health.heartbeat();
+                match pause(backoff, config.run.retry_max, stop).await {
                     Some(next) => backoff = next,
                     None => break,
                 }
@@ -215,7 +312,7 @@ async fn work(
             }
             Err(SourceSetupError::Definite(m)) => return Err(CliError::Runtime(m)),
         };
-        match pipeline.run_session(&mut source, &shutdown).await {
+        match pipeline.run_session(&mut source, stop).await {
             Ok(SessionEnd::Shutdown) => {
                 source.shutdown().await;
                 break;
@@ -223,7 +320,7 @@ async fn work(
             Ok(SessionEnd::SourceLost(m)) => {
                 tracing::warn!(error = %m, "lost the source; reconnecting from the slot");
                 drop(source);
-                if pause(backoff, config.run.retry_max, &shutdown).await.is_none() {
+                if pause(backoff, config.run.retry_max, stop).await.is_none() {
                     break;
                 }
             }
@@ -233,6 +330,5 @@ async fn work(
             }
         }
     }
-    tracing::info!("stopped");
     Ok(())
 }

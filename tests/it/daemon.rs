@@ -165,6 +165,20 @@ level = "info,evictd=debug"
         .await;
     }
 
+    /// Another `evictd run` with the same config (so the same slot): a second
+    /// replica, logging to `evictd-NAME.log`. Does not wait for anything.
+    pub fn spawn_replica(&self, name: &str) -> Replica {
+        let log_path = self.dir.path().join(format!("evictd-{name}.log"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_evictd"))
+            .args(["run", "--config", self.config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("evictd starts");
+        Replica { child: Some(child), log_path }
+    }
+
     /// SIGKILL: no flush, no acknowledgement.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -251,6 +265,49 @@ level = "info,evictd=debug"
         }
         let db = std::mem::replace(&mut self.db, TestDb::placeholder());
         db.drop().await;
+    }
+}
+
+/// A second `evictd run` of a [`Daemon`]'s config.
+pub struct Replica {
+    child: Option<Child>,
+    log_path: PathBuf,
+}
+
+impl Replica {
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// Where it serves /metrics and the probes (from its log).
+    pub async fn http_address(&self, limit: Duration) -> std::net::SocketAddr {
+        let deadline = Instant::now() + limit;
+        loop {
+            let log = self.log();
+            let found = log
+                .lines()
+                .rev()
+                .find(|l| l.contains("serving /metrics"))
+                .and_then(|line| line.split("address=").nth(1)?.split_whitespace().next()?.parse().ok());
+            if let Some(address) = found {
+                return address;
+            }
+            assert!(Instant::now() < deadline, "no HTTP address in the replica's log:\n{log}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

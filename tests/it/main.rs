@@ -15,4 +15,5 @@ mod pipeline;
 mod redis_sink;
 mod redis_support;
 mod server;
+mod standby;
 mod support;

@@ -136,7 +136,7 @@ async fn readyz_names_every_failed_check_until_all_pass() {
 
     all_good(health);
     let reply = get(server.addr, "/readyz").await;
-    assert_eq!((reply.status, reply.body.as_str()), (200, "ready\n"));
+    assert_eq!((reply.status, reply.body.as_str()), (200, "ready: active\n"));
 
     health.set_source_connected(false);
     let reply = get(server.addr, "/readyz").await;
@@ -153,7 +153,7 @@ async fn a_standby_reports_ready_so_a_deployment_can_roll() {
     let server = start(relaxed()).await;
     server.state.health.set_role(Role::Standby);
     let reply = get(server.addr, "/readyz").await;
-    assert_eq!((reply.status, reply.body.as_str()), (200, "standby\n"));
+    assert_eq!((reply.status, reply.body.as_str()), (200, "ready: standby\n"));
     // Liveness does not depend on the role.
     assert_eq!(get(server.addr, "/healthz").await.status, 200);
 }

@@ -21,6 +21,7 @@
 //! and we hand it on change by change: memory holds one change at a time
 //! here; the run loop bounds what it accumulates per transaction.
 
+pub mod lock;
 pub mod pgoutput;
 pub mod setup;
 
@@ -148,9 +149,11 @@ impl PostgresSource {
             SourceSetupError::Transient(format!("replication slot `{}` vanished while starting", config.slot))
         })?;
         pool.close().await;
+        // Start again from where it is now (an acknowledgement of a
+        // replica that just stepped down can land late).
         if after.confirmed_flush > state.confirmed_flush {
-            return Err(SourceSetupError::Definite(format!(
-                "replication slot `{}` moved from {} to {} while evictd was starting: another consumer is acknowledging it",
+            return Err(SourceSetupError::Transient(format!(
+                "replication slot `{}` moved from {} to {} while evictd was starting: another consumer acknowledged it; starting again",
                 config.slot, state.confirmed_flush, after.confirmed_flush
             )));
         }
