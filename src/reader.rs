@@ -11,14 +11,23 @@
 //!
 //! ```no_run
 //! # async fn example(con: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
-//! use evictd::reader::{begin_fill, fill};
-//! let key = "user:{42}:profile";
-//! let stamp = begin_fill(con, key.as_bytes(), 60_000).await?;   // 1. before the database
-//! let value = b"{\"name\":\"Ada\"}";                              // 2. read the database
-//! let stored = fill(con, key.as_bytes(), &stamp, value, 300_000).await?; // 3. guarded SET
-//! // `stored == false`: evictd invalidated the key meanwhile; serve the value, do not cache it.
+//! use evictd::reader::{Read, fill, read};
+//! let key = b"user:{42}:profile";
+//! // 1. One round trip: the value, or on a miss the stamp (before the database).
+//! match read(con, key, 60_000).await? {
+//!     Read::Hit(value) => { /* serve it */ }
+//!     Read::Miss { stamp } => {
+//!         let value = b"{\"name\":\"Ada\"}"; // 2. read the database
+//!         // 3. Guarded SET; `false`: evictd invalidated the key meanwhile:
+//!         // serve the value, do not cache it.
+//!         let stored = fill(con, key, &stamp, value, 300_000).await?;
+//!     }
+//! }
 //! # Ok(()) }
 //! ```
+//!
+//! [`begin_fill`] takes the stamp alone, for readers that do their own
+//! `GET` (or fill without reading first).
 //!
 //! Both calls run scripts on the key's hash slot only, so they work on a
 //! Redis Cluster as on a single server.
@@ -28,10 +37,28 @@ use std::sync::LazyLock;
 use redis::Script;
 use redis::aio::ConnectionLike;
 
-pub use crate::sink::redis::layout::{FILL_BEGIN_LUA, FILL_LUA, guard_key};
+pub use crate::sink::redis::layout::{FILL_BEGIN_LUA, FILL_LUA, READ_LUA, guard_key};
 
 static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_BEGIN_LUA));
 static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_LUA));
+static READ: LazyLock<Script> = LazyLock::new(|| Script::new(READ_LUA));
+
+/// What [`read`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    Hit(Vec<u8>),
+    /// A miss, with the stamp to pass to [`fill`].
+    Miss {
+        stamp: Vec<u8>,
+    },
+}
+
+/// Reads `key`; on a miss, also takes its fill-guard stamp (as
+/// [`begin_fill`] does), in the same round trip.
+pub async fn read<C: ConnectionLike>(con: &mut C, key: &[u8], stamp_ttl_ms: u64) -> redis::RedisResult<Read> {
+    let (hit, bytes): (i64, Vec<u8>) = READ.key(key).key(guard_key(key)).arg(stamp_ttl_ms).invoke_async(con).await?;
+    Ok(if hit == 1 { Read::Hit(bytes) } else { Read::Miss { stamp: bytes } })
+}
 
 /// The current fill-guard stamp of `key`, created if there is none. Call it
 /// before reading the database; `stamp_ttl_ms` should match evictd's

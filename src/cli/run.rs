@@ -2,8 +2,10 @@
 //!
 //! Validation first (the same `prepare` as `check`; bad input exits 2
 //! before anything starts), then one runtime: signals, the Redis targets,
-//! the look-up pool, and source sessions one after another — a lost
-//! connection is retried with backoff and resumes from the slot.
+//! the look-up pool; then, as a standby, waiting for the slot's lock
+//! (`source::postgres::lock`), and once active, source sessions one after
+//! another — a lost connection is retried with backoff and resumes from the
+//! slot. Losing the lock's session steps the replica down to standby.
 //!
 //! Shutdown: the first SIGTERM or SIGINT stops the reading, flushes what is
 //! complete and acknowledges it; after `run.shutdown_grace_ms` the process

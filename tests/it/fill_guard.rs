@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use evictd::reader::{begin_fill, fill, guard_key};
+use evictd::reader::{Read, begin_fill, fill, guard_key, read};
 use redis::AsyncCommands as _;
 use sqlx::Connection as _;
 
@@ -135,12 +135,14 @@ async fn under_concurrent_readers_and_writers_no_stale_value_survives() {
             while !stop.load(Ordering::Relaxed) {
                 let id = rng.i64(1..=ROWS);
                 let key = keys[(id - 1) as usize].as_bytes();
-                let cached: Option<i64> = r.get(key).await.unwrap();
-                if cached.is_some() {
-                    tokio::time::sleep(Duration::from_micros(rng.u64(0..500))).await;
-                    continue;
-                }
-                let stamp = begin_fill(&mut r, key, STAMP_TTL_MS).await.unwrap();
+                // The cache read and, on a miss, the stamp: one round trip.
+                let stamp = match read(&mut r, key, STAMP_TTL_MS).await.unwrap() {
+                    Read::Hit(_) => {
+                        tokio::time::sleep(Duration::from_micros(rng.u64(0..500))).await;
+                        continue;
+                    }
+                    Read::Miss { stamp } => stamp,
+                };
                 let value = quantity(&mut db, id).await;
                 // Widen the window between the read and the fill, where the race lives.
                 tokio::time::sleep(Duration::from_micros(rng.u64(0..3000))).await;

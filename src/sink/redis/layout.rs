@@ -194,6 +194,25 @@ redis.call('SET', KEYS[1], stamp, 'PX', ARGV[1])
 return stamp
 "#;
 
+/// Lua source of a read that begins a guarded fill on a miss: the cache
+/// `GET` and [`FILL_BEGIN_LUA`] in one round trip, so a guarded miss costs
+/// the same round trips as an unguarded one (read, database, fill).
+///
+/// `KEYS[1]` is the cache key, `KEYS[2]` its [`guard_key`], `ARGV[1]` the
+/// stamp's time to live in ms. Returns `{1, value}` on a hit, `{0, stamp}`
+/// on a miss (the stamp as [`FILL_BEGIN_LUA`] would return it).
+pub const READ_LUA: &str = r#"
+local value = redis.call('GET', KEYS[1])
+if value then return {1, value} end
+local stamp = redis.call('GET', KEYS[2])
+if not stamp then
+  local now = redis.call('TIME')
+  stamp = 'r' .. now[1] .. '.' .. now[2]
+  redis.call('SET', KEYS[2], stamp, 'PX', ARGV[1])
+end
+return {0, stamp}
+"#;
+
 /// Lua source of the readers' second step: set the value only if the key
 /// was not invalidated since [`FILL_BEGIN_LUA`].
 ///
