@@ -245,11 +245,9 @@ async fn wait_for_slot_lock(
                 pipeline.health.set_role(Role::Standby);
                 pipeline.metrics.set_role(Role::Standby);
             }
-            Err(e) => {
-                tracing::warn!(slot = %source.slot, error = %e, "cannot take the slot's lock; retrying");
-                pipeline.health.set_role(Role::Standby);
-                pipeline.metrics.set_role(Role::Standby);
-            }
+            // Neither role is known: /readyz reports the source as not
+            // connected, as it does for any other database outage.
+            Err(e) => tracing::warn!(slot = %source.slot, error = %e, "cannot take the slot's lock; retrying"),
         }
         tokio::select! {
             () = tokio::time::sleep(source.standby_retry) => {}
