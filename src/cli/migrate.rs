@@ -29,9 +29,12 @@ pub fn run(args: &MigrateArgs) -> Result<(), CliError> {
         .enable_all()
         .build()
         .map_err(|e| CliError::Runtime(format!("cannot start the runtime: {e}")))?;
-    let store = dead_letter_store(&config)?;
-    let report = runtime.block_on(store.migrate(MigrationMode::Apply)).map_err(|e| CliError::Runtime(e.to_string()))?;
-    let schema = store.schema();
+    // The pool starts its maintenance task at once: inside the runtime.
+    let (report, schema) = runtime.block_on(async {
+        let store = dead_letter_store(&config)?;
+        let report = store.migrate(MigrationMode::Apply).await.map_err(|e| CliError::Runtime(e.to_string()))?;
+        Ok::<_, CliError>((report, store.schema().to_owned()))
+    })?;
     let text = if report.applied.is_empty() {
         format!("migrations: schema {schema} is up to date\n")
     } else {

@@ -4,8 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod check_live;
 mod cli;
 mod daemon;
+mod dead_letter;
 mod key_vectors;
 mod lookup;
 mod outage;
