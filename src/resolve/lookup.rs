@@ -65,6 +65,20 @@ impl LookupError {
         }
     }
 
+    /// Whether the query itself cannot run, whatever the values: a syntax
+    /// error, an unknown column or table, a missing privilege (class 42).
+    /// That is the graph's or the schema's fault, not a change's.
+    pub fn is_query_fault(&self) -> bool {
+        match self {
+            LookupError::Timeout { .. } => false,
+            LookupError::Query { source, .. } => match source {
+                sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("42")),
+                sqlx::Error::ColumnNotFound(_) | sqlx::Error::TypeNotFound { .. } => true,
+                _ => false,
+            },
+        }
+    }
+
     /// Whether the database could not be reached or dropped the connection:
     /// back-pressure to wait out, never the fault of the change looked up.
     /// A query that timed out or failed on a live connection is not one.

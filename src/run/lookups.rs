@@ -7,7 +7,11 @@
 //! - **retryable**: a statement timeout or another error a retry may fix;
 //!   counted, and after `lookup_attempts` of them the look-ups give up;
 //! - **definite**: the query fails for these values (division by zero, a
-//!   bad cast) and will again; the look-ups give up at once.
+//!   bad cast) and will again; the look-ups give up at once;
+//! - **broken query**: the query cannot run for any value (a syntax error,
+//!   an unknown column, a missing privilege): not a bad change but a broken
+//!   graph or schema, so the daemon stops rather than dead-letter every
+//!   change that has look-ups.
 //!
 //! When a batch's look-ups give up, each change that asked for look-ups
 //! ([`LookupOrigin`]) runs its own look-ups alone, with the same rules; the
@@ -30,12 +34,15 @@ pub(super) enum LookupFailure {
     Connection,
     Retryable,
     Definite,
+    BrokenQuery,
 }
 
 impl LookupFailure {
     pub(super) fn of(error: &LookupError) -> LookupFailure {
         if error.is_connection() {
             LookupFailure::Connection
+        } else if error.is_query_fault() {
+            LookupFailure::BrokenQuery
         } else if error.is_transient() {
             LookupFailure::Retryable
         } else {
@@ -51,6 +58,8 @@ pub(super) enum NextStep {
     Retry,
     /// Stop trying these look-ups.
     GiveUp(DeadLetterReason),
+    /// Stop the daemon: no change can be resolved by this query.
+    Stop,
 }
 
 /// The decision after a failure, `counted` being the failures counted so
@@ -58,6 +67,7 @@ pub(super) enum NextStep {
 pub(super) fn next_step(failure: LookupFailure, counted: u32, max_attempts: u32) -> NextStep {
     match failure {
         LookupFailure::Connection => NextStep::Retry,
+        LookupFailure::BrokenQuery => NextStep::Stop,
         LookupFailure::Definite => NextStep::GiveUp(DeadLetterReason::LookupFailed),
         LookupFailure::Retryable if counted >= max_attempts => {
             NextStep::GiveUp(DeadLetterReason::LookupAttemptsExhausted)
@@ -150,6 +160,11 @@ async fn settle<E: LookupExecutor>(
             NextStep::GiveUp(reason) => {
                 return Ok(Settled::GaveUp { reason, error: error.to_string(), attempts: counted.max(1) });
             }
+            NextStep::Stop => {
+                return Err(RunError::Lookup(format!(
+                    "{error}: the query cannot run for any change; fix the graph's look-up or the database schema"
+                )));
+            }
         }
     }
 }
@@ -170,6 +185,16 @@ mod tests {
             next_step(LookupFailure::Retryable, 5, 5),
             NextStep::GiveUp(DeadLetterReason::LookupAttemptsExhausted)
         );
+    }
+
+    #[test]
+    fn a_query_that_cannot_run_stops_instead_of_dead_lettering_everything() {
+        assert_eq!(next_step(LookupFailure::BrokenQuery, 1, 5), NextStep::Stop);
+        let unknown_column = LookupError::Query {
+            field: "caches.x.depends[0].lookup".into(),
+            source: sqlx::Error::ColumnNotFound("owner".into()),
+        };
+        assert_eq!(LookupFailure::of(&unknown_column), LookupFailure::BrokenQuery);
     }
 
     #[test]
