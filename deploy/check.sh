@@ -2,9 +2,10 @@
 # Validates what deploy/kubernetes/ would deploy, before it is rolled out:
 # renders the kustomization, writes the two ConfigMaps out in the layout the
 # pod sees (evictd.toml next to dependency-graphs/), and runs
-# `evictd check --config` on them, with placeholder connection URLs standing
-# in for the Secret. Also fails when a graph file of dependency-graphs/ is
-# missing from the configMapGenerator list.
+# `evictd check --offline --config` on them, with placeholder connection
+# URLs standing in for the Secret (offline: no database is contacted). Also
+# fails when a graph file of dependency-graphs/ is missing from the
+# configMapGenerator list.
 #
 #   deploy/check.sh                       from the repository root
 #   EVICTD_BIN=target/release/evictd deploy/check.sh
@@ -58,4 +59,4 @@ fi
 # Placeholders for the values the Secret provides (never contacted).
 export EVICTD__SOURCE__POSTGRES__URL="${EVICTD__SOURCE__POSTGRES__URL:-postgres://evictd@postgres.invalid:5432/app}"
 export EVICTD__REDIS__PRIMARY__URL="${EVICTD__REDIS__PRIMARY__URL:-redis://redis.invalid:6379}"
-exec "$EVICTD_BIN" check --config "$tmp/evictd.toml"
+exec "$EVICTD_BIN" check --offline --config "$tmp/evictd.toml"

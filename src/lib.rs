@@ -27,6 +27,7 @@ pub mod change;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod dead_letter;
 pub mod diagnostic;
 pub mod graph;
 pub mod key;

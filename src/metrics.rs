@@ -28,6 +28,7 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Metric, Registry, Unit};
 
 use crate::change::{Lsn, Operation};
+use crate::dead_letter::DeadLetterReason;
 use crate::graph::Action;
 use crate::server::Role;
 use crate::sink::SinkError;
@@ -48,7 +49,8 @@ pub const POSITION_WAL_END_BYTES: &str = "evictd_position_wal_end_bytes";
 pub const SOURCE_LAG_BYTES: &str = "evictd_source_lag_bytes";
 pub const SINK_ERRORS_TOTAL: &str = "evictd_sink_errors_total";
 pub const SINK_RETRIES_TOTAL: &str = "evictd_sink_retries_total";
-pub const DEAD_LETTERED_TOTAL: &str = "evictd_dead_lettered_total";
+pub const DEAD_LETTERS_TOTAL: &str = "evictd_dead_letters_total";
+pub const DEAD_LETTER_WRITE_ERRORS_TOTAL: &str = "evictd_dead_letter_write_errors_total";
 pub const LOOKUP_QUERIES_TOTAL: &str = "evictd_lookup_queries_total";
 pub const LOOKUP_ROWS_TOTAL: &str = "evictd_lookup_rows_total";
 pub const LOOKUP_FANOUT_OVERFLOWS_TOTAL: &str = "evictd_lookup_fanout_overflows_total";
@@ -56,7 +58,7 @@ pub const BUILD_INFO: &str = "evictd_build_info";
 pub const ACTIVE: &str = "evictd_active";
 
 /// Every name above, for tests and documentation.
-pub const ALL: [&str; 19] = [
+pub const ALL: [&str; 20] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -70,7 +72,8 @@ pub const ALL: [&str; 19] = [
     SOURCE_LAG_BYTES,
     SINK_ERRORS_TOTAL,
     SINK_RETRIES_TOTAL,
-    DEAD_LETTERED_TOTAL,
+    DEAD_LETTERS_TOTAL,
+    DEAD_LETTER_WRITE_ERRORS_TOTAL,
     LOOKUP_QUERIES_TOTAL,
     LOOKUP_ROWS_TOTAL,
     LOOKUP_FANOUT_OVERFLOWS_TOTAL,
@@ -106,24 +109,6 @@ impl Invalidation {
             Invalidation::Key(action) => ("key", action.as_str()),
             Invalidation::Tag(action) => ("tag", action.as_str()),
             Invalidation::NamespaceBump => ("namespace", "bump"),
-        }
-    }
-}
-
-/// Why an event went to the dead-letter destination.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadLetterReason {
-    /// The source's payload could not be decoded into a change.
-    Decode,
-    /// The change could not be resolved (e.g. a look-up failed definitely).
-    Resolve,
-}
-
-impl DeadLetterReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            DeadLetterReason::Decode => "decode",
-            DeadLetterReason::Resolve => "resolve",
         }
     }
 }
@@ -176,8 +161,14 @@ struct TargetLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ReasonLabel {
+struct TableReason {
+    table: String,
     reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -209,7 +200,8 @@ pub struct Metrics {
     source_lag: PositionGauge,
     sink_errors: Family<TargetKind, Counter>,
     sink_retries: Family<TargetLabel, Counter>,
-    dead_lettered: Family<ReasonLabel, Counter>,
+    dead_letters: Family<TableReason, Counter>,
+    dead_letter_write_errors: Family<KindLabel, Counter>,
     lookup_queries: Family<CacheLabel, Counter>,
     lookup_rows: Family<CacheLabel, Counter>,
     fanout_overflows: Family<CacheLabel, Counter>,
@@ -241,7 +233,8 @@ impl Metrics {
             source_lag: PositionGauge::default(),
             sink_errors: Family::default(),
             sink_retries: Family::default(),
-            dead_lettered: Family::default(),
+            dead_letters: Family::default(),
+            dead_letter_write_errors: Family::default(),
             lookup_queries: Family::default(),
             lookup_rows: Family::default(),
             fanout_overflows: Family::default(),
@@ -273,8 +266,11 @@ impl Metrics {
         register(r, SINK_ERRORS_TOTAL, help, m.sink_errors.clone());
         let help = "Batch applications retried after a transient error, by sink target";
         register(r, SINK_RETRIES_TOTAL, help, m.sink_retries.clone());
-        let help = "Events sent to the dead-letter destination, by reason (decode, resolve)";
-        register(r, DEAD_LETTERED_TOTAL, help, m.dead_lettered.clone());
+        let help =
+            "Changes written to the dead-letter table, by table and reason (lookup_failed, lookup_attempts_exhausted)";
+        register(r, DEAD_LETTERS_TOTAL, help, m.dead_letters.clone());
+        let help = "Failed writes to the dead-letter table, by kind (transient: retried, definite: the daemon stops)";
+        register(r, DEAD_LETTER_WRITE_ERRORS_TOTAL, help, m.dead_letter_write_errors.clone());
         register(r, LOOKUP_QUERIES_TOTAL, "Look-up queries run, by cache", m.lookup_queries.clone());
         register(r, LOOKUP_ROWS_TOTAL, "Rows returned by look-up queries, by cache", m.lookup_rows.clone());
         let help = "Look-ups past their fan-out limit, answered by a namespace bump of the cache, by cache";
@@ -353,9 +349,21 @@ impl Metrics {
         self.sink_retries.get_or_create(&TargetLabel { target: target.to_owned() }).inc();
     }
 
-    /// An event went to the dead-letter destination.
-    pub fn dead_lettered(&self, reason: DeadLetterReason) {
-        self.dead_lettered.get_or_create(&ReasonLabel { reason: reason.as_str() }).inc();
+    /// A change of `table` was written to the dead-letter table.
+    pub fn dead_lettered(&self, table: &str, reason: DeadLetterReason) {
+        self.dead_letters.get_or_create(&TableReason { table: table.to_owned(), reason: reason.as_str() }).inc();
+    }
+
+    /// Creates the dead-letter write error series at zero.
+    pub fn dead_letter_store(&self) {
+        for kind in ["transient", "definite"] {
+            drop(self.dead_letter_write_errors.get_or_create(&KindLabel { kind }));
+        }
+    }
+
+    /// A write to the dead-letter table failed; `kind` is transient or definite.
+    pub fn dead_letter_write_error(&self, kind: &'static str) {
+        self.dead_letter_write_errors.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// `queries` look-up queries for `cache` returned `rows` rows in all.

@@ -1,4 +1,4 @@
-//! The command line: `check`, `graph`, `explain`.
+//! The command line: `check`, `graph`, `explain`, `run`, `migrate`.
 //!
 //! Each command returns `Result<(), CliError>`; `main` maps
 //! [`CliError::Input`] to exit code 2 (bad config, graph or arguments) and
@@ -6,6 +6,8 @@
 //! before it does any work, through the same [`prepare`] that `run` uses.
 
 mod explain;
+mod live;
+mod migrate;
 mod run;
 
 use std::io::Write;
@@ -34,6 +36,8 @@ pub enum Command {
     Explain(explain::ExplainArgs),
     /// Run the daemon: tail the source, invalidate the caches.
     Run(run::RunArgs),
+    /// Apply evictd's migrations (the dead-letter table) to its schema, and exit.
+    Migrate(migrate::MigrateArgs),
 }
 
 /// Where the graph comes from: paths, else the config's `graph.paths`, else
@@ -53,6 +57,10 @@ pub struct CheckArgs {
     /// Graph files or directories of `*.toml` files.
     #[arg(value_name = "GRAPH_OR_DIR")]
     pub paths: Vec<PathBuf>,
+    /// With --config: validate only, without connecting to the source
+    /// database (publication, migrations).
+    #[arg(long)]
+    pub offline: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -148,6 +156,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Graph(args) => print_graph(&args),
         Command::Explain(args) => explain::run(&args),
         Command::Run(args) => run::run(&args),
+        Command::Migrate(args) => migrate::run(&args),
     }
 }
 
@@ -185,7 +194,35 @@ fn check(args: &CheckArgs) -> Result<(), CliError> {
             let kind = if target.cluster { "cluster" } else { "standalone" };
             out.push_str(&format!("  redis.{}: {kind} {}\n", target.name, urls.join(",")));
         }
+        match &config.dead_letter.url {
+            Some(url) => out.push_str(&format!(
+                "  dead letters: {} schema {} (on_error {}, migrations {})\n",
+                config::redact_url(url),
+                config.dead_letter.schema,
+                match config.dead_letter.on_error {
+                    crate::dead_letter::OnError::DeadLetter => "dead_letter",
+                    crate::dead_letter::OnError::Stop => "stop",
+                },
+                match config.dead_letter.migrations {
+                    crate::dead_letter::MigrationMode::Apply => "apply",
+                    crate::dead_letter::MigrationMode::Verify => "verify",
+                },
+            )),
+            None => out.push_str("  dead letters: none (no database)\n"),
+        }
         out.push_str(&format!("  server: {}\n", config.server.listen));
+        // The live database, for what validation alone cannot know.
+        if let (false, Some(config::SourceConfig::Postgres(pg))) = (args.offline, &config.source) {
+            write_stdout(&out)?;
+            let findings = live::check(config, pg, graph)?;
+            let mut lines = findings.lines.join("\n");
+            lines.push('\n');
+            write_stdout(&lines)?;
+            if !findings.errors.is_empty() {
+                return Err(CliError::Input(findings.errors.join("\n")));
+            }
+            return Ok(());
+        }
     }
     write_stdout(&out)
 }

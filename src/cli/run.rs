@@ -1,11 +1,12 @@
 //! `evictd run --config FILE`: the daemon.
 //!
 //! Validation first (the same `prepare` as `check`; bad input exits 2
-//! before anything starts), then one runtime: signals, the Redis targets,
-//! the look-up pool; then, as a standby, waiting for the slot's lock
-//! (`source::postgres::lock`), and once active, source sessions one after
-//! another — a lost connection is retried with backoff and resumes from the
-//! slot. Losing the lock's session steps the replica down to standby.
+//! before anything starts), then one runtime: signals, the dead-letter
+//! store and evictd's migrations (applied, or verified: pending ones exit 2),
+//! the Redis targets, the look-up pool; then, as a standby, waiting for the
+//! slot's lock (`source::postgres::lock`), and once active, source sessions
+//! one after another — a lost connection is retried with backoff and resumes
+//! from the slot. Losing the lock's session steps the replica down to standby.
 //!
 //! Shutdown: the first SIGTERM or SIGINT stops the reading, flushes what is
 //! complete and acknowledges it; after `run.shutdown_grace_ms` the process
@@ -22,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::{CliError, prepare};
 use crate::config::{Config, LogFormat, PostgresSource as PostgresConfig, SourceConfig};
+use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::graph::Graph;
 use crate::metrics::Metrics;
 use crate::resolve::PgLookupExecutor;
@@ -145,6 +147,54 @@ async fn connect_sinks(
     Ok(Some(MultiSink::new(targets)))
 }
 
+/// How long one statement against the dead-letter database may take.
+pub(super) const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The dead-letter store, connected lazily, from `[dead_letter]`.
+pub(super) fn dead_letter_store(config: &Config) -> Result<DeadLetters, CliError> {
+    let Some(url) = &config.dead_letter.url else {
+        return Err(CliError::Input(format!(
+            "{}: dead_letter.url: no database for dead letters: set `dead_letter.url` or use a Postgres source",
+            config.file.display()
+        )));
+    };
+    DeadLetters::connect_lazy(url, &config.dead_letter.schema, DEAD_LETTER_TIMEOUT)
+        .map_err(|e| CliError::Input(e.to_string()))
+}
+
+/// Connects the dead-letter store and applies (or verifies) evictd's
+/// migrations before anything is consumed: an unreachable database is
+/// waited for; pending migrations under `migrations = "verify"` exit 2.
+/// `None` when shutdown came first.
+async fn open_dead_letters(
+    config: &Config,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Option<DeadLetters>, CliError> {
+    let store = dead_letter_store(config)?;
+    metrics.dead_letter_store();
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match store.migrate(config.dead_letter.migrations).await {
+            Ok(report) => {
+                for name in &report.applied {
+                    tracing::info!(schema = store.schema(), migration = %name, "applied a migration");
+                }
+                return Ok(Some(store));
+            }
+            Err(e @ DeadLetterError::Pending { .. }) => return Err(CliError::Input(e.to_string())),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "dead-letter database unavailable; retrying");
+                match pause(backoff, config.run.retry_max, shutdown).await {
+                    Some(next) => backoff = next,
+                    None => return Ok(None),
+                }
+            }
+            Err(e) => return Err(CliError::Runtime(e.to_string())),
+        }
+    }
+}
+
 async fn daemon(config: Config, source_config: PostgresConfig, graph: Graph) -> Result<(), CliError> {
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone(), config.run.shutdown_grace);
@@ -189,6 +239,7 @@ async fn work(
         }
         None => None,
     };
+    let Some(dead_letters) = open_dead_letters(config, &metrics, &shutdown).await? else { return Ok(()) };
     let Some(sink) = connect_sinks(config, &shutdown).await? else { return Ok(()) };
     // Connected: reachable until a batch says otherwise.
     health.set_all_sinks_reachable();
@@ -197,8 +248,12 @@ async fn work(
         max_transaction_effects: config.run.max_transaction_effects,
         retry_min: Duration::from_millis(50),
         retry_max: config.run.retry_max,
+        on_error: config.dead_letter.on_error,
+        lookup_attempts: config.dead_letter.lookup_attempts,
     };
-    let pipeline = Pipeline { graph: graph.clone(), sink: Arc::new(sink), lookups, options, metrics, health };
+    let dead_letters = Arc::new(dead_letters);
+    let pipeline =
+        Pipeline { graph: graph.clone(), sink: Arc::new(sink), lookups, dead_letters, options, metrics, health };
     while !shutdown.is_cancelled() {
         let Some(lock) = wait_for_slot_lock(&source_config, &pipeline, &shutdown).await else { break };
         // Active until shutdown, or until the lock's session is lost.
@@ -224,7 +279,7 @@ async fn work(
 /// shutdown. The run loop's heartbeat keeps beating meanwhile.
 async fn wait_for_slot_lock(
     source: &PostgresConfig,
-    pipeline: &Pipeline<MultiSink<RedisSink>, PgLookupExecutor>,
+    pipeline: &Pipeline<MultiSink<RedisSink>, PgLookupExecutor, DeadLetters>,
     shutdown: &CancellationToken,
 ) -> Option<SlotLock> {
     let mut announced = false;
@@ -286,7 +341,7 @@ async fn watch_slot_lock(
 async fn consume(
     source_config: &PostgresConfig,
     graph: &Arc<Graph>,
-    pipeline: &Pipeline<MultiSink<RedisSink>, PgLookupExecutor>,
+    pipeline: &Pipeline<MultiSink<RedisSink>, PgLookupExecutor, DeadLetters>,
     config: &Config,
     stop: &CancellationToken,
 ) -> Result<(), CliError> {

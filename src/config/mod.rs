@@ -23,6 +23,7 @@ use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::batch::BatchLimits;
+use crate::dead_letter::{MigrationMode, OnError};
 use crate::diagnostic::{SourceFile, plain_serde_message, write_lines};
 use crate::server::HealthThresholds;
 
@@ -42,6 +43,8 @@ pub struct RawConfig {
     pub batch: RawBatch,
     #[serde(default)]
     pub run: RawRun,
+    #[serde(default)]
+    pub dead_letter: RawDeadLetter,
     /// Named Redis targets: `[redis.primary]`, `[redis.eu]`.
     #[serde(default)]
     pub redis: BTreeMap<String, RawRedis>,
@@ -155,6 +158,33 @@ pub struct RawRun {
     pub max_transaction_effects: Option<usize>,
 }
 
+/// `[dead_letter]`: changes that cannot be resolved, and evictd's own schema.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeadLetter {
+    /// `dead_letter`: record an unresolvable change in the dead-letter table
+    /// and keep going; `stop`: stop the daemon without acknowledging it.
+    /// Default `dead_letter`.
+    pub on_error: Option<String>,
+    /// Connection URL (secret) of the database holding the dead-letter
+    /// table. Default: `source.postgres.url`.
+    pub url: Option<SecretString>,
+    /// A file holding the URL, instead of `url`.
+    pub url_file: Option<String>,
+    /// The schema of evictd's own tables (dead letters, applied migrations).
+    /// Default `evictd`.
+    pub schema: Option<String>,
+    /// `apply`: apply pending migrations at start-up; `verify`: refuse to
+    /// start while any is pending (apply them with `evictd migrate`).
+    /// Default `apply`.
+    pub migrations: Option<String>,
+    /// How many times a batch's look-ups may fail with a query error or a
+    /// timeout before the failing changes are isolated and dead-lettered (a
+    /// database that cannot be reached is waited for, never counted).
+    /// Default 5.
+    pub lookup_attempts: Option<u32>,
+}
+
 /// `[redis.NAME]`: one Redis target.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -217,6 +247,7 @@ pub struct Config {
     pub lookup: LookupConfig,
     pub batch: BatchLimits,
     pub run: RunConfig,
+    pub dead_letter: DeadLetterConfig,
     pub redis: Vec<RedisTarget>,
     pub server: ServerConfig,
     pub log: LogConfig,
@@ -265,6 +296,17 @@ pub struct LookupConfig {
     pub timeout: Duration,
     pub batch_size: usize,
     pub max_connections: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct DeadLetterConfig {
+    pub on_error: OnError,
+    /// `None` without a Postgres source or `dead_letter.url`: `run` then
+    /// has nowhere to write dead letters and refuses to start.
+    pub url: Option<SecretString>,
+    pub schema: String,
+    pub migrations: MigrationMode,
+    pub lookup_attempts: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -532,7 +574,7 @@ impl RawConfig {
         if let Some(url) = &own_lookup_url {
             check_pg_url(&mut issues, "lookup.url", url);
         }
-        let lookup_url = own_lookup_url.or(pg_url);
+        let lookup_url = own_lookup_url.or(pg_url.clone());
         let lookup = LookupConfig {
             url: lookup_url,
             timeout: Duration::from_millis(positive(&mut issues, "lookup.timeout_ms", self.lookup.timeout_ms, 2000)),
@@ -570,6 +612,8 @@ impl RawConfig {
                 100_000,
             ) as usize,
         };
+
+        let dead_letter = validate_dead_letter(self.dead_letter, &mut issues, &base, pg_url);
 
         let mut redis = Vec::new();
         for (name, target) in self.redis {
@@ -668,6 +712,7 @@ impl RawConfig {
             lookup,
             batch,
             run,
+            dead_letter,
             redis,
             server: ServerConfig { listen, health },
             log: LogConfig { format, level },
@@ -702,6 +747,44 @@ fn check_pg_url(issues: &mut Issues<'_>, field: &str, url: &SecretString) {
         let reason = if reason.contains(url.expose_secret()) { "unreadable".to_owned() } else { reason };
         issues.push(field, format!("not a Postgres URL ({reason})"));
     }
+}
+
+fn validate_dead_letter(
+    raw: RawDeadLetter,
+    issues: &mut Issues<'_>,
+    base: &Path,
+    source_url: Option<SecretString>,
+) -> DeadLetterConfig {
+    let on_error = match raw.on_error.as_deref().unwrap_or("dead_letter") {
+        "dead_letter" => OnError::DeadLetter,
+        "stop" => OnError::Stop,
+        other => {
+            issues.push("dead_letter.on_error", format!("unknown value `{other}` (expected dead_letter or stop)"));
+            OnError::DeadLetter
+        }
+    };
+    let own_url = issues.secret("dead_letter.url", raw.url, raw.url_file.as_deref(), base);
+    if let Some(url) = &own_url {
+        check_pg_url(issues, "dead_letter.url", url);
+    }
+    let schema = raw.schema.unwrap_or_else(|| "evictd".to_owned());
+    if !is_identifier(&schema) {
+        issues.push(
+            "dead_letter.schema",
+            format!("`{schema}` is not a schema name (lowercase letters, digits and `_`, at most 63)"),
+        );
+    }
+    let migrations = match raw.migrations.as_deref().unwrap_or("apply") {
+        "apply" => MigrationMode::Apply,
+        "verify" => MigrationMode::Verify,
+        other => {
+            issues.push("dead_letter.migrations", format!("unknown value `{other}` (expected apply or verify)"));
+            MigrationMode::Apply
+        }
+    };
+    let lookup_attempts =
+        positive(issues, "dead_letter.lookup_attempts", raw.lookup_attempts.map(u64::from), 5).min(1_000) as u32;
+    DeadLetterConfig { on_error, url: own_url.or(source_url), schema, migrations, lookup_attempts }
 }
 
 fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Option<SourceConfig> {

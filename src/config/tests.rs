@@ -230,3 +230,58 @@ fn redacted_urls_hide_the_password_only() {
     assert_eq!(url("redis://h:6379"), "redis://h:6379");
     assert_eq!(url("not a url"), "****");
 }
+
+#[test]
+fn dead_letters_default_to_the_source_database_and_the_evictd_schema() {
+    let (_dir, path) = write(VALID);
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    let d = &c.dead_letter;
+    assert_eq!(d.on_error, OnError::DeadLetter);
+    assert_eq!(d.migrations, MigrationMode::Apply);
+    assert_eq!(d.schema, "evictd");
+    assert_eq!(d.lookup_attempts, 5);
+    assert_eq!(
+        d.url.as_ref().map(|u| u.expose_secret().to_owned()).as_deref(),
+        Some("postgres://evictd:hunter2@127.0.0.1:5432/app")
+    );
+}
+
+#[test]
+fn the_dead_letter_section_is_read_and_overridden_by_the_environment() {
+    let text = format!(
+        "[dead_letter]\non_error = \"stop\"\nschema = \"evictd_ops\"\nmigrations = \"verify\"\nlookup_attempts = 2\nurl = \"postgres://dl@h/ops\"\n{REQUIRED}"
+    );
+    let (_dir, path) = write(&text);
+    let c = load_with_env(&path, &env(&[("EVICTD__DEAD_LETTER__LOOKUP_ATTEMPTS", "9")])).unwrap();
+    let d = &c.dead_letter;
+    assert_eq!(
+        (d.on_error, d.migrations, d.schema.as_str(), d.lookup_attempts),
+        (OnError::Stop, MigrationMode::Verify, "evictd_ops", 9)
+    );
+    assert_eq!(d.url.as_ref().map(|u| u.expose_secret().to_owned()).as_deref(), Some("postgres://dl@h/ops"));
+}
+
+#[test]
+fn bad_dead_letter_values_name_file_line_and_field() {
+    let text = format!(
+        "[dead_letter]\non_error = \"skip\"\nschema = \"Ops-Schema\"\nmigrations = \"later\"\nlookup_attempts = 0\n{REQUIRED}"
+    );
+    let (_dir, path) = write(&text);
+    let got: Vec<String> = load_with_env(&path, &env(&[])).unwrap_err().0.iter().map(ToString::to_string).collect();
+    let file = path.display();
+    assert_eq!(
+        got,
+        [
+            format!("{file}:2:12: dead_letter.on_error: unknown value `skip` (expected dead_letter or stop)"),
+            format!(
+                "{file}:3:10: dead_letter.schema: `Ops-Schema` is not a schema name (lowercase letters, digits and `_`, at most 63)"
+            ),
+            format!("{file}:4:14: dead_letter.migrations: unknown value `later` (expected apply or verify)"),
+            format!("{file}:5:19: dead_letter.lookup_attempts: must be greater than 0"),
+        ]
+    );
+    let (_dir, path) = write(&format!("[dead_letter]\nretries = 3\n{REQUIRED}"));
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    assert_eq!(e.0[0].field, "dead_letter.retries");
+    assert_eq!(e.0[0].place, format!("{}:2:1", path.display()));
+}

@@ -143,13 +143,17 @@ fn sink_series_start_at_zero_and_count_errors_by_kind() {
 #[test]
 fn dead_letters_look_ups_and_overflows_are_counted() {
     let m = Metrics::new();
-    m.dead_lettered(DeadLetterReason::Decode);
+    m.dead_lettered("app.items", DeadLetterReason::LookupFailed);
+    m.dead_letter_store();
+    m.dead_letter_write_error("transient");
     m.lookups("article_detail", 2, 340);
     m.fanout_overflow("article_detail");
     assert_lines(
         &encoded(&m),
         &[
-            r#"evictd_dead_lettered_total{reason="decode"} 1"#,
+            r#"evictd_dead_letters_total{table="app.items",reason="lookup_failed"} 1"#,
+            r#"evictd_dead_letter_write_errors_total{kind="transient"} 1"#,
+            r#"evictd_dead_letter_write_errors_total{kind="definite"} 0"#,
             r#"evictd_lookup_queries_total{cache="article_detail"} 2"#,
             r#"evictd_lookup_rows_total{cache="article_detail"} 340"#,
             r#"evictd_lookup_fanout_overflows_total{cache="article_detail"} 1"#,
@@ -174,7 +178,8 @@ fn every_declared_name_is_exposed_as_written() {
     m.changes_received("t.t", Operation::Insert, 1);
     m.effects_resolved("c", Invalidation::NamespaceBump, 1);
     m.sink_target("primary");
-    m.dead_lettered(DeadLetterReason::Resolve);
+    m.dead_lettered("t.t", DeadLetterReason::LookupAttemptsExhausted);
+    m.dead_letter_store();
     m.lookups("c", 1, 1);
     m.fanout_overflow("c");
     let text = encoded(&m);

@@ -13,7 +13,9 @@
 //!
 //! Every query runs under a timeout. A look-up that keeps failing is the
 //! run loop's to retry or dead-letter; this module only classifies the
-//! failure ([`LookupError::is_transient`]).
+//! failure ([`LookupError::is_transient`], [`LookupError::is_connection`]).
+//! The connection is acquired before the timed query, so a database that
+//! cannot be reached shows as a connection error, never as a query timeout.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -59,6 +61,44 @@ impl LookupError {
                 | sqlx::Error::ColumnDecode { .. }
                 | sqlx::Error::TypeNotFound { .. } => false,
                 _ => true,
+            },
+        }
+    }
+
+    /// Whether the query itself cannot run, whatever the values: a syntax
+    /// error, an unknown column or table, a missing privilege (class 42).
+    /// That is the graph's or the schema's fault, not a change's.
+    pub fn is_query_fault(&self) -> bool {
+        match self {
+            LookupError::Timeout { .. } => false,
+            LookupError::Query { source, .. } => match source {
+                sqlx::Error::Database(db) => db.code().is_some_and(|c| c.starts_with("42")),
+                sqlx::Error::ColumnNotFound(_) | sqlx::Error::TypeNotFound { .. } => true,
+                _ => false,
+            },
+        }
+    }
+
+    /// Whether the database could not be reached or dropped the connection:
+    /// back-pressure to wait out, never the fault of the change looked up.
+    /// A query that timed out or failed on a live connection is not one.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            LookupError::Timeout { .. } => false,
+            LookupError::Query { source, .. } => match source {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                // Class 08: connection exception; 57P01-57P03: the server
+                // is shutting down, crashed, or not accepting connections yet.
+                sqlx::Error::Database(db) => {
+                    let code = db.code();
+                    let code = code.as_deref().unwrap_or("");
+                    code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+                }
+                _ => false,
             },
         }
     }
@@ -173,6 +213,8 @@ impl LookupExecutor for PgLookupExecutor {
     ) -> Result<LookupOutcome, LookupError> {
         let timeout = lookup.timeout_ms.map_or(self.default_timeout, Duration::from_millis);
         let sql = wrap_query(&lookup.query, params, limit);
+        let mut connection =
+            self.pool.acquire().await.map_err(|source| LookupError::Query { field: field.to_owned(), source })?;
         let mut rows: LookupRows = Vec::new();
         for chunk in args.chunks(self.batch_size) {
             let remaining = limit.saturating_sub(rows.len() as u64);
@@ -183,7 +225,7 @@ impl LookupExecutor for PgLookupExecutor {
                 Args::Ints(v) => query.bind(v),
                 Args::Texts(v) => query.bind(v),
             };
-            let fetched = tokio::time::timeout(timeout, query.fetch_all(&self.pool))
+            let fetched = tokio::time::timeout(timeout, query.fetch_all(&mut *connection))
                 .await
                 .map_err(|_| LookupError::Timeout {
                     field: field.to_owned(),
@@ -285,6 +327,19 @@ mod tests {
             Args::Texts(v) => assert_eq!(v, vec!["1", "x", "true"]),
             Args::Ints(_) => panic!("mixed arguments must bind as text"),
         }
+    }
+
+    #[test]
+    fn an_unreachable_database_is_a_connection_error_and_a_timeout_is_not() {
+        let field = || "caches.x.depends[0].lookup".to_owned();
+        assert!(LookupError::Query { field: field(), source: sqlx::Error::PoolTimedOut }.is_connection());
+        let refused = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "refused");
+        assert!(LookupError::Query { field: field(), source: sqlx::Error::Io(refused) }.is_connection());
+        let timeout = LookupError::Timeout { field: field(), timeout_ms: 10 };
+        assert!(!timeout.is_connection() && timeout.is_transient());
+        assert!(
+            !LookupError::Query { field: field(), source: sqlx::Error::ColumnNotFound("id".into()) }.is_connection()
+        );
     }
 
     #[test]

@@ -12,7 +12,13 @@
 //! succeed or shutdown comes. Nothing is acknowledged that a sink has not
 //! confirmed (the [`Watermark`]). A session that loses its source drops
 //! everything unacknowledged; the next session gets it again from the slot.
+//!
+//! A change whose look-ups cannot be run (see `lookups.rs`) is, as
+//! `on_error` says, either written to the dead-letter store — and its batch
+//! confirmed only once that row is committed — or the daemon stops with the
+//! batch unconfirmed, so that a restart meets the change again.
 
+mod lookups;
 mod transaction;
 
 use std::sync::Arc;
@@ -24,10 +30,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
-pub use self::transaction::TransactionEffects;
+pub use self::transaction::{LookupOrigin, TransactionEffects, TransactionOutput};
 use crate::batch::{Batch, BatchLimits};
 use crate::change::{Lsn, Position};
 use crate::checkpoint::Watermark;
+use crate::dead_letter::{DeadLetter, DeadLetterStore, OnError};
 use crate::graph::Graph;
 use crate::metrics::{Invalidation, Metrics, PositionLadder};
 use crate::resolve::{Effect, LookupExecutor, LookupRequest, Resolution, Resolver};
@@ -45,6 +52,11 @@ pub struct RunOptions {
     /// First and longest wait between retries of a failing sink or look-up.
     pub retry_min: Duration,
     pub retry_max: Duration,
+    /// What to do with a change that cannot be resolved.
+    pub on_error: OnError,
+    /// Failed attempts (query errors, timeouts; never connection failures)
+    /// before a batch's look-ups are narrowed down to the failing changes.
+    pub lookup_attempts: u32,
 }
 
 impl Default for RunOptions {
@@ -54,6 +66,8 @@ impl Default for RunOptions {
             max_transaction_effects: 100_000,
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
+            on_error: OnError::DeadLetter,
+            lookup_attempts: 5,
         }
     }
 }
@@ -76,6 +90,15 @@ pub enum RunError {
     Sink(String),
     #[error("look-up: {0}")]
     Lookup(String),
+    /// `on_error = "stop"` and a change cannot be resolved: nothing of its
+    /// batch was acknowledged.
+    #[error(
+        "cannot resolve the change at {position} ({op} on {table}): {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
+    )]
+    Unresolvable { position: String, table: String, op: &'static str, error: String },
+    /// The dead-letter store refused a write for good.
+    #[error("dead letters: {0}")]
+    DeadLetter(String),
     #[error("internal: {0}")]
     Internal(String),
     /// Shutdown came while a batch was still retrying: it stays
@@ -85,21 +108,24 @@ pub enum RunError {
 }
 
 /// Everything a batch task needs, shared.
-pub struct Pipeline<K, L> {
+pub struct Pipeline<K, L, D> {
     pub graph: Arc<Graph>,
     pub sink: Arc<K>,
     pub lookups: Option<Arc<L>>,
+    /// Where changes that cannot be resolved are recorded.
+    pub dead_letters: Arc<D>,
     pub options: RunOptions,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
 }
 
-impl<K, L> Clone for Pipeline<K, L> {
+impl<K, L, D> Clone for Pipeline<K, L, D> {
     fn clone(&self) -> Self {
         Pipeline {
             graph: self.graph.clone(),
             sink: self.sink.clone(),
             lookups: self.lookups.clone(),
+            dead_letters: self.dead_letters.clone(),
             options: self.options,
             metrics: self.metrics.clone(),
             health: self.health.clone(),
@@ -111,6 +137,8 @@ impl<K, L> Clone for Pipeline<K, L> {
 struct Pending {
     batch: Batch,
     lookups: Vec<LookupRequest>,
+    /// The changes that asked for `lookups`.
+    origins: Vec<LookupOrigin>,
     opened: Instant,
     /// Commit time of the batch's last transaction (µs since the epoch).
     commit_time_micros: Option<i64>,
@@ -130,10 +158,18 @@ fn lsn_of(position: &Position) -> Option<Lsn> {
     }
 }
 
-impl<K, L> Pipeline<K, L>
+impl Pending {
+    /// Full by its effects, or by the changes it holds for look-ups.
+    fn is_full(&self, limits: &BatchLimits) -> bool {
+        self.batch.is_full(limits) || self.origins.len() >= limits.max_effects
+    }
+}
+
+impl<K, L, D> Pipeline<K, L, D>
 where
     K: Sink + Send + Sync + 'static,
     L: LookupExecutor + Send + Sync + 'static,
+    D: DeadLetterStore + Send + Sync + 'static,
 {
     /// Runs one source session until shutdown or until the source fails.
     pub async fn run_session<S: Source>(
@@ -163,7 +199,7 @@ where
             }
             self.metrics.positions(&ladder);
             self.health.set_lag_bytes(ladder.lag_bytes());
-            let full = pending.as_ref().is_some_and(|p| p.batch.is_full(&self.options.batch));
+            let full = pending.as_ref().is_some_and(|p| p.is_full(&self.options.batch));
             let deadline = pending.as_ref().map(|p| p.opened + self.options.batch.max_delay);
             // Send the open batch when nothing is in flight and it is due.
             if in_flight.is_none() {
@@ -229,7 +265,7 @@ where
                             }
                             let span = tracing::trace_span!("change", position = %change.position, table = %change.table, op = %change.op);
                             let resolution = span.in_scope(|| resolver.resolve(&change));
-                            tx.add(&graph, resolution);
+                            tx.add(&graph, change, resolution);
                         }
                                                 SourceEvent::Commit { position, commit_time_micros } => {
                             if let Some(lsn) = lsn_of(&position) {
@@ -237,15 +273,16 @@ where
                                 ladder.resolved = ladder.resolved.max(lsn);
                             }
                             let tx = open_tx.take().ok_or_else(|| RunError::Source(format!("commit at {position} without a transaction")))?;
-                            let (effects, lookups) = tx.finish();
+                            let TransactionOutput { effects, lookups, origins } = tx.finish();
                             let p = pending.get_or_insert_with(|| {
                                 let id = next_batch_id;
                                 next_batch_id += 1;
-                                                                Pending { batch: Batch::new(id), lookups: Vec::new(), opened: Instant::now(), commit_time_micros: None }
+                                                                Pending { batch: Batch::new(id), lookups: Vec::new(), origins: Vec::new(), opened: Instant::now(), commit_time_micros: None }
                             });
                             p.commit_time_micros = commit_time_micros.or(p.commit_time_micros);
                             p.batch.push_transaction(position, effects);
                             p.lookups.extend(lookups);
+                            p.origins.extend(origins);
                         }
                                                 SourceEvent::Idle { position } => {
                             if let Some(lsn) = lsn_of(&position) {
@@ -274,7 +311,7 @@ where
 
     async fn apply(&self, pending: Pending, shutdown: &CancellationToken) -> Result<Applied, RunError> {
         let started = Instant::now();
-        let Pending { batch, lookups, commit_time_micros, .. } = pending;
+        let Pending { batch, lookups, origins, commit_time_micros, .. } = pending;
         let mut effects: Vec<Effect> = batch.effects().to_vec();
         if !lookups.is_empty() {
             let executor = self
@@ -282,19 +319,17 @@ where
                 .as_ref()
                 .ok_or_else(|| RunError::Lookup("the graph has look-ups but no database is configured".into()))?;
             let resolver = Resolver::new(&self.graph);
-            let mut backoff = self.options.retry_min;
-            let found = loop {
-                let mut request = Resolution::default();
-                request.lookups = lookups.clone();
-                match resolver.run_lookups(request, executor.as_ref()).await {
-                    Ok(resolution) => break resolution,
-                    Err(e) if e.is_transient() => {
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "look-up failed; retrying");
-                        backoff = wait(backoff, self.options.retry_max, shutdown).await?;
-                    }
-                    Err(e) => return Err(RunError::Lookup(e.to_string())),
-                }
+            let retries = lookups::Retries {
+                min: self.options.retry_min,
+                max: self.options.retry_max,
+                max_attempts: self.options.lookup_attempts,
+                shutdown,
             };
+            let (found, unresolved) =
+                lookups::resolve_batch(&resolver, executor.as_ref(), &lookups, &origins, &retries).await?;
+            // Dead letters are committed (or the daemon stops) before the
+            // batch can be confirmed.
+            self.handle_unresolved(&unresolved, shutdown).await?;
             self.record_lookups(&lookups, &found);
             let mut seen: std::collections::HashSet<Effect> = effects.iter().cloned().collect();
             for resolved in found.effects {
@@ -337,6 +372,59 @@ where
         }
         self.record(&effects, started, commit_time_micros);
         Ok(Applied { batch: batch.id(), effects: effects.len() })
+    }
+
+    /// Changes that cannot be resolved: recorded as dead letters, each
+    /// committed before this returns; or, with `on_error = "stop"`, the end
+    /// of the daemon with the batch unconfirmed.
+    async fn handle_unresolved(&self, unresolved: &[DeadLetter], shutdown: &CancellationToken) -> Result<(), RunError> {
+        if let (OnError::Stop, Some(first)) = (self.options.on_error, unresolved.first()) {
+            for letter in unresolved {
+                let change = &letter.change;
+                tracing::error!(
+                    position = %change.position,
+                    table = %change.table,
+                    op = %change.op,
+                    error = %letter.error,
+                    "cannot resolve this change; stopping without acknowledging it (on_error = stop)"
+                );
+            }
+            return Err(RunError::Unresolvable {
+                position: first.change.position.to_string(),
+                table: first.change.table.to_string(),
+                op: first.change.op.as_str(),
+                error: first.error.clone(),
+            });
+        }
+        for letter in unresolved {
+            let mut backoff = self.options.retry_min;
+            loop {
+                match self.dead_letters.record(letter).await {
+                    Ok(()) => break,
+                    Err(e) if e.is_transient() => {
+                        self.metrics.dead_letter_write_error(e.kind());
+                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot write a dead letter; retrying (the source is paused)");
+                        backoff = wait(backoff, self.options.retry_max, shutdown).await?;
+                    }
+                    Err(e) => {
+                        self.metrics.dead_letter_write_error(e.kind());
+                        return Err(RunError::DeadLetter(e.to_string()));
+                    }
+                }
+            }
+            let change = &letter.change;
+            self.metrics.dead_lettered(&change.table, letter.reason);
+            tracing::warn!(
+                position = %change.position,
+                table = %change.table,
+                op = %change.op,
+                reason = letter.reason.as_str(),
+                attempts = letter.attempts,
+                error = %letter.error,
+                "dead-lettered a change that cannot be resolved; the stream goes on"
+            );
+        }
+        Ok(())
     }
 
     /// Look-up queries (one per dependency and batch), the keys their rows

@@ -1,10 +1,13 @@
-//! The loop against a scripted source and a sink that can fail or stall.
+//! The loop against a scripted source, a sink that can fail or stall, a
+//! look-up executor that fails for a poison value, and a dead-letter store
+//! that can fail.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::change::{Change, Lsn, Operation, Row, Value};
+use crate::dead_letter::{DeadLetterError, DeadLetterReason};
 use crate::diagnostic::SourceFile;
 use crate::graph::Lookup;
 use crate::graph::load::load_sources;
@@ -98,13 +101,35 @@ impl LookupExecutor for NoLookups {
     }
 }
 
-fn pipeline(sink: Arc<Recorder>) -> Pipeline<Recorder, NoLookups> {
+/// A dead-letter store that fails (transiently) while `failing` is set.
+#[derive(Default)]
+struct Letters {
+    failing: Mutex<u32>,
+    recorded: Mutex<Vec<DeadLetter>>,
+}
+
+impl DeadLetterStore for Letters {
+    async fn record(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
+        {
+            let mut failing = self.failing.lock().unwrap();
+            if *failing > 0 {
+                *failing -= 1;
+                return Err(DeadLetterError::Unreachable("connection refused".into()));
+            }
+        }
+        self.recorded.lock().unwrap().push(letter.clone());
+        Ok(())
+    }
+}
+
+fn pipeline(sink: Arc<Recorder>) -> Pipeline<Recorder, NoLookups, Letters> {
     let graph = load_sources(&[SourceFile::new("t.toml", GRAPH.to_owned())]).unwrap();
     let health = Arc::new(Health::new(crate::server::HealthThresholds::default(), ["recorder"]));
     Pipeline {
         graph: Arc::new(graph),
         sink,
         lookups: None,
+        dead_letters: Arc::new(Letters::default()),
         options: RunOptions::default(),
         metrics: Arc::new(Metrics::new()),
         health,
@@ -120,7 +145,11 @@ fn tx(id: i64, at: u64) -> Vec<Result<SourceEvent, SourceError>> {
 }
 
 /// Runs the session until `done` holds (checked as the loop idles), then shuts down.
-async fn run_until(p: &Pipeline<Recorder, NoLookups>, source: &mut Script, done: impl Fn() -> bool) -> SessionEnd {
+async fn run_until<L: LookupExecutor + Send + Sync + 'static>(
+    p: &Pipeline<Recorder, L, Letters>,
+    source: &mut Script,
+    done: impl Fn() -> bool,
+) -> SessionEnd {
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
     let watcher = async move {
@@ -224,4 +253,205 @@ async fn a_keepalive_is_not_acknowledged_while_a_batch_is_in_flight() {
     let seen = acked.clone();
     run_until(&p, &mut source, move || !seen.lock().unwrap().is_empty()).await;
     assert_eq!(acked.lock().unwrap().clone(), [pos(10)], "the keepalive came while the batch was retrying");
+}
+
+/// Items with an owner whose page is found by a look-up.
+const LOOKUP_GRAPH: &str = r#"
+[tables."app.items"]
+key = ["id"]
+columns = ["id", "owner"]
+
+[caches.item]
+key = "item:{id}"
+[[caches.item.depends]]
+table = "app.items"
+
+[caches.owner]
+key = "owner:{id}"
+[[caches.owner.depends]]
+table = "app.items"
+lookup = { query = "SELECT id FROM app.owners WHERE id = ANY($1)", arg = "owner" }
+"#;
+
+/// The owner whose look-up fails.
+const POISON: i64 = 13;
+
+/// How the look-up of the poison owner fails.
+#[derive(Clone, Copy)]
+enum Failure {
+    /// A query error that will happen again (division by zero).
+    Definite,
+    /// A statement timeout.
+    Timeout,
+}
+
+/// Owners exist for every id; a query that includes the poison owner fails.
+/// The first `unreachable` calls fail as if the database were down.
+struct Owners {
+    failure: Failure,
+    unreachable: Mutex<u32>,
+    calls: Mutex<u32>,
+}
+
+impl Owners {
+    fn new(failure: Failure) -> Owners {
+        Owners { failure, unreachable: Mutex::new(0), calls: Mutex::new(0) }
+    }
+}
+
+impl LookupExecutor for Owners {
+    async fn execute(
+        &self,
+        field: &str,
+        _: &Lookup,
+        args: &[Value],
+        _: &[Arc<str>],
+        _: u64,
+    ) -> Result<LookupOutcome, LookupError> {
+        *self.calls.lock().unwrap() += 1;
+        {
+            let mut unreachable = self.unreachable.lock().unwrap();
+            if *unreachable > 0 {
+                *unreachable -= 1;
+                return Err(LookupError::Query { field: field.to_owned(), source: sqlx::Error::PoolTimedOut });
+            }
+        }
+        if args.contains(&Value::Int(POISON)) {
+            return Err(match self.failure {
+                Failure::Definite => LookupError::Query {
+                    field: field.to_owned(),
+                    source: sqlx::Error::ColumnDecode { index: "0".into(), source: "division by zero".into() },
+                },
+                Failure::Timeout => LookupError::Timeout { field: field.to_owned(), timeout_ms: 100 },
+            });
+        }
+        Ok(LookupOutcome::Rows(args.iter().map(|a| vec![Some(a.clone())]).collect()))
+    }
+}
+
+fn lookup_pipeline(sink: Arc<Recorder>, owners: Owners, options: RunOptions) -> Pipeline<Recorder, Owners, Letters> {
+    let graph = load_sources(&[SourceFile::new("t.toml", LOOKUP_GRAPH.to_owned())]).unwrap();
+    let health = Arc::new(Health::new(crate::server::HealthThresholds::default(), ["recorder"]));
+    Pipeline {
+        graph: Arc::new(graph),
+        sink,
+        lookups: Some(Arc::new(owners)),
+        dead_letters: Arc::new(Letters::default()),
+        options,
+        metrics: Arc::new(Metrics::new()),
+        health,
+    }
+}
+
+/// A transaction inserting item `id` of `owner`, committed at `at`.
+fn owned(id: i64, owner: i64, at: u64) -> Vec<Result<SourceEvent, SourceError>> {
+    let row = Row::new().with("id", Value::Int(id)).with("owner", Value::Int(owner));
+    let mut change = Change::new("app.items", Operation::Insert, None, Some(row));
+    change.position = Position::Postgres { commit_lsn: Lsn(at), lsn: Lsn(at - 1) };
+    vec![
+        Ok(SourceEvent::Begin),
+        Ok(SourceEvent::Change(change)),
+        Ok(SourceEvent::Commit { position: pos(at), commit_time_micros: None }),
+    ]
+}
+
+fn poison_between_good_changes() -> VecDeque<Result<SourceEvent, SourceError>> {
+    [owned(1, 1, 10), owned(2, POISON, 20), owned(3, 3, 30)].into_iter().flatten().collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_change_whose_look_up_fails_is_dead_lettered_and_the_stream_moves_on() {
+    let sink = Arc::new(Recorder::default());
+    let p = lookup_pipeline(sink.clone(), Owners::new(Failure::Definite), RunOptions::default());
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut source = Script { events: poison_between_good_changes(), acked: acked.clone() };
+    let seen = acked.clone();
+    run_until(&p, &mut source, move || seen.lock().unwrap().last() == Some(&pos(30))).await;
+    let applied = sink.applied.lock().unwrap().clone();
+    for key in ["owner:1", "owner:3", "item:1", "item:2", "item:3"] {
+        assert!(applied.contains(&key.to_owned()), "{key} missing from {applied:?}");
+    }
+    assert!(!applied.contains(&format!("owner:{POISON}")));
+    let letters = p.dead_letters.recorded.lock().unwrap().clone();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].change.position, Position::Postgres { commit_lsn: Lsn(20), lsn: Lsn(19) });
+    assert_eq!(letters[0].reason, DeadLetterReason::LookupFailed);
+    assert_eq!(letters[0].attempts, 1, "a definite failure is not retried");
+    assert!(letters[0].error.contains("division by zero"), "{}", letters[0].error);
+    let metrics = p.metrics.encode().unwrap();
+    assert!(metrics.contains(r#"evictd_dead_letters_total{table="app.items",reason="lookup_failed"} 1"#), "{metrics}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_on_error_stop_the_session_ends_without_acknowledging_the_change() {
+    let sink = Arc::new(Recorder::default());
+    let options = RunOptions { on_error: OnError::Stop, ..RunOptions::default() };
+    let p = lookup_pipeline(sink, Owners::new(Failure::Definite), options);
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut source = Script { events: poison_between_good_changes(), acked: acked.clone() };
+    let end = p.run_session(&mut source, &CancellationToken::new()).await;
+    match end {
+        Err(RunError::Unresolvable { position, table, .. }) => {
+            assert_eq!(position, "pg:0/14:0/13");
+            assert_eq!(table, "app.items");
+        }
+        other => panic!("expected the daemon to stop, got {other:?}"),
+    }
+    assert!(acked.lock().unwrap().iter().all(|p| *p < pos(20)), "{:?}", acked.lock().unwrap());
+    assert!(p.dead_letters.recorded.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_batch_is_acknowledged_only_once_its_dead_letter_is_written() {
+    let sink = Arc::new(Recorder::default());
+    let p = lookup_pipeline(sink, Owners::new(Failure::Definite), RunOptions::default());
+    *p.dead_letters.failing.lock().unwrap() = 4;
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut source = Script { events: poison_between_good_changes(), acked: acked.clone() };
+    let (letters, seen) = (p.dead_letters.clone(), acked.clone());
+    run_until(&p, &mut source, move || {
+        let failing = *letters.failing.lock().unwrap();
+        let passed = seen.lock().unwrap().iter().any(|p| *p >= pos(20));
+        assert!(failing == 0 || !passed, "acknowledged past the poison change before its dead letter was written");
+        seen.lock().unwrap().last() == Some(&pos(30))
+    })
+    .await;
+    assert_eq!(p.dead_letters.recorded.lock().unwrap().len(), 1);
+    let metrics = p.metrics.encode().unwrap();
+    assert!(metrics.contains(r#"evictd_dead_letter_write_errors_total{kind="transient"} 4"#), "{metrics}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn timeouts_are_retried_up_to_the_configured_attempts_then_dead_lettered() {
+    let sink = Arc::new(Recorder::default());
+    let options = RunOptions { lookup_attempts: 3, ..RunOptions::default() };
+    let p = lookup_pipeline(sink.clone(), Owners::new(Failure::Timeout), options);
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut source = Script { events: poison_between_good_changes(), acked: acked.clone() };
+    let seen = acked.clone();
+    run_until(&p, &mut source, move || seen.lock().unwrap().last() == Some(&pos(30))).await;
+    let letters = p.dead_letters.recorded.lock().unwrap().clone();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0].reason, DeadLetterReason::LookupAttemptsExhausted);
+    assert_eq!(letters[0].attempts, 3);
+    assert!(sink.applied.lock().unwrap().contains(&"owner:3".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_unreachable_database_is_waited_for_and_never_dead_letters() {
+    let sink = Arc::new(Recorder::default());
+    let owners = Owners::new(Failure::Definite);
+    *owners.unreachable.lock().unwrap() = 20;
+    let options = RunOptions { lookup_attempts: 1, ..RunOptions::default() };
+    let p = lookup_pipeline(sink.clone(), owners, options);
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let events = [owned(1, 1, 10), owned(3, 3, 30)].into_iter().flatten().collect();
+    let mut source = Script { events, acked: acked.clone() };
+    let seen = acked.clone();
+    run_until(&p, &mut source, move || seen.lock().unwrap().last() == Some(&pos(30))).await;
+    assert!(p.dead_letters.recorded.lock().unwrap().is_empty());
+    let applied = sink.applied.lock().unwrap().clone();
+    assert!(applied.contains(&"owner:1".to_owned()) && applied.contains(&"owner:3".to_owned()), "{applied:?}");
+    let calls = *p.lookups.as_ref().unwrap().calls.lock().unwrap();
+    assert!(calls > 20, "every failed call was retried: {calls}");
 }

@@ -8,11 +8,36 @@
 //! requests are bounded the same way: past the limit, the look-up's cache
 //! is bumped instead. **Invariant:** collapsing only ever widens what is
 //! invalidated; it never loses an invalidation.
+//!
+//! A change that asks for look-ups is kept (shared, [`LookupOrigin`]) with
+//! the requests it asked for, so that a batch whose look-ups fail can be
+//! narrowed down to the changes that fail. Only such changes are kept, and
+//! they count towards the limit like effects, so memory stays bounded.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
+use crate::change::Change;
 use crate::graph::{CacheId, Graph};
 use crate::resolve::{Effect, LookupRequest, Resolution};
+
+/// A change that asked for look-ups, and the look-ups it asked for.
+#[derive(Debug, Clone)]
+pub struct LookupOrigin {
+    pub change: Arc<Change>,
+    pub requests: Vec<LookupRequest>,
+}
+
+/// What a finished transaction hands to its batch.
+#[derive(Debug, Default)]
+pub struct TransactionOutput {
+    /// Deduplicated effects, in a stable order.
+    pub effects: Vec<Effect>,
+    /// Deduplicated look-ups of the whole transaction.
+    pub lookups: Vec<LookupRequest>,
+    /// The changes those look-ups came from.
+    pub origins: Vec<LookupOrigin>,
+}
 
 /// The effects of one open transaction.
 #[derive(Debug)]
@@ -20,6 +45,7 @@ pub struct TransactionEffects {
     max_effects: usize,
     effects: HashSet<Effect>,
     lookups: Vec<LookupRequest>,
+    origins: Vec<LookupOrigin>,
     seen_lookups: HashSet<(crate::graph::DepId, String)>,
     bumped: HashSet<CacheId>,
     changes: u64,
@@ -31,18 +57,21 @@ impl TransactionEffects {
             max_effects: max_effects.max(1),
             effects: HashSet::new(),
             lookups: Vec::new(),
+            origins: Vec::new(),
             seen_lookups: HashSet::new(),
             bumped: HashSet::new(),
             changes: 0,
         }
     }
 
-    /// Adds one change's resolution.
-    pub fn add(&mut self, graph: &Graph, resolution: Resolution) {
+    /// Adds one change's resolution; the change is kept only when it asked
+    /// for look-ups.
+    pub fn add(&mut self, graph: &Graph, change: Change, resolution: Resolution) {
         self.changes += 1;
         for resolved in resolution.effects {
             self.add_effect(resolved.effect);
         }
+        let mut requests = Vec::new();
         for request in resolution.lookups {
             let cache = graph.dependency(request.dependency).cache;
             if self.bumped.contains(&cache) {
@@ -50,10 +79,14 @@ impl TransactionEffects {
             }
             let key = (request.dependency, format!("{:?}", request.arg));
             if self.seen_lookups.insert(key) {
-                self.lookups.push(request);
+                self.lookups.push(request.clone());
             }
+            requests.push(request);
         }
-        if self.effects.len() + self.lookups.len() > self.max_effects {
+        if !requests.is_empty() {
+            self.origins.push(LookupOrigin { change: Arc::new(change), requests });
+        }
+        if self.effects.len() + self.lookups.len() + self.origins.len() > self.max_effects {
             self.collapse(graph);
         }
     }
@@ -85,6 +118,7 @@ impl TransactionEffects {
         self.bumped.extend(caches.iter().copied());
         self.effects = caches.into_iter().map(|cache| Effect::NamespaceBump { cache }).collect();
         self.lookups.clear();
+        self.origins.clear();
         self.seen_lookups.clear();
     }
 
@@ -93,11 +127,11 @@ impl TransactionEffects {
         self.changes
     }
 
-    /// The accumulated effects and look-ups, in a stable order.
-    pub fn finish(self) -> (Vec<Effect>, Vec<LookupRequest>) {
+    /// The accumulated effects (in a stable order), look-ups and origins.
+    pub fn finish(self) -> TransactionOutput {
         let mut effects: Vec<Effect> = self.effects.into_iter().collect();
         effects.sort();
-        (effects, self.lookups)
+        TransactionOutput { effects, lookups: self.lookups, origins: self.origins }
     }
 
     /// Per cache, how many effects there are (for metrics).
@@ -145,11 +179,26 @@ lookup = { query = "SELECT id FROM x WHERE y = ANY($1)", arg = "owner" }
         let g = load_sources(&[SourceFile::new("t.toml", GRAPH.to_owned())]).unwrap();
         let mut tx = TransactionEffects::new(100);
         for id in [1, 2, 1] {
-            tx.add(&g, Resolver::new(&g).resolve(&insert(id)));
+            let change = insert(id);
+            let resolution = Resolver::new(&g).resolve(&change);
+            tx.add(&g, change, resolution);
         }
-        let (effects, lookups) = tx.finish();
-        assert_eq!(effects.len(), 2);
-        assert_eq!(lookups.len(), 2, "owners 1 and 2, once each");
+        let out = tx.finish();
+        assert_eq!(out.effects.len(), 2);
+        assert_eq!(out.lookups.len(), 2, "owners 1 and 2, once each");
+        assert_eq!(out.origins.len(), 3, "every change keeps its own look-ups, duplicates included");
+        assert!(out.origins.iter().all(|o| o.requests.len() == 1));
+    }
+
+    #[test]
+    fn changes_without_look_ups_are_not_kept() {
+        const DIRECT: &str = "[tables.\"app.items\"]\nkey = [\"id\"]\ncolumns = [\"id\"]\n[caches.item]\nkey = \"item:{id}\"\n[[caches.item.depends]]\ntable = \"app.items\"\n";
+        let g = load_sources(&[SourceFile::new("t.toml", DIRECT.to_owned())]).unwrap();
+        let mut tx = TransactionEffects::new(100);
+        let change = insert(1);
+        let resolution = Resolver::new(&g).resolve(&change);
+        tx.add(&g, change, resolution);
+        assert!(tx.finish().origins.is_empty());
     }
 
     #[test]
@@ -157,15 +206,18 @@ lookup = { query = "SELECT id FROM x WHERE y = ANY($1)", arg = "owner" }
         let g = load_sources(&[SourceFile::new("t.toml", GRAPH.to_owned())]).unwrap();
         let mut tx = TransactionEffects::new(50);
         for id in 0..10_000 {
-            tx.add(&g, Resolver::new(&g).resolve(&insert(id)));
+            let change = insert(id);
+            let resolution = Resolver::new(&g).resolve(&change);
+            tx.add(&g, change, resolution);
         }
         assert_eq!(tx.changes(), 10_000);
-        let (effects, lookups) = tx.finish();
+        let TransactionOutput { effects, lookups, origins } = tx.finish();
         let item = g.cache_id("item").unwrap();
         let owners = g.cache_id("owner_items").unwrap();
         let mut expected = vec![Effect::NamespaceBump { cache: item }, Effect::NamespaceBump { cache: owners }];
         expected.sort();
         assert_eq!(effects, expected, "every cache the transaction touched is invalidated whole");
         assert!(lookups.is_empty());
+        assert!(origins.is_empty(), "no change is held once its look-ups became a bump");
     }
 }

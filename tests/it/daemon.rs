@@ -187,6 +187,21 @@ level = "info,evictd=debug"
         }
     }
 
+    /// Waits for the daemon to exit on its own; its exit code, or `None`
+    /// if it was not running.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let child = self.child.as_mut()?;
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                return Some(status.code().unwrap_or(-1));
+            }
+            assert!(Instant::now() < deadline, "the daemon did not exit; its log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGTERM, then the exit status.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;

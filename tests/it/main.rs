@@ -5,8 +5,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod broadcast;
+mod check_live;
 mod cli;
 mod daemon;
+mod dead_letter;
 mod fill_guard;
 mod key_vectors;
 mod lookup;

@@ -1,0 +1,204 @@
+//! A batch's look-ups: run together, narrowed down to single changes when
+//! they fail, and the changes that still fail handed on as dead letters.
+//!
+//! Failures are of three kinds ([`LookupFailure`]):
+//! - **connection**: the database cannot be reached; waited out with
+//!   backoff for as long as it lasts, never counted, never a dead letter;
+//! - **retryable**: a statement timeout or another error a retry may fix;
+//!   counted, and after `lookup_attempts` of them the look-ups give up;
+//! - **definite**: the query fails for these values (division by zero, a
+//!   bad cast) and will again; the look-ups give up at once;
+//! - **broken query**: the query cannot run for any value (a syntax error,
+//!   an unknown column, a missing privilege): not a bad change but a broken
+//!   graph or schema, so the daemon stops rather than dead-letter every
+//!   change that has look-ups.
+//!
+//! When a batch's look-ups give up, each change that asked for look-ups
+//! ([`LookupOrigin`]) runs its own look-ups alone, with the same rules; the
+//! ones that give up again become [`DeadLetter`]s and the others' keys are
+//! applied. Nothing here writes or acknowledges: the caller records the
+//! dead letters (or stops) before the batch is confirmed.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::transaction::LookupOrigin;
+use super::{RunError, wait};
+use crate::dead_letter::{DeadLetter, DeadLetterReason};
+use crate::resolve::{LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};
+
+/// What kind of failure a look-up error is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum LookupFailure {
+    Connection,
+    Retryable,
+    Definite,
+    BrokenQuery,
+}
+
+impl LookupFailure {
+    pub(super) fn of(error: &LookupError) -> LookupFailure {
+        if error.is_connection() {
+            LookupFailure::Connection
+        } else if error.is_query_fault() {
+            LookupFailure::BrokenQuery
+        } else if error.is_transient() {
+            LookupFailure::Retryable
+        } else {
+            LookupFailure::Definite
+        }
+    }
+}
+
+/// What to do after a failed attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum NextStep {
+    /// Wait (backoff) and run the look-ups again.
+    Retry,
+    /// Stop trying these look-ups.
+    GiveUp(DeadLetterReason),
+    /// Stop the daemon: no change can be resolved by this query.
+    Stop,
+}
+
+/// The decision after a failure, `counted` being the failures counted so
+/// far (this one included; connection failures are never counted).
+pub(super) fn next_step(failure: LookupFailure, counted: u32, max_attempts: u32) -> NextStep {
+    match failure {
+        LookupFailure::Connection => NextStep::Retry,
+        LookupFailure::BrokenQuery => NextStep::Stop,
+        LookupFailure::Definite => NextStep::GiveUp(DeadLetterReason::LookupFailed),
+        LookupFailure::Retryable if counted >= max_attempts => {
+            NextStep::GiveUp(DeadLetterReason::LookupAttemptsExhausted)
+        }
+        LookupFailure::Retryable => NextStep::Retry,
+    }
+}
+
+/// How one set of look-ups ended.
+enum Settled {
+    Found(Resolution),
+    GaveUp { reason: DeadLetterReason, error: String, attempts: u32 },
+}
+
+/// How to retry look-ups.
+pub(super) struct Retries<'a> {
+    pub min: Duration,
+    pub max: Duration,
+    pub max_attempts: u32,
+    pub shutdown: &'a CancellationToken,
+}
+
+/// Runs a batch's look-ups; when they give up, runs each origin's alone.
+/// Returns what was found and the changes whose look-ups gave up.
+pub(super) async fn resolve_batch<E: LookupExecutor>(
+    resolver: &Resolver<'_>,
+    executor: &E,
+    lookups: &[LookupRequest],
+    origins: &[LookupOrigin],
+    retries: &Retries<'_>,
+) -> Result<(Resolution, Vec<DeadLetter>), RunError> {
+    let error = match settle(resolver, executor, lookups, retries).await? {
+        Settled::Found(found) => return Ok((found, Vec::new())),
+        Settled::GaveUp { error, .. } => error,
+    };
+    if origins.is_empty() {
+        // Nothing to narrow down to: never drop look-ups silently.
+        return Err(RunError::Lookup(error));
+    }
+    tracing::warn!(
+        error = %error,
+        changes = origins.len(),
+        "the batch's look-ups failed: running them change by change to set the failing ones aside"
+    );
+    let mut found = Resolution::default();
+    let mut unresolved = Vec::new();
+    for origin in origins {
+        match settle(resolver, executor, &origin.requests, retries).await? {
+            Settled::Found(part) => found.merge(part),
+            Settled::GaveUp { reason, error, attempts } => {
+                unresolved.push(DeadLetter { change: origin.change.clone(), reason, error, attempts });
+            }
+        }
+    }
+    Ok((found, unresolved))
+}
+
+/// Runs `requests` (and the look-ups their rows lead to) until they succeed
+/// or give up; waits out connection failures. Shutdown abandons the batch.
+async fn settle<E: LookupExecutor>(
+    resolver: &Resolver<'_>,
+    executor: &E,
+    requests: &[LookupRequest],
+    retries: &Retries<'_>,
+) -> Result<Settled, RunError> {
+    let mut counted = 0u32;
+    let mut backoff = retries.min;
+    loop {
+        let mut request = Resolution::default();
+        request.lookups = requests.to_vec();
+        let error = match resolver.run_lookups(request, executor).await {
+            Ok(found) => return Ok(Settled::Found(found)),
+            Err(e) => e,
+        };
+        let failure = LookupFailure::of(&error);
+        if failure != LookupFailure::Connection {
+            counted += 1;
+        }
+        match next_step(failure, counted, retries.max_attempts) {
+            NextStep::Retry => {
+                tracing::warn!(
+                    error = %error,
+                    kind = ?failure,
+                    attempt = counted,
+                    retry_in_ms = backoff.as_millis() as u64,
+                    "look-up failed; retrying"
+                );
+                backoff = wait(backoff, retries.max, retries.shutdown).await?;
+            }
+            NextStep::GiveUp(reason) => {
+                return Ok(Settled::GaveUp { reason, error: error.to_string(), attempts: counted.max(1) });
+            }
+            NextStep::Stop => {
+                return Err(RunError::Lookup(format!(
+                    "{error}: the query cannot run for any change; fix the graph's look-up or the database schema"
+                )));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_definite_failure_gives_up_at_once() {
+        assert_eq!(next_step(LookupFailure::Definite, 1, 5), NextStep::GiveUp(DeadLetterReason::LookupFailed));
+    }
+
+    #[test]
+    fn a_retryable_failure_gives_up_after_the_configured_attempts() {
+        assert_eq!(next_step(LookupFailure::Retryable, 4, 5), NextStep::Retry);
+        assert_eq!(
+            next_step(LookupFailure::Retryable, 5, 5),
+            NextStep::GiveUp(DeadLetterReason::LookupAttemptsExhausted)
+        );
+    }
+
+    #[test]
+    fn a_query_that_cannot_run_stops_instead_of_dead_lettering_everything() {
+        assert_eq!(next_step(LookupFailure::BrokenQuery, 1, 5), NextStep::Stop);
+        let unknown_column = LookupError::Query {
+            field: "caches.x.depends[0].lookup".into(),
+            source: sqlx::Error::ColumnNotFound("owner".into()),
+        };
+        assert_eq!(LookupFailure::of(&unknown_column), LookupFailure::BrokenQuery);
+    }
+
+    #[test]
+    fn an_unreachable_database_is_waited_for_however_long() {
+        assert_eq!(next_step(LookupFailure::Connection, u32::MAX, 1), NextStep::Retry);
+    }
+}
