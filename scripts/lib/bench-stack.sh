@@ -94,7 +94,7 @@ METRICS_PORT=$((PGPORT + 1000))
 config() {
   cat >"$2" <<TOML
 [graph]
-paths = ["$ROOT/dependency-graphs/ecommerce.toml"]
+paths = ["${BENCH_GRAPH:-$ROOT/dependency-graphs/ecommerce.toml}"]
 [source]
 kind = "postgres"
 [source.postgres]
