@@ -130,7 +130,7 @@ echo "## evictd catching up with $BACKLOG changes"
 echo
 echo "Under perf: $ms ms. Without call graphs: evictd $ms_system ms, pg_recvlogical $ms_recv ms."
 echo
-echo '### Top symbols, self time (`perf report --no-children`), evictd'
+echo "### Top symbols, self time (perf report --no-children), evictd"
 echo '```'
 report "$OUT/perf.data" --no-children -g none --percent-limit 0.7 --sort dso,symbol | cut -c1-150 | head -40
 echo '```'

@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034,SC2154  # sets and reads the caller's variables
 # Sourced by scripts/bench.sh and scripts/profile.sh: Postgres and Redis
 # (scripts/lib/demo-stack.sh), a fresh database with the e-commerce example
 # and rows to update, and helpers to drive evictd and its slots.
