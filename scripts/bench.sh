@@ -91,6 +91,10 @@ record() { local IFS=$'\t'; echo "$*" >>"$RESULTS"; }
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
 ensure_packages pg_recvlogical:postgresql-client-15 pgbench:postgresql-15 redis-benchmark:redis-tools redis-cli:redis-tools
+# shellcheck source=scripts/lib/demo-stack.sh
+. "$ROOT/scripts/lib/demo-stack.sh"
+# shellcheck source=scripts/lib/bench-stack.sh
+. "$ROOT/scripts/lib/bench-stack.sh"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 if [ "${BENCH_BUILD:-1}" = 1 ]; then
   note "building (release)"
@@ -106,10 +110,6 @@ fi
 BEFORE="${BENCH_BEFORE:-}"
 for b in "$EVICTD" "$LOAD" ${BEFORE:+"$BEFORE"}; do [ -x "$b" ] || die "$b is not an executable"; done
 
-# shellcheck source=scripts/lib/demo-stack.sh
-. "$ROOT/scripts/lib/demo-stack.sh"
-# shellcheck source=scripts/lib/bench-stack.sh
-. "$ROOT/scripts/lib/bench-stack.sh"
 bench_stack
 
 # ---------------------------------------------------------------- drain
