@@ -81,7 +81,10 @@ cleanup() {
   [ -n "${url:-}" ] && psql -X -q "$url" -c \
     "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'evictd_bench%'" \
     >/dev/null 2>&1
-  for s in "${STOP[@]+"${STOP[@]}"}"; do bash "scripts/services/$s" >/dev/null 2>&1; done
+  # The stop scripts default to the test ports: name this run's.
+  for s in "${STOP[@]+"${STOP[@]}"}"; do
+    PGPORT="$PGPORT" REDIS_PORT="$REDIS_PORT" bash "scripts/services/$s" >/dev/null 2>&1
+  done
   rm -rf "$WORK"
 }
 trap cleanup EXIT
