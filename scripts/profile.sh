@@ -127,6 +127,8 @@ ms_recv=$(ms_since "$t0")
 kill -INT "$SYS_PID"; wait "$SYS_PID" || true
 unlock
 
+# From here on output is cut short with head: a reader that stops early is fine.
+set +o pipefail
 report() { perf report -i "$1" --stdio --no-header "${@:2}" 2>/dev/null | grep -v '^#' | grep -v '^$' || true; }
 echo
 echo "## evictd catching up with $BACKLOG changes"
