@@ -169,6 +169,15 @@ impl Row {
         }
     }
 
+    /// Appends a column known not to be in the row yet (a decoder that
+    /// checked its relation's column names once), without [`Row::set`]'s
+    /// search; a repeated name would shadow nothing and be ignored by
+    /// [`Row::get`], so callers must not push one.
+    pub fn push_new(&mut self, column: Arc<str>, cell: Cell) {
+        debug_assert!(self.columns.iter().all(|(c, _)| *c != column), "column {column} pushed twice");
+        self.columns.push((column, cell));
+    }
+
     /// Builder form of [`Row::set`] for a known value.
     pub fn with(mut self, column: &str, value: Value) -> Row {
         self.set(column, Cell::Known(value));

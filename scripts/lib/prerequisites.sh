@@ -1,8 +1,15 @@
-# Sourced by scripts/test.sh and scripts/quickstart.sh: installs, with one
-# `apt-get update` and only when something is missing, the Debian packages a
-# build of evictd needs plus any extra packages the caller names.
+# Sourced by scripts/test.sh, scripts/quickstart.sh, scripts/load.sh,
+# scripts/bench.sh and scripts/profile.sh: installs, with one `apt-get
+# update` and only when something is missing, the Debian packages a build of
+# evictd needs plus any extra packages the caller names.
 #
-#   ensure_packages [EXTRA_PACKAGE...]
+#   ensure_packages [EXTRA...]
+#
+# An extra is a package (`libfoo-dev`: installed unless dpkg knows it) or
+# `command:package` (installed unless the command is on the PATH), e.g.
+# scripts/bench.sh: pg_recvlogical:postgresql-client-15 pgbench:postgresql-15
+# redis-benchmark:redis-tools; scripts/profile.sh: perf:linux-perf
+# valgrind:valgrind.
 #
 # Needs `note` and `die` from the caller. Finds cargo in ~/.cargo/bin.
 
@@ -22,9 +29,13 @@ ensure_packages() {
   if command -v dpkg >/dev/null; then
     # rdkafka builds its bundled librdkafka (zlib); sqlx and redis link libc.
     for pkg in libc6-dev zlib1g-dev libssl-dev ca-certificates "$@"; do
+      case "$pkg" in *:*) continue ;; esac
       dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done
   fi
+  for pkg in "$@"; do
+    case "$pkg" in *:*) need_cmd "${pkg%%:*}" "${pkg#*:}" ;; esac
+  done
   if [ "${#missing[@]}" -eq 0 ]; then
     note "build prerequisites present"
     return 0

@@ -3,12 +3,21 @@
 //! commit to its key being gone.
 //!
 //! It updates `shop.products` (the e-commerce example schema), one row per
-//! transaction, each change invalidating `product:{<id>}:detail`. Before a
-//! change it caches that key; the moment Redis reports the key deleted is
-//! the invalidation. Prints one JSON line of figures.
+//! transaction by default (`--per-tx N`: N rows per transaction, one
+//! `UPDATE … WHERE id = ANY($1)`), each changed row invalidating
+//! `product:{<id>}:detail`. Before a change it caches that key; the moment
+//! Redis reports the key deleted is the invalidation. Prints one JSON line
+//! of figures.
+//!
+//! `--once` times a single change instead (no set-up, no settling): it
+//! caches one key, commits one update and waits until the key is gone,
+//! printing the Unix times of both, so that a caller can measure from
+//! another event (e.g. a restart of evictd).
 //!
 //! ```text
 //! evictd-load --pg postgres://… --redis redis://… --rate 1000 --seconds 10
+//! evictd-load --pg postgres://… --redis redis://… --rate 10000 --writers 8 --per-tx 4
+//! evictd-load --pg postgres://… --redis redis://… --once
 //! ```
 
 use std::collections::HashMap;
@@ -44,6 +53,13 @@ struct Args {
     /// How long to wait after the last change for stragglers.
     #[arg(long, default_value_t = 10)]
     drain_seconds: u64,
+    /// Rows changed per transaction (one `UPDATE … WHERE id = ANY($1)`).
+    #[arg(long, default_value_t = 1)]
+    per_tx: u64,
+    /// Time one change of an existing row: cache its key, commit, wait
+    /// (at most --drain-seconds) until the key is gone.
+    #[arg(long)]
+    once: bool,
 }
 
 const FIRST_ID: u64 = 1_000_000;
@@ -55,6 +71,10 @@ fn key(id: u64) -> String {
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let args = Args::parse();
+    if args.once {
+        return once(&args).await;
+    }
+    let per_tx = args.per_tx.max(1);
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(u32::try_from(args.writers + 1).unwrap_or(8))
         .connect(&args.pg)
@@ -133,21 +153,49 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         writers.push(tokio::spawn(async move {
             let mut cache = client.get_multiplexed_async_connection().await?;
             let mut n: u64 = 0;
-            let interval =
-                if per_writer == 0 { Duration::ZERO } else { Duration::from_secs_f64(1.0 / per_writer as f64) };
+            // One transaction of `per_tx` rows every `interval`.
+            let interval = if per_writer == 0 {
+                Duration::ZERO
+            } else {
+                Duration::from_secs_f64(per_tx as f64 / per_writer as f64)
+            };
             let mut next = Instant::now();
+            let mut ids = Vec::with_capacity(per_tx as usize);
             while Instant::now() < end {
                 // Ids are spread over the writers, and no id is reused
                 // while its last change may still be in flight.
-                let id = FIRST_ID + (w + n * writers_n) % rows;
-                n += 1;
-                let () = cache.set(key(id), "cached").await?;
-                sqlx::query("UPDATE shop.products SET name = name || '.', updated_at = now() WHERE id = $1")
-                    .bind(id as i64)
+                ids.clear();
+                for _ in 0..per_tx {
+                    ids.push(FIRST_ID + (w + n * writers_n) % rows);
+                    n += 1;
+                }
+                if let [id] = ids.as_slice() {
+                    let () = cache.set(key(*id), "cached").await?;
+                    sqlx::query("UPDATE shop.products SET name = name || '.', updated_at = now() WHERE id = $1")
+                        .bind(*id as i64)
+                        .execute(&pool)
+                        .await?;
+                } else {
+                    let mut pipe = redis::pipe();
+                    for id in &ids {
+                        pipe.set(key(*id), "cached").ignore();
+                    }
+                    let () = pipe.query_async(&mut cache).await?;
+                    let bound: Vec<i64> = ids.iter().map(|id| *id as i64).collect();
+                    sqlx::query(
+                        "UPDATE shop.products SET name = name || '.', updated_at = now() WHERE id = ANY($1::bigint[])",
+                    )
+                    .bind(bound)
                     .execute(&pool)
                     .await?;
-                committed.lock().await.insert(id, Instant::now());
-                sent.fetch_add(1, Ordering::Relaxed);
+                }
+                let at = Instant::now();
+                let mut committed = committed.lock().await;
+                for id in &ids {
+                    committed.insert(*id, at);
+                }
+                drop(committed);
+                sent.fetch_add(per_tx, Ordering::Relaxed);
                 if !interval.is_zero() {
                     next += interval;
                     if let Some(wait) = next.checked_duration_since(Instant::now()) {
@@ -190,7 +238,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         lat[i.min(lat.len() - 1)].as_secs_f64() * 1000.0
     };
     println!(
-        "{{\"target_rate\": {}, \"changes\": {sent}, \"commit_rate\": {:.0}, \"invalidated\": {}, \"untimed\": {untimed}, \"not_invalidated\": {missing}, \"invalidation_rate\": {:.0}, \"p50_ms\": {:.2}, \"p99_ms\": {:.2}, \"max_ms\": {:.2}}}",
+        "{{\"target_rate\": {}, \"per_tx\": {per_tx}, \"changes\": {sent}, \"commit_rate\": {:.0}, \"invalidated\": {}, \"untimed\": {untimed}, \"not_invalidated\": {missing}, \"invalidation_rate\": {:.0}, \"p50_ms\": {:.2}, \"p99_ms\": {:.2}, \"max_ms\": {:.2}}}",
         args.rate,
         sent as f64 / drive.as_secs_f64(),
         lat.len(),
@@ -200,4 +248,49 @@ async fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
         pct(1.0),
     );
     Ok(())
+}
+
+/// `--once`: one change, timed from its commit (and printed as Unix times,
+/// for a caller that measures from something else) until its key is gone.
+async fn once(args: &Args) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    use futures_util::StreamExt as _;
+    let id = FIRST_ID;
+    let db = sqlx::postgres::PgPoolOptions::new().max_connections(1).connect(&args.pg).await?;
+    let client = redis::Client::open(args.redis.as_str())?;
+    let mut control = client.get_multiplexed_async_connection().await?;
+    let () = redis::cmd("CONFIG").arg("SET").arg("notify-keyspace-events").arg("Kg").query_async(&mut control).await?;
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub.subscribe(format!("__keyspace@0__:{}", key(id))).await?;
+    let () = control.set(key(id), "cached").await?;
+    sqlx::query("UPDATE shop.products SET name = name || '.', updated_at = now() WHERE id = $1")
+        .bind(id as i64)
+        .execute(&db)
+        .await?;
+    let committed = unix_ns();
+    let mut stream = pubsub.into_on_message();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(args.drain_seconds);
+    let gone = loop {
+        match tokio::time::timeout_at(deadline, stream.next()).await {
+            Ok(Some(msg)) => {
+                let payload: String = msg.get_payload().unwrap_or_default();
+                if payload == "del" {
+                    break Some(unix_ns());
+                }
+            }
+            Ok(None) | Err(_) => break None,
+        }
+    };
+    db.close().await;
+    match gone {
+        Some(gone) => println!(
+            "{{\"commit_unix_ns\": {committed}, \"gone_unix_ns\": {gone}, \"commit_to_gone_ms\": {:.2}}}",
+            (gone - committed) as f64 / 1e6
+        ),
+        None => println!("{{\"commit_unix_ns\": {committed}, \"gone_unix_ns\": null, \"commit_to_gone_ms\": null}}"),
+    }
+    Ok(())
+}
+
+fn unix_ns() -> u128 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos())
 }

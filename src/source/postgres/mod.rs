@@ -208,11 +208,9 @@ impl PostgresSource {
                     SourceError::Definite(format!("change at {} outside a transaction", Lsn(wal_start.as_u64())))
                 })?;
                 let position = Position::Postgres { commit_lsn: Lsn(tx.final_lsn), lsn: Lsn(wal_start.as_u64()) };
-                let changes = self
-                    .decoder
-                    .decode(&data, tx, position)
+                self.decoder
+                    .decode_into(&data, tx, position, &mut Changes(&mut self.pending))
                     .map_err(|e| SourceError::Definite(format!("at {}: {e}", Lsn(wal_start.as_u64()))))?;
-                self.pending.extend(changes.into_iter().map(SourceEvent::Change));
             }
             ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
                 let tx = self
@@ -244,6 +242,15 @@ impl PostgresSource {
             }
         }
         Ok(())
+    }
+}
+
+/// Decoded changes, queued as events without an intermediate `Vec`.
+struct Changes<'a>(&'a mut VecDeque<SourceEvent>);
+
+impl Extend<crate::change::Change> for Changes<'_> {
+    fn extend<I: IntoIterator<Item = crate::change::Change>>(&mut self, changes: I) {
+        self.0.extend(changes.into_iter().map(SourceEvent::Change));
     }
 }
 

@@ -17,9 +17,16 @@
 //!   floats as such, `bytea` as bytes, everything else as the text Postgres
 //!   printed;
 //! - anything unexpected (a row for a relation never described, a truncated
-//!   message, an unknown tag) is an error, never a skip.
+//!   message, an unknown tag, a relation naming a column twice) is an error,
+//!   never a skip.
+//!
+//! Cost: this runs once per row change, on the path every change takes, so
+//! a tuple is decoded without per-column searches (column names are checked
+//! distinct once, when the Relation message arrives) and changes go straight
+//! into the caller's queue ([`Decoder::decode_into`]).
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::change::{Cell, Change, Operation, Position, Row, TransactionId, Value};
@@ -145,6 +152,20 @@ impl Decoder {
     /// for Relation, Type and Origin; one per table for Truncate).
     /// `position` is the change's place in the stream.
     pub fn decode(&mut self, data: &[u8], tx: TxContext, position: Position) -> Result<Vec<Change>, DecodeError> {
+        let mut out = Vec::new();
+        self.decode_into(data, tx, position, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Decoder::decode`], appending the changes to `out` (no allocation of
+    /// its own per message). On an error nothing was appended.
+    pub fn decode_into(
+        &mut self,
+        data: &[u8],
+        tx: TxContext,
+        position: Position,
+        out: &mut impl Extend<Change>,
+    ) -> Result<(), DecodeError> {
         let Some((&tag, body)) = data.split_first() else {
             return Err(DecodeError::Truncated { tag: '?', needed: 1 });
         };
@@ -163,24 +184,21 @@ impl Decoder {
             b'R' => {
                 let relation = read_relation(&mut r)?;
                 self.relations.insert(relation.oid, relation);
-                Ok(Vec::new())
             }
             b'Y' => {
                 let _oid = r.u32()?;
                 let _namespace = r.string()?;
                 let _name = r.string()?;
-                Ok(Vec::new())
             }
             b'O' => {
                 let _lsn = r.u64()?;
                 let _name = r.string()?;
-                Ok(Vec::new())
             }
             b'I' => {
                 let relation = self.lookup(r.u32()?)?;
                 expect_byte(&mut r, b'N')?;
                 let after = read_tuple(&mut r, relation, TupleKind::New)?;
-                Ok(vec![change(relation.name.clone(), Operation::Insert, None, Some(after))])
+                out.extend([change(relation.name.clone(), Operation::Insert, None, Some(after))]);
             }
             b'U' => {
                 let relation = self.lookup(r.u32()?)?;
@@ -198,7 +216,7 @@ impl Decoder {
                     ));
                 }
                 let after = read_tuple(&mut r, relation, TupleKind::New)?;
-                Ok(vec![change(relation.name.clone(), Operation::Update, before, Some(after))])
+                out.extend([change(relation.name.clone(), Operation::Update, before, Some(after))]);
             }
             b'D' => {
                 let relation = self.lookup(r.u32()?)?;
@@ -210,20 +228,21 @@ impl Decoder {
                     }
                 };
                 let before = read_tuple(&mut r, relation, kind)?;
-                Ok(vec![change(relation.name.clone(), Operation::Delete, Some(before), None)])
+                out.extend([change(relation.name.clone(), Operation::Delete, Some(before), None)]);
             }
             b'T' => {
                 let count = r.u32()?;
                 let _options = r.u8()?;
-                let mut out = Vec::with_capacity(count.min(1024) as usize);
+                // Every relation is looked up before anything is appended.
+                let mut tables = Vec::with_capacity(count.min(1024) as usize);
                 for _ in 0..count {
-                    let relation = self.lookup(r.u32()?)?;
-                    out.push(change(relation.name.clone(), Operation::Truncate, None, None));
+                    tables.push(self.lookup(r.u32()?)?.name.clone());
                 }
-                Ok(out)
+                out.extend(tables.into_iter().map(|table| change(table, Operation::Truncate, None, None)));
             }
-            other => Err(DecodeError::UnknownTag(char::from(other))),
+            other => return Err(DecodeError::UnknownTag(char::from(other))),
         }
+        Ok(())
     }
 
     fn lookup(&self, oid: u32) -> Result<&Relation, DecodeError> {
@@ -251,11 +270,16 @@ fn read_relation(r: &mut Reader<'_>) -> Result<Relation, DecodeError> {
     let replica_identity = r.u8()?;
     let count = r.u16()?;
     let mut columns = Vec::with_capacity(usize::from(count));
+    let mut names = HashSet::with_capacity(usize::from(count));
     for _ in 0..count {
         let flags = r.u8()?;
         let column = r.string()?;
         let type_oid = r.u32()?;
         let _type_modifier = r.u32()?;
+        // Tuples are decoded by position without looking for repeats.
+        if !names.insert(column.clone()) {
+            return Err(malformed(r.tag, format!("relation {namespace}.{name} names column `{column}` twice")));
+        }
         columns.push(Column { name: Arc::from(column.as_str()), type_oid, is_key: flags & 1 == 1 });
     }
     let schema = if namespace.is_empty() { "pg_catalog" } else { namespace.as_str() };
@@ -296,7 +320,7 @@ fn read_tuple(r: &mut Reader<'_>, relation: &Relation, kind: TupleKind) -> Resul
         };
         if kind == TupleKind::OldKey && !column.is_key {
             // Not sent: the wire says `n`, which is not a NULL.
-            row.set(column.name.clone(), Cell::Unknown);
+            row.push_new(column.name.clone(), Cell::Unknown);
             continue;
         }
         let cell = match cell {
@@ -305,14 +329,20 @@ fn read_tuple(r: &mut Reader<'_>, relation: &Relation, kind: TupleKind) -> Resul
             WireCell::Text(text) => Cell::Known(typed(column.type_oid, text)),
             WireCell::Binary(bytes) => Cell::Known(Value::Bytes(bytes.to_vec())),
         };
-        row.set(column.name.clone(), cell);
+        // Distinct names (checked in `read_relation`), each column once.
+        row.push_new(column.name.clone(), cell);
     }
     Ok(row)
 }
 
 /// Types a text-format value by its column's type OID (`pg_type.oid`).
 pub fn typed(type_oid: u32, text: &[u8]) -> Value {
-    let s = String::from_utf8_lossy(text);
+    // Postgres sends UTF-8 (the replication connection's client_encoding):
+    // check it the fast way, and only repair what is not.
+    let s = match std::str::from_utf8(text) {
+        Ok(s) => Cow::Borrowed(s),
+        Err(_) => String::from_utf8_lossy(text),
+    };
     match type_oid {
         // bool
         16 => match &*s {

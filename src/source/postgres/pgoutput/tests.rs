@@ -151,3 +151,33 @@ fn values_that_do_not_parse_stay_text() {
     assert_eq!(typed(1700, b"12.50"), Value::Text("12.50".into()));
     assert_eq!(typed(17, b"\\xzz"), Value::Text("\\xzz".into()));
 }
+
+#[test]
+fn a_relation_naming_a_column_twice_is_an_error() {
+    let mut d = Decoder::new();
+    let twice = Msg::tag(b'R').u32(7).str("shop").str("t").u8(b'd').u16(2).u8(1).str("id").u32(20).u32(0);
+    let twice = twice.u8(0).str("id").u32(25).u32(0);
+    assert!(matches!(d.decode(&twice.0, tx(), at()), Err(DecodeError::Malformed { tag: 'R', .. })));
+    assert!(d.relation(7).is_none());
+}
+
+#[test]
+fn text_that_is_not_utf8_is_kept_with_replacement_characters() {
+    assert_eq!(typed(25, b"caf\xe9"), Value::Text("caf\u{fffd}".into()));
+    assert_eq!(typed(25, "café".as_bytes()), Value::Text("café".into()));
+}
+
+#[test]
+fn decode_into_appends_nothing_when_a_message_fails() {
+    let mut d = decoder();
+    let mut out = Vec::new();
+    d.decode_into(&full_tuple(Msg::tag(b'I').u32(42).u8(b'N'), "1", "a").0, tx(), at(), &mut out).unwrap();
+    assert_eq!(out.len(), 1);
+    // A truncate of a described table and an undescribed one.
+    let truncate = Msg::tag(b'T').u32(2).u8(0).u32(42).u32(99);
+    assert_eq!(d.decode_into(&truncate.0, tx(), at(), &mut out), Err(DecodeError::UnknownRelation(99)));
+    assert_eq!(out.len(), 1);
+    let tuple_too_short = Msg::tag(b'I').u32(42).u8(b'N').u16(2).text("2");
+    assert!(d.decode_into(&tuple_too_short.0, tx(), at(), &mut out).is_err());
+    assert_eq!(out.len(), 1);
+}

@@ -1,0 +1,270 @@
+#!/usr/bin/env bash
+# evictd against the machine's limits, in one run, side by side.
+#
+#   scripts/bench.sh                 every section, ≈ 6-8 minutes on 2 cores
+#   BENCH_SECTIONS="drain restart" scripts/bench.sh
+#
+# Starts its own Postgres and Redis (scripts/services/, ports below), loads
+# the e-commerce example into a fresh database and prints, at the end, a
+# markdown table of targets against what it measured, then one table per
+# section:
+#
+#   drain     catch-up: RUNS pairs of slots are created at the same LSN, a
+#             backlog of BENCH_BACKLOG single-row UPDATE transactions is
+#             written with no consumer running, then each slot is drained,
+#             interleaved and in rotating order: pg_recvlogical --endpos
+#             (pgoutput, the same publication) against `evictd run` until
+#             its slot's confirmed_flush_lsn reaches the backlog's end;
+#   sink      the sink's limit: redis-benchmark, pipelined UNLINK;
+#   latency   commit → key gone (evictd-load) at BENCH_RATES, RUNS rounds,
+#             with evictd's CPU time and peak RSS (VmHWM);
+#   writes    Postgres write throughput (pgbench, the same single-row
+#             UPDATE, BENCH_WRITE_SECONDS each) with evictd consuming a
+#             slot, with only pg_recvlogical consuming one, and with no
+#             slot; interleaved, RUNS rounds;
+#   restart   SIGTERM evictd, start it again, commit one change at once:
+#             process start → key gone and commit → key gone.
+#
+# Knobs (environment):
+#   BENCH_SECTIONS        sections to run                  drain sink latency writes restart
+#   BENCH_RUNS            runs per measurement (medians)   3
+#   BENCH_BACKLOG         row changes in the backlog       200000
+#   BENCH_RATES           changes/s, 0 = unthrottled       "1000 10000 0"
+#   BENCH_LOAD_SECONDS    seconds per latency run          10
+#   BENCH_WRITERS         writer connections (load, pgbench)  4
+#   BENCH_PER_TX          rows per transaction in the latency runs  1
+#   BENCH_WRITE_SECONDS   seconds per pgbench run          10
+#   BENCH_ROWS            rows updated at random           100000
+#   BENCH_EVICTD          evictd binary to measure         the release build
+#   BENCH_BEFORE          a second evictd binary, drained side by side in
+#                         the drain section (e.g. a build of the previous
+#                         commit), for before/after figures
+#   BENCH_BUILD           0 = do not build (use BENCH_EVICTD/BENCH_LOAD)   1
+#   BENCH_LOCK            a lock file held (flock) around each timed
+#                         section and the build, so that builds do not
+#                         run during a measurement; empty = none
+#                                                          /tmp/evictd-cargo.lock
+#   BENCH_STATUS_INTERVAL_MS  evictd's status_interval_ms while draining:
+#                         confirmed_flush_lsn moves only with a status
+#                         update, so this bounds the drain's timing error   100
+#   PGPORT, REDIS_PORT    servers (own ones, stopped at exit if started here)
+#                                                          55452, 6499
+#
+# Everything runs on 127.0.0.1; whatever it started is stopped at exit.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+note() { echo "bench: $*" >&2; }
+die() { echo "bench: error: $*" >&2; exit 1; }
+
+SECTIONS="${BENCH_SECTIONS:-drain sink latency writes restart}"
+RUNS="${BENCH_RUNS:-3}"
+BACKLOG="${BENCH_BACKLOG:-200000}"
+read -r -a RATES <<<"${BENCH_RATES:-1000 10000 0}"
+LOAD_SECONDS="${BENCH_LOAD_SECONDS:-10}"
+WRITERS="${BENCH_WRITERS:-4}"
+PER_TX="${BENCH_PER_TX:-1}"
+WRITE_SECONDS="${BENCH_WRITE_SECONDS:-10}"
+ROWS="${BENCH_ROWS:-100000}"
+STATUS_MS="${BENCH_STATUS_INTERVAL_MS:-100}"
+LOCK="${BENCH_LOCK-/tmp/evictd-cargo.lock}"
+PGPORT="${PGPORT:-55452}"; REDIS_PORT="${REDIS_PORT:-6499}"
+WORK="$(mktemp -d -t evictd-bench.XXXXXX)"
+RESULTS="$WORK/results.tsv"; : >"$RESULTS"
+STOP=(); PIDS=()
+
+cleanup() {
+  set +e
+  local pid
+  for pid in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$pid" 2>/dev/null; done
+  for pid in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$pid" 2>/dev/null; done
+  [ -n "${url:-}" ] && psql -X -q "$url" -c \
+    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'evictd_bench%'" \
+    >/dev/null 2>&1
+  # The stop scripts default to the test ports: name this run's.
+  for s in "${STOP[@]+"${STOP[@]}"}"; do
+    PGPORT="$PGPORT" REDIS_PORT="$REDIS_PORT" bash "scripts/services/$s" >/dev/null 2>&1
+  done
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+record() { local IFS=$'\t'; echo "$*" >>"$RESULTS"; }
+
+# shellcheck source=scripts/lib/prerequisites.sh
+. "$ROOT/scripts/lib/prerequisites.sh"
+ensure_packages pg_recvlogical:postgresql-client-15 pgbench:postgresql-15 redis-benchmark:redis-tools redis-cli:redis-tools
+# shellcheck source=scripts/lib/demo-stack.sh
+. "$ROOT/scripts/lib/demo-stack.sh"
+# shellcheck source=scripts/lib/bench-stack.sh
+. "$ROOT/scripts/lib/bench-stack.sh"
+BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+if [ "${BENCH_BUILD:-1}" = 1 ]; then
+  note "building (release)"
+  lock
+  cargo build --release --locked --quiet --bin evictd --bin evictd-load 9>&-
+  # Copies: a build elsewhere in the same target directory cannot swap them mid-run.
+  cp "$BIN/evictd" "$WORK/evictd"; cp "$BIN/evictd-load" "$WORK/evictd-load"
+  unlock
+  EVICTD="${BENCH_EVICTD:-$WORK/evictd}"; LOAD="${BENCH_LOAD:-$WORK/evictd-load}"
+else
+  EVICTD="${BENCH_EVICTD:-$BIN/evictd}"; LOAD="${BENCH_LOAD:-$BIN/evictd-load}"
+fi
+BEFORE="${BENCH_BEFORE:-}"
+for b in "$EVICTD" "$LOAD" ${BEFORE:+"$BEFORE"}; do [ -x "$b" ] || die "$b is not an executable"; done
+
+bench_stack
+
+# ---------------------------------------------------------------- drain
+section_drain() {
+  local r kinds=(recv evictd) order kind slot start end wal t0 ms pid e0
+  [ -n "$BEFORE" ] && kinds+=(before)
+  for r in $(seq 1 "$RUNS"); do for kind in "${kinds[@]}"; do create_slot "evictd_bench_${kind}_$r"; done; done
+  note "drain: writing a backlog of $BACKLOG single-row UPDATE transactions (no consumer running)"
+  write_backlog "$BACKLOG"
+  start=$BACKLOG_START; end=$BACKLOG_END
+  wal="$(q "SELECT pg_wal_lsn_diff('$end', '$start')::bigint")"
+  local changes=$BACKLOG_CHANGES
+  record drain_backlog "$changes" "$wal"
+  lock
+  for r in $(seq 1 "$RUNS"); do
+    # Rotate the order each round so that neither always goes first.
+    order=("${kinds[@]:$(( (r - 1) % ${#kinds[@]} ))}" "${kinds[@]:0:$(( (r - 1) % ${#kinds[@]} ))}")
+    for kind in "${order[@]}"; do
+      slot="evictd_bench_${kind}_$r"
+      if [ "$kind" = recv ]; then
+        t0=$(now_ns)
+        pg_recvlogical -d "$url" --slot "$slot" --start --endpos "$end" --plugin pgoutput \
+          -o proto_version=1 -o "publication_names=$PUB" -F 0 -f /dev/null 9>&- \
+          || die "pg_recvlogical failed"
+        ms=$(ms_since "$t0")
+        record drain recv "$ms" "" "" ""
+      else
+        local bin="$EVICTD"; [ "$kind" = before ] && bin="$BEFORE"
+        start_evictd "$bin" "$slot" "$STATUS_MS"; pid=$EPID; t0=$EPID_START
+        until slot_reached "$slot" "$end"; do
+          kill -0 "$pid" 2>/dev/null || { cat "$WORK/$slot.log" >&2; die "evictd exited while draining"; }
+          sleep 0.02
+        done
+        ms=$(ms_since "$t0")
+        e0="$(metric_sum "$METRICS_PORT" evictd_effects_resolved_total)"
+        record drain "$kind" "$ms" "$(cpu_s "$pid")" "$(hwm_mib "$pid")" "$e0"
+        stop_pid "$pid"
+      fi
+      note "drain: $kind round $r: $changes changes in $ms ms"
+      drop_slot_now "$slot"
+    done
+  done
+  unlock
+}
+
+# ----------------------------------------------------------------- sink
+section_sink() {
+  local n=$(( ${BENCH_SINK_OPS:-2000000} )) c out rps
+  note "sink: redis-benchmark, pipelined UNLINK of cached keys"
+  lock
+  for c in 1 4; do
+    # Cache the keys first: deleting a present key is the real work.
+    redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$c" -P 64 -n "$n" -r "$n" -q \
+      SET "bench:__rand_int__" cached >/dev/null 9>&-
+    out="$(redis-benchmark -h 127.0.0.1 -p "$REDIS_PORT" -c "$c" -P 64 -n "$n" -r "$n" -q \
+      UNLINK "bench:__rand_int__" 2>&1 9>&- | tr '\r' '\n' | grep 'requests per second' | tail -n 1)"
+    rps="$(sed -n 's/.*: \([0-9.]*\) requests per second.*/\1/p' <<<"$out")"
+    [ -n "$rps" ] || die "redis-benchmark said: $out"
+    record sink "$c" "$rps"
+  done
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" --scan --pattern 'bench:*' | xargs -r -n 1000 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" UNLINK >/dev/null
+  unlock
+}
+
+# -------------------------------------------------------------- latency
+LIVE_SLOT=evictd_bench_live
+section_latency() {
+  local r rate before after out
+  start_evictd "$EVICTD" "$LIVE_SLOT"; LIVE_PID=$EPID
+  wait_streaming "$LIVE_PID" "$LIVE_SLOT" "$WORK/$LIVE_SLOT.log"
+  lock
+  for r in $(seq 1 "$RUNS"); do
+    for rate in "${RATES[@]}"; do
+      before="$(cpu_s "$LIVE_PID")"
+      out="$("$LOAD" --pg "$url" --redis "$redis_url" --rate "$rate" --seconds "$LOAD_SECONDS" \
+        --writers "$WRITERS" --per-tx "$PER_TX" --rows "$ROWS" 9>&-)"
+      after="$(cpu_s "$LIVE_PID")"
+      record latency "$rate" "$out" "$(python3 -c "print(round($after - $before, 2))")" "$(hwm_mib "$LIVE_PID")"
+      note "latency: round $r, rate $rate: $out"
+    done
+  done
+  unlock
+  # Nothing else may consume (or keep WAL for) the next sections.
+  stop_pid "$LIVE_PID"; LIVE_PID=""
+  drop_slot_now "$LIVE_SLOT"
+}
+
+# --------------------------------------------------------------- writes
+section_writes() {
+  local r kinds=(evictd recv none) order kind slot pid tps lag
+  note "writes: pgbench ${WRITE_SECONDS}s each: evictd / pg_recvlogical / no slot, $RUNS rounds"
+  lock
+  for r in $(seq 1 "$RUNS"); do
+    order=("${kinds[@]:$(( (r - 1) % 3 ))}" "${kinds[@]:0:$(( (r - 1) % 3 ))}")
+    for kind in "${order[@]}"; do
+      slot="evictd_bench_w${kind}_$r"; pid=""
+      psql -X -q "$url" -c CHECKPOINT 9>&-   # no checkpoint in the middle of one run only
+      case "$kind" in
+        evictd)
+          start_evictd "$EVICTD" "$slot"; pid=$EPID
+          wait_streaming "$pid" "$slot" "$WORK/$slot.log" ;;
+        recv)
+          create_slot "$slot"
+          pg_recvlogical -d "$url" --slot "$slot" --start --plugin pgoutput \
+            -o proto_version=1 -o "publication_names=$PUB" -F 0 -f /dev/null 9>&- &
+          pid=$!; PIDS+=("$pid")
+          wait_streaming "$pid" "$slot" /dev/null ;;
+      esac
+      tps="$(pgbench -n -f "$WORK/update.sql" -c "$WRITERS" -j 2 -T "$WRITE_SECONDS" "$url" 2>&1 9>&- \
+        | sed -n 's/^tps = \([0-9.]*\).*/\1/p')"
+      [ -n "$tps" ] || die "pgbench printed no tps"
+      lag=""
+      if [ "$kind" = evictd ]; then   # how far behind the writes evictd ended, and when it caught up
+        local endw t0; endw="$(q "SELECT pg_current_wal_lsn()")"; t0=$(now_ns)
+        until slot_reached "$slot" "$endw"; do sleep 0.02; done
+        lag=$(ms_since "$t0")
+      fi
+      [ -n "$pid" ] && stop_pid "$pid"
+      [ "$kind" = none ] || drop_slot_now "$slot"
+      record writes "$kind" "$tps" "$lag"
+      note "writes: round $r, $kind: $tps tps${lag:+ (evictd caught up $lag ms after the writes stopped)}"
+    done
+  done
+  unlock
+}
+
+# -------------------------------------------------------------- restart
+section_restart() {
+  local r out t0 pid
+  lock
+  start_evictd "$EVICTD" "$LIVE_SLOT"; LIVE_PID=$EPID
+  wait_streaming "$LIVE_PID" "$LIVE_SLOT" "$WORK/$LIVE_SLOT.log"
+  for r in $(seq 1 "$RUNS"); do
+    stop_pid "$LIVE_PID"
+    start_evictd "$EVICTD" "$LIVE_SLOT"; LIVE_PID=$EPID; t0=$EPID_START
+    out="$("$LOAD" --pg "$url" --redis "$redis_url" --once --drain-seconds 30 9>&-)"
+    record restart "$t0" "$out" "$(hwm_mib "$LIVE_PID")"
+    note "restart: round $r: $out (process start at $t0 ns)"
+    wait_streaming "$LIVE_PID" "$LIVE_SLOT" "$WORK/$LIVE_SLOT.log"
+  done
+  stop_pid "$LIVE_PID"; LIVE_PID=""
+  drop_slot_now "$LIVE_SLOT"
+  unlock
+}
+
+for s in $SECTIONS; do
+  case "$s" in
+    drain|sink|latency|writes|restart) "section_$s" ;;
+    *) die "unknown section $s (drain sink latency writes restart)" ;;
+  esac
+  psql -X -q "$url" -c "VACUUM shop.products" 9>&-
+done
+
+python3 "$ROOT/scripts/lib/bench-report.py" "$RESULTS" "$RUNS" "$WRITERS" "$PER_TX" "$LOAD_SECONDS" "$WRITE_SECONDS" \
+  "$(nproc)" "${BEFORE:+before}"

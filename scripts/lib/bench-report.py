@@ -1,0 +1,183 @@
+"""Prints scripts/bench.sh's results as markdown: targets first, then one
+table per section. Input: the tab-separated lines bench.sh recorded.
+
+    bench-report.py RESULTS RUNS WRITERS PER_TX LOAD_SECONDS WRITE_SECONDS CORES [before]
+"""
+
+import json
+import statistics
+import sys
+from collections import defaultdict
+
+results, runs, writers, per_tx, load_s, write_s, cores = sys.argv[1:8]
+has_before = len(sys.argv) > 8 and sys.argv[8] == "before"
+rows = [line.rstrip("\n").split("\t") for line in open(results) if line.strip()]
+by = defaultdict(list)
+for r in rows:
+    by[r[0]].append(r[1:])
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, digits=0):
+    if x is None:
+        return "–"
+    return f"{x:,.{digits}f}".replace(",", " ")
+
+
+def spread(xs, digits=0):
+    xs = sorted(x for x in xs if x is not None)
+    return ", ".join(fmt(x, digits) for x in xs)
+
+
+targets = []   # (target, measured, verdict)
+out = []
+
+# ---------------------------------------------------------------- drain
+if by["drain"]:
+    changes, wal = (int(v) for v in by["drain_backlog"][0][:2])
+    per = defaultdict(list)
+    for kind, ms, cpu, hwm, effects in (r[:5] for r in by["drain"]):
+        per[kind].append((int(ms) / 1000, float(cpu) if cpu else None, float(hwm) if hwm else None,
+                          float(effects) if effects else None))
+    names = {"recv": "`pg_recvlogical` (reference)", "evictd": "`evictd run`", "before": "`evictd run`, before"}
+    out.append(f"**Catch-up drain** of a backlog of {fmt(changes)} single-row UPDATE transactions "
+               f"({fmt(wal / 1e6, 1)} MB of WAL), each consumer from its own slot created at the same LSN; "
+               f"median of {len(per['recv'])} interleaved runs.\n")
+    out.append("| consumer | changes/s | WAL MB/s | ratio to pg_recvlogical | runs (s) | CPU s | peak RSS MiB | effects/s |")
+    out.append("|---|---|---|---|---|---|---|---|")
+    ref = med([changes / s for s, *_ in per["recv"]])
+    rates = {}
+    for kind in ("recv", "evictd", "before"):
+        if not per[kind]:
+            continue
+        secs = [p[0] for p in per[kind]]
+        rate = med([changes / s for s in secs])
+        rates[kind] = rate
+        mb = med([wal / 1e6 / s for s in secs])
+        cpu = med([p[1] for p in per[kind]])
+        hwm = max((p[2] for p in per[kind] if p[2] is not None), default=None)
+        eff = med([p[3] / p[0] for p in per[kind] if p[3] is not None])
+        out.append(f"| {names[kind]} | {fmt(rate)} | {fmt(mb, 1)} | {fmt(rate / ref, 2) if ref else '–'} | "
+                   f"{spread(secs, 2)} | {fmt(cpu, 2)} | {fmt(hwm, 1)} | {fmt(eff)} |")
+    out.append("")
+    if ref and "evictd" in rates:
+        ratio = rates["evictd"] / ref
+        targets.append(("catch-up drain ≥ 0.90 × `pg_recvlogical`",
+                        f"{ratio:.2f} ({fmt(rates['evictd'])} vs {fmt(ref)} changes/s)",
+                        "met" if ratio >= 0.9 else "missed"))
+    hwms = [p[2] for p in per["evictd"] if p[2] is not None]
+    if hwms:
+        targets.append(("peak RSS ≤ 64 MiB (catch-up)", f"{max(hwms):.1f} MiB",
+                        "met" if max(hwms) <= 64 else "missed"))
+
+# ----------------------------------------------------------------- sink
+if by["sink"]:
+    out.append("**Sink limit**: `redis-benchmark -P 64 UNLINK` of cached keys, next to evictd's own rate.\n")
+    out.append("| | operations/s |")
+    out.append("|---|---|")
+    for conns, rps in by["sink"]:
+        out.append(f"| `redis-benchmark -c {conns} -P 64 UNLINK bench:__rand_int__` | {fmt(float(rps))} |")
+    eff = [float(e) / (int(ms) / 1000) for kind, ms, _, _, e in (r[:5] for r in by["drain"]) if kind == "evictd" and e]
+    if eff:
+        out.append(f"| evictd, catch-up drain: effects applied/s (keys, tags, bumps) | {fmt(med(eff))} |")
+    unthrottled = [json.loads(r[1])["invalidation_rate"] for r in by["latency"] if r[0] == "0"]
+    if unthrottled:
+        out.append(f"| evictd, unthrottled load: changes invalidated/s | {fmt(med(unthrottled))} |")
+    out.append("")
+
+# -------------------------------------------------------------- latency
+if by["latency"]:
+    per = defaultdict(list)
+    for rate, js, cpu, hwm in by["latency"]:
+        per[int(rate)].append((json.loads(js), float(cpu), float(hwm)))
+    tx = f", {per_tx} rows per transaction" if per_tx != "1" else ""
+    out.append(f"**Commit → key gone** (`evictd-load`, {writers} writer connections{tx}, {load_s} s a run; "
+               f"medians of {max(len(v) for v in per.values())} runs; CPU s is evictd's over one run).\n")
+    out.append("| target changes/s | committed/s | invalidated/s | p50 ms | p99 ms | max ms | p99 of each run | "
+               "not invalidated | evictd CPU s | evictd peak RSS MiB |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+    order = sorted(per, key=lambda r: (r == 0, r))
+    for rate in order:
+        v = per[rate]
+        js = [x[0] for x in v]
+        label = "unthrottled" if rate == 0 else fmt(rate)
+        out.append(
+            f"| {label} | {fmt(med([j['commit_rate'] for j in js]))} | {fmt(med([j['invalidation_rate'] for j in js]))} | "
+            f"{fmt(med([j['p50_ms'] for j in js]), 2)} | {fmt(med([j['p99_ms'] for j in js]), 2)} | "
+            f"{fmt(med([j['max_ms'] for j in js]), 2)} | {spread([j['p99_ms'] for j in js], 2)} | "
+            f"{sum(j['not_invalidated'] for j in js)} | {fmt(med([x[1] for x in v]), 2)} | {fmt(max(x[2] for x in v), 1)} |")
+        limit = {1000: 2.0, 10000: 5.0}.get(rate)
+        if limit:
+            p99 = med([j["p99_ms"] for j in js])
+            achieved = med([j["commit_rate"] for j in js])
+            verdict = "met" if p99 <= limit else "missed"
+            note = ""
+            if achieved < 0.95 * rate:
+                note = f", at {fmt(achieved)} changes/s: the load could not reach {fmt(rate)}"
+                verdict = "missed (rate not reached)" if p99 <= limit else "missed"
+            targets.append((f"p99 commit → key gone ≤ {limit:g} ms at {fmt(rate)} changes/s",
+                            f"{p99:.2f} ms (p50 {med([j['p50_ms'] for j in js]):.2f}{note})", verdict))
+    hwm = max(x[2] for v in per.values() for x in v)
+    targets.append(("peak RSS ≤ 64 MiB (under load)", f"{hwm:.1f} MiB", "met" if hwm <= 64 else "missed"))
+    out.append("")
+
+# --------------------------------------------------------------- writes
+if by["writes"]:
+    per = defaultdict(list)
+    lags = []
+    for kind, tps, lag in (r[:3] for r in by["writes"]):
+        per[kind].append(float(tps))
+        if lag:
+            lags.append(int(lag))
+    out.append(f"**Postgres write throughput**: `pgbench`, the same single-row UPDATE, {writers} connections, "
+               f"{write_s} s a run, interleaved; median of {len(per['recv'])} runs each.\n")
+    out.append("| consumer of the slot | transactions/s | runs | ratio to pg_recvlogical alone |")
+    out.append("|---|---|---|---|")
+    ref = med(per["recv"])
+    names = {"none": "no slot (no logical decoding)", "recv": "`pg_recvlogical` alone (reference)", "evictd": "`evictd run`"}
+    for kind in ("none", "recv", "evictd"):
+        if per[kind]:
+            out.append(f"| {names[kind]} | {fmt(med(per[kind]))} | {spread(per[kind])} | {fmt(med(per[kind]) / ref, 2)} |")
+    out.append("")
+    if lags:
+        out.append(f"evictd caught up with the writes {spread([l / 1000 for l in lags], 2)} s after they stopped.\n")
+    if per["evictd"] and ref:
+        ratio = med(per["evictd"]) / ref
+        targets.append(("write throughput ≥ 0.95 × with `pg_recvlogical` alone",
+                        f"{ratio:.2f} ({fmt(med(per['evictd']))} vs {fmt(ref)} tps)", "met" if ratio >= 0.95 else "missed"))
+
+# -------------------------------------------------------------- restart
+if by["restart"]:
+    start_gone, commit_gone = [], []
+    for t0, js, _ in by["restart"]:
+        j = json.loads(js)
+        if j["gone_unix_ns"] is None:
+            start_gone.append(None)
+            continue
+        start_gone.append((j["gone_unix_ns"] - int(t0)) / 1e6)
+        commit_gone.append(j["commit_to_gone_ms"])
+    out.append("**First invalidation after a restart**: SIGTERM, start again, commit one change at once.\n")
+    out.append("| | median ms | runs (ms) |")
+    out.append("|---|---|---|")
+    out.append(f"| process start → key gone | {fmt(med(start_gone))} | {spread(start_gone)} |")
+    out.append(f"| commit → key gone | {fmt(med(commit_gone))} | {spread(commit_gone)} |")
+    out.append("")
+    if None in start_gone:
+        targets.append(("first invalidation ≤ 500 ms after a restart", "a key was not invalidated within 30 s", "missed"))
+    else:
+        m = med(start_gone)
+        targets.append(("first invalidation ≤ 500 ms after a restart", f"{m:.0f} ms (worst {max(start_gone):.0f})",
+                        "met" if m <= 500 else "missed"))
+
+print(f"\n### evictd against the machine's limits\n")
+print(f"{cores} cores; Postgres, Redis, evictd and the load on the same machine; medians of {runs} runs.\n")
+print("| target | measured | |")
+print("|---|---|---|")
+for t, m, v in targets:
+    print(f"| {t} | {m} | {v} |")
+print()
+print("\n".join(out))
