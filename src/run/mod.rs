@@ -5,7 +5,10 @@
 //! 2. the in-flight batch finishing: confirm it, acknowledge the watermark;
 //! 3. the open batch's deadline: send it;
 //! 4. the next source event — only while the next batch has room, which is
-//!    the back-pressure: a stalled sink stops the reading.
+//!    the back-pressure: a stalled sink stops the reading;
+//! 5. nothing ready, the source included: send the open batch now. So a
+//!    quiet stream pays no batching delay, and a busy one is read until
+//!    `batch.max_delay_ms` or `max_effects` before its batch goes out.
 //!
 //! One batch is in flight at a time; its task runs the batch's look-ups and
 //! then the sinks, retrying transient failures with backoff until they
@@ -190,6 +193,8 @@ where
         let mut stopping = false;
         let mut ladder = PositionLadder::default();
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+        // Set when the source had nothing ready: send what is complete now.
+        let mut idle = false;
         self.health.set_source_connected(true);
         let _disconnected = OnDrop(|| self.health.set_source_connected(false));
         loop {
@@ -203,7 +208,9 @@ where
             let deadline = pending.as_ref().map(|p| p.opened + self.options.batch.max_delay);
             // Send the open batch when nothing is in flight and it is due.
             if in_flight.is_none() {
-                let due = full || deadline.is_some_and(|d| d <= Instant::now()) || (stopping && pending.is_some());
+                let due =
+                    full || idle || deadline.is_some_and(|d| d <= Instant::now()) || (stopping && pending.is_some());
+                idle = false;
                 if let Some(p) = pending.take_if(|_| due) {
                     let id = p.batch.id();
                     if let Some(position) = p.batch.last_position() {
@@ -296,6 +303,13 @@ where
                             }
                         }
                     }
+                }
+                // Last: nothing else was ready, the source included. Send what
+                // is complete now rather than wait for the deadline: latency
+                // when the stream is quiet, batches when it is busy (they fill
+                // while the previous one is in flight).
+                () = std::future::ready(()), if in_flight.is_none() && pending.is_some() && !stopping => {
+                    idle = true;
                 }
             }
         }

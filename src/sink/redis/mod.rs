@@ -47,9 +47,6 @@ use self::layout::Scripts;
 use crate::config::{BroadcastConfig, RedisTarget};
 use crate::sink::{Sink, SinkBatch, SinkError};
 
-/// Tags invalidated at once within a batch (each runs its own pipelines).
-const TAG_CONCURRENCY: usize = 4;
-
 /// How a [`RedisSink`] behaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RedisSinkOptions {
@@ -147,10 +144,7 @@ impl RedisSink {
         let stamp = inner.fill_guard_ttl_ms.map(|ttl_ms| Stamp { value: layout::guard_stamp(&plan.version), ttl_ms });
         let stamp = stamp.as_ref();
         let keys = run_groups(&runner, &plan.groups, &plan.version, max, stamp);
-        // Futures built up front (not in a stream closure): a closure over
-        // borrowed jobs trips the compiler's Send check of `apply`.
-        let tag_jobs: Vec<_> = plan.tags.iter().map(|job| tag_job(&runner, job, now, topology, max, stamp)).collect();
-        let tags = stream::iter(tag_jobs).buffer_unordered(TAG_CONCURRENCY).try_collect::<Vec<_>>();
+        let tags = tags::invalidate_all(&runner, &plan.tags, now, topology, max, stamp);
         let ((), tag_keys) = futures_util::try_join!(keys, tags)?;
         // Every effect confirmed: only now tell the local caches.
         if let Some(config) = &inner.broadcast
@@ -175,8 +169,8 @@ impl RedisSink {
         for redelete in plan.redeletes {
             redelete::schedule(&self.inner, batch.id, redelete.after_ms, redelete.keys);
         }
-        for (after_ms, keys) in tag_keys {
-            if let Some(after_ms) = after_ms
+        for (job, keys) in plan.tags.iter().zip(tag_keys) {
+            if let Some(after_ms) = job.redelete_after_ms
                 && !keys.is_empty()
             {
                 redelete::schedule(&self.inner, batch.id, after_ms, keys);
@@ -221,19 +215,6 @@ async fn run_groups(
 ) -> Result<(), SinkError> {
     let pipelines: Vec<_> = groups.iter().map(|group| run_group(runner, group, version, stamp)).collect();
     stream::iter(pipelines).buffer_unordered(max).try_collect::<()>().await
-}
-
-/// One tag job; returns its second-delete delay and the keys it deleted.
-async fn tag_job(
-    runner: &Runner<'_>,
-    job: &TagJob,
-    now: u64,
-    topology: Topology,
-    max: usize,
-    stamp: Option<&Stamp>,
-) -> Result<(Option<u64>, Vec<Vec<u8>>), SinkError> {
-    let deleted = tags::invalidate(runner, job, now, topology, max, stamp).await?;
-    Ok((job.redelete_after_ms, deleted))
 }
 
 /// One group as one pipeline. A key's stamp goes out before the command

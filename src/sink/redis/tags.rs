@@ -1,11 +1,16 @@
 //! Tag invalidation: every key registered under a tag is deleted.
 //!
 //! A registry is the sorted set `evictd:tag:{<tag>}` (member = key, score =
-//! the key's expiry in Unix ms; see `docs/redis-layout.md`). For one tag:
+//! the key's expiry in Unix ms; see `docs/redis-layout.md`). All tags of a
+//! batch are invalidated together, in three phases whose round trips are
+//! pipelined across tags (one pipeline per hash slot on a Cluster, one in
+//! all on a standalone server), so a batch costs the same few round trips
+//! whether it names one tag or hundreds:
 //!
-//! 1. read the live registrations (score ≥ now − grace) with `ZSCAN`;
+//! 1. read the live registrations (score ≥ now − grace) of every tag with
+//!    `ZSCAN` (one more round for the registries that have more pages);
 //! 2. `UNLINK` their keys, grouped by the keys' own slots (on a Cluster they
-//!    live on other slots than the registry);
+//!    live on other slots than the registry), each after its fill-guard stamp;
 //! 3. only then forget them with [`FORGET`](super::layout::FORGET_LUA):
 //!    remove a registration only if its score is still the one read, and drop
 //!    registrations expired for longer than the grace.
@@ -16,10 +21,12 @@
 //! (new score) survives. Tag invalidation always `UNLINK`s, whatever the
 //! action of the cache that names the tag.
 
+use futures_util::{StreamExt, TryStreamExt, stream};
 use redis::Value;
+use redis::cluster_routing::Slot;
 
 use super::conn::Runner;
-use super::plan::{TagJob, Topology, unlink_groups};
+use super::plan::{PIPELINE_COMMANDS, TagJob, Topology, unlink_groups};
 use crate::sink::SinkError;
 
 /// `COUNT` hint of each `ZSCAN` round trip.
@@ -36,62 +43,122 @@ pub const GRACE_MS: u64 = 60_000;
 /// them (the score string is compared back by `FORGET`).
 type Registration = (Vec<u8>, Vec<u8>);
 
-/// Invalidates one tag; returns the keys it deleted.
-pub async fn invalidate(
+/// One `ZSCAN` reply: the job it was for, the next cursor, the page.
+type Page = (usize, Vec<u8>, Vec<Registration>);
+
+/// Invalidates every tag of `jobs`; returns, per job, the keys it deleted.
+pub async fn invalidate_all(
     runner: &Runner<'_>,
-    job: &TagJob,
+    jobs: &[TagJob],
     now_ms: u64,
     topology: Topology,
     max_in_flight: usize,
     stamp: Option<&super::Stamp>,
-) -> Result<Vec<Vec<u8>>, SinkError> {
+) -> Result<Vec<Vec<Vec<u8>>>, SinkError> {
+    if jobs.is_empty() {
+        return Ok(Vec::new());
+    }
     let from = now_ms.saturating_sub(GRACE_MS);
-    let registrations = read(runner, job, from).await?;
-    let keys: Vec<Vec<u8>> = registrations.iter().map(|(member, _)| member.clone()).collect();
+    let registrations = read_all(runner, jobs, from, topology, max_in_flight).await?;
+    let keys: Vec<Vec<u8>> = registrations.iter().flatten().map(|(member, _)| member.clone()).collect();
     if !keys.is_empty() {
-        let groups = unlink_groups(keys.clone(), topology);
+        let groups = unlink_groups(keys, topology);
         super::run_groups(runner, &groups, "", max_in_flight, stamp).await?;
     }
-    forget(runner, job, from, &registrations).await?;
-    Ok(keys)
+    forget_all(runner, jobs, from, &registrations, topology, max_in_flight).await?;
+    Ok(registrations.into_iter().map(|r| r.into_iter().map(|(member, _)| member).collect()).collect())
 }
 
-/// Reads every live registration with `ZSCAN`, which returns every member
-/// present from the start to the end of the scan at least once, whatever
-/// happens to the set meanwhile (a member whose score an application raises
-/// keeps its place; paging by rank or score could skip it). A member met
-/// twice is harmless. Scores are filtered here; one that does not parse
-/// counts as live.
-async fn read(runner: &Runner<'_>, job: &TagJob, from: u64) -> Result<Vec<Registration>, SinkError> {
-    let what = format!("reading tag registry {}", job.registry);
-    let mut out = Vec::new();
-    let mut cursor: Vec<u8> = b"0".to_vec();
-    loop {
-        let mut pipe = redis::pipe();
-        pipe.cmd("ZSCAN").arg(&job.registry).arg(&cursor).arg("COUNT").arg(PAGE);
-        let reply = runner.pipeline(&what, &mut pipe).await?;
-        let (next, items) = match reply.as_slice() {
-            [Value::Array(parts)] => match parts.as_slice() {
-                [Value::BulkString(next), Value::Array(items)] if items.len() % 2 == 0 => (next.clone(), items),
-                _ => return Err(runner.errors.unexpected(&what, &reply[0])),
-            },
-            _ => return Err(runner.errors.unexpected(&what, &Value::Array(reply.clone()))),
+/// Splits `items` into pipelines: by the slot of `key(item)` on a Cluster,
+/// all together on a standalone server; at most [`PIPELINE_COMMANDS`] each.
+fn pipelines<T, K: AsRef<[u8]>>(items: Vec<T>, key: impl Fn(&T) -> K, topology: Topology) -> Vec<Vec<T>> {
+    let mut by_slot: Vec<(Option<Slot>, Vec<T>)> = Vec::new();
+    for item in items {
+        let slot = match topology {
+            Topology::Standalone => None,
+            Topology::Cluster => Some(Slot::for_key(key(&item).as_ref())),
         };
+        match by_slot.iter_mut().find(|(s, _)| *s == slot) {
+            Some((_, list)) => list.push(item),
+            None => by_slot.push((slot, vec![item])),
+        }
+    }
+    let mut out = Vec::new();
+    for (_, mut list) in by_slot {
+        while list.len() > PIPELINE_COMMANDS {
+            let rest = list.split_off(PIPELINE_COMMANDS);
+            out.push(list);
+            list = rest;
+        }
+        out.push(list);
+    }
+    out
+}
+
+/// Reads every live registration of every job with `ZSCAN`, which returns
+/// every member present from the start to the end of the scan at least
+/// once, whatever happens to the set meanwhile (a member whose score an
+/// application raises keeps its place; paging by rank or score could skip
+/// it). A member met twice is harmless. Scores are filtered here; one that
+/// does not parse counts as live.
+async fn read_all(
+    runner: &Runner<'_>,
+    jobs: &[TagJob],
+    from: u64,
+    topology: Topology,
+    max_in_flight: usize,
+) -> Result<Vec<Vec<Registration>>, SinkError> {
+    let mut out: Vec<Vec<Registration>> = vec![Vec::new(); jobs.len()];
+    // (job, cursor) of every scan still going.
+    let mut scans: Vec<(usize, Vec<u8>)> = (0..jobs.len()).map(|i| (i, b"0".to_vec())).collect();
+    while !scans.is_empty() {
+        let rounds: Vec<_> = pipelines(scans, |(i, _)| jobs[*i].registry.as_bytes(), topology)
+            .into_iter()
+            .map(|round| scan_round(runner, jobs, round))
+            .collect();
+        let pages: Vec<Vec<Page>> = stream::iter(rounds).buffer_unordered(max_in_flight).try_collect().await?;
+        scans = Vec::new();
+        for (job, next, items) in pages.into_iter().flatten() {
+            out[job].extend(items.into_iter().filter(|(_, score)| is_live(score, from)));
+            if next != b"0" {
+                scans.push((job, next));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One pipeline of `ZSCAN`s: per scan, its job, next cursor and page.
+async fn scan_round(
+    runner: &Runner<'_>,
+    jobs: &[TagJob],
+    round: Vec<(usize, Vec<u8>)>,
+) -> Result<Vec<Page>, SinkError> {
+    let what = format!("reading {} tag registries", round.len());
+    let mut pipe = redis::pipe();
+    for (job, cursor) in &round {
+        pipe.cmd("ZSCAN").arg(&jobs[*job].registry).arg(cursor).arg("COUNT").arg(PAGE);
+    }
+    let replies = runner.pipeline(&what, &mut pipe).await?;
+    let mut out = Vec::with_capacity(round.len());
+    for ((job, _), reply) in round.into_iter().zip(replies) {
+        let (next, items) = match &reply {
+            Value::Array(parts) => match parts.as_slice() {
+                [Value::BulkString(next), Value::Array(items)] if items.len() % 2 == 0 => (next.clone(), items),
+                _ => return Err(runner.errors.unexpected(&what, &reply)),
+            },
+            _ => return Err(runner.errors.unexpected(&what, &reply)),
+        };
+        let mut page = Vec::with_capacity(items.len() / 2);
         for pair in items.chunks_exact(2) {
             match pair {
-                [Value::BulkString(member), Value::BulkString(score)] => {
-                    if is_live(score, from) {
-                        out.push((member.clone(), score.clone()));
-                    }
-                }
+                [Value::BulkString(member), Value::BulkString(score)] => page.push((member.clone(), score.clone())),
                 _ => return Err(runner.errors.unexpected(&what, &Value::Array(pair.to_vec()))),
             }
         }
-        if next == b"0" {
-            return Ok(out);
-        }
-        cursor = next;
+        out.push((job, next, page));
     }
+    Ok(out)
 }
 
 /// Whether a registration's score (Redis's text of a double) is at or past
@@ -104,28 +171,58 @@ fn is_live(score: &[u8], from: u64) -> bool {
 }
 
 /// Removes the registrations whose keys were deleted (if their score did
-/// not change since the read) and those expired longer than the grace.
-async fn forget(runner: &Runner<'_>, job: &TagJob, from: u64, read: &[Registration]) -> Result<(), SinkError> {
-    let what = format!("forgetting registrations of {}", job.registry);
-    let mut chunks: Vec<&[Registration]> = read.chunks(FORGET_CHUNK).collect();
-    if chunks.is_empty() {
-        chunks.push(&[]);
-    }
-    // One pipeline: every call goes to the registry's slot.
-    let mut pipe = redis::pipe();
-    for chunk in chunks {
-        pipe.cmd("EVALSHA").arg(runner.scripts.forget.get_hash()).arg(1).arg(&job.registry).arg(from);
-        for (member, score) in chunk {
-            pipe.arg(member).arg(score);
+/// not change since the read) and those expired longer than the grace:
+/// at least one call per registry, all pipelined.
+async fn forget_all(
+    runner: &Runner<'_>,
+    jobs: &[TagJob],
+    from: u64,
+    read: &[Vec<Registration>],
+    topology: Topology,
+    max_in_flight: usize,
+) -> Result<(), SinkError> {
+    let mut calls: Vec<(&str, &[Registration])> = Vec::new();
+    for (job, registrations) in jobs.iter().zip(read) {
+        if registrations.is_empty() {
+            calls.push((&job.registry, &[]));
+        }
+        for chunk in registrations.chunks(FORGET_CHUNK) {
+            calls.push((&job.registry, chunk));
         }
     }
-    runner.pipeline(&what, &mut pipe).await?;
-    Ok(())
+    let rounds: Vec<_> = pipelines(calls, |(registry, _)| *registry, topology)
+        .into_iter()
+        .map(|round| async move {
+            let what = format!("forgetting registrations in {} tag registries", round.len());
+            let mut pipe = redis::pipe();
+            for (registry, chunk) in round {
+                pipe.cmd("EVALSHA").arg(runner.scripts.forget.get_hash()).arg(1).arg(registry).arg(from);
+                for (member, score) in chunk {
+                    pipe.arg(member).arg(score);
+                }
+            }
+            runner.pipeline(&what, &mut pipe).await.map(|_| ())
+        })
+        .collect();
+    stream::iter(rounds).buffer_unordered(max_in_flight).try_collect::<()>().await
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pipelines_group_by_slot_on_a_cluster_only_and_stay_bounded() {
+        let keys: Vec<String> = (0..600).map(|i| format!("evictd:tag:{{t{}}}", i % 3)).collect();
+        let standalone = pipelines(keys.clone(), String::clone, Topology::Standalone);
+        assert_eq!(standalone.iter().map(Vec::len).collect::<Vec<_>>(), [256, 256, 88]);
+        let cluster = pipelines(keys, String::clone, Topology::Cluster);
+        assert_eq!(cluster.iter().map(Vec::len).sum::<usize>(), 600);
+        for round in &cluster {
+            assert!(round.len() <= PIPELINE_COMMANDS);
+            assert!(round.iter().all(|k| Slot::for_key(k.as_bytes()) == Slot::for_key(round[0].as_bytes())));
+        }
+    }
 
     #[test]
     fn a_registration_is_live_from_its_score_on_and_unparsable_ones_count_as_live() {
