@@ -59,13 +59,13 @@ pub async fn invalidate_all(
         return Ok(Vec::new());
     }
     let from = now_ms.saturating_sub(GRACE_MS);
-    let registrations = read_all(runner, jobs, from, topology, max_in_flight).await?;
+    let (registrations, seen) = read_all(runner, jobs, from, topology, max_in_flight).await?;
     let keys: Vec<Vec<u8>> = registrations.iter().flatten().map(|(member, _)| member.clone()).collect();
     if !keys.is_empty() {
         let groups = unlink_groups(keys, topology);
         super::run_groups(runner, &groups, "", max_in_flight, stamp).await?;
     }
-    forget_all(runner, jobs, from, &registrations, topology, max_in_flight).await?;
+    forget_all(runner, jobs, from, &registrations, &seen, topology, max_in_flight).await?;
     Ok(registrations.into_iter().map(|r| r.into_iter().map(|(member, _)| member).collect()).collect())
 }
 
@@ -107,8 +107,10 @@ async fn read_all(
     from: u64,
     topology: Topology,
     max_in_flight: usize,
-) -> Result<Vec<Vec<Registration>>, SinkError> {
+) -> Result<(Vec<Vec<Registration>>, Vec<bool>), SinkError> {
     let mut out: Vec<Vec<Registration>> = vec![Vec::new(); jobs.len()];
+    // Whether a registry had any registration at all, live or expired.
+    let mut seen = vec![false; jobs.len()];
     // (job, cursor) of every scan still going.
     let mut scans: Vec<(usize, Vec<u8>)> = (0..jobs.len()).map(|i| (i, b"0".to_vec())).collect();
     while !scans.is_empty() {
@@ -119,13 +121,14 @@ async fn read_all(
         let pages: Vec<Vec<Page>> = stream::iter(rounds).buffer_unordered(max_in_flight).try_collect().await?;
         scans = Vec::new();
         for (job, next, items) in pages.into_iter().flatten() {
+            seen[job] |= !items.is_empty();
             out[job].extend(items.into_iter().filter(|(_, score)| is_live(score, from)));
             if next != b"0" {
                 scans.push((job, next));
             }
         }
     }
-    Ok(out)
+    Ok((out, seen))
 }
 
 /// One pipeline of `ZSCAN`s: per scan, its job, next cursor and page.
@@ -172,18 +175,20 @@ fn is_live(score: &[u8], from: u64) -> bool {
 
 /// Removes the registrations whose keys were deleted (if their score did
 /// not change since the read) and those expired longer than the grace:
-/// at least one call per registry, all pipelined.
+/// one call per registry that had any registration (an empty or missing
+/// registry has nothing to forget or prune), all pipelined.
 async fn forget_all(
     runner: &Runner<'_>,
     jobs: &[TagJob],
     from: u64,
     read: &[Vec<Registration>],
+    seen: &[bool],
     topology: Topology,
     max_in_flight: usize,
 ) -> Result<(), SinkError> {
     let mut calls: Vec<(&str, &[Registration])> = Vec::new();
-    for (job, registrations) in jobs.iter().zip(read) {
-        if registrations.is_empty() {
+    for ((job, registrations), seen) in jobs.iter().zip(read).zip(seen) {
+        if registrations.is_empty() && *seen {
             calls.push((&job.registry, &[]));
         }
         for chunk in registrations.chunks(FORGET_CHUNK) {
