@@ -339,7 +339,7 @@ async fn a_restarted_target_fails_transiently_then_confirms_again() {
 }
 
 #[tokio::test]
-async fn every_invalidated_key_gets_its_fill_guard_stamp_and_a_guarded_fill_works_on_every_slot() {
+async fn every_stamp_a_reader_took_is_replaced_before_the_invalidation_on_every_slot() {
     use evictd::reader::{begin_fill, fill, guard_key};
     for kind in BOTH {
         let (s, probe, g, p) = (sink(kind).await, Probe::new(kind).await, TestGraph::new(&unique()), unique());
@@ -354,8 +354,13 @@ async fn every_invalidated_key_gets_its_fill_guard_stamp_and_a_guarded_fill_work
             };
             stamps.push(stamp.unwrap());
         }
-        let effects: Vec<Effect> = keys.iter().map(|k| key(&g, "gone", k)).collect();
+        // A key no reader is filling gets no stamp: there is nothing to refuse.
+        let unread = format!("it:{p}:g:unread");
+        let mut effects: Vec<Effect> = keys.iter().map(|k| key(&g, "gone", k)).collect();
+        effects.push(key(&g, "gone", &unread));
         apply(&s, &g, &effects, 77).await.unwrap();
+        let unread_guard = String::from_utf8(guard_key(unread.as_bytes())).unwrap();
+        assert!(!probe.exists(&unread_guard).await, "{kind:?}: a stamp nobody took was created");
         for (k, stamp) in keys.iter().zip(&stamps) {
             let guard = String::from_utf8(guard_key(k.as_bytes())).unwrap();
             assert_eq!(probe.get(&guard).await.as_deref(), Some("i77"), "{kind:?}: {guard}");

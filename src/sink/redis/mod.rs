@@ -217,15 +217,19 @@ async fn run_groups(
     stream::iter(pipelines).buffer_unordered(max).try_collect::<()>().await
 }
 
-/// One group as one pipeline. A key's stamp goes out before the command
-/// that invalidates it, in the same pipeline (same connection, in order):
-/// a reader's guarded fill that runs after the invalidation always sees
-/// the new stamp, so it cannot put back what the reader read before.
+/// One group as one pipeline. A key's stamp (if a reader created one) goes
+/// out before the command that invalidates it, in the same pipeline (same
+/// connection, in order): a reader's guarded fill that runs after the
+/// invalidation always sees the new stamp, so it cannot put back what the
+/// reader read before.
 async fn run_group(runner: &Runner<'_>, group: &Group, version: &str, stamp: Option<&Stamp>) -> Result<(), SinkError> {
     let mut pipe = redis::pipe();
     let guard = |pipe: &mut redis::Pipeline, key: &[u8]| {
         if let Some(stamp) = stamp {
-            pipe.cmd("SET").arg(layout::guard_key(key)).arg(&stamp.value).arg("PX").arg(stamp.ttl_ms);
+            // XX: only a stamp a reader took matters; with none out there
+            // is nothing to refuse, and a reader that starts later reads
+            // the database after this change anyway.
+            pipe.cmd("SET").arg(layout::guard_key(key)).arg(&stamp.value).arg("XX").arg("PX").arg(stamp.ttl_ms);
         }
     };
     for command in &group.commands {
