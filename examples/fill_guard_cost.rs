@@ -4,8 +4,9 @@
 //!   guarded forms (`read` then `fill`; `GET`, `begin_fill`, `fill`), one
 //!   client, one request at a time — the Redis time an application spends
 //!   per cache miss (the database read in between is left out);
-//! - evictd's side: applying 512-key delete batches with the stamps
-//!   (`fill_guard = true`, the default) and without, of keys that exist.
+//! - evictd's side: applying 512-key delete batches of keys that exist,
+//!   without the guard, with it and no reader filling (the stamps are
+//!   `SET … XX` misses), and with a reader's stamp on every key.
 //!
 //! ```sh
 //! scripts/services/redis-start.sh
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use evictd::config::RedisTarget;
 use evictd::diagnostic::SourceFile;
 use evictd::graph::load::load_sources;
-use evictd::reader::{Read, begin_fill, fill, read};
+use evictd::reader::{Read, begin_fill, fill, guard_key, read};
 use evictd::resolve::Effect;
 use evictd::sink::redis::RedisSink;
 use evictd::sink::{Sink, SinkBatch};
@@ -103,16 +104,20 @@ async fn main() -> Result<()> {
     };
     let with = RedisSink::connect(&target(true)).await?;
     let without = RedisSink::connect(&target(false)).await?;
-    let (mut on, mut off) = (Vec::new(), Vec::new());
+    // (sink, whether a reader holds a stamp on every key, rates)
+    let mut variants = [(&without, false, Vec::new()), (&with, false, Vec::new()), (&with, true, Vec::new())];
     for round in 0..ROUNDS {
-        for (sink, out) in [(&without, &mut off), (&with, &mut on)] {
+        for (v, (sink, stamped, out)) in variants.iter_mut().enumerate() {
             let mut busy = Duration::ZERO;
             for b in 0..BATCHES {
-                let keys: Vec<String> = (0..BATCH_KEYS).map(|i| format!("cost:item:{round}:{b}:{i}")).collect();
+                let keys: Vec<String> = (0..BATCH_KEYS).map(|i| format!("cost:item:{v}:{round}:{b}:{i}")).collect();
                 // The keys exist, as cached values do: UNLINK frees them.
                 let mut pipe = redis::pipe();
                 for key in &keys {
                     pipe.cmd("SET").arg(key).arg(&value).arg("PX").arg(60_000).ignore();
+                    if *stamped {
+                        pipe.cmd("SET").arg(guard_key(key.as_bytes())).arg("r1.1").arg("PX").arg(60_000).ignore();
+                    }
                 }
                 pipe.exec_async(&mut con).await?;
                 let effects: Vec<Effect> = keys.into_iter().map(|key| Effect::Key { cache, key }).collect();
@@ -124,12 +129,14 @@ async fn main() -> Result<()> {
             out.push((BATCHES * BATCH_KEYS) as f64 / busy.as_secs_f64());
         }
     }
-    let (on, off) = (median(on), median(off));
+    let [(_, _, off), (_, _, on), (_, _, held)] = variants;
+    let (off, on, held) = (median(off), median(on), median(held));
     println!();
-    println!("| evictd deletes (512-key batches) | median keys/s | ratio |");
+    println!("| evictd deletes (512-key batches of existing keys) | median keys/s | ratio |");
     println!("|---|---|---|");
     println!("| fill_guard = false | {off:.0} | 1.00 |");
-    println!("| fill_guard = true | {on:.0} | {:.2} |", on / off);
+    println!("| fill_guard = true, no reader filling | {on:.0} | {:.2} |", on / off);
+    println!("| fill_guard = true, a reader's stamp on every key | {held:.0} | {:.2} |", held / off);
     // Everything written here expires within a minute.
     Ok(())
 }

@@ -12,9 +12,10 @@
 //!   time in milliseconds (`+inf` for a key without expiry).
 //!
 //! - Fill guard of cache key `K`: the string key [`guard_key`]`(K)`, in `K`'s
-//!   hash slot; evictd sets it to `i<version>` (the batch version) before it
-//!   invalidates `K`, readers create it with [`FILL_BEGIN_LUA`] and fill
-//!   through [`FILL_LUA`], which refuses once the stamp changed.
+//!   hash slot; readers create it on a miss ([`READ_LUA`], [`FILL_BEGIN_LUA`])
+//!   and fill through [`FILL_LUA`], which refuses once the stamp changed;
+//!   evictd replaces an existing one with `i<version>` (the batch version)
+//!   before it invalidates `K`.
 //! - Broadcast sequence of channel `C`: the integer key `evictd:seq:C`,
 //!   raised by [`PUBLISH_LUA`] for every message.
 //!
