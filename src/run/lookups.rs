@@ -1,7 +1,7 @@
 //! A batch's look-ups: run together, narrowed down to single changes when
 //! they fail, and the changes that still fail handed on as dead letters.
 //!
-//! Failures are of three kinds ([`LookupFailure`]):
+//! Failures are of four kinds ([`LookupFailure`]):
 //! - **connection**: the database cannot be reached; waited out with
 //!   backoff for as long as it lasts, never counted, never a dead letter;
 //! - **retryable**: a statement timeout or another error a retry may fix;

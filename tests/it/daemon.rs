@@ -135,13 +135,7 @@ level = "info,evictd=debug"
     pub async fn start(&mut self) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("evictd.log")).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_evictd"))
-            .args(["run", "--config", self.config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("evictd starts");
-        self.child = Some(child);
+        self.child = Some(run_evictd(&self.config, log));
         let slot = self.slot.clone();
         self.wait_for("the daemon to hold its slot", Duration::from_secs(30), || {
             let slot = slot.clone();
@@ -170,13 +164,7 @@ level = "info,evictd=debug"
     pub fn spawn_replica(&self, name: &str) -> Replica {
         let log_path = self.dir.path().join(format!("evictd-{name}.log"));
         let log = std::fs::File::create(&log_path).unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_evictd"))
-            .args(["run", "--config", self.config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .expect("evictd starts");
-        Replica { child: Some(child), log_path }
+        Replica { child: Some(run_evictd(&self.config, log)), log_path }
     }
 
     /// SIGKILL: no flush, no acknowledgement.
@@ -281,6 +269,16 @@ level = "info,evictd=debug"
         let db = std::mem::replace(&mut self.db, TestDb::placeholder());
         db.drop().await;
     }
+}
+
+/// `evictd run --config CONFIG`, its stderr (the log) to `log`.
+fn run_evictd(config: &std::path::Path, log: std::fs::File) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_evictd"))
+        .args(["run", "--config", config.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("evictd starts")
 }
 
 /// A second `evictd run` of a [`Daemon`]'s config.
