@@ -1,7 +1,7 @@
 //! How an application reads and fills keys that evictd invalidates, as laid
 //! out in `docs/redis-layout.md`: a `delete` cache read under its namespace
-//! version, a `bump` cache read through its version key, and a key
-//! registered under tags when it is filled.
+//! version and filled through the fill guard, a `bump` cache read through
+//! its version key, and a key registered under tags when it is filled.
 //!
 //! ```sh
 //! scripts/services/redis-start.sh
@@ -15,6 +15,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use evictd::reader::{Read, begin_fill, fill, read};
 use evictd::sink::redis::layout::{namespace_key, parse_version, stamp, tag_key, unstamp, versioned_key};
 use redis::aio::MultiplexedConnection;
 
@@ -36,12 +37,19 @@ async fn product_detail(con: &mut MultiplexedConnection, id: u64) -> Result<Vec<
     // Read the namespace version BEFORE the database: a bump that lands
     // after the database read then makes this fill unreachable.
     let ns = version(con, &namespace_key("product_detail")).await?;
-    let cached: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(con).await?;
-    if let Some(payload) = cached.as_deref().and_then(|v| unstamp(v, ns)) {
-        return Ok(payload.to_vec());
-    }
+    // The fill guard: on a miss, `read` also takes the key's stamp, so the
+    // fill below is refused if evictd invalidates the key meanwhile.
+    let guard_stamp = match read(con, key.as_bytes(), 60_000).await? {
+        Read::Hit(value) => match unstamp(&value, ns) {
+            Some(payload) => return Ok(payload.to_vec()),
+            // Filled under an older namespace: a miss; take a stamp.
+            None => begin_fill(con, key.as_bytes(), 60_000).await?,
+        },
+        Read::Miss { stamp } => stamp,
+    };
     let payload = database(&format!("product {id}"));
-    redis::cmd("SET").arg(&key).arg(stamp(ns, &payload)).arg("PX").arg(300_000).exec_async(con).await?;
+    // `false`: invalidated while we read the database; serve it uncached.
+    let _cached = fill(con, key.as_bytes(), &guard_stamp, &stamp(ns, &payload), 300_000).await?;
     Ok(payload)
 }
 
