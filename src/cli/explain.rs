@@ -256,6 +256,7 @@ fn cause_text(cause: &Cause) -> String {
             format!("look-up returned more than {limit} rows ({rows} read)")
         }
         Cause::EmbeddedBump => "embedded cache's namespace bumped".to_owned(),
+        Cause::LookupFailed => "look-up failed: the change was dead-lettered".to_owned(),
     }
 }
 

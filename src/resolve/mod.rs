@@ -80,6 +80,9 @@ pub enum Cause {
     FanoutExceeded { rows: u64, limit: u64 },
     /// A cache this one embeds had its namespace bumped.
     EmbeddedBump,
+    /// The change's look-up could not be run (the change was dead-lettered):
+    /// the keys it would have found are unknown.
+    LookupFailed,
 }
 
 /// One reason for an effect.
@@ -256,6 +259,16 @@ impl<'g> Resolver<'g> {
         let cache = self.graph.dependency(dependency).cache;
         let limit = self.graph.cache(cache).options.fanout_limit;
         self.bump(cache, path.clone(), Cause::FanoutExceeded { rows, limit }, &mut out);
+        out
+    }
+
+    /// A look-up that cannot be run for a dead-lettered change: bump the
+    /// cache it feeds (and its embedders), since the keys it would have
+    /// found are unknown. Never a silent miss.
+    pub fn lookup_failed(&self, request: &LookupRequest) -> Resolution {
+        let mut out = Resolution::default();
+        let cache = self.graph.dependency(request.dependency).cache;
+        self.bump(cache, request.path.clone(), Cause::LookupFailed, &mut out);
         out
     }
 

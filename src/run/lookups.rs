@@ -15,8 +15,9 @@
 //!
 //! When a batch's look-ups give up, each change that asked for look-ups
 //! ([`LookupOrigin`]) runs its own look-ups alone, with the same rules; the
-//! ones that give up again become [`DeadLetter`]s and the others' keys are
-//! applied. Nothing here writes or acknowledges: the caller records the
+//! ones that give up again become [`DeadLetter`]s — and the caches their
+//! look-ups feed get a namespace bump, so no key they would have found stays
+//! stale — and the others' keys are applied. Nothing here writes or acknowledges: the caller records the
 //! dead letters (or stops) before the batch is confirmed.
 
 use std::time::Duration;
@@ -118,6 +119,11 @@ pub(super) async fn resolve_batch<E: LookupExecutor>(
         match settle(resolver, executor, &origin.requests, retries).await? {
             Settled::Found(part) => found.merge(part),
             Settled::GaveUp { reason, error, attempts } => {
+                // The keys its look-ups would have found are unknown: the
+                // caches they feed are invalidated whole.
+                for request in &origin.requests {
+                    found.merge(resolver.lookup_failed(request));
+                }
                 unresolved.push(DeadLetter { change: origin.change.clone(), reason, error, attempts });
             }
         }

@@ -81,8 +81,10 @@ impl Sink for Recorder {
         *self.batches.lock().unwrap() += 1;
         let mut applied = self.applied.lock().unwrap();
         for e in batch.effects {
-            if let Effect::Key { key, .. } = e {
-                applied.push(key.clone());
+            match e {
+                Effect::Key { key, .. } => applied.push(key.clone()),
+                Effect::NamespaceBump { cache } => applied.push(format!("ns:{}", batch.graph.cache(*cache).name)),
+                Effect::Tag { .. } => {}
             }
         }
         Ok(())
@@ -400,6 +402,9 @@ async fn a_change_whose_look_up_fails_is_dead_lettered_and_the_stream_moves_on()
         assert!(applied.contains(&key.to_owned()), "{key} missing from {applied:?}");
     }
     assert!(!applied.contains(&format!("owner:{POISON}")));
+    // The keys the failed look-up would have found are unknown: the cache
+    // it feeds is invalidated whole rather than left stale.
+    assert!(applied.contains(&"ns:owner".to_owned()), "no namespace bump in {applied:?}");
     let letters = p.dead_letters.recorded.lock().unwrap().clone();
     assert_eq!(letters.len(), 1, "{letters:?}");
     assert_eq!(letters[0].change.position, Position::Postgres { commit_lsn: Lsn(20), lsn: Lsn(19) });

@@ -154,6 +154,9 @@ async fn a_poison_change_is_dead_lettered_and_the_stream_keeps_moving() {
     assert!(letter.error.contains("division by zero"), "{letter:?}");
     assert_eq!(letter.error_kind, "lookup_failed");
     assert_eq!(letter.attempts, 1, "a definite error is not retried");
+    // The cache the failed look-up feeds was invalidated whole.
+    let ns: Option<String> = redis::AsyncCommands::get(&mut r, format!("evictd:ns:{}_owner", d.prefix)).await.unwrap();
+    assert!(ns.is_some(), "the look-up cache's namespace was not bumped");
 
     let address = d.http_address().await;
     let metrics = super::server::get(address, "/metrics").await.body;
