@@ -73,21 +73,9 @@ WORK="$(mktemp -d -t evictd-bench.XXXXXX)"
 RESULTS="$WORK/results.tsv"; : >"$RESULTS"
 STOP=(); PIDS=()
 
-cleanup() {
-  set +e
-  local pid
-  for pid in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$pid" 2>/dev/null; done
-  for pid in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$pid" 2>/dev/null; done
-  [ -n "${url:-}" ] && psql -X -q "$url" -c \
-    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'evictd_bench%'" \
-    >/dev/null 2>&1
-  # The stop scripts default to the test ports: name this run's.
-  for s in "${STOP[@]+"${STOP[@]}"}"; do
-    PGPORT="$PGPORT" REDIS_PORT="$REDIS_PORT" bash "scripts/services/$s" >/dev/null 2>&1
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=scripts/lib/bench-stack.sh
+. "$ROOT/scripts/lib/bench-stack.sh"
+trap stack_cleanup EXIT
 
 record() { local IFS=$'\t'; echo "$*" >>"$RESULTS"; }
 
@@ -96,8 +84,6 @@ record() { local IFS=$'\t'; echo "$*" >>"$RESULTS"; }
 ensure_packages pg_recvlogical:postgresql-client-15 pgbench:postgresql-15 redis-benchmark:redis-tools redis-cli:redis-tools
 # shellcheck source=scripts/lib/demo-stack.sh
 . "$ROOT/scripts/lib/demo-stack.sh"
-# shellcheck source=scripts/lib/bench-stack.sh
-. "$ROOT/scripts/lib/bench-stack.sh"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 if [ "${BENCH_BUILD:-1}" = 1 ]; then
   note "building (release)"

@@ -40,21 +40,9 @@ PGPORT="${PGPORT:-55452}"; REDIS_PORT="${REDIS_PORT:-6499}"
 WORK="$(mktemp -d -t evictd-profile.XXXXXX)"
 OUT="${PROFILE_OUT:-$WORK}"; mkdir -p "$OUT"
 STOP=(); PIDS=()
-cleanup() {
-  set +e
-  local pid
-  for pid in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$pid" 2>/dev/null; done
-  for pid in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$pid" 2>/dev/null; done
-  [ -n "${url:-}" ] && psql -X -q "$url" -c \
-    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'evictd_bench%'" \
-    >/dev/null 2>&1
-  # The stop scripts default to the test ports: name this run's.
-  for s in "${STOP[@]+"${STOP[@]}"}"; do
-    PGPORT="$PGPORT" REDIS_PORT="$REDIS_PORT" bash "scripts/services/$s" >/dev/null 2>&1
-  done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=scripts/lib/bench-stack.sh
+. "$ROOT/scripts/lib/bench-stack.sh"
+trap stack_cleanup EXIT
 
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
@@ -63,8 +51,6 @@ extra=(pg_recvlogical:postgresql-client-15 pgbench:postgresql-15 perf:linux-perf
 ensure_packages "${extra[@]}"
 # shellcheck source=scripts/lib/demo-stack.sh
 . "$ROOT/scripts/lib/demo-stack.sh"
-# shellcheck source=scripts/lib/bench-stack.sh
-. "$ROOT/scripts/lib/bench-stack.sh"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"
 if [ "${BENCH_BUILD:-1}" = 1 ]; then
   note "building (release)"

@@ -13,12 +13,29 @@
 #   q SQL                    one query on a long-lived session, one line out
 #   lock / unlock            BENCH_LOCK (flock) on fd 9, which children never
 #                            inherit (9>&-)
+#   stack_cleanup            the EXIT trap: stops PIDS, drops the bench slots,
+#                            stops the servers in STOP, removes WORK
 #
 # Needs ROOT, WORK, PGPORT, REDIS_PORT, ROWS, WRITERS, LOCK, STOP=(),
 # PIDS=() and `note`, `die` from the caller.
 
 DB=evictd_bench; PUB=evictd_bench; FIRST_ID=1000000
 METRICS_PORT=$((PGPORT + 1000))
+
+stack_cleanup() {
+  set +e
+  local pid
+  for pid in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$pid" 2>/dev/null; done
+  for pid in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$pid" 2>/dev/null; done
+  [ -n "${url:-}" ] && psql -X -q "$url" -c \
+    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'evictd_bench%'" \
+    >/dev/null 2>&1
+  # The stop scripts default to the test ports: name this run's.
+  for s in "${STOP[@]+"${STOP[@]}"}"; do
+    PGPORT="$PGPORT" REDIS_PORT="$REDIS_PORT" bash "scripts/services/$s" >/dev/null 2>&1
+  done
+  rm -rf "$WORK"
+}
 
 lock() { [ -z "$LOCK" ] || { exec 9>>"$LOCK"; flock 9; }; }
 unlock() { [ -z "$LOCK" ] || { flock -u 9; exec 9>&-; }; }
@@ -90,7 +107,6 @@ print(sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(
 PY
 }
 
-METRICS_PORT=$((PGPORT + 1000))
 # config SLOT FILE [STATUS_MS]: evictd.toml for the e-commerce graph.
 config() {
   cat >"$2" <<TOML
