@@ -21,6 +21,8 @@
 //! (new score) survives. Tag invalidation always `UNLINK`s, whatever the
 //! action of the cache that names the tag.
 
+use std::collections::HashMap;
+
 use futures_util::{StreamExt, TryStreamExt, stream};
 use redis::Value;
 use redis::cluster_routing::Slot;
@@ -72,19 +74,22 @@ pub async fn invalidate_all(
 /// Splits `items` into pipelines: by the slot of `key(item)` on a Cluster,
 /// all together on a standalone server; at most [`PIPELINE_COMMANDS`] each.
 fn pipelines<T, K: AsRef<[u8]>>(items: Vec<T>, key: impl Fn(&T) -> K, topology: Topology) -> Vec<Vec<T>> {
-    let mut by_slot: Vec<(Option<Slot>, Vec<T>)> = Vec::new();
+    // Slots in first-seen order, so rounds are deterministic.
+    let mut index: HashMap<Option<Slot>, usize> = HashMap::new();
+    let mut by_slot: Vec<Vec<T>> = Vec::new();
     for item in items {
         let slot = match topology {
             Topology::Standalone => None,
             Topology::Cluster => Some(Slot::for_key(key(&item).as_ref())),
         };
-        match by_slot.iter_mut().find(|(s, _)| *s == slot) {
-            Some((_, list)) => list.push(item),
-            None => by_slot.push((slot, vec![item])),
-        }
+        let i = *index.entry(slot).or_insert_with(|| {
+            by_slot.push(Vec::new());
+            by_slot.len() - 1
+        });
+        by_slot[i].push(item);
     }
     let mut out = Vec::new();
-    for (_, mut list) in by_slot {
+    for mut list in by_slot {
         while list.len() > PIPELINE_COMMANDS {
             let rest = list.split_off(PIPELINE_COMMANDS);
             out.push(list);
