@@ -8,9 +8,9 @@
 //! wrong keys and silently misses invalidations.
 //!
 //! Positions are ordered ([`Position`]): Postgres by `(commit_lsn, lsn)`,
-//! Kafka by offset within one `(topic, partition)`. Positions of different
-//! partitions or sources are not comparable, so [`Position`] is only
-//! `PartialOrd`.
+//! Kafka by the order one consumer session delivered messages in (offsets
+//! only order one partition). Positions of different sources are not
+//! comparable, so [`Position`] is only `PartialOrd`.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -261,8 +261,12 @@ pub enum Position {
     /// Postgres: the transaction's commit LSN, then the change's own LSN
     /// (ordering inside the transaction).
     Postgres { commit_lsn: Lsn, lsn: Lsn },
-    /// Kafka: ordered only within one topic partition.
-    Kafka { topic: Arc<str>, partition: i32, offset: i64 },
+    /// Kafka: a message of one topic partition. `seq` is the order in
+    /// which this consumer session delivered it (across partitions):
+    /// acknowledging a Kafka position means every message delivered up to
+    /// it. `version` is the bump version the source gave it (see
+    /// [`Position::exact_versions`]).
+    Kafka { topic: Arc<str>, partition: i32, offset: i64, seq: u64, version: u64 },
     /// A line of a replayed file, or a change given on the command line.
     File { line: u64 },
 }
@@ -273,10 +277,7 @@ impl PartialOrd for Position {
             (Position::Postgres { commit_lsn: a, lsn: al }, Position::Postgres { commit_lsn: b, lsn: bl }) => {
                 Some((a, al).cmp(&(b, bl)))
             }
-            (
-                Position::Kafka { topic: at, partition: ap, offset: ao },
-                Position::Kafka { topic: bt, partition: bp, offset: bo },
-            ) if at == bt && ap == bp => Some(ao.cmp(bo)),
+            (Position::Kafka { seq: a, .. }, Position::Kafka { seq: b, .. }) => Some(a.cmp(b)),
             (Position::File { line: a }, Position::File { line: b }) => Some(a.cmp(b)),
             _ => None,
         }
@@ -285,13 +286,25 @@ impl PartialOrd for Position {
 
 impl Position {
     /// A number that grows with the position inside one stream: the version
-    /// written by the `bump` action (Postgres: the commit LSN).
+    /// written by the `bump` action (Postgres: the commit LSN; Kafka: the
+    /// source's commit time in µs, kept rising by the consumer).
     pub fn version(&self) -> u64 {
         match self {
             Position::Postgres { commit_lsn, .. } => commit_lsn.0,
-            Position::Kafka { offset, .. } => u64::try_from(*offset).unwrap_or(0),
+            Position::Kafka { version, .. } => *version,
             Position::File { line } => *line,
         }
+    }
+
+    /// Whether versions are exact commit positions, in commit order across
+    /// the whole stream: Postgres commit LSNs are; a bump then *sets* the
+    /// version, and a replay changes nothing. Kafka partitions (and replayed
+    /// files) only approximate the database's commit order, so a bump from
+    /// them raises the stored version past whatever is there: a replay
+    /// invalidates again (harmless), a reordering can never leave a stale
+    /// version in place.
+    pub fn exact_versions(&self) -> bool {
+        matches!(self, Position::Postgres { .. })
     }
 }
 
@@ -299,7 +312,7 @@ impl fmt::Display for Position {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Position::Postgres { commit_lsn, lsn } => write!(f, "pg:{commit_lsn}:{lsn}"),
-            Position::Kafka { topic, partition, offset } => {
+            Position::Kafka { topic, partition, offset, .. } => {
                 write!(f, "kafka:{topic}/{partition}@{offset}")
             }
             Position::File { line } => write!(f, "line:{line}"),
@@ -405,10 +418,12 @@ mod tests {
     }
 
     #[test]
-    fn kafka_positions_of_different_partitions_do_not_compare() {
-        let k = |p, o| Position::Kafka { topic: Arc::from("t"), partition: p, offset: o };
-        assert!(k(0, 1) < k(0, 2));
-        assert_eq!(k(0, 1).partial_cmp(&k(1, 2)), None);
+    fn kafka_positions_order_by_delivery_across_partitions() {
+        let k = |p, o, seq| Position::Kafka { topic: Arc::from("t"), partition: p, offset: o, seq, version: 7 };
+        assert!(k(0, 9, 1) < k(1, 2, 2));
+        assert!(k(1, 2, 2) < k(0, 10, 3));
+        assert!(!k(0, 1, 1).exact_versions());
+        assert_eq!(k(0, 1, 1).version(), 7);
     }
 
     #[test]

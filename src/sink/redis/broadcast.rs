@@ -66,7 +66,7 @@ impl<'a> PositionJson<'a> {
             Position::Postgres { commit_lsn, lsn } => {
                 PositionJson::Postgres { commit_lsn: commit_lsn.to_string(), lsn: lsn.to_string() }
             }
-            Position::Kafka { topic, partition, offset } => {
+            Position::Kafka { topic, partition, offset, .. } => {
                 PositionJson::Kafka { topic, partition: *partition, offset: *offset }
             }
             Position::File { line } => PositionJson::File { line: *line },

@@ -80,9 +80,15 @@ fn has_hash_tag(key: &[u8]) -> bool {
 }
 
 /// The stamp evictd writes for an invalidation in a batch of `version`:
-/// `i<version>`. Readers' stamps start with `r`, so the two never collide.
-pub fn guard_stamp(version: &str) -> String {
-    format!("i{version}")
+/// `i<version>`, or `i<version>.<instance>` for sources whose versions are
+/// not unique across replicas (Kafka: replicas of one consumer group may
+/// give two batches the same version, and a stamp must change at every
+/// invalidation). Readers' stamps start with `r`, so the two never collide.
+pub fn guard_stamp(version: &str, instance: Option<u64>) -> String {
+    match instance {
+        None => format!("i{version}"),
+        Some(instance) => format!("i{version}.{instance:016x}"),
+    }
 }
 
 /// The sequence key of a broadcast channel.
@@ -131,6 +137,9 @@ pub fn unstamp(value: &[u8], namespace: u64) -> Option<&[u8]> {
 /// `KEYS[1]` is a version key, `ARGV[1]` the new version in canonical
 /// decimal. The key is set to `ARGV[1]` if that is greater than the version
 /// there (or there is none); returns 1 if it was raised, 0 if it was kept.
+/// With `ARGV[2] = "raise"` (sources whose versions only approximate
+/// commit order: Kafka, replayed files) a version that is not greater sets
+/// the stored one plus one instead, so every such bump raises it.
 /// A value that is not a decimal version fails with `EVICTD_NOT_A_VERSION`;
 /// a key of another type fails with `WRONGTYPE` (from `GET`). Leading zeros
 /// of a stored value are ignored; the key's TTL, if any, is removed by `SET`
@@ -144,6 +153,12 @@ local function greater(a, b)
   end
   return false
 end
+local function succ(s)
+  local i = #s
+  while i > 0 and string.byte(s, i) == 57 do i = i - 1 end
+  if i == 0 then return '1' .. string.rep('0', #s) end
+  return string.sub(s, 1, i - 1) .. string.char(string.byte(s, i) + 1) .. string.rep('0', #s - i)
+end
 local new = ARGV[1]
 local cur = redis.call('GET', KEYS[1])
 if cur then
@@ -151,7 +166,10 @@ if cur then
     return redis.error_reply('EVICTD_NOT_A_VERSION ' .. KEYS[1] .. ' holds a value that is not a decimal version')
   end
   cur = string.gsub(cur, '^0+', '')
-  if not greater(new, cur) then return 0 end
+  if not greater(new, cur) then
+    if ARGV[2] ~= 'raise' then return 0 end
+    new = succ(cur)
+  end
 end
 redis.call('SET', KEYS[1], new)
 return 1
@@ -322,7 +340,8 @@ mod tests {
         }
         assert_eq!(guard_key(b"user:{42}:profile"), b"evictd:guard:user:{42}:profile");
         assert_eq!(guard_key(b"user:42"), b"evictd:guard:{user:42}");
-        assert_eq!(guard_stamp("17"), "i17");
+        assert_eq!(guard_stamp("17", None), "i17");
+        assert_eq!(guard_stamp("17", Some(0xab)), "i17.00000000000000ab");
         assert_eq!(sequence_key("evictd:invalidations"), "evictd:seq:evictd:invalidations");
     }
 }

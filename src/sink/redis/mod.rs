@@ -141,9 +141,12 @@ impl RedisSink {
         let runner = inner.runner();
         let max = inner.options.max_in_flight;
         let now = now_ms();
-        let stamp = inner.fill_guard_ttl_ms.map(|ttl_ms| Stamp { value: layout::guard_stamp(&plan.version), ttl_ms });
+        let instance = plan.raise.then(instance_id);
+        let stamp =
+            inner.fill_guard_ttl_ms.map(|ttl_ms| Stamp { value: layout::guard_stamp(&plan.version, instance), ttl_ms });
         let stamp = stamp.as_ref();
-        let keys = run_groups(&runner, &plan.groups, &plan.version, max, stamp);
+        let bump = Bump { version: &plan.version, raise: plan.raise };
+        let keys = run_groups(&runner, &plan.groups, bump, max, stamp);
         let tags = tags::invalidate_all(&runner, &plan.tags, now, topology, max, stamp);
         let ((), tag_keys) = futures_util::try_join!(keys, tags)?;
         // Every effect confirmed: only now tell the local caches.
@@ -199,9 +202,28 @@ impl Sink for RedisSink {
 /// The fill-guard stamp written before each key invalidation of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stamp {
-    /// `i<version>`: see [`layout::guard_stamp`].
+    /// `i<version>[.<instance>]`: see [`layout::guard_stamp`].
     pub value: String,
     pub ttl_ms: u64,
+}
+
+/// This process's random instance id, for stamps of sources whose batch
+/// versions are not unique across replicas.
+fn instance_id() -> u64 {
+    static INSTANCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    *INSTANCE.get_or_init(|| fastrand::u64(..))
+}
+
+/// The arguments of the version script for one batch.
+#[derive(Debug, Clone, Copy)]
+struct Bump<'a> {
+    version: &'a str,
+    raise: bool,
+}
+
+impl Bump<'static> {
+    /// For groups without bumps (tags' keys, second deletes).
+    const NONE: Bump<'static> = Bump { version: "", raise: false };
 }
 
 /// Runs groups as pipelines, at most `max` at once; `Ok` once all replied.
@@ -209,11 +231,11 @@ pub struct Stamp {
 async fn run_groups(
     runner: &Runner<'_>,
     groups: &[Group],
-    version: &str,
+    bump: Bump<'_>,
     max: usize,
     stamp: Option<&Stamp>,
 ) -> Result<(), SinkError> {
-    let pipelines: Vec<_> = groups.iter().map(|group| run_group(runner, group, version, stamp)).collect();
+    let pipelines: Vec<_> = groups.iter().map(|group| run_group(runner, group, bump, stamp)).collect();
     stream::iter(pipelines).buffer_unordered(max).try_collect::<()>().await
 }
 
@@ -222,7 +244,7 @@ async fn run_groups(
 /// connection, in order): a reader's guarded fill that runs after the
 /// invalidation always sees the new stamp, so it cannot put back what the
 /// reader read before.
-async fn run_group(runner: &Runner<'_>, group: &Group, version: &str, stamp: Option<&Stamp>) -> Result<(), SinkError> {
+async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Option<&Stamp>) -> Result<(), SinkError> {
     let mut pipe = redis::pipe();
     let guard = |pipe: &mut redis::Pipeline, key: &[u8]| {
         if let Some(stamp) = stamp {
@@ -241,7 +263,10 @@ async fn run_group(runner: &Runner<'_>, group: &Group, version: &str, stamp: Opt
                 pipe.cmd("UNLINK").arg(keys);
             }
             Command::Bump(key) => {
-                pipe.cmd("EVALSHA").arg(runner.scripts.bump.get_hash()).arg(1).arg(key).arg(version);
+                pipe.cmd("EVALSHA").arg(runner.scripts.bump.get_hash()).arg(1).arg(key).arg(bump.version);
+                if bump.raise {
+                    pipe.arg("raise");
+                }
             }
             Command::Expire { key, ttl_ms } => {
                 guard(&mut pipe, key.as_bytes());

@@ -81,6 +81,9 @@ pub struct Redelete {
 pub struct Plan {
     /// The batch version in stored form (canonical decimal).
     pub version: String,
+    /// Versions only approximate commit order (Kafka, files): every bump
+    /// raises the stored version (see [`super::layout::BUMP_LUA`]).
+    pub raise: bool,
     pub groups: Vec<Group>,
     pub tags: Vec<TagJob>,
     /// Delayed second deletes of keys named by the batch, by delay.
@@ -133,7 +136,8 @@ pub fn plan(batch: &SinkBatch<'_>, topology: Topology, rng: &mut fastrand::Rng) 
     }
     let groups = group(unlinks, others, topology);
     let redeletes = redeletes.into_iter().map(|(after_ms, keys)| Redelete { after_ms, keys }).collect();
-    Ok(Plan { version: encode_version(batch.version), groups, tags, redeletes })
+    let raise = batch.position.is_some_and(|p| !p.exact_versions());
+    Ok(Plan { version: encode_version(batch.version), raise, groups, tags, redeletes })
 }
 
 /// `UNLINK`s of arbitrary keys (tag members, second deletes), grouped.

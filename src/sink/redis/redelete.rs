@@ -14,7 +14,7 @@ use std::time::Duration;
 use tracing::Instrument;
 
 use super::plan::unlink_groups;
-use super::{Inner, run_groups};
+use super::{Bump, Inner, run_groups};
 
 /// Deletes `keys` once more, `after_ms` from now, on a task of the sink's
 /// tracker.
@@ -27,7 +27,7 @@ pub(super) fn schedule(inner: &Arc<Inner>, batch_id: u64, after_ms: u64, keys: V
             tokio::time::sleep(Duration::from_millis(after_ms)).await;
             let groups = unlink_groups(keys, inner.conn.topology());
             let runner = inner.runner();
-            match run_groups(&runner, &groups, "", inner.options.max_in_flight, None).await {
+            match run_groups(&runner, &groups, Bump::NONE, inner.options.max_in_flight, None).await {
                 Ok(()) => tracing::debug!("second delete done"),
                 Err(e) => {
                     inner.redelete_failures.fetch_add(1, Ordering::Relaxed);

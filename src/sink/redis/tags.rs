@@ -65,7 +65,7 @@ pub async fn invalidate_all(
     let keys: Vec<Vec<u8>> = registrations.iter().flatten().map(|(member, _)| member.clone()).collect();
     if !keys.is_empty() {
         let groups = unlink_groups(keys, topology);
-        super::run_groups(runner, &groups, "", max_in_flight, stamp).await?;
+        super::run_groups(runner, &groups, super::Bump::NONE, max_in_flight, stamp).await?;
     }
     forget_all(runner, jobs, from, &registrations, &seen, topology, max_in_flight).await?;
     Ok(registrations.into_iter().map(|r| r.into_iter().map(|(member, _)| member).collect()).collect())
