@@ -145,9 +145,13 @@ fn read_json(path: &Path) -> Result<Json, CliError> {
 }
 
 fn from_debezium(json: &Json, name: &str) -> Result<Change, CliError> {
-    match debezium::decode(json, Position::File { line: 1 }) {
+    let record = debezium::Record::from_json(json);
+    let options = debezium::DecodeOptions::default();
+    match debezium::decode(record.value, record.key, Position::File { line: 1 }, &options) {
         Ok(Decoded::Change(c)) | Ok(Decoded::SnapshotRead(c)) => Ok(c),
-        Ok(Decoded::Tombstone) => Err(CliError::Input(format!("{name}: a tombstone (null value) carries no change"))),
+        Ok(Decoded::Ignored(what)) => {
+            Err(CliError::Input(format!("{name}: not a row change ({}), nothing to explain", what.as_str())))
+        }
         Err(e) => Err(CliError::Input(format!("{name}: {e}"))),
     }
 }
