@@ -56,9 +56,13 @@ pub const LOOKUP_ROWS_TOTAL: &str = "evictd_lookup_rows_total";
 pub const LOOKUP_FANOUT_OVERFLOWS_TOTAL: &str = "evictd_lookup_fanout_overflows_total";
 pub const BUILD_INFO: &str = "evictd_build_info";
 pub const ACTIVE: &str = "evictd_active";
+pub const KAFKA_MESSAGES_TOTAL: &str = "evictd_kafka_messages_total";
+pub const KAFKA_CONSUMER_LAG_MESSAGES: &str = "evictd_kafka_consumer_lag_messages";
+pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "evictd_kafka_dead_letters_total";
+pub const KAFKA_REBALANCES_TOTAL: &str = "evictd_kafka_rebalances_total";
 
 /// Every name above, for tests and documentation.
-pub const ALL: [&str; 20] = [
+pub const ALL: [&str; 24] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -79,6 +83,10 @@ pub const ALL: [&str; 20] = [
     LOOKUP_FANOUT_OVERFLOWS_TOTAL,
     BUILD_INFO,
     ACTIVE,
+    KAFKA_MESSAGES_TOTAL,
+    KAFKA_CONSUMER_LAG_MESSAGES,
+    KAFKA_DEAD_LETTERS_TOTAL,
+    KAFKA_REBALANCES_TOTAL,
 ];
 
 /// Latency buckets, 0.5 ms to 60 s: a healthy invalidation lands in
@@ -177,6 +185,24 @@ struct CacheLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicOp {
+    topic: String,
+    op: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicPartition {
+    topic: String,
+    partition: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TopicReason {
+    topic: String,
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct VersionLabel {
     version: &'static str,
 }
@@ -206,6 +232,10 @@ pub struct Metrics {
     lookup_rows: Family<CacheLabel, Counter>,
     fanout_overflows: Family<CacheLabel, Counter>,
     active: Gauge,
+    kafka_messages: Family<TopicOp, Counter>,
+    kafka_lag: Family<TopicPartition, Gauge>,
+    kafka_dead_letters: Family<TopicReason, Counter>,
+    kafka_rebalances: Family<KindLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -239,6 +269,10 @@ impl Metrics {
             lookup_rows: Family::default(),
             fanout_overflows: Family::default(),
             active: Gauge::default(),
+            kafka_messages: Family::default(),
+            kafka_lag: Family::default(),
+            kafka_dead_letters: Family::default(),
+            kafka_rebalances: Family::default(),
         };
         let r = &mut m.registry;
         let help = "Row changes received from the source, by table and operation";
@@ -266,8 +300,7 @@ impl Metrics {
         register(r, SINK_ERRORS_TOTAL, help, m.sink_errors.clone());
         let help = "Batch applications retried after a transient error, by sink target";
         register(r, SINK_RETRIES_TOTAL, help, m.sink_retries.clone());
-        let help =
-            "Changes written to the dead-letter table, by table and reason (lookup_failed, lookup_attempts_exhausted)";
+        let help = "Changes written to the dead-letter destination (table or topic), by table and reason (lookup_failed, lookup_attempts_exhausted)";
         register(r, DEAD_LETTERS_TOTAL, help, m.dead_letters.clone());
         let help = "Failed writes to the dead-letter table, by kind (transient: retried, definite: the daemon stops)";
         register(r, DEAD_LETTER_WRITE_ERRORS_TOTAL, help, m.dead_letter_write_errors.clone());
@@ -280,8 +313,46 @@ impl Metrics {
         register(r, BUILD_INFO, "Always 1; the version label is evictd's version", build);
         let help = "1 while this replica is the active consumer, 0 while it is a standby";
         register(r, ACTIVE, help, m.active.clone());
+        let help = "Kafka messages consumed, by topic and op (c, u, d, t, r, tombstone, transaction, heartbeat, schema_change, invalid)";
+        register(r, KAFKA_MESSAGES_TOTAL, help, m.kafka_messages.clone());
+        let help = "Messages of an assigned partition not yet acknowledged: high watermark minus stored offset, by topic and partition";
+        register(r, KAFKA_CONSUMER_LAG_MESSAGES, help, m.kafka_lag.clone());
+        let help = "Kafka messages sent to the dead-letter topic, by source topic and reason (decode, lookup_failed, lookup_attempts_exhausted)";
+        register(r, KAFKA_DEAD_LETTERS_TOTAL, help, m.kafka_dead_letters.clone());
+        let help = "Consumer-group rebalances seen, by kind (assign, revoke, error)";
+        register(r, KAFKA_REBALANCES_TOTAL, help, m.kafka_rebalances.clone());
         m.active.set(1);
         m
+    }
+
+    /// A Kafka message of `topic` was consumed; `op` is Debezium's op or
+    /// what the message was instead.
+    pub fn kafka_message(&self, topic: &str, op: &'static str) {
+        self.kafka_messages.get_or_create(&TopicOp { topic: topic.to_owned(), op }).inc();
+    }
+
+    /// The lag of one assigned partition, in messages; `None` forgets the
+    /// partition (revoked).
+    pub fn kafka_lag(&self, topic: &str, partition: i32, lag: Option<i64>) {
+        let labels = TopicPartition { topic: topic.to_owned(), partition: partition.to_string() };
+        match lag {
+            Some(lag) => {
+                self.kafka_lag.get_or_create(&labels).set(lag);
+            }
+            None => {
+                self.kafka_lag.remove(&labels);
+            }
+        }
+    }
+
+    /// A message of `topic` went to the dead-letter topic.
+    pub fn kafka_dead_lettered(&self, topic: &str, reason: &'static str) {
+        self.kafka_dead_letters.get_or_create(&TopicReason { topic: topic.to_owned(), reason }).inc();
+    }
+
+    /// A rebalance event: `assign`, `revoke` or `error`.
+    pub fn kafka_rebalance(&self, kind: &'static str) {
+        self.kafka_rebalances.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// The registry as OpenMetrics text, ending in `# EOF`.

@@ -1,4 +1,4 @@
-//! The command line: `check`, `graph`, `explain`, `run`, `migrate`.
+//! The command line: `check`, `graph`, `explain`, `run`, `migrate`, `replay`.
 //!
 //! Each command returns `Result<(), CliError>`; `main` maps
 //! [`CliError::Input`] to exit code 2 (bad config, graph or arguments) and
@@ -8,6 +8,7 @@
 mod explain;
 mod live;
 mod migrate;
+mod replay;
 mod run;
 
 use std::io::Write;
@@ -38,6 +39,8 @@ pub enum Command {
     Run(run::RunArgs),
     /// Apply evictd's migrations (the dead-letter table) to its schema, and exit.
     Migrate(migrate::MigrateArgs),
+    /// Replay Debezium events from a JSON-lines file (--dry-run: print what would be invalidated).
+    Replay(replay::ReplayArgs),
 }
 
 /// Where the graph comes from: paths, else the config's `graph.paths`, else
@@ -157,6 +160,7 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Explain(args) => explain::run(&args),
         Command::Run(args) => run::run(&args),
         Command::Migrate(args) => migrate::run(&args),
+        Command::Replay(args) => replay::run(&args),
     }
 }
 
@@ -184,9 +188,10 @@ fn check(args: &CheckArgs) -> Result<(), CliError> {
                 pg.slot,
                 pg.publication
             )),
-            Some(config::SourceConfig::Kafka(k)) => {
-                out.push_str(&format!("  source: kafka {} (group {})\n", k.brokers, k.group_id))
-            }
+            Some(config::SourceConfig::Kafka(k)) => out.push_str(&format!(
+                "  source: kafka {} (group {}, dead letters to topic {})\n",
+                k.brokers, k.group_id, config.dead_letter.topic
+            )),
             None => out.push_str("  source: none\n"),
         }
         for target in &config.redis {

@@ -22,7 +22,7 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use super::{CliError, prepare};
-use crate::config::{Config, LogFormat, PostgresSource as PostgresConfig, SourceConfig};
+use crate::config::{Config, KafkaSource as KafkaConfig, LogFormat, PostgresSource as PostgresConfig, SourceConfig};
 use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::graph::Graph;
 use crate::metrics::Metrics;
@@ -32,6 +32,7 @@ use crate::server::{Health, Role, ServerState};
 use crate::sink::SinkError;
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
+use crate::source::kafka::{KafkaDeadLetters, KafkaSource};
 use crate::source::postgres::lock::SlotLock;
 use crate::source::postgres::{PostgresSource, SourceSetupError};
 
@@ -48,13 +49,8 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         return Err(CliError::Input("evictd run needs --config".into()));
     };
     let source = match &config.source {
-        Some(SourceConfig::Postgres(pg)) => pg.clone(),
-        Some(SourceConfig::Kafka(_)) => {
-            return Err(CliError::Input(format!(
-                "{}: source.kind: the kafka source is not available in this version; use kind = \"postgres\"",
-                config.file.display()
-            )));
-        }
+        Some(SourceConfig::Postgres(pg)) => Consumer::Postgres(pg.clone()),
+        Some(SourceConfig::Kafka(kafka)) => Consumer::Kafka(kafka.clone()),
         None => return Err(CliError::Input(format!("{}: source: missing", config.file.display()))),
     };
     init_logging(&config)?;
@@ -64,6 +60,12 @@ pub fn run(args: &RunArgs) -> Result<(), CliError> {
         .build()
         .map_err(|e| CliError::Runtime(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(daemon(config, source, prepared.graph))
+}
+
+/// The source a daemon consumes.
+enum Consumer {
+    Postgres(PostgresConfig),
+    Kafka(KafkaConfig),
 }
 
 fn init_logging(config: &Config) -> Result<(), CliError> {
@@ -120,7 +122,7 @@ async fn pause(backoff: Duration, max: Duration, shutdown: &CancellationToken) -
     }
 }
 
-async fn connect_sinks(
+pub(super) async fn connect_sinks(
     config: &Config,
     shutdown: &CancellationToken,
 ) -> Result<Option<MultiSink<RedisSink>>, CliError> {
@@ -195,7 +197,7 @@ async fn open_dead_letters(
     }
 }
 
-async fn daemon(config: Config, source_config: PostgresConfig, graph: Graph) -> Result<(), CliError> {
+async fn daemon(config: Config, source: Consumer, graph: Graph) -> Result<(), CliError> {
     let shutdown = CancellationToken::new();
     watch_signals(shutdown.clone(), config.run.shutdown_grace);
     let graph = Arc::new(graph);
@@ -213,7 +215,10 @@ async fn daemon(config: Config, source_config: PostgresConfig, graph: Graph) -> 
     tracing::info!(%address, "serving /metrics, /healthz, /readyz");
     let state = ServerState { metrics: metrics.clone(), health: health.clone() };
     let server = tokio::spawn(crate::server::serve(listener, state, server_stop.clone()));
-    let result = work(&config, source_config, graph, metrics, health, &shutdown).await;
+    let result = match source {
+        Consumer::Postgres(pg) => work(&config, pg, graph, metrics, health, &shutdown).await,
+        Consumer::Kafka(kafka) => work_kafka(&config, kafka, graph, metrics, health, &shutdown).await,
+    };
     server_stop.cancel();
     let _ = server.await;
     result
@@ -228,29 +233,12 @@ async fn work(
     shutdown: &CancellationToken,
 ) -> Result<(), CliError> {
     let shutdown = shutdown.clone();
-    let lookups = match &config.lookup.url {
-        Some(url) => {
-            let pool = sqlx::postgres::PgPoolOptions::new()
-                .max_connections(config.lookup.max_connections)
-                .acquire_timeout(config.lookup.timeout)
-                .connect_lazy(url.expose_secret())
-                .map_err(|_| CliError::Input("lookup.url: not a Postgres URL".into()))?;
-            Some(Arc::new(PgLookupExecutor::new(pool, config.lookup.timeout, config.lookup.batch_size)))
-        }
-        None => None,
-    };
+    let lookups = lookup_executor(config)?;
     let Some(dead_letters) = open_dead_letters(config, &metrics, &shutdown).await? else { return Ok(()) };
     let Some(sink) = connect_sinks(config, &shutdown).await? else { return Ok(()) };
     // Connected: reachable until a batch says otherwise.
     health.set_all_sinks_reachable();
-    let options = RunOptions {
-        batch: config.batch,
-        max_transaction_effects: config.run.max_transaction_effects,
-        retry_min: Duration::from_millis(50),
-        retry_max: config.run.retry_max,
-        on_error: config.dead_letter.on_error,
-        lookup_attempts: config.dead_letter.lookup_attempts,
-    };
+    let options = run_options(config);
     let dead_letters = Arc::new(dead_letters);
     let pipeline =
         Pipeline { graph: graph.clone(), sink: Arc::new(sink), lookups, dead_letters, options, metrics, health };
@@ -269,6 +257,92 @@ async fn work(
         result?;
         if !shutdown.is_cancelled() {
             tracing::warn!(slot = %source_config.slot, "lost the slot's lock; stepped down to standby");
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The look-up executor over `[lookup]`'s database, if there is one.
+pub(super) fn lookup_executor(config: &Config) -> Result<Option<Arc<PgLookupExecutor>>, CliError> {
+    let Some(url) = &config.lookup.url else { return Ok(None) };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.lookup.max_connections)
+        .acquire_timeout(config.lookup.timeout)
+        .connect_lazy(url.expose_secret())
+        .map_err(|_| CliError::Input("lookup.url: not a Postgres URL".into()))?;
+    Ok(Some(Arc::new(PgLookupExecutor::new(pool, config.lookup.timeout, config.lookup.batch_size))))
+}
+
+/// The run loop's options from the config.
+pub(super) fn run_options(config: &Config) -> RunOptions {
+    RunOptions {
+        batch: config.batch,
+        max_transaction_effects: config.run.max_transaction_effects,
+        retry_min: Duration::from_millis(50),
+        retry_max: config.run.retry_max,
+        on_error: config.dead_letter.on_error,
+        lookup_attempts: config.dead_letter.lookup_attempts,
+    }
+}
+
+/// The Kafka daemon: every replica is an active member of the consumer
+/// group (the group splits the partitions; there is no standby). Sessions
+/// follow one another: a fatal consumer error starts a new consumer, which
+/// resumes from the group's committed offsets.
+async fn work_kafka(
+    config: &Config,
+    kafka: KafkaConfig,
+    graph: Arc<Graph>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+    shutdown: &CancellationToken,
+) -> Result<(), CliError> {
+    let lookups = lookup_executor(config)?;
+    let dead_letters = KafkaDeadLetters::new(&kafka, &config.dead_letter.topic, metrics.clone())
+        .map_err(|e| CliError::Runtime(format!("dead_letter.topic: {e}")))?;
+    let dead_letters = Arc::new(dead_letters);
+    metrics.dead_letter_store();
+    let Some(sink) = connect_sinks(config, shutdown).await? else { return Ok(()) };
+    health.set_all_sinks_reachable();
+    health.set_role(Role::Active);
+    metrics.set_role(Role::Active);
+    let pipeline = Pipeline {
+        graph,
+        sink: Arc::new(sink),
+        lookups,
+        dead_letters: dead_letters.clone(),
+        options: run_options(config),
+        metrics: metrics.clone(),
+        health,
+    };
+    let mut backoff = Duration::from_millis(100);
+    while !shutdown.is_cancelled() {
+        let mut source = KafkaSource::start(
+            &kafka,
+            config.dead_letter.on_error,
+            dead_letters.clone(),
+            metrics.clone(),
+            config.run.retry_max,
+        )
+        .map_err(|e| CliError::Runtime(e.to_string()))?;
+        match pipeline.run_session(&mut source, shutdown).await {
+            Ok(SessionEnd::Shutdown) => {
+                source.shutdown().await;
+                break;
+            }
+            Ok(SessionEnd::SourceLost(m)) => {
+                tracing::warn!(error = %m, "lost the consumer; rejoining the group from the committed offsets");
+                source.shutdown().await;
+                match pause(backoff, config.run.retry_max, shutdown).await {
+                    Some(next) => backoff = next,
+                    None => break,
+                }
+            }
+            Err(e) => {
+                source.shutdown().await;
+                return Err(CliError::Runtime(e.to_string()));
+            }
         }
     }
     tracing::info!("stopped");

@@ -26,6 +26,7 @@ use crate::batch::BatchLimits;
 use crate::dead_letter::{MigrationMode, OnError};
 use crate::diagnostic::{SourceFile, plain_serde_message, write_lines};
 use crate::server::HealthThresholds;
+pub use crate::source::debezium::FullRowDeletes;
 
 /// The environment variable prefix: `EVICTD__BATCH__MAX_EFFECTS`.
 pub const ENV_PREFIX: &str = "EVICTD";
@@ -112,9 +113,28 @@ pub struct RawKafka {
     pub topics: Option<Vec<String>>,
     /// A regular expression of topics (librdkafka `^…` subscription).
     pub topic_pattern: Option<String>,
+    /// Snapshot reads (`op = r`): `ignore` (default) or `invalidate` (as
+    /// inserts).
+    pub snapshot_reads: Option<String>,
+    /// Tables whose delete events carry the whole old row: `"all"`,
+    /// `"none"` (default: a delete's non-key columns are unknown) or a list
+    /// of `schema.table`.
+    pub full_row_deletes: Option<RawTableSet>,
+    /// Topic → table (`schema.table`) for topics whose events should not be
+    /// read as the table their `source` block names.
+    #[serde(default)]
+    pub tables: BTreeMap<String, String>,
     /// Extra librdkafka properties, e.g. `"security.protocol" = "ssl"`.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+}
+
+/// `"all"`, `"none"` or a list of names.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum RawTableSet {
+    Word(String),
+    List(Vec<String>),
 }
 
 /// `[lookup]`: the connection look-up dependencies run their SQL on.
@@ -183,6 +203,10 @@ pub struct RawDeadLetter {
     /// database that cannot be reached is waited for, never counted).
     /// Default 5.
     pub lookup_attempts: Option<u32>,
+    /// Kafka source: the topic that gets messages that cannot be decoded
+    /// or resolved (original key, value and headers, the error in a
+    /// header). Default `evictd.dead-letters`.
+    pub topic: Option<String>,
 }
 
 /// `[redis.NAME]`: one Redis target.
@@ -285,8 +309,26 @@ pub struct KafkaSource {
     pub group_id: String,
     pub topics: Vec<String>,
     pub topic_pattern: Option<String>,
+    pub snapshot_reads: SnapshotReads,
+    pub full_row_deletes: FullRowDeletes,
+    /// Topic → table overrides.
+    pub tables: BTreeMap<String, String>,
     pub properties: BTreeMap<String, String>,
 }
+
+/// What a Debezium snapshot read (`op = r`) does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SnapshotReads {
+    #[default]
+    Ignore,
+    /// Invalidate as for an insert of the row.
+    Invalidate,
+}
+
+/// librdkafka properties evictd sets itself (its delivery guarantee rests
+/// on them).
+pub const KAFKA_OWN_PROPERTIES: &[&str] =
+    &["enable.auto.offset.store", "enable.auto.commit", "group.id", "bootstrap.servers", "enable.partition.eof"];
 
 #[derive(Debug, Clone)]
 pub struct LookupConfig {
@@ -307,6 +349,8 @@ pub struct DeadLetterConfig {
     pub schema: String,
     pub migrations: MigrationMode,
     pub lookup_attempts: u32,
+    /// The dead-letter topic of a Kafka source.
+    pub topic: String,
 }
 
 #[derive(Debug, Clone)]
@@ -784,7 +828,12 @@ fn validate_dead_letter(
     };
     let lookup_attempts =
         positive(issues, "dead_letter.lookup_attempts", raw.lookup_attempts.map(u64::from), 5).min(1_000) as u32;
-    DeadLetterConfig { on_error, url: own_url.or(source_url), schema, migrations, lookup_attempts }
+    let topic = raw.topic.unwrap_or_else(|| "evictd.dead-letters".to_owned());
+    if topic.is_empty() || topic.len() > 249 || !topic.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
+        issues
+            .push("dead_letter.topic", format!("`{topic}` is not a Kafka topic name (letters, digits, `.`, `_`, `-`)"));
+    }
+    DeadLetterConfig { on_error, url: own_url.or(source_url), schema, migrations, lookup_attempts, topic }
 }
 
 fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Option<SourceConfig> {
@@ -853,8 +902,46 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
             if kafka.brokers.trim().is_empty() {
                 issues.push("source.kafka.brokers", "needs at least one broker (host:port)");
             }
+            let snapshot_reads = match kafka.snapshot_reads.as_deref().unwrap_or("ignore") {
+                "ignore" => SnapshotReads::Ignore,
+                "invalidate" => SnapshotReads::Invalidate,
+                other => {
+                    issues.push(
+                        "source.kafka.snapshot_reads",
+                        format!("unknown value `{other}` (expected ignore or invalidate)"),
+                    );
+                    SnapshotReads::Ignore
+                }
+            };
+            let full_row_deletes = match kafka.full_row_deletes {
+                None => FullRowDeletes::None,
+                Some(RawTableSet::Word(w)) if w == "none" => FullRowDeletes::None,
+                Some(RawTableSet::Word(w)) if w == "all" => FullRowDeletes::All,
+                Some(RawTableSet::Word(other)) => {
+                    issues.push(
+                        "source.kafka.full_row_deletes",
+                        format!("unknown value `{other}` (expected \"all\", \"none\" or a list of tables)"),
+                    );
+                    FullRowDeletes::None
+                }
+                Some(RawTableSet::List(tables)) => FullRowDeletes::Tables(tables.into_iter().collect()),
+            };
+            for (topic, table) in &kafka.tables {
+                if table.split('.').count() != 2 || table.split('.').any(str::is_empty) {
+                    issues.push(
+                        &format!("source.kafka.tables.{topic}"),
+                        format!("`{table}` is not a table name of the form schema.table"),
+                    );
+                }
+            }
             let mut client = rdkafka::ClientConfig::new();
             for (key, value) in &kafka.properties {
+                if KAFKA_OWN_PROPERTIES.contains(&key.as_str()) {
+                    issues.push(
+                        &format!("source.kafka.properties.{key}"),
+                        "evictd sets this property itself (offsets are stored only once their effects are confirmed)",
+                    );
+                }
                 client.set(key, value);
             }
             client.set("bootstrap.servers", &kafka.brokers);
@@ -867,6 +954,9 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
                 group_id: kafka.group_id.unwrap_or_else(|| "evictd".to_owned()),
                 topics,
                 topic_pattern: kafka.topic_pattern,
+                snapshot_reads,
+                full_row_deletes,
+                tables: kafka.tables,
                 properties: kafka.properties,
             }))
         }

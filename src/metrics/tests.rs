@@ -182,6 +182,10 @@ fn every_declared_name_is_exposed_as_written() {
     m.dead_letter_store();
     m.lookups("c", 1, 1);
     m.fanout_overflow("c");
+    m.kafka_message("dbserver1.shop.products", "u");
+    m.kafka_lag("dbserver1.shop.products", 0, Some(3));
+    m.kafka_dead_lettered("dbserver1.shop.products", "decode");
+    m.kafka_rebalance("assign");
     let text = encoded(&m);
     assert!(text.ends_with("# EOF\n"), "{text}");
     for name in ALL {

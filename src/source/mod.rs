@@ -7,6 +7,7 @@
 //! `evictd replay` and `evictd explain`.
 
 pub mod debezium;
+pub mod kafka;
 pub mod postgres;
 
 use std::future::Future;

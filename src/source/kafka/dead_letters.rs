@@ -1,0 +1,183 @@
+//! The dead-letter topic of the Kafka source.
+//!
+//! A message that cannot be decoded is copied there as it was — key, value,
+//! headers — with these headers added:
+//!
+//! | header | value |
+//! |---|---|
+//! | `evictd.error` | the error, as logged |
+//! | `evictd.reason` | `decode`, `lookup_failed` or `lookup_attempts_exhausted` |
+//! | `evictd.source.topic`, `evictd.source.partition`, `evictd.source.offset` | where it came from |
+//!
+//! A change whose look-ups cannot be run (it was decoded, so its payload is
+//! no longer at hand) goes there as a JSON document of the change
+//! (`table`, `op`, `before`, `after`, `position`, `error`) with the same
+//! headers. A send counts only once the broker acknowledged it
+//! (`acks=all`, idempotent producer), so the source's offset never moves
+//! past a message whose dead letter could still be lost.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+
+use crate::change::Position;
+use crate::config::{KAFKA_OWN_PROPERTIES, KafkaSource as KafkaConfig};
+use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, row_json};
+use crate::metrics::Metrics;
+
+/// How long one send may wait in the producer's queue and for the broker.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A message bound for the dead-letter topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeadLetterMessage {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl DeadLetterMessage {
+    /// The original message, with evictd's headers after its own.
+    pub fn from_message(message: &BorrowedMessage<'_>, reason: &str, error: &str) -> DeadLetterMessage {
+        let mut headers: Vec<(String, Option<Vec<u8>>)> = message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+            .unwrap_or_default();
+        headers.extend(evictd_headers(reason, error, message.topic(), message.partition(), message.offset()));
+        DeadLetterMessage {
+            key: message.key().map(<[u8]>::to_vec),
+            value: message.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    /// A change that could not be resolved, as a JSON document.
+    pub fn from_dead_letter(letter: &DeadLetter) -> DeadLetterMessage {
+        let change = &letter.change;
+        let document = serde_json::json!({
+            "table": &*change.table,
+            "op": change.op.as_str(),
+            "before": change.before.as_ref().map(row_json),
+            "after": change.after.as_ref().map(row_json),
+            "position": change.position.to_string(),
+            "error": letter.error,
+            "attempts": letter.attempts,
+        });
+        let (topic, partition, offset) = match &change.position {
+            Position::Kafka { topic, partition, offset, .. } => (topic.to_string(), *partition, *offset),
+            other => (other.to_string(), -1, -1),
+        };
+        DeadLetterMessage {
+            key: None,
+            value: Some(document.to_string().into_bytes()),
+            headers: evictd_headers(letter.reason.as_str(), &letter.error, &topic, partition, offset),
+        }
+    }
+}
+
+fn evictd_headers(
+    reason: &str,
+    error: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+) -> Vec<(String, Option<Vec<u8>>)> {
+    [
+        ("evictd.error", error.to_owned()),
+        ("evictd.reason", reason.to_owned()),
+        ("evictd.source.topic", topic.to_owned()),
+        ("evictd.source.partition", partition.to_string()),
+        ("evictd.source.offset", offset.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), Some(v.into_bytes())))
+    .collect()
+}
+
+/// Why a dead letter could not be sent.
+#[derive(Debug, thiserror::Error)]
+#[error("dead-letter topic `{topic}`: {message}")]
+pub struct SendError {
+    pub topic: String,
+    pub message: String,
+}
+
+/// A producer for the dead-letter topic.
+pub struct KafkaDeadLetters {
+    producer: FutureProducer,
+    topic: String,
+    metrics: Arc<Metrics>,
+}
+
+impl KafkaDeadLetters {
+    /// A producer with the source's brokers and client properties (TLS,
+    /// SASL), minus the consumer's own.
+    pub fn new(config: &KafkaConfig, topic: &str, metrics: Arc<Metrics>) -> Result<KafkaDeadLetters, String> {
+        let mut client = ClientConfig::new();
+        for (key, value) in &config.properties {
+            if !KAFKA_OWN_PROPERTIES.contains(&key.as_str()) && !is_consumer_only(key) {
+                client.set(key, value);
+            }
+        }
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("message.timeout.ms", SEND_TIMEOUT.as_millis().to_string());
+        let producer: FutureProducer =
+            client.create().map_err(|e| format!("cannot create the dead-letter producer: {e}"))?;
+        Ok(KafkaDeadLetters { producer, topic: topic.to_owned(), metrics })
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    /// Sends `letter`; `Ok` once the broker acknowledged it.
+    pub async fn send(&self, letter: &DeadLetterMessage) -> Result<(), SendError> {
+        let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len());
+        for (key, value) in &letter.headers {
+            headers = headers.insert(Header { key, value: value.as_deref() });
+        }
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&self.topic).headers(headers);
+        if let Some(key) = &letter.key {
+            record = record.key(key.as_slice());
+        }
+        if let Some(value) = &letter.value {
+            record = record.payload(value.as_slice());
+        }
+        self.producer
+            .send(record, SEND_TIMEOUT)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| SendError { topic: self.topic.clone(), message: e.to_string() })
+    }
+}
+
+/// Consumer settings a producer would warn about.
+fn is_consumer_only(key: &str) -> bool {
+    key.starts_with("auto.offset")
+        || key.starts_with("auto.commit")
+        || key.starts_with("session.timeout")
+        || key.starts_with("heartbeat.")
+        || key.starts_with("max.poll")
+        || key.starts_with("fetch.")
+        || key.starts_with("partition.assignment")
+        || key.starts_with("group.")
+        || key == "isolation.level"
+}
+
+impl DeadLetterStore for KafkaDeadLetters {
+    async fn record(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
+        self.send(&DeadLetterMessage::from_dead_letter(letter))
+            .await
+            .map_err(|e| DeadLetterError::Write { message: e.to_string(), transient: true })?;
+        if let Position::Kafka { topic, .. } = &letter.change.position {
+            self.metrics.kafka_dead_lettered(topic, letter.reason.as_str());
+        }
+        Ok(())
+    }
+}
