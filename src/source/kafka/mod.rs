@@ -338,7 +338,14 @@ impl KafkaSource {
             if offset <= *stored {
                 continue;
             }
-            match self.consumer.store_offset(&topic, partition, offset) {
+            // The offset to resume from (librdkafka's `store_offset` would
+            // add one to it: it takes a message's offset).
+            let mut list = TopicPartitionList::with_capacity(1);
+            if let Err(e) = list.add_partition_offset(&topic, partition, rdkafka::Offset::Offset(offset)) {
+                tracing::warn!(%topic, partition, offset, error = %e, "cannot name the offset to store");
+                continue;
+            }
+            match self.consumer.store_offsets(&list) {
                 Ok(()) => *stored = offset,
                 // Revoked meanwhile: the partition's new owner starts from
                 // the last commit and repeats this work.
