@@ -10,6 +10,7 @@ mod cli;
 mod daemon;
 mod dead_letter;
 mod fill_guard;
+mod kafka;
 mod key_vectors;
 mod lookup;
 mod outage;

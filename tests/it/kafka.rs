@@ -1,0 +1,720 @@
+//! The Kafka source end to end, against the real Kafka-protocol broker
+//! (`EVICTD_TEST_KAFKA_BROKERS`) and, for the Debezium tests, the real
+//! Debezium Postgres connector (`scripts/services/debezium-run.sh`, set up
+//! by `scripts/test.sh`: `EVICTD_TEST_DEBEZIUM_VENV`).
+//!
+//! - events Debezium itself produced invalidate their keys;
+//! - SIGKILL mid-topic and restart: nothing lost, offsets committed to the end;
+//! - two replicas in one group split the partitions; killing one moves its
+//!   partitions to the other with nothing lost;
+//! - the same workload through the Postgres source and through Debezium
+//!   invalidates the same keys;
+//! - a message that cannot be decoded goes to the dead-letter topic and the
+//!   partition goes on.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Headers as _, Message as _};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use redis::AsyncCommands as _;
+
+use super::daemon::{Daemon, exists, fill, redis, redis_url};
+use super::support::{TestDb, pg_url, root};
+
+pub fn brokers() -> String {
+    std::env::var("EVICTD_TEST_KAFKA_BROKERS")
+        .expect("EVICTD_TEST_KAFKA_BROKERS is not set: run the integration tests through scripts/test.sh")
+}
+
+static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+fn unique(prefix: &str) -> String {
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000;
+    format!("{prefix}{}x{n}x{nanos}", std::process::id())
+}
+
+async fn create_topic(name: &str, partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
+    let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+    let results = admin.create_topics([&topic], &AdminOptions::new()).await.unwrap();
+    for r in results {
+        r.unwrap();
+    }
+}
+
+fn producer() -> FutureProducer {
+    ClientConfig::new().set("bootstrap.servers", brokers()).set("linger.ms", "5").create().unwrap()
+}
+
+/// A Debezium insert/update/delete event (no embedded schema) of
+/// `app.items`, as the connector writes it.
+fn event(op: &str, before: Option<serde_json::Value>, after: Option<serde_json::Value>) -> String {
+    let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
+    serde_json::json!({
+        "before": before, "after": after, "op": op,
+        "source": {"connector": "postgresql", "schema": "app", "table": "items", "txId": 1, "ts_ms": now_us / 1000, "ts_us": now_us},
+        "ts_ms": now_us / 1000,
+    })
+    .to_string()
+}
+
+fn item(id: i64, owner: i64) -> serde_json::Value {
+    serde_json::json!({"id": id, "owner_id": owner, "name": format!("item {id}")})
+}
+
+/// Sends `(key id, value)` pairs to `topic`, each to partition `id % partitions`.
+async fn produce(topic: &str, partitions: i32, messages: &[(i64, String)]) {
+    let producer = producer();
+    let sends = messages.iter().map(|(id, value)| {
+        let key = serde_json::json!({"id": id}).to_string();
+        let partition = (*id % i64::from(partitions)) as i32;
+        let producer = &producer;
+        async move {
+            let record = FutureRecord::to(topic).key(&key).payload(value).partition(partition);
+            producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+        }
+    });
+    futures_util::future::join_all(sends).await;
+}
+
+fn graph(prefix: &str) -> String {
+    format!(
+        r#"
+[tables."app.items"]
+key = ["id"]
+columns = ["id", "owner_id", "name"]
+
+[caches.{prefix}_item]
+key = "{prefix}:item:{{id}}"
+[[caches.{prefix}_item.depends]]
+table = "app.items"
+
+[caches.{prefix}_owner_items]
+key = "{prefix}:owner:{{owner_id}}:items"
+[[caches.{prefix}_owner_items.depends]]
+table = "app.items"
+"#
+    )
+}
+
+/// One Kafka test's world: a graph, a config, replicas of `evictd run`.
+struct KafkaDaemon {
+    prefix: String,
+    group: String,
+    dead_letter_topic: String,
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    replicas: Vec<Option<Child>>,
+}
+
+impl KafkaDaemon {
+    /// `source` is the `[source.kafka]` body after `brokers` and `group_id`.
+    fn new(graph: &str, source: &str, extra: &str) -> KafkaDaemon {
+        let prefix = unique("k");
+        let group = format!("evictd-test-{prefix}");
+        let dead_letter_topic = format!("{prefix}.dead-letters");
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("graph.toml"), graph).unwrap();
+        let config = dir.path().join("evictd.toml");
+        let redis_section = if extra.contains("[redis.primary]") {
+            String::new()
+        } else {
+            format!("[redis.primary]\nurl = \"{}\"\n", redis_url())
+        };
+        std::fs::write(
+            &config,
+            format!(
+                r#"
+[graph]
+paths = ["graph.toml"]
+[source]
+kind = "kafka"
+[source.kafka]
+brokers = "{brokers}"
+group_id = "{group}"
+{source}
+# A killed member's partitions move after the session timeout.
+properties = {{ "session.timeout.ms" = "6000", "heartbeat.interval.ms" = "500" }}
+[dead_letter]
+topic = "{dead_letter_topic}"
+[batch]
+max_delay_ms = 5
+[run]
+retry_max_ms = 200
+shutdown_grace_ms = 5000
+{redis_section}{extra}
+[server]
+listen = "127.0.0.1:0"
+[log]
+level = "info,evictd=debug,librdkafka=warn"
+"#,
+                brokers = brokers()
+            ),
+        )
+        .unwrap();
+        KafkaDaemon { prefix, group, dead_letter_topic, dir, config, replicas: Vec::new() }
+    }
+
+    fn log_path(&self, replica: usize) -> PathBuf {
+        self.dir.path().join(format!("evictd-{replica}.log"))
+    }
+
+    fn log(&self, replica: usize) -> String {
+        std::fs::read_to_string(self.log_path(replica)).unwrap_or_default()
+    }
+
+    fn logs(&self) -> String {
+        (0..self.replicas.len()).map(|i| format!("--- replica {i}\n{}", self.log(i))).collect()
+    }
+
+    /// Starts replica `n` (a new one, or again after a kill).
+    fn start(&mut self, n: usize) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path(n)).unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_evictd"))
+            .args(["run", "--config", self.config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("evictd starts");
+        if self.replicas.len() <= n {
+            self.replicas.resize_with(n + 1, || None);
+        }
+        self.replicas[n] = Some(child);
+    }
+
+    fn kill(&mut self, n: usize) {
+        if let Some(mut child) = self.replicas.get_mut(n).and_then(Option::take) {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    fn terminate(&mut self, n: usize) -> Option<i32> {
+        let mut child = self.replicas.get_mut(n).and_then(Option::take)?;
+        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+        child.wait().ok().and_then(|s| s.code())
+    }
+
+    async fn wait_for<F, Fut, T>(&self, what: &str, limit: Duration, check: F) -> T
+    where
+        F: Fn() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "timed out waiting for {what}; evictd logs:\n{}", self.logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_gone(&self, conn: &redis::aio::MultiplexedConnection, keys: &[String], limit: Duration) {
+        let keys = keys.to_vec();
+        self.wait_for(&format!("{} keys to be invalidated", keys.len()), limit, || {
+            let mut conn = conn.clone();
+            let keys = keys.clone();
+            async move {
+                let mut left = 0u64;
+                for chunk in keys.chunks(500) {
+                    let n: u64 = conn.exists(chunk).await.ok()?;
+                    left += n;
+                }
+                (left == 0).then_some(())
+            }
+        })
+        .await;
+    }
+
+    /// Waits until replica `n` logs a non-empty assignment.
+    async fn wait_assigned(&self, n: usize) {
+        self.wait_for(&format!("replica {n} to be assigned partitions"), Duration::from_secs(60), || async {
+            self.log(n)
+                .lines()
+                .any(|l| l.contains("partitions assigned") && !l.contains("partitions=\"\""))
+                .then_some(())
+        })
+        .await;
+    }
+
+    /// The group's committed offset per partition of `topic`.
+    fn committed(&self, topic: &str, partitions: i32) -> Vec<i64> {
+        let consumer: BaseConsumer =
+            ClientConfig::new().set("bootstrap.servers", brokers()).set("group.id", &self.group).create().unwrap();
+        let mut list = rdkafka::TopicPartitionList::new();
+        for p in 0..partitions {
+            list.add_partition(topic, p);
+        }
+        let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+        (0..partitions)
+            .map(|p| match committed.find_partition(topic, p).map(|e| e.offset()) {
+                Some(rdkafka::Offset::Offset(o)) => o,
+                _ => -1,
+            })
+            .collect()
+    }
+}
+
+impl Drop for KafkaDaemon {
+    fn drop(&mut self) {
+        for n in 0..self.replicas.len() {
+            self.kill(n);
+        }
+    }
+}
+
+/// Messages of `topic`, read from the start (every partition, no group)
+/// until `count` arrived or `limit` passed.
+fn read_topic(topic: &str, count: usize, limit: Duration) -> Vec<rdkafka::message::OwnedMessage> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", unique("reader"))
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    // The topic may not exist yet (Debezium creates its topics on first use).
+    let partitions = loop {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5));
+        let found = metadata.ok().and_then(|m| {
+            m.topics().first().filter(|t| t.error().is_none()).map(|t| t.partitions().len() as i32).filter(|n| *n > 0)
+        });
+        if let Some(n) = found {
+            break n;
+        }
+        if Instant::now() >= deadline {
+            return Vec::new();
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let mut list = rdkafka::TopicPartitionList::new();
+    for p in 0..partitions {
+        list.add_partition_offset(topic, p, rdkafka::Offset::Beginning).unwrap();
+    }
+    consumer.assign(&list).unwrap();
+    let mut out = Vec::new();
+    while out.len() < count && Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_killed_consumer_resumes_from_committed_offsets_and_loses_nothing() {
+    let mut d = KafkaDaemon::new("", "", "");
+    std::fs::write(d.dir.path().join("graph.toml"), graph(&d.prefix)).unwrap();
+    let topic = format!("{}.app.items", d.prefix);
+    std::fs::write(
+        &d.config,
+        std::fs::read_to_string(&d.config)
+            .unwrap()
+            .replace("group_id = ", &format!("topics = [\"{topic}\"]\ngroup_id = "))
+            .replace("max_delay_ms = 5", "max_delay_ms = 5\nmax_effects = 20"),
+    )
+    .unwrap();
+    let partitions = 3;
+    create_topic(&topic, partitions).await;
+    let n = 3000;
+    let messages: Vec<(i64, String)> = (0..n).map(|id| (id, event("c", None, Some(item(id, id % 7))))).collect();
+    produce(&topic, partitions, &messages).await;
+    let url = redis_url();
+    let mut r = redis(&url).await;
+    let keys: Vec<String> = (0..n).map(|id| format!("{}:item:{id}", d.prefix)).collect();
+    fill(&mut r, &keys).await;
+
+    d.start(0);
+    // Kill as soon as the first keys are gone: mid-topic.
+    d.wait_for("the first invalidations", Duration::from_secs(60), || {
+        let mut r = r.clone();
+        let keys = keys.clone();
+        async move {
+            let left: u64 = r.exists(&keys[..]).await.ok()?;
+            (left < n as u64).then_some(())
+        }
+    })
+    .await;
+    d.kill(0);
+    let left: u64 = r.exists(&keys[..]).await.unwrap();
+    eprintln!("killed with {left} of {n} keys left");
+
+    d.start(0);
+    d.wait_gone(&r, &keys, Duration::from_secs(60)).await;
+    // Everything confirmed is committed, up to the end of every partition.
+    let expected: Vec<i64> = (0..partitions)
+        .map(|p| (0..n).filter(|id| id % i64::from(partitions) == i64::from(p)).count() as i64)
+        .collect();
+    d.wait_for("the offsets to be committed to the end", Duration::from_secs(30), || async {
+        (d.committed(&topic, partitions) == expected).then_some(())
+    })
+    .await;
+    assert_eq!(d.terminate(0), Some(0), "{}", d.logs());
+}
+
+#[tokio::test]
+async fn two_replicas_split_the_partitions_and_a_killed_one_loses_nothing() {
+    let mut d = KafkaDaemon::new("", "", "");
+    std::fs::write(d.dir.path().join("graph.toml"), graph(&d.prefix)).unwrap();
+    let topic = format!("{}.app.items", d.prefix);
+    std::fs::write(
+        &d.config,
+        std::fs::read_to_string(&d.config)
+            .unwrap()
+            .replace("group_id = ", &format!("topics = [\"{topic}\"]\ngroup_id = ")),
+    )
+    .unwrap();
+    let partitions = 4;
+    create_topic(&topic, partitions).await;
+    let url = redis_url();
+    let mut r = redis(&url).await;
+
+    d.start(0);
+    d.wait_assigned(0).await;
+    d.start(1);
+    d.wait_assigned(1).await;
+    // Both hold some partitions once the second join settled.
+    d.wait_for("a rebalance giving each replica partitions", Duration::from_secs(60), || async {
+        let last = |n: usize| {
+            d.log(n)
+                .lines()
+                .rev()
+                .find(|l| l.contains("partitions assigned") || l.contains("partitions revoked"))
+                .map(|l| l.contains("partitions assigned") && !l.contains("partitions=\"\""))
+        };
+        (last(0) == Some(true) && last(1) == Some(true)).then_some(())
+    })
+    .await;
+
+    let first: Vec<i64> = (0..400).collect();
+    let keys: Vec<String> = first.iter().map(|id| format!("{}:item:{id}", d.prefix)).collect();
+    fill(&mut r, &keys).await;
+    produce(
+        &topic,
+        partitions,
+        &first.iter().map(|id| (*id, event("c", None, Some(item(*id, 1))))).collect::<Vec<_>>(),
+    )
+    .await;
+    d.wait_gone(&r, &keys, Duration::from_secs(30)).await;
+    let consumed = |n: usize| d.log(n).matches("acknowledging").count();
+    assert!(consumed(0) > 0 && consumed(1) > 0, "both replicas applied batches:\n{}", d.logs());
+
+    // Replica 0 dies without a word; its partitions go to replica 1 once
+    // the group notices (session timeout), and nothing is lost.
+    d.kill(0);
+    let second: Vec<i64> = (400..800).collect();
+    let keys: Vec<String> = second.iter().map(|id| format!("{}:item:{id}", d.prefix)).collect();
+    fill(&mut r, &keys).await;
+    produce(
+        &topic,
+        partitions,
+        &second.iter().map(|id| (*id, event("c", None, Some(item(*id, 1))))).collect::<Vec<_>>(),
+    )
+    .await;
+    d.wait_gone(&r, &keys, Duration::from_secs(90)).await;
+    assert_eq!(d.terminate(1), Some(0), "{}", d.logs());
+}
+
+#[tokio::test]
+async fn a_message_that_cannot_be_decoded_goes_to_the_dead_letter_topic() {
+    let mut d = KafkaDaemon::new("", "", "");
+    std::fs::write(d.dir.path().join("graph.toml"), graph(&d.prefix)).unwrap();
+    let topic = format!("{}.app.items", d.prefix);
+    std::fs::write(
+        &d.config,
+        std::fs::read_to_string(&d.config)
+            .unwrap()
+            .replace("group_id = ", &format!("topics = [\"{topic}\"]\ngroup_id = ")),
+    )
+    .unwrap();
+    create_topic(&topic, 1).await;
+    create_topic(&d.dead_letter_topic, 1).await;
+    let url = redis_url();
+    let mut r = redis(&url).await;
+    let after = format!("{}:item:2", d.prefix);
+    fill(&mut r, std::slice::from_ref(&after)).await;
+    let producer = producer();
+    let bad = FutureRecord::to(&topic).key("{\"id\": 1}").payload("{\"op\": \"c\", \"after\": {\"id\": 1}").headers(
+        rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header { key: "trace", value: Some("abc") }),
+    );
+    producer.send(bad, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    produce(&topic, 1, &[(2, event("c", None, Some(item(2, 1))))]).await;
+
+    d.start(0);
+    // The partition went on past the bad message.
+    d.wait_gone(&r, std::slice::from_ref(&after), Duration::from_secs(30)).await;
+    let letters = read_topic(&d.dead_letter_topic, 1, Duration::from_secs(20));
+    assert_eq!(letters.len(), 1, "one dead letter; logs:\n{}", d.logs());
+    let letter = &letters[0];
+    assert_eq!(letter.payload(), Some(&b"{\"op\": \"c\", \"after\": {\"id\": 1}"[..]));
+    assert_eq!(letter.key(), Some(&b"{\"id\": 1}"[..]));
+    let headers: Vec<(String, String)> = letter
+        .headers()
+        .unwrap()
+        .iter()
+        .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+        .collect();
+    let header = |k: &str| headers.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    assert_eq!(header("trace"), Some("abc"), "original headers kept: {headers:?}");
+    assert!(header("evictd.error").is_some_and(|e| e.contains("not JSON")), "{headers:?}");
+    assert_eq!(header("evictd.source.topic"), Some(topic.as_str()));
+    assert_eq!(header("evictd.source.offset"), Some("0"));
+    assert!(d.log(0).contains("dead-lettered a message that cannot be decoded"), "{}", d.logs());
+    assert_eq!(d.terminate(0), Some(0), "{}", d.logs());
+    // The bad message's offset was committed with the rest.
+    assert_eq!(d.committed(&topic, 1), vec![2]);
+}
+
+/// The real Debezium Postgres connector, streaming one database into the
+/// test broker; stopped (and its slot dropped) when dropped.
+struct Debezium {
+    state_dir: PathBuf,
+    env: Vec<(String, String)>,
+}
+
+impl Debezium {
+    fn start(db: &TestDb, prefix: &str, slot: &str, extra: &[(&str, &str)]) -> Debezium {
+        let url = url::Url::parse(&db.url).unwrap();
+        let state_dir = std::env::temp_dir().join(format!("evictd-debezium-t-{prefix}"));
+        let mut env: Vec<(String, String)> = vec![
+            ("PGHOST".into(), url.host_str().unwrap().to_owned()),
+            ("PGPORT".into(), url.port().unwrap_or(5432).to_string()),
+            ("PGUSER".into(), url.username().to_owned()),
+            ("PGDATABASE".into(), db.name.clone()),
+            ("KAFKA_BOOTSTRAP".into(), brokers()),
+            ("DBZ_STATE_DIR".into(), state_dir.display().to_string()),
+            ("DBZ_SLOT".into(), slot.to_owned()),
+            ("DBZ_PUBLICATION".into(), format!("{slot}_pub")),
+            ("DBZ_TOPIC_PREFIX".into(), prefix.to_owned()),
+            ("DBZ_SNAPSHOT_MODE".into(), "no_data".into()),
+            ("DBZ_SCHEMAS".into(), "true".into()),
+            ("DBZ_BACKGROUND".into(), "1".into()),
+        ];
+        if let Ok(venv) = std::env::var("EVICTD_TEST_DEBEZIUM_VENV") {
+            env.push(("DBZ_VENV".into(), venv));
+        }
+        for (k, v) in extra {
+            env.push(((*k).to_owned(), (*v).to_owned()));
+        }
+        let status = Command::new("bash")
+            .arg(root().join("scripts/services/debezium-run.sh"))
+            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .stdout(Stdio::null())
+            .status()
+            .unwrap();
+        let debezium = Debezium { state_dir, env };
+        assert!(status.success(), "debezium-run.sh failed; its log:\n{}", debezium.log());
+        debezium
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("debezium.log")).unwrap_or_default()
+            + &std::fs::read_to_string(self.state_dir.join("runner.out")).unwrap_or_default()
+    }
+}
+
+impl Drop for Debezium {
+    fn drop(&mut self) {
+        let _ = Command::new("bash")
+            .arg(root().join("scripts/services/debezium-stop.sh"))
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .env("DBZ_RESET", "1")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        let _ = std::fs::remove_dir_all(&self.state_dir);
+    }
+}
+
+/// Waits until `topic` holds at least `count` messages.
+async fn wait_messages(topic: &str, count: usize, limit: Duration, debezium: &Debezium) {
+    let topic = topic.to_owned();
+    let found = tokio::task::spawn_blocking(move || read_topic(&topic, count, limit).len()).await.unwrap();
+    assert!(found >= count, "Debezium wrote {found} of {count} messages; its log:\n{}", debezium.log());
+}
+
+const ITEMS: &str = "
+CREATE SCHEMA app;
+CREATE TABLE app.items (id bigint PRIMARY KEY, owner_id bigint NOT NULL, name text NOT NULL);
+ALTER TABLE app.items REPLICA IDENTITY FULL;
+INSERT INTO app.items SELECT g, g % 3, 'item ' || g FROM generate_series(1, 5) g;
+";
+
+#[tokio::test]
+async fn events_from_the_real_debezium_connector_invalidate_their_keys() {
+    let db = TestDb::new("kdbz").await;
+    db.run_sql(ITEMS).await;
+    let mut d = KafkaDaemon::new("", "", "");
+    std::fs::write(d.dir.path().join("graph.toml"), graph(&d.prefix)).unwrap();
+    let prefix = d.prefix.clone();
+    std::fs::write(
+        &d.config,
+        std::fs::read_to_string(&d.config).unwrap().replace(
+            "group_id = ",
+            &format!("topic_pattern = \"^{prefix}\\\\.app\\\\..*\"\nfull_row_deletes = [\"app.items\"]\ngroup_id = "),
+        ),
+    )
+    .unwrap();
+    let debezium = Debezium::start(&db, &prefix, &format!("evictd_t_{prefix}"), &[]);
+    let url = redis_url();
+    let mut r = redis(&url).await;
+    let key = |what: &str| format!("{prefix}:{what}");
+    let keys = [
+        key("item:1"),
+        key("item:2"),
+        key("item:3"),
+        key("item:9"),
+        key("owner:1:items"),
+        key("owner:2:items"),
+        key("owner:0:items"),
+    ];
+    fill(&mut r, &keys).await;
+    // Update, owner move, delete, insert: four transactions.
+    db.run_sql("UPDATE app.items SET name = 'renamed' WHERE id = 1").await;
+    db.run_sql("UPDATE app.items SET owner_id = 0 WHERE id = 2").await;
+    db.run_sql("DELETE FROM app.items WHERE id = 3").await;
+    db.run_sql("INSERT INTO app.items VALUES (9, 1, 'nine')").await;
+    let topic = format!("{prefix}.app.items");
+    // Four events and the delete's tombstone.
+    wait_messages(&topic, 5, Duration::from_secs(60), &debezium).await;
+
+    d.start(0);
+    d.wait_gone(&r, &keys, Duration::from_secs(60)).await;
+    // An item nobody changed keeps its key.
+    let untouched = key("item:4");
+    fill(&mut r, std::slice::from_ref(&untouched)).await;
+    db.run_sql("UPDATE app.items SET name = 'again' WHERE id = 5").await;
+    let five = key("item:5");
+    fill(&mut r, std::slice::from_ref(&five)).await;
+    d.wait_gone(&r, std::slice::from_ref(&five), Duration::from_secs(60)).await;
+    assert!(exists(&mut r, &untouched).await, "an unchanged row's key stays");
+    assert_eq!(d.terminate(0), Some(0), "{}", d.logs());
+    drop(debezium);
+    db.drop().await;
+}
+
+/// Every key, tag and flushed cache broadcast on `channel` until it has
+/// been quiet for `quiet` (after at least one message), or `limit`.
+async fn collect_broadcasts(
+    mut messages: impl futures_util::Stream<Item = redis::Msg> + Unpin,
+    quiet: Duration,
+    limit: Duration,
+) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let wait = if seen.is_empty() { deadline - Instant::now() } else { quiet };
+        let Ok(Some(msg)) = tokio::time::timeout(wait, messages.next()).await else { break };
+        let payload: String = msg.get_payload().unwrap();
+        let message: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        for (field, what) in [("keys", "key"), ("tags", "tag"), ("flush", "flush")] {
+            for item in message[field].as_array().into_iter().flatten() {
+                seen.insert(format!("{what} {item}"));
+            }
+        }
+    }
+    seen
+}
+
+#[tokio::test]
+async fn the_same_workload_invalidates_the_same_keys_through_postgres_and_through_debezium() {
+    let url = redis_url();
+    let schema = std::fs::read_to_string(root().join("examples/schema/ecommerce.sql")).unwrap();
+    let setup = std::fs::read_to_string(root().join("tests/fixtures/debezium/setup.sql")).unwrap();
+    // psql meta-commands aside, the workload is plain SQL.
+    let workload: String = std::fs::read_to_string(root().join("tests/fixtures/debezium/workload.sql"))
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with('\\'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let graph = std::fs::read_to_string(root().join("dependency-graphs/ecommerce.toml")).unwrap();
+
+    // The Postgres side: a daemon whose slot exists before the workload.
+    let pg_channel = unique("evictd-test-pg:");
+    let extra = format!("[redis.primary]\nurl = \"{url}\"\nbroadcast_channel = \"{pg_channel}\"\n");
+    fn no_graph(_: &str) -> String {
+        String::new()
+    }
+    let mut pg = Daemon::custom(&pg_url(), &url, &format!("{schema}\n{setup}"), no_graph, &extra).await;
+    std::fs::write(pg.dir.path().join("graph.toml"), &graph).unwrap();
+    pg.start().await;
+    assert_eq!(pg.terminate(), Some(0), "{}", pg.log());
+
+    // The Debezium side, on the same database.
+    let mut k = KafkaDaemon::new(&graph, "", "");
+    let prefix = k.prefix.clone();
+    let k_channel = unique("evictd-test-kafka:");
+    let source = format!(
+        "topic_pattern = \"^{prefix}\\\\.(shop|fixture)\\\\..*\"\nfull_row_deletes = [\"shop.products\", \"shop.skus\", \"shop.inventory\"]\ngroup_id = "
+    );
+    let config = std::fs::read_to_string(&k.config).unwrap().replace("group_id = ", &source).replace(
+        "[redis.primary]\n",
+        &format!("[lookup]\nurl = \"{}\"\n[redis.primary]\nbroadcast_channel = \"{k_channel}\"\n", pg.db.url),
+    );
+    std::fs::write(&k.config, config).unwrap();
+    let debezium = Debezium::start(&pg.db, &prefix, &format!("evictd_t_{prefix}"), &[]);
+
+    pg.sql(&workload).await;
+    // The workload's last row, on the audit log.
+    let expected = workload.matches("INSERT INTO fixture.audit_log").count().max(1);
+    wait_messages(&format!("{prefix}.fixture.audit_log"), expected, Duration::from_secs(90), &debezium).await;
+
+    // Both daemons now read the same committed changes, and run their
+    // look-ups against the same final state of the database.
+    let client = redis::Client::open(url.as_str()).unwrap();
+    let mut pg_sub = client.get_async_pubsub().await.unwrap();
+    pg_sub.subscribe(&pg_channel).await.unwrap();
+    let mut k_sub = client.get_async_pubsub().await.unwrap();
+    k_sub.subscribe(&k_channel).await.unwrap();
+    pg.start().await;
+    k.start(0);
+    let quiet = Duration::from_secs(3);
+    let limit = Duration::from_secs(90);
+    let (through_pg, through_kafka) = tokio::join!(
+        collect_broadcasts(pg_sub.into_on_message(), quiet, limit),
+        collect_broadcasts(k_sub.into_on_message(), quiet, limit)
+    );
+    assert!(through_pg.len() > 20, "the workload invalidates keys: {through_pg:?}\n{}", pg.log());
+    let only_pg: Vec<_> = through_pg.difference(&through_kafka).collect();
+    let only_kafka: Vec<_> = through_kafka.difference(&through_pg).collect();
+    assert!(
+        only_pg.is_empty() && only_kafka.is_empty(),
+        "only through Postgres: {only_pg:?}\nonly through Debezium: {only_kafka:?}\nkafka log:\n{}",
+        k.logs()
+    );
+    assert_eq!(k.terminate(0), Some(0), "{}", k.logs());
+    drop(debezium);
+    pg.finish().await;
+}
+
+/// `evictd replay --dry-run` over a captured fixture: the sorted lines.
+fn dry_run(fixture: &str) -> String {
+    let file = root().join("tests/fixtures/debezium").join(fixture);
+    let graph = root().join("dependency-graphs/ecommerce.toml");
+    let out =
+        super::support::evictd(&["replay", "--dry-run", "--graph", graph.to_str().unwrap(), file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", super::support::stderr(&out));
+    super::support::stdout(&out)
+}
+
+#[test]
+fn replay_dry_run_of_captured_events_gives_the_same_keys_with_and_without_schemas() {
+    let with = dry_run("with-schemas.jsonl");
+    assert!(with.lines().count() > 20, "{with}");
+    assert!(with.contains("delete\tproduct_detail\tproduct:{1}:detail\n"), "{with}");
+    assert_eq!(with, dry_run("without-schemas.jsonl"));
+    assert_eq!(with, dry_run("without-schemas-tx.jsonl"));
+    super::support::assert_golden(&root().join("tests/golden/replay-ecommerce.txt"), &with);
+}
