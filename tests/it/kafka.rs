@@ -87,6 +87,11 @@ async fn produce(topic: &str, partitions: i32, messages: &[(i64, String)]) {
     futures_util::future::join_all(sends).await;
 }
 
+/// `[source.kafka]`: the `app.items` topic of the test.
+fn items_topic(prefix: &str) -> String {
+    format!("topics = [\"{prefix}.app.items\"]")
+}
+
 fn graph(prefix: &str) -> String {
     format!(
         r#"
@@ -118,13 +123,15 @@ struct KafkaDaemon {
 }
 
 impl KafkaDaemon {
-    /// `source` is the `[source.kafka]` body after `brokers` and `group_id`.
-    fn new(graph: &str, source: &str, extra: &str) -> KafkaDaemon {
+    /// `graph` and `source` (the `[source.kafka]` lines besides `brokers`,
+    /// `group_id` and `properties`) are given the test's unique prefix.
+    fn new(graph: impl Fn(&str) -> String, source: impl Fn(&str) -> String, extra: &str) -> KafkaDaemon {
         let prefix = unique("k");
         let group = format!("evictd-test-{prefix}");
         let dead_letter_topic = format!("{prefix}.dead-letters");
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("graph.toml"), graph).unwrap();
+        std::fs::write(dir.path().join("graph.toml"), graph(&prefix)).unwrap();
+        let source = source(&prefix);
         let config = dir.path().join("evictd.toml");
         let redis_section = if extra.contains("[redis.primary]") {
             String::new()
@@ -163,6 +170,11 @@ level = "info,evictd=debug,librdkafka=warn"
         )
         .unwrap();
         KafkaDaemon { prefix, group, dead_letter_topic, dir, config, replicas: Vec::new() }
+    }
+
+    /// The topic of `app.items` in the tests that produce their own events.
+    fn items_topic(&self) -> String {
+        format!("{}.app.items", self.prefix)
     }
 
     fn log_path(&self, replica: usize) -> PathBuf {
@@ -314,17 +326,11 @@ fn read_topic(topic: &str, count: usize, limit: Duration) -> Vec<rdkafka::messag
 
 #[tokio::test]
 async fn a_killed_consumer_resumes_from_committed_offsets_and_loses_nothing() {
-    let mut d = KafkaDaemon::new("", "", "");
-    std::fs::write(d.dir.path().join("graph.toml"), graph(&d.prefix)).unwrap();
-    let topic = format!("{}.app.items", d.prefix);
-    std::fs::write(
-        &d.config,
-        std::fs::read_to_string(&d.config)
-            .unwrap()
-            .replace("group_id = ", &format!("topics = [\"{topic}\"]\ngroup_id = "))
-            .replace("max_delay_ms = 5", "max_delay_ms = 5\nmax_effects = 20"),
-    )
-    .unwrap();
+    let mut d = KafkaDaemon::new(graph, items_topic, "");
+    let topic = d.items_topic();
+    // Small batches: many acknowledgements to be killed between.
+    let config = std::fs::read_to_string(&d.config).unwrap();
+    std::fs::write(&d.config, config.replace("max_delay_ms = 5", "max_delay_ms = 5\nmax_effects = 20")).unwrap();
     let partitions = 3;
     create_topic(&topic, partitions).await;
     let n = 3000;
@@ -365,16 +371,8 @@ async fn a_killed_consumer_resumes_from_committed_offsets_and_loses_nothing() {
 
 #[tokio::test]
 async fn two_replicas_split_the_partitions_and_a_killed_one_loses_nothing() {
-    let mut d = KafkaDaemon::new("", "", "");
-    std::fs::write(d.dir.path().join("graph.toml"), graph(&d.prefix)).unwrap();
-    let topic = format!("{}.app.items", d.prefix);
-    std::fs::write(
-        &d.config,
-        std::fs::read_to_string(&d.config)
-            .unwrap()
-            .replace("group_id = ", &format!("topics = [\"{topic}\"]\ngroup_id = ")),
-    )
-    .unwrap();
+    let mut d = KafkaDaemon::new(graph, items_topic, "");
+    let topic = d.items_topic();
     let partitions = 4;
     create_topic(&topic, partitions).await;
     let url = redis_url();
@@ -428,16 +426,8 @@ async fn two_replicas_split_the_partitions_and_a_killed_one_loses_nothing() {
 
 #[tokio::test]
 async fn a_message_that_cannot_be_decoded_goes_to_the_dead_letter_topic() {
-    let mut d = KafkaDaemon::new("", "", "");
-    std::fs::write(d.dir.path().join("graph.toml"), graph(&d.prefix)).unwrap();
-    let topic = format!("{}.app.items", d.prefix);
-    std::fs::write(
-        &d.config,
-        std::fs::read_to_string(&d.config)
-            .unwrap()
-            .replace("group_id = ", &format!("topics = [\"{topic}\"]\ngroup_id = ")),
-    )
-    .unwrap();
+    let mut d = KafkaDaemon::new(graph, items_topic, "");
+    let topic = d.items_topic();
     create_topic(&topic, 1).await;
     create_topic(&d.dead_letter_topic, 1).await;
     let url = redis_url();
@@ -555,17 +545,10 @@ INSERT INTO app.items SELECT g, g % 3, 'item ' || g FROM generate_series(1, 5) g
 async fn events_from_the_real_debezium_connector_invalidate_their_keys() {
     let db = TestDb::new("kdbz").await;
     db.run_sql(ITEMS).await;
-    let mut d = KafkaDaemon::new("", "", "");
-    std::fs::write(d.dir.path().join("graph.toml"), graph(&d.prefix)).unwrap();
+    let source =
+        |prefix: &str| format!("topic_pattern = \"^{prefix}\\\\.app\\\\..*\"\nfull_row_deletes = [\"app.items\"]");
+    let mut d = KafkaDaemon::new(graph, source, "");
     let prefix = d.prefix.clone();
-    std::fs::write(
-        &d.config,
-        std::fs::read_to_string(&d.config).unwrap().replace(
-            "group_id = ",
-            &format!("topic_pattern = \"^{prefix}\\\\.app\\\\..*\"\nfull_row_deletes = [\"app.items\"]\ngroup_id = "),
-        ),
-    )
-    .unwrap();
     let debezium = Debezium::start(&db, &prefix, &format!("evictd_t_{prefix}"), &[]);
     let url = redis_url();
     let mut r = redis(&url).await;
@@ -653,13 +636,15 @@ async fn the_same_workload_invalidates_the_same_keys_through_postgres_and_throug
     assert_eq!(pg.terminate(), Some(0), "{}", pg.log());
 
     // The Debezium side, on the same database.
-    let mut k = KafkaDaemon::new(&graph, "", "");
+    let source = |prefix: &str| {
+        format!(
+            "topic_pattern = \"^{prefix}\\\\.(shop|fixture)\\\\..*\"\nfull_row_deletes = [\"shop.products\", \"shop.skus\", \"shop.inventory\"]"
+        )
+    };
+    let mut k = KafkaDaemon::new(|_: &str| graph.clone(), source, "");
     let prefix = k.prefix.clone();
     let k_channel = unique("evictd-test-kafka:");
-    let source = format!(
-        "topic_pattern = \"^{prefix}\\\\.(shop|fixture)\\\\..*\"\nfull_row_deletes = [\"shop.products\", \"shop.skus\", \"shop.inventory\"]\ngroup_id = "
-    );
-    let config = std::fs::read_to_string(&k.config).unwrap().replace("group_id = ", &source).replace(
+    let config = std::fs::read_to_string(&k.config).unwrap().replace(
         "[redis.primary]\n",
         &format!("[lookup]\nurl = \"{}\"\n[redis.primary]\nbroadcast_channel = \"{k_channel}\"\n", pg.db.url),
     );
