@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # evictd against the machine's limits, in one run, side by side.
 #
-#   scripts/bench.sh                 every section, ≈ 6-8 minutes on 2 cores
+#   scripts/bench.sh                 the Postgres sections, ≈ 6-8 minutes on 2 cores
 #   BENCH_SECTIONS="drain restart" scripts/bench.sh
+#   BENCH_SECTIONS=kafka scripts/bench.sh   the Kafka path next to the Postgres one, ≈ 4 minutes
 #
 # Starts its own Postgres and Redis (scripts/services/, ports below), loads
 # the e-commerce example into a fresh database and prints, at the end, a
@@ -24,6 +25,21 @@
 #             slot; interleaved, RUNS rounds;
 #   restart   SIGTERM evictd, start it again, commit one change at once:
 #             process start → key gone and commit → key gone.
+#   kafka     (only when named) the Kafka source against the Postgres one on
+#             one change set: RUNS slots for evictd and Debezium's own slot
+#             (Debezium 3.6 Postgres connector → a Tansu broker, topic
+#             <prefix>.shop.products, 1 partition) exist before
+#             BENCH_KAFKA_CHANGES single-row UPDATE transactions are written;
+#             once the topic holds them all (messages counted, not end
+#             offsets: the broker's high watermark is wrong), RUNS rounds,
+#             alternating which goes first, drain the topic (a fresh
+#             consumer group each) and a slot: time to the group's committed
+#             offsets / the slot's confirmed_flush_lsn reaching the end, time
+#             to the first change (the group join), CPU time, peak RSS. Then
+#             commit → key gone at BENCH_KAFKA_RATE for each path, RUNS
+#             rounds, alternating; Debezium stays up throughout, and the
+#             Kafka path's latency includes its delay (poll interval 100 ms),
+#             which is reported on its own too (record CreateTime − commit).
 #
 # Knobs (environment):
 #   BENCH_SECTIONS        sections to run                  drain sink latency writes restart
@@ -35,6 +51,10 @@
 #   BENCH_PER_TX          rows per transaction in the latency runs  1
 #   BENCH_WRITE_SECONDS   seconds per pgbench run          10
 #   BENCH_ROWS            rows updated at random           100000
+#   BENCH_KAFKA_CHANGES   kafka: row changes in the change set   100000
+#   BENCH_KAFKA_RATE      kafka: changes/s in the latency runs   1000
+#   BENCH_KAFKA_FETCH_WAIT_MS  kafka: evictd's fetch.wait.max.ms; the test
+#                         broker sleeps through it (scripts/lib/bench-stack.sh)  10
 #   BENCH_EVICTD          evictd binary to measure         the release build
 #   BENCH_BEFORE          a second evictd binary, drained side by side in
 #                         the drain section (e.g. a build of the previous
@@ -47,8 +67,8 @@
 #   BENCH_STATUS_INTERVAL_MS  evictd's status_interval_ms while draining:
 #                         confirmed_flush_lsn moves only with a status
 #                         update, so this bounds the drain's timing error   100
-#   PGPORT, REDIS_PORT    servers (own ones, stopped at exit if started here)
-#                                                          55452, 6499
+#   PGPORT, REDIS_PORT, KAFKA_PORT   servers (own ones, stopped at exit if
+#                         started here)                    55452, 6499, 19192
 #
 # Everything runs on 127.0.0.1; whatever it started is stopped at exit.
 set -euo pipefail
@@ -58,6 +78,8 @@ note() { echo "bench: $*" >&2; }
 die() { echo "bench: error: $*" >&2; exit 1; }
 
 SECTIONS="${BENCH_SECTIONS:-drain sink latency writes restart}"
+KAFKA_CHANGES="${BENCH_KAFKA_CHANGES:-100000}"
+KAFKA_RATE="${BENCH_KAFKA_RATE:-1000}"
 RUNS="${BENCH_RUNS:-3}"
 BACKLOG="${BENCH_BACKLOG:-200000}"
 read -r -a RATES <<<"${BENCH_RATES:-1000 10000 0}"
@@ -68,7 +90,7 @@ WRITE_SECONDS="${BENCH_WRITE_SECONDS:-10}"
 ROWS="${BENCH_ROWS:-100000}"
 STATUS_MS="${BENCH_STATUS_INTERVAL_MS:-100}"
 LOCK="${BENCH_LOCK-/tmp/evictd-cargo.lock}"
-PGPORT="${PGPORT:-55452}"; REDIS_PORT="${REDIS_PORT:-6499}"
+PGPORT="${PGPORT:-55452}"; REDIS_PORT="${REDIS_PORT:-6499}"; KAFKA_PORT="${KAFKA_PORT:-19192}"
 WORK="$(mktemp -d -t evictd-bench.XXXXXX)"
 RESULTS="$WORK/results.tsv"; : >"$RESULTS"
 STOP=(); PIDS=()
@@ -244,10 +266,100 @@ section_restart() {
   unlock
 }
 
+# ---------------------------------------------------------------- kafka
+section_kafka() {
+  local r kinds=(postgres kafka) order kind t0 first end pid n count kafka_end name out before written watcher windows=() bytes
+  kafka_stack
+  for r in $(seq 1 "$RUNS"); do create_slot "evictd_bench_kpg_$r"; done
+  lock
+  note "kafka: writing $KAFKA_CHANGES single-row UPDATE transactions; Debezium streams them into $DBZ_TOPIC"
+  t0=$(now_ns)
+  write_backlog "$KAFKA_CHANGES"
+  n=$BACKLOG_CHANGES; written=$(ms_since "$t0")
+  read -r count kafka_end bytes < <(kafka_tool count "$DBZ_TOPIC" --at-least "$n" --timeout-s 400) \
+    || die "the topic did not get the $n changes (Debezium log: $DBZ_STATE_DIR/debezium.log)"
+  record kafka_set "$n" "$count" "$written" "$(ms_since "$t0")" "$bytes"
+  note "kafka: $count messages in $DBZ_TOPIC (offsets end at $kafka_end) $(ms_since "$t0") ms after the writes began"
+
+  for r in $(seq 1 "$RUNS"); do
+    order=("${kinds[@]:$(( (r - 1) % 2 ))}" "${kinds[@]:0:$(( (r - 1) % 2 ))}")
+    for kind in "${order[@]}"; do
+      if [ "$kind" = postgres ]; then
+        name="evictd_bench_kpg_$r"
+        start_evictd "$EVICTD" "$name" "$STATUS_MS"; pid=$EPID; t0=$EPID_START
+        first=$(first_change_ms "$pid" "$t0")
+        until slot_reached "$name" "$BACKLOG_END"; do
+          kill -0 "$pid" 2>/dev/null || { cat "$WORK/$name.log" >&2; die "evictd exited while draining"; }
+          sleep 0.02
+        done
+        end=$(now_ns)
+      else
+        name="evictd_bench_kafka_drain_$r"
+        # The watcher (a python start-up) first, so that it does not run
+        # during the drain; it prints "watching" once it is ready.
+        kafka_tool committed "$name" "$DBZ_TOPIC" --at-least "$kafka_end" --timeout-s 300 >"$WORK/$name.done" &
+        watcher=$!; PIDS+=("$watcher")
+        until [ -s "$WORK/$name.done" ]; do kill -0 "$watcher" 2>/dev/null || die "kafka_tool committed failed"; sleep 0.02; done
+        start_evictd_kafka "$EVICTD" "$name" earliest "$STATUS_MS"; pid=$EPID; t0=$EPID_START
+        first=$(first_change_ms "$pid" "$t0")
+        wait "$watcher" || { cat "$WORK/$name.log" >&2; die "the group $name did not commit the end of $DBZ_TOPIC"; }
+        end=$(sed -n 2p "$WORK/$name.done")
+      fi
+      record kafka_drain "$kind" "$(( (end - t0) / 1000000 ))" "$first" "$(cpu_s "$pid")" "$(hwm_mib "$pid")" \
+        "$(metric_sum "$METRICS_PORT" evictd_changes_received_total)"
+      note "kafka: drain round $r, $kind: $n changes in $(( (end - t0) / 1000000 )) ms, the first after $first ms"
+      stop_pid "$pid"
+      [ "$kind" = postgres ] && drop_slot_now "$name"
+    done
+  done
+
+  for r in $(seq 1 "$RUNS"); do
+    order=("${kinds[@]:$(( r % 2 ))}" "${kinds[@]:0:$(( r % 2 ))}")
+    for kind in "${order[@]}"; do
+      if [ "$kind" = postgres ]; then
+        name="evictd_bench_kpg_live_$r"
+        start_evictd "$EVICTD" "$name"; pid=$EPID
+        wait_streaming "$pid" "$name" "$WORK/$name.log"
+      else
+        # From the end of the topic: what the Postgres rounds left there is not ours.
+        name="evictd_bench_kafka_live_$r"
+        start_evictd_kafka "$EVICTD" "$name" latest; pid=$EPID
+        wait_kafka_settled "$pid" "$WORK/$name.log"
+      fi
+      before="$(cpu_s "$pid")"; t0=$(now_ns)
+      out="$("$LOAD" --pg "$url" --redis "$redis_url" --rate "$KAFKA_RATE" --seconds "$LOAD_SECONDS" \
+        --writers "$WRITERS" --rows "$ROWS" 9>&-)"
+      [ "$kind" = kafka ] && windows+=(--window "$((t0 / 1000000)):$(($(now_ns) / 1000000))")
+      record kafka_latency "$kind" "$KAFKA_RATE" "$out" "$(python3 -c "print(round($(cpu_s "$pid") - $before, 2))")" "$(hwm_mib "$pid")"
+      note "kafka: latency round $r, $kind: $out"
+      stop_pid "$pid"
+      [ "$kind" = postgres ] && drop_slot_now "$name"
+    done
+  done
+  unlock
+  # Debezium's share of the Kafka path's latency, from the records themselves.
+  record kafka_debezium_delay "$(kafka_tool delay "$DBZ_TOPIC" "${windows[@]}")"
+}
+# wait_kafka_settled PID LOG: partitions assigned, and nothing read for 0.5 s
+# ("latest" is the broker's high watermark, which can be short of the end).
+wait_kafka_settled() {
+  local seen last=-1
+  for _ in $(seq 1 600); do
+    kill -0 "$1" 2>/dev/null || { cat "$2" >&2; die "evictd (kafka) exited"; }
+    if [ "$(metric_sum "$METRICS_PORT" evictd_kafka_rebalances_total 'kind="assign"')" != 0 ]; then
+      seen="$(metric_sum "$METRICS_PORT" evictd_kafka_messages_total)"
+      [ "$seen" = "$last" ] && return 0
+      last=$seen
+    fi
+    sleep 0.5
+  done
+  die "evictd (kafka) got no partition in 300 s"
+}
+
 for s in $SECTIONS; do
   case "$s" in
-    drain|sink|latency|writes|restart) "section_$s" ;;
-    *) die "unknown section $s (drain sink latency writes restart)" ;;
+    drain|sink|latency|writes|restart|kafka) "section_$s" ;;
+    *) die "unknown section $s (drain sink latency writes restart kafka)" ;;
   esac
   psql -X -q "$url" -c "VACUUM shop.products" 9>&-
 done

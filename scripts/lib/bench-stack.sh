@@ -10,29 +10,49 @@
 #                            consumer); sets BACKLOG_START, BACKLOG_END (LSNs),
 #                            BACKLOG_CHANGES
 #   start_evictd BIN SLOT [STATUS_MS]   sets EPID, EPID_START (ns)
+#   kafka_stack              the broker (KAFKA_PORT) and Debezium streaming the
+#                            database into it from a slot of its own
+#                            (DBZ_SLOT), created now, no snapshot: sets
+#                            kafka_brokers, KPY (the venv's python), DBZ_TOPIC
+#   start_evictd_kafka BIN GROUP RESET [COMMIT_MS]   evictd on DBZ_TOPIC as
+#                            consumer group GROUP (auto.offset.reset RESET);
+#                            sets EPID, EPID_START
+#   kafka_tool ARGS          scripts/services/kafka_tool.py against the broker
+#   metric_sum PORT NAME [LABELS]   a metric of evictd's, summed over its
+#                            series (those whose labels contain LABELS)
+#   first_change_ms PID T0   waits for evictd's first change; ms since T0 (ns)
 #   q SQL                    one query on a long-lived session, one line out
 #   lock / unlock            BENCH_LOCK (flock) on fd 9, which children never
 #                            inherit (9>&-)
 #   stack_cleanup            the EXIT trap: stops PIDS, drops the bench slots,
-#                            stops the servers in STOP, removes WORK
+#                            runs the stop scripts in STOP, last added first
+#                            (Debezium before the broker and Postgres),
+#                            removes WORK
 #
 # Needs ROOT, WORK, PGPORT, REDIS_PORT, ROWS, WRITERS, LOCK, STOP=(),
-# PIDS=() and `note`, `die` from the caller.
+# PIDS=() and `note`, `die` from the caller; kafka_stack also KAFKA_PORT.
 
 DB=evictd_bench; PUB=evictd_bench; FIRST_ID=1000000
 METRICS_PORT=$((PGPORT + 1000))
+# Debezium's slot is a bench slot too: the cleanup drops it if its runner is gone.
+DBZ_SLOT=evictd_bench_debezium; DBZ_STATE_DIR="$WORK/debezium"
 
 stack_cleanup() {
   set +e
-  local pid
+  local pid i
   for pid in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$pid" 2>/dev/null; done
   for pid in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$pid" 2>/dev/null; done
+  # Not Debezium's while it runs (one active slot would fail the whole
+  # statement): debezium-stop.sh below drops it.
   [ -n "${url:-}" ] && psql -X -q "$url" -c \
-    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'evictd_bench%'" \
+    "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'evictd_bench%' AND NOT active" \
     >/dev/null 2>&1
-  # The stop scripts default to the test ports: name this run's.
-  for s in "${STOP[@]+"${STOP[@]}"}"; do
-    PGPORT="$PGPORT" REDIS_PORT="$REDIS_PORT" bash "scripts/services/$s" >/dev/null 2>&1
+  # The stop scripts default to the test ports and state: name this run's.
+  # Last started, first stopped: Debezium needs Postgres to drop its slot.
+  for ((i = ${#STOP[@]} - 1; i >= 0; i--)); do
+    PGPORT="$PGPORT" REDIS_PORT="$REDIS_PORT" KAFKA_PORT="${KAFKA_PORT:-}" \
+      PGHOST=127.0.0.1 PGDATABASE="$DB" DBZ_STATE_DIR="$DBZ_STATE_DIR" DBZ_SLOT="$DBZ_SLOT" DBZ_RESET=1 \
+      bash "scripts/services/${STOP[i]}" >/dev/null 2>&1
   done
   rm -rf "$WORK"
 }
@@ -99,19 +119,41 @@ drop_slot_now() {
   done
   q "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = '$1'" >/dev/null
 }
-metric_sum() {     # PORT NAME: the sum of a metric's series
-  python3 - "$1" "$2" <<'PY'
-import sys, urllib.request
-text = urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/metrics", timeout=5).read().decode()
-print(sum(float(l.rsplit(" ", 1)[1]) for l in text.splitlines() if l.startswith(sys.argv[2] + "{") or l.startswith(sys.argv[2] + " ")))
-PY
+metric_sum() {     # PORT NAME [LABELS]: the sum of a metric's series (0 while evictd does not answer)
+  # curl and awk, not python: first_change_ms polls this every 10 ms.
+  curl -sf --max-time 5 "http://127.0.0.1:$1/metrics" 2>/dev/null \
+    | awk -v n="$2" -v l="${3:-}" 'index($0, n "{") == 1 || index($0, n " ") == 1 { if (index($0, l)) s += $NF }
+                                   END { printf "%.15g\n", s }'
+}
+first_change_ms() {  # PID T0: waits until evictd received a change; ms from T0 (ns)
+  for _ in $(seq 1 6000); do
+    [ "$(metric_sum "$METRICS_PORT" evictd_changes_received_total)" = 0 ] || { ms_since "$2"; return 0; }
+    kill -0 "$1" 2>/dev/null || die "evictd exited before its first change"
+    sleep 0.01
+  done
+  die "evictd received no change in 60 s"
 }
 
-# config SLOT FILE [STATUS_MS]: evictd.toml for the e-commerce graph.
-config() {
-  cat >"$2" <<TOML
+# evictd.toml for the e-commerce graph, with the source section on stdin: FILE
+write_evictd_toml() {
+  { cat <<TOML
 [graph]
 paths = ["${BENCH_GRAPH:-$ROOT/dependency-graphs/ecommerce.toml}"]
+TOML
+    cat
+    cat <<TOML
+[redis.primary]
+url = "$redis_url"
+[server]
+listen = "127.0.0.1:$METRICS_PORT"
+[log]
+level = "warn"
+TOML
+  } >"$1"
+}
+# config SLOT FILE [STATUS_MS]: evictd.toml for the e-commerce graph.
+config() {
+  write_evictd_toml "$2" <<TOML
 [source]
 kind = "postgres"
 [source.postgres]
@@ -121,21 +163,77 @@ publication = "$PUB"
 create_slot = true
 create_publication = false
 ${3:+status_interval_ms = $3}
-[redis.primary]
-url = "$redis_url"
-[server]
-listen = "127.0.0.1:$METRICS_PORT"
-[log]
-level = "warn"
+TOML
+}
+# config_kafka GROUP FILE RESET [COMMIT_MS]: the same graph, Debezium's topic
+# as the source. The group joins in about half of session.timeout.ms on the
+# test broker (scripts/services/README.md), hence 2 s; COMMIT_MS, like
+# STATUS_MS, bounds how late a drain's end shows in the committed offsets.
+# fetch.wait.max.ms (BENCH_KAFKA_FETCH_WAIT_MS, 10): the test broker (Tansu
+# 0.6) sleeps through part of it on every fetch, data or not (its
+# broker/fetch.rs: half of what is left when that is 250 ms or more, else all
+# of it), so librdkafka's default of 500 adds about 250 ms to each fetch; a
+# Kafka broker answers as soon as there is data.
+config_kafka() {
+  local commit=""
+  [ -z "${4:-}" ] || commit="\"auto.commit.interval.ms\" = \"$4\""
+  write_evictd_toml "$2" <<TOML
+[source]
+kind = "kafka"
+[source.kafka]
+brokers = "$kafka_brokers"
+group_id = "$1"
+topics = ["$DBZ_TOPIC"]
+[source.kafka.properties]
+"auto.offset.reset" = "$3"
+"session.timeout.ms" = "2000"
+"heartbeat.interval.ms" = "500"
+"fetch.wait.max.ms" = "${BENCH_KAFKA_FETCH_WAIT_MS:-10}"
+$commit
+[lookup]
+url = "$url"
+[dead_letter]
+topic = "$DBZ_PREFIX.dead-letters"
 TOML
 }
 # start_evictd BIN SLOT [STATUS_MS]: sets EPID (and EPID_START, ns).
 start_evictd() {
   config "$2" "$WORK/$2.toml" "${3:-}"
+  launch_evictd "$1" "$2"
+}
+# start_evictd_kafka BIN GROUP RESET [COMMIT_MS]: sets EPID (and EPID_START, ns).
+start_evictd_kafka() {
+  config_kafka "$2" "$WORK/$2.toml" "$3" "${4:-}"
+  launch_evictd "$1" "$2"
+}
+launch_evictd() {    # BIN NAME: runs WORK/NAME.toml, logs to WORK/NAME.log
   EPID_START=$(now_ns)
   "$1" run --config "$WORK/$2.toml" 2>>"$WORK/$2.log" 9>&- &
   EPID=$!; PIDS+=("$EPID")
 }
+
+kafka_stack() {
+  port_open "$KAFKA_PORT" || STOP+=(kafka-stop.sh)
+  kafka_brokers="$(KAFKA_PORT="$KAFKA_PORT" bash "$ROOT/scripts/services/kafka-start.sh" 9>&- | tail -n 1)"
+  KPY="$(bash "$ROOT/scripts/services/debezium-install.sh" 9>&- | tail -n 1)"
+  # A topic prefix of this run's own: a broker left running keeps old topics.
+  DBZ_PREFIX="evictd_bench_$(date +%s)"; DBZ_TOPIC="$DBZ_PREFIX.shop.products"
+  STOP+=(debezium-stop.sh)
+  note "starting Debezium (slot $DBZ_SLOT, no snapshot) -> $kafka_brokers topic $DBZ_TOPIC"
+  # Debezium confirms in its slot only the LSN of its last event, so WAL
+  # written after it (vacuum, a checkpoint) leaves the slot behind, and
+  # evictd-load, which waits for every slot to catch up before it measures,
+  # would wait its full minute. A heartbeat that writes a row (outside
+  # evictd's publication) every 500 ms gives Debezium an event past any WAL.
+  psql -X -q -v ON_ERROR_STOP=1 "$url" -c "CREATE TABLE IF NOT EXISTS public.bench_heartbeat (id int PRIMARY KEY, at timestamptz)"
+  PGHOST=127.0.0.1 PGPORT="$PGPORT" PGDATABASE="$DB" KAFKA_BOOTSTRAP="$kafka_brokers" \
+    DBZ_STATE_DIR="$DBZ_STATE_DIR" DBZ_SLOT="$DBZ_SLOT" DBZ_TOPIC_PREFIX="$DBZ_PREFIX" DBZ_SNAPSHOT_MODE=no_data \
+    DBZ_EXTRA="heartbeat.interval.ms=500;heartbeat.action.query=INSERT INTO public.bench_heartbeat VALUES (1, now()) ON CONFLICT (id) DO UPDATE SET at = now()" \
+    DBZ_BACKGROUND=1 \
+    bash "$ROOT/scripts/services/debezium-run.sh" >/dev/null 9>&- \
+    || die "Debezium did not start (log: $DBZ_STATE_DIR/debezium.log)"
+}
+kafka_tool() { "$KPY" "$ROOT/scripts/services/kafka_tool.py" -b "$kafka_brokers" "$@" 9>&-; }
 stop_pid() { kill -TERM "$1" 2>/dev/null; wait "$1" 2>/dev/null || true; }
 wait_streaming() {   # PID SLOT LOG
   for _ in $(seq 1 400); do

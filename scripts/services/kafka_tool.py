@@ -15,6 +15,18 @@ no use against the test broker. Usage, with the venv debezium-run.sh creates
         # {"topic","partition","offset","key","value","headers"}; --json parses
         # key and value as JSON (null stays null)
   kafka_tool.py -b ... wait TOPIC TEXT [--timeout-s S]   # until a message value contains TEXT
+  kafka_tool.py -b ... count TOPIC [--at-least N] [--timeout-s S] [--idle-s S]
+        # messages in TOPIC (every partition, from the beginning, no group), read
+        # until N arrived (or, without --at-least, until idle); prints
+        # "<messages> <sum over partitions of (last offset + 1)> <bytes of keys and values>"
+  kafka_tool.py -b ... committed GROUP TOPIC --at-least N [--timeout-s S] [--interval-ms MS]
+        # prints "watching", then polls GROUP's committed offsets of TOPIC (summed
+        # over partitions) until they reach N and prints the Unix time in ns at
+        # which they did (time.time_ns()); does not join the group
+  kafka_tool.py -b ... delay TOPIC --window FROM_MS:TO_MS [--window ...]
+        # for the Debezium events of TOPIC produced (CreateTime) within the windows
+        # (Unix ms): CreateTime - source.ts_us, i.e. commit -> handed to the
+        # producer; prints {"n", "p50_ms", "p99_ms", "max_ms"}
 """
 
 from __future__ import annotations
@@ -50,6 +62,21 @@ def main() -> int:
     w.add_argument("topic")
     w.add_argument("text")
     w.add_argument("--timeout-s", type=float, default=60.0)
+    n = sub.add_parser("count")
+    n.add_argument("topic")
+    n.add_argument("--at-least", type=int, default=0)
+    n.add_argument("--timeout-s", type=float, default=300.0)
+    n.add_argument("--idle-s", type=float, default=3.0)
+    g = sub.add_parser("committed")
+    g.add_argument("group")
+    g.add_argument("topic")
+    g.add_argument("--at-least", type=int, required=True)
+    g.add_argument("--timeout-s", type=float, default=300.0)
+    g.add_argument("--interval-ms", type=float, default=20.0)
+    y = sub.add_parser("delay")
+    y.add_argument("topic")
+    y.add_argument("--window", action="append", required=True)
+    y.add_argument("--idle-s", type=float, default=2.0)
     a = ap.parse_args()
 
     if a.cmd == "topics":
@@ -103,6 +130,13 @@ def main() -> int:
         return dump(a.bootstrap, a.prefix, a.json, a.idle_s)
     elif a.cmd == "wait":
         return wait(a.bootstrap, a.topic, a.text, a.timeout_s)
+    elif a.cmd == "count":
+        return count(a.bootstrap, a.topic, a.at_least, a.timeout_s, a.idle_s)
+    elif a.cmd == "committed":
+        return committed(a.bootstrap, a.group, a.topic, a.at_least, a.timeout_s, a.interval_ms)
+    elif a.cmd == "delay":
+        windows = [tuple(int(x) for x in w.split(":")) for w in a.window]
+        return delay(a.bootstrap, a.topic, windows, a.idle_s)
     return 0
 
 
@@ -165,6 +199,96 @@ def wait(bootstrap: str, topic: str, text: str, timeout_s: float) -> int:
     cons.close()
     print(f"wait: no message containing {text!r} in {topic} after {timeout_s} s", file=sys.stderr)
     return 1
+
+
+def count(bootstrap: str, topic: str, at_least: int, timeout_s: float, idle_s: float) -> int:
+    """Counts TOPIC's messages from the beginning (no group). With at_least,
+    returns as soon as that many arrived, whatever the broker reports as the
+    high watermark (see dump); fails after timeout_s. Without, reads until
+    idle for idle_s. Prints the count and the offsets' end (sum over
+    partitions of the last offset + 1): what a group has committed once it
+    consumed everything; and the bytes of their keys and values."""
+    cons = Consumer({"bootstrap.servers": bootstrap, "group.id": "kafka-tool", "enable.auto.commit": False})
+    deadline = time.time() + timeout_s
+    md = None
+    while time.time() < deadline:
+        md = cons.list_topics(topic, timeout=10).topics.get(topic)
+        if md is not None and md.error is None and md.partitions:
+            break
+        time.sleep(0.5)
+    else:
+        print(f"count: no topic {topic} after {timeout_s} s", file=sys.stderr)
+        return 1
+    cons.assign([TopicPartition(topic, pid, OFFSET_BEGINNING) for pid in md.partitions])
+    n, size, ends, last = 0, 0, {}, time.time()
+    while time.time() < deadline and (n < at_least if at_least else time.time() - last < idle_s):
+        for m in cons.consume(num_messages=10000, timeout=0.2):
+            if m.error():
+                print(f"count: {m.error()}", file=sys.stderr)
+                continue
+            n += 1
+            size += len(m.key() or b"") + len(m.value() or b"")
+            ends[m.partition()] = max(ends.get(m.partition(), 0), m.offset() + 1)
+            last = time.time()
+    cons.close()
+    print(n, sum(ends.values()), size)
+    if at_least and n < at_least:
+        print(f"count: {n} of {at_least} messages in {topic} after {timeout_s} s", file=sys.stderr)
+        return 1
+    return 0
+
+
+def committed(bootstrap: str, group: str, topic: str, at_least: int, timeout_s: float, interval_ms: float) -> int:
+    """Waits until GROUP's committed offsets of TOPIC sum to at_least; prints
+    the time it saw them there (ns since the epoch). A consumer with the
+    group's id that never subscribes only asks (OffsetFetch): it is no
+    member and takes no partition."""
+    cons = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    md = cons.list_topics(topic, timeout=10).topics[topic]
+    tps = [TopicPartition(topic, pid) for pid in md.partitions]
+    print("watching", flush=True)
+    deadline, total = time.time() + timeout_s, 0
+    while time.time() < deadline:
+        try:
+            total = sum(max(tp.offset, 0) for tp in cons.committed(tps, timeout=5))
+        except Exception as e:  # the group does not exist yet, or a passing error
+            print(f"committed: {e}", file=sys.stderr)
+        if total >= at_least:
+            print(time.time_ns(), flush=True)
+            cons.close()
+            return 0
+        time.sleep(interval_ms / 1000)
+    cons.close()
+    print(f"committed: {group} at {total} of {at_least} on {topic} after {timeout_s} s", file=sys.stderr)
+    return 1
+
+
+def delay(bootstrap: str, topic: str, windows: list[tuple[int, int]], idle_s: float) -> int:
+    """How long Debezium took from a commit to producing its event: the
+    record's CreateTime (set when the runner hands it to the producer) minus
+    the event's source.ts_us (the commit time), for records created within
+    one of the windows. Same clock: everything runs on one machine."""
+    cons = Consumer({"bootstrap.servers": bootstrap, "group.id": "kafka-tool", "enable.auto.commit": False})
+    md = cons.list_topics(topic, timeout=10).topics[topic]
+    cons.assign([TopicPartition(topic, pid, OFFSET_BEGINNING) for pid in md.partitions])
+    delays, last = [], time.time()
+    while time.time() - last < idle_s:
+        for m in cons.consume(num_messages=10000, timeout=0.2):
+            last = time.time()
+            if m.error() or m.value() is None:
+                continue
+            created = m.timestamp()[1]
+            if not any(a <= created <= b for a, b in windows):
+                continue
+            event = json.loads(m.value())
+            source = event.get("payload", event)["source"]
+            committed_ms = source["ts_us"] / 1000 if source.get("ts_us") else source["ts_ms"]
+            delays.append(created - committed_ms)
+    cons.close()
+    delays.sort()
+    pick = lambda q: round(delays[min(len(delays) - 1, int(q * len(delays)))], 2) if delays else None  # noqa: E731
+    print(json.dumps({"n": len(delays), "p50_ms": pick(0.5), "p99_ms": pick(0.99), "max_ms": pick(1.0)}))
+    return 0
 
 
 if __name__ == "__main__":
