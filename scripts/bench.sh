@@ -3,7 +3,7 @@
 #
 #   scripts/bench.sh                 the Postgres sections, ≈ 6-8 minutes on 2 cores
 #   BENCH_SECTIONS="drain restart" scripts/bench.sh
-#   BENCH_SECTIONS=kafka scripts/bench.sh   the Kafka path next to the Postgres one, ≈ 4 minutes
+#   BENCH_SECTIONS=kafka scripts/bench.sh   the Kafka path next to the Postgres one, ≈ 3 minutes
 #
 # Starts its own Postgres and Redis (scripts/services/, ports below), loads
 # the e-commerce example into a fresh database and prints, at the end, a
