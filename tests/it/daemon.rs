@@ -242,14 +242,7 @@ level = "info,evictd=debug"
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; evictd log:\n{}", self.log());
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        super::support::wait_until(what, limit, || self.log(), check).await
     }
 
     /// Stops the daemon and removes the slot and database.

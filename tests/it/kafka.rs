@@ -222,14 +222,7 @@ level = "info,evictd=debug,librdkafka=warn"
         F: Fn() -> Fut,
         Fut: std::future::Future<Output = Option<T>>,
     {
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "timed out waiting for {what}; evictd logs:\n{}", self.logs());
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        super::support::wait_until(what, limit, || self.logs(), check).await
     }
 
     async fn wait_gone(&self, conn: &redis::aio::MultiplexedConnection, keys: &[String], limit: Duration) {

@@ -115,3 +115,20 @@ impl TestDb {
             .unwrap();
     }
 }
+
+/// Polls `check` until it yields, or fails the test naming `what` and
+/// showing `log()` (the daemon's log) as it is then.
+pub async fn wait_until<F, Fut, T>(what: &str, limit: std::time::Duration, log: impl Fn() -> String, check: F) -> T
+where
+    F: Fn() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}; evictd log:\n{}", log());
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
