@@ -17,7 +17,7 @@ pub mod export;
 pub mod file;
 pub mod load;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use petgraph::graph::{DiGraph, NodeIndex};
@@ -254,6 +254,19 @@ impl Graph {
     /// Caches that depend on `table` through a row trigger (any kind).
     pub fn caches_of_table(&self, table: TableId) -> impl Iterator<Item = CacheId> + '_ {
         self.tables[table.0].dependents.iter().map(|d| self.dependencies[d.0].cache)
+    }
+
+    /// `caches` and every cache that embeds one of them, directly or
+    /// through others: what a namespace bump of `caches` must also bump.
+    pub fn with_embedders(&self, caches: impl IntoIterator<Item = CacheId>) -> BTreeSet<CacheId> {
+        let mut out = BTreeSet::new();
+        let mut todo: Vec<CacheId> = caches.into_iter().collect();
+        while let Some(cache) = todo.pop() {
+            if out.insert(cache) {
+                todo.extend(self.caches[cache.0].embedded_by.iter().map(|d| self.dependencies[d.0].cache));
+            }
+        }
+        out
     }
 
     fn build_view(&mut self) {

@@ -102,14 +102,19 @@ impl TransactionEffects {
         self.effects.insert(effect);
     }
 
-    /// Replaces every cache's keys, tags and look-ups by one namespace bump.
+    /// Replaces every cache's keys, tags and look-ups by one namespace bump,
+    /// of that cache and of every cache that embeds it, transitively: the
+    /// keys a dropped look-up would have found, and the embedders' keys that
+    /// applications registered under a dropped tag, are unknown now, and a
+    /// bump of an embedded cache reaches its embedders only through this
+    /// closure (as `Resolver::bump` does for every other bump).
     fn collapse(&mut self, graph: &Graph) {
-        let caches: HashSet<CacheId> = self
-            .effects
-            .iter()
-            .map(Effect::cache)
-            .chain(self.lookups.iter().map(|l| graph.dependency(l.dependency).cache))
-            .collect();
+        let caches = graph.with_embedders(
+            self.effects
+                .iter()
+                .map(Effect::cache)
+                .chain(self.lookups.iter().map(|l| graph.dependency(l.dependency).cache)),
+        );
         tracing::warn!(
             changes = self.changes,
             caches = caches.len(),
@@ -199,6 +204,76 @@ lookup = { query = "SELECT id FROM x WHERE y = ANY($1)", arg = "owner" }
         let resolution = Resolver::new(&g).resolve(&change);
         tx.add(&g, change, resolution);
         assert!(tx.finish().origins.is_empty());
+    }
+
+    /// Issue 11, item 1: `page` embeds `owner_items`, which only look-ups
+    /// feed; `feed` embeds `item` through a tag-less key; `tagged` is fed by
+    /// tags and embedded by `digest`. Collapsing must bump every embedder,
+    /// transitively, of every cache it touches.
+    const EMBEDDED: &str = r#"
+[tables."app.items"]
+key = ["id"]
+columns = ["id", "owner"]
+
+[caches.item]
+key = "item:{id}"
+[[caches.item.depends]]
+table = "app.items"
+
+[caches.feed]
+key = "feed:{id}"
+[[caches.feed.depends]]
+embeds = "item"
+
+[caches.owner_items]
+key = "owner:{id}:items"
+[[caches.owner_items.depends]]
+table = "app.items"
+lookup = { query = "SELECT id FROM x WHERE y = ANY($1)", arg = "owner" }
+
+[caches.page]
+key = "page:{id}"
+[[caches.page.depends]]
+embeds = "owner_items"
+
+[caches.site]
+key = "site:{id}"
+[[caches.site.depends]]
+embeds = "page"
+
+[caches.tagged]
+key = "tagged:{id}"
+[[caches.tagged.depends]]
+table = "app.items"
+tags = ["owner:{owner}"]
+
+[caches.digest]
+key = "digest:{id}"
+[[caches.digest.depends]]
+embeds = "tagged"
+"#;
+
+    #[test]
+    fn a_collapse_bumps_every_cache_that_embeds_what_it_touched() {
+        let g = load_sources(&[SourceFile::new("t.toml", EMBEDDED.to_owned())]).unwrap();
+        let mut tx = TransactionEffects::new(20);
+        for id in 0..1_000 {
+            let change = insert(id);
+            let resolution = Resolver::new(&g).resolve(&change);
+            tx.add(&g, change, resolution);
+        }
+        let TransactionOutput { effects, lookups, origins } = tx.finish();
+        let bumped: HashSet<&str> = effects
+            .iter()
+            .map(|e| match e {
+                Effect::NamespaceBump { cache } => g.cache(*cache).name.as_ref(),
+                other => panic!("only namespace bumps after a collapse, got {other:?}"),
+            })
+            .collect();
+        let all: HashSet<&str> =
+            ["item", "feed", "owner_items", "page", "site", "tagged", "digest"].into_iter().collect();
+        assert_eq!(bumped, all, "the look-up's embedders (page, site) and the tags' (digest) are bumped too");
+        assert!(lookups.is_empty() && origins.is_empty());
     }
 
     #[test]

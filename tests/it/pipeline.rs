@@ -173,3 +173,46 @@ async fn a_cluster_target_loses_no_key_across_slots() {
     .await;
     d.finish().await;
 }
+
+/// Issue 11, item 1: a look-up-fed cache embedded by another, in a
+/// transaction past `max_transaction_effects`. The collapse bumps the
+/// look-up's cache; the cache that embeds it must be bumped too, as every
+/// other namespace bump is (`Resolver::bump` follows `embeds`).
+fn embedded_lookup_graph(p: &str) -> String {
+    format!(
+        r#"
+[tables."app.posts"]
+key = ["id"]
+columns = ["id", "author_id", "title"]
+
+[caches.{p}_author]
+key = "{p}:author:{{id}}"
+[[caches.{p}_author.depends]]
+table = "app.posts"
+lookup = {{ query = "SELECT author_id FROM app.posts WHERE id = ANY($1)", arg = "id" }}
+
+[caches.{p}_author_page]
+key = "{p}:author-page:{{id}}"
+[[caches.{p}_author_page.depends]]
+embeds = "{p}_author"
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_collapsed_transaction_bumps_the_caches_that_embed_its_lookup_caches() {
+    let url = redis_url();
+    let extra = "[run]\nmax_transaction_effects = 50\n";
+    let mut d = Daemon::custom(&pg_url(), &url, SCHEMA, embedded_lookup_graph, extra).await;
+    d.sql("INSERT INTO app.posts SELECT g, 3, 'bulk' FROM generate_series(1000, 1199) g").await;
+    d.start().await;
+    let r = redis(&url).await;
+    let p = d.prefix.clone();
+    // 200 look-ups in one transaction, past the limit of 50.
+    let bulk = "UPDATE app.posts SET title = 'b' WHERE author_id = 3";
+    expect_namespace_bump(&d, &r, &format!("{p}_author_page"), bulk, Duration::from_secs(20)).await;
+    let author: Option<String> = r.clone().get(format!("evictd:ns:{p}_author")).await.unwrap();
+    assert!(author.is_some(), "the look-up's own cache is bumped too");
+    assert!(d.log().contains("past its effect limit"), "{}", d.log());
+    d.finish().await;
+}
