@@ -170,8 +170,7 @@ level = "info,evictd=debug"
     /// SIGKILL: no flush, no acknowledgement.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            super::process::kill(&mut child);
         }
     }
 
@@ -190,11 +189,12 @@ level = "info,evictd=debug"
         }
     }
 
-    /// SIGTERM, then the exit status.
+    /// SIGTERM, then the exit status. A daemon still running 30 s later
+    /// (its grace period is 5 s) is killed and fails the test.
     pub fn terminate(&mut self) -> Option<i32> {
         let mut child = self.child.take()?;
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        child.wait().ok().and_then(|s| s.code())
+        let exited = super::process::terminate(&mut child, Duration::from_secs(30));
+        exited.unwrap_or_else(|e| panic!("{e}; its log:\n{}", self.log()))
     }
 
     /// Where the running daemon serves /metrics (from its log).
@@ -305,8 +305,7 @@ impl Replica {
 
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            super::process::kill(&mut child);
         }
     }
 }

@@ -206,15 +206,13 @@ level = "info,evictd=debug,librdkafka=warn"
 
     fn kill(&mut self, n: usize) {
         if let Some(mut child) = self.replicas.get_mut(n).and_then(Option::take) {
-            let _ = child.kill();
-            let _ = child.wait();
+            super::process::kill(&mut child);
         }
     }
 
     fn terminate(&mut self, n: usize) -> Option<i32> {
         let mut child = self.replicas.get_mut(n).and_then(Option::take)?;
-        let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
-        child.wait().ok().and_then(|s| s.code())
+        super::process::terminate(&mut child, Duration::from_secs(30)).unwrap_or_else(|e| panic!("replica {n}: {e}"))
     }
 
     async fn wait_for<F, Fut, T>(&self, what: &str, limit: Duration, check: F) -> T
@@ -490,12 +488,12 @@ impl Debezium {
         for (k, v) in extra {
             env.push(((*k).to_owned(), (*v).to_owned()));
         }
-        let status = Command::new("bash")
-            .arg(root().join("scripts/services/debezium-run.sh"))
+        let mut run = Command::new("bash");
+        run.arg(root().join("scripts/services/debezium-run.sh"))
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stdout(Stdio::null())
-            .status()
-            .unwrap();
+            .stdout(Stdio::null());
+        // DBZ_BACKGROUND=1: the script returns once Debezium streams.
+        let status = super::process::status_within(&mut run, Duration::from_secs(300));
         let debezium = Debezium { state_dir, env };
         assert!(status.success(), "debezium-run.sh failed; its log:\n{}", debezium.log());
         debezium
@@ -509,13 +507,13 @@ impl Debezium {
 
 impl Drop for Debezium {
     fn drop(&mut self) {
-        let _ = Command::new("bash")
-            .arg(root().join("scripts/services/debezium-stop.sh"))
+        let mut stop = Command::new("bash");
+        stop.arg(root().join("scripts/services/debezium-stop.sh"))
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("DBZ_RESET", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status();
+            .stderr(Stdio::null());
+        let _ = super::process::status_within(&mut stop, Duration::from_secs(120));
         let _ = std::fs::remove_dir_all(&self.state_dir);
     }
 }

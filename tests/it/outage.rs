@@ -53,8 +53,7 @@ impl OwnRedis {
 
     fn down(&mut self) {
         if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+            super::process::kill(&mut child);
         }
     }
 }
@@ -125,12 +124,11 @@ struct OwnPostgres {
 
 impl OwnPostgres {
     fn script(env: &[(String, String)], name: &str) -> String {
-        let out = Command::new("bash")
-            .arg(root().join("scripts/services").join(name))
+        let mut out = Command::new("bash");
+        out.arg(root().join("scripts/services").join(name))
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .stderr(Stdio::inherit())
-            .output()
-            .expect("the service script runs");
+            .stderr(Stdio::inherit());
+        let out = super::process::output_within(&mut out, Duration::from_secs(120));
         assert!(out.status.success(), "{name} failed");
         String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or_default().to_owned()
     }
@@ -157,7 +155,9 @@ impl Drop for OwnPostgres {
     fn drop(&mut self) {
         let mut env = self.env.clone();
         env.push(("PG_WIPE".to_owned(), "1".to_owned()));
-        let _ = Command::new("bash").arg(root().join("scripts/services/pg-stop.sh")).envs(env).status();
+        let mut stop = Command::new("bash");
+        stop.arg(root().join("scripts/services/pg-stop.sh")).envs(env);
+        let _ = super::process::status_within(&mut stop, Duration::from_secs(120));
     }
 }
 

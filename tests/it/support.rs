@@ -34,7 +34,9 @@ pub fn evictd_with_stdin(args: &[&str], stdin: Option<&str>) -> Output {
     {
         pipe.write_all(text.as_bytes()).expect("stdin written");
     }
-    child.wait_with_output().expect("evictd finishes")
+    drop(child.stdin.take());
+    // Every command the CLI tests run ends in seconds; a hang fails the test.
+    super::process::collect_within(child, std::time::Duration::from_secs(120), &format!("evictd {args:?}"))
 }
 
 pub fn stdout(o: &Output) -> String {
