@@ -1,7 +1,8 @@
 //! How an application reads and fills keys that evictd invalidates, as laid
 //! out in `docs/redis-layout.md`: a `delete` cache read under its namespace
 //! version and filled through the fill guard, a `bump` cache read through
-//! its version key, and a key registered under tags when it is filled.
+//! its version key, and a key registered under tags before the database
+//! read and filled through the guard.
 //!
 //! ```sh
 //! scripts/services/redis-start.sh
@@ -13,10 +14,8 @@
 //! different slots separately (the registration of each tag is one
 //! transaction on that tag's slot).
 
-use std::time::{SystemTime, UNIX_EPOCH};
-
-use evictd::reader::{Read, begin_fill, fill, read};
-use evictd::sink::redis::layout::{namespace_key, parse_version, stamp, tag_key, unstamp, versioned_key};
+use evictd::reader::{Read, begin_fill, fill, read, register};
+use evictd::sink::redis::layout::{namespace_key, parse_version, stamp, unstamp, versioned_key};
 use redis::aio::MultiplexedConnection;
 
 type Result<T> = std::result::Result<T, Box<dyn std::error::Error>>;
@@ -70,39 +69,28 @@ async fn sku_price(con: &mut MultiplexedConnection, sku: u64, currency: &str) ->
     Ok(payload)
 }
 
-/// `search_results` (tags): fill the key, THEN register it under each tag,
-/// scored with the key's expiry; each registry expires with its
-/// longest-lived key.
+/// `search_results` (tags): take the key's stamp, register the key under
+/// each tag (scored with its expiry; each registry expires with its
+/// longest-lived key), THEN read the database and fill through the guard.
+/// Registered before the read, the key is found by evictd's invalidation of
+/// any commit the read missed, and that stale fill is refused.
 async fn search(con: &mut MultiplexedConnection, category: u64, query: &str) -> Result<Vec<u8>> {
     let key = format!("search:category={category}&page=1&q={query}");
     let ns = version(con, &namespace_key("search_results")).await?;
-    let cached: Option<Vec<u8>> = redis::cmd("GET").arg(&key).query_async(con).await?;
-    if let Some(payload) = cached.as_deref().and_then(|c| unstamp(c, ns)) {
-        return Ok(payload.to_vec());
-    }
-    let payload = database(&format!("search {query:?} in category {category}"));
+    let stamp_taken = match read(con, key.as_bytes(), 60_000).await? {
+        Read::Hit(cached) => match unstamp(&cached, ns) {
+            Some(payload) => return Ok(payload.to_vec()),
+            // Filled under an older namespace: a miss. Take a stamp of our own.
+            None => begin_fill(con, key.as_bytes(), 60_000).await?,
+        },
+        Read::Miss { stamp } => stamp,
+    };
     let ttl_ms: u64 = 300_000;
-    let expire_at = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis() as u64 + ttl_ms;
-    redis::cmd("SET").arg(&key).arg(stamp(ns, &payload)).arg("PX").arg(ttl_ms).exec_async(con).await?;
-    for tag in [format!("category:{category}"), "product:7".to_owned(), "product:9".to_owned()] {
-        let registry = tag_key(&tag);
-        redis::pipe()
-            .atomic()
-            .cmd("ZADD")
-            .arg(&registry)
-            .arg(expire_at)
-            .arg(&key)
-            .cmd("PEXPIREAT")
-            .arg(&registry)
-            .arg(expire_at)
-            .arg("NX")
-            .cmd("PEXPIREAT")
-            .arg(&registry)
-            .arg(expire_at)
-            .arg("GT")
-            .exec_async(con)
-            .await?;
-    }
+    let tags = [format!("category:{category}"), "product:7".to_owned(), "product:9".to_owned()];
+    register(con, key.as_bytes(), &tags, ttl_ms).await?;
+    let payload = database(&format!("search {query:?} in category {category}"));
+    // `false`: a tag was invalidated since the stamp; serve, do not cache.
+    fill(con, key.as_bytes(), &stamp_taken, &stamp(ns, &payload), ttl_ms).await?;
     Ok(payload)
 }
 

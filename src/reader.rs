@@ -29,6 +29,12 @@
 //! [`begin_fill`] takes the stamp alone, for readers that do their own
 //! `GET` (or fill without reading first).
 //!
+//! A key invalidated through tags is registered with [`register`] between
+//! the stamp and the database read: stamp, register, read, fill. Registered
+//! after the read (or after the fill), evictd can scan the tag's registry
+//! between the commit and the registration, find nothing, and the old value
+//! stays for its whole TTL.
+//!
 //! Both calls run scripts on the key's hash slot only, so they work on a
 //! Redis Cluster as on a single server.
 
@@ -37,7 +43,7 @@ use std::sync::LazyLock;
 use redis::Script;
 use redis::aio::ConnectionLike;
 
-pub use crate::sink::redis::layout::{FILL_BEGIN_LUA, FILL_LUA, READ_LUA, guard_key};
+pub use crate::sink::redis::layout::{FILL_BEGIN_LUA, FILL_LUA, READ_LUA, guard_key, tag_key};
 
 static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_BEGIN_LUA));
 static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_LUA));
@@ -79,4 +85,45 @@ pub async fn fill<C: ConnectionLike>(
 ) -> redis::RedisResult<bool> {
     let stored: i64 = FILL.key(key).key(guard_key(key)).arg(stamp).arg(value).arg(ttl_ms).invoke_async(con).await?;
     Ok(stored == 1)
+}
+
+/// Registers `key` under each of `tags` (the registry `evictd:tag:{T}`,
+/// scored with the key's expiry: now + `ttl_ms`), one transaction per tag,
+/// each on its tag's slot. Call it **after** taking the stamp ([`read`] or
+/// [`begin_fill`]) and **before** reading the database, then [`fill`] with
+/// the same `ttl_ms`: evictd's invalidation of a tag that runs after the
+/// database read then finds the key and replaces its stamp, so a fill of
+/// what was read before the commit is refused. Registered and not filled
+/// (a refused fill, a reader that gave up) costs nothing: evictd deletes a
+/// missing key, and the registration expires.
+pub async fn register<C: ConnectionLike>(
+    con: &mut C,
+    key: &[u8],
+    tags: &[impl AsRef<str>],
+    ttl_ms: u64,
+) -> redis::RedisResult<()> {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let expire_at = now_ms.saturating_add(ttl_ms);
+    for tag in tags {
+        let registry = tag_key(tag.as_ref());
+        redis::pipe()
+            .atomic()
+            .cmd("ZADD")
+            .arg(&registry)
+            .arg(expire_at)
+            .arg(key)
+            .cmd("PEXPIREAT")
+            .arg(&registry)
+            .arg(expire_at)
+            .arg("NX")
+            .cmd("PEXPIREAT")
+            .arg(&registry)
+            .arg(expire_at)
+            .arg("GT")
+            .exec_async(con)
+            .await?;
+    }
+    Ok(())
 }

@@ -21,3 +21,4 @@ mod redis_support;
 mod server;
 mod standby;
 mod support;
+mod tag_race;

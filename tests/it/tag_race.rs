@@ -1,0 +1,208 @@
+//! Keys registered under tags against the update race, end to end: real
+//! Postgres, real Redis, `evictd run`, readers that register and fill.
+//!
+//! Issue 11, item 5. The race: a reader misses and reads the old row; a
+//! writer commits; evictd invalidates the tag and finds the registry empty
+//! (the reader has not registered yet); the reader fills and registers the
+//! old value, which then stays. The protocol that closes it: take the
+//! fill-guard stamp, register under the tags, read the database, fill
+//! through the guard. The registration is in place before the database is
+//! read, so evictd's tag scan after the commit finds the key and replaces
+//! its stamp, and the stale fill is refused.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use evictd::reader::{Read, fill, read, register};
+use evictd::sink::redis::layout::tag_key;
+use redis::AsyncCommands as _;
+use sqlx::Connection as _;
+
+use super::daemon::{Daemon, redis, redis_url};
+
+const SCHEMA: &str = "
+CREATE SCHEMA app;
+CREATE TABLE app.stock (id bigint PRIMARY KEY, quantity bigint NOT NULL);
+INSERT INTO app.stock SELECT g, 0 FROM generate_series(1, 8) g;
+";
+
+/// A listing cache invalidated through tags only: the application names
+/// its keys and registers them under `<prefix>-stock:<id>`.
+fn graph(prefix: &str) -> String {
+    format!(
+        r#"
+[tables."app.stock"]
+key = ["id"]
+columns = ["id", "quantity"]
+
+[caches.{prefix}_listing]
+key = "{prefix}:listing:{{?page}}"
+[[caches.{prefix}_listing.depends]]
+table = "app.stock"
+tags = ["{prefix}-stock:{{id}}"]
+"#
+    )
+}
+
+const STAMP_TTL_MS: u64 = 60_000;
+const TTL_MS: u64 = 600_000;
+
+async fn quantity(conn: &mut sqlx::PgConnection, id: i64) -> i64 {
+    sqlx::query_scalar("SELECT quantity FROM app.stock WHERE id = $1").bind(id).fetch_one(conn).await.unwrap()
+}
+
+async fn caught_up(d: &Daemon) {
+    let target = d.current_lsn().await;
+    d.wait_for("evictd to acknowledge every commit", Duration::from_secs(30), || async {
+        (d.confirmed_flush().await >= target).then_some(())
+    })
+    .await;
+}
+
+/// One reader's miss under the documented protocol: stamp, register, read
+/// the database, fill through the guard. `Some(true)`: stored.
+async fn guarded_miss(
+    r: &mut redis::aio::MultiplexedConnection,
+    db: &mut sqlx::PgConnection,
+    key: &str,
+    tag: &str,
+    id: i64,
+    window: Duration,
+) -> Option<bool> {
+    let Read::Miss { stamp } = read(r, key.as_bytes(), STAMP_TTL_MS).await.unwrap() else {
+        return None;
+    };
+    register(r, key.as_bytes(), &[tag], TTL_MS).await.unwrap();
+    let value = quantity(db, id).await;
+    tokio::time::sleep(window).await;
+    Some(fill(r, key.as_bytes(), &stamp, value.to_string().as_bytes(), TTL_MS).await.unwrap())
+}
+
+#[tokio::test]
+async fn registering_before_the_database_read_refuses_the_stale_refill() {
+    let url = redis_url();
+    let mut d = Daemon::custom(&super::support::pg_url(), &url, SCHEMA, graph, "").await;
+    d.start().await;
+    let mut r = redis(&url).await;
+    let mut db = sqlx::PgConnection::connect(&d.db.url).await.unwrap();
+    let p = d.prefix.clone();
+    let key = d.key("listing:page=1");
+    let tag = format!("{p}-stock:1");
+
+    // Fill first, register second (the protocol documented before): the
+    // reader reads the old row, the writer commits, evictd finds no
+    // registration, the reader fills and registers the old value.
+    let old = quantity(&mut db, 1).await;
+    d.sql("UPDATE app.stock SET quantity = quantity + 1 WHERE id = 1").await;
+    caught_up(&d).await;
+    let () = r.set(&key, old).await.unwrap();
+    register(&mut r, key.as_bytes(), &[&tag], TTL_MS).await.unwrap();
+    let cached: i64 = r.get(&key).await.unwrap();
+    assert_eq!((cached, quantity(&mut db, 1).await), (old, old + 1), "fill-then-register keeps the old value");
+    let () = r.del(&[key.clone(), tag_key(&tag)]).await.unwrap();
+
+    // Stamp, register, read, fill: the same interleaving is refused.
+    let Read::Miss { stamp } = read(&mut r, key.as_bytes(), STAMP_TTL_MS).await.unwrap() else {
+        panic!("the key was deleted")
+    };
+    register(&mut r, key.as_bytes(), &[&tag], TTL_MS).await.unwrap();
+    let old = quantity(&mut db, 1).await;
+    d.sql("UPDATE app.stock SET quantity = quantity + 1 WHERE id = 1").await;
+    caught_up(&d).await;
+    let stored = fill(&mut r, key.as_bytes(), &stamp, old.to_string().as_bytes(), TTL_MS).await.unwrap();
+    assert!(!stored, "evictd found the registration and replaced the stamp: the stale refill is refused");
+    assert!(!super::daemon::exists(&mut r, &key).await, "nothing was written");
+
+    // A reader after the invalidation stores the new value, registered.
+    let stored = guarded_miss(&mut r, &mut db, &key, &tag, 1, Duration::ZERO).await;
+    assert_eq!(stored, Some(true));
+    let cached: i64 = r.get(&key).await.unwrap();
+    assert_eq!(cached, quantity(&mut db, 1).await);
+    let registered: Option<f64> = r.zscore(tag_key(&tag), &key).await.unwrap();
+    assert!(registered.is_some(), "the fresh value is registered under its tag");
+    d.finish().await;
+}
+
+#[tokio::test]
+async fn under_concurrent_readers_and_writers_no_stale_tagged_value_survives() {
+    const ROWS: i64 = 8;
+    const WRITERS: usize = 4;
+    const READERS: usize = 8;
+    let url = redis_url();
+    let mut d = Daemon::custom(&super::support::pg_url(), &url, SCHEMA, graph, "").await;
+    d.start().await;
+    let p = d.prefix.clone();
+    let keys: Arc<Vec<(String, String)>> =
+        Arc::new((1..=ROWS).map(|id| (d.key(&format!("listing:item={id}")), format!("{p}-stock:{id}"))).collect());
+    let stop_writers = Arc::new(AtomicBool::new(false));
+    let stop_readers = Arc::new(AtomicBool::new(false));
+    let (accepted, refused, commits) =
+        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+
+    let mut writers = Vec::new();
+    for w in 0..WRITERS {
+        let (url, stop, commits) = (d.db.url.clone(), stop_writers.clone(), commits.clone());
+        writers.push(tokio::spawn(async move {
+            let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+            let mut rng = fastrand::Rng::with_seed(w as u64);
+            while !stop.load(Ordering::Relaxed) {
+                let id = rng.i64(1..=ROWS);
+                sqlx::query("UPDATE app.stock SET quantity = quantity + 1 WHERE id = $1")
+                    .bind(id)
+                    .execute(&mut db)
+                    .await
+                    .unwrap();
+                commits.fetch_add(1, Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_micros(rng.u64(0..2000))).await;
+            }
+        }));
+    }
+    let mut readers = Vec::new();
+    for reader in 0..READERS {
+        let (pg, stop, keys) = (d.db.url.clone(), stop_readers.clone(), keys.clone());
+        let (accepted, refused) = (accepted.clone(), refused.clone());
+        let mut r = redis(&url).await;
+        readers.push(tokio::spawn(async move {
+            let mut db = sqlx::PgConnection::connect(&pg).await.unwrap();
+            let mut rng = fastrand::Rng::with_seed(100 + reader as u64);
+            while !stop.load(Ordering::Relaxed) {
+                let id = rng.i64(1..=ROWS);
+                let (key, tag) = &keys[(id - 1) as usize];
+                let window = Duration::from_micros(rng.u64(0..3000));
+                match guarded_miss(&mut r, &mut db, key, tag, id, window).await {
+                    None => tokio::time::sleep(Duration::from_micros(rng.u64(0..500))).await,
+                    Some(true) => drop(accepted.fetch_add(1, Ordering::Relaxed)),
+                    Some(false) => drop(refused.fetch_add(1, Ordering::Relaxed)),
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop_writers.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    caught_up(&d).await;
+    stop_readers.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.unwrap();
+    }
+    caught_up(&d).await;
+
+    let (accepted, refused, commits) =
+        (accepted.load(Ordering::Relaxed), refused.load(Ordering::Relaxed), commits.load(Ordering::Relaxed));
+    eprintln!("{commits} commits, {accepted} tagged fills stored, {refused} stale fills refused");
+    assert!(commits > 100, "the writers made too few commits ({commits}) to race");
+    assert!(refused > 0, "no fill was refused: the race was not exercised");
+    assert!(accepted > 0, "no fill was stored");
+    let mut r = redis(&url).await;
+    let mut db = sqlx::PgConnection::connect(&d.db.url).await.unwrap();
+    for id in 1..=ROWS {
+        let cached: Option<i64> = r.get(&keys[(id - 1) as usize].0).await.unwrap();
+        if let Some(cached) = cached {
+            assert_eq!(cached, quantity(&mut db, id).await, "row {id}: the cache holds a stale quantity");
+        }
+    }
+    d.finish().await;
+}
