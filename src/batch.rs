@@ -21,6 +21,9 @@ pub struct BatchLimits {
     pub max_effects: usize,
     /// Close this long after the batch's first transaction arrived.
     pub max_delay: Duration,
+    /// Close once the batch holds about this many bytes (effects, and the
+    /// changes its look-ups came from).
+    pub max_bytes: usize,
 }
 
 /// Effects of one or more whole transactions, deduplicated.
@@ -29,13 +32,15 @@ pub struct Batch {
     id: u64,
     effects: Vec<Effect>,
     seen: HashSet<Effect>,
+    /// About how many bytes `effects` and `seen` hold.
+    bytes: usize,
     transactions: usize,
     last_position: Option<Position>,
 }
 
 impl Batch {
     pub fn new(id: u64) -> Batch {
-        Batch { id, effects: Vec::new(), seen: HashSet::new(), transactions: 0, last_position: None }
+        Batch { id, effects: Vec::new(), seen: HashSet::new(), bytes: 0, transactions: 0, last_position: None }
     }
 
     pub fn id(&self) -> u64 {
@@ -46,6 +51,7 @@ impl Batch {
     pub fn push_transaction(&mut self, position: Position, effects: impl IntoIterator<Item = Effect>) {
         for effect in effects {
             if self.seen.insert(effect.clone()) {
+                self.bytes += 2 * effect.approx_bytes();
                 self.effects.push(effect);
             }
         }
@@ -68,13 +74,18 @@ impl Batch {
         self.last_position.as_ref()
     }
 
+    /// About how many bytes the batch's effects hold.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     pub fn is_empty(&self) -> bool {
         self.transactions == 0
     }
 
     /// Whether the batch reached its size limit.
     pub fn is_full(&self, limits: &BatchLimits) -> bool {
-        self.effects.len() >= limits.max_effects
+        self.effects.len() >= limits.max_effects || self.bytes >= limits.max_bytes
     }
 }
 
@@ -122,7 +133,7 @@ mod tests {
             let got: HashSet<Effect> = batch.effects().iter().cloned().collect();
             prop_assert_eq!(got, expected);
             prop_assert_eq!(batch.effects().len(), batch.seen.len());
-            let limits = BatchLimits { max_effects: 5, max_delay: Duration::from_millis(1) };
+            let limits = BatchLimits { max_effects: 5, max_delay: Duration::from_millis(1), max_bytes: usize::MAX };
             prop_assert_eq!(batch.is_full(&limits), batch.effects().len() >= 5);
         }
     }

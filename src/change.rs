@@ -83,6 +83,15 @@ impl Value {
         matches!(self, Value::Null)
     }
 
+    /// Bytes this value holds on the heap (text and byte strings).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Value::Text(s) => s.len(),
+            Value::Bytes(b) => b.len(),
+            Value::Null | Value::Bool(_) | Value::Int(_) | Value::Float(_) => 0,
+        }
+    }
+
     /// Converts a JSON scalar the way `explain` and the Debezium decoder read
     /// row images: integral numbers are integers, other numbers floats,
     /// objects and arrays keep their JSON text.
@@ -198,8 +207,20 @@ impl Row {
         self.columns.len()
     }
 
+    /// About how many bytes the row holds: its cells and their values
+    /// (column names are shared with the relation and not counted).
+    pub fn approx_bytes(&self) -> usize {
+        self.columns.len() * std::mem::size_of::<(Arc<str>, Cell)>()
+            + self.columns.iter().map(|(_, cell)| cell.known().map_or(0, Value::heap_bytes)).sum::<usize>()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.columns.is_empty()
+    }
+
+    /// Keeps only the columns `keep` accepts.
+    pub fn retain_columns(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.columns.retain(|(column, _)| keep(column));
     }
 
     /// Reads a JSON object as a row image (`explain`, Debezium without
@@ -355,6 +376,15 @@ pub struct Change {
 }
 
 impl Change {
+    /// About how many bytes the change holds, row images included: what
+    /// keeping it costs (see `run::transaction`).
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Change>()
+            + self.table.len()
+            + self.before.as_ref().map_or(0, Row::approx_bytes)
+            + self.after.as_ref().map_or(0, Row::approx_bytes)
+    }
+
     /// A change with no position, commit time or transaction (for tests and
     /// `explain`).
     pub fn new(table: &str, op: Operation, before: Option<Row>, after: Option<Row>) -> Change {

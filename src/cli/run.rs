@@ -27,7 +27,7 @@ use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::graph::Graph;
 use crate::metrics::Metrics;
 use crate::resolve::PgLookupExecutor;
-use crate::run::{Pipeline, RunOptions, SessionEnd};
+use crate::run::{Pipeline, RunOptions, SessionEnd, TransactionLimits};
 use crate::server::{Health, Role, ServerState};
 use crate::sink::SinkError;
 use crate::sink::multi::MultiSink;
@@ -278,7 +278,10 @@ pub(super) fn lookup_executor(config: &Config) -> Result<Option<Arc<PgLookupExec
 pub(super) fn run_options(config: &Config) -> RunOptions {
     RunOptions {
         batch: config.batch,
-        max_transaction_effects: config.run.max_transaction_effects,
+        transaction: TransactionLimits {
+            max_effects: config.run.max_transaction_effects,
+            max_bytes: config.run.max_transaction_bytes,
+        },
         retry_min: Duration::from_millis(50),
         retry_max: config.run.retry_max,
         on_error: config.dead_letter.on_error,

@@ -162,6 +162,10 @@ pub struct RawBatch {
     /// Close a batch this long after its first transaction, in ms. Default 1
     /// (measured: see the README).
     pub max_delay_ms: Option<u64>,
+    /// Close a batch once it holds about this many bytes (keys, tags, and
+    /// the changes kept for its look-ups); reading waits while it is full
+    /// and another is in flight. Default 8388608 (8 MiB).
+    pub max_bytes: Option<u64>,
 }
 
 /// `[run]`: how the daemon retries and shuts down.
@@ -176,6 +180,10 @@ pub struct RawRun {
     /// Distinct effects one transaction may collect before its caches are
     /// invalidated whole (namespace bumps). Default 100000.
     pub max_transaction_effects: Option<usize>,
+    /// Bytes one transaction may hold (keys, tags, and the changes kept for
+    /// its look-ups, wide rows included) before its caches are invalidated
+    /// whole. Default 16777216 (16 MiB).
+    pub max_transaction_bytes: Option<u64>,
 }
 
 /// `[dead_letter]`: changes that cannot be resolved, and evictd's own schema.
@@ -282,6 +290,7 @@ pub struct RunConfig {
     pub retry_max: Duration,
     pub shutdown_grace: Duration,
     pub max_transaction_effects: usize,
+    pub max_transaction_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -640,6 +649,7 @@ impl RawConfig {
             max_effects: positive(&mut issues, "batch.max_effects", self.batch.max_effects.map(|v| v as u64), 1000)
                 as usize,
             max_delay: Duration::from_millis(max_delay_ms),
+            max_bytes: positive(&mut issues, "batch.max_bytes", self.batch.max_bytes, 8 << 20) as usize,
         };
         let run = RunConfig {
             retry_max: Duration::from_millis(positive(&mut issues, "run.retry_max_ms", self.run.retry_max_ms, 5000)),
@@ -654,6 +664,12 @@ impl RawConfig {
                 "run.max_transaction_effects",
                 self.run.max_transaction_effects.map(|v| v as u64),
                 100_000,
+            ) as usize,
+            max_transaction_bytes: positive(
+                &mut issues,
+                "run.max_transaction_bytes",
+                self.run.max_transaction_bytes,
+                16 << 20,
             ) as usize,
         };
 

@@ -55,6 +55,15 @@ impl Effect {
             Effect::Key { cache, .. } | Effect::Tag { cache, .. } | Effect::NamespaceBump { cache } => *cache,
         }
     }
+
+    /// About how many bytes holding this effect costs (in a set or a batch).
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<Effect>()
+            + match self {
+                Effect::Key { key: text, .. } | Effect::Tag { tag: text, .. } => text.len(),
+                Effect::NamespaceBump { .. } => 0,
+            }
+    }
 }
 
 /// Which row image an effect was rendered from.
@@ -106,6 +115,13 @@ pub struct LookupRequest {
     pub dependency: DepId,
     pub arg: Value,
     pub path: Path,
+}
+
+impl LookupRequest {
+    /// About how many bytes holding this request costs.
+    pub fn approx_bytes(&self) -> usize {
+        std::mem::size_of::<LookupRequest>() + self.arg.heap_bytes()
+    }
 }
 
 /// A dependency that produced nothing, and why (for `explain`).

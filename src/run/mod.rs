@@ -33,7 +33,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
-pub use self::transaction::{LookupOrigin, TransactionEffects, TransactionOutput};
+pub use self::transaction::{LookupOrigin, TransactionEffects, TransactionLimits, TransactionOutput};
 use crate::batch::{Batch, BatchLimits};
 use crate::change::{Lsn, Position};
 use crate::checkpoint::Watermark;
@@ -49,9 +49,9 @@ use crate::source::{Source, SourceError, SourceEvent};
 #[derive(Debug, Clone, Copy)]
 pub struct RunOptions {
     pub batch: BatchLimits,
-    /// Distinct effects one transaction may accumulate before its caches
-    /// collapse into namespace bumps.
-    pub max_transaction_effects: usize,
+    /// Distinct effects (and bytes) one transaction may accumulate before
+    /// its caches collapse into namespace bumps.
+    pub transaction: TransactionLimits,
     /// First and longest wait between retries of a failing sink or look-up.
     pub retry_min: Duration,
     pub retry_max: Duration,
@@ -65,8 +65,8 @@ pub struct RunOptions {
 impl Default for RunOptions {
     fn default() -> Self {
         RunOptions {
-            batch: BatchLimits { max_effects: 1000, max_delay: Duration::from_millis(1) },
-            max_transaction_effects: 100_000,
+            batch: BatchLimits { max_effects: 1000, max_delay: Duration::from_millis(1), max_bytes: 8 << 20 },
+            transaction: TransactionLimits { max_effects: 100_000, max_bytes: 16 << 20 },
             retry_min: Duration::from_millis(50),
             retry_max: Duration::from_secs(5),
             on_error: OnError::DeadLetter,
@@ -142,6 +142,8 @@ struct Pending {
     lookups: Vec<LookupRequest>,
     /// The changes that asked for `lookups`.
     origins: Vec<LookupOrigin>,
+    /// About how many bytes `lookups` and `origins` hold.
+    held_bytes: usize,
     opened: Instant,
     /// Commit time of the batch's last transaction (µs since the epoch).
     commit_time_micros: Option<i64>,
@@ -162,9 +164,13 @@ fn lsn_of(position: &Position) -> Option<Lsn> {
 }
 
 impl Pending {
-    /// Full by its effects, or by the changes it holds for look-ups.
+    /// Full by its effects, or by the changes it holds for look-ups (their
+    /// number, or the bytes of everything it holds): a full batch stops the
+    /// reading while another is in flight, so memory stays bounded.
     fn is_full(&self, limits: &BatchLimits) -> bool {
-        self.batch.is_full(limits) || self.origins.len() >= limits.max_effects
+        self.batch.is_full(limits)
+            || self.origins.len() >= limits.max_effects
+            || self.batch.bytes() + self.held_bytes >= limits.max_bytes
     }
 }
 
@@ -262,7 +268,7 @@ where
                             if open_tx.is_some() {
                                 return Err(RunError::Source("a transaction began inside another".into()));
                             }
-                            open_tx = Some(TransactionEffects::new(self.options.max_transaction_effects));
+                            open_tx = Some(TransactionEffects::new(self.options.transaction));
                         }
                         SourceEvent::Change(change) => {
                             let tx = open_tx.as_mut().ok_or_else(|| RunError::Source(format!("change at {} outside a transaction", change.position)))?;
@@ -280,16 +286,17 @@ where
                                 ladder.resolved = ladder.resolved.max(lsn);
                             }
                             let tx = open_tx.take().ok_or_else(|| RunError::Source(format!("commit at {position} without a transaction")))?;
-                            let TransactionOutput { effects, lookups, origins } = tx.finish();
+                            let TransactionOutput { effects, lookups, origins, held_bytes } = tx.finish();
                             let p = pending.get_or_insert_with(|| {
                                 let id = next_batch_id;
                                 next_batch_id += 1;
-                                                                Pending { batch: Batch::new(id), lookups: Vec::new(), origins: Vec::new(), opened: Instant::now(), commit_time_micros: None }
+                                Pending { batch: Batch::new(id), lookups: Vec::new(), origins: Vec::new(), held_bytes: 0, opened: Instant::now(), commit_time_micros: None }
                             });
                             p.commit_time_micros = commit_time_micros.or(p.commit_time_micros);
                             p.batch.push_transaction(position, effects);
                             p.lookups.extend(lookups);
                             p.origins.extend(origins);
+                            p.held_bytes += held_bytes;
                         }
                                                 SourceEvent::Idle { position } => {
                             if let Some(lsn) = lsn_of(&position) {

@@ -1,10 +1,12 @@
 //! One open source transaction's effects, accumulated change by change in
 //! bounded memory.
 //!
-//! A transaction may touch millions of rows. Its effects are deduplicated
-//! as they arrive; past `max_effects` distinct effects, the keys and tags
-//! of each cache collapse into one namespace bump of that cache, and every
-//! later effect of a bumped cache is dropped as already covered. Look-up
+//! A transaction may touch millions of rows, and rows may be wide. Its
+//! effects are deduplicated as they arrive; past `max_effects` distinct
+//! effects, or past `max_bytes` held (keys, tags, look-up arguments and the
+//! changes kept for look-ups, see [`Change::approx_bytes`]), the keys and
+//! tags of each cache collapse into one namespace bump of that cache, and
+//! every later effect of a bumped cache is dropped as already covered. Look-up
 //! requests are bounded the same way: past the limit, the look-up's cache
 //! is bumped instead. **Invariant:** collapsing only ever widens what is
 //! invalidated; it never loses an invalidation.
@@ -28,6 +30,13 @@ pub struct LookupOrigin {
     pub requests: Vec<LookupRequest>,
 }
 
+impl LookupOrigin {
+    /// About how many bytes keeping it costs.
+    pub fn approx_bytes(&self) -> usize {
+        self.change.approx_bytes() + self.requests.iter().map(LookupRequest::approx_bytes).sum::<usize>()
+    }
+}
+
 /// What a finished transaction hands to its batch.
 #[derive(Debug, Default)]
 pub struct TransactionOutput {
@@ -37,12 +46,27 @@ pub struct TransactionOutput {
     pub lookups: Vec<LookupRequest>,
     /// The changes those look-ups came from.
     pub origins: Vec<LookupOrigin>,
+    /// About how many bytes `lookups` and `origins` hold (the effects are
+    /// counted by the batch).
+    pub held_bytes: usize,
+}
+
+/// How much one open transaction may hold before it collapses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransactionLimits {
+    /// Distinct effects, look-ups and kept changes.
+    pub max_effects: usize,
+    /// Bytes held by them (about).
+    pub max_bytes: usize,
 }
 
 /// The effects of one open transaction.
 #[derive(Debug)]
 pub struct TransactionEffects {
     max_effects: usize,
+    max_bytes: usize,
+    /// About how many bytes `effects`, `lookups` and `origins` hold.
+    bytes: usize,
     effects: HashSet<Effect>,
     lookups: Vec<LookupRequest>,
     origins: Vec<LookupOrigin>,
@@ -52,9 +76,11 @@ pub struct TransactionEffects {
 }
 
 impl TransactionEffects {
-    pub fn new(max_effects: usize) -> TransactionEffects {
+    pub fn new(limits: TransactionLimits) -> TransactionEffects {
         TransactionEffects {
-            max_effects: max_effects.max(1),
+            max_effects: limits.max_effects.max(1),
+            max_bytes: limits.max_bytes.max(1),
+            bytes: 0,
             effects: HashSet::new(),
             lookups: Vec::new(),
             origins: Vec::new(),
@@ -79,14 +105,21 @@ impl TransactionEffects {
             }
             let key = (request.dependency, format!("{:?}", request.arg));
             if self.seen_lookups.insert(key) {
+                // The request, and its key in `seen_lookups`.
+                self.bytes += 2 * request.approx_bytes();
                 self.lookups.push(request.clone());
             }
+            self.bytes += request.approx_bytes();
             requests.push(request);
         }
         if !requests.is_empty() {
+            let change = only_graph_columns(graph, change);
+            self.bytes += change.approx_bytes();
             self.origins.push(LookupOrigin { change: Arc::new(change), requests });
         }
-        if self.effects.len() + self.lookups.len() + self.origins.len() > self.max_effects {
+        if self.effects.len() + self.lookups.len() + self.origins.len() > self.max_effects
+            || self.bytes > self.max_bytes
+        {
             self.collapse(graph);
         }
     }
@@ -99,7 +132,10 @@ impl TransactionEffects {
         if let Effect::NamespaceBump { cache } = effect {
             self.bumped.insert(cache);
         }
-        self.effects.insert(effect);
+        let bytes = effect.approx_bytes();
+        if self.effects.insert(effect) {
+            self.bytes += bytes;
+        }
     }
 
     /// Replaces every cache's keys, tags and look-ups by one namespace bump,
@@ -118,10 +154,12 @@ impl TransactionEffects {
         tracing::warn!(
             changes = self.changes,
             caches = caches.len(),
+            held_bytes = self.bytes,
             "transaction past its effect limit: bumping whole namespaces instead"
         );
         self.bumped.extend(caches.iter().copied());
         self.effects = caches.into_iter().map(|cache| Effect::NamespaceBump { cache }).collect();
+        self.bytes = self.effects.iter().map(Effect::approx_bytes).sum();
         self.lookups.clear();
         self.origins.clear();
         self.seen_lookups.clear();
@@ -136,7 +174,9 @@ impl TransactionEffects {
     pub fn finish(self) -> TransactionOutput {
         let mut effects: Vec<Effect> = self.effects.into_iter().collect();
         effects.sort();
-        TransactionOutput { effects, lookups: self.lookups, origins: self.origins }
+        let held_bytes = self.lookups.iter().map(LookupRequest::approx_bytes).sum::<usize>()
+            + self.origins.iter().map(LookupOrigin::approx_bytes).sum::<usize>();
+        TransactionOutput { effects, lookups: self.lookups, origins: self.origins, held_bytes }
     }
 
     /// Per cache, how many effects there are (for metrics).
@@ -147,6 +187,20 @@ impl TransactionEffects {
         }
         out
     }
+}
+
+/// The change with only the columns the graph declares for its table: a
+/// kept change needs no more (its look-ups are re-resolved from them, and a
+/// dead letter replays through the graph), and a wide column nobody reads
+/// (a document body, an image) is not held for the batch's look-ups.
+fn only_graph_columns(graph: &Graph, mut change: Change) -> Change {
+    let Some(table) = graph.table_id(&change.table).map(|t| graph.table(t)) else {
+        return change;
+    };
+    for row in [change.before.as_mut(), change.after.as_mut()].into_iter().flatten() {
+        row.retain_columns(|column| table.has_column(column));
+    }
+    change
 }
 
 #[cfg(test)]
@@ -174,6 +228,10 @@ table = "app.items"
 lookup = { query = "SELECT id FROM x WHERE y = ANY($1)", arg = "owner" }
 "#;
 
+    fn limits(max_effects: usize) -> TransactionLimits {
+        TransactionLimits { max_effects, max_bytes: usize::MAX }
+    }
+
     fn insert(id: i64) -> Change {
         let row = Row::new().with("id", Value::Int(id)).with("owner", Value::Int(id % 3));
         Change::new("app.items", Operation::Insert, None, Some(row))
@@ -182,7 +240,7 @@ lookup = { query = "SELECT id FROM x WHERE y = ANY($1)", arg = "owner" }
     #[test]
     fn a_small_transaction_keeps_every_key_once() {
         let g = load_sources(&[SourceFile::new("t.toml", GRAPH.to_owned())]).unwrap();
-        let mut tx = TransactionEffects::new(100);
+        let mut tx = TransactionEffects::new(limits(100));
         for id in [1, 2, 1] {
             let change = insert(id);
             let resolution = Resolver::new(&g).resolve(&change);
@@ -199,7 +257,7 @@ lookup = { query = "SELECT id FROM x WHERE y = ANY($1)", arg = "owner" }
     fn changes_without_look_ups_are_not_kept() {
         const DIRECT: &str = "[tables.\"app.items\"]\nkey = [\"id\"]\ncolumns = [\"id\"]\n[caches.item]\nkey = \"item:{id}\"\n[[caches.item.depends]]\ntable = \"app.items\"\n";
         let g = load_sources(&[SourceFile::new("t.toml", DIRECT.to_owned())]).unwrap();
-        let mut tx = TransactionEffects::new(100);
+        let mut tx = TransactionEffects::new(limits(100));
         let change = insert(1);
         let resolution = Resolver::new(&g).resolve(&change);
         tx.add(&g, change, resolution);
@@ -256,13 +314,13 @@ embeds = "tagged"
     #[test]
     fn a_collapse_bumps_every_cache_that_embeds_what_it_touched() {
         let g = load_sources(&[SourceFile::new("t.toml", EMBEDDED.to_owned())]).unwrap();
-        let mut tx = TransactionEffects::new(20);
+        let mut tx = TransactionEffects::new(limits(20));
         for id in 0..1_000 {
             let change = insert(id);
             let resolution = Resolver::new(&g).resolve(&change);
             tx.add(&g, change, resolution);
         }
-        let TransactionOutput { effects, lookups, origins } = tx.finish();
+        let TransactionOutput { effects, lookups, origins, .. } = tx.finish();
         let bumped: HashSet<&str> = effects
             .iter()
             .map(|e| match e {
@@ -276,17 +334,57 @@ embeds = "tagged"
         assert!(lookups.is_empty() && origins.is_empty());
     }
 
+    /// Issue 11, item 13: a few wide rows hold more than a count would say.
+    #[test]
+    fn wide_rows_kept_for_look_ups_collapse_past_the_byte_limit() {
+        let g = load_sources(&[SourceFile::new("t.toml", GRAPH.to_owned())]).unwrap();
+        let limits = TransactionLimits { max_effects: 1_000, max_bytes: 4 << 20 };
+        let mut tx = TransactionEffects::new(limits);
+        for id in 0..64 {
+            // `owner` itself is wide: a declared column is kept whole.
+            let row = Row::new()
+                .with("id", Value::Int(id))
+                .with("owner", Value::Text(format!("{id}{}", "x".repeat(256 << 10))));
+            let change = Change::new("app.items", Operation::Insert, None, Some(row));
+            let resolution = Resolver::new(&g).resolve(&change);
+            tx.add(&g, change, resolution);
+            assert!(tx.bytes <= limits.max_bytes + (300 << 10), "held {} bytes after change {id}", tx.bytes);
+        }
+        let out = tx.finish();
+        assert!(out.origins.len() < 16, "no more than 4 MiB of 256 KiB rows are kept: {}", out.origins.len());
+        let owners = g.cache_id("owner_items").unwrap();
+        assert!(out.effects.contains(&Effect::NamespaceBump { cache: owners }), "the look-ups' cache is bumped");
+    }
+
+    #[test]
+    fn a_kept_change_holds_only_the_columns_the_graph_declares() {
+        let g = load_sources(&[SourceFile::new("t.toml", GRAPH.to_owned())]).unwrap();
+        let mut tx = TransactionEffects::new(limits(100));
+        let row = Row::new()
+            .with("id", Value::Int(1))
+            .with("owner", Value::Int(2))
+            .with("body", Value::Text("x".repeat(1 << 20)));
+        let change = Change::new("app.items", Operation::Insert, None, Some(row));
+        let resolution = Resolver::new(&g).resolve(&change);
+        tx.add(&g, change, resolution);
+        let out = tx.finish();
+        let kept = out.origins[0].change.after.as_ref().unwrap();
+        let columns: Vec<&str> = kept.iter().map(|(c, _)| c).collect();
+        assert_eq!(columns, ["id", "owner"], "the undeclared wide column is not held");
+        assert!(out.held_bytes < 4096, "{}", out.held_bytes);
+    }
+
     #[test]
     fn a_huge_transaction_collapses_into_namespace_bumps() {
         let g = load_sources(&[SourceFile::new("t.toml", GRAPH.to_owned())]).unwrap();
-        let mut tx = TransactionEffects::new(50);
+        let mut tx = TransactionEffects::new(limits(50));
         for id in 0..10_000 {
             let change = insert(id);
             let resolution = Resolver::new(&g).resolve(&change);
             tx.add(&g, change, resolution);
         }
         assert_eq!(tx.changes(), 10_000);
-        let TransactionOutput { effects, lookups, origins } = tx.finish();
+        let TransactionOutput { effects, lookups, origins, .. } = tx.finish();
         let item = g.cache_id("item").unwrap();
         let owners = g.cache_id("owner_items").unwrap();
         let mut expected = vec![Effect::NamespaceBump { cache: item }, Effect::NamespaceBump { cache: owners }];

@@ -127,6 +127,15 @@ level = "info,evictd=debug"
         Daemon { db, prefix, slot, dir, config, child: None }
     }
 
+    /// The running daemon's peak resident memory (VmHWM), in bytes.
+    pub fn peak_rss_bytes(&self) -> Option<u64> {
+        let pid = self.child.as_ref()?.id();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    }
+
     pub fn key(&self, what: &str) -> String {
         format!("{}:{what}", self.prefix)
     }

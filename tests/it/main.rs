@@ -13,6 +13,7 @@ mod fill_guard;
 mod kafka;
 mod key_vectors;
 mod lookup;
+mod memory;
 mod outage;
 mod pipeline;
 mod process;

@@ -189,7 +189,7 @@ columns = ["id", "author_id", "title"]
 key = "{p}:author:{{id}}"
 [[caches.{p}_author.depends]]
 table = "app.posts"
-lookup = {{ query = "SELECT author_id FROM app.posts WHERE id = ANY($1)", arg = "id" }}
+lookup = {{ query = "SELECT author_id AS id FROM app.posts WHERE id = ANY($1)", arg = "id" }}
 
 [caches.{p}_author_page]
 key = "{p}:author-page:{{id}}"
