@@ -45,6 +45,7 @@ use self::conn::{Conn, Runner};
 use self::error::Errors;
 use self::layout::Scripts;
 use crate::config::{BroadcastConfig, RedisTarget};
+use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkBatch, SinkError};
 
 /// How a [`RedisSink`] behaves.
@@ -81,6 +82,8 @@ struct Inner {
     /// Time to live of fill-guard stamps, ms; `None`: no stamps.
     fill_guard_ttl_ms: Option<u64>,
     broadcast: Option<BroadcastConfig>,
+    /// Where per-batch counts go, once the daemon attached its metrics.
+    metrics: std::sync::OnceLock<Arc<Metrics>>,
 }
 
 impl Inner {
@@ -113,12 +116,19 @@ impl RedisSink {
                 redelete_failures: AtomicU64::new(0),
                 fill_guard_ttl_ms: target.fill_guard_ttl.map(|ttl| ttl.as_millis().max(1) as u64),
                 broadcast: target.broadcast.clone(),
+                metrics: std::sync::OnceLock::new(),
             }),
         })
     }
 
     pub fn topology(&self) -> Topology {
         self.inner.conn.topology()
+    }
+
+    /// Records this sink's own counts (keys invalidated without a stamp)
+    /// in `metrics`; the first call wins.
+    pub fn observe(&self, metrics: Arc<Metrics>) {
+        let _ = self.inner.metrics.set(metrics);
     }
 
     /// Delayed second deletes that failed so far (each is logged).
@@ -167,6 +177,9 @@ impl RedisSink {
             tracing::debug!(channel = %config.channel, seq = ?reply.first(), "broadcast");
         }
         tracing::debug!(groups = plan.groups.len(), tags = plan.tags.len(), "batch confirmed");
+        if stamp.is_some() {
+            self.report_unguarded(&plan, &tag_keys);
+        }
 
         // Confirmed: only now schedule the second deletes.
         for redelete in plan.redeletes {
@@ -180,6 +193,39 @@ impl RedisSink {
             }
         }
         Ok(())
+    }
+}
+
+impl RedisSink {
+    /// Counts and logs, per cache, the keys of a confirmed batch that were
+    /// invalidated without a fill-guard stamp: on a Cluster, keys with braces
+    /// but no hash tag have no stamp name in their own slot (see
+    /// [`layout::guard_in_slot`]). No reader can hold a stamp for them
+    /// either (its script would cross slots), so nothing is lost but the
+    /// guard itself; a stamp `SET` in another slot would have failed the
+    /// whole pipeline, on every retry and every restart.
+    fn report_unguarded(&self, plan: &Plan, tag_keys: &[Vec<Vec<u8>>]) {
+        if self.inner.conn.topology() != Topology::Cluster {
+            return;
+        }
+        let mut by_cache: std::collections::BTreeMap<&str, (u64, &[u8])> = std::collections::BTreeMap::new();
+        let tagged = plan.tags.iter().zip(tag_keys).flat_map(|(job, keys)| keys.iter().map(move |k| (&job.cache, k)));
+        let named = plan.unguarded.iter().map(|(cache, key)| (cache, key));
+        for (cache, key) in named.chain(tagged.filter(|(_, k)| !layout::guard_in_slot(k))) {
+            by_cache.entry(cache).or_insert((0, key)).0 += 1;
+        }
+        for (cache, (count, example)) in by_cache {
+            tracing::warn!(
+                target = %self.inner.name,
+                cache,
+                keys = count,
+                example = %String::from_utf8_lossy(example),
+                "keys invalidated without a fill-guard stamp: they have braces but no Cluster hash tag, so no stamp name shares their slot"
+            );
+            if let Some(metrics) = self.inner.metrics.get() {
+                metrics.unguarded_keys(&self.inner.name, cache, count);
+            }
+        }
     }
 }
 
@@ -244,10 +290,17 @@ async fn run_groups(
 /// connection, in order): a reader's guarded fill that runs after the
 /// invalidation always sees the new stamp, so it cannot put back what the
 /// reader read before.
+///
+/// On a Cluster, a key whose stamp would live in another slot
+/// ([`layout::guard_in_slot`]) gets none: the pipeline must stay in one
+/// slot, and no reader can have taken such a stamp.
 async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Option<&Stamp>) -> Result<(), SinkError> {
     let mut pipe = redis::pipe();
+    let cluster = runner.conn.topology() == Topology::Cluster;
     let guard = |pipe: &mut redis::Pipeline, key: &[u8]| {
-        if let Some(stamp) = stamp {
+        if let Some(stamp) = stamp
+            && (!cluster || layout::guard_in_slot(key))
+        {
             // XX: only a stamp a reader took matters; with none out there
             // is nothing to refuse, and a reader that starts later reads
             // the database after this change anyway.
