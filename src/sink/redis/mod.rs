@@ -22,6 +22,7 @@
 
 pub mod broadcast;
 mod conn;
+mod durability;
 mod error;
 pub mod layout;
 pub mod plan;
@@ -44,7 +45,7 @@ pub use plan::{Command, Group, Plan, PlanError, Redelete, TagJob, Topology};
 use self::conn::{Conn, Runner};
 use self::error::Errors;
 use self::layout::Scripts;
-use crate::config::{BroadcastConfig, RedisTarget};
+use crate::config::{BroadcastConfig, Durability, RedisTarget};
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkBatch, SinkError};
 
@@ -82,13 +83,23 @@ struct Inner {
     /// Time to live of fill-guard stamps, ms; `None`: no stamps.
     fill_guard_ttl_ms: Option<u64>,
     broadcast: Option<BroadcastConfig>,
+    /// What each pipeline of a batch waits for before it counts as confirmed.
+    durability: Option<Durability>,
     /// Where per-batch counts go, once the daemon attached its metrics.
     metrics: std::sync::OnceLock<Arc<Metrics>>,
 }
 
 impl Inner {
+    /// Round trips with the target's durability wait (and its timeout on
+    /// top of the round-trip timeout).
     fn runner(&self) -> Runner<'_> {
-        Runner { conn: &self.conn, scripts: &self.scripts, errors: &self.errors, timeout: self.options.timeout }
+        Runner {
+            conn: &self.conn,
+            scripts: &self.scripts,
+            errors: &self.errors,
+            timeout: self.options.timeout + self.durability.map_or(Duration::ZERO, |d| d.timeout),
+            wait: self.durability,
+        }
     }
 }
 
@@ -104,7 +115,9 @@ impl RedisSink {
         let secrets = target.urls.iter().map(|u| u.expose_secret().to_owned()).collect();
         let errors = Errors::new(&target.name, secrets);
         let options = RedisSinkOptions { max_in_flight: options.max_in_flight.max(1), ..options };
-        let conn = Conn::connect(target, options.timeout, &errors).await?;
+        // A pipeline's round trip includes its durability wait.
+        let round_trip = options.timeout + target.durability.map_or(Duration::ZERO, |d| d.timeout);
+        let conn = Conn::connect(target, options.timeout, round_trip, &errors).await?;
         Ok(RedisSink {
             inner: Arc::new(Inner {
                 name: target.name.clone(),
@@ -116,6 +129,7 @@ impl RedisSink {
                 redelete_failures: AtomicU64::new(0),
                 fill_guard_ttl_ms: target.fill_guard_ttl.map(|ttl| ttl.as_millis().max(1) as u64),
                 broadcast: target.broadcast.clone(),
+                durability: target.durability,
                 metrics: std::sync::OnceLock::new(),
             }),
         })
@@ -294,6 +308,13 @@ async fn run_groups(
 /// On a Cluster, a key whose stamp would live in another slot
 /// ([`layout::guard_in_slot`]) gets none: the pipeline must stay in one
 /// slot, and no reader can have taken such a stamp.
+///
+/// With a durability wait, the pipeline ends with `WAIT` (or `WAITAOF`):
+/// on the same connection, after the writes, so it covers them (Redis
+/// waits for the offset of the connection's last write). On a Cluster the
+/// client sends a pipeline whole to the node of its first keyed command
+/// (a keyless `WAIT` does not change the route), which is the node that ran
+/// the writes. Fewer replicas than asked fail the group, transiently.
 async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Option<&Stamp>) -> Result<(), SinkError> {
     let mut pipe = redis::pipe();
     let cluster = runner.conn.topology() == Topology::Cluster;
@@ -327,8 +348,14 @@ async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Op
             }
         }
     }
+    if let Some(wait) = &runner.wait {
+        durability::push(&mut pipe, wait);
+    }
     let what = format!("pipeline of {} commands", group.commands.len());
-    runner.pipeline(&what, &mut pipe).await?;
+    let replies = runner.pipeline(&what, &mut pipe).await?;
+    if let Some(wait) = &runner.wait {
+        durability::check(wait, replies.last()).map_err(|e| runner.errors.make(e.class(), format!("{what}: {e}")))?;
+    }
     Ok(())
 }
 
