@@ -27,6 +27,7 @@ mod error;
 pub mod layout;
 pub mod plan;
 mod redelete;
+pub mod setup;
 mod tags;
 
 use std::future::Future;
@@ -137,6 +138,20 @@ impl RedisSink {
 
     pub fn topology(&self) -> Topology {
         self.inner.conn.topology()
+    }
+
+    /// The start-up check of this target (see [`setup`]): its eviction
+    /// policy, persistence and replicas, and what `wait_aof` needs. `tags`:
+    /// whether the graph has tag dependencies. An unreachable target is a
+    /// transient error within the timeout.
+    pub async fn check_setup(&self, target: &RedisTarget, tags: bool) -> Result<setup::Findings, SinkError> {
+        let inner = &self.inner;
+        let facts = match tokio::time::timeout(inner.options.timeout, setup::inspect(&inner.conn, &inner.errors)).await
+        {
+            Ok(facts) => facts?,
+            Err(_) => return Err(inner.errors.timeout("reading INFO", inner.options.timeout)),
+        };
+        Ok(setup::assess(target, &facts, tags))
     }
 
     /// Records this sink's own counts (keys invalidated without a stamp)
