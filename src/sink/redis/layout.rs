@@ -354,7 +354,7 @@ mod tests {
         // Issue 11, item 7: no stamp name can share these keys' slots.
         for key in ["product:{}:x", "a}b", "{}{a}", "m}", ""] {
             assert!(!guard_in_slot(key.as_bytes()), "{key}");
-            assert_ne!(Slot::for_key(&guard_key(key.as_bytes())), Slot::for_key(key.as_bytes()), "{key}");
+            assert_ne!(Slot::for_key(guard_key(key.as_bytes())), Slot::for_key(key.as_bytes()), "{key}");
         }
         assert_eq!(guard_key(b"user:{42}:profile"), b"evictd:guard:user:{42}:profile");
         assert_eq!(guard_key(b"user:42"), b"evictd:guard:{user:42}");
@@ -374,7 +374,7 @@ mod tests {
             let mut key = key;
             key.extend(noise);
             if guard_in_slot(&key) {
-                proptest::prop_assert_eq!(Slot::for_key(&guard_key(&key)), Slot::for_key(&key));
+                proptest::prop_assert_eq!(Slot::for_key(guard_key(&key)), Slot::for_key(&key));
             }
         }
     }
