@@ -211,3 +211,52 @@ async fn an_eviction_policy_that_can_evict_evictds_keys_refuses_check_and_run() 
     d.kill();
     d.finish().await;
 }
+
+/// A Cluster of this test's own: primary A (slots 0-8191) with a replica,
+/// primary B (8192-16383) without. The `WAIT` of a pipeline must go to the
+/// node that ran it: A's keys are confirmed, B's are not.
+#[tokio::test]
+async fn on_a_cluster_the_wait_goes_to_the_node_that_ran_the_pipeline() {
+    let cluster = ["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"];
+    let (a, b, r) = (Server::start(6630, &cluster), Server::start(6631, &cluster), Server::start(6632, &cluster));
+    a.q::<()>(redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(0).arg(8191)).await;
+    b.q::<()>(redis::cmd("CLUSTER").arg("ADDSLOTSRANGE").arg(8192).arg(16383)).await;
+    for port in [6631, 6632] {
+        a.q::<()>(redis::cmd("CLUSTER").arg("MEET").arg("127.0.0.1").arg(port)).await;
+    }
+    let a_id: String = a.q(redis::cmd("CLUSTER").arg("MYID")).await;
+    until("the nodes to meet", Duration::from_secs(20), || async {
+        let nodes: String = r.q(redis::cmd("CLUSTER").arg("NODES")).await;
+        nodes.contains(&a_id)
+    })
+    .await;
+    r.q::<()>(redis::cmd("CLUSTER").arg("REPLICATE").arg(&a_id)).await;
+    until("the cluster to be up with A's replica in sync", Duration::from_secs(30), || async {
+        let mut ok = true;
+        for s in [&a, &b, &r] {
+            let info: String = s.q(redis::cmd("CLUSTER").arg("INFO")).await;
+            ok &= info.contains("cluster_state:ok");
+        }
+        ok && r.replication("master_link_status").await == "up"
+    })
+    .await;
+
+    let (g, p) = (TestGraph::new(&unique()), unique());
+    let (mut on_a, mut on_b) = (None, None);
+    for i in 0.. {
+        let k = format!("it:{p}:{i}");
+        let slot: i64 = a.q(redis::cmd("CLUSTER").arg("KEYSLOT").arg(&k)).await;
+        let side = if slot < 8192 { &mut on_a } else { &mut on_b };
+        side.get_or_insert(k);
+        if on_a.is_some() && on_b.is_some() {
+            break;
+        }
+    }
+    let (on_a, on_b) = (on_a.unwrap(), on_b.unwrap());
+    let mut t = target("cluster", &[a.url()], true);
+    t.durability = Some(Durability { replicas: 1, aof: false, timeout: Duration::from_millis(300) });
+    let sink = RedisSink::connect(&t).await.unwrap();
+    delete(&sink, &g, std::slice::from_ref(&on_a), 1).await.unwrap();
+    let err = delete(&sink, &g, std::slice::from_ref(&on_b), 2).await.unwrap_err();
+    assert!(matches!(&err, SinkError::Transient { message, .. } if message.contains("0 of 1 replica")), "{err:?}");
+}
