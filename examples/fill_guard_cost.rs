@@ -101,6 +101,8 @@ async fn main() -> Result<()> {
         cluster: false,
         fill_guard_ttl: guard.then_some(Duration::from_secs(60)),
         broadcast: None,
+        durability: None,
+        eviction_check: evictd::config::EvictionCheck::Refuse,
     };
     let with = RedisSink::connect(&target(true)).await?;
     let without = RedisSink::connect(&target(false)).await?;

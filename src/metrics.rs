@@ -60,9 +60,10 @@ pub const KAFKA_MESSAGES_TOTAL: &str = "evictd_kafka_messages_total";
 pub const KAFKA_CONSUMER_LAG_MESSAGES: &str = "evictd_kafka_consumer_lag_messages";
 pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "evictd_kafka_dead_letters_total";
 pub const KAFKA_REBALANCES_TOTAL: &str = "evictd_kafka_rebalances_total";
+pub const UNGUARDED_KEYS_TOTAL: &str = "evictd_unguarded_keys_total";
 
 /// Every name above, for tests and documentation.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 25] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -87,6 +88,7 @@ pub const ALL: [&str; 24] = [
     KAFKA_CONSUMER_LAG_MESSAGES,
     KAFKA_DEAD_LETTERS_TOTAL,
     KAFKA_REBALANCES_TOTAL,
+    UNGUARDED_KEYS_TOTAL,
 ];
 
 /// Latency buckets, 0.5 ms to 60 s: a healthy invalidation lands in
@@ -185,6 +187,12 @@ struct CacheLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TargetCache {
+    target: String,
+    cache: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TopicOp {
     topic: String,
     op: &'static str,
@@ -236,6 +244,7 @@ pub struct Metrics {
     kafka_lag: Family<TopicPartition, Gauge>,
     kafka_dead_letters: Family<TopicReason, Counter>,
     kafka_rebalances: Family<KindLabel, Counter>,
+    unguarded_keys: Family<TargetCache, Counter>,
 }
 
 impl Default for Metrics {
@@ -273,6 +282,7 @@ impl Metrics {
             kafka_lag: Family::default(),
             kafka_dead_letters: Family::default(),
             kafka_rebalances: Family::default(),
+            unguarded_keys: Family::default(),
         };
         let r = &mut m.registry;
         let help = "Row changes received from the source, by table and operation";
@@ -321,6 +331,8 @@ impl Metrics {
         register(r, KAFKA_DEAD_LETTERS_TOTAL, help, m.kafka_dead_letters.clone());
         let help = "Consumer-group rebalances seen, by kind (assign, revoke, error)";
         register(r, KAFKA_REBALANCES_TOTAL, help, m.kafka_rebalances.clone());
+        let help = "Keys invalidated on a Redis Cluster without a fill-guard stamp, because no stamp name shares their hash slot (a key with braces but no hash tag), by target and cache";
+        register(r, UNGUARDED_KEYS_TOTAL, help, m.unguarded_keys.clone());
         m.active.set(1);
         m
     }
@@ -448,6 +460,13 @@ impl Metrics {
     /// namespace was bumped instead.
     pub fn fanout_overflow(&self, cache: &str) {
         self.fanout_overflows.get_or_create(&CacheLabel { cache: cache.to_owned() }).inc();
+    }
+
+    /// `count` keys of `cache` were invalidated on `target` without a
+    /// fill-guard stamp (no stamp name shares their Cluster slot).
+    pub fn unguarded_keys(&self, target: &str, cache: &str, count: u64) {
+        let labels = TargetCache { target: target.to_owned(), cache: cache.to_owned() };
+        self.unguarded_keys.get_or_create(&labels).inc_by(count);
     }
 
     /// Whether this replica is the active consumer or a standby.

@@ -7,6 +7,7 @@
 
 mod explain;
 mod live;
+mod live_redis;
 mod migrate;
 mod replay;
 mod run;
@@ -226,7 +227,19 @@ fn check(args: &CheckArgs) -> Result<(), CliError> {
             if !findings.errors.is_empty() {
                 return Err(CliError::Input(findings.errors.join("\n")));
             }
-            return Ok(());
+            out.clear();
+        }
+        // The live Redis targets, as `run` checks them at start-up.
+        if !args.offline {
+            write_stdout(&out)?;
+            out.clear();
+            let findings = live_redis::check(config, graph)?;
+            let mut lines = findings.lines.join("\n");
+            lines.push('\n');
+            write_stdout(&lines)?;
+            if !findings.errors.is_empty() {
+                return Err(CliError::Input(findings.errors.join("\n")));
+            }
         }
     }
     write_stdout(&out)

@@ -309,7 +309,7 @@ async fn replay(args: &ReplayArgs, config: Option<Config>, graph: Graph) -> Resu
         end
     } else {
         let config = config.as_ref().ok_or_else(|| CliError::Input("--config is required".into()))?;
-        let Some(sink) = super::run::connect_sinks(config, &CancellationToken::new()).await? else {
+        let Some(sink) = super::run::connect_sinks(config, &graph, &metrics, &CancellationToken::new()).await? else {
             return Ok(());
         };
         let pipeline = Pipeline { graph, sink: Arc::new(sink), lookups, dead_letters, options, metrics, health };

@@ -122,16 +122,33 @@ async fn pause(backoff: Duration, max: Duration, shutdown: &CancellationToken) -
     }
 }
 
+/// Connects every Redis target and runs its start-up check
+/// ([`RedisSink::check_setup`]): warnings are logged, errors refuse to start
+/// (exit 2). `graph` tells whether tag registries must be spared.
 pub(super) async fn connect_sinks(
     config: &Config,
+    graph: &Graph,
+    metrics: &Arc<Metrics>,
     shutdown: &CancellationToken,
 ) -> Result<Option<MultiSink<RedisSink>>, CliError> {
+    let tags = graph.dependencies().iter().any(|d| matches!(d.mapping, crate::graph::Mapping::Tags(_)));
     let mut targets = Vec::new();
     for target in &config.redis {
         let mut backoff = Duration::from_millis(100);
         loop {
-            match RedisSink::connect(target).await {
-                Ok(sink) => {
+            let connected = match RedisSink::connect(target).await {
+                Ok(sink) => sink.check_setup(target, tags).await.map(|findings| (sink, findings)),
+                Err(e) => Err(e),
+            };
+            match connected {
+                Ok((sink, findings)) => {
+                    for warning in &findings.warnings {
+                        tracing::warn!(target = %target.name, "{warning}");
+                    }
+                    if !findings.errors.is_empty() {
+                        return Err(CliError::Input(findings.errors.join("\n")));
+                    }
+                    sink.observe(metrics.clone());
                     targets.push(sink);
                     break;
                 }
@@ -235,7 +252,7 @@ async fn work(
     let shutdown = shutdown.clone();
     let lookups = lookup_executor(config)?;
     let Some(dead_letters) = open_dead_letters(config, &metrics, &shutdown).await? else { return Ok(()) };
-    let Some(sink) = connect_sinks(config, &shutdown).await? else { return Ok(()) };
+    let Some(sink) = connect_sinks(config, &graph, &metrics, &shutdown).await? else { return Ok(()) };
     // Connected: reachable until a batch says otherwise.
     health.set_all_sinks_reachable();
     let options = run_options(config);
@@ -306,7 +323,7 @@ async fn work_kafka(
         .map_err(|e| CliError::Runtime(format!("dead_letter.topic: {e}")))?;
     let dead_letters = Arc::new(dead_letters);
     metrics.dead_letter_store();
-    let Some(sink) = connect_sinks(config, shutdown).await? else { return Ok(()) };
+    let Some(sink) = connect_sinks(config, &graph, &metrics, shutdown).await? else { return Ok(()) };
     health.set_all_sinks_reachable();
     health.set_role(Role::Active);
     metrics.set_role(Role::Active);

@@ -243,6 +243,20 @@ pub struct RawRedis {
     /// Most keys one broadcast message lists; past it the message names the
     /// caches to drop whole instead. Default 10000.
     pub broadcast_max_keys: Option<usize>,
+    /// Replicas that must have every write of a batch before it is confirmed
+    /// (`WAIT` at the end of each pipeline). Default 0: confirmed when the
+    /// primary replied.
+    pub wait_replicas: Option<u32>,
+    /// Also wait until the primary (and `wait_replicas` replicas) fsynced
+    /// the writes to their append-only file (`WAITAOF`, Redis 7.2 or
+    /// later, `appendonly yes`). Default false.
+    pub wait_aof: Option<bool>,
+    /// Longest durability wait per pipeline, in ms; fewer replicas by then
+    /// fails the batch (transient: retried, never acknowledged). Default 1000.
+    pub wait_timeout_ms: Option<u64>,
+    /// What start-up does when the target's `maxmemory-policy` can evict
+    /// evictd's own keys: `refuse` (default) or `warn`.
+    pub eviction_check: Option<String>,
 }
 
 /// `[server]`: the HTTP server for `/metrics`, `/healthz`, `/readyz`.
@@ -371,6 +385,33 @@ pub struct RedisTarget {
     pub fill_guard_ttl: Option<Duration>,
     /// Where and how batches are broadcast; `None`: not at all.
     pub broadcast: Option<BroadcastConfig>,
+    /// The wait for replicas or the AOF before a batch is confirmed;
+    /// `None`: confirmed when the primary replied.
+    pub durability: Option<Durability>,
+    /// Whether an eviction policy that can evict evictd's keys stops start-up.
+    pub eviction_check: EvictionCheck,
+}
+
+/// What a pipeline waits for before its replies count as confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    /// Replicas that must have the pipeline's writes (`WAIT`).
+    pub replicas: u32,
+    /// `WAITAOF 1 replicas …`: fsynced to the AOF of the primary and of
+    /// `replicas` replicas.
+    pub aof: bool,
+    /// The wait's timeout.
+    pub timeout: Duration,
+}
+
+/// `[redis.NAME] eviction_check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EvictionCheck {
+    /// Start-up fails when the policy can evict evictd's keys.
+    #[default]
+    Refuse,
+    /// Start-up logs a warning and goes on.
+    Warn,
 }
 
 /// The broadcast of one Redis target.
@@ -722,7 +763,27 @@ impl RawConfig {
                 10_000,
             ) as usize;
             let broadcast = target.broadcast.unwrap_or(true).then_some(BroadcastConfig { channel, max_keys });
-            redis.push(RedisTarget { name, urls, cluster, fill_guard_ttl, broadcast });
+            let wait_timeout = Duration::from_millis(positive(
+                &mut issues,
+                &format!("{field}.wait_timeout_ms"),
+                target.wait_timeout_ms,
+                1000,
+            ));
+            let replicas = target.wait_replicas.unwrap_or(0);
+            let aof = target.wait_aof.unwrap_or(false);
+            let durability = (replicas > 0 || aof).then_some(Durability { replicas, aof, timeout: wait_timeout });
+            let eviction_check = match target.eviction_check.as_deref().unwrap_or("refuse") {
+                "refuse" => EvictionCheck::Refuse,
+                "warn" => EvictionCheck::Warn,
+                other => {
+                    issues.push(
+                        &format!("{field}.eviction_check"),
+                        format!("unknown value `{other}` (expected refuse or warn)"),
+                    );
+                    EvictionCheck::Refuse
+                }
+            };
+            redis.push(RedisTarget { name, urls, cluster, fill_guard_ttl, broadcast, durability, eviction_check });
         }
 
         let listen_text = self.server.listen.unwrap_or_else(|| "127.0.0.1:9187".to_owned());

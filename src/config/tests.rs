@@ -285,3 +285,31 @@ fn bad_dead_letter_values_name_file_line_and_field() {
     assert_eq!(e.0[0].field, "dead_letter.retries");
     assert_eq!(e.0[0].place, format!("{}:2:1", path.display()));
 }
+
+#[test]
+fn a_target_waits_for_replicas_or_the_aof_only_when_asked() {
+    let (_dir, path) = write(VALID);
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    assert!(c.redis.iter().all(|t| t.durability.is_none() && t.eviction_check == EvictionCheck::Refuse));
+    let c = load_with_env(
+        &path,
+        &env(&[
+            ("EVICTD__REDIS__PRIMARY__WAIT_REPLICAS", "2"),
+            ("EVICTD__REDIS__PRIMARY__WAIT_TIMEOUT_MS", "250"),
+            ("EVICTD__REDIS__CLUSTER_EU__WAIT_AOF", "true"),
+            ("EVICTD__REDIS__CLUSTER_EU__EVICTION_CHECK", "warn"),
+        ]),
+    )
+    .unwrap();
+    let primary = c.redis.iter().find(|t| t.name == "primary").unwrap();
+    assert_eq!(primary.durability, Some(Durability { replicas: 2, aof: false, timeout: Duration::from_millis(250) }));
+    let eu = c.redis.iter().find(|t| t.name == "cluster_eu").unwrap();
+    assert_eq!(eu.durability, Some(Durability { replicas: 0, aof: true, timeout: Duration::from_millis(1000) }));
+    assert_eq!(eu.eviction_check, EvictionCheck::Warn);
+
+    let (_dir, path) = write(&format!("{REQUIRED}eviction_check = \"ignore\"\nwait_timeout_ms = 0\n"));
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    let text = messages(e).join("\n");
+    assert!(text.contains("redis.primary.eviction_check: unknown value `ignore` (expected refuse or warn)"), "{text}");
+    assert!(text.contains("redis.primary.wait_timeout_ms: must be greater than 0"), "{text}");
+}

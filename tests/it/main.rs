@@ -17,6 +17,7 @@ mod memory;
 mod outage;
 mod pipeline;
 mod process;
+mod redis_durability;
 mod redis_sink;
 mod redis_support;
 mod server;

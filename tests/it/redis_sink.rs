@@ -405,3 +405,34 @@ async fn a_batch_is_published_after_its_effects_with_a_rising_sequence() {
         assert!(seqs[0] > 1_600_000_000_000_000, "{kind:?}: {}", seqs[0]);
     }
 }
+
+/// Issue 11, item 7: a key with braces but no valid hash tag (`p:{}:x`, an
+/// empty value inside `{{…}}`), or a tag member with a stray `}`, has no
+/// stamp in its own slot. On a Cluster the stamp's `SET` made the pipeline
+/// cross slots: a definite error, replayed on every restart. Such keys are
+/// invalidated without a stamp (no reader can hold one: its script would
+/// cross slots too), and the batch is confirmed.
+#[tokio::test]
+async fn keys_whose_stamp_would_cross_slots_are_invalidated_without_one() {
+    for kind in BOTH {
+        let (s, probe, g, p) = (sink(kind).await, Probe::new(kind).await, TestGraph::new(&unique()), unique());
+        let (empty_tag, stray, fading) = (format!("it:{p}:{{}}:x"), format!("it:{p}:}}:y"), format!("it:{p}:{{}}:z"));
+        let member = format!("it:{p}:{{}}m}}");
+        let tag = format!("braces:{p}");
+        for k in [&empty_tag, &stray, &fading, &member] {
+            probe.set(k, "cached").await;
+        }
+        probe.zadd(&tag_key(&tag), &(now_ms() + 300_000).to_string(), &member).await;
+        let effects = [
+            key(&g, "gone", &empty_tag),
+            key(&g, "gone", &stray),
+            key(&g, "fading", &fading),
+            Effect::Tag { cache: g.cache("gone"), tag: tag.clone() },
+        ];
+        apply(&s, &g, &effects, 5).await.unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        for k in [&empty_tag, &stray, &member] {
+            assert!(!probe.exists(k).await, "{kind:?}: {k} survived");
+        }
+        assert!(probe.pttl(&fading).await > 0, "{kind:?}: {fading} got no TTL");
+    }
+}

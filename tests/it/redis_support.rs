@@ -42,6 +42,8 @@ pub fn target(name: &str, urls: &[String], cluster: bool) -> RedisTarget {
         cluster,
         fill_guard_ttl: Some(std::time::Duration::from_secs(60)),
         broadcast: None,
+        durability: None,
+        eviction_check: evictd::config::EvictionCheck::Refuse,
     }
 }
 

@@ -31,14 +31,20 @@ pub enum Conn {
 }
 
 impl Conn {
-    /// Connects to a target, within `timeout` overall.
-    pub async fn connect(target: &RedisTarget, timeout: Duration, errors: &Errors) -> Result<Conn, SinkError> {
+    /// Connects to a target, within `timeout` overall; a reply may take up
+    /// to `round_trip` (the timeout plus the durability wait).
+    pub async fn connect(
+        target: &RedisTarget,
+        timeout: Duration,
+        round_trip: Duration,
+        errors: &Errors,
+    ) -> Result<Conn, SinkError> {
         let urls: Vec<&str> = target.urls.iter().map(|u| u.expose_secret()).collect();
         let connecting = async {
             if target.cluster {
                 let client = ClusterClientBuilder::new(urls.clone())
                     .connection_timeout(timeout)
-                    .response_timeout(timeout)
+                    .response_timeout(round_trip)
                     .retries(2)
                     .build()
                     .map_err(|e| errors.redis("cluster configuration", &e))?;
@@ -54,7 +60,7 @@ impl Conn {
                 let client = redis::Client::open(*url).map_err(|e| errors.redis("configuration", &e))?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
-                    .set_response_timeout(Some(timeout))
+                    .set_response_timeout(Some(round_trip))
                     .set_number_of_retries(1)
                     .set_max_delay(timeout);
                 let conn = ConnectionManager::new_with_config(client, config)
@@ -101,6 +107,8 @@ pub struct Runner<'a> {
     pub scripts: &'a Scripts,
     pub errors: &'a Errors,
     pub timeout: Duration,
+    /// The wait that ends every pipeline of a batch's invalidations.
+    pub wait: Option<crate::config::Durability>,
 }
 
 impl Runner<'_> {

@@ -53,11 +53,12 @@ pub const GUARD_PREFIX: &str = "evictd:guard:";
 /// Prefix of broadcast sequence keys (the channel follows).
 pub const SEQUENCE_PREFIX: &str = "evictd:seq:";
 
-/// The fill-guard stamp of a cache key, in the key's Redis Cluster hash
-/// slot: `evictd:guard:` + the key when the key has a hash tag (its tag then
-/// stays the first one), else `evictd:guard:{` + key + `}` (the whole key
-/// becomes the tag). A key without a hash tag that contains `}` would get
-/// another slot; evictd never renders one (values are percent-encoded).
+/// The fill-guard stamp of a cache key: `evictd:guard:` + the key when the
+/// key has a hash tag (its tag then stays the first one), else
+/// `evictd:guard:{` + key + `}` (the whole key becomes the tag). That is the
+/// key's Redis Cluster hash slot whenever [`guard_in_slot`] holds; for the
+/// other keys no stamp name can share the key's slot, so on a Cluster they
+/// cannot be guarded (and evictd writes them no stamp).
 pub fn guard_key(key: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(GUARD_PREFIX.len() + key.len() + 2);
     out.extend_from_slice(GUARD_PREFIX.as_bytes());
@@ -69,6 +70,17 @@ pub fn guard_key(key: &[u8]) -> Vec<u8> {
         out.push(b'}');
     }
     out
+}
+
+/// Whether [`guard_key`]`(key)` hashes to `key`'s Redis Cluster slot.
+///
+/// It does unless `key` has no hash tag (Redis then hashes the whole key)
+/// and yet cannot be made one: it contains a `}` (`product:{}:x`, where the
+/// value inside `{{…}}` rendered empty; `a}b`, a tag member an application
+/// registered), or it is empty. Redis ends a hash tag at the first `}`, so
+/// no `{…}` can hold such a key whole.
+pub fn guard_in_slot(key: &[u8]) -> bool {
+    has_hash_tag(key) || (!key.is_empty() && !key.contains(&b'}'))
 }
 
 /// Whether Redis Cluster hashes `key` on a hash tag: a `{` followed later
@@ -329,7 +341,8 @@ mod tests {
 
     #[test]
     fn a_guard_lives_in_its_keys_slot() {
-        for key in ["user:{42}:profile", "user:42:profile", "{x}", "x{", "p:{{a}}", "q?a=1&b=2"] {
+        for key in ["user:{42}:profile", "user:42:profile", "{x}", "x{", "p:{{a}}", "q?a=1&b=2", "x}{y}"] {
+            assert!(guard_in_slot(key.as_bytes()), "{key}");
             let guard = guard_key(key.as_bytes());
             assert_eq!(
                 Slot::for_key(&guard),
@@ -338,10 +351,31 @@ mod tests {
                 String::from_utf8_lossy(&guard)
             );
         }
+        // Issue 11, item 7: no stamp name can share these keys' slots.
+        for key in ["product:{}:x", "a}b", "{}{a}", "m}", ""] {
+            assert!(!guard_in_slot(key.as_bytes()), "{key}");
+            assert_ne!(Slot::for_key(guard_key(key.as_bytes())), Slot::for_key(key.as_bytes()), "{key}");
+        }
         assert_eq!(guard_key(b"user:{42}:profile"), b"evictd:guard:user:{42}:profile");
         assert_eq!(guard_key(b"user:42"), b"evictd:guard:{user:42}");
         assert_eq!(guard_stamp("17", None), "i17");
         assert_eq!(guard_stamp("17", Some(0xab)), "i17.00000000000000ab");
         assert_eq!(sequence_key("evictd:invalidations"), "evictd:seq:evictd:invalidations");
+    }
+
+    proptest::proptest! {
+        /// Every key either has its stamp in its own slot or is flagged:
+        /// never a stamp in another slot that evictd would write.
+        #[test]
+        fn a_guard_is_in_its_keys_slot_or_the_key_is_flagged(
+            key in proptest::collection::vec(proptest::sample::select(b"{}ab:".to_vec()), 0..12),
+            noise in proptest::collection::vec(proptest::num::u8::ANY, 0..4),
+        ) {
+            let mut key = key;
+            key.extend(noise);
+            if guard_in_slot(&key) {
+                proptest::prop_assert_eq!(Slot::for_key(guard_key(&key)), Slot::for_key(&key));
+            }
+        }
     }
 }

@@ -22,10 +22,12 @@
 
 pub mod broadcast;
 mod conn;
+mod durability;
 mod error;
 pub mod layout;
 pub mod plan;
 mod redelete;
+pub mod setup;
 mod tags;
 
 use std::future::Future;
@@ -44,7 +46,8 @@ pub use plan::{Command, Group, Plan, PlanError, Redelete, TagJob, Topology};
 use self::conn::{Conn, Runner};
 use self::error::Errors;
 use self::layout::Scripts;
-use crate::config::{BroadcastConfig, RedisTarget};
+use crate::config::{BroadcastConfig, Durability, RedisTarget};
+use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkBatch, SinkError};
 
 /// How a [`RedisSink`] behaves.
@@ -81,11 +84,23 @@ struct Inner {
     /// Time to live of fill-guard stamps, ms; `None`: no stamps.
     fill_guard_ttl_ms: Option<u64>,
     broadcast: Option<BroadcastConfig>,
+    /// What each pipeline of a batch waits for before it counts as confirmed.
+    durability: Option<Durability>,
+    /// Where per-batch counts go, once the daemon attached its metrics.
+    metrics: std::sync::OnceLock<Arc<Metrics>>,
 }
 
 impl Inner {
+    /// Round trips with the target's durability wait (and its timeout on
+    /// top of the round-trip timeout).
     fn runner(&self) -> Runner<'_> {
-        Runner { conn: &self.conn, scripts: &self.scripts, errors: &self.errors, timeout: self.options.timeout }
+        Runner {
+            conn: &self.conn,
+            scripts: &self.scripts,
+            errors: &self.errors,
+            timeout: self.options.timeout + self.durability.map_or(Duration::ZERO, |d| d.timeout),
+            wait: self.durability,
+        }
     }
 }
 
@@ -101,7 +116,9 @@ impl RedisSink {
         let secrets = target.urls.iter().map(|u| u.expose_secret().to_owned()).collect();
         let errors = Errors::new(&target.name, secrets);
         let options = RedisSinkOptions { max_in_flight: options.max_in_flight.max(1), ..options };
-        let conn = Conn::connect(target, options.timeout, &errors).await?;
+        // A pipeline's round trip includes its durability wait.
+        let round_trip = options.timeout + target.durability.map_or(Duration::ZERO, |d| d.timeout);
+        let conn = Conn::connect(target, options.timeout, round_trip, &errors).await?;
         Ok(RedisSink {
             inner: Arc::new(Inner {
                 name: target.name.clone(),
@@ -113,12 +130,34 @@ impl RedisSink {
                 redelete_failures: AtomicU64::new(0),
                 fill_guard_ttl_ms: target.fill_guard_ttl.map(|ttl| ttl.as_millis().max(1) as u64),
                 broadcast: target.broadcast.clone(),
+                durability: target.durability,
+                metrics: std::sync::OnceLock::new(),
             }),
         })
     }
 
     pub fn topology(&self) -> Topology {
         self.inner.conn.topology()
+    }
+
+    /// The start-up check of this target (see [`setup`]): its eviction
+    /// policy, persistence and replicas, and what `wait_aof` needs. `tags`:
+    /// whether the graph has tag dependencies. An unreachable target is a
+    /// transient error within the timeout.
+    pub async fn check_setup(&self, target: &RedisTarget, tags: bool) -> Result<setup::Findings, SinkError> {
+        let inner = &self.inner;
+        let facts = match tokio::time::timeout(inner.options.timeout, setup::inspect(&inner.conn, &inner.errors)).await
+        {
+            Ok(facts) => facts?,
+            Err(_) => return Err(inner.errors.timeout("reading INFO", inner.options.timeout)),
+        };
+        Ok(setup::assess(target, &facts, tags))
+    }
+
+    /// Records this sink's own counts (keys invalidated without a stamp)
+    /// in `metrics`; the first call wins.
+    pub fn observe(&self, metrics: Arc<Metrics>) {
+        let _ = self.inner.metrics.set(metrics);
     }
 
     /// Delayed second deletes that failed so far (each is logged).
@@ -167,6 +206,9 @@ impl RedisSink {
             tracing::debug!(channel = %config.channel, seq = ?reply.first(), "broadcast");
         }
         tracing::debug!(groups = plan.groups.len(), tags = plan.tags.len(), "batch confirmed");
+        if stamp.is_some() {
+            self.report_unguarded(&plan, &tag_keys);
+        }
 
         // Confirmed: only now schedule the second deletes.
         for redelete in plan.redeletes {
@@ -180,6 +222,39 @@ impl RedisSink {
             }
         }
         Ok(())
+    }
+}
+
+impl RedisSink {
+    /// Counts and logs, per cache, the keys of a confirmed batch that were
+    /// invalidated without a fill-guard stamp: on a Cluster, keys with braces
+    /// but no hash tag have no stamp name in their own slot (see
+    /// [`layout::guard_in_slot`]). No reader can hold a stamp for them
+    /// either (its script would cross slots), so nothing is lost but the
+    /// guard itself; a stamp `SET` in another slot would have failed the
+    /// whole pipeline, on every retry and every restart.
+    fn report_unguarded(&self, plan: &Plan, tag_keys: &[Vec<Vec<u8>>]) {
+        if self.inner.conn.topology() != Topology::Cluster {
+            return;
+        }
+        let mut by_cache: std::collections::BTreeMap<&str, (u64, &[u8])> = std::collections::BTreeMap::new();
+        let tagged = plan.tags.iter().zip(tag_keys).flat_map(|(job, keys)| keys.iter().map(move |k| (&job.cache, k)));
+        let named = plan.unguarded.iter().map(|(cache, key)| (cache, key));
+        for (cache, key) in named.chain(tagged.filter(|(_, k)| !layout::guard_in_slot(k))) {
+            by_cache.entry(cache).or_insert((0, key)).0 += 1;
+        }
+        for (cache, (count, example)) in by_cache {
+            tracing::warn!(
+                target = %self.inner.name,
+                cache,
+                keys = count,
+                example = %String::from_utf8_lossy(example),
+                "keys invalidated without a fill-guard stamp: they have braces but no Cluster hash tag, so no stamp name shares their slot"
+            );
+            if let Some(metrics) = self.inner.metrics.get() {
+                metrics.unguarded_keys(&self.inner.name, cache, count);
+            }
+        }
     }
 }
 
@@ -244,10 +319,24 @@ async fn run_groups(
 /// connection, in order): a reader's guarded fill that runs after the
 /// invalidation always sees the new stamp, so it cannot put back what the
 /// reader read before.
+///
+/// On a Cluster, a key whose stamp would live in another slot
+/// ([`layout::guard_in_slot`]) gets none: the pipeline must stay in one
+/// slot, and no reader can have taken such a stamp.
+///
+/// With a durability wait, the pipeline ends with `WAIT` (or `WAITAOF`):
+/// on the same connection, after the writes, so it covers them (Redis
+/// waits for the offset of the connection's last write). On a Cluster the
+/// client sends a pipeline whole to the node of its first keyed command
+/// (a keyless `WAIT` does not change the route), which is the node that ran
+/// the writes. Fewer replicas than asked fail the group, transiently.
 async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Option<&Stamp>) -> Result<(), SinkError> {
     let mut pipe = redis::pipe();
+    let cluster = runner.conn.topology() == Topology::Cluster;
     let guard = |pipe: &mut redis::Pipeline, key: &[u8]| {
-        if let Some(stamp) = stamp {
+        if let Some(stamp) = stamp
+            && (!cluster || layout::guard_in_slot(key))
+        {
             // XX: only a stamp a reader took matters; with none out there
             // is nothing to refuse, and a reader that starts later reads
             // the database after this change anyway.
@@ -274,8 +363,14 @@ async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Op
             }
         }
     }
+    if let Some(wait) = &runner.wait {
+        durability::push(&mut pipe, wait);
+    }
     let what = format!("pipeline of {} commands", group.commands.len());
-    runner.pipeline(&what, &mut pipe).await?;
+    let replies = runner.pipeline(&what, &mut pipe).await?;
+    if let Some(wait) = &runner.wait {
+        durability::check(wait, replies.last()).map_err(|e| runner.errors.make(e.class(), format!("{what}: {e}")))?;
+    }
     Ok(())
 }
 

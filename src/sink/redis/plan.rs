@@ -16,10 +16,11 @@
 //! needs reads before it knows its keys.
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use redis::cluster_routing::Slot;
 
-use super::layout::{encode_version, namespace_key, tag_key};
+use super::layout::{encode_version, guard_in_slot, namespace_key, tag_key};
 use crate::graph::Action;
 use crate::resolve::Effect;
 use crate::sink::SinkBatch;
@@ -62,6 +63,8 @@ pub struct Group {
 /// Invalidating one tag: read its registry, delete the keys, forget them.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TagJob {
+    /// The cache whose dependency names the tag.
+    pub cache: Arc<str>,
     pub tag: String,
     /// `evictd:tag:{<tag>}`.
     pub registry: String,
@@ -88,6 +91,10 @@ pub struct Plan {
     pub tags: Vec<TagJob>,
     /// Delayed second deletes of keys named by the batch, by delay.
     pub redeletes: Vec<Redelete>,
+    /// Keys deleted or expired on a Cluster that can get no fill-guard stamp
+    /// in their own slot ([`guard_in_slot`]), with their caches: they are
+    /// invalidated without one.
+    pub unguarded: Vec<(Arc<str>, Vec<u8>)>,
 }
 
 /// A batch the sink cannot plan: the graph contradicts itself.
@@ -103,9 +110,17 @@ pub fn plan(batch: &SinkBatch<'_>, topology: Topology, rng: &mut fastrand::Rng) 
     let mut others: Vec<Command> = Vec::new();
     let mut tags = Vec::new();
     let mut redeletes: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+    let mut unguarded = Vec::new();
     for effect in batch.effects {
         let cache = batch.graph.cache(effect.cache());
         let options = &cache.options;
+        if let Effect::Key { key, .. } = effect
+            && topology == Topology::Cluster
+            && options.action != Action::Bump
+            && !guard_in_slot(key.as_bytes())
+        {
+            unguarded.push((cache.name.clone(), key.as_bytes().to_vec()));
+        }
         match effect {
             Effect::Key { key, .. } => match options.action {
                 Action::Delete => {
@@ -125,6 +140,7 @@ pub fn plan(batch: &SinkBatch<'_>, topology: Topology, rng: &mut fastrand::Rng) 
             },
             Effect::NamespaceBump { .. } => others.push(Command::Bump(namespace_key(&cache.name))),
             Effect::Tag { tag, .. } => tags.push(TagJob {
+                cache: cache.name.clone(),
                 tag: tag.clone(),
                 registry: tag_key(tag),
                 redelete_after_ms: match options.action {
@@ -137,7 +153,7 @@ pub fn plan(batch: &SinkBatch<'_>, topology: Topology, rng: &mut fastrand::Rng) 
     let groups = group(unlinks, others, topology);
     let redeletes = redeletes.into_iter().map(|(after_ms, keys)| Redelete { after_ms, keys }).collect();
     let raise = batch.position.is_some_and(|p| !p.exact_versions());
-    Ok(Plan { version: encode_version(batch.version), raise, groups, tags, redeletes })
+    Ok(Plan { version: encode_version(batch.version), raise, groups, tags, redeletes, unguarded })
 }
 
 /// `UNLINK`s of arbitrary keys (tag members, second deletes), grouped.

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tracing::Instrument;
 
+use super::conn::Runner;
 use super::plan::unlink_groups;
 use super::{Bump, Inner, run_groups};
 
@@ -26,7 +27,8 @@ pub(super) fn schedule(inner: &Arc<Inner>, batch_id: u64, after_ms: u64, keys: V
         async move {
             tokio::time::sleep(Duration::from_millis(after_ms)).await;
             let groups = unlink_groups(keys, inner.conn.topology());
-            let runner = inner.runner();
+            // Not part of any acknowledgement: nothing to wait for.
+            let runner = Runner { wait: None, ..inner.runner() };
             match run_groups(&runner, &groups, Bump::NONE, inner.options.max_in_flight, None).await {
                 Ok(()) => tracing::debug!("second delete done"),
                 Err(e) => {

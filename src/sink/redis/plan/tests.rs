@@ -87,7 +87,12 @@ fn each_action_becomes_its_command() {
     assert_eq!(commands[3], Command::Bump("evictd:ns:gone".to_owned()));
     assert_eq!(
         plan.tags,
-        [TagJob { tag: "item:1".to_owned(), registry: "evictd:tag:{item:1}".to_owned(), redelete_after_ms: Some(200) }]
+        [TagJob {
+            cache: "tagged".into(),
+            tag: "item:1".to_owned(),
+            registry: "evictd:tag:{item:1}".to_owned(),
+            redelete_after_ms: Some(200)
+        }]
     );
     assert!(plan.redeletes.is_empty());
 }
@@ -226,4 +231,21 @@ proptest! {
         let planned: usize = plan.redeletes.iter().map(|r| r.keys.len()).sum();
         prop_assert_eq!(planned, twice);
     }
+}
+
+#[test]
+fn keys_without_a_stamp_in_their_slot_are_flagged_on_a_cluster_only() {
+    let g = graph();
+    let effects = vec![
+        key(&g, "gone", "gone:{}:1"),
+        key(&g, "gone", "gone:{1}"),
+        key(&g, "fading", "fading:}"),
+        key(&g, "versioned", "versioned:{}"),
+    ];
+    let cluster = plan(&batch(&g, &effects, 1), Topology::Cluster, &mut fastrand::Rng::with_seed(1)).unwrap();
+    let flagged: Vec<(&str, &[u8])> = cluster.unguarded.iter().map(|(c, k)| (&**c, k.as_slice())).collect();
+    // A version key gets no stamp at all: nothing to flag.
+    assert_eq!(flagged, [("gone", &b"gone:{}:1"[..]), ("fading", &b"fading:}"[..])]);
+    let standalone = plan(&batch(&g, &effects, 1), Topology::Standalone, &mut fastrand::Rng::with_seed(1)).unwrap();
+    assert!(standalone.unguarded.is_empty());
 }
