@@ -10,6 +10,7 @@ mod live;
 mod migrate;
 mod replay;
 mod run;
+mod slot_history;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -33,8 +33,8 @@ use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
 use crate::sink::{Sink as _, SinkError};
 use crate::source::kafka::{KafkaDeadLetters, KafkaSource};
+use crate::source::postgres::SourceSetupError;
 use crate::source::postgres::lock::SlotLock;
-use crate::source::postgres::{PostgresSource, SourceSetupError};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -431,7 +431,7 @@ async fn consume(
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
         let started = tokio::select! {
-            s = PostgresSource::start(source_config, graph) => s,
+            s = super::slot_history::start(source_config, graph, &pipeline.sink) => s,
             () = stop.cancelled() => break,
         };
         let mut source = match started {

@@ -18,5 +18,6 @@ mod pipeline;
 mod redis_sink;
 mod redis_support;
 mod server;
+mod slot_loss;
 mod standby;
 mod support;
