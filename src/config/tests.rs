@@ -285,3 +285,22 @@ fn bad_dead_letter_values_name_file_line_and_field() {
     assert_eq!(e.0[0].field, "dead_letter.retries");
     assert_eq!(e.0[0].place, format!("{}:2:1", path.display()));
 }
+
+#[test]
+fn on_slot_loss_defaults_to_refuse_and_takes_flush_from_the_file_or_the_environment() {
+    let pg = |c: Config| match c.source {
+        Some(SourceConfig::Postgres(pg)) => pg.on_slot_loss,
+        _ => panic!("postgres source expected"),
+    };
+    let (_dir, path) = write(VALID);
+    assert_eq!(pg(load_with_env(&path, &env(&[])).unwrap()), OnSlotLoss::Refuse);
+    let flush = env(&[("EVICTD__SOURCE__POSTGRES__ON_SLOT_LOSS", "flush")]);
+    assert_eq!(pg(load_with_env(&path, &flush).unwrap()), OnSlotLoss::Flush);
+    let (_dir, path) =
+        write(&VALID.replace("slot = \"evictd_main\"", "slot = \"evictd_main\"\non_slot_loss = \"ignore\""));
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    assert_eq!(
+        messages(e),
+        ["PLACE: source.postgres.on_slot_loss: unknown value `ignore` (expected refuse or flush)".to_owned()]
+    );
+}
