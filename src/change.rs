@@ -318,12 +318,13 @@ impl Position {
     }
 
     /// Whether versions are exact commit positions, in commit order across
-    /// the whole stream: Postgres commit LSNs are; a bump then *sets* the
-    /// version, and a replay changes nothing. Kafka partitions (and replayed
-    /// files) only approximate the database's commit order, so a bump from
-    /// them raises the stored version past whatever is there: a replay
-    /// invalidates again (harmless), a reordering can never leave a stale
-    /// version in place.
+    /// the whole stream: Postgres commit LSNs are. Every bump raises the
+    /// stored version (past it when it is not lower), whatever the source;
+    /// this only says whether a bump that found a higher version is news:
+    /// for exact versions outside a replay, versions went backwards (a
+    /// restore, another source) and the sink warns. Kafka partitions (and
+    /// replayed files) only approximate the database's commit order, so
+    /// their bumps are often behind, by design.
     pub fn exact_versions(&self) -> bool {
         matches!(self, Position::Postgres { .. })
     }

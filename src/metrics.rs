@@ -61,9 +61,10 @@ pub const KAFKA_CONSUMER_LAG_MESSAGES: &str = "evictd_kafka_consumer_lag_message
 pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "evictd_kafka_dead_letters_total";
 pub const KAFKA_REBALANCES_TOTAL: &str = "evictd_kafka_rebalances_total";
 pub const UNGUARDED_KEYS_TOTAL: &str = "evictd_unguarded_keys_total";
+pub const VERSIONS_BEHIND_TOTAL: &str = "evictd_versions_behind_total";
 
 /// Every name above, for tests and documentation.
-pub const ALL: [&str; 25] = [
+pub const ALL: [&str; 26] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -89,6 +90,7 @@ pub const ALL: [&str; 25] = [
     KAFKA_DEAD_LETTERS_TOTAL,
     KAFKA_REBALANCES_TOTAL,
     UNGUARDED_KEYS_TOTAL,
+    VERSIONS_BEHIND_TOTAL,
 ];
 
 /// Latency buckets, 0.5 ms to 60 s: a healthy invalidation lands in
@@ -245,6 +247,7 @@ pub struct Metrics {
     kafka_dead_letters: Family<TopicReason, Counter>,
     kafka_rebalances: Family<KindLabel, Counter>,
     unguarded_keys: Family<TargetCache, Counter>,
+    versions_behind: Family<TargetLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -283,6 +286,7 @@ impl Metrics {
             kafka_dead_letters: Family::default(),
             kafka_rebalances: Family::default(),
             unguarded_keys: Family::default(),
+            versions_behind: Family::default(),
         };
         let r = &mut m.registry;
         let help = "Row changes received from the source, by table and operation";
@@ -333,6 +337,8 @@ impl Metrics {
         register(r, KAFKA_REBALANCES_TOTAL, help, m.kafka_rebalances.clone());
         let help = "Keys invalidated on a Redis Cluster without a fill-guard stamp, because no stamp name shares their hash slot (a key with braces but no hash tag), by target and cache";
         register(r, UNGUARDED_KEYS_TOTAL, help, m.unguarded_keys.clone());
+        let help = "Version bumps that found the stored version at or past the batch's and raised it past that, by sink target (replays, Kafka's commit times, or versions that went backwards: a restore, another source)";
+        register(r, VERSIONS_BEHIND_TOTAL, help, m.versions_behind.clone());
         m.active.set(1);
         m
     }
@@ -416,6 +422,7 @@ impl Metrics {
             drop(self.sink_errors.get_or_create(&TargetKind { target: target.to_owned(), kind }));
         }
         drop(self.sink_retries.get_or_create(&TargetLabel { target: target.to_owned() }));
+        drop(self.versions_behind.get_or_create(&TargetLabel { target: target.to_owned() }));
     }
 
     /// A sink failed to apply a batch.
@@ -425,6 +432,12 @@ impl Metrics {
             SinkError::Definite { target, .. } => (target, "definite"),
         };
         self.sink_errors.get_or_create(&TargetKind { target: target.clone(), kind }).inc();
+    }
+
+    /// The series of [`VERSIONS_BEHIND_TOTAL`] of `target` (created at
+    /// zero), for the target's sink to count in.
+    pub fn versions_behind(&self, target: &str) -> Counter {
+        self.versions_behind.get_or_create(&TargetLabel { target: target.to_owned() }).clone()
     }
 
     /// A batch is being applied again to `target` after a transient error.

@@ -11,6 +11,7 @@ mod live_redis;
 mod migrate;
 mod replay;
 mod run;
+mod slot_history;
 
 use std::io::Write;
 use std::path::PathBuf;

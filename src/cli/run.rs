@@ -29,12 +29,12 @@ use crate::metrics::Metrics;
 use crate::resolve::PgLookupExecutor;
 use crate::run::{Pipeline, RunOptions, SessionEnd, TransactionLimits};
 use crate::server::{Health, Role, ServerState};
-use crate::sink::SinkError;
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
+use crate::sink::{Sink as _, SinkError};
 use crate::source::kafka::{KafkaDeadLetters, KafkaSource};
+use crate::source::postgres::SourceSetupError;
 use crate::source::postgres::lock::SlotLock;
-use crate::source::postgres::{PostgresSource, SourceSetupError};
 
 #[derive(Debug, Args)]
 pub struct RunArgs {
@@ -166,6 +166,13 @@ pub(super) async fn connect_sinks(
     Ok(Some(MultiSink::new(targets)))
 }
 
+/// Behind bumps of every target count in `evictd_versions_behind_total`.
+fn count_versions_behind(sink: &MultiSink<RedisSink>, metrics: &Metrics) {
+    for target in sink.targets() {
+        target.count_versions_behind(metrics.versions_behind(target.name()));
+    }
+}
+
 /// How long one statement against the dead-letter database may take.
 pub(super) const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -253,6 +260,7 @@ async fn work(
     let lookups = lookup_executor(config)?;
     let Some(dead_letters) = open_dead_letters(config, &metrics, &shutdown).await? else { return Ok(()) };
     let Some(sink) = connect_sinks(config, &graph, &metrics, &shutdown).await? else { return Ok(()) };
+    count_versions_behind(&sink, &metrics);
     // Connected: reachable until a batch says otherwise.
     health.set_all_sinks_reachable();
     let options = run_options(config);
@@ -324,6 +332,7 @@ async fn work_kafka(
     let dead_letters = Arc::new(dead_letters);
     metrics.dead_letter_store();
     let Some(sink) = connect_sinks(config, &graph, &metrics, shutdown).await? else { return Ok(()) };
+    count_versions_behind(&sink, &metrics);
     health.set_all_sinks_reachable();
     health.set_role(Role::Active);
     metrics.set_role(Role::Active);
@@ -442,7 +451,7 @@ async fn consume(
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
         let started = tokio::select! {
-            s = PostgresSource::start(source_config, graph) => s,
+            s = super::slot_history::start(source_config, graph, &pipeline.sink) => s,
             () = stop.cancelled() => break,
         };
         let mut source = match started {

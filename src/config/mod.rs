@@ -99,6 +99,10 @@ pub struct RawPostgres {
     pub require_full_replica_identity: Option<bool>,
     /// How often a standby tries to take the slot's lock, in ms. Default 1000.
     pub standby_retry_ms: Option<u64>,
+    /// What to do when the slot is gone although evictd streamed from it
+    /// (recorded in Redis): `refuse` (default) or `flush` (bump every
+    /// cache's namespace, then stream from a new slot).
+    pub on_slot_loss: Option<String>,
 }
 
 /// `[source.kafka]`
@@ -324,6 +328,20 @@ pub struct PostgresSource {
     pub require_full_replica_identity: bool,
     /// How often a standby tries to become the slot's active consumer.
     pub standby_retry: Duration,
+    /// What to do when the slot evictd streamed from is gone.
+    pub on_slot_loss: OnSlotLoss,
+}
+
+/// What `run` does when the slot is missing but evictd streamed from it
+/// before (the changes since its last acknowledged position are lost).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnSlotLoss {
+    /// Refuse to start, saying what happened and what to do.
+    #[default]
+    Refuse,
+    /// Bump every cache's namespace on every target, then stream from a
+    /// new slot.
+    Flush,
 }
 
 #[derive(Debug, Clone)]
@@ -951,7 +969,19 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
                     "must be between 100 and 10000 (keep it under half of wal_sender_timeout)",
                 );
             }
+            let on_slot_loss = match pg.on_slot_loss.as_deref().unwrap_or("refuse") {
+                "refuse" => OnSlotLoss::Refuse,
+                "flush" => OnSlotLoss::Flush,
+                other => {
+                    issues.push(
+                        "source.postgres.on_slot_loss",
+                        format!("unknown value `{other}` (expected refuse or flush)"),
+                    );
+                    OnSlotLoss::Refuse
+                }
+            };
             Some(SourceConfig::Postgres(PostgresSource {
+                on_slot_loss,
                 url,
                 slot,
                 publication,

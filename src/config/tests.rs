@@ -313,3 +313,22 @@ fn a_target_waits_for_replicas_or_the_aof_only_when_asked() {
     assert!(text.contains("redis.primary.eviction_check: unknown value `ignore` (expected refuse or warn)"), "{text}");
     assert!(text.contains("redis.primary.wait_timeout_ms: must be greater than 0"), "{text}");
 }
+
+#[test]
+fn on_slot_loss_defaults_to_refuse_and_takes_flush_from_the_file_or_the_environment() {
+    let pg = |c: Config| match c.source {
+        Some(SourceConfig::Postgres(pg)) => pg.on_slot_loss,
+        _ => panic!("postgres source expected"),
+    };
+    let (_dir, path) = write(VALID);
+    assert_eq!(pg(load_with_env(&path, &env(&[])).unwrap()), OnSlotLoss::Refuse);
+    let flush = env(&[("EVICTD__SOURCE__POSTGRES__ON_SLOT_LOSS", "flush")]);
+    assert_eq!(pg(load_with_env(&path, &flush).unwrap()), OnSlotLoss::Flush);
+    let (_dir, path) =
+        write(&VALID.replace("slot = \"evictd_main\"", "slot = \"evictd_main\"\non_slot_loss = \"ignore\""));
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    assert_eq!(
+        messages(e),
+        ["PLACE: source.postgres.on_slot_loss: unknown value `ignore` (expected refuse or flush)".to_owned()]
+    );
+}

@@ -2,8 +2,9 @@
 //! broadcast channel).
 //!
 //! [`Sink`] is the seam. Effects are idempotent by construction — `UNLINK`
-//! rather than update, version bumps that only ever raise a version to the
-//! change's commit position — so a sink may apply a batch more than once.
+//! rather than update, version bumps that always raise a version (to the
+//! change's commit position, or past what is stored) — so a sink may apply
+//! a batch more than once: a replayed bump costs one extra miss.
 
 pub mod multi;
 pub mod redis;
@@ -24,7 +25,8 @@ pub struct SinkBatch<'a> {
     /// Distinct effects, each applied with its cache's action and options.
     pub effects: &'a [Effect],
     /// The version written by `bump` and namespace bumps: the batch's last
-    /// commit position as a number, so replays never move a version back.
+    /// commit position as a number (raised past what is stored when that is
+    /// not lower, so versions never move back).
     pub version: u64,
     /// The batch's last source position (carried by the broadcast).
     pub position: Option<&'a Position>,

@@ -140,11 +140,16 @@ level = "info,evictd=debug"
         format!("{}:{what}", self.prefix)
     }
 
-    /// Starts `evictd run` and waits until it streams from the slot.
-    pub async fn start(&mut self) {
+    /// Starts `evictd run` without waiting for anything.
+    pub fn spawn(&mut self) {
         let log =
             std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("evictd.log")).unwrap();
         self.child = Some(run_evictd(&self.config, log));
+    }
+
+    /// Starts `evictd run` and waits until it streams from the slot.
+    pub async fn start(&mut self) {
+        self.spawn();
         let slot = self.slot.clone();
         self.wait_for("the daemon to hold its slot", Duration::from_secs(30), || {
             let slot = slot.clone();
@@ -418,8 +423,11 @@ async fn every_operation_invalidates_its_keys() {
 
     // SIGTERM: a clean exit with everything acknowledged.
     let end = d.current_lsn().await;
-    d.sql("INSERT INTO app.items VALUES (3, 3, 'hat', NULL)").await;
+    // Filled first: waiting for a key that was never there proves nothing,
+    // and SIGTERM could then come before the insert is read.
     let item3 = d.key("item:3");
+    fill(&mut r, std::slice::from_ref(&item3)).await;
+    d.sql("INSERT INTO app.items VALUES (3, 3, 'hat', NULL)").await;
     wait_gone(&d, &r, &[item3], Duration::from_secs(30)).await;
     assert_eq!(d.terminate(), Some(0), "{}", d.log());
     // The server applies the last status update when it reads it: give it a moment.

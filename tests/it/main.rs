@@ -21,6 +21,7 @@ mod redis_durability;
 mod redis_sink;
 mod redis_support;
 mod server;
+mod slot_loss;
 mod standby;
 mod support;
 mod tag_race;

@@ -14,8 +14,8 @@
 //! - Fill guard of cache key `K`: the string key [`guard_key`]`(K)`, in `K`'s
 //!   hash slot; readers create it on a miss ([`READ_LUA`], [`FILL_BEGIN_LUA`])
 //!   and fill through [`FILL_LUA`], which refuses once the stamp changed;
-//!   evictd replaces an existing one with `i<version>` (the batch version)
-//!   before it invalidates `K`.
+//!   evictd replaces an existing one with [`guard_stamp`] (the batch version
+//!   and a value unique to the batch's application) before it invalidates `K`.
 //! - Broadcast sequence of channel `C`: the integer key `evictd:seq:C`,
 //!   raised by [`PUBLISH_LUA`] for every message.
 //!
@@ -23,8 +23,8 @@
 //!   their writer read *before* reading the database: `<ns>|<payload>`
 //!   ([`stamp`], [`unstamp`]); evictd never reads or writes them.
 //!
-//! **Invariants** of the scripts: [`BUMP`] never lowers a version and
-//! compares exactly for every u64 (digit strings, never Lua numbers, which
+//! **Invariants** of the scripts: [`BUMP`] raises a version at every call
+//! (never lowers it, never leaves it) and compares exactly for every u64 (digit strings, never Lua numbers, which
 //! are doubles); [`FORGET`] removes a registration only if its score is still
 //! the one evictd read, so a registration refreshed after the read survives.
 
@@ -92,10 +92,12 @@ fn has_hash_tag(key: &[u8]) -> bool {
 }
 
 /// The stamp evictd writes for an invalidation in a batch of `version`:
-/// `i<version>`, or `i<version>.<instance>` for sources whose versions are
-/// not unique across replicas (Kafka: replicas of one consumer group may
-/// give two batches the same version, and a stamp must change at every
-/// invalidation). Readers' stamps start with `r`, so the two never collide.
+/// `i<version>`, or `i<version>.<nonce>`. A stamp must change at every
+/// invalidation, and batch versions alone do not: Kafka replicas of one
+/// group may give two batches the same version, and Postgres LSNs repeat
+/// after a restore, across servers, or between two sources on one Redis.
+/// The sink passes a nonce unique to each application of a batch (see
+/// `RedisSink`). Readers' stamps start with `r`, so the two never collide.
 pub fn guard_stamp(version: &str, instance: Option<u64>) -> String {
     match instance {
         None => format!("i{version}"),
@@ -146,12 +148,16 @@ pub fn unstamp(value: &[u8], namespace: u64) -> Option<&[u8]> {
 
 /// Lua source of [`BUMP`].
 ///
-/// `KEYS[1]` is a version key, `ARGV[1]` the new version in canonical
-/// decimal. The key is set to `ARGV[1]` if that is greater than the version
-/// there (or there is none); returns 1 if it was raised, 0 if it was kept.
-/// With `ARGV[2] = "raise"` (sources whose versions only approximate
-/// commit order: Kafka, replayed files) a version that is not greater sets
-/// the stored one plus one instead, so every such bump raises it.
+/// `KEYS[1]` is a version key, `ARGV[1]` the batch version in canonical
+/// decimal. The script always raises the stored version: to `ARGV[1]` if
+/// that is greater than the version there (or there is none), returning 1;
+/// else to the stored version plus one, returning 2 ("behind": the stored
+/// version was already at or past the batch's). So a bump is never a no-op,
+/// whatever the source's positions did (a restore, a failover, a switch
+/// between sources, two sources on one Redis, Kafka's commit times), and a
+/// stored version stays at or above the commit position of the last change
+/// that bumped it. A replayed batch raises again: one extra miss, the price
+/// of at-least-once delivery. Arguments after `ARGV[1]` are ignored.
 /// A value that is not a decimal version fails with `EVICTD_NOT_A_VERSION`;
 /// a key of another type fails with `WRONGTYPE` (from `GET`). Leading zeros
 /// of a stored value are ignored; the key's TTL, if any, is removed by `SET`
@@ -171,20 +177,20 @@ local function succ(s)
   if i == 0 then return '1' .. string.rep('0', #s) end
   return string.sub(s, 1, i - 1) .. string.char(string.byte(s, i) + 1) .. string.rep('0', #s - i)
 end
-local new = ARGV[1]
+local new, reply = ARGV[1], 1
 local cur = redis.call('GET', KEYS[1])
 if cur then
   if not string.match(cur, '^%d+$') then
     return redis.error_reply('EVICTD_NOT_A_VERSION ' .. KEYS[1] .. ' holds a value that is not a decimal version')
   end
   cur = string.gsub(cur, '^0+', '')
+  if cur == '' then cur = '0' end
   if not greater(new, cur) then
-    if ARGV[2] ~= 'raise' then return 0 end
-    new = succ(cur)
+    new, reply = succ(cur), 2
   end
 end
 redis.call('SET', KEYS[1], new)
-return 1
+return reply
 "#;
 
 /// Lua source of [`FORGET`].

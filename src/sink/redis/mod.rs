@@ -19,6 +19,16 @@
 //! trip is bounded by [`RedisSinkOptions::timeout`]; a second delete
 //! (`redelete_after_ms`) is scheduled only after the batch is confirmed, is
 //! best-effort, and is not part of the acknowledgement.
+//!
+//! Versions: every bump raises the stored version (see
+//! [`layout::BUMP_LUA`]); a bump that found the stored version at or past
+//! the batch's is *behind*. Behind bumps are counted
+//! (`evictd_versions_behind_total`); for a Postgres source whose
+//! [source record](record) is open, a batch above the record's highest
+//! version is not a replay, so behind bumps in it mean versions went
+//! backwards (a restore, another source) and are logged as a warning. The
+//! record's highest version is written *before* such a batch's bumps, so a
+//! batch replayed after a crash is always recognised as one.
 
 pub mod broadcast;
 mod conn;
@@ -26,6 +36,7 @@ mod durability;
 mod error;
 pub mod layout;
 pub mod plan;
+pub mod record;
 mod redelete;
 pub mod setup;
 mod tags;
@@ -33,9 +44,11 @@ mod tags;
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures_util::{StreamExt, TryStreamExt, stream};
+use prometheus_client::metrics::counter::Counter;
 use secrecy::ExposeSecret;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -46,6 +59,7 @@ pub use plan::{Command, Group, Plan, PlanError, Redelete, TagJob, Topology};
 use self::conn::{Conn, Runner};
 use self::error::Errors;
 use self::layout::Scripts;
+use crate::change::Position;
 use crate::config::{BroadcastConfig, Durability, RedisTarget};
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkBatch, SinkError};
@@ -88,6 +102,14 @@ struct Inner {
     durability: Option<Durability>,
     /// Where per-batch counts go, once the daemon attached its metrics.
     metrics: std::sync::OnceLock<Arc<Metrics>>,
+    /// Bumps that found the stored version at or past the batch's.
+    versions_behind: AtomicU64,
+    /// The same count in the metrics, once [`RedisSink::count_versions_behind`] was called.
+    versions_behind_metric: OnceLock<Counter>,
+    /// When the last "versions went backwards" warning was logged (Unix ms).
+    behind_warned_ms: AtomicU64,
+    /// The source record of the stream this sink serves, once opened.
+    source: Mutex<Option<record::Tracked>>,
 }
 
 impl Inner {
@@ -132,6 +154,10 @@ impl RedisSink {
                 broadcast: target.broadcast.clone(),
                 durability: target.durability,
                 metrics: std::sync::OnceLock::new(),
+                versions_behind: AtomicU64::new(0),
+                versions_behind_metric: OnceLock::new(),
+                behind_warned_ms: AtomicU64::new(0),
+                source: Mutex::new(None),
             }),
         })
     }
@@ -160,6 +186,18 @@ impl RedisSink {
         let _ = self.inner.metrics.set(metrics);
     }
 
+    /// Bumps so far that found the stored version at or past the batch's
+    /// (and raised it past that instead).
+    pub fn versions_behind(&self) -> u64 {
+        self.inner.versions_behind.load(Ordering::Relaxed)
+    }
+
+    /// Counts behind bumps in `counter` too (the target's series of
+    /// `evictd_versions_behind_total`). Only the first call counts.
+    pub fn count_versions_behind(&self, counter: Counter) {
+        let _ = self.inner.versions_behind_metric.set(counter);
+    }
+
     /// Delayed second deletes that failed so far (each is logged).
     pub fn redelete_failures(&self) -> u64 {
         self.inner.redelete_failures.load(Ordering::Relaxed)
@@ -180,14 +218,20 @@ impl RedisSink {
         let runner = inner.runner();
         let max = inner.options.max_in_flight;
         let now = now_ms();
-        let instance = plan.raise.then(instance_id);
-        let stamp =
-            inner.fill_guard_ttl_ms.map(|ttl_ms| Stamp { value: layout::guard_stamp(&plan.version, instance), ttl_ms });
+        let stamp = inner
+            .fill_guard_ttl_ms
+            .map(|ttl_ms| Stamp { value: layout::guard_stamp(&plan.version, Some(stamp_nonce())), ttl_ms });
         let stamp = stamp.as_ref();
-        let bump = Bump { version: &plan.version, raise: plan.raise };
+        // Before the bumps: a replay of this batch must find its version recorded.
+        let exact = batch.position.is_some_and(Position::exact_versions);
+        let has_bumps = plan.groups.iter().flat_map(|g| &g.commands).any(|c| matches!(c, Command::Bump(_)));
+        let replay = if exact && has_bumps { self.note_version(&runner, batch.version).await? } else { None };
+        let behind = Behind::default();
+        let bump = Bump { version: &plan.version, behind: Some(&behind) };
         let keys = run_groups(&runner, &plan.groups, bump, max, stamp);
         let tags = tags::invalidate_all(&runner, &plan.tags, now, topology, max, stamp);
         let ((), tag_keys) = futures_util::try_join!(keys, tags)?;
+        self.report_behind(&runner, &batch, &behind, exact, replay).await;
         // Every effect confirmed: only now tell the local caches.
         if let Some(config) = &inner.broadcast
             && let Some(message) = broadcast::message(&batch, config, now)
@@ -277,28 +321,49 @@ impl Sink for RedisSink {
 /// The fill-guard stamp written before each key invalidation of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Stamp {
-    /// `i<version>[.<instance>]`: see [`layout::guard_stamp`].
+    /// `i<version>.<nonce>`: see [`layout::guard_stamp`].
     pub value: String,
     pub ttl_ms: u64,
 }
 
-/// This process's random instance id, for stamps of sources whose batch
-/// versions are not unique across replicas.
-fn instance_id() -> u64 {
-    static INSTANCE: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
-    *INSTANCE.get_or_init(|| fastrand::u64(..))
+/// A value unique to each application of a batch, for its fill-guard
+/// stamps: a random per-process start plus a per-process counter, so two
+/// invalidations never write the same stamp, even with equal batch
+/// versions (Kafka replicas, Postgres LSNs after a restore, two sources).
+fn stamp_nonce() -> u64 {
+    static START: OnceLock<u64> = OnceLock::new();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    START.get_or_init(|| fastrand::u64(..)).wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed))
 }
 
 /// The arguments of the version script for one batch.
 #[derive(Debug, Clone, Copy)]
 struct Bump<'a> {
     version: &'a str,
-    raise: bool,
+    /// Where the groups tally their behind bumps.
+    behind: Option<&'a Behind>,
 }
 
 impl Bump<'static> {
     /// For groups without bumps (tags' keys, second deletes).
-    const NONE: Bump<'static> = Bump { version: "", raise: false };
+    const NONE: Bump<'static> = Bump { version: "", behind: None };
+}
+
+/// Behind bumps of one batch: the version script answered 2.
+#[derive(Debug, Default)]
+struct Behind {
+    count: AtomicU64,
+    /// One of the keys, for the warning.
+    first: Mutex<Option<String>>,
+}
+
+impl Behind {
+    fn add(&self, key: &str) {
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut first) = self.first.lock() {
+            first.get_or_insert_with(|| key.to_owned());
+        }
+    }
 }
 
 /// Runs groups as pipelines, at most `max` at once; `Ok` once all replied.
@@ -333,6 +398,8 @@ async fn run_groups(
 async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Option<&Stamp>) -> Result<(), SinkError> {
     let mut pipe = redis::pipe();
     let cluster = runner.conn.topology() == Topology::Cluster;
+    // Where each bump's reply is, by index in the pipeline.
+    let mut bumps: Vec<(usize, &str)> = Vec::new();
     let guard = |pipe: &mut redis::Pipeline, key: &[u8]| {
         if let Some(stamp) = stamp
             && (!cluster || layout::guard_in_slot(key))
@@ -352,10 +419,8 @@ async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Op
                 pipe.cmd("UNLINK").arg(keys);
             }
             Command::Bump(key) => {
+                bumps.push((pipe.len(), key.as_str()));
                 pipe.cmd("EVALSHA").arg(runner.scripts.bump.get_hash()).arg(1).arg(key).arg(bump.version);
-                if bump.raise {
-                    pipe.arg("raise");
-                }
             }
             Command::Expire { key, ttl_ms } => {
                 guard(&mut pipe, key.as_bytes());
@@ -370,6 +435,13 @@ async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Op
     let replies = runner.pipeline(&what, &mut pipe).await?;
     if let Some(wait) = &runner.wait {
         durability::check(wait, replies.last()).map_err(|e| runner.errors.make(e.class(), format!("{what}: {e}")))?;
+    }
+    if let Some(behind) = bump.behind {
+        for (index, key) in bumps {
+            if matches!(replies.get(index), Some(redis::Value::Int(2))) {
+                behind.add(key);
+            }
+        }
     }
     Ok(())
 }

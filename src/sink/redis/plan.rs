@@ -45,7 +45,7 @@ pub enum Topology {
 pub enum Command {
     /// `UNLINK keys…`.
     Unlink(Vec<Vec<u8>>),
-    /// The version script: raise `key` to the plan's version.
+    /// The version script: raise `key` to the plan's version, or past it.
     Bump(String),
     /// `PEXPIRE key ttl_ms LT`: never lengthens an existing TTL.
     Expire { key: String, ttl_ms: u64 },
@@ -82,11 +82,10 @@ pub struct Redelete {
 /// Everything one batch asks of one target.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
-    /// The batch version in stored form (canonical decimal).
+    /// The batch version in stored form (canonical decimal); every bump
+    /// raises the stored version to it or past it (see
+    /// [`super::layout::BUMP_LUA`]).
     pub version: String,
-    /// Versions only approximate commit order (Kafka, files): every bump
-    /// raises the stored version (see [`super::layout::BUMP_LUA`]).
-    pub raise: bool,
     pub groups: Vec<Group>,
     pub tags: Vec<TagJob>,
     /// Delayed second deletes of keys named by the batch, by delay.
@@ -152,8 +151,7 @@ pub fn plan(batch: &SinkBatch<'_>, topology: Topology, rng: &mut fastrand::Rng) 
     }
     let groups = group(unlinks, others, topology);
     let redeletes = redeletes.into_iter().map(|(after_ms, keys)| Redelete { after_ms, keys }).collect();
-    let raise = batch.position.is_some_and(|p| !p.exact_versions());
-    Ok(Plan { version: encode_version(batch.version), raise, groups, tags, redeletes, unguarded })
+    Ok(Plan { version: encode_version(batch.version), groups, tags, redeletes, unguarded })
 }
 
 /// `UNLINK`s of arbitrary keys (tag members, second deletes), grouped.

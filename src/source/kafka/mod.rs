@@ -18,8 +18,9 @@
 //!
 //! **Versions.** A Kafka position's bump version is the source's commit
 //! time in µs, kept strictly rising within this consumer (`max(last + 1,
-//! ts_us)`), and the Redis sink raises versions past what is stored for
-//! such positions ([`Position::exact_versions`]).
+//! ts_us)`); like every bump, the Redis sink raises versions past what is
+//! stored when that is not lower, and only counts such bumps for Kafka
+//! ([`Position::exact_versions`]).
 //!
 //! **Bad messages** (not JSON, not a Debezium event, a value that cannot be
 //! decoded) go to the dead-letter topic with their original key, value and

@@ -21,6 +21,7 @@
 //! and we hand it on change by change: memory holds one change at a time
 //! here; the run loop bounds what it accumulates per transaction.
 
+pub mod identity;
 pub mod lock;
 pub mod pgoutput;
 pub mod setup;
