@@ -20,3 +20,4 @@ mod redis_support;
 mod server;
 mod standby;
 mod support;
+mod value_format;

@@ -23,6 +23,7 @@
 
 pub mod lock;
 pub mod pgoutput;
+pub mod session;
 pub mod setup;
 
 use std::collections::VecDeque;
@@ -140,7 +141,9 @@ impl PostgresSource {
         .with_status_interval(config.status_interval)
         .with_wakeup_interval(config.status_interval)
         .with_buffer_size(4096)
-        .with_application_name("evictd");
+        .with_application_name("evictd")
+        // Values print as a look-up session prints them (`session`).
+        .with_options(session::replication_options());
         let mut client = ReplicationClient::connect(replication).await.map_err(classify)?;
         client.wait_started().await.map_err(classify)?;
         // We hold the slot now. Had anyone advanced it since we read it,
