@@ -441,6 +441,7 @@ async fn consume(
                 continue;
             }
             Err(SourceSetupError::Definite(m)) => return Err(CliError::Runtime(m)),
+            Err(SourceSetupError::Publication(m)) => return Err(CliError::Input(m)),
         };
         match pipeline.run_session(&mut source, stop).await {
             Ok(SessionEnd::Shutdown) => {

@@ -15,6 +15,7 @@ mod key_vectors;
 mod lookup;
 mod outage;
 mod pipeline;
+mod publication;
 mod redis_sink;
 mod redis_support;
 mod server;

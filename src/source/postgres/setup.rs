@@ -6,7 +6,8 @@
 //! attribute, the publication and the slot must exist (or be created), the
 //! publication must include every table a dependency reads (or have it
 //! added, with `create_publication`), the slot must use `pgoutput`.
-//! `evictd check --config` reads the same [`publication_report`]. Tables whose dependencies read non-identity
+//! `evictd check --config` reads the same [`publication_report`], which
+//! also checks what the publication hides (`publication`). Tables whose dependencies read non-identity
 //! columns of old rows get a warning unless they have `REPLICA IDENTITY
 //! FULL`: without it evictd still invalidates correctly, but through
 //! namespace bumps (see `resolve`).
@@ -17,6 +18,7 @@ use sqlx::postgres::PgPool;
 use sqlx::{Executor as _, Row as _};
 
 use super::SourceSetupError;
+use super::publication::{add_tables_sql, publication_report, quote_ident, quote_table};
 use crate::change::Lsn;
 use crate::graph::{Graph, LookupArg, Mapping, Trigger};
 
@@ -65,87 +67,19 @@ fn query(e: sqlx::Error) -> SourceSetupError {
     SourceSetupError::Transient(format!("preflight query failed: {e}"))
 }
 
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `schema.table` as a quoted SQL name.
-fn quote_table(name: &str) -> String {
-    match name.split_once('.') {
-        Some((schema, table)) => format!("{}.{}", quote_ident(schema), quote_ident(table)),
-        None => quote_ident(name),
-    }
-}
-
-/// How a publication compares with the graph.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PublicationReport {
-    pub exists: bool,
-    /// Tables a dependency reads that exist but are not published: their
-    /// changes would never reach evictd.
-    pub unpublished: Vec<String>,
-    /// Tables a dependency reads that do not exist in the database.
-    pub missing: Vec<String>,
-    /// Published tables no dependency reads: streamed, then ignored.
-    pub unmapped: Vec<String>,
-}
-
-/// Graph tables that some dependency is triggered by.
-fn mapped_tables(graph: &Graph) -> BTreeSet<&str> {
-    graph.tables().iter().filter(|t| !t.dependents.is_empty()).map(|t| &*t.name).collect()
-}
-
-/// Compares publication `name` with the tables the graph's dependencies read.
-pub async fn publication_report(
-    pool: &PgPool,
-    name: &str,
-    graph: &Graph,
-) -> Result<PublicationReport, SourceSetupError> {
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
-        .bind(name)
-        .fetch_one(pool)
-        .await
-        .map_err(query)?;
-    let published: BTreeSet<String> =
-        sqlx::query_scalar("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1")
-            .bind(name)
-            .fetch_all(pool)
-            .await
-            .map_err(query)?
-            .into_iter()
-            .collect();
-    let mapped = mapped_tables(graph);
-    let mut report = PublicationReport { exists, ..PublicationReport::default() };
-    for table in &mapped {
-        if published.contains(*table) {
-            continue;
-        }
-        let found: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(quote_table(table))
-            .fetch_one(pool)
-            .await
-            .map_err(query)?;
-        if found { report.unpublished.push((*table).to_owned()) } else { report.missing.push((*table).to_owned()) }
-    }
-    report.unmapped = published.into_iter().filter(|t| !mapped.contains(t.as_str())).collect();
-    Ok(report)
-}
-
-/// `ALTER PUBLICATION … ADD TABLE …` for `tables`.
-pub fn add_tables_sql(publication: &str, tables: &[String]) -> String {
-    let tables: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
-    format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(publication), tables.join(", "))
-}
-
 async fn ensure_publication(pool: &PgPool, name: &str, create: bool, graph: &Graph) -> Result<(), SourceSetupError> {
     let report = publication_report(pool, name, graph).await?;
     if report.exists {
+        let hazards = report.hazards(name);
+        if !hazards.is_empty() {
+            return Err(SourceSetupError::Publication(hazards.join("; ")));
+        }
         if report.unpublished.is_empty() {
             return Ok(());
         }
         let sql = add_tables_sql(name, &report.unpublished);
         if !create {
-            return Err(SourceSetupError::Definite(format!(
+            return Err(SourceSetupError::Publication(format!(
                 "publication `{name}` lacks the graph's table(s) {}: their changes would never reach evictd: {sql}; or set source.postgres.create_publication = true",
                 report.unpublished.join(", ")
             )));
@@ -157,7 +91,7 @@ async fn ensure_publication(pool: &PgPool, name: &str, create: bool, graph: &Gra
         return Ok(());
     }
     if !create {
-        return Err(SourceSetupError::Definite(format!(
+        return Err(SourceSetupError::Publication(format!(
             "publication `{name}` does not exist: CREATE PUBLICATION {} FOR TABLE <the graph's tables>, or set source.postgres.create_publication = true",
             quote_ident(name)
         )));
