@@ -213,3 +213,33 @@ async fn changes_of_partitions_resolve_to_the_partitioned_table_the_graph_names(
     wait_gone(&d, &r, std::slice::from_ref(&eu), Duration::from_secs(15)).await;
     d.finish().await;
 }
+
+/// A column filter on a non-key column: old rows need `REPLICA IDENTITY FULL`.
+fn orders_filtered_graph(p: &str) -> String {
+    format!(
+        r#"
+[tables."app.orders"]
+key = ["id", "region"]
+columns = ["id", "region", "total"]
+
+[caches.{p}_order]
+key = "{p}:order:{{region}}:{{id}}"
+[[caches.{p}_order.depends]]
+table = "app.orders"
+columns = ["total"]
+"#
+    )
+}
+
+#[tokio::test]
+async fn replica_identity_is_checked_on_the_partitions_that_write_the_rows() {
+    // FULL on the parent does not reach its partitions, which write the WAL.
+    let d = Daemon::custom(&pg_url(), &redis_url(), SCHEMA, orders_filtered_graph, "").await;
+    d.sql("ALTER TABLE app.orders REPLICA IDENTITY FULL; ALTER TABLE app.orders_eu REPLICA IDENTITY FULL").await;
+    let (code, log) = run_to_exit(&d, Duration::from_secs(20));
+    assert_eq!(code, Some(1), "{log}");
+    assert!(log.contains("ALTER TABLE \"app\".\"orders_us_0\" REPLICA IDENTITY FULL;"), "{log}");
+    assert!(log.contains("ALTER TABLE \"app\".\"orders_us_1\" REPLICA IDENTITY FULL;"), "{log}");
+    assert!(!log.contains("\"orders_eu\" REPLICA"), "{log}");
+    d.finish().await;
+}

@@ -6,11 +6,12 @@
 //! attribute, the publication and the slot must exist (or be created), the
 //! publication must include every table a dependency reads (or have it
 //! added, with `create_publication`), the slot must use `pgoutput`.
-//! `evictd check --config` reads the same [`publication_report`], which
-//! also checks what the publication hides (`publication`). Tables whose dependencies read non-identity
-//! columns of old rows get a warning unless they have `REPLICA IDENTITY
-//! FULL`: without it evictd still invalidates correctly, but through
-//! namespace bumps (see `resolve`).
+//! The publication must not hide changes the graph needs (`publication`;
+//! `evictd check --config` reads the same [`publication_report`]). Tables
+//! whose dependencies read non-identity columns of old rows get a warning
+//! unless they (for a partitioned table: its leaf partitions) have `REPLICA
+//! IDENTITY FULL`: without it evictd still invalidates correctly, but
+//! through namespace bumps (see `resolve`).
 
 use std::collections::BTreeSet;
 
@@ -175,28 +176,38 @@ pub fn tables_needing_old_values(graph: &Graph) -> BTreeSet<&str> {
     out
 }
 
+/// The relations whose replica identity decides a table's old rows, with
+/// it: the table itself, or the leaves of its partition tree.
+const IDENTITY_SQL: &str = "
+WITH t AS (SELECT to_regclass($1) AS rel)
+SELECT n.nspname || '.' || c.relname, c.relreplident::text
+FROM t JOIN pg_class c ON c.oid = t.rel OR c.oid IN (SELECT relid FROM pg_partition_tree(t.rel) WHERE isleaf)
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind <> 'p' OR NOT EXISTS (SELECT 1 FROM pg_partition_tree(t.rel) WHERE isleaf)";
+
 /// Tables whose caches read non-key columns of old rows need the whole old
 /// row: an error naming them (or a warning, when not required).
 async fn check_replica_identity(pool: &PgPool, graph: &Graph, required: bool) -> Result<(), SourceSetupError> {
     let mut missing = Vec::new();
     for table in tables_needing_old_values(graph) {
-        let row: Option<String> =
-            sqlx::query_scalar("SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)")
-                .bind(table)
-                .fetch_optional(pool)
-                .await
-                .map_err(query)?;
-        match row.as_deref() {
-            None => tracing::warn!(table, "graph table does not exist in the database"),
-            Some("f") => {}
-            Some(other) => {
+        // A partitioned table's rows are written by its leaf partitions,
+        // each with its own replica identity (setting it on the parent does
+        // not reach them): check the leaves.
+        let rows: Vec<(String, String)> =
+            sqlx::query_as(IDENTITY_SQL).bind(table).fetch_all(pool).await.map_err(query)?;
+        if rows.is_empty() {
+            tracing::warn!(table, "graph table does not exist in the database");
+        }
+        for (relation, identity) in rows {
+            if identity != "f" {
                 tracing::warn!(
                     table,
-                    replica_identity = other,
+                    relation = %relation,
+                    replica_identity = %identity,
                     "old rows of this table arrive without the non-key columns its caches read: updates that move a \
-                     key will bump whole namespaces instead of deleting two keys; ALTER TABLE {table} REPLICA IDENTITY FULL"
+                     key will bump whole namespaces instead of deleting two keys; ALTER TABLE {relation} REPLICA IDENTITY FULL"
                 );
-                missing.push(table);
+                missing.push(relation);
             }
         }
     }
