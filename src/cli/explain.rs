@@ -113,10 +113,12 @@ fn run_lookups(
         .build()
         .map_err(|e| CliError::Runtime(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async {
+        let options = PgLookupExecutor::connect_options(url.expose_secret())
+            .map_err(|_| CliError::Input("lookup.url: not a Postgres URL".into()))?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(timeout)
-            .connect(url.expose_secret())
+            .connect_with(options)
             .await
             .map_err(|e| CliError::Runtime(format!("cannot connect to the look-up database: {e}")))?;
         let executor = PgLookupExecutor::new(pool, timeout, batch);

@@ -3,11 +3,16 @@
 //!
 //! With a Postgres source (and without `--offline`), `check` connects with
 //! a short timeout and compares the publication with the graph, through the
-//! same [`setup::publication_report`] that `evictd run` acts on:
+//! same [`publication::publication_report`] that `evictd run` acts on:
 //! - a graph table missing from the publication is an error (its changes
 //!   would never arrive), or a note when `create_publication = true`, since
 //!   `run` then adds it; a missing publication likewise;
-//! - a published table no dependency reads is a warning (streamed, ignored);
+//! - a publication that hides changes a graph table needs is an error, as
+//!   `run` refuses it: operations it does not publish, a row filter, a
+//!   column list without a column the graph reads, a partition published
+//!   under its ancestor's name (`publish_via_partition_root`);
+//! - a published table no dependency reads is a warning (streamed, ignored;
+//!   a partition of a graph table is that table);
 //! - a graph table that does not exist is a warning;
 //! - evictd's migrations not yet applied are a note, or an error when
 //!   `dead_letter.migrations = "verify"` (then `run` would refuse).
@@ -24,7 +29,7 @@ use super::run::dead_letter_store;
 use crate::config::{self, Config, PostgresSource};
 use crate::dead_letter::{DeadLetterError, MIGRATE_COMMAND, MigrationMode};
 use crate::graph::Graph;
-use crate::source::postgres::setup::{self, PublicationReport};
+use crate::source::postgres::publication::{self, PublicationReport};
 
 /// How long connecting and each query may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -62,9 +67,13 @@ pub fn publication_findings(pg: &PostgresSource, report: &PublicationReport) -> 
         } else {
             out.errors.push(format!(
                 "graph table {table} is not in publication `{name}`: its changes would never reach evictd: {}; or set source.postgres.create_publication = true",
-                setup::add_tables_sql(name, std::slice::from_ref(table))
+                publication::add_tables_sql(name, std::slice::from_ref(table))
             ));
         }
+    }
+    // What the publication hides: `run` refuses to start on any of these.
+    if report.exists {
+        out.errors.extend(report.hazards(name));
     }
     for table in &report.missing {
         out.lines.push(format!("  warning: graph table {table} does not exist in the database"));
@@ -94,7 +103,7 @@ async fn check_async(config: &Config, pg: &PostgresSource, graph: &Graph) -> Res
         .acquire_timeout(TIMEOUT)
         .connect_lazy(pg.url.expose_secret())
         .map_err(|_| CliError::Input("source.postgres.url: not a Postgres URL".into()))?;
-    let report = tokio::time::timeout(TIMEOUT * 2, setup::publication_report(&pool, &pg.publication, graph))
+    let report = tokio::time::timeout(TIMEOUT * 2, publication::publication_report(&pool, &pg.publication, graph))
         .await
         .map_err(|_| unreachable(format!("no answer within {} s", (TIMEOUT * 2).as_secs())))?
         .map_err(|e| unreachable(e.to_string()))?;

@@ -291,11 +291,12 @@ async fn work(
 /// The look-up executor over `[lookup]`'s database, if there is one.
 pub(super) fn lookup_executor(config: &Config) -> Result<Option<Arc<PgLookupExecutor>>, CliError> {
     let Some(url) = &config.lookup.url else { return Ok(None) };
+    let options = PgLookupExecutor::connect_options(url.expose_secret())
+        .map_err(|_| CliError::Input("lookup.url: not a Postgres URL".into()))?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.lookup.max_connections)
         .acquire_timeout(config.lookup.timeout)
-        .connect_lazy(url.expose_secret())
-        .map_err(|_| CliError::Input("lookup.url: not a Postgres URL".into()))?;
+        .connect_lazy_with(options);
     Ok(Some(Arc::new(PgLookupExecutor::new(pool, config.lookup.timeout, config.lookup.batch_size))))
 }
 
@@ -469,6 +470,7 @@ async fn consume(
                 continue;
             }
             Err(SourceSetupError::Definite(m)) => return Err(CliError::Runtime(m)),
+            Err(SourceSetupError::Publication(m)) => return Err(CliError::Input(m)),
         };
         match pipeline.run_session(&mut source, stop).await {
             Ok(SessionEnd::Shutdown) => {

@@ -5,9 +5,10 @@
 //! `WHERE author_id = ANY($1)`; integers bind as `bigint[]`, anything else
 //! as `text[]`). The user's query is wrapped so that:
 //! - each key parameter comes back twice, as itself and as text: integers,
-//!   booleans and floats are read as such (so a chained look-up binds them
+//!   booleans, floats and bytea are read as such (so a chained look-up binds them
 //!   as `bigint[]` again), every other type as Postgres prints it (numeric,
-//!   uuid, timestamps), which is how the replication stream renders them;
+//!   uuid, timestamps), which is how the replication stream renders them
+//!   (both sessions pin the settings that change that: `source::postgres::session`);
 //! - at most `fanout_limit + 1` rows are read: more than the limit and the
 //!   cache's namespace is bumped instead, so memory stays bounded.
 //!
@@ -19,11 +20,12 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
+use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::Row as _;
-use sqlx::postgres::PgPool;
+use sqlx::postgres::{PgConnectOptions, PgPool};
 use tracing::Instrument as _;
 
 use super::{LookupRequest, Path, Resolution, Resolver};
@@ -147,6 +149,14 @@ impl PgLookupExecutor {
     pub fn new(pool: PgPool, default_timeout: Duration, batch_size: usize) -> PgLookupExecutor {
         PgLookupExecutor { pool, default_timeout, batch_size: batch_size.max(1) }
     }
+
+    /// Connection options for a look-up pool on `url`: the session settings
+    /// that decide how values print are pinned as on the replication
+    /// session ([`session`](crate::source::postgres::session)), so a key
+    /// parameter read here renders as the same value from pgoutput does.
+    pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+        Ok(crate::source::postgres::session::pin_lookup(PgConnectOptions::from_str(url)?))
+    }
 }
 
 /// The user's query wrapped to return each parameter as itself and as text
@@ -175,6 +185,9 @@ fn read_param(row: &sqlx::postgres::PgRow, i: usize) -> Result<Option<Value>, sq
         "BOOL" => row.try_get::<Option<bool>, _>(native)?.map(Value::Bool),
         "FLOAT4" => row.try_get::<Option<f32>, _>(native)?.map(|v| Value::Float(f64::from(v))),
         "FLOAT8" => row.try_get::<Option<f64>, _>(native)?.map(Value::Float),
+        // pgoutput's bytea is `Value::Bytes` too (the stream prints hex,
+        // `typed` decodes it): never the printed text.
+        "BYTEA" => row.try_get::<Option<Vec<u8>>, _>(native)?.map(Value::Bytes),
         _ => row.try_get::<Option<String>, _>(native + 1)?.map(Value::Text),
     })
 }

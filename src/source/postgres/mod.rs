@@ -24,10 +24,13 @@
 pub mod identity;
 pub mod lock;
 pub mod pgoutput;
+pub mod publication;
+pub mod session;
 pub mod setup;
 
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, VecDeque};
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
@@ -49,13 +52,19 @@ pub enum SourceSetupError {
     /// An operator must act: the message says what is missing.
     #[error("{0}")]
     Definite(String),
+    /// The publication hides changes the graph needs (or lacks its
+    /// tables): the database's setup contradicts the graph, like bad input
+    /// (exit 2). The message names the publication, the table, what would
+    /// be missed and the SQL that fixes it.
+    #[error("{0}")]
+    Publication(String),
 }
 
 impl From<SourceSetupError> for SourceError {
     fn from(e: SourceSetupError) -> SourceError {
         match e {
             SourceSetupError::Transient(m) => SourceError::Transient(m),
-            SourceSetupError::Definite(m) => SourceError::Definite(m),
+            SourceSetupError::Definite(m) | SourceSetupError::Publication(m) => SourceError::Definite(m),
         }
     }
 }
@@ -108,6 +117,15 @@ pub struct PostgresSource {
     /// The last position handed to the client for its status updates.
     acknowledged: Lsn,
     status_interval: Duration,
+    /// The graph's table names: a relation described under another name
+    /// may be a partition of one of them.
+    graph_tables: BTreeSet<Arc<str>>,
+    /// Relations described under a name the graph does not know, to look up
+    /// (in order, before anything after them is decoded) as partitions.
+    resolving: VecDeque<u32>,
+    /// Catalog queries while streaming (partitions attached later); connects
+    /// only when needed.
+    catalog: PgPool,
 }
 
 impl PostgresSource {
@@ -127,6 +145,9 @@ impl PostgresSource {
             graph,
         )
         .await?;
+        // Read after `prepare`, which may have created or completed the
+        // publication: the partitions whose changes belong to graph tables.
+        let partitions = publication::publication_report(&pool, &config.publication, graph).await?.partitions;
         let replication = ReplicationConfig::new(
             endpoint.host,
             endpoint.user,
@@ -141,7 +162,9 @@ impl PostgresSource {
         .with_status_interval(config.status_interval)
         .with_wakeup_interval(config.status_interval)
         .with_buffer_size(4096)
-        .with_application_name("evictd");
+        .with_application_name("evictd")
+        // Values print as a look-up session prints them (`session`).
+        .with_options(session::replication_options());
         let mut client = ReplicationClient::connect(replication).await.map_err(classify)?;
         client.wait_started().await.map_err(classify)?;
         // We hold the slot now. Had anyone advanced it since we read it,
@@ -159,9 +182,18 @@ impl PostgresSource {
             )));
         }
         tracing::info!(slot = %config.slot, resume = %state.confirmed_flush, "streaming from the slot");
+        let catalog = PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(Duration::from_secs(10))
+            .idle_timeout(Duration::from_secs(60))
+            .connect_lazy(url)
+            .map_err(|_| SourceSetupError::Definite("source URL: not a Postgres URL".into()))?;
         Ok(PostgresSource {
             client,
-            decoder: Decoder::new(),
+            decoder: Decoder::with_aliases(partitions.into_iter().map(|(leaf, table)| (leaf, Arc::from(table)))),
+            graph_tables: graph.tables().iter().map(|t| t.name.clone()).collect(),
+            resolving: VecDeque::new(),
+            catalog,
             tx: None,
             pending: VecDeque::new(),
             resumed_from: state.confirmed_flush,
@@ -193,6 +225,7 @@ impl PostgresSource {
         if let Err(e) = self.client.shutdown().await {
             tracing::debug!(error = %e, "replication session ended with an error");
         }
+        self.catalog.close().await;
     }
 
     fn on_event(&mut self, event: ReplicationEvent) -> Result<(), SourceError> {
@@ -212,6 +245,14 @@ impl PostgresSource {
                 self.decoder
                     .decode_into(&data, tx, position, &mut Changes(&mut self.pending))
                     .map_err(|e| SourceError::Definite(format!("at {}: {e}", Lsn(wal_start.as_u64()))))?;
+                // A Relation message under a name the graph does not know:
+                // perhaps a partition attached since start.
+                if let [b'R', a, b, c, d, ..] = data[..] {
+                    let oid = u32::from_be_bytes([a, b, c, d]);
+                    if self.decoder.relation(oid).is_some_and(|r| !self.graph_tables.contains(&r.name)) {
+                        self.resolving.push_back(oid);
+                    }
+                }
             }
             ReplicationEvent::Commit { lsn, end_lsn, commit_time_micros } => {
                 let tx = self
@@ -280,6 +321,18 @@ async fn admin_pool(url: &str) -> Result<PgPool, SourceSetupError> {
 impl Source for PostgresSource {
     async fn next(&mut self) -> Result<SourceEvent, SourceError> {
         loop {
+            // Cancel-safe: a relation leaves the queue only once looked up.
+            while let Some(&oid) = self.resolving.front() {
+                let parent =
+                    publication::partition_parent(&self.catalog, oid, &self.graph_tables).await.map_err(|e| {
+                        SourceError::Transient(format!("cannot look up relation {oid}'s partition parent: {e}"))
+                    })?;
+                if let Some(table) = parent {
+                    tracing::info!(relation = oid, table = %table, "a partition's changes belong to the graph's table");
+                    self.decoder.alias_relation(oid, Arc::from(table));
+                }
+                self.resolving.pop_front();
+            }
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
             }

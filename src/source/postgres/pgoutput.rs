@@ -16,6 +16,10 @@
 //! - values are typed by their column's type OID: integers, booleans and
 //!   floats as such, `bytea` as bytes, everything else as the text Postgres
 //!   printed;
+//! - a partition's rows carry the name of the partitioned table the graph
+//!   names when the decoder was told so ([`Decoder::with_aliases`],
+//!   [`Decoder::alias_relation`]): without `publish_via_partition_root`
+//!   Postgres sends them under the leaf partition's own name;
 //! - anything unexpected (a row for a relation never described, a truncated
 //!   message, an unknown tag, a relation naming a column twice) is an error,
 //!   never a skip.
@@ -76,6 +80,9 @@ pub struct TxContext {
 #[derive(Debug, Default)]
 pub struct Decoder {
     relations: HashMap<u32, Relation>,
+    /// Partitions whose changes belong to a partitioned table the graph
+    /// names: relation name as sent → the graph's table.
+    aliases: HashMap<String, Arc<str>>,
 }
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
@@ -143,9 +150,24 @@ impl Decoder {
         Decoder::default()
     }
 
+    /// A decoder that decodes the rows of each partition in `aliases` (its
+    /// name as Postgres sends it) as rows of the graph table it maps to.
+    pub fn with_aliases(aliases: impl IntoIterator<Item = (String, Arc<str>)>) -> Decoder {
+        Decoder { relations: HashMap::new(), aliases: aliases.into_iter().collect() }
+    }
+
     /// The relation last described for `oid`.
     pub fn relation(&self, oid: u32) -> Option<&Relation> {
         self.relations.get(&oid)
+    }
+
+    /// Rows of relation `oid` (a partition attached after the decoder was
+    /// made) are rows of `table` from now on, and when it is described again.
+    pub fn alias_relation(&mut self, oid: u32, table: Arc<str>) {
+        if let Some(relation) = self.relations.get_mut(&oid) {
+            self.aliases.insert(relation.name.to_string(), table.clone());
+            relation.name = table;
+        }
     }
 
     /// Decodes one XLogData payload. Returns the row changes it carries (none
@@ -182,7 +204,10 @@ impl Decoder {
         };
         match tag {
             b'R' => {
-                let relation = read_relation(&mut r)?;
+                let mut relation = read_relation(&mut r)?;
+                if let Some(table) = self.aliases.get(&*relation.name) {
+                    relation.name = table.clone();
+                }
                 self.relations.insert(relation.oid, relation);
             }
             b'Y' => {

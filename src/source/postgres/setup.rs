@@ -6,10 +6,12 @@
 //! attribute, the publication and the slot must exist (or be created), the
 //! publication must include every table a dependency reads (or have it
 //! added, with `create_publication`), the slot must use `pgoutput`.
-//! `evictd check --config` reads the same [`publication_report`]. Tables whose dependencies read non-identity
-//! columns of old rows get a warning unless they have `REPLICA IDENTITY
-//! FULL`: without it evictd still invalidates correctly, but through
-//! namespace bumps (see `resolve`).
+//! The publication must not hide changes the graph needs (`publication`;
+//! `evictd check --config` reads the same [`publication_report`]). Tables
+//! whose dependencies read non-identity columns of old rows get a warning
+//! unless they (for a partitioned table: its leaf partitions) have `REPLICA
+//! IDENTITY FULL`: without it evictd still invalidates correctly, but
+//! through namespace bumps (see `resolve`).
 
 use std::collections::BTreeSet;
 
@@ -17,6 +19,7 @@ use sqlx::postgres::PgPool;
 use sqlx::{Executor as _, Row as _};
 
 use super::SourceSetupError;
+use super::publication::{add_tables_sql, publication_report, quote_ident, quote_table};
 use crate::change::Lsn;
 use crate::graph::{Graph, LookupArg, Mapping, Trigger};
 
@@ -65,87 +68,19 @@ fn query(e: sqlx::Error) -> SourceSetupError {
     SourceSetupError::Transient(format!("preflight query failed: {e}"))
 }
 
-fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
-/// `schema.table` as a quoted SQL name.
-fn quote_table(name: &str) -> String {
-    match name.split_once('.') {
-        Some((schema, table)) => format!("{}.{}", quote_ident(schema), quote_ident(table)),
-        None => quote_ident(name),
-    }
-}
-
-/// How a publication compares with the graph.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PublicationReport {
-    pub exists: bool,
-    /// Tables a dependency reads that exist but are not published: their
-    /// changes would never reach evictd.
-    pub unpublished: Vec<String>,
-    /// Tables a dependency reads that do not exist in the database.
-    pub missing: Vec<String>,
-    /// Published tables no dependency reads: streamed, then ignored.
-    pub unmapped: Vec<String>,
-}
-
-/// Graph tables that some dependency is triggered by.
-fn mapped_tables(graph: &Graph) -> BTreeSet<&str> {
-    graph.tables().iter().filter(|t| !t.dependents.is_empty()).map(|t| &*t.name).collect()
-}
-
-/// Compares publication `name` with the tables the graph's dependencies read.
-pub async fn publication_report(
-    pool: &PgPool,
-    name: &str,
-    graph: &Graph,
-) -> Result<PublicationReport, SourceSetupError> {
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_publication WHERE pubname = $1)")
-        .bind(name)
-        .fetch_one(pool)
-        .await
-        .map_err(query)?;
-    let published: BTreeSet<String> =
-        sqlx::query_scalar("SELECT schemaname || '.' || tablename FROM pg_publication_tables WHERE pubname = $1")
-            .bind(name)
-            .fetch_all(pool)
-            .await
-            .map_err(query)?
-            .into_iter()
-            .collect();
-    let mapped = mapped_tables(graph);
-    let mut report = PublicationReport { exists, ..PublicationReport::default() };
-    for table in &mapped {
-        if published.contains(*table) {
-            continue;
-        }
-        let found: bool = sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL")
-            .bind(quote_table(table))
-            .fetch_one(pool)
-            .await
-            .map_err(query)?;
-        if found { report.unpublished.push((*table).to_owned()) } else { report.missing.push((*table).to_owned()) }
-    }
-    report.unmapped = published.into_iter().filter(|t| !mapped.contains(t.as_str())).collect();
-    Ok(report)
-}
-
-/// `ALTER PUBLICATION … ADD TABLE …` for `tables`.
-pub fn add_tables_sql(publication: &str, tables: &[String]) -> String {
-    let tables: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
-    format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(publication), tables.join(", "))
-}
-
 async fn ensure_publication(pool: &PgPool, name: &str, create: bool, graph: &Graph) -> Result<(), SourceSetupError> {
     let report = publication_report(pool, name, graph).await?;
     if report.exists {
+        let hazards = report.hazards(name);
+        if !hazards.is_empty() {
+            return Err(SourceSetupError::Publication(hazards.join("; ")));
+        }
         if report.unpublished.is_empty() {
             return Ok(());
         }
         let sql = add_tables_sql(name, &report.unpublished);
         if !create {
-            return Err(SourceSetupError::Definite(format!(
+            return Err(SourceSetupError::Publication(format!(
                 "publication `{name}` lacks the graph's table(s) {}: their changes would never reach evictd: {sql}; or set source.postgres.create_publication = true",
                 report.unpublished.join(", ")
             )));
@@ -157,7 +92,7 @@ async fn ensure_publication(pool: &PgPool, name: &str, create: bool, graph: &Gra
         return Ok(());
     }
     if !create {
-        return Err(SourceSetupError::Definite(format!(
+        return Err(SourceSetupError::Publication(format!(
             "publication `{name}` does not exist: CREATE PUBLICATION {} FOR TABLE <the graph's tables>, or set source.postgres.create_publication = true",
             quote_ident(name)
         )));
@@ -241,28 +176,38 @@ pub fn tables_needing_old_values(graph: &Graph) -> BTreeSet<&str> {
     out
 }
 
+/// The relations whose replica identity decides a table's old rows, with
+/// it: the table itself, or the leaves of its partition tree.
+const IDENTITY_SQL: &str = "
+WITH t AS (SELECT to_regclass($1) AS rel)
+SELECT n.nspname || '.' || c.relname, c.relreplident::text
+FROM t JOIN pg_class c ON c.oid = t.rel OR c.oid IN (SELECT relid FROM pg_partition_tree(t.rel) WHERE isleaf)
+JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind <> 'p' OR NOT EXISTS (SELECT 1 FROM pg_partition_tree(t.rel) WHERE isleaf)";
+
 /// Tables whose caches read non-key columns of old rows need the whole old
 /// row: an error naming them (or a warning, when not required).
 async fn check_replica_identity(pool: &PgPool, graph: &Graph, required: bool) -> Result<(), SourceSetupError> {
     let mut missing = Vec::new();
     for table in tables_needing_old_values(graph) {
-        let row: Option<String> =
-            sqlx::query_scalar("SELECT relreplident::text FROM pg_class WHERE oid = to_regclass($1)")
-                .bind(table)
-                .fetch_optional(pool)
-                .await
-                .map_err(query)?;
-        match row.as_deref() {
-            None => tracing::warn!(table, "graph table does not exist in the database"),
-            Some("f") => {}
-            Some(other) => {
+        // A partitioned table's rows are written by its leaf partitions,
+        // each with its own replica identity (setting it on the parent does
+        // not reach them): check the leaves.
+        let rows: Vec<(String, String)> =
+            sqlx::query_as(IDENTITY_SQL).bind(table).fetch_all(pool).await.map_err(query)?;
+        if rows.is_empty() {
+            tracing::warn!(table, "graph table does not exist in the database");
+        }
+        for (relation, identity) in rows {
+            if identity != "f" {
                 tracing::warn!(
                     table,
-                    replica_identity = other,
+                    relation = %relation,
+                    replica_identity = %identity,
                     "old rows of this table arrive without the non-key columns its caches read: updates that move a \
-                     key will bump whole namespaces instead of deleting two keys; ALTER TABLE {table} REPLICA IDENTITY FULL"
+                     key will bump whole namespaces instead of deleting two keys; ALTER TABLE {relation} REPLICA IDENTITY FULL"
                 );
-                missing.push(table);
+                missing.push(relation);
             }
         }
     }

@@ -181,3 +181,19 @@ fn decode_into_appends_nothing_when_a_message_fails() {
     assert!(d.decode_into(&tuple_too_short.0, tx(), at(), &mut out).is_err());
     assert_eq!(out.len(), 1);
 }
+
+#[test]
+fn rows_of_an_aliased_partition_carry_the_graph_tables_name() {
+    // Known at start: by the name Postgres sends.
+    let mut d = Decoder::with_aliases([("shop.products".to_owned(), Arc::from("shop.catalog"))]);
+    d.decode(&relation(42), tx(), at()).unwrap();
+    let msg = full_tuple(Msg::tag(b'I').u32(42).u8(b'N'), "9", "boots");
+    assert_eq!(&*d.decode(&msg.0, tx(), at()).unwrap()[0].table, "shop.catalog");
+
+    // Found while streaming: from then on, and when described again.
+    let mut d = decoder();
+    d.alias_relation(42, Arc::from("shop.catalog"));
+    assert_eq!(&*d.decode(&msg.0, tx(), at()).unwrap()[0].table, "shop.catalog");
+    d.decode(&relation(42), tx(), at()).unwrap();
+    assert_eq!(&*d.decode(&msg.0, tx(), at()).unwrap()[0].table, "shop.catalog");
+}
