@@ -61,10 +61,11 @@ pub const KAFKA_CONSUMER_LAG_MESSAGES: &str = "evictd_kafka_consumer_lag_message
 pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "evictd_kafka_dead_letters_total";
 pub const KAFKA_REBALANCES_TOTAL: &str = "evictd_kafka_rebalances_total";
 pub const UNGUARDED_KEYS_TOTAL: &str = "evictd_unguarded_keys_total";
+pub const REDELETES_SKIPPED_TOTAL: &str = "evictd_redeletes_skipped_total";
 pub const VERSIONS_BEHIND_TOTAL: &str = "evictd_versions_behind_total";
 
 /// Every name above, for tests and documentation.
-pub const ALL: [&str; 26] = [
+pub const ALL: [&str; 27] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -90,6 +91,7 @@ pub const ALL: [&str; 26] = [
     KAFKA_DEAD_LETTERS_TOTAL,
     KAFKA_REBALANCES_TOTAL,
     UNGUARDED_KEYS_TOTAL,
+    REDELETES_SKIPPED_TOTAL,
     VERSIONS_BEHIND_TOTAL,
 ];
 
@@ -247,6 +249,7 @@ pub struct Metrics {
     kafka_dead_letters: Family<TopicReason, Counter>,
     kafka_rebalances: Family<KindLabel, Counter>,
     unguarded_keys: Family<TargetCache, Counter>,
+    redeletes_skipped: Family<TargetLabel, Counter>,
     versions_behind: Family<TargetLabel, Counter>,
 }
 
@@ -286,6 +289,7 @@ impl Metrics {
             kafka_dead_letters: Family::default(),
             kafka_rebalances: Family::default(),
             unguarded_keys: Family::default(),
+            redeletes_skipped: Family::default(),
             versions_behind: Family::default(),
         };
         let r = &mut m.registry;
@@ -337,6 +341,8 @@ impl Metrics {
         register(r, KAFKA_REBALANCES_TOTAL, help, m.kafka_rebalances.clone());
         let help = "Keys invalidated on a Redis Cluster without a fill-guard stamp, because no stamp name shares their hash slot (a key with braces but no hash tag), by target and cache";
         register(r, UNGUARDED_KEYS_TOTAL, help, m.unguarded_keys.clone());
+        let help = "Delayed second deletes skipped because too many were already waiting on the target (their first delete was applied), by target";
+        register(r, REDELETES_SKIPPED_TOTAL, help, m.redeletes_skipped.clone());
         let help = "Version bumps that found the stored version at or past the batch's and raised it past that, by sink target (replays, Kafka's commit times, or versions that went backwards: a restore, another source)";
         register(r, VERSIONS_BEHIND_TOTAL, help, m.versions_behind.clone());
         m.active.set(1);
@@ -480,6 +486,11 @@ impl Metrics {
     pub fn unguarded_keys(&self, target: &str, cache: &str, count: u64) {
         let labels = TargetCache { target: target.to_owned(), cache: cache.to_owned() };
         self.unguarded_keys.get_or_create(&labels).inc_by(count);
+    }
+
+    /// Second deletes skipped on `target` (too many waiting).
+    pub fn redeletes_skipped(&self, target: &str, count: u64) {
+        self.redeletes_skipped.get_or_create(&TargetLabel { target: target.to_owned() }).inc_by(count);
     }
 
     /// Whether this replica is the active consumer or a standby.

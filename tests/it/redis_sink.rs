@@ -493,3 +493,59 @@ async fn two_invalidations_with_the_same_version_write_different_stamps() {
     }
     assert!(seen[0].starts_with("i77.") && seen[0] != seen[1], "{seen:?}");
 }
+
+/// Issue 11, item 13: a registry is read in rounds of a bounded number of
+/// registrations (`tags::HELD_REGISTRATIONS`), each deleted and forgotten
+/// before the scan goes on. A registry past that size loses no key and
+/// keeps no registration across the rounds.
+#[tokio::test]
+async fn a_registry_larger_than_one_round_is_invalidated_whole() {
+    const MEMBERS: usize = 120_000;
+    for kind in BOTH {
+        let (s, probe, g, p) = (sink(kind).await, Probe::new(kind).await, TestGraph::new(&unique()), unique());
+        let tag = format!("huge:{p}");
+        let registry = tag_key(&tag);
+        let later = (now_ms() + 300_000).to_string();
+        // One hash tag for every key, so that a Cluster takes them in bulk.
+        let keys: Vec<String> = (0..MEMBERS).map(|i| format!("it:{{{p}}}:k{i}")).collect();
+        for chunk in keys.chunks(10_000) {
+            let mut mset = redis::cmd("MSET");
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(&registry);
+            for k in chunk {
+                mset.arg(k).arg("page");
+                zadd.arg(&later).arg(k);
+            }
+            probe.q::<()>(&mset).await;
+            probe.q::<i64>(&zadd).await;
+        }
+        let effects = [Effect::Tag { cache: g.cache("gone"), tag: tag.clone() }];
+        apply(&s, &g, &effects, 1).await.unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        let mut left = 0;
+        for chunk in keys.chunks(10_000) {
+            left += probe.q::<i64>(redis::cmd("EXISTS").arg(chunk)).await;
+        }
+        assert_eq!(left, 0, "{kind:?}: keys survived");
+        assert_eq!(probe.q::<i64>(redis::cmd("ZCARD").arg(&registry)).await, 0, "{kind:?}: registrations left");
+    }
+}
+
+/// Issue 11, item 13: second deletes wait in bounded number. Past
+/// `redelete::MAX_PENDING_KEYS` waiting keys, further ones are skipped and
+/// counted; the first delete of every key was applied all the same.
+#[tokio::test]
+async fn second_deletes_past_the_pending_bound_are_skipped_and_counted() {
+    use evictd::sink::redis::REDELETE_MAX_PENDING_KEYS as MAX_PENDING_KEYS;
+    let (s, probe, g, p) =
+        (sink(Kind::Standalone).await, Probe::new(Kind::Standalone).await, TestGraph::new(&unique()), unique());
+    let keys: Vec<String> = (0..MAX_PENDING_KEYS + 500).map(|i| format!("it:{p}:twice:{i}")).collect();
+    let effects: Vec<Effect> = keys.iter().map(|k| key(&g, "twice", k)).collect();
+    probe.set(&keys[0], "v").await;
+    apply(&s, &g, &effects, 1).await.unwrap();
+    assert!(!probe.exists(&keys[0]).await, "the first delete was applied");
+    assert_eq!(s.redeletes_skipped(), 500, "the keys past the bound get no second delete");
+    let tracker = s.redeletes();
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.expect("second deletes finish");
+    assert_eq!(s.redelete_failures(), 0);
+}

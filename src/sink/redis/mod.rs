@@ -41,6 +41,9 @@ mod redelete;
 pub mod setup;
 mod tags;
 
+/// Keys of delayed second deletes that may wait at once, per target.
+pub use redelete::MAX_PENDING_KEYS as REDELETE_MAX_PENDING_KEYS;
+
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -95,6 +98,9 @@ struct Inner {
     /// Delayed second deletes still waiting or running.
     redeletes: TaskTracker,
     redelete_failures: AtomicU64,
+    /// Keys of second deletes waiting, and those skipped for lack of room.
+    redelete_pending: std::sync::atomic::AtomicUsize,
+    redeletes_skipped: AtomicU64,
     /// Time to live of fill-guard stamps, ms; `None`: no stamps.
     fill_guard_ttl_ms: Option<u64>,
     broadcast: Option<BroadcastConfig>,
@@ -150,6 +156,8 @@ impl RedisSink {
                 options,
                 redeletes: TaskTracker::new(),
                 redelete_failures: AtomicU64::new(0),
+                redelete_pending: std::sync::atomic::AtomicUsize::new(0),
+                redeletes_skipped: AtomicU64::new(0),
                 fill_guard_ttl_ms: target.fill_guard_ttl.map(|ttl| ttl.as_millis().max(1) as u64),
                 broadcast: target.broadcast.clone(),
                 durability: target.durability,
@@ -203,6 +211,11 @@ impl RedisSink {
         self.inner.redelete_failures.load(Ordering::Relaxed)
     }
 
+    /// Second deletes skipped so far because too many were waiting.
+    pub fn redeletes_skipped(&self) -> u64 {
+        self.inner.redeletes_skipped.load(Ordering::Relaxed)
+    }
+
     /// The delayed second deletes. They run to their end even if the sink
     /// is dropped; on shutdown, `close()` then `wait()` with the grace
     /// period as deadline, and what has not run by then is lost.
@@ -229,7 +242,17 @@ impl RedisSink {
         let behind = Behind::default();
         let bump = Bump { version: &plan.version, behind: Some(&behind) };
         let keys = run_groups(&runner, &plan.groups, bump, max, stamp);
-        let tags = tags::invalidate_all(&runner, &plan.tags, now, topology, max, stamp);
+        // The tag keys kept past their delete: those the second deletes
+        // need (while there is room for them) and those to report unguarded.
+        let cluster = topology == Topology::Cluster;
+        let mut redelete_room = redelete::room(&self.inner);
+        let mut keep = |job: usize, key: &[u8]| {
+            let unguarded = cluster && stamp.is_some() && !layout::guard_in_slot(key);
+            let redelete = plan.tags[job].redelete_after_ms.is_some() && redelete_room > 0;
+            redelete_room -= usize::from(redelete);
+            unguarded || redelete
+        };
+        let tags = tags::invalidate_all(&runner, &plan.tags, now, topology, max, stamp, &mut keep);
         let ((), tag_keys) = futures_util::try_join!(keys, tags)?;
         self.report_behind(&runner, &batch, &behind, exact, replay).await;
         // Every effect confirmed: only now tell the local caches.

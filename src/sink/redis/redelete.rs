@@ -5,7 +5,11 @@
 //! **Invariants:** scheduled only after the batch was confirmed; never part
 //! of the acknowledgement (a crash loses pending second deletes, which is
 //! acceptable: they narrow a race, they do not carry an invalidation);
-//! failures are logged and counted, never retried.
+//! failures are logged and counted, never retried. At most
+//! [`MAX_PENDING_KEYS`] keys wait at once per target: past that, further
+//! second deletes are skipped, counted and logged rather than held without
+//! bound (the first delete already happened; holding the stream back for a
+//! best-effort narrowing of a race would delay every invalidation behind it).
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -17,14 +21,45 @@ use super::conn::Runner;
 use super::plan::unlink_groups;
 use super::{Bump, Inner, run_groups};
 
+/// Keys of second deletes that may wait at once, per target.
+pub const MAX_PENDING_KEYS: usize = 100_000;
+
+/// How many more keys may be scheduled now.
+pub(super) fn room(inner: &Inner) -> usize {
+    MAX_PENDING_KEYS.saturating_sub(inner.redelete_pending.load(Ordering::Relaxed))
+}
+
 /// Deletes `keys` once more, `after_ms` from now, on a task of the sink's
-/// tracker.
-pub(super) fn schedule(inner: &Arc<Inner>, batch_id: u64, after_ms: u64, keys: Vec<Vec<u8>>) {
+/// tracker; keys past [`MAX_PENDING_KEYS`] waiting are skipped and counted.
+pub(super) fn schedule(inner: &Arc<Inner>, batch_id: u64, after_ms: u64, mut keys: Vec<Vec<u8>>) {
+    let room = room(inner);
+    if keys.len() > room {
+        let skipped = keys.len() - room;
+        keys.truncate(room);
+        inner.redeletes_skipped.fetch_add(skipped as u64, Ordering::Relaxed);
+        if let Some(metrics) = inner.metrics.get() {
+            metrics.redeletes_skipped(&inner.name, skipped as u64);
+        }
+        tracing::warn!(
+            target = %inner.name,
+            batch_id,
+            skipped,
+            pending = MAX_PENDING_KEYS,
+            "too many second deletes waiting: skipping these (their first delete was applied)"
+        );
+    }
+    if keys.is_empty() {
+        return;
+    }
+    inner.redelete_pending.fetch_add(keys.len(), Ordering::Relaxed);
     let span = tracing::info_span!("redelete", batch_id, target = %inner.name, after_ms, keys = keys.len());
     let inner = Arc::clone(inner);
     let tracker = inner.redeletes.clone();
     tracker.spawn(
         async move {
+            // Released however the task ends (done, failed, or dropped).
+            let count = keys.len();
+            let _release = Release(&inner.redelete_pending, count);
             tokio::time::sleep(Duration::from_millis(after_ms)).await;
             let groups = unlink_groups(keys, inner.conn.topology());
             // Not part of any acknowledgement: nothing to wait for.
@@ -39,4 +74,13 @@ pub(super) fn schedule(inner: &Arc<Inner>, batch_id: u64, after_ms: u64, keys: V
         }
         .instrument(span),
     );
+}
+
+/// Gives back `count` pending keys when dropped.
+struct Release<'a>(&'a std::sync::atomic::AtomicUsize, usize);
+
+impl Drop for Release<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(self.1, Ordering::Relaxed);
+    }
 }

@@ -15,6 +15,10 @@
 //!    remove a registration only if its score is still the one read, and drop
 //!    registrations expired for longer than the grace.
 //!
+//! A registry of any size is invalidated in bounded memory: once
+//! [`HELD_REGISTRATIONS`] are read, they go through phases 2 and 3 before
+//! the scans go on.
+//!
 //! **Invariants:** nothing is removed from a registry before its key's
 //! `UNLINK` was confirmed, so a retried batch finds every registration it
 //! has not finished with; a registration added or refreshed after the read
@@ -48,7 +52,14 @@ type Registration = (Vec<u8>, Vec<u8>);
 /// One `ZSCAN` reply: the job it was for, the next cursor, the page.
 type Page = (usize, Vec<u8>, Vec<Registration>);
 
-/// Invalidates every tag of `jobs`; returns, per job, the keys it deleted.
+/// Registrations held at once: past this many, the keys read so far are
+/// deleted and forgotten before the scans go on, so a registry of any size
+/// is invalidated in bounded memory.
+pub const HELD_REGISTRATIONS: usize = 50_000;
+
+/// Invalidates every tag of `jobs`. Returns, per job, the deleted keys that
+/// `keep(job, key)` asked for (the caller's second deletes and reports;
+/// the others are not held).
 pub async fn invalidate_all(
     runner: &Runner<'_>,
     jobs: &[TagJob],
@@ -56,21 +67,55 @@ pub async fn invalidate_all(
     topology: Topology,
     max_in_flight: usize,
     stamp: Option<&super::Stamp>,
+    keep: &mut (dyn FnMut(usize, &[u8]) -> bool + Send),
 ) -> Result<Vec<Vec<Vec<u8>>>, SinkError> {
-    if jobs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let from = now_ms.saturating_sub(GRACE_MS);
-    let (registrations, seen) = read_all(runner, jobs, from, topology, max_in_flight).await?;
-    let keys: Vec<Vec<u8>> = registrations.iter().flatten().map(|(member, _)| member.clone()).collect();
-    if !keys.is_empty() {
-        let groups = unlink_groups(keys, topology);
-        super::run_groups(runner, &groups, super::Bump::NONE, max_in_flight, stamp).await?;
-    }
-    forget_all(runner, jobs, from, &registrations, &seen, topology, max_in_flight).await?;
-    Ok(registrations.into_iter().map(|r| r.into_iter().map(|(member, _)| member).collect()).collect())
+    invalidate_in_rounds(runner, jobs, now_ms, topology, max_in_flight, stamp, keep, HELD_REGISTRATIONS).await
 }
 
+/// [`invalidate_all`] holding at most about `held_max` registrations.
+#[allow(clippy::too_many_arguments)]
+async fn invalidate_in_rounds(
+    runner: &Runner<'_>,
+    jobs: &[TagJob],
+    now_ms: u64,
+    topology: Topology,
+    max_in_flight: usize,
+    stamp: Option<&super::Stamp>,
+    keep: &mut (dyn FnMut(usize, &[u8]) -> bool + Send),
+    held_max: usize,
+) -> Result<Vec<Vec<Vec<u8>>>, SinkError> {
+    let mut kept: Vec<Vec<Vec<u8>>> = vec![Vec::new(); jobs.len()];
+    if jobs.is_empty() {
+        return Ok(kept);
+    }
+    let from = now_ms.saturating_sub(GRACE_MS);
+    // Whether a registry had any registration at all, live or expired, and
+    // whether a FORGET (which also prunes) ran on it.
+    let mut seen = vec![false; jobs.len()];
+    let mut forgotten = vec![false; jobs.len()];
+    // (job, cursor) of every scan still going.
+    let mut scans: Vec<(usize, Vec<u8>)> = (0..jobs.len()).map(|i| (i, b"0".to_vec())).collect();
+    while !scans.is_empty() {
+        let (held, rest) = read_some(runner, jobs, from, topology, max_in_flight, scans, &mut seen, held_max).await?;
+        scans = rest;
+        let keys: Vec<Vec<u8>> = held.iter().flatten().map(|(member, _)| member.clone()).collect();
+        if !keys.is_empty() {
+            let groups = unlink_groups(keys, topology);
+            super::run_groups(runner, &groups, super::Bump::NONE, max_in_flight, stamp).await?;
+        }
+        // A registry whose scan ended with nothing live to forget is still
+        // pruned once, if it had anything at all.
+        let scanning: std::collections::HashSet<usize> = scans.iter().map(|(job, _)| *job).collect();
+        let prune: Vec<bool> =
+            (0..jobs.len()).map(|job| seen[job] && !forgotten[job] && !scanning.contains(&job)).collect();
+        forget_all(runner, jobs, from, &held, &prune, topology, max_in_flight).await?;
+        for (job, registrations) in held.into_iter().enumerate() {
+            forgotten[job] |= prune[job] || !registrations.is_empty();
+            kept[job].extend(registrations.into_iter().map(|(member, _)| member).filter(|key| keep(job, key)));
+        }
+    }
+    Ok(kept)
+}
 /// Splits `items` into pipelines: by the slot of `key(item)` on a Cluster,
 /// all together on a standalone server; at most [`PIPELINE_COMMANDS`] each.
 fn pipelines<T, K: AsRef<[u8]>>(items: Vec<T>, key: impl Fn(&T) -> K, topology: Topology) -> Vec<Vec<T>> {
@@ -100,25 +145,28 @@ fn pipelines<T, K: AsRef<[u8]>>(items: Vec<T>, key: impl Fn(&T) -> K, topology: 
     out
 }
 
-/// Reads every live registration of every job with `ZSCAN`, which returns
-/// every member present from the start to the end of the scan at least
-/// once, whatever happens to the set meanwhile (a member whose score an
+/// Reads live registrations of the `scans` with `ZSCAN`, which returns
+/// every member present from the start to the end of a scan at least once,
+/// whatever happens to the set meanwhile (a member whose score an
 /// application raises keeps its place; paging by rank or score could skip
-/// it). A member met twice is harmless. Scores are filtered here; one that
-/// does not parse counts as live.
-async fn read_all(
+/// it; members removed after they were returned do not disturb it). A
+/// member met twice is harmless. Scores are filtered here; one that does
+/// not parse counts as live. Stops once `held_max` registrations are held
+/// and returns them with the scans still going.
+#[allow(clippy::too_many_arguments)]
+async fn read_some(
     runner: &Runner<'_>,
     jobs: &[TagJob],
     from: u64,
     topology: Topology,
     max_in_flight: usize,
-) -> Result<(Vec<Vec<Registration>>, Vec<bool>), SinkError> {
+    mut scans: Vec<(usize, Vec<u8>)>,
+    seen: &mut [bool],
+    held_max: usize,
+) -> Result<(Vec<Vec<Registration>>, Vec<(usize, Vec<u8>)>), SinkError> {
     let mut out: Vec<Vec<Registration>> = vec![Vec::new(); jobs.len()];
-    // Whether a registry had any registration at all, live or expired.
-    let mut seen = vec![false; jobs.len()];
-    // (job, cursor) of every scan still going.
-    let mut scans: Vec<(usize, Vec<u8>)> = (0..jobs.len()).map(|i| (i, b"0".to_vec())).collect();
-    while !scans.is_empty() {
+    let mut held = 0;
+    while !scans.is_empty() && held < held_max {
         let rounds: Vec<_> = pipelines(scans, |(i, _)| jobs[*i].registry.as_bytes(), topology)
             .into_iter()
             .map(|round| scan_round(runner, jobs, round))
@@ -127,13 +175,15 @@ async fn read_all(
         scans = Vec::new();
         for (job, next, items) in pages.into_iter().flatten() {
             seen[job] |= !items.is_empty();
+            let before = out[job].len();
             out[job].extend(items.into_iter().filter(|(_, score)| is_live(score, from)));
+            held += out[job].len() - before;
             if next != b"0" {
                 scans.push((job, next));
             }
         }
     }
-    Ok((out, seen))
+    Ok((out, scans))
 }
 
 /// One pipeline of `ZSCAN`s: per scan, its job, next cursor and page.
@@ -180,20 +230,21 @@ fn is_live(score: &[u8], from: u64) -> bool {
 
 /// Removes the registrations whose keys were deleted (if their score did
 /// not change since the read) and those expired longer than the grace:
-/// one call per registry that had any registration (an empty or missing
-/// registry has nothing to forget or prune), all pipelined.
+/// one call per chunk of read registrations, and one for each registry to
+/// `prune` that had nothing live to forget (an empty or missing registry
+/// has nothing to forget or prune), all pipelined.
 async fn forget_all(
     runner: &Runner<'_>,
     jobs: &[TagJob],
     from: u64,
     read: &[Vec<Registration>],
-    seen: &[bool],
+    prune: &[bool],
     topology: Topology,
     max_in_flight: usize,
 ) -> Result<(), SinkError> {
     let mut calls: Vec<(&str, &[Registration])> = Vec::new();
-    for ((job, registrations), seen) in jobs.iter().zip(read).zip(seen) {
-        if registrations.is_empty() && *seen {
+    for ((job, registrations), prune) in jobs.iter().zip(read).zip(prune) {
+        if registrations.is_empty() && *prune {
             calls.push((&job.registry, &[]));
         }
         for chunk in registrations.chunks(FORGET_CHUNK) {
