@@ -316,6 +316,23 @@ pub struct KafkaSource {
     pub properties: BTreeMap<String, String>,
 }
 
+impl KafkaSource {
+    /// A source of `topics` with every other setting at its default, as
+    /// `validate` would build it.
+    pub fn new(brokers: &str, group_id: &str, topics: Vec<String>) -> KafkaSource {
+        KafkaSource {
+            brokers: brokers.to_owned(),
+            group_id: group_id.to_owned(),
+            topics,
+            topic_pattern: None,
+            snapshot_reads: SnapshotReads::Ignore,
+            full_row_deletes: FullRowDeletes::None,
+            tables: BTreeMap::new(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
 /// What a Debezium snapshot read (`op = r`) does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SnapshotReads {

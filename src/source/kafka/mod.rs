@@ -26,10 +26,19 @@
 //! headers and the error in `evictd.error` — produced and acknowledged by
 //! the broker before the message's offset can move — or stop the daemon
 //! (`dead_letter.on_error = "stop"`) without storing the offset.
+//!
+//! **Cancel safety** ([`Source`]'s contract). `next()` is dropped by the run
+//! loop's `select!` at any await. The consumer's `recv` is cancel-safe; the
+//! only other await, a dead-letter send, is a future owned by the source
+//! (`held`): a dropped `next()` leaves it there, the next call awaits the
+//! same send, and the message's events (`Begin`, `Commit`) and its place
+//! in the delivered queue appear only once the broker has the letter.
 
 mod dead_letters;
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -181,6 +190,8 @@ pub struct KafkaSource {
     metrics: Arc<Metrics>,
     /// Events of the message being handed over (Begin, Change, Commit).
     queue: VecDeque<SourceEvent>,
+    /// A message whose events wait for its dead letter to be sent.
+    held: Option<(Held, DeadLetterSend)>,
     delivered: VecDeque<Delivered>,
     next_seq: u64,
     last_version: u64,
@@ -221,6 +232,7 @@ impl KafkaSource {
             dead_letters,
             metrics,
             queue: VecDeque::new(),
+            held: None,
             delivered: VecDeque::new(),
             next_seq: 1,
             last_version: 0,
@@ -252,13 +264,16 @@ impl KafkaSource {
         t
     }
 
-    /// Turns one message into the events of its transaction.
-    async fn on_message(&mut self, message: &BorrowedMessage<'_>) -> Result<(), SourceError> {
+    /// Turns one message into the events of its transaction: queued at
+    /// once, or held in [`KafkaSource::held`] until the message's dead
+    /// letter is acknowledged. Nothing here awaits, so a dropped `next()`
+    /// can never leave part of a message's events behind.
+    fn on_message(&mut self, message: &BorrowedMessage<'_>) -> Result<(), SourceError> {
         let topic = self.topic(message.topic());
         let (partition, offset) = (message.partition(), message.offset());
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.delivered.push_back(Delivered { seq, topic: topic.clone(), partition, offset });
+        let delivered = Delivered { seq, topic: topic.clone(), partition, offset };
         let decoded = decode_message(message, &self.config);
         let commit_time_micros = match &decoded {
             Ok(Decoded::Change(c) | Decoded::SnapshotRead(c)) => c.commit_time_micros,
@@ -267,60 +282,55 @@ impl KafkaSource {
         let version = next_version(self.last_version, commit_time_micros);
         self.last_version = version;
         let position = Position::Kafka { topic: topic.clone(), partition, offset, seq, version };
-        self.queue.push_back(SourceEvent::Begin);
+        let mut events = Vec::with_capacity(3);
+        events.push(SourceEvent::Begin);
+        let mut send = None;
         match decoded {
             Ok(Decoded::Change(mut change)) => {
                 self.metrics.kafka_message(&topic, op_label(change.op));
                 change.position = position.clone();
-                self.queue.push_back(SourceEvent::Change(change));
+                events.push(SourceEvent::Change(change));
             }
             Ok(Decoded::SnapshotRead(mut change)) => {
                 self.metrics.kafka_message(&topic, "r");
                 if self.config.snapshot_reads == SnapshotReads::Invalidate {
                     change.position = position.clone();
-                    self.queue.push_back(SourceEvent::Change(change));
+                    events.push(SourceEvent::Change(change));
                 }
             }
             Ok(Decoded::Ignored(what)) => self.metrics.kafka_message(&topic, what.as_str()),
             Err(error) => {
                 self.metrics.kafka_message(&topic, "invalid");
-                self.dead_letter(message, &position, &error).await?;
+                if self.on_error == OnError::Stop {
+                    tracing::error!(%position, error, "cannot decode this message; stopping without acknowledging it (on_error = stop)");
+                    return Err(SourceError::Definite(format!(
+                        "cannot decode the message at {position}: {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
+                    )));
+                }
+                let letter = DeadLetterMessage::from_message(message, "decode", &error);
+                send = Some(Box::pin(send_dead_letter(
+                    self.dead_letters.clone(),
+                    self.metrics.clone(),
+                    letter,
+                    position.clone(),
+                    error,
+                    self.retry_max,
+                )) as DeadLetterSend);
             }
         }
-        self.queue.push_back(SourceEvent::Commit { position, commit_time_micros });
+        events.push(SourceEvent::Commit { position, commit_time_micros });
+        let held = Held { events, delivered };
+        match send {
+            None => self.release(held),
+            Some(send) => self.held = Some((held, send)),
+        }
         Ok(())
     }
 
-    /// Sends a message that cannot be decoded to the dead-letter topic,
-    /// retrying until the broker has it; or stops (`on_error = "stop"`).
-    async fn dead_letter(
-        &self,
-        message: &BorrowedMessage<'_>,
-        position: &Position,
-        error: &str,
-    ) -> Result<(), SourceError> {
-        if self.on_error == OnError::Stop {
-            tracing::error!(%position, error, "cannot decode this message; stopping without acknowledging it (on_error = stop)");
-            return Err(SourceError::Definite(format!(
-                "cannot decode the message at {position}: {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
-            )));
-        }
-        let letter = DeadLetterMessage::from_message(message, "decode", error);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.dead_letters.send(&letter).await {
-                Ok(()) => break,
-                Err(e) => {
-                    self.metrics.dead_letter_write_error("transient");
-                    tracing::warn!(%position, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot write to the dead-letter topic; retrying (the source is paused)");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.retry_max);
-                }
-            }
-        }
-        self.metrics.kafka_dead_lettered(message.topic(), "decode");
-        tracing::warn!(%position, error, topic = self.dead_letters.topic(), "dead-lettered a message that cannot be decoded; the partition goes on");
-        Ok(())
+    /// Makes a message's events visible, all at once.
+    fn release(&mut self, held: Held) {
+        self.delivered.push_back(held.delivered);
+        self.queue.extend(held.events);
     }
 
     /// Stores, per partition, the offset after the last message delivered
@@ -355,6 +365,44 @@ impl KafkaSource {
             }
         }
     }
+}
+
+/// The send of one dead letter, owned by the source so that it survives a
+/// dropped `next()`.
+type DeadLetterSend = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A message's events, not yet visible to the run loop.
+struct Held {
+    events: Vec<SourceEvent>,
+    delivered: Delivered,
+}
+
+/// Sends a message that cannot be decoded to the dead-letter topic,
+/// retrying until the broker has it (the source is paused meanwhile).
+async fn send_dead_letter(
+    dead_letters: Arc<KafkaDeadLetters>,
+    metrics: Arc<Metrics>,
+    letter: DeadLetterMessage,
+    position: Position,
+    error: String,
+    retry_max: Duration,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match dead_letters.send(&letter).await {
+            Ok(()) => break,
+            Err(e) => {
+                metrics.dead_letter_write_error("transient");
+                tracing::warn!(%position, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot write to the dead-letter topic; retrying (the source is paused)");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(retry_max);
+            }
+        }
+    }
+    if let Position::Kafka { topic, .. } = &position {
+        metrics.kafka_dead_lettered(topic, "decode");
+    }
+    tracing::warn!(%position, error, topic = dead_letters.topic(), "dead-lettered a message that cannot be decoded; the partition goes on");
 }
 
 /// The op label of a change.
@@ -395,9 +443,18 @@ impl Source for KafkaSource {
             if let Some(event) = self.queue.pop_front() {
                 return Ok(event);
             }
+            if let Some((_, send)) = self.held.as_mut() {
+                // The send lives in `self`: a dropped `next()` leaves it
+                // here, and the next call goes on awaiting the same send.
+                send.as_mut().await;
+                if let Some((held, _)) = self.held.take() {
+                    self.release(held);
+                }
+                continue;
+            }
             let consumer = self.consumer.clone();
             match consumer.recv().await {
-                Ok(message) => self.on_message(&message).await?,
+                Ok(message) => self.on_message(&message)?,
                 // librdkafka reconnects by itself; a fatal error ends the
                 // session (a new consumer rejoins the group).
                 Err(KafkaError::MessageConsumptionFatal(code)) => {
