@@ -24,9 +24,12 @@
 //! delete's `before` unless its table is known to send whole old rows
 //! ([`FullRowDeletes`]): under `REPLICA IDENTITY DEFAULT` Debezium fills
 //! them with placeholders (`0`, `""`, the epoch) that would render wrong
-//! keys. The key columns are the fields of the message key.
+//! keys. The key columns are the fields of the message key, or, when the
+//! key is not a JSON object (a string key converter), the graph's key
+//! columns of the table ([`DecodeOptions::table_keys`]); without either,
+//! every column of such a `before` is unknown.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -34,6 +37,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value as Json};
 
 use crate::change::{Cell, Change, Operation, Position, Row, TransactionId, Value};
+use crate::graph::Graph;
 
 /// The placeholder Debezium writes for a value it does not have.
 pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
@@ -111,6 +115,17 @@ pub struct DecodeOptions<'a> {
     /// topic-to-table mapping).
     pub table: Option<&'a str>,
     pub full_row_deletes: Option<&'a FullRowDeletes>,
+    /// The graph's key columns per table: what a delete's old row keeps
+    /// when its message key names no columns (not JSON, not an object).
+    pub table_keys: Option<&'a TableKeys>,
+}
+
+/// Key columns per table (`schema.table`), from the graph.
+pub type TableKeys = HashMap<String, HashSet<String>>;
+
+/// The key columns of every table of `graph`.
+pub fn table_keys(graph: &Graph) -> TableKeys {
+    graph.tables().iter().map(|t| (t.name.to_string(), t.key.iter().map(|c| c.to_string()).collect())).collect()
 }
 
 /// One Kafka message as written in a JSON-lines file (`evictd replay`,
@@ -206,9 +221,18 @@ pub fn decode(
     }
     if op == Operation::Delete
         && !options.full_row_deletes.is_some_and(|f| f.covers(&table))
-        && let (Some(old), Some(key_columns)) = (before.as_mut(), key.and_then(key_columns))
+        && let Some(old) = before.as_mut()
     {
-        *old = only_key_columns(old, &key_columns);
+        // The message key names the identity columns; a key that is not a
+        // JSON object (a string converter) names none, and then the graph's
+        // key columns stand in. A table the graph does not know keeps
+        // nothing: an unknown value is a namespace bump, a placeholder a
+        // wrong key.
+        let keep = key
+            .and_then(key_columns)
+            .or_else(|| options.table_keys.and_then(|keys| keys.get(&*table)).cloned())
+            .unwrap_or_default();
+        *old = only_key_columns(old, &keep);
     }
     let commit_time_micros = source
         .get("ts_us")
@@ -600,6 +624,39 @@ mod tests {
             panic!("not a change")
         };
         assert_eq!(change.old("amount"), &Cell::Known(Value::Int(0)));
+    }
+
+    /// Issue 11, item 9: a string key converter (or any key that is not a
+    /// JSON object) names no columns; the placeholders Debezium writes for
+    /// a delete's non-key columns under `REPLICA IDENTITY DEFAULT` must
+    /// still never pass for values.
+    #[test]
+    fn a_delete_whose_key_is_not_json_keeps_only_the_graphs_key_columns() {
+        let event = json!({
+            "before": {"sku_id": 7, "currency": "USD", "amount": 0, "note": ""},
+            "op": "d",
+            "source": {"schema": "shop", "table": "prices"},
+        });
+        let keys = TableKeys::from([("shop.prices".to_owned(), HashSet::from(["sku_id".to_owned()]))]);
+        // A key that is not JSON (`7|USD`) reaches decode as `None`; a
+        // string converter's `"7"` parses as a JSON number.
+        for key in [None, Some(json!(7)), Some(json!("7|USD"))] {
+            let options = DecodeOptions { table_keys: Some(&keys), ..DecodeOptions::default() };
+            let Decoded::Change(change) = decode(Some(&event), key.as_ref(), at(), &options).unwrap() else {
+                panic!("not a change")
+            };
+            assert_eq!(change.old("sku_id"), &Cell::Known(Value::Int(7)), "key {key:?}");
+            assert_eq!(change.old("currency"), &Cell::Unknown, "key {key:?}");
+            assert_eq!(change.old("amount"), &Cell::Unknown, "key {key:?}");
+            assert_eq!(change.old("note"), &Cell::Unknown, "key {key:?}");
+            // A table the graph does not know: nothing of the old row is trusted.
+            let Decoded::Change(change) = decode(Some(&event), key.as_ref(), at(), &DecodeOptions::default()).unwrap()
+            else {
+                panic!("not a change")
+            };
+            assert_eq!(change.old("sku_id"), &Cell::Unknown, "key {key:?}");
+            assert_eq!(change.old("amount"), &Cell::Unknown, "key {key:?}");
+        }
     }
 
     #[test]

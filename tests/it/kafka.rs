@@ -763,6 +763,7 @@ async fn next_cancelled_while_a_dead_letter_is_in_flight_keeps_transactions_whol
     );
     let mut source = evictd::source::kafka::KafkaSource::start(
         &config,
+        Default::default(),
         evictd::dead_letter::OnError::DeadLetter,
         dead_letters,
         metrics,
@@ -793,4 +794,31 @@ async fn next_cancelled_while_a_dead_letter_is_in_flight_keeps_transactions_whol
     assert!(cancelled > 0, "next() was cancelled mid-message");
     let letters = read_topic(&dead_letter_topic, n as usize, Duration::from_secs(5));
     assert_eq!(letters.len(), (n as usize).div_ceil(3), "one dead letter per bad message");
+}
+
+/// Issue 11, item 9: a delete whose Kafka key is not a JSON object (a
+/// string key converter) under `REPLICA IDENTITY DEFAULT`: its non-key
+/// columns are Debezium's placeholders (`0`, `""`). The key column comes
+/// from the graph; the cache keyed on a non-key column is bumped whole,
+/// never invalidated under the placeholder's key.
+#[test]
+fn a_delete_with_a_string_key_bumps_caches_of_non_key_columns_instead_of_trusting_placeholders() {
+    let dir = tempfile::tempdir().unwrap();
+    let graph = dir.path().join("graph.toml");
+    std::fs::write(&graph, self::graph("t")).unwrap();
+    let delete = serde_json::json!({
+        "topic": "dbserver1.app.items", "partition": 0, "offset": 7,
+        "key": "5",
+        "value": {"before": {"id": 5, "owner_id": 0, "name": ""}, "after": null, "op": "d",
+                  "source": {"schema": "app", "table": "items"}},
+    });
+    let file = dir.path().join("events.jsonl");
+    std::fs::write(&file, format!("{delete}\n")).unwrap();
+    let out =
+        super::support::evictd(&["replay", "--dry-run", "--graph", graph.to_str().unwrap(), file.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", super::support::stderr(&out));
+    let lines = super::support::stdout(&out);
+    assert!(lines.contains("delete\tt_item\tt:item:5\n"), "{lines}");
+    assert!(lines.contains("namespace\tt_owner_items\t*\n"), "{lines}");
+    assert!(!lines.contains("t:owner:0:items"), "a placeholder rendered a key:\n{lines}");
 }

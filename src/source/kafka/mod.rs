@@ -52,7 +52,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use serde_json::Value as Json;
 
 pub use self::dead_letters::{DeadLetterMessage, KafkaDeadLetters};
-use super::debezium::{self, DecodeOptions, Decoded};
+use super::debezium::{self, DecodeOptions, Decoded, TableKeys};
 use super::{Source, SourceError, SourceEvent};
 use crate::change::Position;
 use crate::config::{KafkaSource as KafkaConfig, SnapshotReads};
@@ -185,6 +185,8 @@ struct Delivered {
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<KafkaContext>>,
     config: KafkaConfig,
+    /// The graph's key columns: a delete's identity when its key names none.
+    table_keys: Arc<TableKeys>,
     on_error: OnError,
     dead_letters: Arc<KafkaDeadLetters>,
     metrics: Arc<Metrics>,
@@ -206,6 +208,7 @@ impl KafkaSource {
     /// first read.
     pub fn start(
         config: &KafkaConfig,
+        table_keys: Arc<TableKeys>,
         on_error: OnError,
         dead_letters: Arc<KafkaDeadLetters>,
         metrics: Arc<Metrics>,
@@ -228,6 +231,7 @@ impl KafkaSource {
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
             config: config.clone(),
+            table_keys,
             on_error,
             dead_letters,
             metrics,
@@ -274,7 +278,7 @@ impl KafkaSource {
         let seq = self.next_seq;
         self.next_seq += 1;
         let delivered = Delivered { seq, topic: topic.clone(), partition, offset };
-        let decoded = decode_message(message, &self.config);
+        let decoded = decode_message(message, &self.config, &self.table_keys);
         let commit_time_micros = match &decoded {
             Ok(Decoded::Change(c) | Decoded::SnapshotRead(c)) => c.commit_time_micros,
             _ => None,
@@ -422,7 +426,11 @@ fn next_version(last: u64, commit_time_micros: Option<i64>) -> u64 {
 }
 
 /// Decodes a message's key and value.
-fn decode_message(message: &BorrowedMessage<'_>, config: &KafkaConfig) -> Result<Decoded, String> {
+fn decode_message(
+    message: &BorrowedMessage<'_>,
+    config: &KafkaConfig,
+    table_keys: &TableKeys,
+) -> Result<Decoded, String> {
     let value: Option<Json> = match message.payload() {
         None | Some(b"") => None,
         Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|e| format!("the value is not JSON: {e}"))?),
@@ -432,6 +440,7 @@ fn decode_message(message: &BorrowedMessage<'_>, config: &KafkaConfig) -> Result
     let options = DecodeOptions {
         table: config.tables.get(message.topic()).map(String::as_str),
         full_row_deletes: Some(&config.full_row_deletes),
+        table_keys: Some(table_keys),
     };
     let placeholder = Position::File { line: 0 };
     debezium::decode(value.as_ref(), key.as_ref(), placeholder, &options).map_err(|e| e.to_string())
