@@ -60,9 +60,10 @@ pub const KAFKA_MESSAGES_TOTAL: &str = "evictd_kafka_messages_total";
 pub const KAFKA_CONSUMER_LAG_MESSAGES: &str = "evictd_kafka_consumer_lag_messages";
 pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "evictd_kafka_dead_letters_total";
 pub const KAFKA_REBALANCES_TOTAL: &str = "evictd_kafka_rebalances_total";
+pub const KAFKA_OFFSET_RESETS_TOTAL: &str = "evictd_kafka_offset_resets_total";
 
 /// Every name above, for tests and documentation.
-pub const ALL: [&str; 24] = [
+pub const ALL: [&str; 25] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -87,6 +88,7 @@ pub const ALL: [&str; 24] = [
     KAFKA_CONSUMER_LAG_MESSAGES,
     KAFKA_DEAD_LETTERS_TOTAL,
     KAFKA_REBALANCES_TOTAL,
+    KAFKA_OFFSET_RESETS_TOTAL,
 ];
 
 /// Latency buckets, 0.5 ms to 60 s: a healthy invalidation lands in
@@ -197,6 +199,11 @@ struct TopicPartition {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TopicReason {
     topic: String,
     reason: &'static str,
@@ -236,6 +243,7 @@ pub struct Metrics {
     kafka_lag: Family<TopicPartition, Gauge>,
     kafka_dead_letters: Family<TopicReason, Counter>,
     kafka_rebalances: Family<KindLabel, Counter>,
+    kafka_offset_resets: Family<ActionLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -273,6 +281,7 @@ impl Metrics {
             kafka_lag: Family::default(),
             kafka_dead_letters: Family::default(),
             kafka_rebalances: Family::default(),
+            kafka_offset_resets: Family::default(),
         };
         let r = &mut m.registry;
         let help = "Row changes received from the source, by table and operation";
@@ -321,6 +330,8 @@ impl Metrics {
         register(r, KAFKA_DEAD_LETTERS_TOTAL, help, m.kafka_dead_letters.clone());
         let help = "Consumer-group rebalances seen, by kind (assign, revoke, error)";
         register(r, KAFKA_REBALANCES_TOTAL, help, m.kafka_rebalances.clone());
+        let help = "Kafka offsets that no longer existed (unread messages deleted by retention, a recreated topic), by what evictd did (stop, flush)";
+        register(r, KAFKA_OFFSET_RESETS_TOTAL, help, m.kafka_offset_resets.clone());
         m.active.set(1);
         m
     }
@@ -353,6 +364,11 @@ impl Metrics {
     /// A rebalance event: `assign`, `revoke` or `error`.
     pub fn kafka_rebalance(&self, kind: &'static str) {
         self.kafka_rebalances.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// A partition's next offset was gone: `stop` or `flush`.
+    pub fn kafka_offset_reset(&self, action: &'static str) {
+        self.kafka_offset_resets.get_or_create(&ActionLabel { action }).inc();
     }
 
     /// The registry as OpenMetrics text, ending in `# EOF`.

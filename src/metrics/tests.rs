@@ -186,6 +186,7 @@ fn every_declared_name_is_exposed_as_written() {
     m.kafka_lag("dbserver1.shop.products", 0, Some(3));
     m.kafka_dead_lettered("dbserver1.shop.products", "decode");
     m.kafka_rebalance("assign");
+    m.kafka_offset_reset("stop");
     let text = encoded(&m);
     assert!(text.ends_with("# EOF\n"), "{text}");
     for name in ALL {

@@ -822,3 +822,142 @@ fn a_delete_with_a_string_key_bumps_caches_of_non_key_columns_instead_of_trustin
     assert!(lines.contains("namespace\tt_owner_items\t*\n"), "{lines}");
     assert!(!lines.contains("t:owner:0:items"), "a placeholder rendered a key:\n{lines}");
 }
+
+/// Commits `offset` for `group` on partition 0 of `topic`, as a consumer
+/// of the group that left long ago would have.
+fn commit_offset(bootstrap: &str, group: &str, topic: &str, offset: i64) {
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create().unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, rdkafka::Offset::Offset(offset)).unwrap();
+    consumer.commit(&list, rdkafka::consumer::CommitMode::Sync).unwrap();
+}
+
+fn committed_offset(bootstrap: &str, group: &str, topic: &str) -> i64 {
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", group).create().unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition(topic, 0);
+    let committed = consumer.committed_offsets(list, Duration::from_secs(10)).unwrap();
+    match committed.find_partition(topic, 0).map(|e| e.offset()) {
+        Some(rdkafka::Offset::Offset(o)) => o,
+        _ => -1,
+    }
+}
+
+fn kafka_source(
+    config: &evictd::config::KafkaSource,
+    table_keys: evictd::source::debezium::TableKeys,
+    metrics: &std::sync::Arc<evictd::metrics::Metrics>,
+) -> evictd::source::kafka::KafkaSource {
+    let dead_letters = std::sync::Arc::new(
+        evictd::source::kafka::KafkaDeadLetters::new(config, "unused-dead-letters", metrics.clone()).unwrap(),
+    );
+    evictd::source::kafka::KafkaSource::start(
+        config,
+        std::sync::Arc::new(table_keys),
+        evictd::dead_letter::OnError::DeadLetter,
+        dead_letters,
+        metrics.clone(),
+        Duration::from_millis(200),
+    )
+    .unwrap()
+}
+
+/// The next event, or the source's error, within `limit`.
+async fn next_event(
+    source: &mut evictd::source::kafka::KafkaSource,
+    limit: Duration,
+) -> Result<evictd::source::SourceEvent, evictd::source::SourceError> {
+    use evictd::source::Source as _;
+    tokio::time::timeout(limit, source.next()).await.expect("the source yields something in time")
+}
+
+/// Issue 11, item 11: the group's committed offset is no longer on the
+/// broker (retention deleted messages the group had not read, or the
+/// topic was recreated). librdkafka used to jump silently (`earliest`, or
+/// a configured `latest`); now the source stops, or (`on_offset_reset =
+/// "flush"`) bumps every cache through the sinks and, once that is
+/// acknowledged, resumes from the earliest offset. Both are counted.
+///
+/// The test broker (Tansu) answers a fetch past the end with an empty
+/// batch rather than `OFFSET_OUT_OF_RANGE`, so this runs against
+/// librdkafka's own mock cluster, which answers as Kafka does.
+#[tokio::test]
+async fn a_committed_offset_the_broker_no_longer_holds_stops_or_flushes_every_cache() {
+    use evictd::source::{Source as _, SourceError, SourceEvent};
+    let cluster = rdkafka::mocking::MockCluster::new(1).unwrap();
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = "app.items";
+    cluster.create_topic(topic, 1, 1).unwrap();
+    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    for id in 0..3 {
+        let value = event("c", None, Some(item(id, 1)));
+        let record = FutureRecord::to(topic).key("k").payload(&value).partition(0);
+        producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    }
+    let metrics = std::sync::Arc::new(evictd::metrics::Metrics::new());
+    let config = |group: &str| evictd::config::KafkaSource::new(&bootstrap, group, vec![topic.to_owned()]);
+
+    commit_offset(&bootstrap, "stop", topic, 1000);
+    let mut source = kafka_source(&config("stop"), Default::default(), &metrics);
+    match next_event(&mut source, Duration::from_secs(60)).await {
+        Err(SourceError::Definite(m)) => assert!(m.contains("no longer exists"), "{m}"),
+        other => panic!("expected the source to stop, got {other:?}"),
+    }
+    source.shutdown().await;
+
+    commit_offset(&bootstrap, "flush", topic, 1000);
+    let mut flush_config = config("flush");
+    flush_config.on_offset_reset = evictd::config::OnOffsetReset::Flush;
+    let keys = evictd::source::debezium::TableKeys::from([
+        ("app.items".to_owned(), ["id".to_owned()].into()),
+        ("app.owners".to_owned(), ["id".to_owned()].into()),
+    ]);
+    let mut source = kafka_source(&flush_config, keys.clone(), &metrics);
+    let mut flush = Vec::new();
+    loop {
+        let event = next_event(&mut source, Duration::from_secs(60)).await.unwrap();
+        let done = matches!(event, SourceEvent::Commit { .. });
+        flush.push(event);
+        if done {
+            break;
+        }
+    }
+    let truncated: Vec<String> = flush
+        .iter()
+        .filter_map(|e| match e {
+            SourceEvent::Change(c) if c.op == evictd::change::Operation::Truncate => Some(c.table.to_string()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(truncated, ["app.items", "app.owners"], "every table of the graph: {flush:?}");
+    assert!(matches!(flush[0], SourceEvent::Begin), "{flush:?}");
+    let Some(SourceEvent::Commit { position, .. }) = flush.last() else { unreachable!() };
+    // Not acknowledged yet: the group's offset stays where it was.
+    assert_eq!(committed_offset(&bootstrap, "flush", topic), 1000);
+    source.acknowledge(position).await.unwrap();
+    match next_event(&mut source, Duration::from_secs(10)).await {
+        Err(SourceError::Transient(m)) => assert!(m.contains("resuming from the earliest"), "{m}"),
+        other => panic!("expected the session to end, got {other:?}"),
+    }
+    source.shutdown().await;
+    assert_eq!(committed_offset(&bootstrap, "flush", topic), 0);
+    // The next session reads the partition from its beginning.
+    let mut source = kafka_source(&flush_config, keys, &metrics);
+    let mut offsets = Vec::new();
+    while offsets.len() < 3 {
+        if let SourceEvent::Commit { position: evictd::change::Position::Kafka { offset, .. }, .. } =
+            next_event(&mut source, Duration::from_secs(60)).await.unwrap()
+        {
+            offsets.push(offset);
+        }
+    }
+    assert_eq!(offsets, [0, 1, 2]);
+    source.shutdown().await;
+    let text = metrics.encode().unwrap();
+    for action in ["stop", "flush"] {
+        let line = format!("evictd_kafka_offset_resets_total{{action=\"{action}\"}} 1");
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
+}

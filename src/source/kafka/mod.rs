@@ -44,29 +44,27 @@ use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::types::RDKafkaRespErr;
 use serde_json::Value as Json;
 
 pub use self::dead_letters::{DeadLetterMessage, KafkaDeadLetters};
 use super::debezium::{self, DecodeOptions, Decoded, TableKeys};
 use super::{Source, SourceError, SourceEvent};
-use crate::change::Position;
-use crate::config::{KafkaSource as KafkaConfig, SnapshotReads};
+use crate::change::{Change, Operation, Position};
+use crate::config::{KafkaSource as KafkaConfig, OnOffsetReset, SnapshotReads};
 use crate::dead_letter::OnError;
 use crate::metrics::Metrics;
 
 /// librdkafka defaults evictd chooses (each can be overridden in
 /// `source.kafka.properties`).
-const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
-    // A new group reads what the topics retain rather than skip it.
-    ("auto.offset.reset", "earliest"),
-    ("auto.commit.interval.ms", "1000"),
-    ("statistics.interval.ms", "5000"),
-];
+const DEFAULT_PROPERTIES: &[(&str, &str)] = &[("auto.commit.interval.ms", "1000"), ("statistics.interval.ms", "5000")];
 
 /// The client configuration of the consumer (and, with `group.id` and the
 /// consumer-only settings left out, of the dead-letter producer).
@@ -83,8 +81,53 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         .set("group.id", &config.group_id)
         .set("enable.auto.offset.store", "false")
         .set("enable.auto.commit", "true")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // A missing offset is an error event, never a silent jump: a
+        // partition the group never committed is assigned from its
+        // beginning explicitly (`KafkaContext::rebalance`), so this fires
+        // only when a committed or consumed offset no longer exists.
+        .set("auto.offset.reset", "error");
     client
+}
+
+/// How long a metadata request (committed offsets, watermarks, a seek) may
+/// take inside the source.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sets every partition of `assignment` that the group never committed to
+/// start from its beginning (what `auto.offset.reset = earliest` did for a
+/// new group), leaving the others at their committed offsets. Partitions
+/// whose committed offsets cannot be read are left as they are: if they
+/// have none, the offset-reset error that follows is handled as a gap
+/// (stop or flush), the safe side.
+fn start_uncommitted_at_beginning(consumer: &impl Consumer<KafkaContext>, assignment: &mut TopicPartitionList) {
+    let committed = match consumer.committed_offsets(assignment.clone(), METADATA_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the group's committed offsets at assignment");
+            return;
+        }
+    };
+    for element in committed.elements() {
+        if !matches!(element.offset(), rdkafka::Offset::Offset(_)) {
+            let (topic, partition) = (element.topic(), element.partition());
+            tracing::info!(%topic, partition, "no committed offset: reading the partition from its beginning");
+            if let Err(e) = assignment.set_partition_offset(topic, partition, rdkafka::Offset::Beginning) {
+                tracing::warn!(%topic, partition, error = %e, "cannot set the partition's start");
+            }
+        }
+    }
+}
+
+/// The offset a partition resumes from after an offset-reset error, if its
+/// next offset is gone: `next` is the offset it would read next (its
+/// position this session, else the group's commit), `low..=high` what the
+/// broker holds. `None`: this partition's offset still exists.
+fn gap_resume_offset(next: Option<i64>, low: i64, high: i64) -> Option<i64> {
+    match next {
+        Some(n) if (low..=high).contains(&n) => None,
+        _ => Some(low),
+    }
 }
 
 /// Rebalances, statistics and librdkafka's logs.
@@ -133,7 +176,41 @@ impl ClientContext for KafkaContext {
 }
 
 impl ConsumerContext for KafkaContext {
-    fn pre_rebalance(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// librdkafka's own rebalance (as `rdkafka`'s default does it), with
+    /// partitions the group never committed set to their beginning first.
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                start_uncommitted_at_beginning(consumer, tpl);
+                self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
+                let assigned = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if let Err(e) = assigned {
+                    tracing::error!(error = %e, "cannot take the assigned partitions");
+                }
+                self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                let revoked = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = revoked {
+                    tracing::error!(error = %e, "cannot give up the revoked partitions");
+                }
+                self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
+            }
+            other => {
+                let rebalance = Rebalance::Error(KafkaError::Rebalance(other.into()));
+                self.pre_rebalance(consumer, &rebalance);
+                let revoked = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = revoked {
+                    tracing::error!(error = %e, "cannot give up the partitions after a failed rebalance");
+                }
+                self.post_rebalance(consumer, &rebalance);
+            }
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(list) => {
                 self.metrics.kafka_rebalance("revoke");
@@ -201,6 +278,24 @@ pub struct KafkaSource {
     stored: HashMap<(Arc<str>, i32), i64>,
     topics: HashMap<String, Arc<str>>,
     retry_max: Duration,
+    /// Partitions whose next offset was gone, each waiting for the flush
+    /// transaction (`seq`) that covers it to be acknowledged.
+    gaps: Vec<Gap>,
+    /// Set once a gap's flush is acknowledged and its resume offset
+    /// committed: the session ends, and the next consumer starts there.
+    restart: Option<String>,
+}
+
+/// A partition whose next offset no longer exists (`on_offset_reset =
+/// "flush"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Gap {
+    /// The flush transaction's `seq`.
+    seq: u64,
+    topic: Arc<str>,
+    partition: i32,
+    /// Where the partition resumes: the broker's earliest offset.
+    resume: i64,
 }
 
 impl KafkaSource {
@@ -243,6 +338,8 @@ impl KafkaSource {
             stored: HashMap::new(),
             topics: HashMap::new(),
             retry_max,
+            gaps: Vec::new(),
+            restart: None,
         })
     }
 
@@ -335,6 +432,123 @@ impl KafkaSource {
     fn release(&mut self, held: Held) {
         self.delivered.push_back(held.delivered);
         self.queue.extend(held.events);
+    }
+
+    /// A partition's next offset is gone: retention deleted messages the
+    /// group never read (or the topic was recreated). Every one of them may
+    /// have been a change, so: stop, or (`flush`) queue a transaction that
+    /// truncates every table of the graph — every cache's namespace is
+    /// bumped through the sinks — and resume the partition from its
+    /// earliest offset only once that transaction is acknowledged.
+    ///
+    /// Blocking metadata requests run here, on the runtime's thread: this
+    /// is rare, and keeping it free of awaits keeps `next()` cancel-safe.
+    fn on_offset_reset(&mut self) -> Result<(), SourceError> {
+        if self.config.on_offset_reset == OnOffsetReset::Stop {
+            self.metrics.kafka_offset_reset("stop");
+            let message = "a partition's next offset no longer exists on the broker (retention deleted messages \
+                           the group had not read, or the topic was recreated): their changes can never be \
+                           invalidated; stopping without acknowledging anything past them \
+                           (source.kafka.on_offset_reset = \"stop\"; \"flush\" bumps every cache and resumes \
+                           from the earliest offset)";
+            tracing::error!("{message}");
+            return Err(SourceError::Definite(message.to_owned()));
+        }
+        let found = self.find_gaps();
+        let Some((topic, partition, resume)) = found.first().cloned() else {
+            return Err(SourceError::Transient(
+                "an offset-reset error that no assigned partition explains; rejoining the group".into(),
+            ));
+        };
+        self.metrics.kafka_offset_reset("flush");
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.last_version = next_version(self.last_version, None);
+        let position = Position::Kafka { topic, partition, offset: resume, seq, version: self.last_version };
+        for (topic, partition, resume) in found {
+            tracing::warn!(%topic, partition, resume, "the partition's next offset is gone: bumping every cache, then resuming from the earliest offset (on_offset_reset = flush)");
+            self.gaps.push(Gap { seq, topic, partition, resume });
+        }
+        let mut tables: Vec<&String> = self.table_keys.keys().collect();
+        tables.sort();
+        self.queue.push_back(SourceEvent::Begin);
+        for table in tables {
+            let mut change = Change::new(table, Operation::Truncate, None, None);
+            change.position = position.clone();
+            self.queue.push_back(SourceEvent::Change(change));
+        }
+        self.queue.push_back(SourceEvent::Commit { position, commit_time_micros: None });
+        Ok(())
+    }
+
+    /// The assigned partitions whose next offset is gone, with where each
+    /// resumes. A partition whose offsets cannot be read counts as gone
+    /// (a flush too many, never one too few).
+    fn find_gaps(&self) -> Vec<(Arc<str>, i32, i64)> {
+        let assigned: Vec<(String, i32)> = self.consumer.context().assigned().iter().cloned().collect();
+        let positions = self.consumer.position().ok();
+        let mut list = TopicPartitionList::with_capacity(assigned.len());
+        for (topic, partition) in &assigned {
+            list.add_partition(topic, *partition);
+        }
+        let committed = self.consumer.committed_offsets(list, METADATA_TIMEOUT).ok();
+        let offset_in = |list: Option<&TopicPartitionList>, topic: &str, partition: i32| match list
+            .and_then(|l| l.find_partition(topic, partition))
+            .map(|e| e.offset())
+        {
+            Some(rdkafka::Offset::Offset(o)) => Some(o),
+            _ => None,
+        };
+        let mut gaps = Vec::new();
+        for (topic, partition) in assigned {
+            if self.gaps.iter().any(|g| *g.topic == *topic && g.partition == partition) {
+                continue;
+            }
+            let next = offset_in(positions.as_ref(), &topic, partition)
+                .or_else(|| offset_in(committed.as_ref(), &topic, partition));
+            let resume = match self.consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT) {
+                Ok((low, high)) => gap_resume_offset(next, low, high),
+                Err(e) => {
+                    tracing::warn!(%topic, partition, error = %e, "cannot read the partition's watermarks");
+                    Some(0)
+                }
+            };
+            if let Some(resume) = resume {
+                gaps.push((Arc::from(topic.as_str()), partition, resume));
+            }
+        }
+        gaps
+    }
+
+    /// Commits the resume offset of every gap whose flush is acknowledged
+    /// (`seq` and before), then ends the session: a stopped partition
+    /// starts again only with a new assignment.
+    fn resume_gaps(&mut self, seq: u64) {
+        let (done, waiting): (Vec<Gap>, Vec<Gap>) = self.gaps.drain(..).partition(|g| g.seq <= seq);
+        self.gaps = waiting;
+        if done.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::with_capacity(done.len());
+        for gap in &done {
+            if let Err(e) = list.add_partition_offset(&gap.topic, gap.partition, rdkafka::Offset::Offset(gap.resume)) {
+                tracing::warn!(topic = %gap.topic, partition = gap.partition, error = %e, "cannot name the resume offset");
+            }
+            self.stored.insert((gap.topic.clone(), gap.partition), gap.resume);
+        }
+        if let Err(e) = self.consumer.store_offsets(&list) {
+            tracing::debug!(error = %e, "resume offsets not stored (partition not assigned)");
+        }
+        let committed = self.consumer.commit(&list, CommitMode::Sync);
+        let what = describe(&list);
+        self.restart = Some(match committed {
+            Ok(()) => format!("every cache was bumped for the gap in {what}; resuming from the earliest offsets"),
+            // Not committed: the next consumer meets the gap again and
+            // flushes again (a flush too many, never a loss).
+            Err(e) => {
+                format!("every cache was bumped for the gap in {what}, but its resume offset was not committed ({e})")
+            }
+        });
     }
 
     /// Stores, per partition, the offset after the last message delivered
@@ -449,6 +663,9 @@ fn decode_message(
 impl Source for KafkaSource {
     async fn next(&mut self) -> Result<SourceEvent, SourceError> {
         loop {
+            if let Some(message) = self.restart.take() {
+                return Err(SourceError::Transient(message));
+            }
             if let Some(event) = self.queue.pop_front() {
                 return Ok(event);
             }
@@ -466,6 +683,9 @@ impl Source for KafkaSource {
                 Ok(message) => self.on_message(&message)?,
                 // librdkafka reconnects by itself; a fatal error ends the
                 // session (a new consumer rejoins the group).
+                // A partition's next offset is gone (`auto.offset.reset =
+                // error`): librdkafka stopped fetching it.
+                Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)) => self.on_offset_reset()?,
                 Err(KafkaError::MessageConsumptionFatal(code)) => {
                     return Err(SourceError::Transient(format!("fatal consumer error: {code}")));
                 }
@@ -481,6 +701,7 @@ impl Source for KafkaSource {
         match position {
             Position::Kafka { seq, .. } => {
                 self.store_up_to(*seq);
+                self.resume_gaps(*seq);
                 Ok(())
             }
             other => Err(SourceError::Definite(format!("not a Kafka position: {other}"))),
@@ -502,21 +723,25 @@ mod tests {
     }
 
     #[test]
+    fn an_offset_outside_what_the_broker_holds_is_a_gap_resumed_from_the_earliest() {
+        // Retention deleted offsets 0..100 the group had not read.
+        assert_eq!(gap_resume_offset(Some(40), 100, 250), Some(100));
+        // A committed offset past the end: the topic was recreated.
+        assert_eq!(gap_resume_offset(Some(900), 0, 3), Some(0));
+        // Nothing to go by: a gap, the safe side.
+        assert_eq!(gap_resume_offset(None, 7, 9), Some(7));
+        // Still there, including the end (nothing new yet).
+        assert_eq!(gap_resume_offset(Some(100), 100, 250), None);
+        assert_eq!(gap_resume_offset(Some(250), 100, 250), None);
+    }
+
+    #[test]
     fn evictd_owns_the_offset_properties() {
-        let mut config = KafkaConfig {
-            brokers: "b:9092".into(),
-            group_id: "g".into(),
-            topics: vec!["t".into()],
-            topic_pattern: None,
-            snapshot_reads: SnapshotReads::Ignore,
-            full_row_deletes: Default::default(),
-            tables: Default::default(),
-            properties: Default::default(),
-        };
+        let mut config = KafkaConfig::new("b:9092", "g", vec!["t".into()]);
         config.properties.insert("auto.offset.reset".into(), "latest".into());
         let client = client_config(&config);
         assert_eq!(client.get("enable.auto.offset.store"), Some("false"));
-        assert_eq!(client.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(client.get("auto.offset.reset"), Some("error"), "a gap is an error event, never a jump");
         assert_eq!(client.get("group.id"), Some("g"));
     }
 }
