@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CliError, prepare, write_stdout};
 use crate::change::Position;
 use crate::change::Value;
-use crate::config::{Config, FullRowDeletes, SnapshotReads, SourceConfig};
+use crate::config::{Config, DEFAULT_MAX_VALUE_BYTES, FullRowDeletes, SnapshotReads, SourceConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore};
 use crate::graph::Graph;
 use crate::graph::Lookup;
@@ -69,6 +69,9 @@ struct Decoding {
     snapshot_reads: SnapshotReads,
     /// The graph's key columns, for deletes whose key names none.
     table_keys: TableKeys,
+    /// `source.kafka.max_value_bytes` (its default without one). A file has
+    /// no time budget: its lines are an operator's, not a stream's.
+    max_value_bytes: usize,
 }
 
 impl Decoding {
@@ -80,8 +83,9 @@ impl Decoding {
                 full_row_deletes: k.full_row_deletes.clone(),
                 snapshot_reads: k.snapshot_reads,
                 table_keys,
+                max_value_bytes: k.max_value_bytes,
             },
-            _ => Decoding { table_keys, ..Decoding::default() },
+            _ => Decoding { table_keys, max_value_bytes: DEFAULT_MAX_VALUE_BYTES, ..Decoding::default() },
         }
     }
 }
@@ -119,6 +123,8 @@ impl<R: tokio::io::AsyncBufRead + Unpin + Send> FileSource<R> {
                 table: record.topic.and_then(|t| self.decoding.tables.get(t)).map(String::as_str),
                 full_row_deletes: Some(&self.decoding.full_row_deletes),
                 table_keys: Some(&self.decoding.table_keys),
+                max_value_bytes: Some(self.decoding.max_value_bytes),
+                deadline: None,
             };
             debezium::decode(record.value, record.key, position.clone(), &options).map_err(|e| e.to_string())
         });

@@ -136,6 +136,9 @@ pub struct RawKafka {
     /// A column value larger than this (its JSON text) dead-letters its
     /// message (`evictd.reason = too_large`). Default 1 MiB.
     pub max_value_bytes: Option<u64>,
+    /// The time one message's decoding may take before it is dead-lettered
+    /// (`evictd.reason = too_slow`), in ms. Default 1000.
+    pub max_decode_ms: Option<u64>,
     /// Extra librdkafka properties, e.g. `"security.protocol" = "ssl"`.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -328,6 +331,7 @@ pub struct KafkaSource {
     pub on_offset_reset: OnOffsetReset,
     pub max_message_bytes: usize,
     pub max_value_bytes: usize,
+    pub max_decode: Duration,
     pub properties: BTreeMap<String, String>,
 }
 
@@ -361,6 +365,7 @@ impl KafkaSource {
             on_offset_reset: OnOffsetReset::Stop,
             max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
             max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            max_decode: Duration::from_millis(1000),
             properties: BTreeMap::new(),
         }
     }
@@ -1010,6 +1015,8 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
             let max_value_bytes =
                 positive(issues, "source.kafka.max_value_bytes", kafka.max_value_bytes, DEFAULT_MAX_VALUE_BYTES as u64)
                     as usize;
+            let max_decode =
+                Duration::from_millis(positive(issues, "source.kafka.max_decode_ms", kafka.max_decode_ms, 1000));
             let mut client = rdkafka::ClientConfig::new();
             for (key, value) in &kafka.properties {
                 if key == "auto.offset.reset" {
@@ -1050,6 +1057,7 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
                 on_offset_reset,
                 max_message_bytes,
                 max_value_bytes,
+                max_decode,
                 properties: kafka.properties,
             }))
         }

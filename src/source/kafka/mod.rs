@@ -375,7 +375,7 @@ impl KafkaSource {
         let seq = self.next_seq;
         self.next_seq += 1;
         let delivered = Delivered { seq, topic: topic.clone(), partition, offset };
-        let decoded = decode_message(message, &self.config, &self.table_keys);
+        let decoded = decode_message(message.topic(), message.key(), message.payload(), &self.config, &self.table_keys);
         let commit_time_micros = match &decoded {
             Ok(Decoded::Change(c) | Decoded::SnapshotRead(c)) => c.commit_time_micros,
             _ => None,
@@ -400,7 +400,7 @@ impl KafkaSource {
                 }
             }
             Ok(Decoded::Ignored(what)) => self.metrics.kafka_message(&topic, what.as_str()),
-            Err(error) => {
+            Err(Undecodable { reason, error }) => {
                 self.metrics.kafka_message(&topic, "invalid");
                 if self.on_error == OnError::Stop {
                     tracing::error!(%position, error, "cannot decode this message; stopping without acknowledging it (on_error = stop)");
@@ -408,12 +408,13 @@ impl KafkaSource {
                         "cannot decode the message at {position}: {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
                     )));
                 }
-                let letter = DeadLetterMessage::from_message(message, "decode", &error);
+                let letter = DeadLetterMessage::from_message(message, reason, &error);
                 send = Some(Box::pin(send_dead_letter(
                     self.dead_letters.clone(),
                     self.metrics.clone(),
                     letter,
                     position.clone(),
+                    reason,
                     error,
                     self.retry_max,
                 )) as DeadLetterSend);
@@ -602,6 +603,7 @@ async fn send_dead_letter(
     metrics: Arc<Metrics>,
     letter: DeadLetterMessage,
     position: Position,
+    reason: &'static str,
     error: String,
     retry_max: Duration,
 ) {
@@ -618,9 +620,9 @@ async fn send_dead_letter(
         }
     }
     if let Position::Kafka { topic, .. } = &position {
-        metrics.kafka_dead_lettered(topic, "decode");
+        metrics.kafka_dead_lettered(topic, reason);
     }
-    tracing::warn!(%position, error, topic = dead_letters.topic(), "dead-lettered a message that cannot be decoded; the partition goes on");
+    tracing::warn!(%position, error, reason, topic = dead_letters.topic(), "dead-lettered a message that cannot be decoded; the partition goes on");
 }
 
 /// The op label of a change.
@@ -639,25 +641,53 @@ fn next_version(last: u64, commit_time_micros: Option<i64>) -> u64 {
     time.max(last.saturating_add(1))
 }
 
-/// Decodes a message's key and value.
+/// Why a message cannot become a change: the dead-letter reason
+/// (`decode`, `too_large`, `too_slow`) and the error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Undecodable {
+    reason: &'static str,
+    error: String,
+}
+
+/// Decodes a message's key and value, within the size caps and the time
+/// budget of `config`.
 fn decode_message(
-    message: &BorrowedMessage<'_>,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
     config: &KafkaConfig,
     table_keys: &TableKeys,
-) -> Result<Decoded, String> {
-    let value: Option<Json> = match message.payload() {
+) -> Result<Decoded, Undecodable> {
+    let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
+    if size > config.max_message_bytes {
+        return Err(Undecodable {
+            reason: "too_large",
+            error: format!(
+                "a message of {size} bytes is larger than source.kafka.max_message_bytes ({})",
+                config.max_message_bytes
+            ),
+        });
+    }
+    let deadline = std::time::Instant::now() + config.max_decode;
+    let value: Option<Json> = match payload {
         None | Some(b"") => None,
-        Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|e| format!("the value is not JSON: {e}"))?),
+        Some(bytes) => Some(
+            serde_json::from_slice(bytes)
+                .map_err(|e| Undecodable { reason: "decode", error: format!("the value is not JSON: {e}") })?,
+        ),
     };
     // A key that is not JSON (a plain string key) names no columns.
-    let key: Option<Json> = message.key().and_then(|k| serde_json::from_slice(k).ok());
+    let key: Option<Json> = key.and_then(|k| serde_json::from_slice(k).ok());
     let options = DecodeOptions {
-        table: config.tables.get(message.topic()).map(String::as_str),
+        table: config.tables.get(topic).map(String::as_str),
         full_row_deletes: Some(&config.full_row_deletes),
         table_keys: Some(table_keys),
+        max_value_bytes: Some(config.max_value_bytes),
+        deadline: Some(deadline),
     };
     let placeholder = Position::File { line: 0 };
-    debezium::decode(value.as_ref(), key.as_ref(), placeholder, &options).map_err(|e| e.to_string())
+    debezium::decode(value.as_ref(), key.as_ref(), placeholder, &options)
+        .map_err(|e| Undecodable { reason: e.reason(), error: e.to_string() })
 }
 
 impl Source for KafkaSource {
@@ -720,6 +750,40 @@ mod tests {
         assert_eq!(next_version(1_700_000_000_000_005, Some(1_600_000_000_000_000)), 1_700_000_000_000_006);
         assert_eq!(next_version(7, None), 8);
         assert_eq!(next_version(7, Some(-5)), 8);
+    }
+
+    /// Issue 11, item 8: a message past `max_message_bytes` is not even
+    /// parsed, and a value past `max_value_bytes` fails its decoding; both
+    /// are dead-lettered as `too_large`.
+    #[test]
+    fn messages_and_values_past_their_caps_are_too_large() {
+        let mut config = KafkaConfig::new("b:9092", "g", vec!["t".into()]);
+        config.max_message_bytes = 200;
+        config.max_value_bytes = 50;
+        let keys = TableKeys::new();
+        let event = |body: &str| {
+            serde_json::json!({"after": {"id": 1, "body": body}, "op": "c", "source": {"schema": "s", "table": "t"}})
+                .to_string()
+        };
+        let small = event("short");
+        assert!(matches!(
+            decode_message("t", Some(b"{\"id\":1}"), Some(small.as_bytes()), &config, &keys),
+            Ok(Decoded::Change(_))
+        ));
+        let wide = event(&"x".repeat(60));
+        let error = decode_message("t", None, Some(wide.as_bytes()), &config, &keys).unwrap_err();
+        assert_eq!(error.reason, "too_large", "{}", error.error);
+        assert!(error.error.contains("column `body`"), "{}", error.error);
+        let huge = event(&"x".repeat(300));
+        let error = decode_message("t", None, Some(huge.as_bytes()), &config, &keys).unwrap_err();
+        assert_eq!(error.reason, "too_large");
+        assert!(error.error.contains("max_message_bytes (200)"), "{}", error.error);
+        // The key counts too.
+        let key = vec![b'k'; 190];
+        let error = decode_message("t", Some(&key), Some(small.as_bytes()), &config, &keys).unwrap_err();
+        assert_eq!(error.reason, "too_large");
+        let error = decode_message("t", None, Some(b"{"), &config, &keys).unwrap_err();
+        assert_eq!(error.reason, "decode");
     }
 
     #[test]
