@@ -961,3 +961,25 @@ async fn a_committed_offset_the_broker_no_longer_holds_stops_or_flushes_every_ca
         assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
     }
 }
+
+/// Issue 11, item 11: `auto.offset.reset = "latest"` would skip every
+/// message the group has not read; `check` refuses it with its place.
+#[test]
+fn check_refuses_auto_offset_reset_latest_with_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evictd.toml");
+    let graph = root().join("dependency-graphs");
+    std::fs::write(
+        &path,
+        format!(
+            "[graph]\npaths = [\"{}\"]\n[source]\nkind = \"kafka\"\n[source.kafka]\nbrokers = \"127.0.0.1:9\"\ntopics = [\"t\"]\n[source.kafka.properties]\n\"auto.offset.reset\" = \"latest\"\n[redis.primary]\nurl = \"redis://127.0.0.1:9\"\n",
+            graph.display()
+        ),
+    )
+    .unwrap();
+    let out = super::support::evictd(&["check", "--offline", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2), "{}", super::support::stderr(&out));
+    let err = super::support::stderr(&out);
+    let place = format!("{}:9:23: source.kafka.properties.\"auto.offset.reset\": `latest` skips", path.display());
+    assert!(err.contains(&place), "{err}");
+}
