@@ -63,9 +63,10 @@ pub const KAFKA_REBALANCES_TOTAL: &str = "evictd_kafka_rebalances_total";
 pub const UNGUARDED_KEYS_TOTAL: &str = "evictd_unguarded_keys_total";
 pub const REDELETES_SKIPPED_TOTAL: &str = "evictd_redeletes_skipped_total";
 pub const VERSIONS_BEHIND_TOTAL: &str = "evictd_versions_behind_total";
+pub const KAFKA_OFFSET_RESETS_TOTAL: &str = "evictd_kafka_offset_resets_total";
 
 /// Every name above, for tests and documentation.
-pub const ALL: [&str; 27] = [
+pub const ALL: [&str; 28] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -93,6 +94,7 @@ pub const ALL: [&str; 27] = [
     UNGUARDED_KEYS_TOTAL,
     REDELETES_SKIPPED_TOTAL,
     VERSIONS_BEHIND_TOTAL,
+    KAFKA_OFFSET_RESETS_TOTAL,
 ];
 
 /// Latency buckets, 0.5 ms to 60 s: a healthy invalidation lands in
@@ -209,6 +211,11 @@ struct TopicPartition {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TopicReason {
     topic: String,
     reason: &'static str,
@@ -251,6 +258,7 @@ pub struct Metrics {
     unguarded_keys: Family<TargetCache, Counter>,
     redeletes_skipped: Family<TargetLabel, Counter>,
     versions_behind: Family<TargetLabel, Counter>,
+    kafka_offset_resets: Family<ActionLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -291,6 +299,7 @@ impl Metrics {
             unguarded_keys: Family::default(),
             redeletes_skipped: Family::default(),
             versions_behind: Family::default(),
+            kafka_offset_resets: Family::default(),
         };
         let r = &mut m.registry;
         let help = "Row changes received from the source, by table and operation";
@@ -345,6 +354,8 @@ impl Metrics {
         register(r, REDELETES_SKIPPED_TOTAL, help, m.redeletes_skipped.clone());
         let help = "Version bumps that found the stored version at or past the batch's and raised it past that, by sink target (replays, Kafka's commit times, or versions that went backwards: a restore, another source)";
         register(r, VERSIONS_BEHIND_TOTAL, help, m.versions_behind.clone());
+        let help = "Kafka offsets that no longer existed (unread messages deleted by retention, a recreated topic), by what evictd did (stop, flush)";
+        register(r, KAFKA_OFFSET_RESETS_TOTAL, help, m.kafka_offset_resets.clone());
         m.active.set(1);
         m
     }
@@ -377,6 +388,11 @@ impl Metrics {
     /// A rebalance event: `assign`, `revoke` or `error`.
     pub fn kafka_rebalance(&self, kind: &'static str) {
         self.kafka_rebalances.get_or_create(&KindLabel { kind }).inc();
+    }
+
+    /// A partition's next offset was gone: `stop` or `flush`.
+    pub fn kafka_offset_reset(&self, action: &'static str) {
+        self.kafka_offset_resets.get_or_create(&ActionLabel { action }).inc();
     }
 
     /// The registry as OpenMetrics text, ending in `# EOF`.

@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::{CliError, prepare, write_stdout};
 use crate::change::Position;
 use crate::change::Value;
-use crate::config::{Config, FullRowDeletes, SnapshotReads, SourceConfig};
+use crate::config::{Config, DEFAULT_MAX_VALUE_BYTES, FullRowDeletes, SnapshotReads, SourceConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore};
 use crate::graph::Graph;
 use crate::graph::Lookup;
@@ -40,7 +40,7 @@ use crate::resolve::{Effect, LookupError, LookupExecutor, LookupOutcome, PgLooku
 use crate::run::{Pipeline, SessionEnd};
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
-use crate::source::debezium::{self, DecodeOptions, Decoded, Record};
+use crate::source::debezium::{self, DecodeOptions, Decoded, Record, TableKeys};
 use crate::source::{Source, SourceError, SourceEvent};
 
 #[derive(Debug, Args)]
@@ -67,17 +67,25 @@ struct Decoding {
     tables: std::collections::BTreeMap<String, String>,
     full_row_deletes: FullRowDeletes,
     snapshot_reads: SnapshotReads,
+    /// The graph's key columns, for deletes whose key names none.
+    table_keys: TableKeys,
+    /// `source.kafka.max_value_bytes` (its default without one). A file has
+    /// no time budget: its lines are an operator's, not a stream's.
+    max_value_bytes: usize,
 }
 
 impl Decoding {
-    fn of(config: Option<&Config>) -> Decoding {
+    fn of(config: Option<&Config>, graph: &Graph) -> Decoding {
+        let table_keys = debezium::table_keys(graph);
         match config.and_then(|c| c.source.as_ref()) {
             Some(SourceConfig::Kafka(k)) => Decoding {
                 tables: k.tables.clone(),
                 full_row_deletes: k.full_row_deletes.clone(),
                 snapshot_reads: k.snapshot_reads,
+                table_keys,
+                max_value_bytes: k.max_value_bytes,
             },
-            _ => Decoding::default(),
+            _ => Decoding { table_keys, max_value_bytes: DEFAULT_MAX_VALUE_BYTES, ..Decoding::default() },
         }
     }
 }
@@ -114,6 +122,9 @@ impl<R: tokio::io::AsyncBufRead + Unpin + Send> FileSource<R> {
             let options = DecodeOptions {
                 table: record.topic.and_then(|t| self.decoding.tables.get(t)).map(String::as_str),
                 full_row_deletes: Some(&self.decoding.full_row_deletes),
+                table_keys: Some(&self.decoding.table_keys),
+                max_value_bytes: Some(self.decoding.max_value_bytes),
+                deadline: None,
             };
             debezium::decode(record.value, record.key, position.clone(), &options).map_err(|e| e.to_string())
         });
@@ -268,7 +279,7 @@ async fn replay(args: &ReplayArgs, config: Option<Config>, graph: Graph) -> Resu
         lines: reader.lines(),
         name: name.clone(),
         line: 0,
-        decoding: Decoding::of(config.as_ref()),
+        decoding: Decoding::of(config.as_ref(), &graph),
         queue: Default::default(),
         tally: tally.clone(),
         done: done.clone(),

@@ -346,10 +346,12 @@ async fn work_kafka(
         metrics: metrics.clone(),
         health,
     };
+    let table_keys = Arc::new(crate::source::debezium::table_keys(&pipeline.graph));
     let mut backoff = Duration::from_millis(100);
     while !shutdown.is_cancelled() {
         let mut source = KafkaSource::start(
             &kafka,
+            table_keys.clone(),
             config.dead_letter.on_error,
             dead_letters.clone(),
             metrics.clone(),

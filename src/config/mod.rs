@@ -128,6 +128,21 @@ pub struct RawKafka {
     /// read as the table their `source` block names.
     #[serde(default)]
     pub tables: BTreeMap<String, String>,
+    /// What a partition whose next offset is gone (retention deleted
+    /// unread messages, or the topic was recreated) does: `stop` (default:
+    /// the daemon stops, nothing is acknowledged) or `flush` (every cache
+    /// of the graph is bumped, confirmed, and the partition resumes from
+    /// its earliest message).
+    pub on_offset_reset: Option<String>,
+    /// Messages larger than this (key and value) are dead-lettered
+    /// (`evictd.reason = too_large`) without being decoded. Default 16 MiB.
+    pub max_message_bytes: Option<u64>,
+    /// A column value larger than this (its JSON text) dead-letters its
+    /// message (`evictd.reason = too_large`). Default 1 MiB.
+    pub max_value_bytes: Option<u64>,
+    /// The time one message's decoding may take before it is dead-lettered
+    /// (`evictd.reason = too_slow`), in ms. Default 1000.
+    pub max_decode_ms: Option<u64>,
     /// Extra librdkafka properties, e.g. `"security.protocol" = "ssl"`.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -354,7 +369,47 @@ pub struct KafkaSource {
     pub full_row_deletes: FullRowDeletes,
     /// Topic → table overrides.
     pub tables: BTreeMap<String, String>,
+    pub on_offset_reset: OnOffsetReset,
+    pub max_message_bytes: usize,
+    pub max_value_bytes: usize,
+    pub max_decode: Duration,
     pub properties: BTreeMap<String, String>,
+}
+
+/// What a partition whose next offset no longer exists does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OnOffsetReset {
+    /// Stop the daemon without acknowledging anything past the gap.
+    #[default]
+    Stop,
+    /// Bump every cache's namespace, then resume from the earliest offset.
+    Flush,
+}
+
+/// Default `source.kafka.max_message_bytes`.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+/// Default `source.kafka.max_value_bytes`.
+pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+
+impl KafkaSource {
+    /// A source of `topics` with every other setting at its default, as
+    /// `validate` would build it.
+    pub fn new(brokers: &str, group_id: &str, topics: Vec<String>) -> KafkaSource {
+        KafkaSource {
+            brokers: brokers.to_owned(),
+            group_id: group_id.to_owned(),
+            topics,
+            topic_pattern: None,
+            snapshot_reads: SnapshotReads::Ignore,
+            full_row_deletes: FullRowDeletes::None,
+            tables: BTreeMap::new(),
+            on_offset_reset: OnOffsetReset::Stop,
+            max_message_bytes: DEFAULT_MAX_MESSAGE_BYTES,
+            max_value_bytes: DEFAULT_MAX_VALUE_BYTES,
+            max_decode: Duration::from_millis(1000),
+            properties: BTreeMap::new(),
+        }
+    }
 }
 
 /// What a Debezium snapshot read (`op = r`) does.
@@ -368,8 +423,14 @@ pub enum SnapshotReads {
 
 /// librdkafka properties evictd sets itself (its delivery guarantee rests
 /// on them).
-pub const KAFKA_OWN_PROPERTIES: &[&str] =
-    &["enable.auto.offset.store", "enable.auto.commit", "group.id", "bootstrap.servers", "enable.partition.eof"];
+pub const KAFKA_OWN_PROPERTIES: &[&str] = &[
+    "enable.auto.offset.store",
+    "enable.auto.commit",
+    "group.id",
+    "bootstrap.servers",
+    "enable.partition.eof",
+    "auto.offset.reset",
+];
 
 #[derive(Debug, Clone)]
 pub struct LookupConfig {
@@ -1041,11 +1102,47 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
                     );
                 }
             }
+            let on_offset_reset = match kafka.on_offset_reset.as_deref().unwrap_or("stop") {
+                "stop" => OnOffsetReset::Stop,
+                "flush" => OnOffsetReset::Flush,
+                other => {
+                    issues.push(
+                        "source.kafka.on_offset_reset",
+                        format!("unknown value `{other}` (expected stop or flush)"),
+                    );
+                    OnOffsetReset::Stop
+                }
+            };
+            let max_message_bytes = positive(
+                issues,
+                "source.kafka.max_message_bytes",
+                kafka.max_message_bytes,
+                DEFAULT_MAX_MESSAGE_BYTES as u64,
+            ) as usize;
+            let max_value_bytes =
+                positive(issues, "source.kafka.max_value_bytes", kafka.max_value_bytes, DEFAULT_MAX_VALUE_BYTES as u64)
+                    as usize;
+            let max_decode =
+                Duration::from_millis(positive(issues, "source.kafka.max_decode_ms", kafka.max_decode_ms, 1000));
             let mut client = rdkafka::ClientConfig::new();
             for (key, value) in &kafka.properties {
+                if key == "auto.offset.reset" {
+                    let why = if ["latest", "largest", "end"].contains(&value.as_str()) {
+                        "`latest` skips every message the group has not read yet; evictd sets this property itself"
+                    } else {
+                        "evictd sets this property itself"
+                    };
+                    issues.push(
+                        &format!("source.kafka.properties.\"{key}\""),
+                        format!(
+                            "{why} (`earliest` for partitions the group never committed, `error` otherwise, so that a gap is seen: see on_offset_reset)"
+                        ),
+                    );
+                    continue;
+                }
                 if KAFKA_OWN_PROPERTIES.contains(&key.as_str()) {
                     issues.push(
-                        &format!("source.kafka.properties.{key}"),
+                        &format!("source.kafka.properties.\"{key}\""),
                         "evictd sets this property itself (offsets are stored only once their effects are confirmed)",
                     );
                 }
@@ -1064,6 +1161,10 @@ fn validate_source(raw: RawSource, issues: &mut Issues<'_>, base: &Path) -> Opti
                 snapshot_reads,
                 full_row_deletes,
                 tables: kafka.tables,
+                on_offset_reset,
+                max_message_bytes,
+                max_value_bytes,
+                max_decode,
                 properties: kafka.properties,
             }))
         }

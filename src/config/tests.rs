@@ -332,3 +332,39 @@ fn on_slot_loss_defaults_to_refuse_and_takes_flush_from_the_file_or_the_environm
         ["PLACE: source.postgres.on_slot_loss: unknown value `ignore` (expected refuse or flush)".to_owned()]
     );
 }
+
+/// Issue 11, item 11: `latest` would skip every message the group has not
+/// read; evictd sets `auto.offset.reset` itself.
+#[test]
+fn auto_offset_reset_latest_is_refused_with_its_place() {
+    let text = "[redis.primary]\nurl = \"redis://h:6379\"\n[source]\nkind = \"kafka\"\n[source.kafka]\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"t\"]\n[source.kafka.properties]\n\"auto.offset.reset\" = \"latest\"\n";
+    let (_dir, path) = write(text);
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    assert_eq!(e.0.len(), 1, "{e}");
+    assert_eq!(e.0[0].field, "source.kafka.properties.\"auto.offset.reset\"");
+    assert!(e.0[0].place.ends_with("evictd.toml:9:23"), "file:line:col of the value: {}", e.0[0].place);
+    assert!(e.0[0].message.contains("`latest` skips every message"), "{}", e.0[0].message);
+}
+
+#[test]
+fn kafka_offset_reset_and_size_caps_have_defaults_and_are_checked() {
+    let base = "[redis.primary]\nurl = \"redis://h:6379\"\n[source]\nkind = \"kafka\"\n[source.kafka]\nbrokers = \"127.0.0.1:9092\"\ntopics = [\"t\"]\n";
+    let (_dir, path) = write(base);
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    let Some(SourceConfig::Kafka(k)) = &c.source else { panic!("kafka source expected") };
+    assert_eq!(k.on_offset_reset, OnOffsetReset::Stop);
+    assert_eq!(k.max_message_bytes, DEFAULT_MAX_MESSAGE_BYTES);
+    assert_eq!(k.max_value_bytes, DEFAULT_MAX_VALUE_BYTES);
+    let (_dir, path) = write(&format!("{base}on_offset_reset = \"flush\"\nmax_value_bytes = 4096\n"));
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    let Some(SourceConfig::Kafka(k)) = &c.source else { panic!("kafka source expected") };
+    assert_eq!((k.on_offset_reset, k.max_value_bytes), (OnOffsetReset::Flush, 4096));
+    let (_dir, path) = write(&format!("{base}on_offset_reset = \"latest\"\nmax_message_bytes = 0\n"));
+    assert_eq!(
+        messages(load_with_env(&path, &env(&[])).unwrap_err()),
+        [
+            "PLACE: source.kafka.on_offset_reset: unknown value `latest` (expected stop or flush)",
+            "PLACE: source.kafka.max_message_bytes: must be greater than 0",
+        ]
+    );
+}

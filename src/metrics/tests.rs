@@ -187,6 +187,8 @@ fn every_declared_name_is_exposed_as_written() {
     m.kafka_dead_lettered("dbserver1.shop.products", "decode");
     m.kafka_rebalance("assign");
     m.unguarded_keys("primary", "c", 1);
+    m.kafka_offset_reset("stop");
+    m.redeletes_skipped("primary", 1);
     let text = encoded(&m);
     assert!(text.ends_with("# EOF\n"), "{text}");
     for name in ALL {

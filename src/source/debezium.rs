@@ -24,9 +24,12 @@
 //! delete's `before` unless its table is known to send whole old rows
 //! ([`FullRowDeletes`]): under `REPLICA IDENTITY DEFAULT` Debezium fills
 //! them with placeholders (`0`, `""`, the epoch) that would render wrong
-//! keys. The key columns are the fields of the message key.
+//! keys. The key columns are the fields of the message key, or, when the
+//! key is not a JSON object (a string key converter), the graph's key
+//! columns of the table ([`DecodeOptions::table_keys`]); without either,
+//! every column of such a `before` is unknown.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::sync::Arc;
 
@@ -34,9 +37,12 @@ use base64::Engine as _;
 use serde_json::{Map, Value as Json};
 
 use crate::change::{Cell, Change, Operation, Position, Row, TransactionId, Value};
+use crate::graph::Graph;
 
 /// The placeholder Debezium writes for a value it does not have.
 pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
+
+mod decimal;
 
 /// What one event decodes to.
 #[derive(Debug, Clone, PartialEq)]
@@ -79,6 +85,23 @@ pub enum DebeziumError {
     Op(String),
     #[error("column `{column}`: {message}")]
     Value { column: String, message: String },
+    /// A column value past `max_value_bytes`.
+    #[error("column `{column}`: a value of more than {limit} bytes (source.kafka.max_value_bytes)")]
+    TooLarge { column: String, limit: usize },
+    /// Decoding ran past the per-message time budget.
+    #[error("decoding took longer than the per-message budget (source.kafka.max_decode_ms)")]
+    TooSlow,
+}
+
+impl DebeziumError {
+    /// The dead-letter reason (`evictd.reason`, metric label).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DebeziumError::TooLarge { .. } => "too_large",
+            DebeziumError::TooSlow => "too_slow",
+            _ => "decode",
+        }
+    }
 }
 
 /// Which tables' delete events carry the whole old row.
@@ -111,6 +134,21 @@ pub struct DecodeOptions<'a> {
     /// topic-to-table mapping).
     pub table: Option<&'a str>,
     pub full_row_deletes: Option<&'a FullRowDeletes>,
+    /// The graph's key columns per table: what a delete's old row keeps
+    /// when its message key names no columns (not JSON, not an object).
+    pub table_keys: Option<&'a TableKeys>,
+    /// The largest column value (its JSON text, about), in bytes.
+    pub max_value_bytes: Option<usize>,
+    /// When decoding this event must have finished.
+    pub deadline: Option<std::time::Instant>,
+}
+
+/// Key columns per table (`schema.table`), from the graph.
+pub type TableKeys = HashMap<String, HashSet<String>>;
+
+/// The key columns of every table of `graph`.
+pub fn table_keys(graph: &Graph) -> TableKeys {
+    graph.tables().iter().map(|t| (t.name.to_string(), t.key.iter().map(|c| c.to_string()).collect())).collect()
 }
 
 /// One Kafka message as written in a JSON-lines file (`evictd replay`,
@@ -184,10 +222,10 @@ pub fn decode(
         let columns = schema.and_then(|s| field_schema(s, name)).map(struct_fields);
         match object.get(name) {
             None | Some(Json::Null) => Ok(None),
-            Some(Json::Object(map)) => row(map, columns.as_ref()).map(Some),
+            Some(Json::Object(map)) => row(map, columns.as_ref(), options).map(Some),
             // MongoDB: the document as extended-JSON text.
             Some(Json::String(text)) => match serde_json::from_str::<Json>(text) {
-                Ok(Json::Object(map)) => row(&map, None).map(Some),
+                Ok(Json::Object(map)) => row(&map, None, options).map(Some),
                 _ => Err(DebeziumError::Shape(format!("`{name}` is a string but not a JSON document"))),
             },
             Some(_) => Err(DebeziumError::Shape(format!("`{name}` is neither an object nor null"))),
@@ -206,9 +244,18 @@ pub fn decode(
     }
     if op == Operation::Delete
         && !options.full_row_deletes.is_some_and(|f| f.covers(&table))
-        && let (Some(old), Some(key_columns)) = (before.as_mut(), key.and_then(key_columns))
+        && let Some(old) = before.as_mut()
     {
-        *old = only_key_columns(old, &key_columns);
+        // The message key names the identity columns; a key that is not a
+        // JSON object (a string converter) names none, and then the graph's
+        // key columns stand in. A table the graph does not know keeps
+        // nothing: an unknown value is a namespace bump, a placeholder a
+        // wrong key.
+        let keep = key
+            .and_then(key_columns)
+            .or_else(|| options.table_keys.and_then(|keys| keys.get(&*table)).cloned())
+            .unwrap_or_default();
+        *old = only_key_columns(old, &keep);
     }
     let commit_time_micros = source
         .get("ts_us")
@@ -273,6 +320,38 @@ fn only_key_columns(row: &Row, keep: &HashSet<String>) -> Row {
     out
 }
 
+/// Whether `json`'s text is longer than `limit` bytes (strings and nested
+/// values counted, punctuation approximated), without serialising it.
+fn json_larger_than(json: &Json, limit: usize) -> bool {
+    fn size(json: &Json, budget: usize) -> usize {
+        match json {
+            Json::String(s) => s.len() + 2,
+            Json::Array(items) => {
+                let mut total = 2;
+                for item in items {
+                    total += size(item, budget.saturating_sub(total)) + 1;
+                    if total > budget {
+                        break;
+                    }
+                }
+                total
+            }
+            Json::Object(map) => {
+                let mut total = 2;
+                for (key, value) in map {
+                    total += key.len() + 4 + size(value, budget.saturating_sub(total));
+                    if total > budget {
+                        break;
+                    }
+                }
+                total
+            }
+            Json::Number(_) | Json::Bool(_) | Json::Null => 8,
+        }
+    }
+    size(json, limit) > limit
+}
+
 /// The schema of field `name` of a struct schema.
 fn field_schema<'s>(schema: &'s Json, name: &str) -> Option<&'s Json> {
     schema.get("fields")?.as_array()?.iter().find(|f| f.get("field").and_then(Json::as_str) == Some(name))
@@ -287,9 +366,21 @@ fn struct_fields(schema: &Json) -> Vec<(&str, &Json)> {
         .unwrap_or_default()
 }
 
-fn row(map: &Map<String, Json>, columns: Option<&Vec<(&str, &Json)>>) -> Result<Row, DebeziumError> {
+fn row(
+    map: &Map<String, Json>,
+    columns: Option<&Vec<(&str, &Json)>>,
+    options: &DecodeOptions<'_>,
+) -> Result<Row, DebeziumError> {
     let mut out = Row::with_capacity(map.len());
     for (column, json) in map {
+        if options.deadline.is_some_and(|d| std::time::Instant::now() > d) {
+            return Err(DebeziumError::TooSlow);
+        }
+        if let Some(limit) = options.max_value_bytes
+            && json_larger_than(json, limit)
+        {
+            return Err(DebeziumError::TooLarge { column: column.clone(), limit });
+        }
         let cell = match json {
             Json::String(s) if s == UNAVAILABLE => Cell::Unknown,
             _ => {
@@ -382,6 +473,11 @@ fn base64_bytes(text: &str) -> Result<Vec<u8>, String> {
     base64::engine::general_purpose::STANDARD.decode(text).map_err(|e| format!("bad base64 `{text}`: {e}"))
 }
 
+/// The largest unscaled decimal accepted, in bytes: Postgres's `numeric`
+/// (the widest of any database Debezium reads) holds at most 131,072 digits
+/// before the point and 16,383 after, about 61,300 bytes.
+pub const MAX_DECIMAL_BYTES: usize = 64 * 1024;
+
 /// The text of an unscaled big-endian two's-complement integer at `scale`,
 /// as Postgres prints a numeric: `[-]digits[.fraction]`, exactly `scale`
 /// fraction digits.
@@ -404,25 +500,14 @@ pub fn decimal_text(unscaled: &[u8], scale: i64) -> Result<String, String> {
             }
         }
     }
-    // Base-256 to base-10 by repeated division.
-    let mut digits = Vec::new();
-    let mut rest: Vec<u8> = magnitude.into_iter().skip_while(|b| *b == 0).collect();
-    while !rest.is_empty() {
-        let mut remainder: u32 = 0;
-        for b in &mut rest {
-            let acc = (remainder << 8) | u32::from(*b);
-            *b = (acc / 10) as u8;
-            remainder = acc % 10;
-        }
-        digits.push(b'0' + remainder as u8);
-        let zeros = rest.iter().take_while(|b| **b == 0).count();
-        rest.drain(..zeros);
+    let magnitude: Vec<u8> = magnitude.into_iter().skip_while(|b| *b == 0).collect();
+    if magnitude.len() > MAX_DECIMAL_BYTES {
+        return Err(format!(
+            "a decimal of {} bytes is larger than any database's numeric (at most {MAX_DECIMAL_BYTES} bytes, about 157,000 digits)",
+            magnitude.len()
+        ));
     }
-    if digits.is_empty() {
-        digits.push(b'0');
-    }
-    digits.reverse();
-    let mut text: String = digits.into_iter().map(char::from).collect();
+    let mut text = decimal::to_decimal_string(&magnitude);
     if scale < 0 {
         text.push_str(&"0".repeat(scale.unsigned_abs() as usize));
     } else if scale > 0 {
@@ -602,6 +687,39 @@ mod tests {
         assert_eq!(change.old("amount"), &Cell::Known(Value::Int(0)));
     }
 
+    /// Issue 11, item 9: a string key converter (or any key that is not a
+    /// JSON object) names no columns; the placeholders Debezium writes for
+    /// a delete's non-key columns under `REPLICA IDENTITY DEFAULT` must
+    /// still never pass for values.
+    #[test]
+    fn a_delete_whose_key_is_not_json_keeps_only_the_graphs_key_columns() {
+        let event = json!({
+            "before": {"sku_id": 7, "currency": "USD", "amount": 0, "note": ""},
+            "op": "d",
+            "source": {"schema": "shop", "table": "prices"},
+        });
+        let keys = TableKeys::from([("shop.prices".to_owned(), HashSet::from(["sku_id".to_owned()]))]);
+        // A key that is not JSON (`7|USD`) reaches decode as `None`; a
+        // string converter's `"7"` parses as a JSON number.
+        for key in [None, Some(json!(7)), Some(json!("7|USD"))] {
+            let options = DecodeOptions { table_keys: Some(&keys), ..DecodeOptions::default() };
+            let Decoded::Change(change) = decode(Some(&event), key.as_ref(), at(), &options).unwrap() else {
+                panic!("not a change")
+            };
+            assert_eq!(change.old("sku_id"), &Cell::Known(Value::Int(7)), "key {key:?}");
+            assert_eq!(change.old("currency"), &Cell::Unknown, "key {key:?}");
+            assert_eq!(change.old("amount"), &Cell::Unknown, "key {key:?}");
+            assert_eq!(change.old("note"), &Cell::Unknown, "key {key:?}");
+            // A table the graph does not know: nothing of the old row is trusted.
+            let Decoded::Change(change) = decode(Some(&event), key.as_ref(), at(), &DecodeOptions::default()).unwrap()
+            else {
+                panic!("not a change")
+            };
+            assert_eq!(change.old("sku_id"), &Cell::Unknown, "key {key:?}");
+            assert_eq!(change.old("amount"), &Cell::Unknown, "key {key:?}");
+        }
+    }
+
     #[test]
     fn a_configured_table_replaces_the_source_table() {
         let event = json!({"after": {"id": 1}, "op": "c", "source": {"schema": "s", "table": "t"}});
@@ -638,6 +756,98 @@ mod tests {
         let mut big = vec![0x01];
         big.extend([0u8; 17]);
         assert_eq!(d(&big, 0), "87112285931760246646623899502532662132736");
+    }
+
+    /// The digit-at-a-time conversion this replaced, as a reference.
+    fn decimal_digits_by_repeated_division(magnitude: &[u8]) -> String {
+        let mut digits = Vec::new();
+        let mut rest: Vec<u8> = magnitude.iter().copied().skip_while(|b| *b == 0).collect();
+        while !rest.is_empty() {
+            let mut remainder: u32 = 0;
+            for b in &mut rest {
+                let acc = (remainder << 8) | u32::from(*b);
+                *b = (acc / 10) as u8;
+                remainder = acc % 10;
+            }
+            digits.push(b'0' + remainder as u8);
+            let zeros = rest.iter().take_while(|b| **b == 0).count();
+            rest.drain(..zeros);
+        }
+        if digits.is_empty() {
+            digits.push(b'0');
+        }
+        digits.reverse();
+        String::from_utf8(digits).unwrap()
+    }
+
+    /// Issue 11, item 8: a decimal of tens of thousands of digits converts
+    /// exactly (the divide-and-conquer path), here 10^20000 − 1 and a few
+    /// pseudo-random sizes checked against the digit-at-a-time reference.
+    #[test]
+    fn huge_decimals_convert_exactly() {
+        // 10^20000 - 1 = 20000 nines: its bytes from the reference's inverse.
+        let nines = "9".repeat(20_000);
+        let mut bytes = vec![0u8];
+        // base-10 text to base-256 big-endian (test-only, quadratic).
+        let mut magnitude: Vec<u8> = vec![0];
+        for d in nines.bytes() {
+            let mut carry = u32::from(d - b'0');
+            for b in magnitude.iter_mut().rev() {
+                let acc = u32::from(*b) * 10 + carry;
+                *b = (acc & 0xff) as u8;
+                carry = acc >> 8;
+            }
+            while carry > 0 {
+                magnitude.insert(0, (carry & 0xff) as u8);
+                carry >>= 8;
+            }
+        }
+        bytes.extend(&magnitude);
+        assert_eq!(decimal_text(&bytes, 0).unwrap(), nines);
+        let text = decimal_text(&bytes, 3).unwrap();
+        assert_eq!(text.len(), 20_001);
+        assert!(text.ends_with(".999"));
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        for len in [1usize, 7, 8, 9, 63, 64, 65, 130, 257, 1000, 4099] {
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed & 0xff) as u8
+                })
+                .collect();
+            let mut positive = vec![0u8];
+            positive.extend(&bytes);
+            assert_eq!(decimal_text(&positive, 0).unwrap(), decimal_digits_by_repeated_division(&bytes), "{len} bytes");
+        }
+    }
+
+    /// Larger than any database's numeric: an error (the message is
+    /// dead-lettered), never minutes of conversion.
+    #[test]
+    fn a_decimal_larger_than_any_numeric_is_refused() {
+        let mut bytes = vec![0x01];
+        bytes.extend(vec![0u8; MAX_DECIMAL_BYTES]);
+        assert!(decimal_text(&bytes, 0).unwrap_err().contains("larger than"));
+    }
+
+    #[test]
+    fn a_value_past_max_value_bytes_is_too_large() {
+        let event = json!({
+            "after": {"id": 1, "body": "x".repeat(100)}, "op": "c", "source": {"schema": "s", "table": "t"},
+        });
+        let options = DecodeOptions { max_value_bytes: Some(64), ..DecodeOptions::default() };
+        let error = decode(Some(&event), None, at(), &options).unwrap_err();
+        assert!(matches!(&error, DebeziumError::TooLarge { column, .. } if column == "body"), "{error}");
+        assert_eq!(error.reason(), "too_large");
+        let options = DecodeOptions { max_value_bytes: Some(128), ..DecodeOptions::default() };
+        assert!(decode(Some(&event), None, at(), &options).is_ok());
+        // Out of time: the budget is checked between columns.
+        let past = std::time::Instant::now() - std::time::Duration::from_millis(1);
+        let options = DecodeOptions { deadline: Some(past), ..DecodeOptions::default() };
+        let error = decode(Some(&event), None, at(), &options).unwrap_err();
+        assert_eq!(error.reason(), "too_slow");
     }
 
     #[test]

@@ -53,7 +53,17 @@ pub enum SourceError {
 ///   only with the contiguous watermark (see [`crate::checkpoint`]);
 /// - after a crash or reconnect, delivery resumes after the last
 ///   acknowledged position: anything later may be delivered again, nothing
-///   is skipped.
+///   is skipped;
+/// - **`next()` is cancel-safe.** The run loop's `select!` drops the
+///   `next()` future whenever another branch is ready first, at any of its
+///   awaits. Dropping it must lose nothing and emit nothing: an event
+///   becomes visible only once every await its message needed (a
+///   dead-letter send, a read) has completed, and the events of one
+///   message become visible together. A `next()` called after a dropped
+///   one resumes the same work (or starts it again) and yields exactly the
+///   sequence an undisturbed source would have yielded. In practice: do
+///   the awaits first, or keep their futures in the source itself, and
+///   queue a message's events only afterwards, without an await between.
 pub trait Source {
     fn next(&mut self) -> impl Future<Output = Result<SourceEvent, SourceError>> + Send;
     fn acknowledge(&mut self, position: &Position) -> impl Future<Output = Result<(), SourceError>> + Send;

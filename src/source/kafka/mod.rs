@@ -27,38 +27,45 @@
 //! headers and the error in `evictd.error` — produced and acknowledged by
 //! the broker before the message's offset can move — or stop the daemon
 //! (`dead_letter.on_error = "stop"`) without storing the offset.
+//!
+//! **Cancel safety** ([`Source`]'s contract). `next()` is dropped by the run
+//! loop's `select!` at any await. The consumer's `recv` is cancel-safe; the
+//! only other await, a dead-letter send, is a future owned by the source
+//! (`held`): a dropped `next()` leaves it there, the next call awaits the
+//! same send, and the message's events (`Begin`, `Commit`) and its place
+//! in the delivered queue appear only once the broker has the letter.
 
 mod dead_letters;
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
-use rdkafka::error::KafkaError;
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
+};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
+use rdkafka::types::RDKafkaRespErr;
 use serde_json::Value as Json;
 
 pub use self::dead_letters::{DeadLetterMessage, KafkaDeadLetters};
-use super::debezium::{self, DecodeOptions, Decoded};
+use super::debezium::{self, DecodeOptions, Decoded, TableKeys};
 use super::{Source, SourceError, SourceEvent};
-use crate::change::Position;
-use crate::config::{KafkaSource as KafkaConfig, SnapshotReads};
+use crate::change::{Change, Operation, Position};
+use crate::config::{KafkaSource as KafkaConfig, OnOffsetReset, SnapshotReads};
 use crate::dead_letter::OnError;
 use crate::metrics::Metrics;
 
 /// librdkafka defaults evictd chooses (each can be overridden in
 /// `source.kafka.properties`).
-const DEFAULT_PROPERTIES: &[(&str, &str)] = &[
-    // A new group reads what the topics retain rather than skip it.
-    ("auto.offset.reset", "earliest"),
-    ("auto.commit.interval.ms", "1000"),
-    ("statistics.interval.ms", "5000"),
-];
+const DEFAULT_PROPERTIES: &[(&str, &str)] = &[("auto.commit.interval.ms", "1000"), ("statistics.interval.ms", "5000")];
 
 /// The client configuration of the consumer (and, with `group.id` and the
 /// consumer-only settings left out, of the dead-letter producer).
@@ -75,8 +82,53 @@ pub fn client_config(config: &KafkaConfig) -> ClientConfig {
         .set("group.id", &config.group_id)
         .set("enable.auto.offset.store", "false")
         .set("enable.auto.commit", "true")
-        .set("enable.partition.eof", "false");
+        .set("enable.partition.eof", "false")
+        // A missing offset is an error event, never a silent jump: a
+        // partition the group never committed is assigned from its
+        // beginning explicitly (`KafkaContext::rebalance`), so this fires
+        // only when a committed or consumed offset no longer exists.
+        .set("auto.offset.reset", "error");
     client
+}
+
+/// How long a metadata request (committed offsets, watermarks, a seek) may
+/// take inside the source.
+const METADATA_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Sets every partition of `assignment` that the group never committed to
+/// start from its beginning (what `auto.offset.reset = earliest` did for a
+/// new group), leaving the others at their committed offsets. Partitions
+/// whose committed offsets cannot be read are left as they are: if they
+/// have none, the offset-reset error that follows is handled as a gap
+/// (stop or flush), the safe side.
+fn start_uncommitted_at_beginning(consumer: &impl Consumer<KafkaContext>, assignment: &mut TopicPartitionList) {
+    let committed = match consumer.committed_offsets(assignment.clone(), METADATA_TIMEOUT) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the group's committed offsets at assignment");
+            return;
+        }
+    };
+    for element in committed.elements() {
+        if !matches!(element.offset(), rdkafka::Offset::Offset(_)) {
+            let (topic, partition) = (element.topic(), element.partition());
+            tracing::info!(%topic, partition, "no committed offset: reading the partition from its beginning");
+            if let Err(e) = assignment.set_partition_offset(topic, partition, rdkafka::Offset::Beginning) {
+                tracing::warn!(%topic, partition, error = %e, "cannot set the partition's start");
+            }
+        }
+    }
+}
+
+/// The offset a partition resumes from after an offset-reset error, if its
+/// next offset is gone: `next` is the offset it would read next (its
+/// position this session, else the group's commit), `low..=high` what the
+/// broker holds. `None`: this partition's offset still exists.
+fn gap_resume_offset(next: Option<i64>, low: i64, high: i64) -> Option<i64> {
+    match next {
+        Some(n) if (low..=high).contains(&n) => None,
+        _ => Some(low),
+    }
 }
 
 /// Rebalances, statistics and librdkafka's logs.
@@ -125,7 +177,41 @@ impl ClientContext for KafkaContext {
 }
 
 impl ConsumerContext for KafkaContext {
-    fn pre_rebalance(&self, consumer: &rdkafka::consumer::BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    /// librdkafka's own rebalance (as `rdkafka`'s default does it), with
+    /// partitions the group never committed set to their beginning first.
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let cooperative = matches!(consumer.rebalance_protocol(), RebalanceProtocol::Cooperative);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                start_uncommitted_at_beginning(consumer, tpl);
+                self.pre_rebalance(consumer, &Rebalance::Assign(tpl));
+                let assigned = if cooperative { consumer.incremental_assign(tpl) } else { consumer.assign(tpl) };
+                if let Err(e) = assigned {
+                    tracing::error!(error = %e, "cannot take the assigned partitions");
+                }
+                self.post_rebalance(consumer, &Rebalance::Assign(tpl));
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                self.pre_rebalance(consumer, &Rebalance::Revoke(tpl));
+                let revoked = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = revoked {
+                    tracing::error!(error = %e, "cannot give up the revoked partitions");
+                }
+                self.post_rebalance(consumer, &Rebalance::Revoke(tpl));
+            }
+            other => {
+                let rebalance = Rebalance::Error(KafkaError::Rebalance(other.into()));
+                self.pre_rebalance(consumer, &rebalance);
+                let revoked = if cooperative { consumer.incremental_unassign(tpl) } else { consumer.unassign() };
+                if let Err(e) = revoked {
+                    tracing::error!(error = %e, "cannot give up the partitions after a failed rebalance");
+                }
+                self.post_rebalance(consumer, &rebalance);
+            }
+        }
+    }
+
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(list) => {
                 self.metrics.kafka_rebalance("revoke");
@@ -177,11 +263,15 @@ struct Delivered {
 pub struct KafkaSource {
     consumer: Arc<StreamConsumer<KafkaContext>>,
     config: KafkaConfig,
+    /// The graph's key columns: a delete's identity when its key names none.
+    table_keys: Arc<TableKeys>,
     on_error: OnError,
     dead_letters: Arc<KafkaDeadLetters>,
     metrics: Arc<Metrics>,
     /// Events of the message being handed over (Begin, Change, Commit).
     queue: VecDeque<SourceEvent>,
+    /// A message whose events wait for its dead letter to be sent.
+    held: Option<(Held, DeadLetterSend)>,
     delivered: VecDeque<Delivered>,
     next_seq: u64,
     last_version: u64,
@@ -189,6 +279,24 @@ pub struct KafkaSource {
     stored: HashMap<(Arc<str>, i32), i64>,
     topics: HashMap<String, Arc<str>>,
     retry_max: Duration,
+    /// Partitions whose next offset was gone, each waiting for the flush
+    /// transaction (`seq`) that covers it to be acknowledged.
+    gaps: Vec<Gap>,
+    /// Set once a gap's flush is acknowledged and its resume offset
+    /// committed: the session ends, and the next consumer starts there.
+    restart: Option<String>,
+}
+
+/// A partition whose next offset no longer exists (`on_offset_reset =
+/// "flush"`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Gap {
+    /// The flush transaction's `seq`.
+    seq: u64,
+    topic: Arc<str>,
+    partition: i32,
+    /// Where the partition resumes: the broker's earliest offset.
+    resume: i64,
 }
 
 impl KafkaSource {
@@ -196,6 +304,7 @@ impl KafkaSource {
     /// first read.
     pub fn start(
         config: &KafkaConfig,
+        table_keys: Arc<TableKeys>,
         on_error: OnError,
         dead_letters: Arc<KafkaDeadLetters>,
         metrics: Arc<Metrics>,
@@ -218,16 +327,20 @@ impl KafkaSource {
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
             config: config.clone(),
+            table_keys,
             on_error,
             dead_letters,
             metrics,
             queue: VecDeque::new(),
+            held: None,
             delivered: VecDeque::new(),
             next_seq: 1,
             last_version: 0,
             stored: HashMap::new(),
             topics: HashMap::new(),
             retry_max,
+            gaps: Vec::new(),
+            restart: None,
         })
     }
 
@@ -253,14 +366,17 @@ impl KafkaSource {
         t
     }
 
-    /// Turns one message into the events of its transaction.
-    async fn on_message(&mut self, message: &BorrowedMessage<'_>) -> Result<(), SourceError> {
+    /// Turns one message into the events of its transaction: queued at
+    /// once, or held in [`KafkaSource::held`] until the message's dead
+    /// letter is acknowledged. Nothing here awaits, so a dropped `next()`
+    /// can never leave part of a message's events behind.
+    fn on_message(&mut self, message: &BorrowedMessage<'_>) -> Result<(), SourceError> {
         let topic = self.topic(message.topic());
         let (partition, offset) = (message.partition(), message.offset());
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.delivered.push_back(Delivered { seq, topic: topic.clone(), partition, offset });
-        let decoded = decode_message(message, &self.config);
+        let delivered = Delivered { seq, topic: topic.clone(), partition, offset };
+        let decoded = decode_message(message.topic(), message.key(), message.payload(), &self.config, &self.table_keys);
         let commit_time_micros = match &decoded {
             Ok(Decoded::Change(c) | Decoded::SnapshotRead(c)) => c.commit_time_micros,
             _ => None,
@@ -268,60 +384,173 @@ impl KafkaSource {
         let version = next_version(self.last_version, commit_time_micros);
         self.last_version = version;
         let position = Position::Kafka { topic: topic.clone(), partition, offset, seq, version };
-        self.queue.push_back(SourceEvent::Begin);
+        let mut events = Vec::with_capacity(3);
+        events.push(SourceEvent::Begin);
+        let mut send = None;
         match decoded {
             Ok(Decoded::Change(mut change)) => {
                 self.metrics.kafka_message(&topic, op_label(change.op));
                 change.position = position.clone();
-                self.queue.push_back(SourceEvent::Change(change));
+                events.push(SourceEvent::Change(change));
             }
             Ok(Decoded::SnapshotRead(mut change)) => {
                 self.metrics.kafka_message(&topic, "r");
                 if self.config.snapshot_reads == SnapshotReads::Invalidate {
                     change.position = position.clone();
-                    self.queue.push_back(SourceEvent::Change(change));
+                    events.push(SourceEvent::Change(change));
                 }
             }
             Ok(Decoded::Ignored(what)) => self.metrics.kafka_message(&topic, what.as_str()),
-            Err(error) => {
+            Err(Undecodable { reason, error }) => {
                 self.metrics.kafka_message(&topic, "invalid");
-                self.dead_letter(message, &position, &error).await?;
+                if self.on_error == OnError::Stop {
+                    tracing::error!(%position, error, "cannot decode this message; stopping without acknowledging it (on_error = stop)");
+                    return Err(SourceError::Definite(format!(
+                        "cannot decode the message at {position}: {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
+                    )));
+                }
+                let letter = DeadLetterMessage::from_message(message, reason, &error);
+                send = Some(Box::pin(send_dead_letter(
+                    self.dead_letters.clone(),
+                    self.metrics.clone(),
+                    letter,
+                    position.clone(),
+                    reason,
+                    error,
+                    self.retry_max,
+                )) as DeadLetterSend);
             }
         }
-        self.queue.push_back(SourceEvent::Commit { position, commit_time_micros });
+        events.push(SourceEvent::Commit { position, commit_time_micros });
+        let held = Held { events, delivered };
+        match send {
+            None => self.release(held),
+            Some(send) => self.held = Some((held, send)),
+        }
         Ok(())
     }
 
-    /// Sends a message that cannot be decoded to the dead-letter topic,
-    /// retrying until the broker has it; or stops (`on_error = "stop"`).
-    async fn dead_letter(
-        &self,
-        message: &BorrowedMessage<'_>,
-        position: &Position,
-        error: &str,
-    ) -> Result<(), SourceError> {
-        if self.on_error == OnError::Stop {
-            tracing::error!(%position, error, "cannot decode this message; stopping without acknowledging it (on_error = stop)");
-            return Err(SourceError::Definite(format!(
-                "cannot decode the message at {position}: {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
-            )));
+    /// Makes a message's events visible, all at once.
+    fn release(&mut self, held: Held) {
+        self.delivered.push_back(held.delivered);
+        self.queue.extend(held.events);
+    }
+
+    /// A partition's next offset is gone: retention deleted messages the
+    /// group never read (or the topic was recreated). Every one of them may
+    /// have been a change, so: stop, or (`flush`) queue a transaction that
+    /// truncates every table of the graph — every cache's namespace is
+    /// bumped through the sinks — and resume the partition from its
+    /// earliest offset only once that transaction is acknowledged.
+    ///
+    /// Blocking metadata requests run here, on the runtime's thread: this
+    /// is rare, and keeping it free of awaits keeps `next()` cancel-safe.
+    fn on_offset_reset(&mut self) -> Result<(), SourceError> {
+        if self.config.on_offset_reset == OnOffsetReset::Stop {
+            self.metrics.kafka_offset_reset("stop");
+            let message = "a partition's next offset no longer exists on the broker (retention deleted messages \
+                           the group had not read, or the topic was recreated): their changes can never be \
+                           invalidated; stopping without acknowledging anything past them \
+                           (source.kafka.on_offset_reset = \"stop\"; \"flush\" bumps every cache and resumes \
+                           from the earliest offset)";
+            tracing::error!("{message}");
+            return Err(SourceError::Definite(message.to_owned()));
         }
-        let letter = DeadLetterMessage::from_message(message, "decode", error);
-        let mut backoff = Duration::from_millis(100);
-        loop {
-            match self.dead_letters.send(&letter).await {
-                Ok(()) => break,
+        let found = self.find_gaps();
+        let Some((topic, partition, resume)) = found.first().cloned() else {
+            return Err(SourceError::Transient(
+                "an offset-reset error that no assigned partition explains; rejoining the group".into(),
+            ));
+        };
+        self.metrics.kafka_offset_reset("flush");
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.last_version = next_version(self.last_version, None);
+        let position = Position::Kafka { topic, partition, offset: resume, seq, version: self.last_version };
+        for (topic, partition, resume) in found {
+            tracing::warn!(%topic, partition, resume, "the partition's next offset is gone: bumping every cache, then resuming from the earliest offset (on_offset_reset = flush)");
+            self.gaps.push(Gap { seq, topic, partition, resume });
+        }
+        let mut tables: Vec<&String> = self.table_keys.keys().collect();
+        tables.sort();
+        self.queue.push_back(SourceEvent::Begin);
+        for table in tables {
+            let mut change = Change::new(table, Operation::Truncate, None, None);
+            change.position = position.clone();
+            self.queue.push_back(SourceEvent::Change(change));
+        }
+        self.queue.push_back(SourceEvent::Commit { position, commit_time_micros: None });
+        Ok(())
+    }
+
+    /// The assigned partitions whose next offset is gone, with where each
+    /// resumes. A partition whose offsets cannot be read counts as gone
+    /// (a flush too many, never one too few).
+    fn find_gaps(&self) -> Vec<(Arc<str>, i32, i64)> {
+        let assigned: Vec<(String, i32)> = self.consumer.context().assigned().iter().cloned().collect();
+        let positions = self.consumer.position().ok();
+        let mut list = TopicPartitionList::with_capacity(assigned.len());
+        for (topic, partition) in &assigned {
+            list.add_partition(topic, *partition);
+        }
+        let committed = self.consumer.committed_offsets(list, METADATA_TIMEOUT).ok();
+        let offset_in = |list: Option<&TopicPartitionList>, topic: &str, partition: i32| match list
+            .and_then(|l| l.find_partition(topic, partition))
+            .map(|e| e.offset())
+        {
+            Some(rdkafka::Offset::Offset(o)) => Some(o),
+            _ => None,
+        };
+        let mut gaps = Vec::new();
+        for (topic, partition) in assigned {
+            if self.gaps.iter().any(|g| *g.topic == *topic && g.partition == partition) {
+                continue;
+            }
+            let next = offset_in(positions.as_ref(), &topic, partition)
+                .or_else(|| offset_in(committed.as_ref(), &topic, partition));
+            let resume = match self.consumer.fetch_watermarks(&topic, partition, METADATA_TIMEOUT) {
+                Ok((low, high)) => gap_resume_offset(next, low, high),
                 Err(e) => {
-                    self.metrics.dead_letter_write_error("transient");
-                    tracing::warn!(%position, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot write to the dead-letter topic; retrying (the source is paused)");
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(self.retry_max);
+                    tracing::warn!(%topic, partition, error = %e, "cannot read the partition's watermarks");
+                    Some(0)
                 }
+            };
+            if let Some(resume) = resume {
+                gaps.push((Arc::from(topic.as_str()), partition, resume));
             }
         }
-        self.metrics.kafka_dead_lettered(message.topic(), "decode");
-        tracing::warn!(%position, error, topic = self.dead_letters.topic(), "dead-lettered a message that cannot be decoded; the partition goes on");
-        Ok(())
+        gaps
+    }
+
+    /// Commits the resume offset of every gap whose flush is acknowledged
+    /// (`seq` and before), then ends the session: a stopped partition
+    /// starts again only with a new assignment.
+    fn resume_gaps(&mut self, seq: u64) {
+        let (done, waiting): (Vec<Gap>, Vec<Gap>) = self.gaps.drain(..).partition(|g| g.seq <= seq);
+        self.gaps = waiting;
+        if done.is_empty() {
+            return;
+        }
+        let mut list = TopicPartitionList::with_capacity(done.len());
+        for gap in &done {
+            if let Err(e) = list.add_partition_offset(&gap.topic, gap.partition, rdkafka::Offset::Offset(gap.resume)) {
+                tracing::warn!(topic = %gap.topic, partition = gap.partition, error = %e, "cannot name the resume offset");
+            }
+            self.stored.insert((gap.topic.clone(), gap.partition), gap.resume);
+        }
+        if let Err(e) = self.consumer.store_offsets(&list) {
+            tracing::debug!(error = %e, "resume offsets not stored (partition not assigned)");
+        }
+        let committed = self.consumer.commit(&list, CommitMode::Sync);
+        let what = describe(&list);
+        self.restart = Some(match committed {
+            Ok(()) => format!("every cache was bumped for the gap in {what}; resuming from the earliest offsets"),
+            // Not committed: the next consumer meets the gap again and
+            // flushes again (a flush too many, never a loss).
+            Err(e) => {
+                format!("every cache was bumped for the gap in {what}, but its resume offset was not committed ({e})")
+            }
+        });
     }
 
     /// Stores, per partition, the offset after the last message delivered
@@ -358,6 +587,45 @@ impl KafkaSource {
     }
 }
 
+/// The send of one dead letter, owned by the source so that it survives a
+/// dropped `next()`.
+type DeadLetterSend = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// A message's events, not yet visible to the run loop.
+struct Held {
+    events: Vec<SourceEvent>,
+    delivered: Delivered,
+}
+
+/// Sends a message that cannot be decoded to the dead-letter topic,
+/// retrying until the broker has it (the source is paused meanwhile).
+async fn send_dead_letter(
+    dead_letters: Arc<KafkaDeadLetters>,
+    metrics: Arc<Metrics>,
+    letter: DeadLetterMessage,
+    position: Position,
+    reason: &'static str,
+    error: String,
+    retry_max: Duration,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match dead_letters.send(&letter).await {
+            Ok(()) => break,
+            Err(e) => {
+                metrics.dead_letter_write_error("transient");
+                tracing::warn!(%position, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot write to the dead-letter topic; retrying (the source is paused)");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(retry_max);
+            }
+        }
+    }
+    if let Position::Kafka { topic, .. } = &position {
+        metrics.kafka_dead_lettered(topic, reason);
+    }
+    tracing::warn!(%position, error, reason, topic = dead_letters.topic(), "dead-lettered a message that cannot be decoded; the partition goes on");
+}
+
 /// The op label of a change.
 fn op_label(op: crate::change::Operation) -> &'static str {
     match op {
@@ -374,33 +642,81 @@ fn next_version(last: u64, commit_time_micros: Option<i64>) -> u64 {
     time.max(last.saturating_add(1))
 }
 
-/// Decodes a message's key and value.
-fn decode_message(message: &BorrowedMessage<'_>, config: &KafkaConfig) -> Result<Decoded, String> {
-    let value: Option<Json> = match message.payload() {
+/// Why a message cannot become a change: the dead-letter reason
+/// (`decode`, `too_large`, `too_slow`) and the error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Undecodable {
+    reason: &'static str,
+    error: String,
+}
+
+/// Decodes a message's key and value, within the size caps and the time
+/// budget of `config`.
+fn decode_message(
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    config: &KafkaConfig,
+    table_keys: &TableKeys,
+) -> Result<Decoded, Undecodable> {
+    let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
+    if size > config.max_message_bytes {
+        return Err(Undecodable {
+            reason: "too_large",
+            error: format!(
+                "a message of {size} bytes is larger than source.kafka.max_message_bytes ({})",
+                config.max_message_bytes
+            ),
+        });
+    }
+    let deadline = std::time::Instant::now() + config.max_decode;
+    let value: Option<Json> = match payload {
         None | Some(b"") => None,
-        Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|e| format!("the value is not JSON: {e}"))?),
+        Some(bytes) => Some(
+            serde_json::from_slice(bytes)
+                .map_err(|e| Undecodable { reason: "decode", error: format!("the value is not JSON: {e}") })?,
+        ),
     };
     // A key that is not JSON (a plain string key) names no columns.
-    let key: Option<Json> = message.key().and_then(|k| serde_json::from_slice(k).ok());
+    let key: Option<Json> = key.and_then(|k| serde_json::from_slice(k).ok());
     let options = DecodeOptions {
-        table: config.tables.get(message.topic()).map(String::as_str),
+        table: config.tables.get(topic).map(String::as_str),
         full_row_deletes: Some(&config.full_row_deletes),
+        table_keys: Some(table_keys),
+        max_value_bytes: Some(config.max_value_bytes),
+        deadline: Some(deadline),
     };
     let placeholder = Position::File { line: 0 };
-    debezium::decode(value.as_ref(), key.as_ref(), placeholder, &options).map_err(|e| e.to_string())
+    debezium::decode(value.as_ref(), key.as_ref(), placeholder, &options)
+        .map_err(|e| Undecodable { reason: e.reason(), error: e.to_string() })
 }
 
 impl Source for KafkaSource {
     async fn next(&mut self) -> Result<SourceEvent, SourceError> {
         loop {
+            if let Some(message) = self.restart.take() {
+                return Err(SourceError::Transient(message));
+            }
             if let Some(event) = self.queue.pop_front() {
                 return Ok(event);
             }
+            if let Some((_, send)) = self.held.as_mut() {
+                // The send lives in `self`: a dropped `next()` leaves it
+                // here, and the next call goes on awaiting the same send.
+                send.as_mut().await;
+                if let Some((held, _)) = self.held.take() {
+                    self.release(held);
+                }
+                continue;
+            }
             let consumer = self.consumer.clone();
             match consumer.recv().await {
-                Ok(message) => self.on_message(&message).await?,
+                Ok(message) => self.on_message(&message)?,
                 // librdkafka reconnects by itself; a fatal error ends the
                 // session (a new consumer rejoins the group).
+                // A partition's next offset is gone (`auto.offset.reset =
+                // error`): librdkafka stopped fetching it.
+                Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)) => self.on_offset_reset()?,
                 Err(KafkaError::MessageConsumptionFatal(code)) => {
                     return Err(SourceError::Transient(format!("fatal consumer error: {code}")));
                 }
@@ -416,6 +732,7 @@ impl Source for KafkaSource {
         match position {
             Position::Kafka { seq, .. } => {
                 self.store_up_to(*seq);
+                self.resume_gaps(*seq);
                 Ok(())
             }
             other => Err(SourceError::Definite(format!("not a Kafka position: {other}"))),
@@ -436,22 +753,60 @@ mod tests {
         assert_eq!(next_version(7, Some(-5)), 8);
     }
 
+    /// Issue 11, item 8: a message past `max_message_bytes` is not even
+    /// parsed, and a value past `max_value_bytes` fails its decoding; both
+    /// are dead-lettered as `too_large`.
+    #[test]
+    fn messages_and_values_past_their_caps_are_too_large() {
+        let mut config = KafkaConfig::new("b:9092", "g", vec!["t".into()]);
+        config.max_message_bytes = 200;
+        config.max_value_bytes = 50;
+        let keys = TableKeys::new();
+        let event = |body: &str| {
+            serde_json::json!({"after": {"id": 1, "body": body}, "op": "c", "source": {"schema": "s", "table": "t"}})
+                .to_string()
+        };
+        let small = event("short");
+        assert!(matches!(
+            decode_message("t", Some(b"{\"id\":1}"), Some(small.as_bytes()), &config, &keys),
+            Ok(Decoded::Change(_))
+        ));
+        let wide = event(&"x".repeat(60));
+        let error = decode_message("t", None, Some(wide.as_bytes()), &config, &keys).unwrap_err();
+        assert_eq!(error.reason, "too_large", "{}", error.error);
+        assert!(error.error.contains("column `body`"), "{}", error.error);
+        let huge = event(&"x".repeat(300));
+        let error = decode_message("t", None, Some(huge.as_bytes()), &config, &keys).unwrap_err();
+        assert_eq!(error.reason, "too_large");
+        assert!(error.error.contains("max_message_bytes (200)"), "{}", error.error);
+        // The key counts too.
+        let key = vec![b'k'; 190];
+        let error = decode_message("t", Some(&key), Some(small.as_bytes()), &config, &keys).unwrap_err();
+        assert_eq!(error.reason, "too_large");
+        let error = decode_message("t", None, Some(b"{"), &config, &keys).unwrap_err();
+        assert_eq!(error.reason, "decode");
+    }
+
+    #[test]
+    fn an_offset_outside_what_the_broker_holds_is_a_gap_resumed_from_the_earliest() {
+        // Retention deleted offsets 0..100 the group had not read.
+        assert_eq!(gap_resume_offset(Some(40), 100, 250), Some(100));
+        // A committed offset past the end: the topic was recreated.
+        assert_eq!(gap_resume_offset(Some(900), 0, 3), Some(0));
+        // Nothing to go by: a gap, the safe side.
+        assert_eq!(gap_resume_offset(None, 7, 9), Some(7));
+        // Still there, including the end (nothing new yet).
+        assert_eq!(gap_resume_offset(Some(100), 100, 250), None);
+        assert_eq!(gap_resume_offset(Some(250), 100, 250), None);
+    }
+
     #[test]
     fn evictd_owns_the_offset_properties() {
-        let mut config = KafkaConfig {
-            brokers: "b:9092".into(),
-            group_id: "g".into(),
-            topics: vec!["t".into()],
-            topic_pattern: None,
-            snapshot_reads: SnapshotReads::Ignore,
-            full_row_deletes: Default::default(),
-            tables: Default::default(),
-            properties: Default::default(),
-        };
+        let mut config = KafkaConfig::new("b:9092", "g", vec!["t".into()]);
         config.properties.insert("auto.offset.reset".into(), "latest".into());
         let client = client_config(&config);
         assert_eq!(client.get("enable.auto.offset.store"), Some("false"));
-        assert_eq!(client.get("auto.offset.reset"), Some("latest"));
+        assert_eq!(client.get("auto.offset.reset"), Some("error"), "a gap is an error event, never a jump");
         assert_eq!(client.get("group.id"), Some("g"));
     }
 }
