@@ -17,7 +17,8 @@ use crate::resolve::Effect;
 /// When a batch is closed and applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
-    /// Close once this many distinct effects are queued.
+    /// Close once this many distinct effects, or whole transactions, are
+    /// queued.
     pub max_effects: usize,
     /// Close this long after the batch's first transaction arrived.
     pub max_delay: Duration,
@@ -84,8 +85,14 @@ impl Batch {
     }
 
     /// Whether the batch reached its size limit.
+    /// Whole transactions count too (as many as `max_effects`): a source
+    /// may hold every delivered message until it is acknowledged (Kafka), so
+    /// a batch of transactions without effects must fill up as well, or
+    /// reading would never stop behind a batch stuck on a sink.
     pub fn is_full(&self, limits: &BatchLimits) -> bool {
-        self.effects.len() >= limits.max_effects || self.bytes >= limits.max_bytes
+        self.effects.len() >= limits.max_effects
+            || self.transactions >= limits.max_effects
+            || self.bytes >= limits.max_bytes
     }
 }
 
@@ -134,7 +141,7 @@ mod tests {
             prop_assert_eq!(got, expected);
             prop_assert_eq!(batch.effects().len(), batch.seen.len());
             let limits = BatchLimits { max_effects: 5, max_delay: Duration::from_millis(1), max_bytes: usize::MAX };
-            prop_assert_eq!(batch.is_full(&limits), batch.effects().len() >= 5);
+            prop_assert_eq!(batch.is_full(&limits), batch.effects().len() >= 5 || batch.transactions() >= 5);
         }
     }
 }

@@ -176,7 +176,8 @@ pub struct RawLookup {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBatch {
-    /// Close a batch at this many distinct effects. Default 1000.
+    /// Close a batch at this many distinct effects (or whole transactions).
+    /// Default 1000.
     pub max_effects: Option<usize>,
     /// Close a batch this long after its first transaction, in ms. Default 1
     /// (measured: see the README).

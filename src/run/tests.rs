@@ -488,3 +488,45 @@ async fn an_unreachable_database_is_waited_for_and_never_dead_letters() {
     let calls = *p.lookups.as_ref().unwrap().calls.lock().unwrap();
     assert!(calls > 20, "every failed call was retried: {calls}");
 }
+
+/// Transactions without end, the first with an effect and the others of a
+/// table the graph does not know (no effect), counted as they are read.
+struct Endless {
+    read: Arc<std::sync::atomic::AtomicU64>,
+    step: u64,
+}
+
+impl Source for Endless {
+    async fn next(&mut self) -> Result<SourceEvent, SourceError> {
+        tokio::task::yield_now().await;
+        let step = self.step;
+        self.step += 1;
+        self.read.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(match step % 3 {
+            0 => SourceEvent::Begin,
+            1 if step == 1 => insert(1),
+            1 => SourceEvent::Change(Change::new("app.other", Operation::Insert, None, Some(Row::new()))),
+            _ => SourceEvent::Commit { position: pos(step), commit_time_micros: None },
+        })
+    }
+    async fn acknowledge(&mut self, _: &Position) -> Result<(), SourceError> {
+        Ok(())
+    }
+}
+
+/// Issue 11, item 13: while a batch is stuck on a sink that is down, the
+/// next one is full at `max_effects` transactions even when they have no
+/// effect, so reading stops: a source that holds every delivered message
+/// until its acknowledgement (Kafka) holds a bounded number of them.
+#[tokio::test]
+async fn reading_stops_behind_a_stuck_batch_even_when_transactions_have_no_effect() {
+    let sink = Arc::new(Recorder { failing: Mutex::new(u32::MAX), ..Recorder::default() });
+    let p = pipeline(sink);
+    let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut source = Endless { read: read.clone(), step: 0 };
+    let shutdown = CancellationToken::new();
+    let _ = tokio::time::timeout(Duration::from_millis(500), p.run_session(&mut source, &shutdown)).await;
+    let read = read.load(std::sync::atomic::Ordering::Relaxed);
+    let bound = 3 * 2 * p.options.batch.max_effects as u64 + 3;
+    assert!(read <= bound, "read {read} events behind a stuck batch (bound {bound})");
+}
