@@ -62,11 +62,12 @@ pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "evictd_kafka_dead_letters_total";
 pub const KAFKA_REBALANCES_TOTAL: &str = "evictd_kafka_rebalances_total";
 pub const UNGUARDED_KEYS_TOTAL: &str = "evictd_unguarded_keys_total";
 pub const REDELETES_SKIPPED_TOTAL: &str = "evictd_redeletes_skipped_total";
+pub const UNBUMPABLE_KEYS_TOTAL: &str = "evictd_unbumpable_keys_total";
 pub const VERSIONS_BEHIND_TOTAL: &str = "evictd_versions_behind_total";
 pub const KAFKA_OFFSET_RESETS_TOTAL: &str = "evictd_kafka_offset_resets_total";
 
 /// Every name above, for tests and documentation.
-pub const ALL: [&str; 28] = [
+pub const ALL: [&str; 29] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -93,6 +94,7 @@ pub const ALL: [&str; 28] = [
     KAFKA_REBALANCES_TOTAL,
     UNGUARDED_KEYS_TOTAL,
     REDELETES_SKIPPED_TOTAL,
+    UNBUMPABLE_KEYS_TOTAL,
     VERSIONS_BEHIND_TOTAL,
     KAFKA_OFFSET_RESETS_TOTAL,
 ];
@@ -257,6 +259,7 @@ pub struct Metrics {
     kafka_rebalances: Family<KindLabel, Counter>,
     unguarded_keys: Family<TargetCache, Counter>,
     redeletes_skipped: Family<TargetLabel, Counter>,
+    unbumpable_keys: Family<TargetCache, Counter>,
     versions_behind: Family<TargetLabel, Counter>,
     kafka_offset_resets: Family<ActionLabel, Counter>,
 }
@@ -298,6 +301,7 @@ impl Metrics {
             kafka_rebalances: Family::default(),
             unguarded_keys: Family::default(),
             redeletes_skipped: Family::default(),
+            unbumpable_keys: Family::default(),
             versions_behind: Family::default(),
             kafka_offset_resets: Family::default(),
         };
@@ -352,6 +356,8 @@ impl Metrics {
         register(r, UNGUARDED_KEYS_TOTAL, help, m.unguarded_keys.clone());
         let help = "Delayed second deletes skipped because too many were already waiting on the target (their first delete was applied), by target";
         register(r, REDELETES_SKIPPED_TOTAL, help, m.redeletes_skipped.clone());
+        let help = "Version keys that held something else than a version (text, another type), whose cache's namespace was bumped instead, by target and cache";
+        register(r, UNBUMPABLE_KEYS_TOTAL, help, m.unbumpable_keys.clone());
         let help = "Version bumps that found the stored version at or past the batch's and raised it past that, by sink target (replays, Kafka's commit times, or versions that went backwards: a restore, another source)";
         register(r, VERSIONS_BEHIND_TOTAL, help, m.versions_behind.clone());
         let help = "Kafka offsets that no longer existed (unread messages deleted by retention, a recreated topic), by what evictd did (stop, flush)";
@@ -502,6 +508,12 @@ impl Metrics {
     pub fn unguarded_keys(&self, target: &str, cache: &str, count: u64) {
         let labels = TargetCache { target: target.to_owned(), cache: cache.to_owned() };
         self.unguarded_keys.get_or_create(&labels).inc_by(count);
+    }
+
+    /// Version keys of `cache` on `target` that held something else.
+    pub fn unbumpable_keys(&self, target: &str, cache: &str, count: u64) {
+        let labels = TargetCache { target: target.to_owned(), cache: cache.to_owned() };
+        self.unbumpable_keys.get_or_create(&labels).inc_by(count);
     }
 
     /// Second deletes skipped on `target` (too many waiting).

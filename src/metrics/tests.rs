@@ -189,6 +189,7 @@ fn every_declared_name_is_exposed_as_written() {
     m.unguarded_keys("primary", "c", 1);
     m.kafka_offset_reset("stop");
     m.redeletes_skipped("primary", 1);
+    m.unbumpable_keys("primary", "c", 1);
     let text = encoded(&m);
     assert!(text.ends_with("# EOF\n"), "{text}");
     for name in ALL {

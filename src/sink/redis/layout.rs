@@ -158,8 +158,9 @@ pub fn unstamp(value: &[u8], namespace: u64) -> Option<&[u8]> {
 /// stored version stays at or above the commit position of the last change
 /// that bumped it. A replayed batch raises again: one extra miss, the price
 /// of at-least-once delivery. Arguments after `ARGV[1]` are ignored.
-/// A value that is not a decimal version fails with `EVICTD_NOT_A_VERSION`;
-/// a key of another type fails with `WRONGTYPE` (from `GET`). Leading zeros
+/// A key that holds something else (a value that is not a decimal
+/// version, or a key of another type) is left as it is and the script
+/// returns 3: the sink bumps the cache's namespace instead. Leading zeros
 /// of a stored value are ignored; the key's TTL, if any, is removed by `SET`
 /// (evictd never gives version keys a TTL).
 pub const BUMP_LUA: &str = r#"
@@ -178,11 +179,11 @@ local function succ(s)
   return string.sub(s, 1, i - 1) .. string.char(string.byte(s, i) + 1) .. string.rep('0', #s - i)
 end
 local new, reply = ARGV[1], 1
+local kind = redis.call('TYPE', KEYS[1])['ok']
+if kind ~= 'none' and kind ~= 'string' then return 3 end
 local cur = redis.call('GET', KEYS[1])
 if cur then
-  if not string.match(cur, '^%d+$') then
-    return redis.error_reply('EVICTD_NOT_A_VERSION ' .. KEYS[1] .. ' holds a value that is not a decimal version')
-  end
+  if not string.match(cur, '^%d+$') then return 3 end
   cur = string.gsub(cur, '^0+', '')
   if cur == '' then cur = '0' end
   if not greater(new, cur) then

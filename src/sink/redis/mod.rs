@@ -101,6 +101,9 @@ struct Inner {
     /// Keys of second deletes waiting, and those skipped for lack of room.
     redelete_pending: std::sync::atomic::AtomicUsize,
     redeletes_skipped: AtomicU64,
+    /// Version keys that held something else, whose caches' namespaces
+    /// were bumped instead.
+    unbumpable_keys: AtomicU64,
     /// Time to live of fill-guard stamps, ms; `None`: no stamps.
     fill_guard_ttl_ms: Option<u64>,
     broadcast: Option<BroadcastConfig>,
@@ -158,6 +161,7 @@ impl RedisSink {
                 redelete_failures: AtomicU64::new(0),
                 redelete_pending: std::sync::atomic::AtomicUsize::new(0),
                 redeletes_skipped: AtomicU64::new(0),
+                unbumpable_keys: AtomicU64::new(0),
                 fill_guard_ttl_ms: target.fill_guard_ttl.map(|ttl| ttl.as_millis().max(1) as u64),
                 broadcast: target.broadcast.clone(),
                 durability: target.durability,
@@ -211,6 +215,12 @@ impl RedisSink {
         self.inner.redelete_failures.load(Ordering::Relaxed)
     }
 
+    /// Version keys so far that held something else than a version (their
+    /// caches' namespaces were bumped instead).
+    pub fn unbumpable_keys(&self) -> u64 {
+        self.inner.unbumpable_keys.load(Ordering::Relaxed)
+    }
+
     /// Second deletes skipped so far because too many were waiting.
     pub fn redeletes_skipped(&self) -> u64 {
         self.inner.redeletes_skipped.load(Ordering::Relaxed)
@@ -240,7 +250,8 @@ impl RedisSink {
         let has_bumps = plan.groups.iter().flat_map(|g| &g.commands).any(|c| matches!(c, Command::Bump(_)));
         let replay = if exact && has_bumps { self.note_version(&runner, batch.version).await? } else { None };
         let behind = Behind::default();
-        let bump = Bump { version: &plan.version, behind: Some(&behind) };
+        let unbumpable = Mutex::new(Vec::new());
+        let bump = Bump { version: &plan.version, behind: Some(&behind), unbumpable: Some(&unbumpable) };
         let keys = run_groups(&runner, &plan.groups, bump, max, stamp);
         // The tag keys kept past their delete: those the second deletes
         // need (while there is room for them) and those to report unguarded.
@@ -254,6 +265,10 @@ impl RedisSink {
         };
         let tags = tags::invalidate_all(&runner, &plan.tags, now, topology, max, stamp, &mut keep);
         let ((), tag_keys) = futures_util::try_join!(keys, tags)?;
+        let unbumpable = unbumpable.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !unbumpable.is_empty() {
+            self.bump_namespaces_instead(&runner, &batch, &plan, unbumpable, &behind).await?;
+        }
         self.report_behind(&runner, &batch, &behind, exact, replay).await;
         // Every effect confirmed: only now tell the local caches.
         if let Some(config) = &inner.broadcast
@@ -293,6 +308,59 @@ impl RedisSink {
 }
 
 impl RedisSink {
+    /// Version keys of this batch that hold something else than a version
+    /// (an application wrote into one, or two caches render the same key
+    /// with different actions) cannot be raised; their caches' namespaces
+    /// are bumped instead, which invalidates every key of those caches, and
+    /// the keys are left as they are. Counted and logged per cache: data
+    /// must never stop the daemon (it would stop again on every restart, on
+    /// the same row). A namespace key that holds something else is evictd's
+    /// own key damaged, not data: that stays a definite error.
+    async fn bump_namespaces_instead(
+        &self,
+        runner: &Runner<'_>,
+        batch: &SinkBatch<'_>,
+        plan: &Plan,
+        keys: Vec<String>,
+        behind: &Behind,
+    ) -> Result<(), SinkError> {
+        let inner = &self.inner;
+        let mut by_cache: std::collections::BTreeMap<Arc<str>, (u64, String)> = std::collections::BTreeMap::new();
+        for key in keys {
+            let cache = batch.effects.iter().find_map(|e| match e {
+                crate::resolve::Effect::Key { cache, key: k } if *k == key => Some(*cache),
+                _ => None,
+            });
+            let Some(cache) = cache else {
+                let message = format!(
+                    "{key} holds something else than a version; evictd keeps its own keys there: delete it (a missing key reads as version 0)"
+                );
+                return Err(inner.errors.make(Class::Definite, message));
+            };
+            let name = batch.graph.cache(cache).name.clone();
+            by_cache.entry(name).or_insert((0, key)).0 += 1;
+        }
+        let topology = inner.conn.topology();
+        let commands: Vec<Command> = by_cache.keys().map(|cache| Command::Bump(layout::namespace_key(cache))).collect();
+        let groups = plan::bump_groups(commands, topology);
+        let bump = Bump { version: &plan.version, behind: Some(behind), unbumpable: None };
+        run_groups(runner, &groups, bump, inner.options.max_in_flight, None).await?;
+        for (cache, (count, example)) in by_cache {
+            tracing::warn!(
+                target = %inner.name,
+                cache = %cache,
+                keys = count,
+                example = %example,
+                "version keys hold something else than a version: bumped the cache's namespace instead (left the keys as they are)"
+            );
+            inner.unbumpable_keys.fetch_add(count, Ordering::Relaxed);
+            if let Some(metrics) = inner.metrics.get() {
+                metrics.unbumpable_keys(&inner.name, &cache, count);
+            }
+        }
+        Ok(())
+    }
+
     /// Counts and logs, per cache, the keys of a confirmed batch that were
     /// invalidated without a fill-guard stamp: on a Cluster, keys with braces
     /// but no hash tag have no stamp name in their own slot (see
@@ -365,11 +433,14 @@ struct Bump<'a> {
     version: &'a str,
     /// Where the groups tally their behind bumps.
     behind: Option<&'a Behind>,
+    /// Where the groups put the keys that hold something else than a
+    /// version (the script answered 3).
+    unbumpable: Option<&'a Mutex<Vec<String>>>,
 }
 
 impl Bump<'static> {
     /// For groups without bumps (tags' keys, second deletes).
-    const NONE: Bump<'static> = Bump { version: "", behind: None };
+    const NONE: Bump<'static> = Bump { version: "", behind: None, unbumpable: None };
 }
 
 /// Behind bumps of one batch: the version script answered 2.
@@ -459,11 +530,21 @@ async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Op
     if let Some(wait) = &runner.wait {
         durability::check(wait, replies.last()).map_err(|e| runner.errors.make(e.class(), format!("{what}: {e}")))?;
     }
-    if let Some(behind) = bump.behind {
-        for (index, key) in bumps {
-            if matches!(replies.get(index), Some(redis::Value::Int(2))) {
-                behind.add(key);
+    for (index, key) in bumps {
+        match replies.get(index) {
+            Some(redis::Value::Int(2)) => {
+                if let Some(behind) = bump.behind {
+                    behind.add(key);
+                }
             }
+            Some(redis::Value::Int(3)) => match bump.unbumpable.map(Mutex::lock) {
+                Some(Ok(mut keys)) => keys.push(key.to_owned()),
+                _ => {
+                    let message = format!("{what}: {key} holds something else than a version");
+                    return Err(runner.errors.make(Class::Definite, message));
+                }
+            },
+            _ => {}
         }
     }
     Ok(())

@@ -103,6 +103,18 @@ pub enum PlanError {
     ExpireWithoutTtl { cache: String },
 }
 
+/// Bump commands as groups: one per slot on a Cluster (a namespace key has
+/// no hash tag, so each is alone), all in one on a standalone server.
+pub fn bump_groups(commands: Vec<Command>, topology: Topology) -> Vec<Group> {
+    match topology {
+        Topology::Standalone => vec![Group { slot: None, commands }],
+        Topology::Cluster => commands
+            .into_iter()
+            .map(|command| Group { slot: Some(Slot::for_key(command_key(&command))), commands: vec![command] })
+            .collect(),
+    }
+}
+
 /// Plans a batch for a target.
 pub fn plan(batch: &SinkBatch<'_>, topology: Topology, rng: &mut fastrand::Rng) -> Result<Plan, PlanError> {
     let mut unlinks: Vec<Vec<u8>> = Vec::new();
