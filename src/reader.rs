@@ -43,11 +43,12 @@ use std::sync::LazyLock;
 use redis::Script;
 use redis::aio::ConnectionLike;
 
-pub use crate::sink::redis::layout::{FILL_BEGIN_LUA, FILL_LUA, READ_LUA, guard_key, tag_key};
+pub use crate::sink::redis::layout::{FILL_BEGIN_LUA, FILL_LUA, READ_LUA, REGISTER_LUA, guard_key, tag_key};
 
 static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_BEGIN_LUA));
 static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_LUA));
 static READ: LazyLock<Script> = LazyLock::new(|| Script::new(READ_LUA));
+static REGISTER: LazyLock<Script> = LazyLock::new(|| Script::new(REGISTER_LUA));
 
 /// What [`read`] found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,8 +89,8 @@ pub async fn fill<C: ConnectionLike>(
 }
 
 /// Registers `key` under each of `tags` (the registry `evictd:tag:{T}`,
-/// scored with the key's expiry: now + `ttl_ms`), one transaction per tag,
-/// each on its tag's slot. Call it **after** taking the stamp ([`read`] or
+/// scored with the key's expiry: now + `ttl_ms`, see [`REGISTER_LUA`]),
+/// one script call per tag, each on its tag's slot. Call it **after** taking the stamp ([`read`] or
 /// [`begin_fill`]) and **before** reading the database, then [`fill`] with
 /// the same `ttl_ms`: evictd's invalidation of a tag that runs after the
 /// database read then finds the key and replaces its stamp, so a fill of
@@ -105,25 +106,19 @@ pub async fn register<C: ConnectionLike>(
     let now_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    let expire_at = now_ms.saturating_add(ttl_ms);
+    register_at(con, key, tags, now_ms.saturating_add(ttl_ms)).await
+}
+
+/// [`register`] with the key's expiry given, as Unix time in ms: one
+/// [`REGISTER_LUA`] call per tag, on the tag's slot.
+pub async fn register_at<C: ConnectionLike>(
+    con: &mut C,
+    key: &[u8],
+    tags: &[impl AsRef<str>],
+    expire_at_ms: u64,
+) -> redis::RedisResult<()> {
     for tag in tags {
-        let registry = tag_key(tag.as_ref());
-        redis::pipe()
-            .atomic()
-            .cmd("ZADD")
-            .arg(&registry)
-            .arg(expire_at)
-            .arg(key)
-            .cmd("PEXPIREAT")
-            .arg(&registry)
-            .arg(expire_at)
-            .arg("NX")
-            .cmd("PEXPIREAT")
-            .arg(&registry)
-            .arg(expire_at)
-            .arg("GT")
-            .exec_async(con)
-            .await?;
+        let () = REGISTER.key(tag_key(tag.as_ref())).arg(key).arg(expire_at_ms).invoke_async(con).await?;
     }
     Ok(())
 }

@@ -206,3 +206,40 @@ async fn under_concurrent_readers_and_writers_no_stale_tagged_value_survives() {
     }
     d.finish().await;
 }
+
+/// The race the concurrent test above found (a stale quantity kept for
+/// good, once in a few runs): evictd reads registration (K, s), deletes K,
+/// and a reader that started after the delete registers K again **in the
+/// same millisecond**, so with the same score s; evictd's forget step then
+/// removed that fresh registration (its score was still s), the reader's
+/// fresh fill was registered nowhere, and the next change of the row did
+/// not reach it. A registration must always change the score.
+#[tokio::test]
+async fn a_registration_in_the_same_millisecond_survives_the_forget_step() {
+    use evictd::reader::register_at;
+    use evictd::sink::redis::layout::FORGET_LUA;
+    let mut r = redis(&redis_url()).await;
+    let p = format!("tr{}_{}", std::process::id(), fastrand::u32(..));
+    let (key, tag) = (format!("{p}:listing"), format!("{p}-stock:1"));
+    let registry = tag_key(&tag);
+    let expire_at = 4_102_444_800_000_u64; // one fixed millisecond
+    register_at(&mut r, key.as_bytes(), &[&tag], expire_at).await.unwrap();
+    // evictd's read of the registry, as ZSCAN prints it.
+    let (_, page): (String, Vec<String>) = redis::cmd("ZSCAN").arg(&registry).arg(0).query_async(&mut r).await.unwrap();
+    let read_score = page[1].clone();
+    // A reader registers the key again within the same millisecond.
+    register_at(&mut r, key.as_bytes(), &[&tag], expire_at).await.unwrap();
+    // evictd's forget step, with what it read.
+    let removed: i64 = redis::Script::new(FORGET_LUA)
+        .key(&registry)
+        .arg(0)
+        .arg(&key)
+        .arg(&read_score)
+        .invoke_async(&mut r)
+        .await
+        .unwrap();
+    assert_eq!(removed, 0, "the registration made after the read was forgotten");
+    let score: Option<f64> = r.zscore(&registry, &key).await.unwrap();
+    assert!(score.is_some_and(|s| s >= expire_at as f64 && s < expire_at as f64 + 1.0), "{score:?}");
+    let () = r.del(&registry).await.unwrap();
+}

@@ -214,6 +214,28 @@ end
 return removed
 "#;
 
+/// Lua source of the readers' tag registration ([`crate::reader::register`]).
+///
+/// `KEYS[1]` is a tag registry, `ARGV[1]` the key to register, `ARGV[2]`
+/// the key's expiry as Unix time in ms. Registers the key with that score,
+/// or, when the registry already holds it at that score or later (a second
+/// registration within the same millisecond, or a shorter TTL), at the
+/// stored score plus a thousandth of a millisecond: **every registration
+/// changes the score**, so evictd's [forget step](FORGET_LUA), which removes
+/// a registration only if its score is still the one it read, never removes
+/// a registration made after its read. Then gives the registry an expiry if
+/// it has none, or pushes it out to the new maximum. Returns 1.
+pub const REGISTER_LUA: &str = r#"
+local at = tonumber(ARGV[2])
+local cur = tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1]))
+if cur and cur >= at then at = cur + 0.001 end
+redis.call('ZADD', KEYS[1], string.format('%.17g', at), ARGV[1])
+local expire = string.format('%d', math.ceil(at))
+redis.call('PEXPIREAT', KEYS[1], expire, 'NX')
+redis.call('PEXPIREAT', KEYS[1], expire, 'GT')
+return 1
+"#;
+
 /// Lua source of the readers' first step of a guarded fill, run *before*
 /// reading the database.
 ///
