@@ -75,6 +75,12 @@ async fn a_lost_slot_that_evictd_streamed_before_refuses_to_start() {
     assert!(log.contains(&slot) && log.contains("is gone"), "the message says what happened: {log}");
     assert!(log.contains("on_slot_loss = \"flush\""), "the message says what to do: {log}");
     assert!(!slot_exists(&d).await, "the slot was recreated");
+    // `check` reports it too, before anyone runs the daemon into it.
+    let out = super::support::evictd(&["check", "--config", d.config.to_str().unwrap()]);
+    let stderr = super::support::stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&slot) && stderr.contains("is gone"), "{stderr}");
+    assert!(!slot_exists(&d).await, "check created the slot");
     d.finish().await;
 }
 
@@ -95,9 +101,19 @@ async fn a_lost_slot_with_on_slot_loss_flush_bumps_every_namespace_then_streams(
     }
 
     d.start().await;
+    // The flush runs once the new slot is held, before the first batch.
     for ns in &namespaces {
+        let conn = r.clone();
+        d.wait_for(&format!("{ns} to be bumped"), Duration::from_secs(20), || {
+            let mut conn = conn.clone();
+            async move {
+                let version: String = conn.get(ns).await.ok()?;
+                (version != "900000000000").then_some(version)
+            }
+        })
+        .await;
         let version: String = r.get(ns).await.unwrap();
-        assert_eq!(version, "900000000001", "{ns} was not bumped: {}", d.log());
+        assert_eq!(version, "900000000001", "{ns} was raised once: {}", d.log());
     }
     assert!(d.log().contains("bumped every cache's namespace"), "{}", d.log());
     // And it streams: a change after the restart is invalidated.
@@ -113,6 +129,11 @@ async fn a_lost_slot_with_on_slot_loss_flush_bumps_every_namespace_then_streams(
         let () = r.set(ns, "5").await.unwrap();
     }
     d.start().await;
+    // A change streamed after the restart: any flush would have come first.
+    let item = d.key("item:3");
+    fill(&mut r, std::slice::from_ref(&item)).await;
+    d.sql("INSERT INTO app.items VALUES (3, 1, 'hat', NULL)").await;
+    wait_gone(&d, &r, std::slice::from_ref(&item), Duration::from_secs(30)).await;
     for ns in &namespaces {
         let version: String = r.get(ns).await.unwrap();
         assert_eq!(version, "5", "{ns} was bumped again");
