@@ -560,3 +560,47 @@ async fn second_deletes_past_the_pending_bound_are_skipped_and_counted() {
     tokio::time::timeout(Duration::from_secs(30), tracker.wait()).await.expect("second deletes finish");
     assert_eq!(s.redelete_failures(), 0);
 }
+
+/// Issue 11, item 13: many tags in one batch are scanned a slice at a time
+/// (no more scans at once than their pages fit in a round), and none is
+/// left behind.
+#[tokio::test]
+async fn a_batch_of_many_large_registries_is_invalidated_whole() {
+    const TAGS: usize = 120;
+    const MEMBERS: usize = 600;
+    for kind in BOTH {
+        let (s, probe, g, p) = (sink(kind).await, Probe::new(kind).await, TestGraph::new(&unique()), unique());
+        let later = (now_ms() + 300_000).to_string();
+        let mut effects = Vec::new();
+        let mut all_keys = Vec::new();
+        for t in 0..TAGS {
+            let tag = format!("many:{p}:{t}");
+            let keys: Vec<String> = (0..MEMBERS).map(|i| format!("it:{{{p}}}:t{t}:k{i}")).collect();
+            let mut mset = redis::cmd("MSET");
+            let mut zadd = redis::cmd("ZADD");
+            zadd.arg(tag_key(&tag));
+            for k in &keys {
+                mset.arg(k).arg("page");
+                zadd.arg(&later).arg(k);
+            }
+            probe.q::<()>(&mset).await;
+            probe.q::<i64>(&zadd).await;
+            effects.push(Effect::Tag { cache: g.cache("gone"), tag });
+            all_keys.extend(keys);
+        }
+        apply(&s, &g, &effects, 1).await.unwrap_or_else(|e| panic!("{kind:?}: {e}"));
+        let mut left = 0;
+        for chunk in all_keys.chunks(10_000) {
+            left += probe.q::<i64>(redis::cmd("EXISTS").arg(chunk)).await;
+        }
+        assert_eq!(left, 0, "{kind:?}: keys survived");
+        for effect in &effects {
+            let Effect::Tag { tag, .. } = effect else { unreachable!() };
+            assert_eq!(
+                probe.q::<i64>(redis::cmd("ZCARD").arg(tag_key(tag))).await,
+                0,
+                "{kind:?}: {tag} kept registrations"
+            );
+        }
+    }
+}

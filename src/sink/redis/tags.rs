@@ -167,12 +167,16 @@ async fn read_some(
     let mut out: Vec<Vec<Registration>> = vec![Vec::new(); jobs.len()];
     let mut held = 0;
     while !scans.is_empty() && held < held_max {
+        // No more scans at once than pages fit in what may still be held
+        // (each returns about `PAGE`); the others wait for the next round.
+        let room = ((held_max - held) / PAGE).max(1);
+        let waiting = if scans.len() > room { scans.split_off(room) } else { Vec::new() };
         let rounds: Vec<_> = pipelines(scans, |(i, _)| jobs[*i].registry.as_bytes(), topology)
             .into_iter()
             .map(|round| scan_round(runner, jobs, round))
             .collect();
         let pages: Vec<Vec<Page>> = stream::iter(rounds).buffer_unordered(max_in_flight).try_collect().await?;
-        scans = Vec::new();
+        scans = waiting;
         for (job, next, items) in pages.into_iter().flatten() {
             seen[job] |= !items.is_empty();
             let before = out[job].len();
