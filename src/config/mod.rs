@@ -180,7 +180,7 @@ pub struct RawBatch {
     /// Default 1000.
     pub max_effects: Option<usize>,
     /// Close a batch this long after its first transaction, in ms. Default 1
-    /// (measured: see the README).
+    /// (measured: see docs/performance.md).
     pub max_delay_ms: Option<u64>,
     /// Close a batch once it holds about this many bytes (keys, tags, and
     /// the changes kept for its look-ups); reading waits while it is full
