@@ -16,7 +16,7 @@ use sqlx::Connection as _;
 
 use super::daemon::{Daemon, redis, redis_url};
 
-const SCHEMA: &str = "
+pub(super) const SCHEMA: &str = "
 CREATE SCHEMA app;
 CREATE TABLE app.stock (id bigint PRIMARY KEY, quantity bigint NOT NULL);
 INSERT INTO app.stock SELECT g, 0 FROM generate_series(1, 8) g;
@@ -39,12 +39,12 @@ table = "app.stock"
 
 const STAMP_TTL_MS: u64 = 60_000;
 
-async fn quantity(conn: &mut sqlx::PgConnection, id: i64) -> i64 {
+pub(super) async fn quantity(conn: &mut sqlx::PgConnection, id: i64) -> i64 {
     sqlx::query_scalar("SELECT quantity FROM app.stock WHERE id = $1").bind(id).fetch_one(conn).await.unwrap()
 }
 
 /// Waits until evictd has acknowledged everything committed so far.
-async fn caught_up(d: &Daemon) {
+pub(super) async fn caught_up(d: &Daemon) {
     let target = d.current_lsn().await;
     d.wait_for("evictd to acknowledge every commit", Duration::from_secs(30), || async {
         (d.confirmed_flush().await >= target).then_some(())
@@ -106,24 +106,7 @@ async fn under_concurrent_readers_and_writers_no_stale_value_survives() {
     let (accepted, refused, commits) =
         (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
 
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let (url, stop, commits) = (d.db.url.clone(), stop_writers.clone(), commits.clone());
-        writers.push(tokio::spawn(async move {
-            let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
-            let mut rng = fastrand::Rng::with_seed(w as u64);
-            while !stop.load(Ordering::Relaxed) {
-                let id = rng.i64(1..=ROWS);
-                sqlx::query("UPDATE app.stock SET quantity = quantity + 1 WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut db)
-                    .await
-                    .unwrap();
-                commits.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_micros(rng.u64(0..2000))).await;
-            }
-        }));
-    }
+    let writers = spawn_writers(&d.db.url, ROWS, WRITERS, &stop_writers, &commits);
     let mut readers = Vec::new();
     for reader in 0..READERS {
         let (pg, stop, keys) = (d.db.url.clone(), stop_readers.clone(), keys.clone());
@@ -183,4 +166,34 @@ async fn under_concurrent_readers_and_writers_no_stale_value_survives() {
         }
     }
     d.finish().await;
+}
+
+/// `writers` tasks that each commit `quantity + 1` of a random row of
+/// `1..=rows` with a random pause, until `stop`, counting in `commits`.
+pub(super) fn spawn_writers(
+    db_url: &str,
+    rows: i64,
+    writers: usize,
+    stop: &Arc<AtomicBool>,
+    commits: &Arc<AtomicU64>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..writers)
+        .map(|w| {
+            let (url, stop, commits) = (db_url.to_owned(), stop.clone(), commits.clone());
+            tokio::spawn(async move {
+                let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+                let mut rng = fastrand::Rng::with_seed(w as u64);
+                while !stop.load(Ordering::Relaxed) {
+                    let id = rng.i64(1..=rows);
+                    sqlx::query("UPDATE app.stock SET quantity = quantity + 1 WHERE id = $1")
+                        .bind(id)
+                        .execute(&mut db)
+                        .await
+                        .unwrap();
+                    commits.fetch_add(1, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_micros(rng.u64(0..2000))).await;
+                }
+            })
+        })
+        .collect()
 }

@@ -20,12 +20,7 @@ use redis::AsyncCommands as _;
 use sqlx::Connection as _;
 
 use super::daemon::{Daemon, redis, redis_url};
-
-const SCHEMA: &str = "
-CREATE SCHEMA app;
-CREATE TABLE app.stock (id bigint PRIMARY KEY, quantity bigint NOT NULL);
-INSERT INTO app.stock SELECT g, 0 FROM generate_series(1, 8) g;
-";
+use super::fill_guard::{SCHEMA, caught_up, quantity, spawn_writers};
 
 /// A listing cache invalidated through tags only: the application names
 /// its keys and registers them under `<prefix>-stock:<id>`.
@@ -47,18 +42,6 @@ tags = ["{prefix}-stock:{{id}}"]
 
 const STAMP_TTL_MS: u64 = 60_000;
 const TTL_MS: u64 = 600_000;
-
-async fn quantity(conn: &mut sqlx::PgConnection, id: i64) -> i64 {
-    sqlx::query_scalar("SELECT quantity FROM app.stock WHERE id = $1").bind(id).fetch_one(conn).await.unwrap()
-}
-
-async fn caught_up(d: &Daemon) {
-    let target = d.current_lsn().await;
-    d.wait_for("evictd to acknowledge every commit", Duration::from_secs(30), || async {
-        (d.confirmed_flush().await >= target).then_some(())
-    })
-    .await;
-}
 
 /// One reader's miss under the documented protocol: stamp, register, read
 /// the database, fill through the guard. `Some(true)`: stored.
@@ -140,24 +123,7 @@ async fn under_concurrent_readers_and_writers_no_stale_tagged_value_survives() {
     let (accepted, refused, commits) =
         (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
 
-    let mut writers = Vec::new();
-    for w in 0..WRITERS {
-        let (url, stop, commits) = (d.db.url.clone(), stop_writers.clone(), commits.clone());
-        writers.push(tokio::spawn(async move {
-            let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
-            let mut rng = fastrand::Rng::with_seed(w as u64);
-            while !stop.load(Ordering::Relaxed) {
-                let id = rng.i64(1..=ROWS);
-                sqlx::query("UPDATE app.stock SET quantity = quantity + 1 WHERE id = $1")
-                    .bind(id)
-                    .execute(&mut db)
-                    .await
-                    .unwrap();
-                commits.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(Duration::from_micros(rng.u64(0..2000))).await;
-            }
-        }));
-    }
+    let writers = spawn_writers(&d.db.url, ROWS, WRITERS, &stop_writers, &commits);
     let mut readers = Vec::new();
     for reader in 0..READERS {
         let (pg, stop, keys) = (d.db.url.clone(), stop_readers.clone(), keys.clone());

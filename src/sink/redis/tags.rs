@@ -57,9 +57,11 @@ type Page = (usize, Vec<u8>, Vec<Registration>);
 /// is invalidated in bounded memory.
 pub const HELD_REGISTRATIONS: usize = 50_000;
 
-/// Invalidates every tag of `jobs`. Returns, per job, the deleted keys that
-/// `keep(job, key)` asked for (the caller's second deletes and reports;
-/// the others are not held).
+/// Invalidates every tag of `jobs`, holding at most about
+/// [`HELD_REGISTRATIONS`] registrations at once. Returns, per job, the
+/// deleted keys that `keep(job, key)` asked for (the caller's second deletes
+/// and reports; the others are not held).
+#[allow(clippy::too_many_arguments)]
 pub async fn invalidate_all(
     runner: &Runner<'_>,
     jobs: &[TagJob],
@@ -69,21 +71,7 @@ pub async fn invalidate_all(
     stamp: Option<&super::Stamp>,
     keep: &mut (dyn FnMut(usize, &[u8]) -> bool + Send),
 ) -> Result<Vec<Vec<Vec<u8>>>, SinkError> {
-    invalidate_in_rounds(runner, jobs, now_ms, topology, max_in_flight, stamp, keep, HELD_REGISTRATIONS).await
-}
-
-/// [`invalidate_all`] holding at most about `held_max` registrations.
-#[allow(clippy::too_many_arguments)]
-async fn invalidate_in_rounds(
-    runner: &Runner<'_>,
-    jobs: &[TagJob],
-    now_ms: u64,
-    topology: Topology,
-    max_in_flight: usize,
-    stamp: Option<&super::Stamp>,
-    keep: &mut (dyn FnMut(usize, &[u8]) -> bool + Send),
-    held_max: usize,
-) -> Result<Vec<Vec<Vec<u8>>>, SinkError> {
+    let held_max = HELD_REGISTRATIONS;
     let mut kept: Vec<Vec<Vec<u8>>> = vec![Vec::new(); jobs.len()];
     if jobs.is_empty() {
         return Ok(kept);
