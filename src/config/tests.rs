@@ -1,4 +1,7 @@
+use secrecy::ExposeSecret;
+
 use super::*;
+use crate::dead_letter::{MigrationMode, OnError};
 
 const VALID: &str = r#"
 [graph]

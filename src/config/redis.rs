@@ -1,0 +1,114 @@
+//! `[redis.NAME]`: the Redis targets invalidations are applied to.
+
+use std::path::Path;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use super::issues::{Issues, is_identifier, positive};
+use super::raw::RawRedis;
+
+#[derive(Debug, Clone)]
+pub struct RedisTarget {
+    pub name: String,
+    pub urls: Vec<SecretString>,
+    pub cluster: bool,
+    /// Time to live of fill-guard stamps; `None`: no stamps written.
+    pub fill_guard_ttl: Option<Duration>,
+    /// Where and how batches are broadcast; `None`: not at all.
+    pub broadcast: Option<BroadcastConfig>,
+    /// The wait for replicas or the AOF before a batch is confirmed;
+    /// `None`: confirmed when the primary replied.
+    pub durability: Option<Durability>,
+    /// Whether an eviction policy that can evict evictd's keys stops start-up.
+    pub eviction_check: EvictionCheck,
+}
+
+/// What a pipeline waits for before its replies count as confirmed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durability {
+    /// Replicas that must have the pipeline's writes (`WAIT`).
+    pub replicas: u32,
+    /// `WAITAOF 1 replicas …`: fsynced to the AOF of the primary and of
+    /// `replicas` replicas.
+    pub aof: bool,
+    /// The wait's timeout.
+    pub timeout: Duration,
+}
+
+/// `[redis.NAME] eviction_check`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum EvictionCheck {
+    /// Start-up fails when the policy can evict evictd's keys.
+    #[default]
+    Refuse,
+    /// Start-up logs a warning and goes on.
+    Warn,
+}
+
+/// The broadcast of one Redis target.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastConfig {
+    pub channel: String,
+    pub max_keys: usize,
+}
+
+/// Validates `[redis.NAME]`; `None` when it has no usable URL.
+pub(crate) fn validate_redis(
+    name: String,
+    target: RawRedis,
+    issues: &mut Issues<'_>,
+    base: &Path,
+) -> Option<RedisTarget> {
+    let field = format!("redis.{name}");
+    if !is_identifier(&name) {
+        issues.push(&field, format!("target name `{name}` must use lowercase letters, digits and `_`"));
+    }
+    let Some(url) = issues.secret(&format!("{field}.url"), target.url, target.url_file.as_deref(), base) else {
+        if !issues.list.iter().any(|i| i.field.starts_with(&field)) {
+            issues.push(&field, "needs `url` (or `url_file`)");
+        }
+        return None;
+    };
+    let cluster = target.cluster.unwrap_or(false);
+    let urls: Vec<SecretString> =
+        url.expose_secret().split(',').map(|u| SecretString::from(u.trim().to_owned())).collect();
+    if urls.len() > 1 && !cluster {
+        issues.push(&format!("{field}.url"), "several URLs are only for a Cluster: set `cluster = true`");
+    }
+    for u in &urls {
+        if let Err(e) = ::redis::Client::open(u.expose_secret()) {
+            let reason = e.to_string().replace(u.expose_secret(), "****");
+            issues.push(&format!("{field}.url"), format!("not a Redis URL ({reason})"));
+        }
+    }
+    let fill_guard_ttl = target.fill_guard.unwrap_or(true).then(|| {
+        Duration::from_millis(positive(issues, &format!("{field}.fill_guard_ttl_ms"), target.fill_guard_ttl_ms, 60_000))
+    });
+    let channel = target.broadcast_channel.unwrap_or_else(|| "evictd:invalidations".to_owned());
+    if channel.is_empty() {
+        issues.push(
+            &format!("{field}.broadcast_channel"),
+            "must not be empty (set `broadcast = false` to turn the broadcast off)",
+        );
+    }
+    let max_keys =
+        positive(issues, &format!("{field}.broadcast_max_keys"), target.broadcast_max_keys.map(|v| v as u64), 10_000)
+            as usize;
+    let broadcast = target.broadcast.unwrap_or(true).then_some(BroadcastConfig { channel, max_keys });
+    let wait_timeout =
+        Duration::from_millis(positive(issues, &format!("{field}.wait_timeout_ms"), target.wait_timeout_ms, 1000));
+    let replicas = target.wait_replicas.unwrap_or(0);
+    let aof = target.wait_aof.unwrap_or(false);
+    let durability = (replicas > 0 || aof).then_some(Durability { replicas, aof, timeout: wait_timeout });
+    let eviction_check = match target.eviction_check.as_deref().unwrap_or("refuse") {
+        "refuse" => EvictionCheck::Refuse,
+        "warn" => EvictionCheck::Warn,
+        other => {
+            issues
+                .push(&format!("{field}.eviction_check"), format!("unknown value `{other}` (expected refuse or warn)"));
+            EvictionCheck::Refuse
+        }
+    };
+    Some(RedisTarget { name, urls, cluster, fill_guard_ttl, broadcast, durability, eviction_check })
+}
