@@ -190,3 +190,6 @@ where
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests;
