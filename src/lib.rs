@@ -17,6 +17,8 @@
 //! - [`sink`]: where effects are applied ([`sink::Sink`]).
 //! - [`checkpoint`]: which position may be acknowledged.
 //! - [`config`], [`cli`]: the operator's surface.
+//! - [`daemon`]: `evictd run`'s wiring and its one supervisor of source
+//!   sessions (Postgres active/standby, Kafka group membership).
 //! - [`metrics`]: every exported metric, recorded through typed methods.
 //! - [`reader`]: for applications: the fill guard, a race-free cache fill.
 //! - [`server`]: `/metrics`, `/healthz` and `/readyz`, and the [`server::Health`]
@@ -27,6 +29,7 @@ pub mod change;
 pub mod checkpoint;
 pub mod cli;
 pub mod config;
+pub mod daemon;
 pub mod dead_letter;
 pub mod diagnostic;
 pub mod graph;

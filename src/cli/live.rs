@@ -25,8 +25,8 @@ use secrecy::ExposeSecret;
 use sqlx::postgres::PgPoolOptions;
 
 use super::CliError;
-use super::run::dead_letter_store;
 use crate::config::{self, Config, PostgresSource};
+use crate::daemon::wiring::dead_letter_store;
 use crate::dead_letter::{DeadLetterError, MIGRATE_COMMAND, MigrationMode};
 use crate::graph::Graph;
 use crate::source::postgres::publication::{self, PublicationReport};

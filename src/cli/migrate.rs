@@ -8,8 +8,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use super::run::dead_letter_store;
 use super::{CliError, prepare, write_stdout};
+use crate::daemon::wiring::dead_letter_store;
 use crate::dead_letter::MigrationMode;
 
 #[derive(Debug, Args)]

@@ -11,7 +11,6 @@ mod live_redis;
 mod migrate;
 mod replay;
 mod run;
-mod slot_history;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -95,6 +94,15 @@ pub enum CliError {
     /// Anything else: exit 1.
     #[error("{0}")]
     Runtime(String),
+}
+
+impl From<crate::daemon::DaemonError> for CliError {
+    fn from(e: crate::daemon::DaemonError) -> Self {
+        match e {
+            crate::daemon::DaemonError::Refused(m) => CliError::Input(m),
+            crate::daemon::DaemonError::Failed(m) => CliError::Runtime(m),
+        }
+    }
 }
 
 impl CliError {

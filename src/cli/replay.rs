@@ -32,12 +32,13 @@ use super::{CliError, prepare, write_stdout};
 use crate::change::Position;
 use crate::change::Value;
 use crate::config::{Config, DEFAULT_MAX_VALUE_BYTES, FullRowDeletes, SnapshotReads, SourceConfig};
+use crate::daemon::wiring;
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore};
 use crate::graph::Graph;
 use crate::graph::Lookup;
 use crate::metrics::Metrics;
 use crate::resolve::{Effect, LookupError, LookupExecutor, LookupOutcome, PgLookupExecutor};
-use crate::run::{Pipeline, SessionEnd};
+use crate::run::SessionEnd;
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
 use crate::source::debezium::{self, DecodeOptions, Decoded, Record, TableKeys};
@@ -286,7 +287,7 @@ async fn replay(args: &ReplayArgs, config: Option<Config>, graph: Graph) -> Resu
     };
     let graph = Arc::new(graph);
     let lookups = match &config {
-        Some(c) => super::run::lookup_executor(c)?,
+        Some(c) => wiring::lookup_executor(c)?,
         None => None,
     };
     let has_lookups = graph.dependencies().iter().any(|d| matches!(d.mapping, crate::graph::Mapping::Lookup(_)));
@@ -303,13 +304,12 @@ async fn replay(args: &ReplayArgs, config: Option<Config>, graph: Graph) -> Resu
         }
         None => None,
     };
-    let options = config.as_ref().map(super::run::run_options).unwrap_or_default();
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(Default::default(), std::iter::empty::<String>()));
     let dead_letters = Arc::new(ReportDeadLetters { tally: tally.clone() });
     let result = if args.dry_run {
         let sink = Arc::new(PrintSink { seen: Mutex::new(BTreeSet::new()) });
-        let pipeline = Pipeline { graph, sink: sink.clone(), lookups, dead_letters, options, metrics, health };
+        let pipeline = wiring::pipeline(config.as_ref(), graph, sink.clone(), lookups, dead_letters, metrics, health);
         let end = pipeline.run_session(&mut source, &done).await;
         let seen = sink.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out = String::new();
@@ -320,10 +320,10 @@ async fn replay(args: &ReplayArgs, config: Option<Config>, graph: Graph) -> Resu
         end
     } else {
         let config = config.as_ref().ok_or_else(|| CliError::Input("--config is required".into()))?;
-        let Some(sink) = super::run::connect_sinks(config, &graph, &metrics, &CancellationToken::new()).await? else {
+        let Some(sink) = wiring::connect_sinks(config, &graph, &metrics, &CancellationToken::new()).await? else {
             return Ok(());
         };
-        let pipeline = Pipeline { graph, sink: Arc::new(sink), lookups, dead_letters, options, metrics, health };
+        let pipeline = wiring::pipeline(Some(config), graph, Arc::new(sink), lookups, dead_letters, metrics, health);
         pipeline.run_session(&mut source, &done).await
     };
     let lines = tally.lines.load(Ordering::Relaxed);

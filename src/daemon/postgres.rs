@@ -1,0 +1,151 @@
+//! The Postgres daemon: the dead-letter table, the Redis targets and the
+//! look-up pool, then the supervisor over replication sessions.
+//!
+//! Membership is the slot's advisory lock (`source::postgres::lock`): the
+//! replica holding it is active, the others wait as standbys; the lock's
+//! session is checked every `standby_retry` and its loss steps the replica
+//! down. Each session starts through `slot_history.rs`, which refuses or
+//! flushes when the slot was lost, and resumes from the slot.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use super::DaemonError;
+use super::slot_history;
+use super::supervisor::{self, Ended, Sessions, StartError};
+use super::wiring::{self, Shared};
+use crate::config::PostgresSource as PostgresConfig;
+use crate::graph::Graph;
+use crate::metrics::Metrics;
+use crate::server::{Health, Role};
+use crate::sink::multi::MultiSink;
+use crate::sink::redis::RedisSink;
+use crate::source::postgres::lock::SlotLock;
+use crate::source::postgres::{PostgresSource, SourceSetupError};
+
+pub(super) async fn run(shared: Shared<'_>, source: &PostgresConfig) -> Result<(), DaemonError> {
+    let Shared { config, graph, metrics, health, shutdown } = shared;
+    let lookups = wiring::lookup_executor(config)?;
+    let Some(dead_letters) = wiring::open_dead_letters(config, &metrics, shutdown).await? else { return Ok(()) };
+    let Some(sink) = wiring::connect_sinks(config, &graph, &metrics, shutdown).await? else { return Ok(()) };
+    wiring::sinks_connected(&sink, &metrics, &health);
+    let sink = Arc::new(sink);
+    let sessions = PostgresSessions {
+        config: source.clone(),
+        graph: graph.clone(),
+        sink: sink.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+    };
+    let pipeline = wiring::pipeline(Some(config), graph, sink, lookups, Arc::new(dead_letters), metrics, health);
+    supervisor::supervise(&sessions, &pipeline, shutdown).await
+}
+
+/// Replication sessions under the slot's lock.
+struct PostgresSessions {
+    config: PostgresConfig,
+    graph: Arc<Graph>,
+    sink: Arc<MultiSink<RedisSink>>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl Sessions for PostgresSessions {
+    type Source = PostgresSource;
+    type Membership = SlotLock;
+
+    const START_CONNECTS: bool = true;
+
+    /// Waits as a standby until this replica holds the slot's lock. The
+    /// run loop's heartbeat keeps beating meanwhile.
+    async fn acquire(&self, shutdown: &CancellationToken) -> Option<SlotLock> {
+        let source = &self.config;
+        let mut announced = false;
+        loop {
+            self.health.heartbeat();
+            match SlotLock::try_acquire(&source.url, &source.slot).await {
+                Ok(Some(lock)) => {
+                    tracing::info!(slot = %source.slot, "holding the slot's lock: active");
+                    self.health.set_role(Role::Active);
+                    self.metrics.set_role(Role::Active);
+                    return Some(lock);
+                }
+                Ok(None) => {
+                    if !announced {
+                        tracing::info!(slot = %source.slot, retry_ms = source.standby_retry.as_millis() as u64, "another replica holds the slot's lock: standby");
+                        announced = true;
+                    }
+                    self.health.set_role(Role::Standby);
+                    self.metrics.set_role(Role::Standby);
+                }
+                // Neither role is known: /readyz reports the source as not
+                // connected, as it does for any other database outage.
+                Err(e) => tracing::warn!(slot = %source.slot, error = %e, "cannot take the slot's lock; retrying"),
+            }
+            tokio::select! {
+                () = tokio::time::sleep(source.standby_retry) => {}
+                () = shutdown.cancelled() => return None,
+            }
+        }
+    }
+
+    fn hold(
+        &self,
+        lock: SlotLock,
+        stepped_down: CancellationToken,
+        done: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        watch_slot_lock(lock, self.config.standby_retry, stepped_down, done)
+    }
+
+    async fn start(&self) -> Result<PostgresSource, StartError> {
+        slot_history::start(&self.config, &self.graph, &self.sink).await.map_err(|e| match e {
+            SourceSetupError::Transient(m) => StartError::Transient(m),
+            SourceSetupError::Definite(message) => StartError::Definite { message, refused: false },
+            SourceSetupError::Publication(message) => StartError::Definite { message, refused: true },
+        })
+    }
+
+    async fn close(&self, source: PostgresSource, ended: Ended) {
+        match ended {
+            Ended::Stopped => source.shutdown().await,
+            // The connection is gone: there is no acknowledgement to wait for.
+            Ended::Lost => drop(source),
+        }
+    }
+
+    fn log_lost(&self, error: &str) {
+        tracing::warn!(error = %error, "lost the source; reconnecting from the slot");
+    }
+
+    fn log_stepped_down(&self) {
+        tracing::warn!(slot = %self.config.slot, "lost the slot's lock; stepped down to standby");
+    }
+}
+
+/// Holds the lock while active: checks its session every `interval` and
+/// cancels `stepped_down` if it is lost; releases it once `done`.
+async fn watch_slot_lock(
+    mut lock: SlotLock,
+    interval: Duration,
+    stepped_down: CancellationToken,
+    done: CancellationToken,
+) {
+    loop {
+        tokio::select! {
+            () = done.cancelled() => break,
+            () = tokio::time::sleep(interval) => {
+                if let Err(e) = lock.check().await {
+                    tracing::error!(error = %e, "lost the slot's lock: stepping down");
+                    stepped_down.cancel();
+                    // Wait for the sessions to stop; the session is gone anyway.
+                    done.cancelled().await;
+                    return;
+                }
+            }
+        }
+    }
+    lock.release().await;
+}

@@ -1,0 +1,195 @@
+//! The one supervisor: membership, then source sessions one after another,
+//! over a [`Sessions`] factory per source.
+//!
+//! ```text
+//! while not shut down:
+//!     acquire membership (standby until then)      Sessions::acquire
+//!     hold it in a task; losing it steps down      Sessions::hold
+//!     while active:
+//!         start a session (retried with backoff)   Sessions::start
+//!         run it (Pipeline::run_session)
+//!         shutdown → close it, stop; lost → close it, back off, start again
+//!     release membership once the sessions stopped
+//! ```
+//!
+//! Postgres membership is the slot's advisory lock (active/standby); Kafka
+//! membership is the consumer group, held by every replica.
+//!
+//! **Invariants:**
+//! - **Membership is released only after the sessions under it have
+//!   stopped**, their final acknowledgement included: a standby never
+//!   streams while the previous active replica may still acknowledge.
+//! - A session's failure that must stop the daemon ([`crate::run::RunError`],
+//!   a definite start error) stops it, with the source closed first; a lost
+//!   source or a transient start error is retried with backoff, resuming
+//!   from what was acknowledged.
+
+use std::future::Future;
+
+use tokio_util::sync::CancellationToken;
+
+use super::DaemonError;
+use super::wiring::{FIRST_BACKOFF, pause};
+use crate::dead_letter::DeadLetterStore;
+use crate::resolve::LookupExecutor;
+use crate::run::{Pipeline, SessionEnd};
+use crate::sink::Sink;
+use crate::source::Source;
+
+/// Why a session could not start.
+#[derive(Debug)]
+pub(super) enum StartError {
+    /// Retried with backoff: the source is down or restarting.
+    Transient(String),
+    /// Stops the daemon (exit 1, or exit 2 if `refused`: the source's setup
+    /// contradicts the config or the graph).
+    Definite { message: String, refused: bool },
+}
+
+/// How a session ended, for [`Sessions::close`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Ended {
+    /// Shutdown, step-down or a failure of the run loop: the source still
+    /// works and is closed cleanly.
+    Stopped,
+    /// The source failed.
+    Lost,
+}
+
+/// One source's sessions and membership: the seam between the supervisor
+/// and a concrete source.
+pub(super) trait Sessions {
+    type Source: Source + Send;
+    /// What keeps this replica a member while it is active.
+    type Membership: Send + 'static;
+
+    /// Whether a successful [`Sessions::start`] proves the source reachable.
+    /// Then the backoff starts over after it, and the pause after losing
+    /// such a session is the first one. A start that only prepares a client
+    /// (a Kafka consumer joins on its first read) proves nothing, and the
+    /// pauses after lost sessions keep growing.
+    const START_CONNECTS: bool;
+
+    /// Waits (as a standby, if there is such a role) until this replica
+    /// may stream; `None` on shutdown.
+    fn acquire(&self, shutdown: &CancellationToken) -> impl Future<Output = Option<Self::Membership>> + Send;
+
+    /// Holds the membership while active: cancels `stepped_down` if it is
+    /// lost, and releases it once `done`.
+    fn hold(
+        &self,
+        membership: Self::Membership,
+        stepped_down: CancellationToken,
+        done: CancellationToken,
+    ) -> impl Future<Output = ()> + Send + 'static;
+
+    /// Starts one session.
+    fn start(&self) -> impl Future<Output = Result<Self::Source, StartError>> + Send;
+
+    /// Closes a session's source.
+    fn close(&self, source: Self::Source, ended: Ended) -> impl Future<Output = ()> + Send;
+
+    /// Logs the loss of a session (the next one resumes from what was
+    /// acknowledged).
+    fn log_lost(&self, error: &str);
+
+    /// Logs a step-down: membership was lost while the daemon still runs.
+    fn log_stepped_down(&self);
+}
+
+/// Runs `sessions` until shutdown, or until a failure stops the daemon.
+pub(super) async fn supervise<F, K, L, D>(
+    sessions: &F,
+    pipeline: &Pipeline<K, L, D>,
+    shutdown: &CancellationToken,
+) -> Result<(), DaemonError>
+where
+    F: Sessions + Sync,
+    K: Sink + Send + Sync + 'static,
+    L: LookupExecutor + Send + Sync + 'static,
+    D: DeadLetterStore + Send + Sync + 'static,
+{
+    while !shutdown.is_cancelled() {
+        let Some(membership) = sessions.acquire(shutdown).await else { break };
+        // Active until shutdown, or until the membership is lost.
+        let stepped_down = shutdown.child_token();
+        let done = CancellationToken::new();
+        let holder = tokio::spawn(sessions.hold(membership, stepped_down.clone(), done.clone()));
+        let result = active(sessions, pipeline, &stepped_down).await;
+        // Released only now: a standby must not start before the final
+        // acknowledgement of this replica went out.
+        done.cancel();
+        let _ = holder.await;
+        result?;
+        if !shutdown.is_cancelled() {
+            sessions.log_stepped_down();
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Sessions one after another while active: a lost source or a transient
+/// start error is retried with backoff. Returns on `stop`.
+async fn active<F, K, L, D>(
+    sessions: &F,
+    pipeline: &Pipeline<K, L, D>,
+    stop: &CancellationToken,
+) -> Result<(), DaemonError>
+where
+    F: Sessions + Sync,
+    K: Sink + Send + Sync + 'static,
+    L: LookupExecutor + Send + Sync + 'static,
+    D: DeadLetterStore + Send + Sync + 'static,
+{
+    let retry_max = pipeline.options.retry_max;
+    let mut backoff = FIRST_BACKOFF;
+    while !stop.is_cancelled() {
+        let started = tokio::select! {
+            s = sessions.start() => s,
+            () = stop.cancelled() => break,
+        };
+        let mut source = match started {
+            Ok(s) => {
+                if F::START_CONNECTS {
+                    backoff = FIRST_BACKOFF;
+                }
+                s
+            }
+            Err(StartError::Transient(m)) => {
+                tracing::warn!(error = %m, retry_in_ms = backoff.as_millis() as u64, "source unavailable; retrying");
+                pipeline.health.heartbeat();
+                match pause(backoff, retry_max, stop).await {
+                    Some(next) => backoff = next,
+                    None => break,
+                }
+                continue;
+            }
+            Err(StartError::Definite { message, refused: true }) => return Err(DaemonError::Refused(message)),
+            Err(StartError::Definite { message, refused: false }) => return Err(DaemonError::Failed(message)),
+        };
+        match pipeline.run_session(&mut source, stop).await {
+            Ok(SessionEnd::Shutdown) => {
+                sessions.close(source, Ended::Stopped).await;
+                break;
+            }
+            Ok(SessionEnd::SourceLost(m)) => {
+                sessions.log_lost(&m);
+                sessions.close(source, Ended::Lost).await;
+                match pause(backoff, retry_max, stop).await {
+                    Some(next) if !F::START_CONNECTS => backoff = next,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+            Err(e) => {
+                sessions.close(source, Ended::Stopped).await;
+                return Err(DaemonError::Failed(e.to_string()));
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,192 @@
+//! The daemon's components from the config: the Redis targets (connected
+//! and checked), the dead-letter store (migrated), the look-up pool, the
+//! run loop's options, and the one place a [`Pipeline`] is assembled —
+//! `run` and `replay` both build theirs here.
+//!
+//! **Invariants:** an unreachable Redis target or dead-letter database is
+//! waited for (with backoff, until shutdown), never skipped; a target whose
+//! start-up check finds errors, or pending migrations under
+//! `migrations = "verify"`, refuse to start ([`DaemonError::Refused`]).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
+
+use super::DaemonError;
+use crate::config::Config;
+use crate::dead_letter::{DeadLetterError, DeadLetters};
+use crate::graph::Graph;
+use crate::metrics::Metrics;
+use crate::resolve::PgLookupExecutor;
+use crate::run::{Pipeline, RunOptions, TransactionLimits};
+use crate::server::Health;
+use crate::sink::multi::MultiSink;
+use crate::sink::redis::RedisSink;
+use crate::sink::{Sink as _, SinkError};
+
+/// What every source's wiring shares: built once by the daemon.
+pub(super) struct Shared<'a> {
+    pub config: &'a Config,
+    pub graph: Arc<Graph>,
+    pub metrics: Arc<Metrics>,
+    pub health: Arc<Health>,
+    pub shutdown: &'a CancellationToken,
+}
+
+/// The first wait between retries of an unreachable service.
+pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Sleeps `backoff` unless `stop` comes first; returns the next backoff.
+pub(super) async fn pause(backoff: Duration, max: Duration, stop: &CancellationToken) -> Option<Duration> {
+    tokio::select! {
+        () = tokio::time::sleep(backoff) => Some((backoff * 2).min(max)),
+        () = stop.cancelled() => None,
+    }
+}
+
+/// Assembles the run loop's pipeline: the options come from `config`
+/// (the defaults without one, as in `replay --dry-run`).
+pub(crate) fn pipeline<K, L, D>(
+    config: Option<&Config>,
+    graph: Arc<Graph>,
+    sink: Arc<K>,
+    lookups: Option<Arc<L>>,
+    dead_letters: Arc<D>,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+) -> Pipeline<K, L, D> {
+    let options = config.map(run_options).unwrap_or_default();
+    Pipeline { graph, sink, lookups, dead_letters, options, metrics, health }
+}
+
+/// Connects every Redis target and runs its start-up check
+/// ([`RedisSink::check_setup`]): warnings are logged, errors refuse to start
+/// (exit 2). `graph` tells whether tag registries must be spared. `None`
+/// when shutdown came first.
+pub(crate) async fn connect_sinks(
+    config: &Config,
+    graph: &Graph,
+    metrics: &Arc<Metrics>,
+    shutdown: &CancellationToken,
+) -> Result<Option<MultiSink<RedisSink>>, DaemonError> {
+    let tags = graph.dependencies().iter().any(|d| matches!(d.mapping, crate::graph::Mapping::Tags(_)));
+    let mut targets = Vec::new();
+    for target in &config.redis {
+        let mut backoff = FIRST_BACKOFF;
+        loop {
+            let connected = match RedisSink::connect(target).await {
+                Ok(sink) => sink.check_setup(target, tags).await.map(|findings| (sink, findings)),
+                Err(e) => Err(e),
+            };
+            match connected {
+                Ok((sink, findings)) => {
+                    for warning in &findings.warnings {
+                        tracing::warn!(target = %target.name, "{warning}");
+                    }
+                    if !findings.errors.is_empty() {
+                        return Err(DaemonError::Refused(findings.errors.join("\n")));
+                    }
+                    sink.observe(metrics.clone());
+                    targets.push(sink);
+                    break;
+                }
+                Err(SinkError::Transient { message, .. }) => {
+                    tracing::warn!(target = %target.name, error = %message, "Redis target unreachable; retrying");
+                    match pause(backoff, config.run.retry_max, shutdown).await {
+                        Some(next) => backoff = next,
+                        None => return Ok(None),
+                    }
+                }
+                Err(e @ SinkError::Definite { .. }) => return Err(DaemonError::Failed(e.to_string())),
+            }
+        }
+    }
+    Ok(Some(MultiSink::new(targets)))
+}
+
+/// Connected targets, as the daemon starts with them: behind bumps counted
+/// in `evictd_versions_behind_total`, and reachable until a batch says
+/// otherwise.
+pub(super) fn sinks_connected(sink: &MultiSink<RedisSink>, metrics: &Metrics, health: &Health) {
+    for target in sink.targets() {
+        target.count_versions_behind(metrics.versions_behind(target.name()));
+    }
+    health.set_all_sinks_reachable();
+}
+
+/// How long one statement against the dead-letter database may take.
+pub(crate) const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The dead-letter store, connected lazily, from `[dead_letter]`.
+pub(crate) fn dead_letter_store(config: &Config) -> Result<DeadLetters, DaemonError> {
+    let Some(url) = &config.dead_letter.url else {
+        return Err(DaemonError::Refused(format!(
+            "{}: dead_letter.url: no database for dead letters: set `dead_letter.url` or use a Postgres source",
+            config.file.display()
+        )));
+    };
+    DeadLetters::connect_lazy(url, &config.dead_letter.schema, DEAD_LETTER_TIMEOUT)
+        .map_err(|e| DaemonError::Refused(e.to_string()))
+}
+
+/// Connects the dead-letter store and applies (or verifies) evictd's
+/// migrations before anything is consumed: an unreachable database is
+/// waited for; pending migrations under `migrations = "verify"` exit 2.
+/// `None` when shutdown came first.
+pub(super) async fn open_dead_letters(
+    config: &Config,
+    metrics: &Metrics,
+    shutdown: &CancellationToken,
+) -> Result<Option<DeadLetters>, DaemonError> {
+    let store = dead_letter_store(config)?;
+    metrics.dead_letter_store();
+    let mut backoff = FIRST_BACKOFF;
+    loop {
+        match store.migrate(config.dead_letter.migrations).await {
+            Ok(report) => {
+                for name in &report.applied {
+                    tracing::info!(schema = store.schema(), migration = %name, "applied a migration");
+                }
+                return Ok(Some(store));
+            }
+            Err(e @ DeadLetterError::Pending { .. }) => return Err(DaemonError::Refused(e.to_string())),
+            Err(e) if e.is_transient() => {
+                tracing::warn!(error = %e, "dead-letter database unavailable; retrying");
+                match pause(backoff, config.run.retry_max, shutdown).await {
+                    Some(next) => backoff = next,
+                    None => return Ok(None),
+                }
+            }
+            Err(e) => return Err(DaemonError::Failed(e.to_string())),
+        }
+    }
+}
+
+/// The look-up executor over `[lookup]`'s database, if there is one.
+pub(crate) fn lookup_executor(config: &Config) -> Result<Option<Arc<PgLookupExecutor>>, DaemonError> {
+    let Some(url) = &config.lookup.url else { return Ok(None) };
+    let options = PgLookupExecutor::connect_options(url.expose_secret())
+        .map_err(|_| DaemonError::Refused("lookup.url: not a Postgres URL".into()))?;
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(config.lookup.max_connections)
+        .acquire_timeout(config.lookup.timeout)
+        .connect_lazy_with(options);
+    Ok(Some(Arc::new(PgLookupExecutor::new(pool, config.lookup.timeout, config.lookup.batch_size))))
+}
+
+/// The run loop's options from the config.
+pub(crate) fn run_options(config: &Config) -> RunOptions {
+    RunOptions {
+        batch: config.batch,
+        transaction: TransactionLimits {
+            max_effects: config.run.max_transaction_effects,
+            max_bytes: config.run.max_transaction_bytes,
+        },
+        retry_min: Duration::from_millis(50),
+        retry_max: config.run.retry_max,
+        on_error: config.dead_letter.on_error,
+        lookup_attempts: config.dead_letter.lookup_attempts,
+    }
+}
