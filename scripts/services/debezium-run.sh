@@ -48,8 +48,9 @@ export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-55432}" PGDATABASE="${PGD
 export KAFKA_BOOTSTRAP="${KAFKA_BOOTSTRAP-127.0.0.1:19092}"
 export DBZ_STATE_DIR="${DBZ_STATE_DIR:-/tmp/evictd-debezium}"
 
-log() { echo "debezium-run: $*" >&2; }
-die() { log "$*"; exit 1; }
+LOG_PREFIX=debezium-run; LOG_ERROR=""
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
 # Java 17 and the venv, installed if missing; prints the venv's python last.
 py="$(bash "$HERE/debezium-install.sh" | tail -n 1)"
@@ -60,8 +61,8 @@ cmd=("$py" "$HERE/debezium_to_kafka.py")
 if [ "${DBZ_BACKGROUND:-0}" != 1 ]; then exec "${cmd[@]}"; fi
 
 pidfile="$DBZ_STATE_DIR/runner.pid"
-if [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-  log "already running (pid $(cat "$pidfile"))"; cat "$pidfile"; exit 0
+if pid="$(live_pid "$pidfile")"; then
+  note "already running (pid $pid)"; cat "$pidfile"; exit 0
 fi
 dlog="$DBZ_STATE_DIR/debezium.log"
 streaming_count() { local n; n=$(grep -c 'Processing messages' "$dlog" 2>/dev/null) || true; echo "${n:-0}"; }
@@ -70,9 +71,9 @@ setsid "${cmd[@]}" </dev/null >>"$DBZ_STATE_DIR/runner.out" 2>&1 &
 pid=$!
 # Ready = the streaming source logged "Processing messages" (after any snapshot).
 for _ in $(seq 1 600); do
-  kill -0 "$pid" 2>/dev/null || { log "runner exited; see $DBZ_STATE_DIR/runner.out"; tail -n 20 "$DBZ_STATE_DIR/runner.out" >&2; exit 1; }
+  kill -0 "$pid" 2>/dev/null || { note "runner exited; see $DBZ_STATE_DIR/runner.out"; tail -n 20 "$DBZ_STATE_DIR/runner.out" >&2; exit 1; }
   if [ "$(streaming_count)" -gt "$before" ]; then
-    log "streaming $PGHOST:$PGPORT/$PGDATABASE -> ${KAFKA_BOOTSTRAP:-(capture only)} (pid $pid, log $dlog)"
+    note "streaming $PGHOST:$PGPORT/$PGDATABASE -> ${KAFKA_BOOTSTRAP:-(capture only)} (pid $pid, log $dlog)"
     echo "$pid"; exit 0
   fi
   sleep 0.2

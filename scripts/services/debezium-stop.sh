@@ -8,6 +8,9 @@
 #                  slot keeps retaining WAL in Postgres. PGHOST/PGPORT/
 #                  PGDATABASE/PGUSER as for debezium-run.sh.
 set -euo pipefail
+LOG_PREFIX=debezium-stop; LOG_ERROR=""
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 DBZ_STATE_DIR="${DBZ_STATE_DIR:-/tmp/evictd-debezium}"
 DBZ_SLOT="${DBZ_SLOT:-debezium_evictd}"
 pidfile="$DBZ_STATE_DIR/runner.pid"
@@ -20,18 +23,16 @@ runner_alive() {
 }
 if [ -s "$pidfile" ] && ! runner_alive "$(cat "$pidfile")"; then
   if kill -0 "$(cat "$pidfile")" 2>/dev/null; then
-    echo "debezium-stop: stale pid file (pid $(cat "$pidfile") is not a Debezium runner), removing it" >&2
+    note "stale pid file (pid $(cat "$pidfile") is not a Debezium runner), removing it"
   fi
   rm -f "$pidfile"
 fi
 if [ -s "$pidfile" ]; then
-  pid="$(cat "$pidfile")"; kill -TERM "$pid"
   # The engine commits its offsets on a clean stop; the JVM takes a few seconds.
-  for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-  if kill -0 "$pid" 2>/dev/null; then echo "debezium-stop: still alive after 30 s, SIGKILL" >&2; kill -KILL "$pid"; fi
+  stop_pid "$(cat "$pidfile")" 300 0.1 "still alive after 30 s, SIGKILL"
   rm -f "$pidfile"
 else
-  echo "debezium-stop: not running ($DBZ_STATE_DIR)" >&2
+  note "not running ($DBZ_STATE_DIR)"
 fi
 if [ "${DBZ_RESET:-0}" = 1 ]; then
   url="postgres://${PGUSER:-postgres}@${PGHOST:-127.0.0.1}:${PGPORT:-55432}/${PGDATABASE:-evictd}"
@@ -42,6 +43,6 @@ if [ "${DBZ_RESET:-0}" = 1 ]; then
     psql -X -qtA "$url" -c "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = '$DBZ_SLOT' AND NOT active" >/dev/null 2>&1 || true
     sleep 0.2
   done
-  [ "$(slots)" = 0 ] || echo "debezium-stop: could not drop slot $DBZ_SLOT (still active, or Postgres unreachable)" >&2
+  [ "$(slots)" = 0 ] || note "could not drop slot $DBZ_SLOT (still active, or Postgres unreachable)"
   rm -rf -- "$DBZ_STATE_DIR"
 fi

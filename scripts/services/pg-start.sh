@@ -46,18 +46,17 @@ PGHOST=127.0.0.1
 RUNDIR="$(dirname "$PGDATA")"      # socket, log and initdb output live next to the data dir
 LOG="$RUNDIR/postgres.log"
 
-log() { echo "pg-start: $*" >&2; }
-die() { log "$*"; exit 1; }
+LOG_PREFIX=pg-start; LOG_ERROR=""
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
 case "$PGPORT" in ''|*[!0-9]*) die "PGPORT must be a number, got '$PGPORT'";; esac
 [[ "$PG_WAL_SENDER_TIMEOUT" =~ ^[0-9]+(us|ms|s|min|h|d)?$ ]] \
   || die "PG_WAL_SENDER_TIMEOUT must look like 60s, 5000ms or 0, got '$PG_WAL_SENDER_TIMEOUT'"
 
 if [ ! -x "$PGBIN/postgres" ] || ! command -v psql >/dev/null; then
-  [ "$(id -u)" -eq 0 ] || die "PostgreSQL 15 is missing; as root run: apt-get install postgresql-15 postgresql-client-15"
-  log "installing postgresql-15 from Debian"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql-15 postgresql-client-15 >&2
+  apt_as_root "PostgreSQL 15 is missing; as root run: apt-get install postgresql-15 postgresql-client-15" \
+    "installing postgresql-15 from Debian" postgresql-15 postgresql-client-15
 fi
 
 mkdir -p "$RUNDIR"
@@ -92,7 +91,7 @@ CONF
 }
 
 if [ ! -s "$PGDATA/PG_VERSION" ]; then
-  log "initdb $PGDATA"
+  note "initdb $PGDATA"
   as_pg "$PGBIN/initdb" -D "$PGDATA" -U postgres --auth=trust \
       --encoding=UTF8 --locale=C.UTF-8 --no-instructions >"$RUNDIR/initdb.log" 2>&1 \
     || { cat "$RUNDIR/initdb.log" >&2; exit 1; }
@@ -108,7 +107,7 @@ HBA
 elif [ ! -f "$PGDATA/evictd.conf" ]; then
   die "$PGDATA holds a cluster this script did not create; refusing to touch it (set PGDATA/PGPORT elsewhere)"
 elif [ "$(conf)" != "$(cat "$PGDATA/evictd.conf")" ]; then
-  log "settings changed, rewriting $PGDATA/evictd.conf"
+  note "settings changed, rewriting $PGDATA/evictd.conf"
   # These only take effect at server start; the others on a reload.
   restart_only='^(listen_addresses|port|unix_socket_directories|wal_level|max_replication_slots|max_wal_senders|max_connections) '
   if [ "$(conf | grep -E "$restart_only")" != "$(grep -E "$restart_only" "$PGDATA/evictd.conf")" ]; then
@@ -126,17 +125,17 @@ PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h "$PGHOST" -p "$PGPORT" -U postgres)
 if as_pg "$PGBIN/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then
   case "$changed" in
     reload)
-      log "already running ($PGDATA), reloading its settings"
+      note "already running ($PGDATA), reloading its settings"
       as_pg "$PGBIN/pg_ctl" -D "$PGDATA" reload >/dev/null ;;
     restart)
-      log "already running ($PGDATA), restarting it for the new settings (log $LOG)"
+      note "already running ($PGDATA), restarting it for the new settings (log $LOG)"
       as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$LOG" -m fast -w -t 60 restart >&2 \
         || { tail -n 30 "$LOG" >&2; exit 1; } ;;
     *)
-      log "already running ($PGDATA)" ;;
+      note "already running ($PGDATA)" ;;
   esac
 else
-  log "starting on $PGHOST:$PGPORT (log $LOG)"
+  note "starting on $PGHOST:$PGPORT (log $LOG)"
   as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -l "$LOG" -w -t 60 start >&2 \
     || { tail -n 30 "$LOG" >&2; exit 1; }
 fi

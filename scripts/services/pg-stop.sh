@@ -2,6 +2,9 @@
 # Stop the cluster started by pg-start.sh (same PGPORT/PGDATA/PGBIN defaults).
 #   PG_WIPE=1  also delete the data directory and its run directory (socket, logs)
 set -euo pipefail
+LOG_PREFIX=pg-stop; LOG_ERROR=""
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 PGPORT="${PGPORT:-55432}"
 PGDATA="${PGDATA:-/tmp/evictd-pg-$PGPORT/data}"
 PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
@@ -18,7 +21,7 @@ if [ -s "$PGDATA/PG_VERSION" ] && [ -x "$PGBIN/pg_ctl" ] \
   # fast = roll back open transactions and disconnect clients (walsenders too).
   as_pg "$PGBIN/pg_ctl" -D "$PGDATA" -m fast -w -t 60 stop >&2
 else
-  echo "pg-stop: not running ($PGDATA)" >&2
+  note "not running ($PGDATA)"
 fi
 if [ "${PG_WIPE:-0}" = 1 ]; then
   rm -rf -- "$PGDATA"

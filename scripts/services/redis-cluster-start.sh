@@ -22,31 +22,27 @@
 #   apart: this waits for every node, not only the one that was asked.
 set -euo pipefail
 read -r -a PORTS <<<"${REDIS_CLUSTER_PORTS:-7101 7102 7103}"
-[ "${#PORTS[@]}" -ge 3 ] || { echo "redis-cluster-start: need at least 3 ports (3 masters)" >&2; exit 1; }
+LOG_PREFIX=redis-cluster-start; LOG_ERROR=""
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
+[ "${#PORTS[@]}" -ge 3 ] || die "need at least 3 ports (3 masters)"
 DIR="${REDIS_CLUSTER_DIR:-/tmp/evictd-redis-cluster-${PORTS[0]}}"
-
-log() { echo "redis-cluster-start: $*" >&2; }
-die() { log "$*"; exit 1; }
 
 for p in "${PORTS[@]}"; do
   case "$p" in *[!0-9]*) die "REDIS_CLUSTER_PORTS must be numbers, got '$p'";; esac
 done
 
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-  [ "$(id -u)" -eq 0 ] || die "Redis is missing; as root run: apt-get install redis-server redis-tools"
-  log "installing redis-server from Debian"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >&2
+  apt_as_root "Redis is missing; as root run: apt-get install redis-server redis-tools" \
+    "installing redis-server from Debian" redis-server redis-tools
 fi
 
-ping() { [ "$(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" = PONG ]; }
 state() { redis-cli -h 127.0.0.1 -p "$1" cluster info 2>/dev/null | tr -d '\r' | sed -n "s/^$2://p"; }
 
 for p in "${PORTS[@]}"; do
   mkdir -p "$DIR/$p"
-  if ping "$p"; then
-    { [ -s "$DIR/$p/redis.pid" ] && kill -0 "$(cat "$DIR/$p/redis.pid")" 2>/dev/null; } \
-      || die "port $p is served by a Redis this script did not start"
+  if redis_ping "$p"; then
+    live_pid "$DIR/$p/redis.pid" >/dev/null || die "port $p is served by a Redis this script did not start"
     continue
   fi
   redis-server --bind 127.0.0.1 --port "$p" --protected-mode yes \
@@ -56,13 +52,13 @@ for p in "${PORTS[@]}"; do
     --dir "$DIR/$p" --save '' --appendonly no
 done
 for p in "${PORTS[@]}"; do
-  for _ in $(seq 1 100); do ping "$p" && break; sleep 0.05; done
-  ping "$p" || { log "node $p did not come up"; tail -n 20 "$DIR/$p/redis.log" >&2; exit 1; }
+  for _ in $(seq 1 100); do redis_ping "$p" && break; sleep 0.05; done
+  redis_ping "$p" || { note "node $p did not come up"; tail -n 20 "$DIR/$p/redis.log" >&2; exit 1; }
 done
 
 if [ "$(state "${PORTS[0]}" cluster_state)" != ok ] && [ "$(state "${PORTS[0]}" cluster_known_nodes)" = 1 ]; then
   seeds=(); for p in "${PORTS[@]}"; do seeds+=("127.0.0.1:$p"); done
-  log "creating cluster ${seeds[*]}"
+  note "creating cluster ${seeds[*]}"
   redis-cli --cluster create "${seeds[@]}" --cluster-replicas 0 --cluster-yes >"$DIR/create.log" 2>&1 \
     || { cat "$DIR/create.log" >&2; exit 1; }
 fi

@@ -17,31 +17,29 @@ set -euo pipefail
 REDIS_PORT="${REDIS_PORT:-6479}"
 REDIS_DIR="${REDIS_DIR:-/tmp/evictd-redis-$REDIS_PORT}"
 
-log() { echo "redis-start: $*" >&2; }
-die() { log "$*"; exit 1; }
+LOG_PREFIX=redis-start; LOG_ERROR=""
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
 case "$REDIS_PORT" in ''|*[!0-9]*) die "REDIS_PORT must be a number, got '$REDIS_PORT'";; esac
 
 if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-  [ "$(id -u)" -eq 0 ] || die "Redis is missing; as root run: apt-get install redis-server redis-tools"
-  log "installing redis-server from Debian"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >&2
+  apt_as_root "Redis is missing; as root run: apt-get install redis-server redis-tools" \
+    "installing redis-server from Debian" redis-server redis-tools
 fi
 
-ping() { [ "$(redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null)" = PONG ]; }
-ours() { [ -s "$REDIS_DIR/redis.pid" ] && kill -0 "$(cat "$REDIS_DIR/redis.pid")" 2>/dev/null; }
+ping() { redis_ping "$REDIS_PORT"; }
 
 mkdir -p "$REDIS_DIR"
 if ping; then
-  ours || die "port $REDIS_PORT is served by a Redis this script did not start"
-  log "already running on 127.0.0.1:$REDIS_PORT"
+  live_pid "$REDIS_DIR/redis.pid" >/dev/null || die "port $REDIS_PORT is served by a Redis this script did not start"
+  note "already running on 127.0.0.1:$REDIS_PORT"
 else
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --protected-mode yes \
     --daemonize yes --pidfile "$REDIS_DIR/redis.pid" --logfile "$REDIS_DIR/redis.log" \
     --dir "$REDIS_DIR" --save '' --appendonly no
   for _ in $(seq 1 100); do ping && break; sleep 0.05; done
-  ping || { log "did not come up"; tail -n 20 "$REDIS_DIR/redis.log" >&2; exit 1; }
-  log "started on 127.0.0.1:$REDIS_PORT (log $REDIS_DIR/redis.log)"
+  ping || { note "did not come up"; tail -n 20 "$REDIS_DIR/redis.log" >&2; exit 1; }
+  note "started on 127.0.0.1:$REDIS_PORT (log $REDIS_DIR/redis.log)"
 fi
 echo "redis://127.0.0.1:$REDIS_PORT"
