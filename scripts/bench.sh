@@ -74,8 +74,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-note() { echo "bench: $*" >&2; }
-die() { echo "bench: error: $*" >&2; exit 1; }
+LOG_PREFIX=bench
+# shellcheck source=scripts/lib/common.sh
+. "$ROOT/scripts/lib/common.sh"
 
 SECTIONS="${BENCH_SECTIONS:-drain sink latency writes restart}"
 KAFKA_CHANGES="${BENCH_KAFKA_CHANGES:-100000}"

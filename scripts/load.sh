@@ -13,8 +13,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-note() { echo "load: $*" >&2; }
-die() { echo "load: error: $*" >&2; exit 1; }
+LOG_PREFIX=load
+# shellcheck source=scripts/lib/common.sh
+. "$ROOT/scripts/lib/common.sh"
 RATES=("$@"); [ "${#RATES[@]}" -gt 0 ] || RATES=(1000 5000 0)
 [ "${RATES[0]}" = none ] && RATES=()
 SECONDS_PER_RATE="${LOAD_SECONDS:-10}"
@@ -33,6 +34,7 @@ trap cleanup EXIT
 
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
+# shellcheck disable=SC2119  # no extra packages
 ensure_packages
 note "building (release)"
 cargo build --release --locked --quiet --bin evictd --bin evictd-load

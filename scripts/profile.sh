@@ -28,8 +28,9 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-note() { echo "profile: $*" >&2; }
-die() { echo "profile: error: $*" >&2; exit 1; }
+LOG_PREFIX=profile
+# shellcheck source=scripts/lib/common.sh
+. "$ROOT/scripts/lib/common.sh"
 
 BACKLOG="${PROFILE_BACKLOG:-200000}"
 CG_BACKLOG="${PROFILE_CALLGRIND_BACKLOG:-20000}"

@@ -20,8 +20,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
-note() { echo "quickstart: $*" >&2; }
-die() { echo "quickstart: error: $*" >&2; exit 1; }
+LOG_PREFIX=quickstart
+# shellcheck source=scripts/lib/common.sh
+. "$ROOT/scripts/lib/common.sh"
 step() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 
 PGPORT="${PGPORT:-55432}"

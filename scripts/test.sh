@@ -53,11 +53,10 @@ cd "$ROOT"
 
 DRY_RUN="${EVICTD_TEST_DRY_RUN:-0}"
 KEEP_SERVICES="${EVICTD_KEEP_SERVICES:-0}"
-T0=$SECONDS
 
-section() { printf '\n==> %s  [+%ss]\n' "$*" "$((SECONDS - T0))" >&2; }
-note() { echo "test.sh: $*" >&2; }
-die() { echo "test.sh: error: $*" >&2; exit 1; }
+LOG_PREFIX=test.sh
+# shellcheck source=scripts/lib/common.sh
+. "$ROOT/scripts/lib/common.sh"
 
 # Run a toolchain command, or only show it in dry-run mode.
 run() {
@@ -170,7 +169,6 @@ fi
 # --- services ------------------------------------------------------------------
 # Something already listening on the port means the server was up before this
 # run (ours from an earlier run, or someone else's): use it, never stop it.
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
 
 # start_service VAR START_SCRIPT STOP_SCRIPT PORT...
 start_service() {

@@ -30,7 +30,10 @@
 #                            removes WORK
 #
 # Needs ROOT, WORK, PGPORT, REDIS_PORT, ROWS, WRITERS, LOCK, STOP=(),
-# PIDS=() and `note`, `die` from the caller; kafka_stack also KAFKA_PORT.
+# PIDS=() and LOG_PREFIX from the caller; kafka_stack also KAFKA_PORT.
+
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # note, die, port_open, ...
 
 DB=evictd_bench; PUB=evictd_bench; FIRST_ID=1000000
 METRICS_PORT=$((PGPORT + 1000))

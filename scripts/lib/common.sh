@@ -19,7 +19,7 @@
 #                          false if the file is missing, empty or names no live process
 #   wait_gone PID TRIES STEP   polls `kill -0` up to TRIES times, STEP seconds
 #                          apart; false if PID is still alive after that
-#   stop_pid PID TRIES STEP KILL_NOTE   SIGTERM, wait_gone, and if PID is
+#   terminate_pid PID TRIES STEP KILL_NOTE   SIGTERM, wait_gone, and if PID is
 #                          still alive, note KILL_NOTE and SIGKILL it
 #   apt_as_root MISSING_MSG INSTALL_NOTE PACKAGE...   for a service script
 #                          whose server is missing: dies with MISSING_MSG
@@ -29,8 +29,12 @@
 #
 # None of these call a procps tool (scripts must work without procps).
 
-# Sourcing twice (a lib file and its caller) keeps the first start time.
-SECTION_T0="${SECTION_T0:-$SECONDS}"
+# Sourced once per shell: a lib file sources it again after its caller did,
+# and must neither reset the start time nor redefine what the caller chose
+# to override.
+[ -z "${EVICTD_COMMON_SH:-}" ] || return 0
+EVICTD_COMMON_SH=1
+SECTION_T0=$SECONDS
 
 note() { echo "$LOG_PREFIX: $*" >&2; }
 die() { echo "$LOG_PREFIX: ${LOG_ERROR-error: }$*" >&2; exit 1; }
@@ -52,7 +56,7 @@ wait_gone() {
   ! kill -0 "$1" 2>/dev/null
 }
 
-stop_pid() {
+terminate_pid() {
   kill -TERM "$1"
   wait_gone "$1" "$2" "$3" && return 0
   note "$4"

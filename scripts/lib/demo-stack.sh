@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/quickstart.sh and scripts/load.sh: Postgres and Redis
 # on 127.0.0.1, a fresh database with the e-commerce example, and an evictd
 # config for it.
@@ -11,9 +12,10 @@
 #                                 dependency-graphs/ecommerce.toml
 #   drop_slot SLOT                (also what cleanups call)
 #
-# Needs ROOT, PGPORT, REDIS_PORT, STOP=() and `note` from the caller.
+# Needs ROOT, PGPORT, REDIS_PORT, STOP=() and LOG_PREFIX from the caller.
 
-port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # note, die, port_open, ...
 
 start_stack() {
   port_open "$PGPORT" || STOP+=(pg-stop.sh)

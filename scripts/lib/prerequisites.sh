@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by scripts/test.sh, scripts/quickstart.sh, scripts/load.sh,
 # scripts/bench.sh and scripts/profile.sh: installs, with one `apt-get
 # update` and only when something is missing, the Debian packages a build of
@@ -11,7 +12,10 @@
 # redis-benchmark:redis-tools; scripts/profile.sh: perf:linux-perf
 # valgrind:valgrind.
 #
-# Needs `note` and `die` from the caller. Finds cargo in ~/.cargo/bin.
+# Needs LOG_PREFIX from the caller. Finds cargo in ~/.cargo/bin.
+
+# shellcheck source=scripts/lib/common.sh
+. "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # note, die, port_open, ...
 
 ensure_packages() {
   if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then

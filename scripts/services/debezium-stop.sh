@@ -29,7 +29,7 @@ if [ -s "$pidfile" ] && ! runner_alive "$(cat "$pidfile")"; then
 fi
 if [ -s "$pidfile" ]; then
   # The engine commits its offsets on a clean stop; the JVM takes a few seconds.
-  stop_pid "$(cat "$pidfile")" 300 0.1 "still alive after 30 s, SIGKILL"
+  terminate_pid "$(cat "$pidfile")" 300 0.1 "still alive after 30 s, SIGKILL"
   rm -f "$pidfile"
 else
   note "not running ($DBZ_STATE_DIR)"

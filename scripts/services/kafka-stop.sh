@@ -11,7 +11,7 @@ KAFKA_DIR="${KAFKA_DIR:-/tmp/evictd-kafka-$KAFKA_PORT}"
 pidfile="$KAFKA_DIR/broker.pid"
 if pid="$(live_pid "$pidfile")"; then
   # A process on a small VM can take 1-2 s to disappear.
-  stop_pid "$pid" 200 0.05 "still alive after 10 s, SIGKILL"
+  terminate_pid "$pid" 200 0.05 "still alive after 10 s, SIGKILL"
   rm -f "$pidfile"
 else
   note "not running ($KAFKA_DIR)"

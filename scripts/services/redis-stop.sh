@@ -12,7 +12,7 @@ REDIS_PORT="${REDIS_PORT:-6479}"
 REDIS_DIR="${REDIS_DIR:-/tmp/evictd-redis-$REDIS_PORT}"
 pidfile="$REDIS_DIR/redis.pid"
 if pid="$(live_pid "$pidfile")"; then
-  stop_pid "$pid" 200 0.05 "$pid still alive after 10 s, sending SIGKILL"
+  terminate_pid "$pid" 200 0.05 "$pid still alive after 10 s, sending SIGKILL"
 else
   note "not running (no live pid in $pidfile)"
 fi
