@@ -50,6 +50,9 @@ stack_cleanup() {
   [ -n "${url:-}" ] && psql -X -q "$url" -c \
     "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name LIKE 'evictd_bench%' AND NOT active" \
     >/dev/null 2>&1
+  # Their source records too, for a Redis that outlives this run.
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" --scan --pattern 'evictd:source:evictd_bench*' 2>/dev/null \
+    | xargs -r redis-cli -h 127.0.0.1 -p "$REDIS_PORT" DEL >/dev/null 2>&1
   # The stop scripts default to the test ports and state: name this run's.
   # Last started, first stopped: Debezium needs Postgres to drop its slot.
   for ((i = ${#STOP[@]} - 1; i >= 0; i--)); do
@@ -121,6 +124,8 @@ drop_slot_now() {
     sleep 0.05
   done
   q "SELECT count(pg_drop_replication_slot(slot_name)) FROM pg_replication_slots WHERE slot_name = '$1'" >/dev/null
+  # And its source record: a slot dropped on purpose is not a lost one.
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" DEL "evictd:source:$1" >/dev/null
 }
 metric_sum() {     # PORT NAME [LABELS]: the sum of a metric's series (0 while evictd does not answer)
   # curl and awk, not python: first_change_ms polls this every 10 ms.

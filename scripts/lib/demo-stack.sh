@@ -10,7 +10,8 @@
 #   write_config FILE SLOT LISTEN LOG_LEVEL
 #                                 an evictd.toml for `url`, `redis_url` and
 #                                 dependency-graphs/ecommerce.toml
-#   drop_slot SLOT                (also what cleanups call)
+#   drop_slot SLOT                and its source record in Redis (also what
+#                                 cleanups call)
 #
 # Needs ROOT, PGPORT, REDIS_PORT, STOP=() and LOG_PREFIX from the caller.
 
@@ -24,9 +25,12 @@ start_stack() {
   redis_url="$(REDIS_PORT="$REDIS_PORT" bash "$ROOT/scripts/services/redis-start.sh" | tail -n 1)"
 }
 
+# The demo's slot goes with its database: its source record in Redis too,
+# or the next start would (rightly) refuse a lost slot it streamed from.
 drop_slot() {
   psql -X -q "$admin_url" \
     -c "SELECT pg_drop_replication_slot('$1') FROM pg_replication_slots WHERE slot_name = '$1'" >/dev/null
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" DEL "evictd:source:$1" >/dev/null
 }
 
 fresh_database() {
