@@ -20,14 +20,13 @@
 //! stale — and the others' keys are applied. Nothing here writes or acknowledges: the caller records the
 //! dead letters (or stops) before the batch is confirmed.
 
-use std::time::Duration;
-
 use tokio_util::sync::CancellationToken;
 
+use super::RunError;
 use super::transaction::LookupOrigin;
-use super::{RunError, wait};
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::resolve::{LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};
+use crate::retry::{Backoff, Stopped};
 
 /// What kind of failure a look-up error is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,8 +84,8 @@ enum Settled {
 
 /// How to retry look-ups.
 pub(super) struct Retries<'a> {
-    pub min: Duration,
-    pub max: Duration,
+    /// A fresh copy of it for every set of look-ups retried.
+    pub backoff: Backoff,
     pub max_attempts: u32,
     pub shutdown: &'a CancellationToken,
 }
@@ -140,7 +139,7 @@ async fn settle<E: LookupExecutor>(
     retries: &Retries<'_>,
 ) -> Result<Settled, RunError> {
     let mut counted = 0u32;
-    let mut backoff = retries.min;
+    let mut backoff = retries.backoff.fresh();
     loop {
         let mut request = Resolution::default();
         request.lookups = requests.to_vec();
@@ -158,10 +157,10 @@ async fn settle<E: LookupExecutor>(
                     error = %error,
                     kind = ?failure,
                     attempt = counted,
-                    retry_in_ms = backoff.as_millis() as u64,
+                    retry_in_ms = backoff.current().as_millis() as u64,
                     "look-up failed; retrying"
                 );
-                backoff = wait(backoff, retries.max, retries.shutdown).await?;
+                backoff.wait(retries.shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
             }
             NextStep::GiveUp(reason) => {
                 return Ok(Settled::GaveUp { reason, error: error.to_string(), attempts: counted.max(1) });

@@ -41,6 +41,7 @@ use crate::dead_letter::{DeadLetter, DeadLetterStore, OnError};
 use crate::graph::Graph;
 use crate::metrics::{Invalidation, Metrics, PositionLadder};
 use crate::resolve::{Effect, LookupExecutor, LookupRequest, Resolution, Resolver};
+use crate::retry::{Backoff, Jitter, Stopped};
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
 use crate::source::{Source, SourceError, SourceEvent};
@@ -340,12 +341,8 @@ where
                 .as_ref()
                 .ok_or_else(|| RunError::Lookup("the graph has look-ups but no database is configured".into()))?;
             let resolver = Resolver::new(&self.graph);
-            let retries = lookups::Retries {
-                min: self.options.retry_min,
-                max: self.options.retry_max,
-                max_attempts: self.options.lookup_attempts,
-                shutdown,
-            };
+            let retries =
+                lookups::Retries { backoff: self.backoff(), max_attempts: self.options.lookup_attempts, shutdown };
             let (found, unresolved) =
                 lookups::resolve_batch(&resolver, executor.as_ref(), &lookups, &origins, &retries).await?;
             // Dead letters are committed (or the daemon stops) before the
@@ -360,7 +357,7 @@ where
             }
         }
         let version = batch.last_position().map_or(0, Position::version);
-        let mut backoff = self.options.retry_min;
+        let mut backoff = self.backoff();
         if !effects.is_empty() {
             loop {
                 let sink_batch = SinkBatch {
@@ -381,8 +378,8 @@ where
                         };
                         self.metrics.sink_retry(&target);
                         self.health.set_sink_reachable(&target, false);
-                        tracing::warn!(%target, error = %message, retry_in_ms = backoff.as_millis() as u64, "sink unavailable; retrying (the source is paused)");
-                        backoff = wait(backoff, self.options.retry_max, shutdown).await?;
+                        tracing::warn!(%target, error = %message, retry_in_ms = backoff.current().as_millis() as u64, "sink unavailable; retrying (the source is paused)");
+                        backoff.wait(shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
                     }
                     Err(e @ SinkError::Definite { .. }) => {
                         self.metrics.sink_error(&e);
@@ -393,6 +390,12 @@ where
         }
         self.record(&effects, started, commit_time_micros);
         Ok(Applied { batch: batch.id(), effects: effects.len() })
+    }
+
+    /// The run loop's retries: `retry_min` doubling to `retry_max`, with
+    /// jitter. Shutdown during a wait abandons the batch.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.options.retry_min, self.options.retry_max, Jitter::UpToAQuarter)
     }
 
     /// Changes that cannot be resolved: recorded as dead letters, each
@@ -418,14 +421,14 @@ where
             });
         }
         for letter in unresolved {
-            let mut backoff = self.options.retry_min;
+            let mut backoff = self.backoff();
             loop {
                 match self.dead_letters.record(letter).await {
                     Ok(()) => break,
                     Err(e) if e.is_transient() => {
                         self.metrics.dead_letter_write_error(e.kind());
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot write a dead letter; retrying (the source is paused)");
-                        backoff = wait(backoff, self.options.retry_max, shutdown).await?;
+                        tracing::warn!(error = %e, retry_in_ms = backoff.current().as_millis() as u64, "cannot write a dead letter; retrying (the source is paused)");
+                        backoff.wait(shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
                     }
                     Err(e) => {
                         self.metrics.dead_letter_write_error(e.kind());
@@ -500,16 +503,6 @@ where
             self.metrics.commit_to_applied(Duration::from_micros(now.saturating_sub(committed).max(0) as u64));
         }
         self.health.set_all_sinks_reachable();
-    }
-}
-
-/// Sleeps `current` (or until shutdown, which abandons the batch) and
-/// returns the next, doubled backoff.
-async fn wait(current: Duration, max: Duration, shutdown: &CancellationToken) -> Result<Duration, RunError> {
-    let jittered = current + Duration::from_millis(fastrand::u64(0..=current.as_millis() as u64 / 4));
-    tokio::select! {
-        () = tokio::time::sleep(jittered) => Ok((current * 2).min(max)),
-                () = shutdown.cancelled() => Err(RunError::Cancelled),
     }
 }
 
