@@ -12,7 +12,8 @@
 //!
 //! One batch is in flight at a time; its task runs the batch's look-ups and
 //! then the sinks, retrying transient failures with backoff until they
-//! succeed or shutdown comes. Nothing is acknowledged that a sink has not
+//! succeed or shutdown comes. Which failures are retried, dead-lettered or
+//! stop the daemon is decided in one place, `policy.rs`. Nothing is acknowledged that a sink has not
 //! confirmed (the [`Watermark`]). A session that loses its source drops
 //! everything unacknowledged; the next session gets it again from the slot.
 //!
@@ -22,6 +23,7 @@
 //! batch unconfirmed, so that a restart meets the change again.
 
 mod lookups;
+mod policy;
 mod transaction;
 
 use std::sync::Arc;
@@ -33,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
+use self::policy::{Decision, Failure};
 pub use self::transaction::{LookupOrigin, TransactionEffects, TransactionLimits, TransactionOutput};
 use crate::batch::{Batch, BatchLimits};
 use crate::change::{Lsn, Position};
@@ -261,8 +264,12 @@ where
                 event = source.next(), if can_read => {
                     let event = match event {
                         Ok(e) => e,
-                        Err(SourceError::Transient(m)) => return Ok(SessionEnd::SourceLost(m)),
-                        Err(SourceError::Definite(m)) => return Err(RunError::Source(m)),
+                        Err(e) => {
+                            let retry = policy::decide(Failure::Source(&e)).decision == Decision::Retry;
+                            let (SourceError::Transient(m) | SourceError::Definite(m)) = e;
+                            // Retried by the supervisor, in a new session.
+                            return if retry { Ok(SessionEnd::SourceLost(m)) } else { Err(RunError::Source(m)) };
+                        }
                     };
                     match event {
                         SourceEvent::Begin => {
@@ -367,24 +374,20 @@ where
                     version,
                     position: batch.last_position(),
                 };
-                match self.sink.apply(sink_batch).await {
+                let e = match self.sink.apply(sink_batch).await {
                     Ok(()) => break,
-                    Err(e @ SinkError::Transient { .. }) => {
-                        self.metrics.sink_error(&e);
-                        let (target, message) = match e {
-                            SinkError::Transient { target, message } | SinkError::Definite { target, message } => {
-                                (target, message)
-                            }
-                        };
+                    Err(e) => e,
+                };
+                self.metrics.sink_error(&e);
+                match policy::decide(Failure::Sink(&e)).decision {
+                    Decision::Retry => {
+                        let (SinkError::Transient { target, message } | SinkError::Definite { target, message }) = e;
                         self.metrics.sink_retry(&target);
                         self.health.set_sink_reachable(&target, false);
                         tracing::warn!(%target, error = %message, retry_in_ms = backoff.current().as_millis() as u64, "sink unavailable; retrying (the source is paused)");
                         backoff.wait(shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
                     }
-                    Err(e @ SinkError::Definite { .. }) => {
-                        self.metrics.sink_error(&e);
-                        return Err(RunError::Sink(e.to_string()));
-                    }
+                    Decision::DeadLetter(_) | Decision::Stop => return Err(RunError::Sink(e.to_string())),
                 }
             }
         }
@@ -423,17 +426,17 @@ where
         for letter in unresolved {
             let mut backoff = self.backoff();
             loop {
-                match self.dead_letters.record(letter).await {
+                let e = match self.dead_letters.record(letter).await {
                     Ok(()) => break,
-                    Err(e) if e.is_transient() => {
-                        self.metrics.dead_letter_write_error(e.kind());
+                    Err(e) => e,
+                };
+                self.metrics.dead_letter_write_error(e.kind());
+                match policy::decide(Failure::DeadLetterStore(&e)).decision {
+                    Decision::Retry => {
                         tracing::warn!(error = %e, retry_in_ms = backoff.current().as_millis() as u64, "cannot write a dead letter; retrying (the source is paused)");
                         backoff.wait(shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
                     }
-                    Err(e) => {
-                        self.metrics.dead_letter_write_error(e.kind());
-                        return Err(RunError::DeadLetter(e.to_string()));
-                    }
+                    Decision::DeadLetter(_) | Decision::Stop => return Err(RunError::DeadLetter(e.to_string())),
                 }
             }
             let change = &letter.change;
