@@ -26,13 +26,13 @@ use super::RunError;
 use super::policy::{self, Decision, Failure, LookupFailure};
 use super::transaction::LookupOrigin;
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
-use crate::resolve::{LookupExecutor, LookupRequest, Resolution, Resolver};
+use crate::resolve::{LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};
 use crate::retry::{Backoff, Stopped};
 
 /// How one set of look-ups ended.
 enum Settled {
     Found(Resolution),
-    GaveUp { reason: DeadLetterReason, error: String, attempts: u32 },
+    GaveUp { reason: DeadLetterReason, error: LookupError, attempts: u32 },
 }
 
 /// How to retry look-ups.
@@ -58,7 +58,7 @@ pub(super) async fn resolve_batch<E: LookupExecutor>(
     };
     if origins.is_empty() {
         // Nothing to narrow down to: never drop look-ups silently.
-        return Err(RunError::Lookup(error));
+        return Err(RunError::LookupGaveUp(error));
     }
     tracing::warn!(
         error = %error,
@@ -76,7 +76,12 @@ pub(super) async fn resolve_batch<E: LookupExecutor>(
                 for request in &origin.requests {
                     found.merge(resolver.lookup_failed(request));
                 }
-                unresolved.push(DeadLetter { change: origin.change.clone(), reason, error, attempts });
+                unresolved.push(DeadLetter {
+                    change: origin.change.clone(),
+                    reason,
+                    error: error.to_string(),
+                    attempts,
+                });
             }
         }
     }
@@ -117,10 +122,10 @@ async fn settle<E: LookupExecutor>(
                 backoff.wait(retries.shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
             }
             Decision::DeadLetter(reason) => {
-                return Ok(Settled::GaveUp { reason, error: error.to_string(), attempts: counted.max(1) });
+                return Ok(Settled::GaveUp { reason, error, attempts: counted.max(1) });
             }
             Decision::Stop => {
-                return Err(RunError::Lookup(format!("{error}: {}", verdict.hint)));
+                return Err(RunError::LookupBroken { error, hint: verdict.hint });
             }
         }
     }
