@@ -37,6 +37,7 @@ pub mod key;
 pub mod metrics;
 pub mod reader;
 pub mod resolve;
+pub(crate) mod retry;
 pub mod run;
 pub mod server;
 pub mod sink;

@@ -19,6 +19,7 @@ use super::wiring::{self, Shared};
 use crate::config::PostgresSource as PostgresConfig;
 use crate::graph::Graph;
 use crate::metrics::Metrics;
+use crate::retry::Backoff;
 use crate::server::{Health, Role};
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
@@ -63,6 +64,7 @@ impl Sessions for PostgresSessions {
     async fn acquire(&self, shutdown: &CancellationToken) -> Option<SlotLock> {
         let source = &self.config;
         let mut announced = false;
+        let mut poll = Backoff::constant(source.standby_retry);
         loop {
             self.health.heartbeat();
             match SlotLock::try_acquire(&source.url, &source.slot).await {
@@ -84,9 +86,8 @@ impl Sessions for PostgresSessions {
                 // connected, as it does for any other database outage.
                 Err(e) => tracing::warn!(slot = %source.slot, error = %e, "cannot take the slot's lock; retrying"),
             }
-            tokio::select! {
-                () = tokio::time::sleep(source.standby_retry) => {}
-                () = shutdown.cancelled() => return None,
+            if poll.wait(shutdown).await.is_err() {
+                return None;
             }
         }
     }

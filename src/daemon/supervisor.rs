@@ -29,7 +29,7 @@ use std::future::Future;
 use tokio_util::sync::CancellationToken;
 
 use super::DaemonError;
-use super::wiring::{FIRST_BACKOFF, pause};
+use super::wiring::backoff;
 use crate::dead_letter::DeadLetterStore;
 use crate::resolve::LookupExecutor;
 use crate::run::{Pipeline, SessionEnd};
@@ -142,8 +142,7 @@ where
     L: LookupExecutor + Send + Sync + 'static,
     D: DeadLetterStore + Send + Sync + 'static,
 {
-    let retry_max = pipeline.options.retry_max;
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = backoff(pipeline.options.retry_max);
     while !stop.is_cancelled() {
         let started = tokio::select! {
             s = sessions.start() => s,
@@ -152,16 +151,15 @@ where
         let mut source = match started {
             Ok(s) => {
                 if F::START_CONNECTS {
-                    backoff = FIRST_BACKOFF;
+                    backoff.reset();
                 }
                 s
             }
             Err(StartError::Transient(m)) => {
-                tracing::warn!(error = %m, retry_in_ms = backoff.as_millis() as u64, "source unavailable; retrying");
+                tracing::warn!(error = %m, retry_in_ms = backoff.current().as_millis() as u64, "source unavailable; retrying");
                 pipeline.health.heartbeat();
-                match pause(backoff, retry_max, stop).await {
-                    Some(next) => backoff = next,
-                    None => break,
+                if backoff.wait(stop).await.is_err() {
+                    break;
                 }
                 continue;
             }
@@ -176,10 +174,13 @@ where
             Ok(SessionEnd::SourceLost(m)) => {
                 sessions.log_lost(&m);
                 sessions.close(source, Ended::Lost).await;
-                match pause(backoff, retry_max, stop).await {
-                    Some(next) if !F::START_CONNECTS => backoff = next,
-                    Some(_) => {}
-                    None => break,
+                if backoff.wait(stop).await.is_err() {
+                    break;
+                }
+                // A start that connects proves the source is back: the
+                // next pause is the first one again.
+                if F::START_CONNECTS {
+                    backoff.reset();
                 }
             }
             Err(e) => {

@@ -20,6 +20,7 @@ use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::graph::Graph;
 use crate::metrics::Metrics;
 use crate::resolve::PgLookupExecutor;
+use crate::retry::{Backoff, Jitter};
 use crate::run::{Pipeline, RunOptions, TransactionLimits};
 use crate::server::Health;
 use crate::sink::multi::MultiSink;
@@ -38,12 +39,10 @@ pub(super) struct Shared<'a> {
 /// The first wait between retries of an unreachable service.
 pub(super) const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 
-/// Sleeps `backoff` unless `stop` comes first; returns the next backoff.
-pub(super) async fn pause(backoff: Duration, max: Duration, stop: &CancellationToken) -> Option<Duration> {
-    tokio::select! {
-        () = tokio::time::sleep(backoff) => Some((backoff * 2).min(max)),
-        () = stop.cancelled() => None,
-    }
+/// Waits for an unreachable service: [`FIRST_BACKOFF`] doubling to
+/// `run.retry_max`, without jitter.
+pub(super) fn backoff(retry_max: Duration) -> Backoff {
+    Backoff::new(FIRST_BACKOFF, retry_max, Jitter::None)
 }
 
 /// Assembles the run loop's pipeline: the options come from `config`
@@ -74,7 +73,7 @@ pub(crate) async fn connect_sinks(
     let tags = graph.dependencies().iter().any(|d| matches!(d.mapping, crate::graph::Mapping::Tags(_)));
     let mut targets = Vec::new();
     for target in &config.redis {
-        let mut backoff = FIRST_BACKOFF;
+        let mut backoff = backoff(config.run.retry_max);
         loop {
             let connected = match RedisSink::connect(target).await {
                 Ok(sink) => sink.check_setup(target, tags).await.map(|findings| (sink, findings)),
@@ -94,9 +93,8 @@ pub(crate) async fn connect_sinks(
                 }
                 Err(SinkError::Transient { message, .. }) => {
                     tracing::warn!(target = %target.name, error = %message, "Redis target unreachable; retrying");
-                    match pause(backoff, config.run.retry_max, shutdown).await {
-                        Some(next) => backoff = next,
-                        None => return Ok(None),
+                    if backoff.wait(shutdown).await.is_err() {
+                        return Ok(None);
                     }
                 }
                 Err(e @ SinkError::Definite { .. }) => return Err(DaemonError::Failed(e.to_string())),
@@ -142,7 +140,7 @@ pub(super) async fn open_dead_letters(
 ) -> Result<Option<DeadLetters>, DaemonError> {
     let store = dead_letter_store(config)?;
     metrics.dead_letter_store();
-    let mut backoff = FIRST_BACKOFF;
+    let mut backoff = backoff(config.run.retry_max);
     loop {
         match store.migrate(config.dead_letter.migrations).await {
             Ok(report) => {
@@ -154,9 +152,8 @@ pub(super) async fn open_dead_letters(
             Err(e @ DeadLetterError::Pending { .. }) => return Err(DaemonError::Refused(e.to_string())),
             Err(e) if e.is_transient() => {
                 tracing::warn!(error = %e, "dead-letter database unavailable; retrying");
-                match pause(backoff, config.run.retry_max, shutdown).await {
-                    Some(next) => backoff = next,
-                    None => return Ok(None),
+                if backoff.wait(shutdown).await.is_err() {
+                    return Ok(None);
                 }
             }
             Err(e) => return Err(DaemonError::Failed(e.to_string())),

@@ -1,7 +1,7 @@
 //! A batch's look-ups: run together, narrowed down to single changes when
 //! they fail, and the changes that still fail handed on as dead letters.
 //!
-//! Failures are of four kinds ([`LookupFailure`]):
+//! Failures are of four kinds ([`LookupFailure`], decided in `policy.rs`):
 //! - **connection**: the database cannot be reached; waited out with
 //!   backoff for as long as it lasts, never counted, never a dead letter;
 //! - **retryable**: a statement timeout or another error a retry may fix;
@@ -20,73 +20,25 @@
 //! stale — and the others' keys are applied. Nothing here writes or acknowledges: the caller records the
 //! dead letters (or stops) before the batch is confirmed.
 
-use std::time::Duration;
-
 use tokio_util::sync::CancellationToken;
 
+use super::RunError;
+use super::policy::{self, Decision, Failure, LookupFailure};
 use super::transaction::LookupOrigin;
-use super::{RunError, wait};
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::resolve::{LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};
-
-/// What kind of failure a look-up error is.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum LookupFailure {
-    Connection,
-    Retryable,
-    Definite,
-    BrokenQuery,
-}
-
-impl LookupFailure {
-    pub(super) fn of(error: &LookupError) -> LookupFailure {
-        if error.is_connection() {
-            LookupFailure::Connection
-        } else if error.is_query_fault() {
-            LookupFailure::BrokenQuery
-        } else if error.is_transient() {
-            LookupFailure::Retryable
-        } else {
-            LookupFailure::Definite
-        }
-    }
-}
-
-/// What to do after a failed attempt.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum NextStep {
-    /// Wait (backoff) and run the look-ups again.
-    Retry,
-    /// Stop trying these look-ups.
-    GiveUp(DeadLetterReason),
-    /// Stop the daemon: no change can be resolved by this query.
-    Stop,
-}
-
-/// The decision after a failure, `counted` being the failures counted so
-/// far (this one included; connection failures are never counted).
-pub(super) fn next_step(failure: LookupFailure, counted: u32, max_attempts: u32) -> NextStep {
-    match failure {
-        LookupFailure::Connection => NextStep::Retry,
-        LookupFailure::BrokenQuery => NextStep::Stop,
-        LookupFailure::Definite => NextStep::GiveUp(DeadLetterReason::LookupFailed),
-        LookupFailure::Retryable if counted >= max_attempts => {
-            NextStep::GiveUp(DeadLetterReason::LookupAttemptsExhausted)
-        }
-        LookupFailure::Retryable => NextStep::Retry,
-    }
-}
+use crate::retry::{Backoff, Stopped};
 
 /// How one set of look-ups ended.
 enum Settled {
     Found(Resolution),
-    GaveUp { reason: DeadLetterReason, error: String, attempts: u32 },
+    GaveUp { reason: DeadLetterReason, error: LookupError, attempts: u32 },
 }
 
 /// How to retry look-ups.
 pub(super) struct Retries<'a> {
-    pub min: Duration,
-    pub max: Duration,
+    /// A fresh copy of it for every set of look-ups retried.
+    pub backoff: Backoff,
     pub max_attempts: u32,
     pub shutdown: &'a CancellationToken,
 }
@@ -106,7 +58,7 @@ pub(super) async fn resolve_batch<E: LookupExecutor>(
     };
     if origins.is_empty() {
         // Nothing to narrow down to: never drop look-ups silently.
-        return Err(RunError::Lookup(error));
+        return Err(RunError::LookupGaveUp(error));
     }
     tracing::warn!(
         error = %error,
@@ -124,7 +76,12 @@ pub(super) async fn resolve_batch<E: LookupExecutor>(
                 for request in &origin.requests {
                     found.merge(resolver.lookup_failed(request));
                 }
-                unresolved.push(DeadLetter { change: origin.change.clone(), reason, error, attempts });
+                unresolved.push(DeadLetter {
+                    change: origin.change.clone(),
+                    reason,
+                    error: error.to_string(),
+                    attempts,
+                });
             }
         }
     }
@@ -140,7 +97,7 @@ async fn settle<E: LookupExecutor>(
     retries: &Retries<'_>,
 ) -> Result<Settled, RunError> {
     let mut counted = 0u32;
-    let mut backoff = retries.min;
+    let mut backoff = retries.backoff.fresh();
     loop {
         let mut request = Resolution::default();
         request.lookups = requests.to_vec();
@@ -152,59 +109,24 @@ async fn settle<E: LookupExecutor>(
         if failure != LookupFailure::Connection {
             counted += 1;
         }
-        match next_step(failure, counted, retries.max_attempts) {
-            NextStep::Retry => {
+        let verdict = policy::decide(Failure::Lookup { failure, counted, max_attempts: retries.max_attempts });
+        match verdict.decision {
+            Decision::Retry => {
                 tracing::warn!(
                     error = %error,
                     kind = ?failure,
                     attempt = counted,
-                    retry_in_ms = backoff.as_millis() as u64,
+                    retry_in_ms = backoff.current().as_millis() as u64,
                     "look-up failed; retrying"
                 );
-                backoff = wait(backoff, retries.max, retries.shutdown).await?;
+                backoff.wait(retries.shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
             }
-            NextStep::GiveUp(reason) => {
-                return Ok(Settled::GaveUp { reason, error: error.to_string(), attempts: counted.max(1) });
+            Decision::DeadLetter(reason) => {
+                return Ok(Settled::GaveUp { reason, error, attempts: counted.max(1) });
             }
-            NextStep::Stop => {
-                return Err(RunError::Lookup(format!(
-                    "{error}: the query cannot run for any change; fix the graph's look-up or the database schema"
-                )));
+            Decision::Stop => {
+                return Err(RunError::LookupBroken { error, hint: verdict.hint });
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_definite_failure_gives_up_at_once() {
-        assert_eq!(next_step(LookupFailure::Definite, 1, 5), NextStep::GiveUp(DeadLetterReason::LookupFailed));
-    }
-
-    #[test]
-    fn a_retryable_failure_gives_up_after_the_configured_attempts() {
-        assert_eq!(next_step(LookupFailure::Retryable, 4, 5), NextStep::Retry);
-        assert_eq!(
-            next_step(LookupFailure::Retryable, 5, 5),
-            NextStep::GiveUp(DeadLetterReason::LookupAttemptsExhausted)
-        );
-    }
-
-    #[test]
-    fn a_query_that_cannot_run_stops_instead_of_dead_lettering_everything() {
-        assert_eq!(next_step(LookupFailure::BrokenQuery, 1, 5), NextStep::Stop);
-        let unknown_column = LookupError::Query {
-            field: "caches.x.depends[0].lookup".into(),
-            source: sqlx::Error::ColumnNotFound("owner".into()),
-        };
-        assert_eq!(LookupFailure::of(&unknown_column), LookupFailure::BrokenQuery);
-    }
-
-    #[test]
-    fn an_unreachable_database_is_waited_for_however_long() {
-        assert_eq!(next_step(LookupFailure::Connection, u32::MAX, 1), NextStep::Retry);
     }
 }

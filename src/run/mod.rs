@@ -12,7 +12,8 @@
 //!
 //! One batch is in flight at a time; its task runs the batch's look-ups and
 //! then the sinks, retrying transient failures with backoff until they
-//! succeed or shutdown comes. Nothing is acknowledged that a sink has not
+//! succeed or shutdown comes. Which failures are retried, dead-lettered or
+//! stop the daemon is decided in one place, `policy.rs`. Nothing is acknowledged that a sink has not
 //! confirmed (the [`Watermark`]). A session that loses its source drops
 //! everything unacknowledged; the next session gets it again from the slot.
 //!
@@ -22,6 +23,7 @@
 //! batch unconfirmed, so that a restart meets the change again.
 
 mod lookups;
+mod policy;
 mod transaction;
 
 use std::sync::Arc;
@@ -33,14 +35,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
+use self::policy::{Decision, Failure};
 pub use self::transaction::{LookupOrigin, TransactionEffects, TransactionLimits, TransactionOutput};
 use crate::batch::{Batch, BatchLimits};
 use crate::change::{Lsn, Position};
-use crate::checkpoint::Watermark;
-use crate::dead_letter::{DeadLetter, DeadLetterStore, OnError};
+use crate::checkpoint::{NotInFlight, Watermark};
+use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, OnError};
 use crate::graph::Graph;
 use crate::metrics::{Invalidation, Metrics, PositionLadder};
-use crate::resolve::{Effect, LookupExecutor, LookupRequest, Resolution, Resolver};
+use crate::resolve::{Effect, LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};
+use crate::retry::{Backoff, Jitter, Stopped};
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
 use crate::source::{Source, SourceError, SourceEvent};
@@ -85,14 +89,33 @@ pub enum SessionEnd {
 }
 
 /// A failure that must stop the daemon (safely: nothing unconfirmed acknowledged).
+///
+/// Each variant carries the typed error it came from as its `#[source]`;
+/// the texts are the ones the daemon has always printed.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
+    /// The source failed for good, or refused an acknowledgement.
     #[error("source: {0}")]
-    Source(String),
+    Source(#[source] SourceError),
+    /// The source's events broke the Begin / Change / Commit order.
+    #[error("source: {0}")]
+    OutOfOrder(#[source] OutOfOrder),
+    /// A sink refused a batch for good.
     #[error("sink: {0}")]
-    Sink(String),
+    Sink(#[source] SinkError),
+    /// A look-up query that cannot run for any change (see `policy.rs`).
+    #[error("look-up: {error}: {hint}")]
+    LookupBroken {
+        #[source]
+        error: LookupError,
+        hint: &'static str,
+    },
+    /// A batch's look-ups gave up and there was no change to narrow them
+    /// down to.
     #[error("look-up: {0}")]
-    Lookup(String),
+    LookupGaveUp(#[source] LookupError),
+    #[error("look-up: the graph has look-ups but no database is configured")]
+    NoLookupDatabase,
     /// `on_error = "stop"` and a change cannot be resolved: nothing of its
     /// batch was acknowledged.
     #[error(
@@ -101,13 +124,27 @@ pub enum RunError {
     Unresolvable { position: String, table: String, op: &'static str, error: String },
     /// The dead-letter store refused a write for good.
     #[error("dead letters: {0}")]
-    DeadLetter(String),
+    DeadLetter(#[source] DeadLetterError),
+    /// The batch task panicked or was aborted.
+    #[error("internal: batch task: {0}")]
+    BatchTask(#[source] tokio::task::JoinError),
     #[error("internal: {0}")]
-    Internal(String),
+    Watermark(#[source] NotInFlight),
     /// Shutdown came while a batch was still retrying: it stays
     /// unacknowledged and will be replayed.
     #[error("shut down with a batch unconfirmed; it will be replayed")]
     Cancelled,
+}
+
+/// How a source's events broke the transaction order.
+#[derive(Debug, thiserror::Error)]
+pub enum OutOfOrder {
+    #[error("a transaction began inside another")]
+    NestedBegin,
+    #[error("change at {0} outside a transaction")]
+    ChangeOutside(Position),
+    #[error("commit at {0} without a transaction")]
+    CommitOutside(Position),
 }
 
 /// Everything a batch task needs, shared.
@@ -240,12 +277,12 @@ where
                 }
                 joined = async { match in_flight.as_mut() { Some((_, h)) => h.await, None => std::future::pending().await } }, if in_flight.is_some() => {
                                         in_flight = None;
-                    let applied = match joined.map_err(|e| RunError::Internal(format!("batch task: {e}")))? {
+                    let applied = match joined.map_err(RunError::BatchTask)? {
                         Ok(applied) => applied,
                         Err(RunError::Cancelled) if stopping => return Ok(SessionEnd::Shutdown),
                         Err(e) => return Err(e),
                     };
-                    let moved = watermark.confirm(applied.batch).map_err(|e| RunError::Internal(e.to_string()))?;
+                    let moved = watermark.confirm(applied.batch).map_err(RunError::Watermark)?;
                                         if let Some(position) = moved {
                         tracing::debug!(batch_id = applied.batch, effects = applied.effects, %position, "acknowledging");
                         acknowledge(source, &position, &mut last_acked).await?;
@@ -260,18 +297,23 @@ where
                 event = source.next(), if can_read => {
                     let event = match event {
                         Ok(e) => e,
-                        Err(SourceError::Transient(m)) => return Ok(SessionEnd::SourceLost(m)),
-                        Err(SourceError::Definite(m)) => return Err(RunError::Source(m)),
+                        Err(e) => {
+                            return match (policy::decide(Failure::Source(&e)).decision, e) {
+                                // Retried by the supervisor, in a new session.
+                                (Decision::Retry, SourceError::Transient(m) | SourceError::Definite(m)) => Ok(SessionEnd::SourceLost(m)),
+                                (Decision::DeadLetter(_) | Decision::Stop, e) => Err(RunError::Source(e)),
+                            };
+                        }
                     };
                     match event {
                         SourceEvent::Begin => {
                             if open_tx.is_some() {
-                                return Err(RunError::Source("a transaction began inside another".into()));
+                                return Err(RunError::OutOfOrder(OutOfOrder::NestedBegin));
                             }
                             open_tx = Some(TransactionEffects::new(self.options.transaction));
                         }
                         SourceEvent::Change(change) => {
-                            let tx = open_tx.as_mut().ok_or_else(|| RunError::Source(format!("change at {} outside a transaction", change.position)))?;
+                            let tx = open_tx.as_mut().ok_or_else(|| RunError::OutOfOrder(OutOfOrder::ChangeOutside(change.position.clone())))?;
                                                         self.metrics.changes_received(&change.table, change.op, 1);
                             if let Some(lsn) = lsn_of(&change.position) {
                                 ladder.received = ladder.received.max(lsn);
@@ -285,7 +327,7 @@ where
                                 ladder.received = ladder.received.max(lsn);
                                 ladder.resolved = ladder.resolved.max(lsn);
                             }
-                            let tx = open_tx.take().ok_or_else(|| RunError::Source(format!("commit at {position} without a transaction")))?;
+                            let tx = open_tx.take().ok_or_else(|| RunError::OutOfOrder(OutOfOrder::CommitOutside(position.clone())))?;
                             let TransactionOutput { effects, lookups, origins, held_bytes } = tx.finish();
                             let p = pending.get_or_insert_with(|| {
                                 let id = next_batch_id;
@@ -335,17 +377,10 @@ where
         let Pending { batch, lookups, origins, commit_time_micros, .. } = pending;
         let mut effects: Vec<Effect> = batch.effects().to_vec();
         if !lookups.is_empty() {
-            let executor = self
-                .lookups
-                .as_ref()
-                .ok_or_else(|| RunError::Lookup("the graph has look-ups but no database is configured".into()))?;
+            let executor = self.lookups.as_ref().ok_or_else(|| RunError::NoLookupDatabase)?;
             let resolver = Resolver::new(&self.graph);
-            let retries = lookups::Retries {
-                min: self.options.retry_min,
-                max: self.options.retry_max,
-                max_attempts: self.options.lookup_attempts,
-                shutdown,
-            };
+            let retries =
+                lookups::Retries { backoff: self.backoff(), max_attempts: self.options.lookup_attempts, shutdown };
             let (found, unresolved) =
                 lookups::resolve_batch(&resolver, executor.as_ref(), &lookups, &origins, &retries).await?;
             // Dead letters are committed (or the daemon stops) before the
@@ -360,7 +395,7 @@ where
             }
         }
         let version = batch.last_position().map_or(0, Position::version);
-        let mut backoff = self.options.retry_min;
+        let mut backoff = self.backoff();
         if !effects.is_empty() {
             loop {
                 let sink_batch = SinkBatch {
@@ -370,29 +405,31 @@ where
                     version,
                     position: batch.last_position(),
                 };
-                match self.sink.apply(sink_batch).await {
+                let e = match self.sink.apply(sink_batch).await {
                     Ok(()) => break,
-                    Err(e @ SinkError::Transient { .. }) => {
-                        self.metrics.sink_error(&e);
-                        let (target, message) = match e {
-                            SinkError::Transient { target, message } | SinkError::Definite { target, message } => {
-                                (target, message)
-                            }
-                        };
+                    Err(e) => e,
+                };
+                self.metrics.sink_error(&e);
+                match policy::decide(Failure::Sink(&e)).decision {
+                    Decision::Retry => {
+                        let (SinkError::Transient { target, message } | SinkError::Definite { target, message }) = e;
                         self.metrics.sink_retry(&target);
                         self.health.set_sink_reachable(&target, false);
-                        tracing::warn!(%target, error = %message, retry_in_ms = backoff.as_millis() as u64, "sink unavailable; retrying (the source is paused)");
-                        backoff = wait(backoff, self.options.retry_max, shutdown).await?;
+                        tracing::warn!(%target, error = %message, retry_in_ms = backoff.current().as_millis() as u64, "sink unavailable; retrying (the source is paused)");
+                        backoff.wait(shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
                     }
-                    Err(e @ SinkError::Definite { .. }) => {
-                        self.metrics.sink_error(&e);
-                        return Err(RunError::Sink(e.to_string()));
-                    }
+                    Decision::DeadLetter(_) | Decision::Stop => return Err(RunError::Sink(e)),
                 }
             }
         }
         self.record(&effects, started, commit_time_micros);
         Ok(Applied { batch: batch.id(), effects: effects.len() })
+    }
+
+    /// The run loop's retries: `retry_min` doubling to `retry_max`, with
+    /// jitter. Shutdown during a wait abandons the batch.
+    fn backoff(&self) -> Backoff {
+        Backoff::new(self.options.retry_min, self.options.retry_max, Jitter::UpToAQuarter)
     }
 
     /// Changes that cannot be resolved: recorded as dead letters, each
@@ -418,19 +455,19 @@ where
             });
         }
         for letter in unresolved {
-            let mut backoff = self.options.retry_min;
+            let mut backoff = self.backoff();
             loop {
-                match self.dead_letters.record(letter).await {
+                let e = match self.dead_letters.record(letter).await {
                     Ok(()) => break,
-                    Err(e) if e.is_transient() => {
-                        self.metrics.dead_letter_write_error(e.kind());
-                        tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot write a dead letter; retrying (the source is paused)");
-                        backoff = wait(backoff, self.options.retry_max, shutdown).await?;
+                    Err(e) => e,
+                };
+                self.metrics.dead_letter_write_error(e.kind());
+                match policy::decide(Failure::DeadLetterStore(&e)).decision {
+                    Decision::Retry => {
+                        tracing::warn!(error = %e, retry_in_ms = backoff.current().as_millis() as u64, "cannot write a dead letter; retrying (the source is paused)");
+                        backoff.wait(shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
                     }
-                    Err(e) => {
-                        self.metrics.dead_letter_write_error(e.kind());
-                        return Err(RunError::DeadLetter(e.to_string()));
-                    }
+                    Decision::DeadLetter(_) | Decision::Stop => return Err(RunError::DeadLetter(e)),
                 }
             }
             let change = &letter.change;
@@ -503,16 +540,6 @@ where
     }
 }
 
-/// Sleeps `current` (or until shutdown, which abandons the batch) and
-/// returns the next, doubled backoff.
-async fn wait(current: Duration, max: Duration, shutdown: &CancellationToken) -> Result<Duration, RunError> {
-    let jittered = current + Duration::from_millis(fastrand::u64(0..=current.as_millis() as u64 / 4));
-    tokio::select! {
-        () = tokio::time::sleep(jittered) => Ok((current * 2).min(max)),
-                () = shutdown.cancelled() => Err(RunError::Cancelled),
-    }
-}
-
 /// Runs a closure when dropped (on every way out of a session).
 struct OnDrop<F: FnMut()>(F);
 
@@ -538,7 +565,7 @@ async fn acknowledge<S: Source>(
     if last.as_ref().is_some_and(|l| l.partial_cmp(position) != Some(std::cmp::Ordering::Less)) {
         return Ok(());
     }
-    source.acknowledge(position).await.map_err(|e| RunError::Source(e.to_string()))?;
+    source.acknowledge(position).await.map_err(RunError::Source)?;
     *last = Some(position.clone());
     Ok(())
 }

@@ -530,3 +530,24 @@ async fn reading_stops_behind_a_stuck_batch_even_when_transactions_have_no_effec
     let bound = 3 * 2 * p.options.batch.max_effects as u64 + 3;
     assert!(read <= bound, "read {read} events behind a stuck batch (bound {bound})");
 }
+
+#[test]
+fn run_errors_keep_their_texts_and_carry_their_cause() {
+    use std::error::Error as _;
+    let sink = RunError::Sink(SinkError::Definite { target: "main".into(), message: "WRONGTYPE".into() });
+    assert_eq!(sink.to_string(), "sink: main: WRONGTYPE");
+    assert!(sink.source().is_some_and(|s| s.is::<SinkError>()));
+    let order = RunError::OutOfOrder(OutOfOrder::NestedBegin);
+    assert_eq!(order.to_string(), "source: a transaction began inside another");
+    let letters = RunError::DeadLetter(DeadLetterError::Unreachable("refused".into()));
+    assert_eq!(letters.to_string(), "dead letters: dead-letter database unreachable: refused");
+    let broken = RunError::LookupBroken {
+        error: LookupError::Timeout { field: "caches.x.depends[0].lookup".into(), timeout_ms: 5 },
+        hint: policy::BROKEN_QUERY_HINT,
+    };
+    assert_eq!(
+        broken.to_string(),
+        "look-up: look-up of caches.x.depends[0].lookup timed out after 5 ms: the query cannot run for any change; fix the graph's look-up or the database schema"
+    );
+    assert_eq!(RunError::NoLookupDatabase.to_string(), "look-up: the graph has look-ups but no database is configured");
+}

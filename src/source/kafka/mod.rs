@@ -62,6 +62,7 @@ use crate::change::{Change, Operation, Position};
 use crate::config::{KafkaSource as KafkaConfig, OnOffsetReset, SnapshotReads};
 use crate::dead_letter::OnError;
 use crate::metrics::Metrics;
+use crate::retry::{Backoff, Jitter};
 
 /// librdkafka defaults evictd chooses (each can be overridden in
 /// `source.kafka.properties`).
@@ -608,15 +609,15 @@ async fn send_dead_letter(
     error: String,
     retry_max: Duration,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    // No shutdown of its own: the source drops this future to cancel it.
+    let mut backoff = Backoff::new(Duration::from_millis(100), retry_max, Jitter::None);
     loop {
         match dead_letters.send(&letter).await {
             Ok(()) => break,
             Err(e) => {
                 metrics.dead_letter_write_error("transient");
-                tracing::warn!(%position, error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot write to the dead-letter topic; retrying (the source is paused)");
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(retry_max);
+                tracing::warn!(%position, error = %e, retry_in_ms = backoff.current().as_millis() as u64, "cannot write to the dead-letter topic; retrying (the source is paused)");
+                backoff.wait_uncancelled().await;
             }
         }
     }
