@@ -115,7 +115,11 @@ async fn a_lost_slot_with_on_slot_loss_flush_bumps_every_namespace_then_streams(
         let version: String = r.get(ns).await.unwrap();
         assert_eq!(version, "900000000001", "{ns} was raised once: {}", d.log());
     }
-    assert!(d.log().contains("bumped every cache's namespace"), "{}", d.log());
+    // Logged once the sink confirmed the bumps, a moment after they landed.
+    d.wait_for("the flush in the log", Duration::from_secs(10), || async {
+        d.log().contains("bumped every cache's namespace").then_some(())
+    })
+    .await;
     // And it streams: a change after the restart is invalidated.
     let item = d.key("item:2");
     fill(&mut r, std::slice::from_ref(&item)).await;
