@@ -30,7 +30,6 @@ use prometheus_client::registry::{Metric, Registry, Unit};
 use crate::change::{Lsn, Operation};
 use crate::dead_letter::DeadLetterReason;
 use crate::graph::Action;
-use crate::server::Role;
 use crate::sink::SinkError;
 
 /// The content type of [`Metrics::encode`]'s text.
@@ -65,6 +64,15 @@ pub const REDELETES_SKIPPED_TOTAL: &str = "evictd_redeletes_skipped_total";
 pub const UNBUMPABLE_KEYS_TOTAL: &str = "evictd_unbumpable_keys_total";
 pub const VERSIONS_BEHIND_TOTAL: &str = "evictd_versions_behind_total";
 pub const KAFKA_OFFSET_RESETS_TOTAL: &str = "evictd_kafka_offset_resets_total";
+
+/// Whether this replica consumes the source or waits to take over (the
+/// `evictd_active` gauge here, and `/readyz` in `server`, which imports it
+/// from this module: metrics import nothing from the server).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Active,
+    Standby,
+}
 
 /// Every name above, for tests and documentation.
 pub const ALL: [&str; 29] = [

@@ -39,6 +39,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::metrics::Role;
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
 
 /// How long connections still open at shutdown get to finish their request
@@ -63,13 +64,6 @@ impl Default for HealthThresholds {
     fn default() -> Self {
         HealthThresholds { heartbeat_timeout: Duration::from_secs(30), max_lag_bytes: 1 << 30 }
     }
-}
-
-/// Whether this replica consumes the source or waits to take over.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Active,
-    Standby,
 }
 
 /// What the run loop last reported. Each field is independent, so relaxed
