@@ -101,16 +101,11 @@ async fn under_concurrent_readers_and_writers_no_stale_value_survives() {
     d.start().await;
     let keys: Vec<String> = (1..=ROWS).map(|id| d.key(&format!("stock:{id}"))).collect();
     let keys = Arc::new(keys);
-    let stop_writers = Arc::new(AtomicBool::new(false));
-    let stop_readers = Arc::new(AtomicBool::new(false));
-    let (accepted, refused, commits) =
-        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-
-    let writers = spawn_writers(&d.db.url, ROWS, WRITERS, &stop_writers, &commits);
+    let race = Race::start(&d, ROWS, WRITERS);
     let mut readers = Vec::new();
     for reader in 0..READERS {
-        let (pg, stop, keys) = (d.db.url.clone(), stop_readers.clone(), keys.clone());
-        let (accepted, refused) = (accepted.clone(), refused.clone());
+        let (pg, stop, keys) = (d.db.url.clone(), race.stop_readers.clone(), keys.clone());
+        let (accepted, refused) = (race.accepted.clone(), race.refused.clone());
         let mut r = redis(&url).await;
         readers.push(tokio::spawn(async move {
             let mut db = sqlx::PgConnection::connect(&pg).await.unwrap();
@@ -138,62 +133,97 @@ async fn under_concurrent_readers_and_writers_no_stale_value_survives() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    stop_writers.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
-    // Readers keep filling while evictd catches up with the last commits.
-    caught_up(&d).await;
-    stop_readers.store(true, Ordering::Relaxed);
-    for r in readers {
-        r.await.unwrap();
-    }
-    caught_up(&d).await;
-
-    let (accepted, refused, commits) =
-        (accepted.load(Ordering::Relaxed), refused.load(Ordering::Relaxed), commits.load(Ordering::Relaxed));
-    eprintln!("{commits} commits, {accepted} fills stored, {refused} stale fills refused");
-    assert!(commits > 100, "the writers made too few commits ({commits}) to race");
-    assert!(refused > 0, "no fill was refused: the race was not exercised");
-    assert!(accepted > 0, "no fill was stored");
-    let mut r = redis(&url).await;
-    let mut db = sqlx::PgConnection::connect(&d.db.url).await.unwrap();
-    for id in 1..=ROWS {
-        let cached: Option<i64> = r.get(&keys[(id - 1) as usize]).await.unwrap();
-        if let Some(cached) = cached {
-            assert_eq!(cached, quantity(&mut db, id).await, "row {id}: the cache holds a stale quantity");
-        }
-    }
+    race.finish(&d, &url, readers, &keys, "fills").await;
     d.finish().await;
 }
 
-/// `writers` tasks that each commit `quantity + 1` of a random row of
-/// `1..=rows` with a random pause, until `stop`, counting in `commits`.
-pub(super) fn spawn_writers(
-    db_url: &str,
-    rows: i64,
-    writers: usize,
-    stop: &Arc<AtomicBool>,
-    commits: &Arc<AtomicU64>,
-) -> Vec<tokio::task::JoinHandle<()>> {
-    (0..writers)
-        .map(|w| {
-            let (url, stop, commits) = (db_url.to_owned(), stop.clone(), commits.clone());
-            tokio::spawn(async move {
-                let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
-                let mut rng = fastrand::Rng::with_seed(w as u64);
-                while !stop.load(Ordering::Relaxed) {
-                    let id = rng.i64(1..=rows);
-                    sqlx::query("UPDATE app.stock SET quantity = quantity + 1 WHERE id = $1")
-                        .bind(id)
-                        .execute(&mut db)
-                        .await
-                        .unwrap();
-                    commits.fetch_add(1, Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_micros(rng.u64(0..2000))).await;
-                }
+/// Writers committing `quantity + 1` of random rows while readers (spawned
+/// by the test, counting in `accepted` and `refused`) fill the cache.
+pub(super) struct Race {
+    pub stop_readers: Arc<AtomicBool>,
+    pub accepted: Arc<AtomicU64>,
+    pub refused: Arc<AtomicU64>,
+    stop_writers: Arc<AtomicBool>,
+    commits: Arc<AtomicU64>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Race {
+    /// Starts `writers` tasks that each commit `quantity + 1` of a random
+    /// row of `1..=rows` with a random pause.
+    pub(super) fn start(d: &Daemon, rows: i64, writers: usize) -> Race {
+        let (stop_writers, commits) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let writers = (0..writers)
+            .map(|w| {
+                let (url, stop, commits) = (d.db.url.clone(), stop_writers.clone(), commits.clone());
+                tokio::spawn(async move {
+                    let mut db = sqlx::PgConnection::connect(&url).await.unwrap();
+                    let mut rng = fastrand::Rng::with_seed(w as u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        let id = rng.i64(1..=rows);
+                        sqlx::query("UPDATE app.stock SET quantity = quantity + 1 WHERE id = $1")
+                            .bind(id)
+                            .execute(&mut db)
+                            .await
+                            .unwrap();
+                        commits.fetch_add(1, Ordering::Relaxed);
+                        tokio::time::sleep(Duration::from_micros(rng.u64(0..2000))).await;
+                    }
+                })
             })
-        })
-        .collect()
+            .collect();
+        Race {
+            stop_readers: Arc::new(AtomicBool::new(false)),
+            accepted: Arc::new(AtomicU64::new(0)),
+            refused: Arc::new(AtomicU64::new(0)),
+            stop_writers,
+            commits,
+            writers,
+        }
+    }
+
+    /// Races for 4 s, stops the writers, lets the readers fill while evictd
+    /// catches up with the last commits, stops them, and checks that the
+    /// race was run and that no key of `keys` (row `i + 1` each) holds a
+    /// stale quantity.
+    pub(super) async fn finish(
+        self,
+        d: &Daemon,
+        url: &str,
+        readers: Vec<tokio::task::JoinHandle<()>>,
+        keys: &[String],
+        what: &str,
+    ) {
+        tokio::time::sleep(Duration::from_secs(4)).await;
+        self.stop_writers.store(true, Ordering::Relaxed);
+        for w in self.writers {
+            w.await.unwrap();
+        }
+        // Readers keep filling while evictd catches up with the last commits.
+        caught_up(d).await;
+        self.stop_readers.store(true, Ordering::Relaxed);
+        for r in readers {
+            r.await.unwrap();
+        }
+        caught_up(d).await;
+
+        let (accepted, refused, commits) = (
+            self.accepted.load(Ordering::Relaxed),
+            self.refused.load(Ordering::Relaxed),
+            self.commits.load(Ordering::Relaxed),
+        );
+        eprintln!("{commits} commits, {accepted} {what} stored, {refused} stale fills refused");
+        assert!(commits > 100, "the writers made too few commits ({commits}) to race");
+        assert!(refused > 0, "no fill was refused: the race was not exercised");
+        assert!(accepted > 0, "no fill was stored");
+        let mut r = redis(url).await;
+        let mut db = sqlx::PgConnection::connect(&d.db.url).await.unwrap();
+        for (i, key) in keys.iter().enumerate() {
+            let id = i as i64 + 1;
+            let cached: Option<i64> = r.get(key).await.unwrap();
+            if let Some(cached) = cached {
+                assert_eq!(cached, quantity(&mut db, id).await, "row {id}: the cache holds a stale quantity");
+            }
+        }
+    }
 }

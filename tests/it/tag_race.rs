@@ -11,7 +11,7 @@
 //! its stamp, and the stale fill is refused.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use evictd::reader::{Read, fill, read, register};
@@ -20,7 +20,7 @@ use redis::AsyncCommands as _;
 use sqlx::Connection as _;
 
 use super::daemon::{Daemon, redis, redis_url};
-use super::fill_guard::{SCHEMA, caught_up, quantity, spawn_writers};
+use super::fill_guard::{Race, SCHEMA, caught_up, quantity};
 
 /// A listing cache invalidated through tags only: the application names
 /// its keys and registers them under `<prefix>-stock:<id>`.
@@ -118,16 +118,11 @@ async fn under_concurrent_readers_and_writers_no_stale_tagged_value_survives() {
     let p = d.prefix.clone();
     let keys: Arc<Vec<(String, String)>> =
         Arc::new((1..=ROWS).map(|id| (d.key(&format!("listing:item={id}")), format!("{p}-stock:{id}"))).collect());
-    let stop_writers = Arc::new(AtomicBool::new(false));
-    let stop_readers = Arc::new(AtomicBool::new(false));
-    let (accepted, refused, commits) =
-        (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-
-    let writers = spawn_writers(&d.db.url, ROWS, WRITERS, &stop_writers, &commits);
+    let race = Race::start(&d, ROWS, WRITERS);
     let mut readers = Vec::new();
     for reader in 0..READERS {
-        let (pg, stop, keys) = (d.db.url.clone(), stop_readers.clone(), keys.clone());
-        let (accepted, refused) = (accepted.clone(), refused.clone());
+        let (pg, stop, keys) = (d.db.url.clone(), race.stop_readers.clone(), keys.clone());
+        let (accepted, refused) = (race.accepted.clone(), race.refused.clone());
         let mut r = redis(&url).await;
         readers.push(tokio::spawn(async move {
             let mut db = sqlx::PgConnection::connect(&pg).await.unwrap();
@@ -144,32 +139,8 @@ async fn under_concurrent_readers_and_writers_no_stale_tagged_value_survives() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    stop_writers.store(true, Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
-    caught_up(&d).await;
-    stop_readers.store(true, Ordering::Relaxed);
-    for r in readers {
-        r.await.unwrap();
-    }
-    caught_up(&d).await;
-
-    let (accepted, refused, commits) =
-        (accepted.load(Ordering::Relaxed), refused.load(Ordering::Relaxed), commits.load(Ordering::Relaxed));
-    eprintln!("{commits} commits, {accepted} tagged fills stored, {refused} stale fills refused");
-    assert!(commits > 100, "the writers made too few commits ({commits}) to race");
-    assert!(refused > 0, "no fill was refused: the race was not exercised");
-    assert!(accepted > 0, "no fill was stored");
-    let mut r = redis(&url).await;
-    let mut db = sqlx::PgConnection::connect(&d.db.url).await.unwrap();
-    for id in 1..=ROWS {
-        let cached: Option<i64> = r.get(&keys[(id - 1) as usize].0).await.unwrap();
-        if let Some(cached) = cached {
-            assert_eq!(cached, quantity(&mut db, id).await, "row {id}: the cache holds a stale quantity");
-        }
-    }
+    let cached: Vec<String> = keys.iter().map(|(key, _)| key.clone()).collect();
+    race.finish(&d, &url, readers, &cached, "tagged fills").await;
     d.finish().await;
 }
 
