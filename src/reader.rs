@@ -103,10 +103,7 @@ pub async fn register<C: ConnectionLike>(
     tags: &[impl AsRef<str>],
     ttl_ms: u64,
 ) -> redis::RedisResult<()> {
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
-    register_at(con, key, tags, now_ms.saturating_add(ttl_ms)).await
+    register_at(con, key, tags, crate::sink::redis::now_ms().saturating_add(ttl_ms)).await
 }
 
 /// [`register`] with the key's expiry given, as Unix time in ms: one

@@ -9,7 +9,7 @@
 //! drop their pending flag; every target tracks its record before the run
 //! loop gets the source.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use crate::sink::redis::now_ms;
 
 use crate::config::PostgresSource as PostgresConfig;
 use crate::graph::{CacheId, Graph};
@@ -110,8 +110,4 @@ fn setup_error(e: SinkError) -> SourceSetupError {
         SinkError::Transient { .. } => SourceSetupError::Transient(format!("source record: {e}")),
         SinkError::Definite { .. } => SourceSetupError::Definite(format!("source record: {e}")),
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

@@ -550,7 +550,8 @@ async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Op
     Ok(())
 }
 
-/// Now as Unix milliseconds (0 if the clock is before 1970).
-fn now_ms() -> u64 {
+/// Now as Unix milliseconds (0 if the clock is before 1970): the clock of
+/// every score, expiry and record evictd and its readers write to Redis.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
