@@ -19,6 +19,8 @@
 //! - [`config`], [`cli`]: the operator's surface.
 //! - [`daemon`]: `evictd run`'s wiring and its one supervisor of source
 //!   sessions (Postgres active/standby, Kafka group membership).
+//! - `policy`: the one classification of failures into retry, dead-letter
+//!   or stop.
 //! - [`metrics`]: every exported metric, recorded through typed methods.
 //! - [`reader`]: for applications: the fill guard, a race-free cache fill.
 //! - [`server`]: `/metrics`, `/healthz` and `/readyz`, and the [`server::Health`]
@@ -35,6 +37,7 @@ pub mod diagnostic;
 pub mod graph;
 pub mod key;
 pub mod metrics;
+pub(crate) mod policy;
 pub mod reader;
 pub mod resolve;
 pub(crate) mod retry;

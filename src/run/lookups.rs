@@ -1,7 +1,7 @@
 //! A batch's look-ups: run together, narrowed down to single changes when
 //! they fail, and the changes that still fail handed on as dead letters.
 //!
-//! Failures are of four kinds ([`LookupFailure`], decided in `policy.rs`):
+//! Failures are of four kinds ([`LookupFailure`], decided in `crate::policy`):
 //! - **connection**: the database cannot be reached; waited out with
 //!   backoff for as long as it lasts, never counted, never a dead letter;
 //! - **retryable**: a statement timeout or another error a retry may fix;
@@ -23,9 +23,9 @@
 use tokio_util::sync::CancellationToken;
 
 use super::RunError;
-use super::policy::{self, Decision, Failure, LookupFailure};
 use super::transaction::LookupOrigin;
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
+use crate::policy::{self, Decision, Failure, LookupFailure};
 use crate::resolve::{LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};
 use crate::retry::{Backoff, Stopped};
 

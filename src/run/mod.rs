@@ -13,7 +13,7 @@
 //! One batch is in flight at a time; its task runs the batch's look-ups and
 //! then the sinks, retrying transient failures with backoff until they
 //! succeed or shutdown comes. Which failures are retried, dead-lettered or
-//! stop the daemon is decided in one place, `policy.rs`. Nothing is acknowledged that a sink has not
+//! stop the daemon is decided in one place, `crate::policy`. Nothing is acknowledged that a sink has not
 //! confirmed (the [`Watermark`]). A session that loses its source drops
 //! everything unacknowledged; the next session gets it again from the slot.
 //!
@@ -23,7 +23,6 @@
 //! batch unconfirmed, so that a restart meets the change again.
 
 mod lookups;
-mod policy;
 mod transaction;
 
 use std::sync::Arc;
@@ -35,7 +34,6 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
-use self::policy::{Decision, Failure};
 pub use self::transaction::{LookupOrigin, TransactionEffects, TransactionLimits, TransactionOutput};
 use crate::batch::{Batch, BatchLimits};
 use crate::change::{Lsn, Position};
@@ -43,6 +41,7 @@ use crate::checkpoint::{NotInFlight, Watermark};
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, OnError};
 use crate::graph::Graph;
 use crate::metrics::{Invalidation, Metrics, PositionLadder};
+use crate::policy::{self, Decision, Failure};
 use crate::resolve::{Effect, LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};
 use crate::retry::{Backoff, Jitter, Stopped};
 use crate::server::Health;
@@ -103,7 +102,7 @@ pub enum RunError {
     /// A sink refused a batch for good.
     #[error("sink: {0}")]
     Sink(#[source] SinkError),
-    /// A look-up query that cannot run for any change (see `policy.rs`).
+    /// A look-up query that cannot run for any change (see `crate::policy`).
     #[error("look-up: {error}: {hint}")]
     LookupBroken {
         #[source]

@@ -11,6 +11,7 @@ use crate::dead_letter::{DeadLetterError, DeadLetterReason};
 use crate::diagnostic::SourceFile;
 use crate::graph::Lookup;
 use crate::graph::load::load_sources;
+use crate::policy;
 use crate::resolve::{LookupError, LookupOutcome};
 
 const GRAPH: &str = r#"

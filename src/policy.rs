@@ -18,7 +18,7 @@ use crate::source::SourceError;
 
 /// What kind of failure a look-up error is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum LookupFailure {
+pub(crate) enum LookupFailure {
     /// The database cannot be reached: waited out, never counted.
     Connection,
     /// A statement timeout or another error a retry may fix: counted.
@@ -31,7 +31,7 @@ pub(super) enum LookupFailure {
 }
 
 impl LookupFailure {
-    pub(super) fn of(error: &LookupError) -> LookupFailure {
+    pub(crate) fn of(error: &LookupError) -> LookupFailure {
         if error.is_connection() {
             LookupFailure::Connection
         } else if error.is_query_fault() {
@@ -46,7 +46,7 @@ impl LookupFailure {
 
 /// A failure the run loop met.
 #[derive(Debug, Clone, Copy)]
-pub(super) enum Failure<'a> {
+pub(crate) enum Failure<'a> {
     /// `next()` failed.
     Source(&'a SourceError),
     /// A sink did not confirm a batch.
@@ -60,7 +60,7 @@ pub(super) enum Failure<'a> {
 
 /// What to do about a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Decision {
+pub(crate) enum Decision {
     /// Wait (backoff) and try again; for the source, end the session so
     /// that the supervisor starts another.
     Retry,
@@ -72,17 +72,17 @@ pub(super) enum Decision {
 
 /// A decision and what the operator can do about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct Verdict {
+pub(crate) struct Verdict {
     pub decision: Decision,
     pub hint: &'static str,
 }
 
 /// Why a look-up that cannot run for any change stops the daemon.
-pub(super) const BROKEN_QUERY_HINT: &str =
+pub(crate) const BROKEN_QUERY_HINT: &str =
     "the query cannot run for any change; fix the graph's look-up or the database schema";
 
 /// The one classification of the run loop's failures.
-pub(super) fn decide(failure: Failure<'_>) -> Verdict {
+pub(crate) fn decide(failure: Failure<'_>) -> Verdict {
     use Decision::{DeadLetter, Retry, Stop};
     let (decision, hint) = match failure {
         Failure::Source(SourceError::Transient(_)) => {
