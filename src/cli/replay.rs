@@ -330,7 +330,7 @@ async fn replay(args: &ReplayArgs, config: Option<Config>, graph: Graph) -> Resu
     let bad = tally.bad.load(Ordering::Relaxed);
     match result {
         Ok(SessionEnd::Shutdown) => {}
-        Ok(SessionEnd::SourceLost(m)) => return Err(CliError::Runtime(m)),
+        Ok(SessionEnd::SourceLost(m)) => return Err(CliError::Runtime(m.to_string())),
         Err(e) => return Err(CliError::Runtime(e.to_string())),
     }
     let (acknowledged, last) = (tally.acknowledged.load(Ordering::Relaxed), tally.last.load(Ordering::Relaxed));

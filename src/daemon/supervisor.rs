@@ -172,7 +172,7 @@ where
                 break;
             }
             Ok(SessionEnd::SourceLost(m)) => {
-                sessions.log_lost(&m);
+                sessions.log_lost(&m.to_string());
                 sessions.close(source, Ended::Lost).await;
                 if backoff.wait(stop).await.is_err() {
                     break;

@@ -23,7 +23,7 @@
 use tokio_util::sync::CancellationToken;
 
 use super::RunError;
-use super::transaction::LookupOrigin;
+use crate::batch::LookupOrigin;
 use crate::dead_letter::{DeadLetter, DeadLetterReason};
 use crate::policy::{self, Decision, Failure, LookupFailure};
 use crate::resolve::{LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};

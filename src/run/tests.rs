@@ -268,7 +268,7 @@ async fn a_lost_source_ends_the_session_without_acknowledging() {
     events.push_back(Err(SourceError::Transient("connection reset".into())));
     let mut source = Script { events, acked: acked.clone() };
     let end = p.run_session(&mut source, &CancellationToken::new()).await.unwrap();
-    assert!(matches!(end, SessionEnd::SourceLost(m) if m == "connection reset"));
+    assert!(matches!(end, SessionEnd::SourceLost(m) if m.to_string() == "connection reset"));
     assert!(acked.lock().unwrap().is_empty());
 }
 
