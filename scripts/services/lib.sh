@@ -134,9 +134,10 @@ wipe_if() { [ "${!1:-0}" = 1 ] || return 0; rm -rf -- "$2"; }
 
 # --- the defaults, one place per service ------------------------------------
 EVICTD_TOOLS="${EVICTD_TOOLS:-/tmp/evictd-tools}"
+PG_DEFAULT_PORT=55432 # pg-start's, and the one debezium-run reads from
 case "$LOG_PREFIX" in
   pg-*)
-    PGPORT="${PGPORT:-55432}"
+    PGPORT="${PGPORT:-$PG_DEFAULT_PORT}"
     PGDATA="${PGDATA:-/tmp/evictd-pg-$PGPORT/data}"
     PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
     RUNDIR="$(dirname "$PGDATA")" # socket, logs and initdb output, next to the data
@@ -156,7 +157,7 @@ case "$LOG_PREFIX" in
     pidfile="$KAFKA_DIR/broker.pid"
     ;;
   debezium-*)
-    export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-55432}" PGDATABASE="${PGDATABASE:-evictd}" PGUSER="${PGUSER:-postgres}"
+    export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-$PG_DEFAULT_PORT}" PGDATABASE="${PGDATABASE:-evictd}" PGUSER="${PGUSER:-postgres}"
     # Empty = no broker (DBZ_CAPTURE only), hence "-" and not ":-".
     export KAFKA_BOOTSTRAP="${KAFKA_BOOTSTRAP-127.0.0.1:19092}"
     export DBZ_STATE_DIR="${DBZ_STATE_DIR:-/tmp/evictd-debezium}"
