@@ -12,7 +12,7 @@
 //! How long a retry waits is [`crate::retry::Backoff`]'s part.
 
 use crate::dead_letter::{DeadLetterError, DeadLetterReason};
-use crate::resolve::LookupError;
+use crate::lookup::LookupError;
 use crate::sink::SinkError;
 use crate::source::SourceError;
 

@@ -19,8 +19,9 @@ pub mod transaction;
 use std::collections::HashSet;
 use std::time::Duration;
 
-pub use self::transaction::{LookupOrigin, TransactionEffects, TransactionLimits, TransactionOutput};
+pub use self::transaction::{TransactionEffects, TransactionLimits, TransactionOutput};
 use crate::change::Position;
+use crate::lookup::LookupOrigin;
 use crate::resolve::{Effect, LookupRequest};
 
 /// When a batch is closed and applied.

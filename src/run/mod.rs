@@ -17,12 +17,11 @@
 //! confirmed (the [`Watermark`]). A session that loses its source drops
 //! everything unacknowledged; the next session gets it again from the slot.
 //!
-//! A change whose look-ups cannot be run (see `lookups.rs`) is, as
+//! A change whose look-ups cannot be run (see `crate::lookup`) is, as
 //! `on_error` says, either written to the dead-letter store — and its batch
 //! confirmed only once that row is committed — or the daemon stops with the
 //! batch unconfirmed, so that a restart meets the change again.
 
-mod lookups;
 mod session;
 
 use std::sync::Arc;
@@ -40,9 +39,10 @@ use crate::change::{Change, Position};
 use crate::checkpoint::NotInFlight;
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, OnError};
 use crate::graph::Graph;
+use crate::lookup::{self, LookupExecutor, LookupStageError};
 use crate::metrics::{Invalidation, Metrics, PositionLadder};
 use crate::policy::{self, Decision, Failure};
-use crate::resolve::{Effect, LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};
+use crate::resolve::{Effect, LookupRequest, Resolution, Resolver};
 use crate::retry::{Backoff, Jitter, Stopped};
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
@@ -102,17 +102,10 @@ pub enum RunError {
     /// A sink refused a batch for good.
     #[error("sink: {0}")]
     Sink(#[source] SinkError),
-    /// A look-up query that cannot run for any change (see `crate::policy`).
-    #[error("look-up: {error}: {hint}")]
-    LookupBroken {
-        #[source]
-        error: LookupError,
-        hint: &'static str,
-    },
-    /// A batch's look-ups gave up and there was no change to narrow them
-    /// down to.
+    /// The look-up stage failed: a query that cannot run for any change,
+    /// or look-ups that gave up with no change to narrow them down to.
     #[error("look-up: {0}")]
-    LookupGaveUp(#[source] LookupError),
+    Lookup(#[source] LookupStageError),
     #[error("look-up: the graph has look-ups but no database is configured")]
     NoLookupDatabase,
     /// `on_error = "stop"` and a change cannot be resolved: nothing of its
@@ -133,6 +126,16 @@ pub enum RunError {
     /// unacknowledged and will be replayed.
     #[error("shut down with a batch unconfirmed; it will be replayed")]
     Cancelled,
+}
+
+impl From<LookupStageError> for RunError {
+    /// Shutdown while look-ups retried is the run loop's `Cancelled`.
+    fn from(error: LookupStageError) -> RunError {
+        match error {
+            LookupStageError::Cancelled => RunError::Cancelled,
+            error => RunError::Lookup(error),
+        }
+    }
 }
 
 /// How a source's events broke the transaction order.
@@ -319,9 +322,9 @@ where
             let executor = self.lookups.as_ref().ok_or_else(|| RunError::NoLookupDatabase)?;
             let resolver = Resolver::new(&self.graph);
             let retries =
-                lookups::Retries { backoff: self.backoff(), max_attempts: self.options.lookup_attempts, shutdown };
+                lookup::Retries { backoff: self.backoff(), max_attempts: self.options.lookup_attempts, shutdown };
             let (found, unresolved) =
-                lookups::resolve_batch(&resolver, executor.as_ref(), &lookups, &origins, &retries).await?;
+                lookup::resolve_batch(&resolver, executor.as_ref(), &lookups, &origins, &retries).await?;
             // Dead letters are committed (or the daemon stops) before the
             // batch can be confirmed.
             self.handle_unresolved(&unresolved, shutdown).await?;
@@ -420,7 +423,7 @@ where
     fn record_lookups(&self, requests: &[LookupRequest], found: &Resolution) {
         let mut per_cache: std::collections::HashMap<crate::graph::CacheId, (u64, u64)> =
             std::collections::HashMap::new();
-        for dependency in crate::resolve::group_requests(requests.to_vec()).keys() {
+        for dependency in lookup::group_requests(requests.to_vec()).keys() {
             per_cache.entry(self.graph.dependency(*dependency).cache).or_default().0 += 1;
         }
         for resolved in &found.effects {
