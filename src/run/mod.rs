@@ -21,9 +21,16 @@
 //! `on_error` says, either written to the dead-letter store — and its batch
 //! confirmed only once that row is committed — or the daemon stops with the
 //! batch unconfirmed, so that a restart meets the change again.
+//!
+//! A message a source cannot decode (`SourceEvent::Undecodable`, see
+//! `undecodable.rs`) is the same for every source: a committed transaction
+//! without effects that carries a dead letter, written and committed by its
+//! batch's task before the batch is confirmed; or, with `on_error =
+//! "stop"`, the end of the daemon with it unacknowledged.
 
 mod lookups;
 mod transaction;
+mod undecodable;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +53,7 @@ use crate::resolve::{Effect, LookupError, LookupExecutor, LookupRequest, Resolut
 use crate::retry::{Backoff, Jitter, Stopped};
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
-use crate::source::{Source, SourceError, SourceEvent};
+use crate::source::{Source, SourceError, SourceEvent, Undecodable, UndecodableReason};
 
 /// How the loop batches, bounds and retries.
 #[derive(Debug, Clone, Copy)]
@@ -121,6 +128,12 @@ pub enum RunError {
         "cannot resolve the change at {position} ({op} on {table}): {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
     )]
     Unresolvable { position: String, table: String, op: &'static str, error: String },
+    /// `on_error = "stop"` and the source could not decode a message:
+    /// nothing from it on was acknowledged.
+    #[error(
+        "source: cannot decode the message at {position}: {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
+    )]
+    Undecodable { position: Position, reason: UndecodableReason, error: String },
     /// The dead-letter store refused a write for good.
     #[error("dead letters: {0}")]
     DeadLetter(#[source] DeadLetterError),
@@ -144,6 +157,8 @@ pub enum OutOfOrder {
     ChangeOutside(Position),
     #[error("commit at {0} without a transaction")]
     CommitOutside(Position),
+    #[error("a message that cannot be decoded at {0} inside a transaction")]
+    UndecodableInside(Position),
 }
 
 /// Everything a batch task needs, shared.
@@ -183,6 +198,9 @@ struct Pending {
     opened: Instant,
     /// Commit time of the batch's last transaction (µs since the epoch).
     commit_time_micros: Option<i64>,
+    /// Messages that could not be decoded, each a transaction of the
+    /// batch: their dead letters are committed before it is confirmed.
+    undecodable: Vec<Undecodable>,
 }
 
 /// What a finished batch task reports.
@@ -200,6 +218,18 @@ fn lsn_of(position: &Position) -> Option<Lsn> {
 }
 
 impl Pending {
+    fn new(id: u64) -> Pending {
+        Pending {
+            batch: Batch::new(id),
+            lookups: Vec::new(),
+            origins: Vec::new(),
+            held_bytes: 0,
+            opened: Instant::now(),
+            commit_time_micros: None,
+            undecodable: Vec::new(),
+        }
+    }
+
     /// Full by its effects, or by the changes it holds for look-ups (their
     /// number, or the bytes of everything it holds): a full batch stops the
     /// reading while another is in flight, so memory stays bounded.
@@ -299,7 +329,7 @@ where
                         Err(e) => {
                             return match (policy::decide(Failure::Source(&e)).decision, e) {
                                 // Retried by the supervisor, in a new session.
-                                (Decision::Retry, SourceError::Transient(m) | SourceError::Definite(m)) => Ok(SessionEnd::SourceLost(m)),
+                                (Decision::Retry, e) => Ok(SessionEnd::SourceLost(e.to_string())),
                                 (Decision::DeadLetter(_) | Decision::Stop, e) => Err(RunError::Source(e)),
                             };
                         }
@@ -331,13 +361,32 @@ where
                             let p = pending.get_or_insert_with(|| {
                                 let id = next_batch_id;
                                 next_batch_id += 1;
-                                Pending { batch: Batch::new(id), lookups: Vec::new(), origins: Vec::new(), held_bytes: 0, opened: Instant::now(), commit_time_micros: None }
+                                Pending::new(id)
                             });
                             p.commit_time_micros = commit_time_micros.or(p.commit_time_micros);
                             p.batch.push_transaction(position, effects);
                             p.lookups.extend(lookups);
                             p.origins.extend(origins);
                             p.held_bytes += held_bytes;
+                        }
+                        SourceEvent::Undecodable(message) => {
+                            if open_tx.is_some() {
+                                return Err(RunError::OutOfOrder(OutOfOrder::UndecodableInside(message.position)));
+                            }
+                            // Dead-lettered (below, in the batch task) or the end of the daemon.
+                            self.undecodable_verdict(&message)?;
+                            if let Some(lsn) = lsn_of(&message.position) {
+                                ladder.received = ladder.received.max(lsn);
+                                ladder.resolved = ladder.resolved.max(lsn);
+                            }
+                            let p = pending.get_or_insert_with(|| {
+                                let id = next_batch_id;
+                                next_batch_id += 1;
+                                Pending::new(id)
+                            });
+                            p.batch.push_transaction(message.position.clone(), std::iter::empty());
+                            p.held_bytes += message.raw.bytes();
+                            p.undecodable.push(message);
                         }
                                                 SourceEvent::Idle { position } => {
                             if let Some(lsn) = lsn_of(&position) {
@@ -373,7 +422,9 @@ where
 
     async fn apply(&self, pending: Pending, shutdown: &CancellationToken) -> Result<Applied, RunError> {
         let started = Instant::now();
-        let Pending { batch, lookups, origins, commit_time_micros, .. } = pending;
+        let Pending { batch, lookups, origins, commit_time_micros, undecodable, .. } = pending;
+        // Their dead letters are committed before the batch can be confirmed.
+        self.record_undecodable(&undecodable, shutdown).await?;
         let mut effects: Vec<Effect> = batch.effects().to_vec();
         if !lookups.is_empty() {
             let executor = self.lookups.as_ref().ok_or_else(|| RunError::NoLookupDatabase)?;
