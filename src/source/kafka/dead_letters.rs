@@ -194,3 +194,39 @@ impl DeadLetterStore for KafkaDeadLetters {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{RawMessage, UndecodableReason};
+
+    #[test]
+    fn an_undecodable_message_keeps_its_key_value_and_headers_with_evictds_after_them() {
+        let message = Undecodable {
+            position: Position::Kafka { topic: "t".into(), partition: 3, offset: 9, seq: 1, version: 1 },
+            reason: UndecodableReason::TooSlow,
+            error: "decoding took too long".into(),
+            raw: RawMessage {
+                key: Some(b"k".to_vec()),
+                value: Some(b"v".to_vec()),
+                headers: vec![("trace".into(), Some(b"abc".to_vec())), ("none".into(), None)],
+            },
+        };
+        let letter = DeadLetterMessage::from_undecodable(&message);
+        assert_eq!((letter.key.as_deref(), letter.value.as_deref()), (Some(&b"k"[..]), Some(&b"v"[..])));
+        let headers: Vec<(&str, Option<&[u8]>)> =
+            letter.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        assert_eq!(
+            headers,
+            [
+                ("trace", Some(&b"abc"[..])),
+                ("none", None),
+                ("evictd.error", Some(&b"decoding took too long"[..])),
+                ("evictd.reason", Some(&b"too_slow"[..])),
+                ("evictd.source.topic", Some(&b"t"[..])),
+                ("evictd.source.partition", Some(&b"3"[..])),
+                ("evictd.source.offset", Some(&b"9"[..])),
+            ]
+        );
+    }
+}
