@@ -23,6 +23,7 @@ pub use self::transaction::{TransactionEffects, TransactionLimits, TransactionOu
 use crate::change::Position;
 use crate::lookup::LookupOrigin;
 use crate::resolve::{Effect, LookupRequest};
+use crate::source::Undecodable;
 
 /// When a batch is closed and applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -55,6 +56,10 @@ pub struct Batch {
     held_bytes: usize,
     /// Commit time of the batch's last transaction (µs since the epoch).
     commit_time_micros: Option<i64>,
+    /// Messages a source could not decode, each a transaction of the batch
+    /// without effects: their dead letters are committed before it is
+    /// confirmed.
+    undecodable: Vec<Undecodable>,
 }
 
 impl Batch {
@@ -70,6 +75,7 @@ impl Batch {
             origins: Vec::new(),
             held_bytes: 0,
             commit_time_micros: None,
+            undecodable: Vec::new(),
         }
     }
 
@@ -93,6 +99,20 @@ impl Batch {
         self.origins.extend(origins);
         self.held_bytes += held_bytes;
         self.commit_time_micros = commit_time_micros.or(self.commit_time_micros);
+    }
+
+    /// Adds a message the source could not decode: a transaction without
+    /// effects, whose raw bytes the batch holds until its dead letter is
+    /// written.
+    pub fn push_undecodable(&mut self, message: Undecodable) {
+        self.push_transaction(message.position.clone(), std::iter::empty());
+        self.held_bytes += message.raw.bytes();
+        self.undecodable.push(message);
+    }
+
+    /// Takes out the undecodable messages (for their dead letters).
+    pub fn take_undecodable(&mut self) -> Vec<Undecodable> {
+        std::mem::take(&mut self.undecodable)
     }
 
     /// Adds effects (of its transactions, or found by their look-ups): the

@@ -43,7 +43,7 @@ use crate::run::SessionEnd;
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
 use crate::source::debezium::{self, DecodeOptions, Decoded, Record, TableKeys};
-use crate::source::{Source, SourceError, SourceEvent};
+use crate::source::{Source, SourceError, SourceEvent, Undecodable};
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -171,7 +171,7 @@ impl<R: tokio::io::AsyncBufRead + Unpin + Send> Source for FileSource<R> {
                 }
                 Ok(None) => self.done.cancel(),
                 Err(e) => {
-                    return Err(SourceError::Definite(format!("{}:{}: cannot read: {e}", self.name, self.line + 1)));
+                    return Err(SourceError::definite_from(format!("{}:{}: cannot read", self.name, self.line + 1), e));
                 }
             }
         }
@@ -246,6 +246,15 @@ impl DeadLetterStore for ReportDeadLetters {
         self.tally.bad.fetch_add(1, Ordering::Relaxed);
         let change = &letter.change;
         eprintln!("{}: {} on {}: cannot resolve: {}", change.position, change.op, change.table, letter.error);
+        Ok(())
+    }
+
+    /// The file source reports a line it cannot decode itself (a replay
+    /// goes on past it whatever `on_error` says) and never yields one;
+    /// reported like a change that cannot be resolved, should one come.
+    async fn record_undecodable(&self, message: &Undecodable) -> Result<(), DeadLetterError> {
+        self.tally.bad.fetch_add(1, Ordering::Relaxed);
+        eprintln!("{}: cannot decode ({}): {}", message.position, message.reason.as_str(), message.error);
         Ok(())
     }
 }

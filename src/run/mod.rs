@@ -21,8 +21,15 @@
 //! `on_error` says, either written to the dead-letter store — and its batch
 //! confirmed only once that row is committed — or the daemon stops with the
 //! batch unconfirmed, so that a restart meets the change again.
+//!
+//! A message a source cannot decode (`SourceEvent::Undecodable`, see
+//! `undecodable.rs`) is the same for every source: a committed transaction
+//! without effects that carries a dead letter, written and committed by its
+//! batch's task before the batch is confirmed; or, with `on_error =
+//! "stop"`, the end of the daemon with it unacknowledged.
 
 mod session;
+mod undecodable;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -46,7 +53,7 @@ use crate::resolve::{Effect, LookupRequest, Resolution, Resolver};
 use crate::retry::{Backoff, Jitter, Stopped};
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
-use crate::source::{Source, SourceError, SourceEvent};
+use crate::source::{Source, SourceError, SourceEvent, Undecodable, UndecodableReason};
 
 /// How the loop batches, bounds and retries.
 #[derive(Debug, Clone, Copy)]
@@ -114,6 +121,12 @@ pub enum RunError {
         "cannot resolve the change at {position} ({op} on {table}): {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
     )]
     Unresolvable { position: String, table: String, op: &'static str, error: String },
+    /// `on_error = "stop"` and the source could not decode a message:
+    /// nothing from it on was acknowledged.
+    #[error(
+        "source: cannot decode the message at {position}: {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
+    )]
+    Undecodable { position: Position, reason: UndecodableReason, error: String },
     /// The dead-letter store refused a write for good.
     #[error("dead letters: {0}")]
     DeadLetter(#[source] DeadLetterError),
@@ -147,6 +160,8 @@ pub enum OutOfOrder {
     ChangeOutside(Position),
     #[error("commit at {0} without a transaction")]
     CommitOutside(Position),
+    #[error("a message that cannot be decoded at {0} inside a transaction")]
+    UndecodableInside(Position),
 }
 
 /// Everything a batch task needs, shared.
@@ -219,6 +234,10 @@ impl Assemble for Assembler<'_> {
         batch.push_output(position, transaction.finish(), commit_time_micros);
     }
 
+    fn undecodable(&mut self, batch: &mut Batch, message: Undecodable) {
+        batch.push_undecodable(message);
+    }
+
     fn is_full(&self, batch: &Batch) -> bool {
         batch.is_full(&self.options.batch)
     }
@@ -241,7 +260,7 @@ where
         let graph = self.graph.clone();
         let assembler =
             Assembler { graph: &graph, resolver: Resolver::new(&graph), options: self.options, metrics: &self.metrics };
-        let mut session = Session::new(assembler, self.options.batch.max_delay);
+        let mut session = Session::new(assembler, self.options.batch.max_delay, self.options.on_error);
         // Aborted if the session ends first: an unconfirmed batch is
         // abandoned (it will be replayed), never left retrying on its own.
         let mut in_flight: Option<AbortOnDropHandle<Result<Applied, RunError>>> = None;
@@ -317,6 +336,9 @@ where
 
     async fn apply(&self, mut batch: Batch, shutdown: &CancellationToken) -> Result<Applied, RunError> {
         let started = Instant::now();
+        // Dead letters of undecodable messages are committed before the
+        // batch can be confirmed.
+        self.record_undecodable(&batch.take_undecodable(), shutdown).await?;
         let (lookups, origins) = batch.take_lookups();
         if !lookups.is_empty() {
             let executor = self.lookups.as_ref().ok_or_else(|| RunError::NoLookupDatabase)?;
@@ -497,7 +519,7 @@ fn observe(ladder: &mut PositionLadder, event: &SourceEvent) {
                 ladder.received = ladder.received.max(lsn);
             }
         }
-        SourceEvent::Commit { position, .. } => {
+        SourceEvent::Commit { position, .. } | SourceEvent::Undecodable(Undecodable { position, .. }) => {
             if let Some(lsn) = position.lsn() {
                 ladder.received = ladder.received.max(lsn);
                 ladder.resolved = ladder.resolved.max(lsn);

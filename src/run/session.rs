@@ -53,8 +53,9 @@ use tokio::time::Instant;
 use super::{OutOfOrder, RunError, SessionEnd};
 use crate::change::{Change, Position};
 use crate::checkpoint::Watermark;
+use crate::dead_letter::OnError;
 use crate::policy::{self, Decision, Failure};
-use crate::source::{SourceError, SourceEvent};
+use crate::source::{SourceError, SourceEvent, Undecodable};
 
 /// Builds transactions and batches out of changes: pure, no I/O.
 pub(crate) trait Assemble {
@@ -74,6 +75,9 @@ pub(crate) trait Assemble {
         position: Position,
         commit_time_micros: Option<i64>,
     );
+    /// Adds a message the source could not decode, to be dead-lettered
+    /// with the batch: a transaction without effects.
+    fn undecodable(&mut self, batch: &mut Self::Batch, message: Undecodable);
     /// Whether the batch reached a size limit.
     fn is_full(&self, batch: &Self::Batch) -> bool;
 }
@@ -130,6 +134,7 @@ struct Filling<B> {
 pub(crate) struct Session<A: Assemble> {
     assemble: A,
     max_delay: Duration,
+    on_error: OnError,
     open: Option<A::Transaction>,
     filling: Option<Filling<A::Batch>>,
     in_flight: Option<u64>,
@@ -143,11 +148,13 @@ pub(crate) struct Session<A: Assemble> {
 
 impl<A: Assemble> Session<A> {
     /// A session whose batches go out at the latest `max_delay` after their
-    /// first transaction.
-    pub(crate) fn new(assemble: A, max_delay: Duration) -> Session<A> {
+    /// first transaction, and whose undecodable messages are dead-lettered
+    /// or stop the daemon as `on_error` says.
+    pub(crate) fn new(assemble: A, max_delay: Duration, on_error: OnError) -> Session<A> {
         Session {
             assemble,
             max_delay,
+            on_error,
             open: None,
             filling: None,
             in_flight: None,
@@ -269,19 +276,37 @@ impl<A: Assemble> Session<A> {
                 let Some(transaction) = self.open.take() else {
                     return Err(RunError::OutOfOrder(OutOfOrder::CommitOutside(position)));
                 };
-                let filling = match self.filling.take() {
-                    Some(f) => f,
-                    None => {
-                        let id = self.next_id;
-                        self.next_id += 1;
-                        let batch = self.assemble.new_batch(id);
-                        Filling { id, batch, opened: now, last: position.clone() }
-                    }
-                };
-                let mut filling = filling;
-                self.assemble.commit(&mut filling.batch, transaction, position.clone(), commit_time_micros);
-                filling.last = position;
-                self.filling = Some(filling);
+                self.open_batch(now, &position);
+                if let Some(filling) = self.filling.as_mut() {
+                    self.assemble.commit(&mut filling.batch, transaction, position.clone(), commit_time_micros);
+                    filling.last = position;
+                }
+            }
+            SourceEvent::Undecodable(message) => {
+                if self.open.is_some() {
+                    return Err(RunError::OutOfOrder(OutOfOrder::UndecodableInside(message.position)));
+                }
+                let failure = Failure::Undecodable { reason: message.reason, on_error: self.on_error };
+                if !matches!(policy::decide(failure).decision, Decision::DeadLetter(_)) {
+                    tracing::error!(
+                        position = %message.position,
+                        error = message.error,
+                        "cannot decode this message; stopping without acknowledging it (on_error = stop)"
+                    );
+                    return Err(RunError::Undecodable {
+                        position: message.position,
+                        reason: message.reason,
+                        error: message.error,
+                    });
+                }
+                // Dead-lettered with its batch, which is confirmed only
+                // once the letter is stored.
+                let position = message.position.clone();
+                self.open_batch(now, &position);
+                if let Some(filling) = self.filling.as_mut() {
+                    self.assemble.undecodable(&mut filling.batch, message);
+                    filling.last = position;
+                }
             }
             SourceEvent::Idle { position } => {
                 // A keepalive between transactions: acknowledged only when
@@ -317,6 +342,16 @@ impl<A: Assemble> Session<A> {
             self.watermark.begin(id, last);
             self.in_flight = Some(id);
             self.actions.push_back(Action::Dispatch { id, batch });
+        }
+    }
+
+    /// Opens the next batch now if there is none.
+    fn open_batch(&mut self, now: Instant, position: &Position) {
+        if self.filling.is_none() {
+            let id = self.next_id;
+            self.next_id += 1;
+            self.filling =
+                Some(Filling { id, batch: self.assemble.new_batch(id), opened: now, last: position.clone() });
         }
     }
 

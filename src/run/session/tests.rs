@@ -12,6 +12,8 @@
 //! session they are only delay), time passing, the source quiet, the source
 //! failing (transient: the session ends and the next one resumes after what
 //! was acknowledged; definite: the daemon stops), shutdown and step-down.
+//! One transaction in ten is a message the source could not decode, and one
+//! session in ten stops on such a message (`on_error = "stop"`).
 
 use std::time::Duration;
 
@@ -19,6 +21,7 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::change::{Lsn, Operation, Row, Value};
+use crate::source::{RawMessage, UndecodableReason};
 
 /// How many schedules `every_schedule_keeps_the_session_invariants` runs;
 /// `EVICTD_SESSION_SCHEDULES` overrides it (e.g. a million, by hand).
@@ -56,6 +59,8 @@ fn pos(n: u64) -> Position {
 struct Tx {
     commit: u64,
     effects: Vec<u32>,
+    /// A message the source could not decode, in place of a transaction.
+    undecodable: bool,
 }
 
 /// A fake batch: each transaction's commit and effects.
@@ -91,6 +96,10 @@ impl Assemble for Recording {
         batch.push((position.version(), transaction));
     }
 
+    fn undecodable(&mut self, batch: &mut Self::Batch, message: Undecodable) {
+        batch.push((message.position.version(), Vec::new()));
+    }
+
     fn is_full(&self, batch: &Self::Batch) -> bool {
         batch.len() >= self.full_at
     }
@@ -101,6 +110,18 @@ impl Assemble for Recording {
 fn events_of(stream: &[Tx], keepalives: &[bool]) -> Vec<SourceEvent> {
     let mut events = Vec::new();
     for (tx, keepalive) in stream.iter().zip(keepalives) {
+        if tx.undecodable {
+            events.push(SourceEvent::Undecodable(Undecodable {
+                position: pos(tx.commit),
+                reason: UndecodableReason::Decode,
+                error: "not JSON".into(),
+                raw: RawMessage { key: None, value: Some(b"{".to_vec()), headers: Vec::new() },
+            }));
+            if *keepalive {
+                events.push(SourceEvent::Idle { position: pos(tx.commit + 5) });
+            }
+            continue;
+        }
         events.push(SourceEvent::Begin);
         for id in &tx.effects {
             let row = Row::new().with("id", Value::Int(i64::from(*id)));
@@ -169,9 +190,14 @@ fn run_schedule(seed: u64, world: &mut World) -> Outcome {
     let mut rng = Rng(seed);
     let n = 1 + rng.below(8) as usize;
     let stream: Vec<Tx> = (0..n)
-        .map(|i| Tx {
-            commit: 100 * (i as u64 + 1),
-            effects: (0..rng.below(4)).map(|_| rng.below(50) as u32).collect(),
+        .map(|i| {
+            let undecodable = rng.chance(10);
+            let changes = if undecodable { 0 } else { rng.below(4) };
+            Tx {
+                commit: 100 * (i as u64 + 1),
+                effects: (0..changes).map(|_| rng.below(50) as u32).collect(),
+                undecodable,
+            }
         })
         .collect();
     let keepalives: Vec<bool> = (0..n).map(|_| rng.chance(30)).collect();
@@ -185,7 +211,8 @@ fn run_schedule(seed: u64, world: &mut World) -> Outcome {
         let last_session = session_no + 1 == sessions;
         let full_at = 1 + rng.below(4) as usize;
         let max_delay = Duration::from_millis(rng.below(5));
-        let mut session = Session::new(Recording { full_at }, max_delay);
+        let on_error = if rng.chance(10) { OnError::Stop } else { OnError::DeadLetter };
+        let mut session = Session::new(Recording { full_at }, max_delay, on_error);
         // Delivery resumes after what was acknowledged (at-least-once).
         let mut cursor = match world.acknowledged {
             None => 0,
@@ -193,14 +220,17 @@ fn run_schedule(seed: u64, world: &mut World) -> Outcome {
                 .iter()
                 .position(|e| match e {
                     SourceEvent::Commit { position, .. } | SourceEvent::Idle { position } => position.version() > acked,
+                    SourceEvent::Undecodable(message) => message.position.version() > acked,
                     _ => false,
                 })
                 .map_or(events.len(), |i| {
                     // Back to the Begin of the transaction that commits there.
                     let mut j = i;
                     while j > 0
-                        && !matches!(events[j], SourceEvent::Begin)
-                        && !matches!(events[j], SourceEvent::Idle { .. })
+                        && !matches!(
+                            events[j],
+                            SourceEvent::Begin | SourceEvent::Idle { .. } | SourceEvent::Undecodable(_)
+                        )
                     {
                         j -= 1;
                     }
@@ -239,8 +269,12 @@ fn run_schedule(seed: u64, world: &mut World) -> Outcome {
                 0 => {
                     let event = events[cursor].clone();
                     cursor += 1;
-                    if let SourceEvent::Commit { position, .. } = &event {
-                        delivered.push(position.version());
+                    match &event {
+                        SourceEvent::Commit { position, .. } => delivered.push(position.version()),
+                        SourceEvent::Undecodable(message) if on_error == OnError::DeadLetter => {
+                            delivered.push(message.position.version())
+                        }
+                        _ => {}
                     }
                     Input::Event(event)
                 }
@@ -250,9 +284,9 @@ fn run_schedule(seed: u64, world: &mut World) -> Outcome {
                 }
                 2 => {
                     if rng.chance(10) && !last_session {
-                        Input::SourceFailed(SourceError::Definite("boom".into()))
+                        Input::SourceFailed(SourceError::definite("boom"))
                     } else if !last_session {
-                        Input::SourceFailed(SourceError::Transient("connection reset".into()))
+                        Input::SourceFailed(SourceError::transient("connection reset"))
                     } else {
                         continue;
                     }
@@ -292,11 +326,12 @@ fn run_schedule(seed: u64, world: &mut World) -> Outcome {
                     Input::Stop
                 }
             };
-            let injected_failure = matches!(
-                &input,
-                Input::SourceFailed(SourceError::Definite(_))
-                    | Input::BatchDone { outcome: BatchOutcome::Failed(_), .. }
-            );
+            let injected_failure = match &input {
+                Input::SourceFailed(e) => !e.is_transient(),
+                Input::BatchDone { outcome: BatchOutcome::Failed(_), .. } => true,
+                Input::Event(SourceEvent::Undecodable(_)) => on_error == OnError::Stop,
+                _ => false,
+            };
             if let Err(e) = session.step(input, now) {
                 assert!(injected_failure, "seed {seed}: the session failed on its own: {e}");
                 return Outcome::Failed;
@@ -391,11 +426,16 @@ fn every_schedule_keeps_the_session_invariants() {
 #[test]
 fn a_batch_that_fills_stops_the_reading_while_another_is_in_flight() {
     let now = Instant::now();
-    let mut session = Session::new(Recording { full_at: 1 }, Duration::from_secs(10));
-    for (i, event) in
-        events_of(&[Tx { commit: 100, effects: vec![1] }, Tx { commit: 200, effects: vec![2] }], &[false, false])
-            .into_iter()
-            .enumerate()
+    let mut session = Session::new(Recording { full_at: 1 }, Duration::from_secs(10), OnError::DeadLetter);
+    for (i, event) in events_of(
+        &[
+            Tx { commit: 100, effects: vec![1], undecodable: false },
+            Tx { commit: 200, effects: vec![2], undecodable: false },
+        ],
+        &[false, false],
+    )
+    .into_iter()
+    .enumerate()
     {
         assert!(session.reading(), "event {i}");
         session.step(Input::Event(event), now).unwrap();
@@ -411,8 +451,8 @@ fn a_batch_that_fills_stops_the_reading_while_another_is_in_flight() {
 #[test]
 fn a_keepalive_is_acknowledged_only_when_nothing_is_waiting() {
     let now = Instant::now();
-    let mut session = Session::new(Recording { full_at: 10 }, Duration::from_secs(10));
-    let events = events_of(&[Tx { commit: 100, effects: vec![1] }], &[true]);
+    let mut session = Session::new(Recording { full_at: 10 }, Duration::from_secs(10), OnError::DeadLetter);
+    let events = events_of(&[Tx { commit: 100, effects: vec![1], undecodable: false }], &[true]);
     for event in events {
         session.step(Input::Event(event), now).unwrap();
     }
