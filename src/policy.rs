@@ -167,8 +167,8 @@ mod tests {
 
     #[test]
     fn a_transient_sink_error_is_retried_and_a_definite_one_stops() {
-        let transient = SinkError::Transient { target: "a".into(), message: "down".into() };
-        let definite = SinkError::Definite { target: "a".into(), message: "WRONGTYPE".into() };
+        let transient = SinkError::transient("a", "down");
+        let definite = SinkError::definite("a", "WRONGTYPE");
         assert_eq!(decide(Failure::Sink(&transient)).decision, Decision::Retry);
         assert_eq!(decide(Failure::Sink(&definite)).decision, Decision::Stop);
     }
@@ -185,7 +185,7 @@ mod tests {
     fn nothing_but_a_changes_lookups_is_ever_dead_lettered() {
         let machinery = [
             decide(Failure::Source(&SourceError::Definite("x".into()))),
-            decide(Failure::Sink(&SinkError::Definite { target: "a".into(), message: "x".into() })),
+            decide(Failure::Sink(&SinkError::definite("a", "x"))),
             decide(Failure::DeadLetterStore(&DeadLetterError::Unreachable("x".into()))),
         ];
         for verdict in machinery {

@@ -91,8 +91,8 @@ pub(crate) async fn connect_sinks(
                     targets.push(sink);
                     break;
                 }
-                Err(SinkError::Transient { message, .. }) => {
-                    tracing::warn!(target = %target.name, error = %message, "Redis target unreachable; retrying");
+                Err(SinkError::Transient { cause, .. }) => {
+                    tracing::warn!(target = %target.name, error = %cause, "Redis target unreachable; retrying");
                     if backoff.wait(shutdown).await.is_err() {
                         return Ok(None);
                     }
