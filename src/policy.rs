@@ -285,7 +285,9 @@ mod tests {
         sink.iter().for_each(|e| f(Failure::Sink(e)));
         store.iter().for_each(|e| f(Failure::DeadLetterStore(e)));
         setup.iter().for_each(|e| f(Failure::SourceSetup(e)));
-        for failure in [LookupFailure::Connection, LookupFailure::Retryable, LookupFailure::Definite, LookupFailure::BrokenQuery] {
+        for failure in
+            [LookupFailure::Connection, LookupFailure::Retryable, LookupFailure::Definite, LookupFailure::BrokenQuery]
+        {
             for counted in [1, 5] {
                 f(Failure::Lookup { failure, counted, max_attempts: 5 });
             }

@@ -23,8 +23,8 @@ use crate::retry::Backoff;
 use crate::server::{Health, Role};
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
-use crate::source::postgres::lock::SlotLock;
 use crate::source::postgres::PostgresSource;
+use crate::source::postgres::lock::SlotLock;
 
 pub(super) async fn run(shared: Shared<'_>, source: &PostgresConfig) -> Result<(), DaemonError> {
     let Shared { config, graph, metrics, health, shutdown } = shared;

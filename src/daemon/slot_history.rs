@@ -11,13 +11,13 @@
 
 use crate::sink::redis::now_ms;
 
+use super::supervisor::StartError;
 use crate::config::PostgresSource as PostgresConfig;
 use crate::graph::{CacheId, Graph};
 use crate::resolve::Effect;
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
 use crate::sink::redis::record::SourceRecord;
-use super::supervisor::StartError;
 use crate::sink::{Sink, SinkBatch};
 use crate::source::postgres::identity::{self, Decision};
 use crate::source::postgres::{PostgresSource, SourceSetupError};

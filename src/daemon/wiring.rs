@@ -25,9 +25,9 @@ use crate::resolve::PgLookupExecutor;
 use crate::retry::{Backoff, Jitter};
 use crate::run::{Pipeline, RunOptions, TransactionLimits};
 use crate::server::Health;
+use crate::sink::Sink as _;
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
-use crate::sink::Sink as _;
 
 /// What every source's wiring shares: built once by the daemon.
 pub(super) struct Shared<'a> {
@@ -126,8 +126,7 @@ pub(crate) fn dead_letter_store(config: &Config) -> Result<DeadLetters, DaemonEr
     let Some(url) = &config.dead_letter.url else {
         return Err(DaemonError::NoDeadLetterDatabase(config.file.clone()));
     };
-    DeadLetters::connect_lazy(url, &config.dead_letter.schema, DEAD_LETTER_TIMEOUT)
-        .map_err(DaemonError::DeadLetterUrl)
+    DeadLetters::connect_lazy(url, &config.dead_letter.schema, DEAD_LETTER_TIMEOUT).map_err(DaemonError::DeadLetterUrl)
 }
 
 /// Connects the dead-letter store and applies (or verifies) evictd's
@@ -166,8 +165,7 @@ pub(super) async fn open_dead_letters(
 /// The look-up executor over `[lookup]`'s database, if there is one.
 pub(crate) fn lookup_executor(config: &Config) -> Result<Option<Arc<PgLookupExecutor>>, DaemonError> {
     let Some(url) = &config.lookup.url else { return Ok(None) };
-    let options = PgLookupExecutor::connect_options(url.expose_secret())
-        .map_err(DaemonError::LookupUrl)?;
+    let options = PgLookupExecutor::connect_options(url.expose_secret()).map_err(DaemonError::LookupUrl)?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.lookup.max_connections)
         .acquire_timeout(config.lookup.timeout)

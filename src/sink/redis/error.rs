@@ -227,10 +227,8 @@ mod tests {
     #[test]
     fn messages_never_show_a_url() {
         let errors = Errors::new("eu", vec!["redis://:hunter2@10.0.0.1:6379".to_owned()]);
-        let refused = std::io::Error::new(
-            std::io::ErrorKind::ConnectionRefused,
-            "cannot reach redis://:hunter2@10.0.0.1:6379",
-        );
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "cannot reach redis://:hunter2@10.0.0.1:6379");
         let e = errors.redis("connecting", RedisError::from(refused));
         assert_eq!(e.to_string(), "eu: connecting: cannot reach ****");
     }

@@ -275,8 +275,8 @@ impl RedisSink {
         if let Some(config) = &inner.broadcast
             && let Some(message) = broadcast::message(&batch, config, now)
         {
-            let tail = broadcast::tail(&message)
-                .map_err(|e| inner.errors.make(Class::Definite, RedisCause::Broadcast(e)))?;
+            let tail =
+                broadcast::tail(&message).map_err(|e| inner.errors.make(Class::Definite, RedisCause::Broadcast(e)))?;
             let mut pipe = redis::pipe();
             pipe.cmd("EVALSHA")
                 .arg(runner.scripts.publish.get_hash())
