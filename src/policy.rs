@@ -17,7 +17,7 @@
 use std::error::Error;
 
 use crate::dead_letter::{DeadLetterError, DeadLetterReason};
-use crate::resolve::LookupError;
+use crate::lookup::LookupError;
 use crate::sink::SinkError;
 use crate::source::SourceError;
 use crate::source::postgres::SourceSetupError;

@@ -36,8 +36,9 @@ use crate::daemon::wiring;
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore};
 use crate::graph::Graph;
 use crate::graph::Lookup;
+use crate::lookup::{LookupError, LookupExecutor, LookupOutcome, PgLookupExecutor};
 use crate::metrics::Metrics;
-use crate::resolve::{Effect, LookupError, LookupExecutor, LookupOutcome, PgLookupExecutor};
+use crate::resolve::Effect;
 use crate::run::SessionEnd;
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
@@ -330,7 +331,7 @@ async fn replay(args: &ReplayArgs, config: Option<Config>, graph: Graph) -> Resu
     let bad = tally.bad.load(Ordering::Relaxed);
     match result {
         Ok(SessionEnd::Shutdown) => {}
-        Ok(SessionEnd::SourceLost(m)) => return Err(CliError::Runtime(m)),
+        Ok(SessionEnd::SourceLost(m)) => return Err(CliError::Runtime(m.to_string())),
         Err(e) => return Err(CliError::Runtime(e.to_string())),
     }
     let (acknowledged, last) = (tally.acknowledged.load(Ordering::Relaxed), tally.last.load(Ordering::Relaxed));

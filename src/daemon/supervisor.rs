@@ -31,8 +31,8 @@ use tokio_util::sync::CancellationToken;
 use super::DaemonError;
 use super::wiring::backoff;
 use crate::dead_letter::DeadLetterStore;
+use crate::lookup::LookupExecutor;
 use crate::policy::{self, Decision, Failure};
-use crate::resolve::LookupExecutor;
 use crate::run::{Pipeline, SessionEnd};
 use crate::sink::{Sink, SinkError};
 use crate::source::postgres::SourceSetupError;
@@ -196,7 +196,7 @@ where
                 break;
             }
             Ok(SessionEnd::SourceLost(m)) => {
-                sessions.log_lost(&m);
+                sessions.log_lost(&m.to_string());
                 sessions.close(source, Ended::Lost).await;
                 if backoff.wait(stop).await.is_err() {
                     break;

@@ -11,8 +11,8 @@ use crate::dead_letter::{DeadLetterError, DeadLetterReason};
 use crate::diagnostic::SourceFile;
 use crate::graph::Lookup;
 use crate::graph::load::load_sources;
+use crate::lookup::{LookupError, LookupOutcome};
 use crate::policy;
-use crate::resolve::{LookupError, LookupOutcome};
 
 const GRAPH: &str = r#"
 [tables."app.items"]
@@ -268,7 +268,7 @@ async fn a_lost_source_ends_the_session_without_acknowledging() {
     events.push_back(Err(SourceError::Transient("connection reset".into())));
     let mut source = Script { events, acked: acked.clone() };
     let end = p.run_session(&mut source, &CancellationToken::new()).await.unwrap();
-    assert!(matches!(end, SessionEnd::SourceLost(m) if m == "connection reset"));
+    assert!(matches!(end, SessionEnd::SourceLost(m) if m.to_string() == "connection reset"));
     assert!(acked.lock().unwrap().is_empty());
 }
 
@@ -542,13 +542,24 @@ fn run_errors_keep_their_texts_and_carry_their_cause() {
     assert_eq!(order.to_string(), "source: a transaction began inside another");
     let letters = RunError::DeadLetter(DeadLetterError::Unreachable("refused".into()));
     assert_eq!(letters.to_string(), "dead letters: dead-letter database unreachable: refused");
-    let broken = RunError::LookupBroken {
+    let broken = RunError::from(LookupStageError::Broken {
         error: LookupError::Timeout { field: "caches.x.depends[0].lookup".into(), timeout_ms: 5 },
         hint: policy::BROKEN_QUERY_HINT,
-    };
+    });
     assert_eq!(
         broken.to_string(),
         "look-up: look-up of caches.x.depends[0].lookup timed out after 5 ms: the query cannot run for any change; fix the graph's look-up or the database schema"
+    );
+    let stage = broken.source().and_then(|s| s.downcast_ref::<LookupStageError>());
+    assert!(stage.and_then(|s| s.source()).is_some_and(|s| s.is::<LookupError>()), "{broken:?}");
+    let gave_up = RunError::from(LookupStageError::GaveUp(LookupError::Timeout {
+        field: "caches.x.depends[0].lookup".into(),
+        timeout_ms: 5,
+    }));
+    assert_eq!(gave_up.to_string(), "look-up: look-up of caches.x.depends[0].lookup timed out after 5 ms");
+    assert!(
+        matches!(RunError::from(LookupStageError::Cancelled), RunError::Cancelled),
+        "shutdown during look-ups is the loop's own cancellation"
     );
     assert_eq!(RunError::NoLookupDatabase.to_string(), "look-up: the graph has look-ups but no database is configured");
 }

@@ -2,23 +2,33 @@
 //! deduplicated, so that a hot row updated a thousand times in a second
 //! costs one `UNLINK`.
 //!
-//! A [`Batch`] is pure data: the run loop decides when to close it (a size
-//! or time limit, [`BatchLimits`]); sinks apply it; the checkpoint
-//! acknowledges its last position once every sink confirmed it.
-//! **Invariant:** a batch holds whole transactions only, so acknowledging
-//! its last position never acknowledges half a transaction.
+//! - `transaction.rs`: one open transaction's effects, in bounded memory,
+//!   collapsing into namespace bumps past its limits;
+//! - [`Batch`]: whole transactions, their effects deduplicated in one set
+//!   (the effects their look-ups find later join the same set), the
+//!   look-ups still to run and the changes they came from.
+//!
+//! A batch is pure data: the run loop's session decides when to close it
+//! (a size or time limit, [`BatchLimits`]); the look-up stage and the sinks
+//! apply it; the checkpoint acknowledges its last position once every sink
+//! confirmed it. **Invariant:** a batch holds whole transactions only, so
+//! acknowledging its last position never acknowledges half a transaction.
+
+pub mod transaction;
 
 use std::collections::HashSet;
 use std::time::Duration;
 
+pub use self::transaction::{TransactionEffects, TransactionLimits, TransactionOutput};
 use crate::change::Position;
-use crate::resolve::Effect;
+use crate::lookup::LookupOrigin;
+use crate::resolve::{Effect, LookupRequest};
 
 /// When a batch is closed and applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
-    /// Close once this many distinct effects, or whole transactions, are
-    /// queued.
+    /// Close once this many distinct effects, or whole transactions, or
+    /// changes kept for look-ups, are queued.
     pub max_effects: usize,
     /// Close this long after the batch's first transaction arrived.
     pub max_delay: Duration,
@@ -27,7 +37,8 @@ pub struct BatchLimits {
     pub max_bytes: usize,
 }
 
-/// Effects of one or more whole transactions, deduplicated.
+/// Whole transactions: their effects, deduplicated, and the look-ups they
+/// still need.
 #[derive(Debug, Clone)]
 pub struct Batch {
     id: u64,
@@ -37,11 +48,29 @@ pub struct Batch {
     bytes: usize,
     transactions: usize,
     last_position: Option<Position>,
+    lookups: Vec<LookupRequest>,
+    /// The changes that asked for `lookups`.
+    origins: Vec<LookupOrigin>,
+    /// About how many bytes `lookups` and `origins` hold.
+    held_bytes: usize,
+    /// Commit time of the batch's last transaction (µs since the epoch).
+    commit_time_micros: Option<i64>,
 }
 
 impl Batch {
     pub fn new(id: u64) -> Batch {
-        Batch { id, effects: Vec::new(), seen: HashSet::new(), bytes: 0, transactions: 0, last_position: None }
+        Batch {
+            id,
+            effects: Vec::new(),
+            seen: HashSet::new(),
+            bytes: 0,
+            transactions: 0,
+            last_position: None,
+            lookups: Vec::new(),
+            origins: Vec::new(),
+            held_bytes: 0,
+            commit_time_micros: None,
+        }
     }
 
     pub fn id(&self) -> u64 {
@@ -50,19 +79,44 @@ impl Batch {
 
     /// Adds a whole transaction: its commit position and its effects.
     pub fn push_transaction(&mut self, position: Position, effects: impl IntoIterator<Item = Effect>) {
+        self.add_effects(effects);
+        self.transactions += 1;
+        self.last_position = Some(position);
+    }
+
+    /// Adds a whole transaction as it finished: effects, look-ups still to
+    /// run and the changes they came from, and its commit time.
+    pub fn push_output(&mut self, position: Position, output: TransactionOutput, commit_time_micros: Option<i64>) {
+        let TransactionOutput { effects, lookups, origins, held_bytes } = output;
+        self.push_transaction(position, effects);
+        self.lookups.extend(lookups);
+        self.origins.extend(origins);
+        self.held_bytes += held_bytes;
+        self.commit_time_micros = commit_time_micros.or(self.commit_time_micros);
+    }
+
+    /// Adds effects (of its transactions, or found by their look-ups): the
+    /// batch's one de-duplication.
+    pub fn add_effects(&mut self, effects: impl IntoIterator<Item = Effect>) {
         for effect in effects {
             if self.seen.insert(effect.clone()) {
                 self.bytes += 2 * effect.approx_bytes();
                 self.effects.push(effect);
             }
         }
-        self.transactions += 1;
-        self.last_position = Some(position);
     }
 
     /// Distinct effects, in first-seen order.
     pub fn effects(&self) -> &[Effect] {
         &self.effects
+    }
+
+    /// Takes out the look-ups its transactions asked for, and the changes
+    /// that asked (for the look-up stage, which adds what it finds back
+    /// with [`Batch::add_effects`]).
+    pub fn take_lookups(&mut self) -> (Vec<LookupRequest>, Vec<LookupOrigin>) {
+        self.held_bytes = 0;
+        (std::mem::take(&mut self.lookups), std::mem::take(&mut self.origins))
     }
 
     pub fn transactions(&self) -> usize {
@@ -75,6 +129,11 @@ impl Batch {
         self.last_position.as_ref()
     }
 
+    /// Commit time of the batch's last transaction that had one.
+    pub fn commit_time_micros(&self) -> Option<i64> {
+        self.commit_time_micros
+    }
+
     /// About how many bytes the batch's effects hold.
     pub fn bytes(&self) -> usize {
         self.bytes
@@ -84,15 +143,19 @@ impl Batch {
         self.transactions == 0
     }
 
-    /// Whether the batch reached its size limit.
-    /// Whole transactions count too (as many as `max_effects`): a source
-    /// may hold every delivered message until it is acknowledged (Kafka), so
-    /// a batch of transactions without effects must fill up as well, or
-    /// reading would never stop behind a batch stuck on a sink.
+    /// Whether the batch reached a size limit: its effects, its whole
+    /// transactions, the changes it keeps for look-ups (their number), or
+    /// the bytes of everything it holds. Whole transactions count because
+    /// a source may hold every delivered message until it is acknowledged
+    /// (Kafka): a batch of transactions without effects must fill up as
+    /// well, or reading would never stop behind a batch stuck on a sink. A
+    /// full batch stops the reading while another is in flight, so memory
+    /// stays bounded.
     pub fn is_full(&self, limits: &BatchLimits) -> bool {
         self.effects.len() >= limits.max_effects
             || self.transactions >= limits.max_effects
-            || self.bytes >= limits.max_bytes
+            || self.origins.len() >= limits.max_effects
+            || self.bytes + self.held_bytes >= limits.max_bytes
     }
 }
 
