@@ -1,20 +1,27 @@
-//! The run loop's one error policy: every failure it meets — from the
-//! source, a sink, the look-ups or the dead-letter store — is classified
-//! here, in one `match`, into retry, dead-letter or stop, with a hint for
-//! the operator.
+//! The daemon's one error policy: every failure it meets — from the
+//! source, a sink, the look-ups or the dead-letter store, in the run loop,
+//! at a session's start or while the daemon starts — is classified here,
+//! in one `match`, into retry, dead-letter or stop, with a hint for the
+//! operator.
 //!
 //! **Invariants:** [`decide`] is pure (no I/O, no clock): the same failure
 //! always gets the same decision. Only a change's look-ups and a message
 //! a source cannot decode can be dead-lettered (the latter as
 //! `dead_letter.on_error` says); a failure of the machinery itself (source,
 //! sink, dead-letter store) is retried while it may pass and stops the
-//! daemon, with nothing unconfirmed acknowledged, when it cannot.
+//! daemon, with nothing unconfirmed acknowledged, when it cannot. Every
+//! stop has a hint that says what to check; a stop that is `refused` is a
+//! setup that contradicts the config or the graph, which exits 2 like bad
+//! input.
 //!
 //! How long a retry waits is [`crate::retry::Backoff`]'s part.
+
+use std::error::Error;
 
 use crate::dead_letter::{DeadLetterError, DeadLetterReason, OnError};
 use crate::lookup::LookupError;
 use crate::sink::SinkError;
+use crate::source::postgres::SourceSetupError;
 use crate::source::{SourceError, UndecodableReason};
 
 /// What kind of failure a look-up error is.
@@ -55,11 +62,40 @@ pub(crate) enum Failure<'a> {
     /// A set of look-ups failed; `counted` failures so far (this one
     /// included; connection failures are never counted).
     Lookup { failure: LookupFailure, counted: u32, max_attempts: u32 },
-    /// A dead letter could not be written.
+    /// A dead letter could not be written, or (at start-up) evictd's
+    /// migrations could not be applied or verified.
     DeadLetterStore(&'a DeadLetterError),
     /// A source could not decode a message (`dead_letter.on_error` says
     /// what becomes of it).
     Undecodable { reason: UndecodableReason, on_error: OnError },
+    /// A Postgres session could not start: the server, the slot, the
+    /// publication, the replication connection.
+    SourceSetup(&'a SourceSetupError),
+}
+
+impl<'a> Failure<'a> {
+    /// The first failure this policy classifies in `error`'s `#[source]`
+    /// chain (`error` included): how a caller that only holds a wrapping
+    /// error (the daemon's, the run loop's) finds the verdict on its cause.
+    pub(crate) fn in_chain(error: &'a (dyn Error + 'static)) -> Option<Failure<'a>> {
+        let mut next = Some(error);
+        while let Some(e) = next {
+            if let Some(e) = e.downcast_ref::<SourceError>() {
+                return Some(Failure::Source(e));
+            }
+            if let Some(e) = e.downcast_ref::<SinkError>() {
+                return Some(Failure::Sink(e));
+            }
+            if let Some(e) = e.downcast_ref::<DeadLetterError>() {
+                return Some(Failure::DeadLetterStore(e));
+            }
+            if let Some(e) = e.downcast_ref::<SourceSetupError>() {
+                return Some(Failure::SourceSetup(e));
+            }
+            next = e.source();
+        }
+        None
+    }
 }
 
 /// What to do about a failure.
@@ -79,59 +115,95 @@ pub(crate) enum Decision {
 pub(crate) struct Verdict {
     pub decision: Decision,
     pub hint: &'static str,
+    /// A stop because the setup contradicts the config or the graph (a
+    /// publication that hides changes, missing migrations): like bad
+    /// input, exit 2. Any other stop exits 1.
+    pub refused: bool,
+}
+
+const fn retry(hint: &'static str) -> Verdict {
+    Verdict { decision: Decision::Retry, hint, refused: false }
+}
+
+const fn stop(hint: &'static str) -> Verdict {
+    Verdict { decision: Decision::Stop, hint, refused: false }
+}
+
+const fn refuse(hint: &'static str) -> Verdict {
+    Verdict { decision: Decision::Stop, hint, refused: true }
+}
+
+const fn dead_letter(reason: DeadLetterReason, hint: &'static str) -> Verdict {
+    Verdict { decision: Decision::DeadLetter(reason), hint, refused: false }
 }
 
 /// Why a look-up that cannot run for any change stops the daemon.
 pub(crate) const BROKEN_QUERY_HINT: &str =
     "the query cannot run for any change; fix the graph's look-up or the database schema";
 
-/// The one classification of the run loop's failures.
+/// The one classification of the daemon's failures.
 pub(crate) fn decide(failure: Failure<'_>) -> Verdict {
-    use Decision::{DeadLetter, Retry, Stop};
-    let (decision, hint) = match failure {
+    match failure {
         Failure::Source(SourceError::Transient { .. }) => {
-            (Retry, "the source connection was lost; the supervisor reconnects with backoff")
+            retry("the source connection was lost; the supervisor reconnects with backoff")
         }
         Failure::Source(SourceError::Definite { .. }) => {
-            (Stop, "the source refused for good; check its configuration and privileges, then restart")
+            stop("the source refused for good; check its configuration and privileges, then restart")
         }
         Failure::Sink(SinkError::Transient { .. }) => {
-            (Retry, "a Redis target is unreachable or did not confirm; reading is paused until it does")
+            retry("a Redis target is unreachable or did not confirm; reading is paused until it does")
         }
-        Failure::Sink(SinkError::Definite { .. }) => {
-            (Stop, "a Redis target refused the batch; fix the target, then restart: the batch is replayed")
-        }
+        Failure::Sink(SinkError::Definite { .. }) => stop(
+            "a Redis target refused evictd's commands (permissions, a key of the wrong type, a command it lacks); \
+             fix the target as the error says, then restart: nothing unconfirmed was acknowledged",
+        ),
         Failure::Lookup { failure: LookupFailure::Connection, .. } => {
-            (Retry, "the look-up database is unreachable; waited for as long as it lasts")
+            retry("the look-up database is unreachable; waited for as long as it lasts")
         }
-        Failure::Lookup { failure: LookupFailure::BrokenQuery, .. } => (Stop, BROKEN_QUERY_HINT),
-        Failure::Lookup { failure: LookupFailure::Definite, .. } => (
-            DeadLetter(DeadLetterReason::LookupFailed),
+        Failure::Lookup { failure: LookupFailure::BrokenQuery, .. } => stop(BROKEN_QUERY_HINT),
+        Failure::Lookup { failure: LookupFailure::Definite, .. } => dead_letter(
+            DeadLetterReason::LookupFailed,
             "the look-up fails for this change's values; inspect and replay it from the dead letters",
         ),
-        Failure::Lookup { failure: LookupFailure::Retryable, counted, max_attempts } if counted >= max_attempts => (
-            DeadLetter(DeadLetterReason::LookupAttemptsExhausted),
-            "the look-up kept failing (dead_letter.lookup_attempts); inspect and replay it from the dead letters",
-        ),
+        Failure::Lookup { failure: LookupFailure::Retryable, counted, max_attempts } if counted >= max_attempts => {
+            dead_letter(
+                DeadLetterReason::LookupAttemptsExhausted,
+                "the look-up kept failing (dead_letter.lookup_attempts); inspect and replay it from the dead letters",
+            )
+        }
         Failure::Lookup { failure: LookupFailure::Retryable, .. } => {
-            (Retry, "the look-up failed in a way a retry may fix (a timeout); retrying")
+            retry("the look-up failed in a way a retry may fix (a timeout); retrying")
         }
         Failure::DeadLetterStore(e) if e.is_transient() => {
-            (Retry, "the dead-letter database is unreachable; reading is paused until the row is committed")
+            retry("the dead-letter database is unreachable; reading is paused until the row is committed")
         }
-        Failure::DeadLetterStore(_) => {
-            (Stop, "the dead-letter database refused the row; check its schema and privileges (evictd migrate)")
+        Failure::DeadLetterStore(DeadLetterError::Pending { .. }) => refuse(
+            "the dead-letter schema lacks evictd's migrations: apply them with `evictd migrate` \
+             (or set dead_letter.migrations = \"apply\"), then restart",
+        ),
+        Failure::DeadLetterStore(_) => stop(
+            "the dead-letter database refused evictd's statements; check the schema's privileges \
+             and migrations (evictd migrate), then restart",
+        ),
+        Failure::SourceSetup(SourceSetupError::Transient(_)) => {
+            retry("the source database is unreachable or restarting; the session is started again with backoff")
         }
-        Failure::Undecodable { reason, on_error: OnError::DeadLetter } => (
-            DeadLetter(DeadLetterReason::Undecodable(reason)),
+        Failure::Undecodable { reason, on_error: OnError::DeadLetter } => dead_letter(
+            DeadLetterReason::Undecodable(reason),
             "the message cannot be decoded; it is kept with its raw payload in the dead letters",
         ),
-        Failure::Undecodable { on_error: OnError::Stop, .. } => (
-            Stop,
+        Failure::Undecodable { on_error: OnError::Stop, .. } => stop(
             "the message cannot be decoded and dead_letter.on_error = \"stop\"; fix or remove it at the source, then restart",
         ),
-    };
-    Verdict { decision, hint }
+        Failure::SourceSetup(SourceSetupError::Definite(_)) => stop(
+            "the source database refused the session (privileges, wal_level, the slot, a lost slot); \
+             do what the error says, then restart",
+        ),
+        Failure::SourceSetup(SourceSetupError::Publication(_)) => refuse(
+            "the publication hides changes the graph needs; run the SQL the error gives (or change the graph), \
+             then restart",
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -179,8 +251,8 @@ mod tests {
 
     #[test]
     fn a_transient_sink_error_is_retried_and_a_definite_one_stops() {
-        let transient = SinkError::Transient { target: "a".into(), message: "down".into() };
-        let definite = SinkError::Definite { target: "a".into(), message: "WRONGTYPE".into() };
+        let transient = SinkError::transient("a", "down");
+        let definite = SinkError::definite("a", "WRONGTYPE");
         assert_eq!(decide(Failure::Sink(&transient)).decision, Decision::Retry);
         assert_eq!(decide(Failure::Sink(&definite)).decision, Decision::Stop);
     }
@@ -207,12 +279,87 @@ mod tests {
     fn nothing_but_a_changes_lookups_or_an_undecodable_message_is_ever_dead_lettered() {
         let machinery = [
             decide(Failure::Source(&SourceError::definite("x"))),
-            decide(Failure::Sink(&SinkError::Definite { target: "a".into(), message: "x".into() })),
+            decide(Failure::Sink(&SinkError::definite("a", "x"))),
             decide(Failure::DeadLetterStore(&DeadLetterError::Unreachable("x".into()))),
         ];
         for verdict in machinery {
             assert!(!matches!(verdict.decision, Decision::DeadLetter(_)), "{verdict:?}");
             assert!(!verdict.hint.is_empty());
         }
+    }
+
+    /// One failure of every kind `decide` tells apart (one per arm).
+    fn every_kind_of_failure(f: impl Fn(Failure<'_>)) {
+        let source = [SourceError::transient("reset"), SourceError::definite("denied")];
+        let sink = [SinkError::transient("a", "down"), SinkError::definite("a", "WRONGTYPE")];
+        let store = [
+            DeadLetterError::Unreachable("refused".into()),
+            DeadLetterError::Write { message: "permission denied".into(), transient: false },
+            DeadLetterError::Pending { schema: "evictd".into(), pending: vec!["0001".into()] },
+            DeadLetterError::Migrate { schema: "evictd".into(), message: "denied".into(), transient: false },
+        ];
+        let setup = [
+            SourceSetupError::Transient("connection refused".into()),
+            SourceSetupError::Definite("wal_level is replica".into()),
+            SourceSetupError::Publication("publication `p` lacks app.items".into()),
+        ];
+        source.iter().for_each(|e| f(Failure::Source(e)));
+        sink.iter().for_each(|e| f(Failure::Sink(e)));
+        store.iter().for_each(|e| f(Failure::DeadLetterStore(e)));
+        setup.iter().for_each(|e| f(Failure::SourceSetup(e)));
+        for failure in
+            [LookupFailure::Connection, LookupFailure::Retryable, LookupFailure::Definite, LookupFailure::BrokenQuery]
+        {
+            for counted in [1, 5] {
+                f(Failure::Lookup { failure, counted, max_attempts: 5 });
+            }
+        }
+    }
+
+    #[test]
+    fn every_stop_tells_the_operator_what_to_check() {
+        let stops = std::cell::Cell::new(0);
+        every_kind_of_failure(|failure| {
+            let verdict = decide(failure);
+            if verdict.decision == Decision::Stop {
+                stops.set(stops.get() + 1);
+                assert!(verdict.hint.split_whitespace().count() >= 5, "{failure:?}: {verdict:?}");
+                assert!(!verdict.hint.ends_with("retrying"), "{failure:?}: {verdict:?}");
+            } else {
+                assert!(!verdict.refused, "only a stop is refused: {failure:?}: {verdict:?}");
+                assert!(!verdict.hint.is_empty(), "{failure:?}");
+            }
+        });
+        assert!(stops.get() >= 7, "every stopping arm was exercised: {}", stops.get());
+    }
+
+    #[test]
+    fn a_session_start_is_retried_stopped_or_refused_by_its_setup_error() {
+        let verdict = |e: SourceSetupError| decide(Failure::SourceSetup(&e));
+        assert_eq!(verdict(SourceSetupError::Transient("down".into())).decision, Decision::Retry);
+        let definite = verdict(SourceSetupError::Definite("denied".into()));
+        assert_eq!((definite.decision, definite.refused), (Decision::Stop, false));
+        let publication = verdict(SourceSetupError::Publication("hides deletes".into()));
+        assert_eq!((publication.decision, publication.refused), (Decision::Stop, true));
+    }
+
+    #[test]
+    fn missing_migrations_refuse_and_a_refusing_dead_letter_database_fails() {
+        let pending = DeadLetterError::Pending { schema: "evictd".into(), pending: vec!["0001".into()] };
+        assert!(decide(Failure::DeadLetterStore(&pending)).refused);
+        let denied = DeadLetterError::Migrate { schema: "evictd".into(), message: "denied".into(), transient: false };
+        let verdict = decide(Failure::DeadLetterStore(&denied));
+        assert_eq!((verdict.decision, verdict.refused), (Decision::Stop, false));
+    }
+
+    #[test]
+    fn the_verdict_on_a_wrapped_error_is_found_through_its_source_chain() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("source record: {0}")]
+        struct Wrapper(#[source] SinkError);
+        let wrapped = Wrapper(SinkError::definite("eu", "NOPERM"));
+        let failure = Failure::in_chain(&wrapped);
+        assert!(matches!(failure, Some(Failure::Sink(SinkError::Definite { .. }))), "{failure:?}");
+        assert!(Failure::in_chain(&std::io::Error::other("nothing known")).is_none());
     }
 }

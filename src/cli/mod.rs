@@ -98,9 +98,9 @@ pub enum CliError {
 
 impl From<crate::daemon::DaemonError> for CliError {
     fn from(e: crate::daemon::DaemonError) -> Self {
-        match e {
-            crate::daemon::DaemonError::Refused(m) => CliError::Input(m),
-            crate::daemon::DaemonError::Failed(m) => CliError::Runtime(m),
+        match e.exit_code() {
+            2 => CliError::Input(e.to_string()),
+            _ => CliError::Runtime(e.to_string()),
         }
     }
 }

@@ -24,7 +24,7 @@ pub(super) async fn run(shared: Shared<'_>, kafka: &KafkaConfig) -> Result<(), D
     let Shared { config, graph, metrics, health, shutdown } = shared;
     let lookups = wiring::lookup_executor(config)?;
     let dead_letters = KafkaDeadLetters::new(kafka, &config.dead_letter.topic, metrics.clone())
-        .map_err(|e| DaemonError::Failed(format!("dead_letter.topic: {e}")))?;
+        .map_err(DaemonError::KafkaDeadLetters)?;
     let dead_letters = Arc::new(dead_letters);
     metrics.dead_letter_store();
     let Some(sink) = wiring::connect_sinks(config, &graph, &metrics, shutdown).await? else { return Ok(()) };
@@ -70,8 +70,7 @@ impl Sessions for KafkaSessions {
     }
 
     async fn start(&self) -> Result<KafkaSource, StartError> {
-        KafkaSource::start(&self.config, self.table_keys.clone(), self.metrics.clone())
-            .map_err(|e| StartError::Definite { message: e.to_string(), refused: false })
+        KafkaSource::start(&self.config, self.table_keys.clone(), self.metrics.clone()).map_err(StartError::Consumer)
     }
 
     /// Always cleanly: the consumer commits what is stored and leaves the

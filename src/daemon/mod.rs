@@ -27,9 +27,11 @@
 //!   process exits anyway (exit 1; nothing unconfirmed was acknowledged, so
 //!   nothing is lost). A second signal exits at once (130). The HTTP server
 //!   stops last, so the probes answer while the loop flushes.
-//! - **Exit codes**: [`DaemonError::Refused`] is bad input or a setup an
-//!   operator must fix before starting (2); [`DaemonError::Failed`] is
-//!   anything else (1).
+//! - **Exit codes** ([`DaemonError::exit_code`]): 2 for bad input or a
+//!   setup an operator must fix before starting, 1 for anything else.
+//!   Whether a failure of the source, a sink or the dead-letter store is
+//!   retried, stops (1) or refuses (2) is [`crate::policy::decide`]'s call;
+//!   when the daemon stops on one, its hint is logged with it.
 
 mod kafka;
 mod postgres;
@@ -37,45 +39,155 @@ mod slot_history;
 mod supervisor;
 pub(crate) mod wiring;
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, LogFormat, SourceConfig};
+use crate::dead_letter::DeadLetterError;
 use crate::graph::Graph;
 use crate::metrics::Metrics;
+use crate::policy::{self, Failure, Verdict};
+use crate::run::RunError;
 use crate::server::{Health, ServerState};
+use crate::sink::SinkError;
+pub use supervisor::StartError;
 
-/// Why the daemon did not start, or stopped.
+/// Why the daemon did not start, or stopped: each cause typed, as its
+/// `#[source]` where it has one; the texts are the ones the daemon has
+/// always printed.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// Bad config or a setup that contradicts it (publication, migrations,
-    /// Redis eviction policy): exit 2.
+    #[error("{}: source: missing", .0.display())]
+    NoSource(PathBuf),
+    #[error("log.level: {0}")]
+    LogLevel(#[source] tracing_subscriber::filter::ParseError),
+    #[error("cannot install the logger: {0}")]
+    Logger(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot start the runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    #[error("server.listen: cannot listen on {address}: {error}")]
+    Listen {
+        address: SocketAddr,
+        #[source]
+        error: std::io::Error,
+    },
+    /// What the Redis targets' start-up checks found wrong, one per line.
+    #[error("{}", .0.join("\n"))]
+    RedisSetup(Vec<String>),
+    /// A Redis target failed at start-up in a way the policy stops on.
     #[error("{0}")]
-    Refused(String),
-    /// Anything else: exit 1.
+    Redis(#[source] SinkError),
+    #[error(
+        "{}: dead_letter.url: no database for dead letters: set `dead_letter.url` or use a Postgres source",
+        .0.display()
+    )]
+    NoDeadLetterDatabase(PathBuf),
+    /// `dead_letter.url` cannot be used (not a Postgres URL).
     #[error("{0}")]
-    Failed(String),
+    DeadLetterUrl(#[source] DeadLetterError),
+    /// Applying or verifying evictd's migrations failed in a way the
+    /// policy stops on.
+    #[error("{0}")]
+    DeadLetters(#[source] DeadLetterError),
+    #[error("lookup.url: not a Postgres URL")]
+    LookupUrl(#[source] sqlx::Error),
+    /// The dead-letter topic's producer could not be created (the Kafka
+    /// source gives its reason as text).
+    #[error("dead_letter.topic: {0}")]
+    KafkaDeadLetters(String),
+    /// A session could not start, and the policy stops on it.
+    #[error("{0}")]
+    Start(#[source] StartError),
+    /// The run loop stopped.
+    #[error("{0}")]
+    Run(#[source] RunError),
+}
+
+impl DaemonError {
+    /// The policy's verdict, for the failures it classifies.
+    fn verdict(&self) -> Option<Verdict> {
+        let failure = match self {
+            DaemonError::Redis(e) => Failure::Sink(e),
+            DaemonError::DeadLetters(e) => Failure::DeadLetterStore(e),
+            DaemonError::Start(e) => e.failure(),
+            DaemonError::Run(e) => Failure::in_chain(e)?,
+            _ => return None,
+        };
+        Some(policy::decide(failure))
+    }
+
+    /// 2: bad input, or a setup that contradicts the config or the graph
+    /// (an operator fixes it before starting again); 1: anything else.
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            DaemonError::NoSource(_)
+            | DaemonError::LogLevel(_)
+            | DaemonError::RedisSetup(_)
+            | DaemonError::NoDeadLetterDatabase(_)
+            | DaemonError::DeadLetterUrl(_)
+            | DaemonError::LookupUrl(_) => 2,
+            DaemonError::Logger(_)
+            | DaemonError::Runtime(_)
+            | DaemonError::Listen { .. }
+            | DaemonError::KafkaDeadLetters(_)
+            | DaemonError::Run(_) => 1,
+            DaemonError::Redis(_) | DaemonError::DeadLetters(_) | DaemonError::Start(_) => {
+                if self.verdict().is_some_and(|v| v.refused) { 2 } else { 1 }
+            }
+        }
+    }
+
+    /// What the operator should check: the policy's hint where it
+    /// classified the failure.
+    pub fn hint(&self) -> &'static str {
+        if let Some(verdict) = self.verdict() {
+            return verdict.hint;
+        }
+        match self {
+            DaemonError::NoSource(_)
+            | DaemonError::LogLevel(_)
+            | DaemonError::NoDeadLetterDatabase(_)
+            | DaemonError::DeadLetterUrl(_)
+            | DaemonError::LookupUrl(_) => "fix the config file (`evictd check --config` validates it), then restart",
+            DaemonError::RedisSetup(_) => {
+                "fix each Redis target as the lines say (eviction policy, persistence), then restart; \
+                 `evictd check --config` reports the same"
+            }
+            DaemonError::Listen { .. } => {
+                "another process holds server.listen's address, or it is not this host's; free it or change server.listen"
+            }
+            DaemonError::KafkaDeadLetters(_) => {
+                "check dead_letter.topic and the producer properties in source.kafka.properties, then restart"
+            }
+            DaemonError::Logger(_) | DaemonError::Runtime(_) => "the process could not set itself up; check its limits",
+            DaemonError::Run(_) | DaemonError::Redis(_) | DaemonError::DeadLetters(_) | DaemonError::Start(_) => {
+                "evictd stopped without acknowledging anything unconfirmed; fix the cause above, then restart: \
+                 the source resumes from the last acknowledged position"
+            }
+        }
+    }
 }
 
 /// Runs the daemon over a validated config and graph until shutdown; blocks.
 pub fn run(config: Config, graph: Graph) -> Result<(), DaemonError> {
     if config.source.is_none() {
-        return Err(DaemonError::Refused(format!("{}: source: missing", config.file.display())));
+        return Err(DaemonError::NoSource(config.file.clone()));
     }
     init_logging(&config)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
-        .map_err(|e| DaemonError::Failed(format!("cannot start the runtime: {e}")))?;
+        .map_err(DaemonError::Runtime)?;
     runtime.block_on(daemon(config, graph))
 }
 
 fn init_logging(config: &Config) -> Result<(), DaemonError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level)
-        .map_err(|e| DaemonError::Refused(format!("log.level: {e}")))?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).map_err(DaemonError::LogLevel)?;
     use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -85,7 +197,7 @@ fn init_logging(config: &Config) -> Result<(), DaemonError> {
         LogFormat::Json => builder.json().try_init(),
         LogFormat::Text => builder.try_init(),
     };
-    installed.map_err(|e| DaemonError::Failed(format!("cannot install the logger: {e}")))
+    installed.map_err(DaemonError::Logger)
 }
 
 /// Cancels `shutdown` on the first SIGTERM/SIGINT, exits after the grace
@@ -132,7 +244,7 @@ async fn daemon(config: Config, graph: Graph) -> Result<(), DaemonError> {
     let server_stop = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(config.server.listen)
         .await
-        .map_err(|e| DaemonError::Failed(format!("server.listen: cannot listen on {}: {e}", config.server.listen)))?;
+        .map_err(|error| DaemonError::Listen { address: config.server.listen, error })?;
     let address = listener.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
     tracing::info!(%address, "serving /metrics, /healthz, /readyz");
     let state = ServerState { metrics: metrics.clone(), health: health.clone() };
@@ -141,8 +253,12 @@ async fn daemon(config: Config, graph: Graph) -> Result<(), DaemonError> {
     let result = match &config.source {
         Some(SourceConfig::Postgres(pg)) => postgres::run(shared, pg).await,
         Some(SourceConfig::Kafka(kafka)) => kafka::run(shared, kafka).await,
-        None => Err(DaemonError::Refused(format!("{}: source: missing", config.file.display()))),
+        None => Err(DaemonError::NoSource(config.file.clone())),
     };
+    if let Err(e) = &result {
+        // The final error line says what failed; this says what to do.
+        tracing::error!(error = %e, hint = e.hint(), "stopping");
+    }
     server_stop.cancel();
     let _ = server.await;
     result

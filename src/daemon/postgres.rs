@@ -23,8 +23,8 @@ use crate::retry::Backoff;
 use crate::server::{Health, Role};
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
+use crate::source::postgres::PostgresSource;
 use crate::source::postgres::lock::SlotLock;
-use crate::source::postgres::{PostgresSource, SourceSetupError};
 
 pub(super) async fn run(shared: Shared<'_>, source: &PostgresConfig) -> Result<(), DaemonError> {
     let Shared { config, graph, metrics, health, shutdown } = shared;
@@ -102,11 +102,7 @@ impl Sessions for PostgresSessions {
     }
 
     async fn start(&self) -> Result<PostgresSource, StartError> {
-        slot_history::start(&self.config, &self.graph, &self.sink).await.map_err(|e| match e {
-            SourceSetupError::Transient(m) => StartError::Transient(m),
-            SourceSetupError::Definite(message) => StartError::Definite { message, refused: false },
-            SourceSetupError::Publication(message) => StartError::Definite { message, refused: true },
-        })
+        slot_history::start(&self.config, &self.graph, &self.sink).await
     }
 
     async fn close(&self, source: PostgresSource, ended: Ended) {

@@ -11,13 +11,14 @@
 
 use crate::sink::redis::now_ms;
 
+use super::supervisor::StartError;
 use crate::config::PostgresSource as PostgresConfig;
 use crate::graph::{CacheId, Graph};
 use crate::resolve::Effect;
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
 use crate::sink::redis::record::SourceRecord;
-use crate::sink::{Sink, SinkBatch, SinkError};
+use crate::sink::{Sink, SinkBatch};
 use crate::source::postgres::identity::{self, Decision};
 use crate::source::postgres::{PostgresSource, SourceSetupError};
 
@@ -28,17 +29,17 @@ pub(super) async fn start(
     config: &PostgresConfig,
     graph: &Graph,
     sink: &MultiSink<RedisSink>,
-) -> Result<PostgresSource, SourceSetupError> {
+) -> Result<PostgresSource, StartError> {
     let slot = config.slot.as_str();
     let (server, exists) = identity::inspect(config).await?;
     let mut records: Vec<Option<SourceRecord>> = Vec::with_capacity(sink.targets().len());
     for target in sink.targets() {
-        records.push(target.read_source_record(slot).await.map_err(setup_error)?);
+        records.push(target.read_source_record(slot).await.map_err(StartError::SourceRecord)?);
     }
     let found: Vec<SourceRecord> = records.iter().flatten().cloned().collect();
     let decision = identity::decide(slot, exists, &found, config.on_slot_loss);
     match &decision {
-        Decision::Refuse(message) => return Err(SourceSetupError::Definite(message.clone())),
+        Decision::Refuse(message) => return Err(SourceSetupError::Definite(message.clone()).into()),
         Decision::Stream => {
             if let Some(note) = identity::moved(&found, &server) {
                 tracing::warn!(slot, system = %server.system_identifier, timeline = server.timeline, "{note}");
@@ -57,7 +58,7 @@ pub(super) async fn start(
                 let mut pending =
                     record.clone().unwrap_or_else(|| identity::session_record(slot, None, &server, now, true));
                 pending.flush_pending = true;
-                target.write_source_record(&pending).await.map_err(setup_error)?;
+                target.write_source_record(&pending).await.map_err(StartError::SourceRecord)?;
             }
         }
     }
@@ -83,14 +84,14 @@ async fn begin(
     decision: &Decision,
     records: &[Option<SourceRecord>],
     server: &identity::ServerIdentity,
-) -> Result<(), SourceSetupError> {
+) -> Result<(), StartError> {
     let slot = config.slot.as_str();
     let fresh = matches!(decision, Decision::FirstRun | Decision::Flush);
     if *decision == Decision::Flush {
         let effects: Vec<Effect> =
             (0..graph.caches().len()).map(|i| Effect::NamespaceBump { cache: CacheId(i) }).collect();
         let batch = SinkBatch { id: 0, graph, effects: &effects, version: server.wal_lsn.0, position: None };
-        sink.apply(batch).await.map_err(setup_error)?;
+        sink.apply(batch).await.map_err(StartError::Flush)?;
         tracing::warn!(
             slot,
             caches = effects.len(),
@@ -99,15 +100,8 @@ async fn begin(
     }
     for (target, record) in sink.targets().iter().zip(records) {
         let record = identity::session_record(slot, record.as_ref(), server, now_ms(), fresh);
-        target.write_source_record(&record).await.map_err(setup_error)?;
+        target.write_source_record(&record).await.map_err(StartError::SourceRecord)?;
         target.track_source(slot, record.highest_version);
     }
     Ok(())
-}
-
-fn setup_error(e: SinkError) -> SourceSetupError {
-    match e {
-        SinkError::Transient { .. } => SourceSetupError::Transient(format!("source record: {e}")),
-        SinkError::Definite { .. } => SourceSetupError::Definite(format!("source record: {e}")),
-    }
 }

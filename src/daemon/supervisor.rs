@@ -20,9 +20,9 @@
 //!   stopped**, their final acknowledgement included: a standby never
 //!   streams while the previous active replica may still acknowledge.
 //! - A session's failure that must stop the daemon ([`crate::run::RunError`],
-//!   a definite start error) stops it, with the source closed first; a lost
-//!   source or a transient start error is retried with backoff, resuming
-//!   from what was acknowledged.
+//!   a start error [`crate::policy::decide`] stops on) stops it, with the
+//!   source closed first; a lost source or a start error the policy
+//!   retries is retried with backoff, resuming from what was acknowledged.
 
 use std::future::Future;
 
@@ -32,18 +32,41 @@ use super::DaemonError;
 use super::wiring::backoff;
 use crate::dead_letter::DeadLetterStore;
 use crate::lookup::LookupExecutor;
+use crate::policy::{self, Decision, Failure};
 use crate::run::{Pipeline, SessionEnd};
-use crate::sink::Sink;
-use crate::source::Source;
+use crate::sink::{Sink, SinkError};
+use crate::source::postgres::SourceSetupError;
+use crate::source::{Source, SourceError};
 
-/// Why a session could not start.
-#[derive(Debug)]
-pub(super) enum StartError {
-    /// Retried with backoff: the source is down or restarting.
-    Transient(String),
-    /// Stops the daemon (exit 1, or exit 2 if `refused`: the source's setup
-    /// contradicts the config or the graph).
-    Definite { message: String, refused: bool },
+/// Why a session could not start. Whether it is retried or stops the
+/// daemon (and with which exit code) is [`crate::policy::decide`]'s call,
+/// on [`StartError::failure`].
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The Postgres server, slot, publication or replication connection.
+    #[error("{0}")]
+    Setup(#[from] SourceSetupError),
+    /// A Redis target's source record could not be read or written.
+    #[error("source record: {0}")]
+    SourceRecord(#[source] SinkError),
+    /// The flush after a lost slot (`on_slot_loss = "flush"`) was not
+    /// confirmed (the text is the one it has always had).
+    #[error("source record: {0}")]
+    Flush(#[source] SinkError),
+    /// The Kafka consumer could not be created or subscribe.
+    #[error("{0}")]
+    Consumer(#[source] SourceError),
+}
+
+impl StartError {
+    /// The failure the policy decides on.
+    pub(crate) fn failure(&self) -> Failure<'_> {
+        match self {
+            StartError::Setup(e) => Failure::SourceSetup(e),
+            StartError::SourceRecord(e) | StartError::Flush(e) => Failure::Sink(e),
+            StartError::Consumer(e) => Failure::Source(e),
+        }
+    }
 }
 
 /// How a session ended, for [`Sessions::close`].
@@ -155,16 +178,17 @@ where
                 }
                 s
             }
-            Err(StartError::Transient(m)) => {
-                tracing::warn!(error = %m, retry_in_ms = backoff.current().as_millis() as u64, "source unavailable; retrying");
-                pipeline.health.heartbeat();
-                if backoff.wait(stop).await.is_err() {
-                    break;
+            Err(e) => match policy::decide(e.failure()).decision {
+                Decision::Retry => {
+                    tracing::warn!(error = %e, retry_in_ms = backoff.current().as_millis() as u64, "source unavailable; retrying");
+                    pipeline.health.heartbeat();
+                    if backoff.wait(stop).await.is_err() {
+                        break;
+                    }
+                    continue;
                 }
-                continue;
-            }
-            Err(StartError::Definite { message, refused: true }) => return Err(DaemonError::Refused(message)),
-            Err(StartError::Definite { message, refused: false }) => return Err(DaemonError::Failed(message)),
+                Decision::DeadLetter(_) | Decision::Stop => return Err(DaemonError::Start(e)),
+            },
         };
         match pipeline.run_session(&mut source, stop).await {
             Ok(SessionEnd::Shutdown) => {
@@ -185,7 +209,7 @@ where
             }
             Err(e) => {
                 sessions.close(source, Ended::Stopped).await;
-                return Err(DaemonError::Failed(e.to_string()));
+                return Err(DaemonError::Run(e));
             }
         }
     }

@@ -4,9 +4,10 @@
 //! `run` and `replay` both build theirs here.
 //!
 //! **Invariants:** an unreachable Redis target or dead-letter database is
-//! waited for (with backoff, until shutdown), never skipped; a target whose
-//! start-up check finds errors, or pending migrations under
-//! `migrations = "verify"`, refuse to start ([`DaemonError::Refused`]).
+//! waited for (with backoff, until shutdown), never skipped: what is
+//! waited for and what stops is [`crate::policy::decide`]'s call, as in the
+//! run loop; a target whose start-up check finds errors, or pending
+//! migrations under `migrations = "verify"`, refuse to start (exit 2).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -17,16 +18,17 @@ use tokio_util::sync::CancellationToken;
 use super::DaemonError;
 use crate::batch::TransactionLimits;
 use crate::config::Config;
-use crate::dead_letter::{DeadLetterError, DeadLetters};
+use crate::dead_letter::DeadLetters;
 use crate::graph::Graph;
 use crate::lookup::PgLookupExecutor;
 use crate::metrics::Metrics;
+use crate::policy::{self, Decision, Failure};
 use crate::retry::{Backoff, Jitter};
 use crate::run::{Pipeline, RunOptions};
 use crate::server::Health;
+use crate::sink::Sink as _;
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;
-use crate::sink::{Sink as _, SinkError};
 
 /// What every source's wiring shares: built once by the daemon.
 pub(super) struct Shared<'a> {
@@ -86,19 +88,21 @@ pub(crate) async fn connect_sinks(
                         tracing::warn!(target = %target.name, "{warning}");
                     }
                     if !findings.errors.is_empty() {
-                        return Err(DaemonError::Refused(findings.errors.join("\n")));
+                        return Err(DaemonError::RedisSetup(findings.errors));
                     }
                     sink.observe(metrics.clone());
                     targets.push(sink);
                     break;
                 }
-                Err(SinkError::Transient { message, .. }) => {
-                    tracing::warn!(target = %target.name, error = %message, "Redis target unreachable; retrying");
-                    if backoff.wait(shutdown).await.is_err() {
-                        return Ok(None);
+                Err(e) => match policy::decide(Failure::Sink(&e)).decision {
+                    Decision::Retry => {
+                        tracing::warn!(target = %target.name, error = %e.cause(), "Redis target unreachable; retrying");
+                        if backoff.wait(shutdown).await.is_err() {
+                            return Ok(None);
+                        }
                     }
-                }
-                Err(e @ SinkError::Definite { .. }) => return Err(DaemonError::Failed(e.to_string())),
+                    Decision::DeadLetter(_) | Decision::Stop => return Err(DaemonError::Redis(e)),
+                },
             }
         }
     }
@@ -121,13 +125,9 @@ pub(crate) const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
 /// The dead-letter store, connected lazily, from `[dead_letter]`.
 pub(crate) fn dead_letter_store(config: &Config) -> Result<DeadLetters, DaemonError> {
     let Some(url) = &config.dead_letter.url else {
-        return Err(DaemonError::Refused(format!(
-            "{}: dead_letter.url: no database for dead letters: set `dead_letter.url` or use a Postgres source",
-            config.file.display()
-        )));
+        return Err(DaemonError::NoDeadLetterDatabase(config.file.clone()));
     };
-    DeadLetters::connect_lazy(url, &config.dead_letter.schema, DEAD_LETTER_TIMEOUT)
-        .map_err(|e| DaemonError::Refused(e.to_string()))
+    DeadLetters::connect_lazy(url, &config.dead_letter.schema, DEAD_LETTER_TIMEOUT).map_err(DaemonError::DeadLetterUrl)
 }
 
 /// Connects the dead-letter store and applies (or verifies) evictd's
@@ -150,14 +150,15 @@ pub(super) async fn open_dead_letters(
                 }
                 return Ok(Some(store));
             }
-            Err(e @ DeadLetterError::Pending { .. }) => return Err(DaemonError::Refused(e.to_string())),
-            Err(e) if e.is_transient() => {
-                tracing::warn!(error = %e, "dead-letter database unavailable; retrying");
-                if backoff.wait(shutdown).await.is_err() {
-                    return Ok(None);
+            Err(e) => match policy::decide(Failure::DeadLetterStore(&e)).decision {
+                Decision::Retry => {
+                    tracing::warn!(error = %e, "dead-letter database unavailable; retrying");
+                    if backoff.wait(shutdown).await.is_err() {
+                        return Ok(None);
+                    }
                 }
-            }
-            Err(e) => return Err(DaemonError::Failed(e.to_string())),
+                Decision::DeadLetter(_) | Decision::Stop => return Err(DaemonError::DeadLetters(e)),
+            },
         }
     }
 }
@@ -165,8 +166,7 @@ pub(super) async fn open_dead_letters(
 /// The look-up executor over `[lookup]`'s database, if there is one.
 pub(crate) fn lookup_executor(config: &Config) -> Result<Option<Arc<PgLookupExecutor>>, DaemonError> {
     let Some(url) = &config.lookup.url else { return Ok(None) };
-    let options = PgLookupExecutor::connect_options(url.expose_secret())
-        .map_err(|_| DaemonError::Refused("lookup.url: not a Postgres URL".into()))?;
+    let options = PgLookupExecutor::connect_options(url.expose_secret()).map_err(DaemonError::LookupUrl)?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(config.lookup.max_connections)
         .acquire_timeout(config.lookup.timeout)

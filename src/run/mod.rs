@@ -367,10 +367,10 @@ where
                 self.metrics.sink_error(&e);
                 match policy::decide(Failure::Sink(&e)).decision {
                     Decision::Retry => {
-                        let (SinkError::Transient { target, message } | SinkError::Definite { target, message }) = e;
+                        let (SinkError::Transient { target, cause } | SinkError::Definite { target, cause }) = e;
                         self.metrics.sink_retry(&target);
                         self.health.set_sink_reachable(&target, false);
-                        tracing::warn!(%target, error = %message, retry_in_ms = backoff.current().as_millis() as u64, "sink unavailable; retrying (the source is paused)");
+                        tracing::warn!(%target, error = %cause, retry_in_ms = backoff.current().as_millis() as u64, "sink unavailable; retrying (the source is paused)");
                         backoff.wait(shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
                     }
                     Decision::DeadLetter(_) | Decision::Stop => return Err(RunError::Sink(e)),

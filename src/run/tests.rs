@@ -76,7 +76,7 @@ impl Sink for Recorder {
             let mut failing = self.failing.lock().unwrap();
             if *failing > 0 {
                 *failing -= 1;
-                return Err(SinkError::Transient { target: "recorder".into(), message: "down".into() });
+                return Err(SinkError::transient("recorder", "down"));
             }
         }
         *self.batches.lock().unwrap() += 1;
@@ -546,7 +546,7 @@ async fn reading_stops_behind_a_stuck_batch_even_when_transactions_have_no_effec
 #[test]
 fn run_errors_keep_their_texts_and_carry_their_cause() {
     use std::error::Error as _;
-    let sink = RunError::Sink(SinkError::Definite { target: "main".into(), message: "WRONGTYPE".into() });
+    let sink = RunError::Sink(SinkError::definite("main", "WRONGTYPE"));
     assert_eq!(sink.to_string(), "sink: main: WRONGTYPE");
     assert!(sink.source().is_some_and(|s| s.is::<SinkError>()));
     let order = RunError::OutOfOrder(OutOfOrder::NestedBegin);

@@ -32,16 +32,54 @@ pub struct SinkBatch<'a> {
     pub position: Option<&'a Position>,
 }
 
-/// Why a sink could not confirm a batch.
+/// A sink's own reason for not confirming, kept typed as the error's
+/// `#[source]` (for Redis, [`redis::RedisCause`]: the client's error,
+/// a timeout, a script's refusal, ...). Its text is what the logs show.
+pub type SinkCause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a sink could not confirm a batch: the class decides what the run
+/// loop does (see `crate::policy`), the cause says why.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
     /// The target is unreachable or overloaded: retry with backoff, stop
     /// reading the source meanwhile, never acknowledge.
-    #[error("{target}: {message}")]
-    Transient { target: String, message: String },
+    #[error("{target}: {cause}")]
+    Transient {
+        target: String,
+        #[source]
+        cause: SinkCause,
+    },
     /// The target refused the batch for a reason retrying will not fix.
-    #[error("{target}: {message}")]
-    Definite { target: String, message: String },
+    #[error("{target}: {cause}")]
+    Definite {
+        target: String,
+        #[source]
+        cause: SinkCause,
+    },
+}
+
+impl SinkError {
+    pub fn transient(target: impl Into<String>, cause: impl Into<SinkCause>) -> SinkError {
+        SinkError::Transient { target: target.into(), cause: cause.into() }
+    }
+
+    pub fn definite(target: impl Into<String>, cause: impl Into<SinkCause>) -> SinkError {
+        SinkError::Definite { target: target.into(), cause: cause.into() }
+    }
+
+    /// The target that did not confirm.
+    pub fn target(&self) -> &str {
+        match self {
+            SinkError::Transient { target, .. } | SinkError::Definite { target, .. } => target,
+        }
+    }
+
+    /// Why, without the target's name.
+    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        match self {
+            SinkError::Transient { cause, .. } | SinkError::Definite { cause, .. } => cause.as_ref(),
+        }
+    }
 }
 
 /// Applies effects.

@@ -9,7 +9,17 @@
 
 use futures_util::future::join_all;
 
-use crate::sink::{Sink, SinkBatch, SinkError};
+use crate::sink::{Sink, SinkBatch, SinkCause, SinkError};
+
+/// The most severe target's cause, when others failed too.
+#[derive(Debug, thiserror::Error)]
+#[error("{first} (and {more} more targets)")]
+pub struct AndMore {
+    #[source]
+    pub first: SinkCause,
+    /// How many other targets did not confirm (logged one by one).
+    pub more: usize,
+}
 
 /// Applies each batch to every target.
 #[derive(Debug)]
@@ -49,11 +59,11 @@ impl<S: Sink + Sync> Sink for MultiSink<S> {
         match worst {
             None => Ok(()),
             Some(e) if failed == 1 => Err(e),
-            Some(SinkError::Transient { target, message }) => {
-                Err(SinkError::Transient { target, message: format!("{message} (and {} more targets)", failed - 1) })
+            Some(SinkError::Transient { target, cause }) => {
+                Err(SinkError::transient(target, AndMore { first: cause, more: failed - 1 }))
             }
-            Some(SinkError::Definite { target, message }) => {
-                Err(SinkError::Definite { target, message: format!("{message} (and {} more targets)", failed - 1) })
+            Some(SinkError::Definite { target, cause }) => {
+                Err(SinkError::definite(target, AndMore { first: cause, more: failed - 1 }))
             }
         }
     }
@@ -85,8 +95,8 @@ mod tests {
             async move {
                 match answer {
                     None => Ok(()),
-                    Some(false) => Err(SinkError::Transient { target, message: "down".to_owned() }),
-                    Some(true) => Err(SinkError::Definite { target, message: "refused".to_owned() }),
+                    Some(false) => Err(SinkError::transient(target, "down")),
+                    Some(true) => Err(SinkError::definite(target, "refused")),
                 }
             }
         }

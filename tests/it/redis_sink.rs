@@ -98,7 +98,7 @@ async fn a_version_key_holding_something_else_bumps_its_caches_namespace_instead
         // A namespace key is evictd's own: something else there stays an error.
         probe.set(&ns, "garbage").await;
         let err = apply(&s, &g, &[key(&g, "versioned", &text)], 11).await.unwrap_err();
-        assert!(matches!(&err, SinkError::Definite { message, .. } if message.contains(&ns)), "{err:?}");
+        assert!(matches!(&err, SinkError::Definite { cause, .. } if cause.to_string().contains(&ns)), "{err:?}");
     }
 }
 

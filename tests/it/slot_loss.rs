@@ -74,6 +74,7 @@ async fn a_lost_slot_that_evictd_streamed_before_refuses_to_start() {
     let slot = format!("slot `{}` that evictd streamed from system ", d.slot);
     assert!(log.contains(&slot) && log.contains("is gone"), "the message says what happened: {log}");
     assert!(log.contains("on_slot_loss = \"flush\""), "the message says what to do: {log}");
+    assert!(log.contains("stopping") && log.contains("do what the error says"), "the policy's hint is logged: {log}");
     assert!(!slot_exists(&d).await, "the slot was recreated");
     // `check` reports it too, before anyone runs the daemon into it.
     let out = super::support::evictd(&["check", "--config", d.config.to_str().unwrap()]);

@@ -127,8 +127,9 @@ impl<const CONNECTS: bool> Sessions for Scripted<CONNECTS> {
         match next {
             Some(Start::Lost) => Ok(Fake { lose: true }),
             Some(Start::Quiet) => Ok(Fake { lose: false }),
-            Some(Start::Transient) => Err(StartError::Transient("down".into())),
-            Some(Start::Definite { refused }) => Err(StartError::Definite { message: "no".into(), refused }),
+            Some(Start::Transient) => Err(SourceSetupError::Transient("down".into()).into()),
+            Some(Start::Definite { refused: true }) => Err(SourceSetupError::Publication("no".into()).into()),
+            Some(Start::Definite { refused: false }) => Err(SourceSetupError::Definite("no".into()).into()),
             None => {
                 self.shutdown.cancel();
                 Ok(Fake { lose: false })
@@ -237,16 +238,24 @@ async fn membership_is_released_only_after_the_session_under_it_was_closed() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn a_definite_start_error_stops_with_the_exit_code_it_asks_for() {
+async fn a_definite_start_error_stops_with_the_exit_code_the_policy_gives() {
     for (refused, code) in [(true, 2), (false, 1)] {
         let shutdown = CancellationToken::new();
         let sessions = Scripted::<true>::new(vec![Start::Definite { refused }], &shutdown);
         let error = supervise(&sessions, &pipeline(), &shutdown).await.unwrap_err();
-        let got = match error {
-            DaemonError::Refused(_) => 2,
-            DaemonError::Failed(_) => 1,
-        };
-        assert_eq!(got, code);
+        assert!(matches!(error, DaemonError::Start(_)), "{error:?}");
+        assert_eq!(error.exit_code(), code);
+        assert_eq!(error.to_string(), "no");
+        assert!(!error.hint().is_empty());
         assert_eq!(sessions.log(), ["acquired", "released"]);
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_record_that_cannot_be_read_is_retried_or_stops_as_the_sink_policy_says() {
+    let unreachable = StartError::SourceRecord(SinkError::transient("eu", "connection refused"));
+    assert_eq!(crate::policy::decide(unreachable.failure()).decision, crate::policy::Decision::Retry);
+    let refused = DaemonError::Start(StartError::SourceRecord(SinkError::definite("eu", "NOPERM")));
+    assert_eq!(refused.to_string(), "source record: eu: NOPERM");
+    assert_eq!(refused.exit_code(), 1);
 }

@@ -17,7 +17,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Pipeline, RedisResult, ServerErrorKind, Value};
 use secrecy::ExposeSecret;
 
-use super::error::Errors;
+use super::error::{Class, Errors, RedisCause};
 use super::layout::Scripts;
 use super::plan::Topology;
 use crate::config::RedisTarget;
@@ -47,17 +47,14 @@ impl Conn {
                     .response_timeout(round_trip)
                     .retries(2)
                     .build()
-                    .map_err(|e| errors.redis("cluster configuration", &e))?;
-                let conn = client.get_async_connection().await.map_err(|e| errors.redis("connecting", &e))?;
+                    .map_err(|e| errors.redis("cluster configuration", e))?;
+                let conn = client.get_async_connection().await.map_err(|e| errors.redis("connecting", e))?;
                 Ok(Conn::Cluster(conn))
             } else {
                 let [url] = urls.as_slice() else {
-                    return Err(errors.make(
-                        super::error::Class::Definite,
-                        format!("a standalone target takes one URL, got {}", urls.len()),
-                    ));
+                    return Err(errors.make(Class::Definite, RedisCause::StandaloneUrls(urls.len())));
                 };
-                let client = redis::Client::open(*url).map_err(|e| errors.redis("configuration", &e))?;
+                let client = redis::Client::open(*url).map_err(|e| errors.redis("configuration", e))?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(round_trip))
@@ -65,7 +62,7 @@ impl Conn {
                     .set_max_delay(timeout);
                 let conn = ConnectionManager::new_with_config(client, config)
                     .await
-                    .map_err(|e| errors.redis("connecting", &e))?;
+                    .map_err(|e| errors.redis("connecting", e))?;
                 Ok(Conn::Standalone(conn))
             }
         };
@@ -116,7 +113,7 @@ impl Runner<'_> {
     async fn bounded<T>(&self, what: &str, f: impl Future<Output = RedisResult<T>>) -> Result<T, SinkError> {
         match tokio::time::timeout(self.timeout, f).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.errors.redis(what, &e)),
+            Ok(Err(e)) => Err(self.errors.redis(what, e)),
             Err(_) => Err(self.errors.timeout(what, self.timeout)),
         }
     }
@@ -131,10 +128,9 @@ impl Runner<'_> {
         loop {
             let replies = self.bounded(what, self.conn.query(pipe)).await?;
             if replies.len() != pipe.len() {
-                return Err(self.errors.make(
-                    super::error::Class::Definite,
-                    format!("{what}: {} replies to {} commands", replies.len(), pipe.len()),
-                ));
+                let cause =
+                    RedisCause::ReplyCount { what: what.to_owned(), replies: replies.len(), commands: pipe.len() };
+                return Err(self.errors.make(Class::Definite, cause));
             }
             let no_script = replies.iter().any(|r| matches!(r, Err(e) if e.kind() == ServerErrorKind::NoScript.into()));
             if no_script && loads < 2 {
@@ -146,7 +142,7 @@ impl Runner<'_> {
             for reply in replies {
                 match reply {
                     Ok(v) => values.push(v),
-                    Err(e) => return Err(self.errors.redis(what, &e)),
+                    Err(e) => return Err(self.errors.redis(what, e)),
                 }
             }
             return Ok(values);

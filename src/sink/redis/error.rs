@@ -1,15 +1,19 @@
 //! Error classification: every failure of a Redis target becomes a
 //! [`SinkError`], transient (retry with backoff, pause the source) or
-//! definite (retrying will not help; an operator must act).
+//! definite (retrying will not help; an operator must act), whose
+//! `#[source]` is a typed [`RedisCause`].
 //!
 //! **Invariants:** unclassified means transient (style guide); no message
-//! carries a target URL or password (URLs are scrubbed before anything is
-//! formatted).
+//! carries a target URL or password: a client error's text is scrubbed of
+//! the target's URLs when the cause is built, and the other causes carry
+//! only evictd's own texts, keys and the server's replies.
 
 use std::time::Duration;
 
-use redis::{ErrorKind, RedisError, ServerErrorKind};
+use redis::{ErrorKind, ParsingError, RedisError, ServerErrorKind, Value};
 
+use super::durability::WaitError;
+use super::plan::PlanError;
 use crate::sink::SinkError;
 
 /// Which way a failure goes.
@@ -67,6 +71,62 @@ pub fn classify(err: &RedisError) -> Class {
     }
 }
 
+/// Why a Redis target did not confirm: the `#[source]` of its
+/// [`SinkError`]. Each text is the one the daemon has always logged.
+#[derive(Debug, thiserror::Error)]
+pub enum RedisCause {
+    /// The client failed or the server answered an error while doing
+    /// `what` (a refusing script included: `EVICTD_NOT_A_VERSION`).
+    /// `detail` is the error's text with the target's URLs scrubbed.
+    #[error("{what}: {detail}")]
+    Redis {
+        what: String,
+        detail: String,
+        #[source]
+        error: RedisError,
+    },
+    /// No reply within the command timeout: the target hangs or is gone.
+    #[error("{what}: no reply within {} ms", after.as_millis())]
+    Timeout { what: String, after: Duration },
+    /// A reply that is not what the command returns: a protocol surprise.
+    #[error("{what}: unexpected reply {reply:?}")]
+    UnexpectedReply { what: String, reply: Value },
+    /// A pipeline answered with another number of replies than it had
+    /// commands.
+    #[error("{what}: {replies} replies to {commands} commands")]
+    ReplyCount { what: String, replies: usize, commands: usize },
+    #[error("a standalone target takes one URL, got {0}")]
+    StandaloneUrls(usize),
+    /// `evictd:source:<slot>` holds something else than a record.
+    #[error("{key} is not a source record: {error}")]
+    NotASourceRecord {
+        key: String,
+        #[source]
+        error: ParsingError,
+    },
+    /// The batch cannot be planned (an `expire` cache without a TTL).
+    #[error("{0}")]
+    Plan(#[source] PlanError),
+    #[error("encoding the broadcast: {0}")]
+    Broadcast(#[source] serde_json::Error),
+    /// The durability wait reached fewer replicas (or AOFs) than asked.
+    #[error("{what}: {error}")]
+    Durability {
+        what: String,
+        #[source]
+        error: WaitError,
+    },
+    /// A version key of a batch holds something else, and its cache's
+    /// namespace cannot be bumped instead (`what`: the pipeline).
+    #[error("{what}: {key} holds something else than a version")]
+    NotAVersion { what: String, key: String },
+    /// A namespace key (evictd's own) holds something else than a version.
+    #[error(
+        "{key} holds something else than a version; evictd keeps its own keys there: delete it (a missing key reads as version 0)"
+    )]
+    NamespaceNotAVersion { key: String },
+}
+
 /// Builds [`SinkError`]s for one target, scrubbing its URLs from messages.
 #[derive(Debug, Clone)]
 pub struct Errors {
@@ -89,28 +149,28 @@ impl Errors {
         message
     }
 
-    pub fn make(&self, class: Class, message: String) -> SinkError {
-        let message = self.scrub(message);
+    pub fn make(&self, class: Class, cause: RedisCause) -> SinkError {
         let target = self.target.clone();
         match class {
-            Class::Transient => SinkError::Transient { target, message },
-            Class::Definite => SinkError::Definite { target, message },
+            Class::Transient => SinkError::transient(target, cause),
+            Class::Definite => SinkError::definite(target, cause),
         }
     }
 
     /// A Redis error while doing `what`.
-    pub fn redis(&self, what: &str, err: &RedisError) -> SinkError {
-        self.make(classify(err), format!("{what}: {err}"))
+    pub fn redis(&self, what: &str, error: RedisError) -> SinkError {
+        let detail = self.scrub(error.to_string());
+        self.make(classify(&error), RedisCause::Redis { what: what.to_owned(), detail, error })
     }
 
     /// No reply within the command timeout: the target hangs or is gone.
     pub fn timeout(&self, what: &str, after: Duration) -> SinkError {
-        self.make(Class::Transient, format!("{what}: no reply within {} ms", after.as_millis()))
+        self.make(Class::Transient, RedisCause::Timeout { what: what.to_owned(), after })
     }
 
     /// A reply that is not what the command returns: a protocol surprise.
-    pub fn unexpected(&self, what: &str, reply: &redis::Value) -> SinkError {
-        self.make(Class::Definite, format!("{what}: unexpected reply {reply:?}"))
+    pub fn unexpected(&self, what: &str, reply: &Value) -> SinkError {
+        self.make(Class::Definite, RedisCause::UnexpectedReply { what: what.to_owned(), reply: reply.clone() })
     }
 }
 
@@ -167,7 +227,23 @@ mod tests {
     #[test]
     fn messages_never_show_a_url() {
         let errors = Errors::new("eu", vec!["redis://:hunter2@10.0.0.1:6379".to_owned()]);
-        let e = errors.make(Class::Transient, "cannot reach redis://:hunter2@10.0.0.1:6379".to_owned());
-        assert_eq!(e.to_string(), "eu: cannot reach ****");
+        let refused =
+            std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "cannot reach redis://:hunter2@10.0.0.1:6379");
+        let e = errors.redis("connecting", RedisError::from(refused));
+        assert_eq!(e.to_string(), "eu: connecting: cannot reach ****");
+    }
+
+    #[test]
+    fn a_sink_error_carries_its_typed_cause() {
+        use std::error::Error as _;
+        let errors = Errors::new("eu", Vec::new());
+        let e = errors.redis("pipeline of 1 commands", server("WRONGTYPE", "Operation against a key"));
+        assert!(matches!(e, SinkError::Definite { .. }), "{e:?}");
+        let cause = e.source().and_then(|c| c.downcast_ref::<RedisCause>());
+        let Some(RedisCause::Redis { error, .. }) = cause else { panic!("not a Redis cause: {e:?}") };
+        assert_eq!(error.code(), Some("WRONGTYPE"));
+        assert!(cause.and_then(|c| c.source()).is_some_and(|s| s.is::<RedisError>()));
+        let late = errors.timeout("reading INFO", Duration::from_millis(250));
+        assert_eq!(late.to_string(), "eu: reading INFO: no reply within 250 ms");
     }
 }

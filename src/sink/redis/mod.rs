@@ -56,7 +56,8 @@ use secrecy::ExposeSecret;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use error::{Class, classify};
+pub use durability::WaitError;
+pub use error::{Class, RedisCause, classify};
 pub use plan::{Command, Group, Plan, PlanError, Redelete, TagJob, Topology};
 
 use self::conn::{Conn, Runner};
@@ -237,7 +238,7 @@ impl RedisSink {
         let inner = &self.inner;
         let topology = inner.conn.topology();
         let plan = plan::plan(&batch, topology, &mut fastrand::Rng::new())
-            .map_err(|e| inner.errors.make(Class::Definite, e.to_string()))?;
+            .map_err(|e| inner.errors.make(Class::Definite, RedisCause::Plan(e)))?;
         let runner = inner.runner();
         let max = inner.options.max_in_flight;
         let now = now_ms();
@@ -274,8 +275,8 @@ impl RedisSink {
         if let Some(config) = &inner.broadcast
             && let Some(message) = broadcast::message(&batch, config, now)
         {
-            let tail = broadcast::tail(&message)
-                .map_err(|e| inner.errors.make(Class::Definite, format!("encoding the broadcast: {e}")))?;
+            let tail =
+                broadcast::tail(&message).map_err(|e| inner.errors.make(Class::Definite, RedisCause::Broadcast(e)))?;
             let mut pipe = redis::pipe();
             pipe.cmd("EVALSHA")
                 .arg(runner.scripts.publish.get_hash())
@@ -332,10 +333,7 @@ impl RedisSink {
                 _ => None,
             });
             let Some(cache) = cache else {
-                let message = format!(
-                    "{key} holds something else than a version; evictd keeps its own keys there: delete it (a missing key reads as version 0)"
-                );
-                return Err(inner.errors.make(Class::Definite, message));
+                return Err(inner.errors.make(Class::Definite, RedisCause::NamespaceNotAVersion { key }));
             };
             let name = batch.graph.cache(cache).name.clone();
             by_cache.entry(name).or_insert((0, key)).0 += 1;
@@ -528,7 +526,8 @@ async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Op
     let what = format!("pipeline of {} commands", group.commands.len());
     let replies = runner.pipeline(&what, &mut pipe).await?;
     if let Some(wait) = &runner.wait {
-        durability::check(wait, replies.last()).map_err(|e| runner.errors.make(e.class(), format!("{what}: {e}")))?;
+        durability::check(wait, replies.last())
+            .map_err(|error| runner.errors.make(error.class(), RedisCause::Durability { what: what.clone(), error }))?;
     }
     for (index, key) in bumps {
         match replies.get(index) {
@@ -540,8 +539,8 @@ async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Op
             Some(redis::Value::Int(3)) => match bump.unbumpable.map(Mutex::lock) {
                 Some(Ok(mut keys)) => keys.push(key.to_owned()),
                 _ => {
-                    let message = format!("{what}: {key} holds something else than a version");
-                    return Err(runner.errors.make(Class::Definite, message));
+                    let cause = RedisCause::NotAVersion { what, key: key.to_owned() };
+                    return Err(runner.errors.make(Class::Definite, cause));
                 }
             },
             _ => {}

@@ -20,7 +20,7 @@ use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 
 use super::conn::Runner;
-use super::error::Class;
+use super::error::{Class, RedisCause};
 use super::{Behind, RedisSink};
 use crate::resolve::Effect;
 use crate::sink::{SinkBatch, SinkError};
@@ -103,8 +103,8 @@ impl RedisSink {
         pipe.cmd("HGETALL").arg(source_key(slot));
         let replies = self.inner.runner().pipeline("reading the source record", &mut pipe).await?;
         let Some(reply) = replies.into_iter().next() else { return Ok(None) };
-        let fields: HashMap<String, String> = redis::from_redis_value(reply).map_err(|e| {
-            self.inner.errors.make(Class::Definite, format!("{} is not a source record: {e}", source_key(slot)))
+        let fields: HashMap<String, String> = redis::from_redis_value(reply).map_err(|error| {
+            self.inner.errors.make(Class::Definite, RedisCause::NotASourceRecord { key: source_key(slot), error })
         })?;
         Ok((!fields.is_empty()).then(|| SourceRecord::from_fields(&fields)))
     }

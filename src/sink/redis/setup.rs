@@ -145,7 +145,7 @@ pub async fn inspect(conn: &Conn, errors: &Errors) -> Result<Vec<NodeFacts>, Sin
             let mut facts = match info.query_async::<Value>(&mut c).await {
                 Ok(v) => text(&v).map(|t| NodeFacts::parse("", &t)).unwrap_or_default(),
                 Err(e) if e.is_io_error() || e.is_timeout() || e.is_connection_dropped() => {
-                    return Err(errors.redis("INFO", &e));
+                    return Err(errors.redis("INFO", e));
                 }
                 Err(_) => NodeFacts::default(),
             };
@@ -157,7 +157,7 @@ pub async fn inspect(conn: &Conn, errors: &Errors) -> Result<Vec<NodeFacts>, Sin
             Ok(vec![facts])
         }
         Conn::Cluster(c) => {
-            let reply: Value = info.query_async(&mut c.clone()).await.map_err(|e| errors.redis("INFO", &e))?;
+            let reply: Value = info.query_async(&mut c.clone()).await.map_err(|e| errors.redis("INFO", e))?;
             let Value::Map(nodes) = &reply else { return Err(errors.unexpected("INFO", &reply)) };
             Ok(nodes
                 .iter()
