@@ -21,6 +21,8 @@
 #   3. cargo test --doc --locked [ARGS]   (skipped when ARGS select targets,
 #                                          e.g. --test it or --lib)
 #   4. cargo test --all-targets --locked [ARGS]
+#   5. (without ARGS) the session model check again, to print how many
+#      random schedules it ran
 # and ends with one plain line: "N passed, N failed".
 #
 # The tests find the servers through
@@ -274,6 +276,14 @@ else
   section "cargo test --all-targets${*:+ $*}"
   # A hung test must fail the run, not eat CI's time: 25 minutes at most.
   tested timeout --foreground "${EVICTD_TEST_TIMEOUT:-1500}" cargo test --all-targets --locked "$@"
+fi
+
+# The session's model check ran above among the unit tests; its count of
+# schedules is printed here (a second run of about a second, shown in full).
+if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
+  section "session model check"
+  run cargo test --locked --lib run::session::tests::every_schedule_keeps_the_session_invariants \
+    -- --exact --nocapture 2>&1 | grep -E "session model check|panicked|test result" || die "the session model check did not run"
 fi
 
 # Sum cargo's "test result:" lines into the closing line CI reads.
