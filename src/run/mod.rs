@@ -28,8 +28,8 @@
 //! batch's task before the batch is confirmed; or, with `on_error =
 //! "stop"`, the end of the daemon with it unacknowledged.
 
+mod dead_letters;
 mod session;
-mod undecodable;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,7 +44,7 @@ use self::session::{Action, Assemble, BatchOutcome, Input, Session};
 use crate::batch::{Batch, BatchLimits, TransactionEffects, TransactionLimits};
 use crate::change::{Change, Position};
 use crate::checkpoint::NotInFlight;
-use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, OnError};
+use crate::dead_letter::{DeadLetterError, DeadLetterStore, OnError};
 use crate::graph::Graph;
 use crate::lookup::{self, LookupExecutor, LookupStageError};
 use crate::metrics::{Invalidation, Metrics, PositionLadder};
@@ -385,59 +385,6 @@ where
     /// jitter. Shutdown during a wait abandons the batch.
     fn backoff(&self) -> Backoff {
         Backoff::new(self.options.retry_min, self.options.retry_max, Jitter::UpToAQuarter)
-    }
-
-    /// Changes that cannot be resolved: recorded as dead letters, each
-    /// committed before this returns; or, with `on_error = "stop"`, the end
-    /// of the daemon with the batch unconfirmed.
-    async fn handle_unresolved(&self, unresolved: &[DeadLetter], shutdown: &CancellationToken) -> Result<(), RunError> {
-        if let (OnError::Stop, Some(first)) = (self.options.on_error, unresolved.first()) {
-            for letter in unresolved {
-                let change = &letter.change;
-                tracing::error!(
-                    position = %change.position,
-                    table = %change.table,
-                    op = %change.op,
-                    error = %letter.error,
-                    "cannot resolve this change; stopping without acknowledging it (on_error = stop)"
-                );
-            }
-            return Err(RunError::Unresolvable {
-                position: first.change.position.to_string(),
-                table: first.change.table.to_string(),
-                op: first.change.op.as_str(),
-                error: first.error.clone(),
-            });
-        }
-        for letter in unresolved {
-            let mut backoff = self.backoff();
-            loop {
-                let e = match self.dead_letters.record(letter).await {
-                    Ok(()) => break,
-                    Err(e) => e,
-                };
-                self.metrics.dead_letter_write_error(e.kind());
-                match policy::decide(Failure::DeadLetterStore(&e)).decision {
-                    Decision::Retry => {
-                        tracing::warn!(error = %e, retry_in_ms = backoff.current().as_millis() as u64, "cannot write a dead letter; retrying (the source is paused)");
-                        backoff.wait(shutdown).await.map_err(|Stopped| RunError::Cancelled)?;
-                    }
-                    Decision::DeadLetter(_) | Decision::Stop => return Err(RunError::DeadLetter(e)),
-                }
-            }
-            let change = &letter.change;
-            self.metrics.dead_lettered(&change.table, letter.reason);
-            tracing::warn!(
-                position = %change.position,
-                table = %change.table,
-                op = %change.op,
-                reason = letter.reason.as_str(),
-                attempts = letter.attempts,
-                error = %letter.error,
-                "dead-lettered a change that cannot be resolved; the stream goes on"
-            );
-        }
-        Ok(())
     }
 
     /// Look-up queries (one per dependency and batch), the keys their rows

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use super::*;
 use crate::change::{Change, Lsn, Operation, Row, Value};
-use crate::dead_letter::{DeadLetterError, DeadLetterReason};
+use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterReason};
 use crate::diagnostic::SourceFile;
 use crate::graph::Lookup;
 use crate::graph::load::load_sources;
