@@ -30,7 +30,6 @@ use prometheus_client::registry::{Metric, Registry, Unit};
 use crate::change::{Lsn, Operation};
 use crate::dead_letter::DeadLetterReason;
 use crate::graph::Action;
-use crate::sink::SinkError;
 
 /// The content type of [`Metrics::encode`]'s text.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -173,6 +172,24 @@ struct CacheKindAction {
     cache: String,
     kind: &'static str,
     action: &'static str,
+}
+
+/// The class of a sink error, as [`SINK_ERRORS_TOTAL`]'s `kind` label
+/// reads it (the classes of `sink::SinkError`, named here so that metrics
+/// need not know the sink).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SinkErrorKind {
+    Transient,
+    Definite,
+}
+
+impl SinkErrorKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            SinkErrorKind::Transient => "transient",
+            SinkErrorKind::Definite => "definite",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -454,20 +471,16 @@ impl Metrics {
     /// Creates the sink series of `target` at zero, so that `rate()` and
     /// `increase()` see its first error.
     pub fn sink_target(&self, target: &str) {
-        for kind in ["transient", "definite"] {
-            drop(self.sink_errors.get_or_create(&TargetKind { target: target.to_owned(), kind }));
+        for kind in [SinkErrorKind::Transient, SinkErrorKind::Definite] {
+            drop(self.sink_errors.get_or_create(&TargetKind { target: target.to_owned(), kind: kind.as_str() }));
         }
         drop(self.sink_retries.get_or_create(&TargetLabel { target: target.to_owned() }));
         drop(self.versions_behind.get_or_create(&TargetLabel { target: target.to_owned() }));
     }
 
-    /// A sink failed to apply a batch.
-    pub fn sink_error(&self, error: &SinkError) {
-        let (target, kind) = match error {
-            SinkError::Transient { target, .. } => (target, "transient"),
-            SinkError::Definite { target, .. } => (target, "definite"),
-        };
-        self.sink_errors.get_or_create(&TargetKind { target: target.clone(), kind }).inc();
+    /// A sink failed to apply a batch to `target`.
+    pub fn sink_error(&self, target: &str, kind: SinkErrorKind) {
+        self.sink_errors.get_or_create(&TargetKind { target: target.to_owned(), kind: kind.as_str() }).inc();
     }
 
     /// The series of [`VERSIONS_BEHIND_TOTAL`] of `target` (created at

@@ -16,11 +16,11 @@ printed with, for every edge inside it, where the code takes it (file:line
 and the path), so that the edge to cut is plain to see.
 
 --depth 2 splits the modules that are directories into their own files
-(`sink`) and their submodules (`sink::redis`, `sink::multi`): a cycle
-`config -> sink::redis -> config` then reads apart from `sink -> config`.
-At this depth the edges from a module to its own submodules (the module tree:
-`mod redis;`, `pub use redis::RedisSink`) are left out; the edges back up
-(`super::Sink`) and between siblings count.
+(`sink`) and their submodules (`sink::redis`, `sink::multi`), so that a
+cycle shows which submodules take it. A module and its submodules naming
+each other (`pub use redis::RedisSink` in sink, `super::Sink` in
+sink::redis) is the module tree, not a cycle: at this depth only the
+components spanning two top-level modules or more count.
 
 --graph also prints every edge (with its first place).
 
@@ -219,11 +219,25 @@ def module_paths(toks, base):
     """Yields (absolute path, line, text) for every crate-, super- or
     self-relative path in the tokens of a file whose module is `base`."""
     stack = []  # inline modules: (name, brace depth inside them)
+    # Submodules declared in this file (`mod redis;`): `redis::x` here is
+    # `self::redis::x`.
+    children = {toks[k + 1][0] for k in range(len(toks) - 2)
+                if toks[k][0] == "mod" and toks[k + 2][0] == ";"}
     depth = 0
     i = 0
     while i < len(toks):
         t, line = toks[i]
         prev = toks[i - 1][0] if i else ""
+        if (t in children and prev not in ("::", "mod", ".")
+                and i + 1 < len(toks) and toks[i + 1][0] == "::"):
+            here = base + [name for name, _ in stack]
+            found = []
+            end = use_tree(toks, i, here, found)
+            text = " ".join(tok for tok, _ in toks[i:min(end, i + 24)])
+            for path in found:
+                yield path, line, text
+            i = max(end, i + 1)
+            continue
         if t == "{":
             depth += 1
         elif t == "}":
@@ -335,10 +349,6 @@ def edges(root, depth):
                 there = node(path, tops, subs, depth)
                 if there is None or there == here:
                     continue
-                # The module tree itself (a module naming its own
-                # submodules) is not a dependency at depth 2.
-                if there.startswith(here + "::"):
-                    continue
                 found[(here, there)].append(
                     (f"{os.path.relpath(full, root)}:{line}", snippet))
     return sorted(nodes), found
@@ -376,7 +386,10 @@ def strongly_connected(nodes, found):
     for v in nodes:
         if v not in index:
             visit(v)
-    return sorted(c for c in comps if len(c) > 1)
+    # Within one top-level module (depth 2), parent and submodules may name
+    # each other: only components across top-level modules are cycles.
+    return sorted(c for c in comps
+                  if len({m.split("::")[0] for m in c}) > 1)
 
 
 def main(argv):
@@ -409,11 +422,17 @@ def main(argv):
     for k, comp in enumerate(cycles, 1):
         print(f"cycle {k}: {', '.join(comp)}")
         members = set(comp)
+        inside = 0
         for (a, b), places in sorted(found.items()):
             if a in members and b in members:
+                if a.split("::")[0] == b.split("::")[0]:
+                    inside += 1  # the module tree (depth 2): not listed
+                    continue
                 where, text = places[0]
                 more = f" (+{len(places) - 1} more)" if len(places) > 1 else ""
                 print(f"  {a} -> {b}: {where}: {text}{more}")
+        if inside:
+            print(f"  (and {inside} edge(s) within one top-level module)")
     return 1 if cycles else 0
 
 

@@ -47,10 +47,9 @@ pub use self::raw::{
 pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget};
 pub use self::secrets::{hide_passwords, redact_url};
 pub use self::source::{
-    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_VALUE_BYTES, KAFKA_OWN_PROPERTIES, KafkaSource, OnOffsetReset, OnSlotLoss,
-    PostgresSource, SnapshotReads, SourceConfig,
+    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_VALUE_BYTES, FullRowDeletes, KAFKA_OWN_PROPERTIES, KafkaSource,
+    OnOffsetReset, OnSlotLoss, PostgresSource, SnapshotReads, SourceConfig,
 };
-pub use crate::source::debezium::FullRowDeletes;
 
 /// The environment variable prefix: `EVICTD__BATCH__MAX_EFFECTS`.
 pub const ENV_PREFIX: &str = "EVICTD";

@@ -1,6 +1,6 @@
 //! `[source]`: the Postgres (pgoutput) or Kafka (Debezium) source.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -9,7 +9,6 @@ use secrecy::SecretString;
 use super::issues::{Issues, is_identifier, positive};
 use super::raw::{RawKafka, RawPostgres, RawSource, RawTableSet};
 use super::secrets::check_pg_url;
-use crate::source::debezium::FullRowDeletes;
 
 #[derive(Debug, Clone)]
 pub enum SourceConfig {
@@ -42,6 +41,29 @@ pub enum OnSlotLoss {
     /// Bump every cache's namespace on every target, then stream from a
     /// new slot.
     Flush,
+}
+
+/// Which tables' delete events carry the whole old row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FullRowDeletes {
+    /// None: a delete's non-key columns are unknown (the safe default).
+    #[default]
+    None,
+    /// Every table (MySQL with `binlog_row_image=FULL`, Postgres tables all
+    /// `REPLICA IDENTITY FULL`).
+    All,
+    /// These tables (`schema.table`).
+    Tables(HashSet<String>),
+}
+
+impl FullRowDeletes {
+    pub fn covers(&self, table: &str) -> bool {
+        match self {
+            FullRowDeletes::None => false,
+            FullRowDeletes::All => true,
+            FullRowDeletes::Tables(tables) => tables.contains(table),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

@@ -40,7 +40,7 @@ use crate::change::{Lsn, Position};
 use crate::checkpoint::{NotInFlight, Watermark};
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, OnError};
 use crate::graph::Graph;
-use crate::metrics::{Invalidation, Metrics, PositionLadder};
+use crate::metrics::{Invalidation, Metrics, PositionLadder, SinkErrorKind};
 use crate::policy::{self, Decision, Failure};
 use crate::resolve::{Effect, LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};
 use crate::retry::{Backoff, Jitter, Stopped};
@@ -408,7 +408,11 @@ where
                     Ok(()) => break,
                     Err(e) => e,
                 };
-                self.metrics.sink_error(&e);
+                let (target, kind) = match &e {
+                    SinkError::Transient { target, .. } => (target.as_str(), SinkErrorKind::Transient),
+                    SinkError::Definite { target, .. } => (target.as_str(), SinkErrorKind::Definite),
+                };
+                self.metrics.sink_error(target, kind);
                 match policy::decide(Failure::Sink(&e)).decision {
                     Decision::Retry => {
                         let (SinkError::Transient { target, message } | SinkError::Definite { target, message }) = e;
