@@ -176,6 +176,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 
 fn check(args: &CheckArgs) -> Result<(), CliError> {
     let prepared = prepare(args.source.config.as_ref(), &args.paths)?;
+    // librdkafka's judgement of the properties, as `run` asks it at start.
+    if let Some(config) = &prepared.config
+        && let Some(config::SourceConfig::Kafka(kafka)) = &config.source
+    {
+        crate::daemon::check_kafka_client(&config.file, kafka).map_err(|e| CliError::Input(e.to_string()))?;
+    }
     let graph = &prepared.graph;
     let mut out = String::new();
     let files: Vec<String> = graph.files().iter().map(|f| f.file.display().to_string()).collect();

@@ -37,6 +37,8 @@ mod slot_history;
 mod supervisor;
 pub(crate) mod wiring;
 
+pub(crate) use kafka::check_client as check_kafka_client;
+
 use std::sync::Arc;
 use std::time::Duration;
 
