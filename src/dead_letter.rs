@@ -33,10 +33,10 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use crate::change::{Change, Lsn, Position, Row};
 
 /// The migrations of `migrations/`, embedded at compile time.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// The command that applies the migrations, for messages.
-pub const MIGRATE_COMMAND: &str = "evictd migrate --config FILE";
+pub(crate) const MIGRATE_COMMAND: &str = "evictd migrate --config FILE";
 
 /// What the run loop does with a change it cannot resolve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,7 +49,7 @@ pub enum OnError {
 
 /// What `evictd run` does with migrations not applied yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationMode {
+pub(crate) enum MigrationMode {
     /// Apply them at start-up.
     Apply,
     /// Refuse to start, naming them and the command that applies them.
@@ -59,7 +59,7 @@ pub enum MigrationMode {
 /// Why a change was dead-lettered: the `error_kind` column and the `reason`
 /// label of the dead-letter metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadLetterReason {
+pub(crate) enum DeadLetterReason {
     /// A look-up failed in a way that will fail again (a query error).
     LookupFailed,
     /// A look-up failed `lookup_attempts` times with a retryable error
@@ -68,7 +68,7 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::LookupFailed => "lookup_failed",
             DeadLetterReason::LookupAttemptsExhausted => "lookup_attempts_exhausted",
@@ -79,17 +79,17 @@ impl DeadLetterReason {
 /// One change that could not be resolved, and why.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
-    pub change: Arc<Change>,
-    pub reason: DeadLetterReason,
+    pub(crate) change: Arc<Change>,
+    pub(crate) reason: DeadLetterReason,
     /// The last error, as the operator should read it.
-    pub error: String,
+    pub(crate) error: String,
     /// How many times the change's look-ups ran.
-    pub attempts: u32,
+    pub(crate) attempts: u32,
 }
 
 impl DeadLetter {
     /// The kind of source the change came from (the `source` column).
-    pub fn source_kind(&self) -> &'static str {
+    pub(crate) fn source_kind(&self) -> &'static str {
         match self.change.position {
             Position::Postgres { .. } => "postgres",
             Position::Kafka { .. } => "kafka",
@@ -98,7 +98,7 @@ impl DeadLetter {
     }
 
     /// The commit LSN of a Postgres change (the `lsn` column).
-    pub fn commit_lsn(&self) -> Option<Lsn> {
+    pub(crate) fn commit_lsn(&self) -> Option<Lsn> {
         match self.change.position {
             Position::Postgres { commit_lsn, .. } => Some(commit_lsn),
             _ => None,
@@ -129,7 +129,7 @@ pub enum DeadLetterError {
 impl DeadLetterError {
     /// Transient failures are retried with backoff (never skipped); a
     /// definite one needs an operator.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             DeadLetterError::Unreachable(_) => true,
             DeadLetterError::Write { transient, .. } | DeadLetterError::Migrate { transient, .. } => *transient,
@@ -138,7 +138,7 @@ impl DeadLetterError {
     }
 
     /// The metric label of a failed write.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         if self.is_transient() { "transient" } else { "definite" }
     }
 }
@@ -186,7 +186,7 @@ pub trait DeadLetterStore {
 
 /// The dead-letter table in Postgres, through a `sqlx` pool.
 #[derive(Debug, Clone)]
-pub struct DeadLetters {
+pub(crate) struct DeadLetters {
     pool: PgPool,
     schema: String,
     timeout: Duration,
@@ -194,9 +194,9 @@ pub struct DeadLetters {
 
 /// What [`DeadLetters::migrate`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MigrationReport {
+pub(crate) struct MigrationReport {
     /// Migrations applied now, as `0001_dead_letters`.
-    pub applied: Vec<String>,
+    pub(crate) applied: Vec<String>,
 }
 
 /// A migration's name as its file is named: `0001_dead_letters`.
@@ -211,7 +211,11 @@ fn quote_ident(name: &str) -> String {
 impl DeadLetters {
     /// A store over a lazily connected pool; every statement is bounded by
     /// `timeout`. `schema` holds evictd's own tables.
-    pub fn connect_lazy(url: &SecretString, schema: &str, timeout: Duration) -> Result<DeadLetters, DeadLetterError> {
+    pub(crate) fn connect_lazy(
+        url: &SecretString,
+        schema: &str,
+        timeout: Duration,
+    ) -> Result<DeadLetters, DeadLetterError> {
         let options = PgConnectOptions::from_str(url.expose_secret())
             .map_err(|_| DeadLetterError::Migrate {
                 schema: schema.to_owned(),
@@ -224,13 +228,13 @@ impl DeadLetters {
         Ok(DeadLetters { pool, schema: schema.to_owned(), timeout })
     }
 
-    pub fn schema(&self) -> &str {
+    pub(crate) fn schema(&self) -> &str {
         &self.schema
     }
 
     /// Applies the pending migrations (`Apply`), or refuses with
     /// [`DeadLetterError::Pending`] when there are any (`Verify`).
-    pub async fn migrate(&self, mode: MigrationMode) -> Result<MigrationReport, DeadLetterError> {
+    pub(crate) async fn migrate(&self, mode: MigrationMode) -> Result<MigrationReport, DeadLetterError> {
         let pending = self.pending().await?;
         if pending.is_empty() {
             return Ok(MigrationReport { applied: Vec::new() });
@@ -265,7 +269,7 @@ impl DeadLetters {
 
     /// The embedded migrations not applied to the schema yet; an applied
     /// migration that failed half-way or whose file changed is an error.
-    pub async fn pending(&self) -> Result<Vec<String>, DeadLetterError> {
+    pub(crate) async fn pending(&self) -> Result<Vec<String>, DeadLetterError> {
         let table = format!("{}._sqlx_migrations", quote_ident(&self.schema));
         let exists: bool = self
             .bounded(sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(&table).fetch_one(&self.pool))
@@ -331,7 +335,7 @@ fn without_nul(text: &str) -> String {
 
 /// A row image as the `before`/`after` JSON: column → value, unknown cells
 /// as `{"unknown": true}`, bytes as hex, NUL characters replaced.
-pub fn row_json(row: &Row) -> serde_json::Value {
+pub(crate) fn row_json(row: &Row) -> serde_json::Value {
     fn clean(value: serde_json::Value) -> serde_json::Value {
         match value {
             serde_json::Value::String(s) if s.contains('\0') => serde_json::Value::String(without_nul(&s)),

@@ -73,8 +73,8 @@ pub(crate) enum Decision {
 /// A decision and what the operator can do about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Verdict {
-    pub decision: Decision,
-    pub hint: &'static str,
+    pub(crate) decision: Decision,
+    pub(crate) hint: &'static str,
 }
 
 /// Why a look-up that cannot run for any change stops the daemon.

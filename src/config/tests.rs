@@ -1,5 +1,6 @@
 use secrecy::ExposeSecret;
 
+use super::source::DEFAULT_MAX_MESSAGE_BYTES;
 use super::*;
 use crate::dead_letter::{MigrationMode, OnError};
 

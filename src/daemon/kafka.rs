@@ -52,13 +52,13 @@ pub(super) async fn run(shared: Shared<'_>, kafka: &KafkaConfig) -> Result<(), D
 /// librdkafka refused the consumer's client configuration (bad input).
 #[derive(Debug, thiserror::Error)]
 #[error("{file}: {field}: rejected by librdkafka: {source}")]
-pub struct ClientRejected {
+pub(crate) struct ClientRejected {
     file: String,
     /// `source.kafka.properties."NAME"` when librdkafka named one of the
     /// operator's properties, else `source.kafka.properties`.
     field: String,
     #[source]
-    source: KafkaError,
+    source: Box<KafkaError>,
 }
 
 /// Asks librdkafka whether it accepts the consumer's client configuration
@@ -76,7 +76,7 @@ pub(crate) fn check_client(file: &Path, kafka: &KafkaConfig) -> Result<(), Clien
             }
             _ => "source.kafka.properties".to_owned(),
         };
-        ClientRejected { file: file.display().to_string(), field, source }
+        ClientRejected { file: file.display().to_string(), field, source: Box::new(source) }
     })
 }
 

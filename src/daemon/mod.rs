@@ -51,7 +51,7 @@ use crate::server::{Health, ServerState};
 
 /// Why the daemon did not start, or stopped.
 #[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
+pub(crate) enum DaemonError {
     /// Bad config or a setup that contradicts it (publication, migrations,
     /// Redis eviction policy): exit 2.
     #[error("{0}")]
@@ -62,7 +62,7 @@ pub enum DaemonError {
 }
 
 /// Runs the daemon over a validated config and graph until shutdown; blocks.
-pub fn run(config: Config, graph: Graph) -> Result<(), DaemonError> {
+pub(crate) fn run(config: Config, graph: Graph) -> Result<(), DaemonError> {
     if config.source.is_none() {
         return Err(DaemonError::Refused(format!("{}: source: missing", config.file.display())));
     }
