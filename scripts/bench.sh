@@ -104,7 +104,10 @@ record() { local IFS=$'\t'; echo "$*" >>"$RESULTS"; }
 
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
-ensure_packages pg_recvlogical:postgresql-client-15 pgbench:postgresql-15 redis-benchmark:redis-tools redis-cli:redis-tools
+servers=(pg redis)
+[[ " $SECTIONS " != *" kafka "* ]] || servers+=(kafka)
+mapfile -t extra < <(server_extras "${servers[@]}")
+ensure_packages "${extra[@]}" pg_recvlogical:postgresql-client-15 pgbench:postgresql-15 redis-benchmark:redis-tools
 # shellcheck source=scripts/lib/demo-stack.sh
 . "$ROOT/scripts/lib/demo-stack.sh"
 BIN="${CARGO_TARGET_DIR:-$ROOT/target}/release"

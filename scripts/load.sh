@@ -34,8 +34,8 @@ trap cleanup EXIT
 
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
-# shellcheck disable=SC2119  # no extra packages
-ensure_packages
+mapfile -t extra < <(server_extras pg redis)
+ensure_packages "${extra[@]}"
 note "building (release)"
 cargo build --release --locked --quiet --bin evictd --bin evictd-load
 # shellcheck source=scripts/lib/demo-stack.sh

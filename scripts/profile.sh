@@ -47,7 +47,8 @@ trap stack_cleanup EXIT
 
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
-extra=(pg_recvlogical:postgresql-client-15 pgbench:postgresql-15 perf:linux-perf)
+mapfile -t extra < <(server_extras pg redis)
+extra+=(pg_recvlogical:postgresql-client-15 pgbench:postgresql-15 perf:linux-perf)
 [ "${PROFILE_CALLGRIND:-0}" = 1 ] && extra+=(valgrind:valgrind)
 ensure_packages "${extra[@]}"
 # shellcheck source=scripts/lib/demo-stack.sh

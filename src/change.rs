@@ -316,6 +316,15 @@ impl Position {
         }
     }
 
+    /// The change's own WAL position, for the position ladder and lag
+    /// (Postgres only: other sources have no byte positions to compare).
+    pub(crate) fn lsn(&self) -> Option<Lsn> {
+        match self {
+            Position::Postgres { lsn, .. } => Some(*lsn),
+            _ => None,
+        }
+    }
+
     /// Whether versions are exact commit positions, in commit order across
     /// the whole stream: Postgres commit LSNs are. Every bump raises the
     /// stored version (past it when it is not lower), whatever the source;

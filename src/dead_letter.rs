@@ -6,10 +6,13 @@
 //! will not fix (a query error such as a division by zero or a bad cast for
 //! this row's value), or keep failing `dead_letter.lookup_attempts` times
 //! (statement timeouts). A database that cannot be reached is never a reason:
-//! that is back-pressure, retried for as long as it lasts.
+//! that is back-pressure, retried for as long as it lasts. A message a
+//! source cannot decode ([`Undecodable`]) is recorded too
+//! ([`DeadLetterStore::record_undecodable`]), with its raw payload.
 //!
 //! **Invariant:** a dead-lettered change counts as handled only once its row
-//! is committed ([`DeadLetterStore::record`] returned `Ok`); until then its
+//! is committed ([`DeadLetterStore::record`] returned `Ok`, or
+//! [`DeadLetterStore::record_undecodable`] for a message); until then its
 //! batch is not confirmed and its position not acknowledged. A failed write
 //! is retried (transient) or stops the daemon (definite), never skipped.
 //! Recording is idempotent: a change met again after a crash (recorded, not
@@ -31,6 +34,7 @@ use sqlx::migrate::{Migration, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::change::{Change, Lsn, Position, Row};
+use crate::source::{RawMessage, Undecodable, UndecodableReason};
 
 /// The migrations of `migrations/`, embedded at compile time.
 pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
@@ -65,6 +69,8 @@ pub(crate) enum DeadLetterReason {
     /// A look-up failed `lookup_attempts` times with a retryable error
     /// (a statement timeout, a serialization failure).
     LookupAttemptsExhausted,
+    /// A message the source could not decode.
+    Undecodable(UndecodableReason),
 }
 
 impl DeadLetterReason {
@@ -72,6 +78,7 @@ impl DeadLetterReason {
         match self {
             DeadLetterReason::LookupFailed => "lookup_failed",
             DeadLetterReason::LookupAttemptsExhausted => "lookup_attempts_exhausted",
+            DeadLetterReason::Undecodable(reason) => reason.as_str(),
         }
     }
 }
@@ -90,19 +97,29 @@ pub struct DeadLetter {
 impl DeadLetter {
     /// The kind of source the change came from (the `source` column).
     pub(crate) fn source_kind(&self) -> &'static str {
-        match self.change.position {
-            Position::Postgres { .. } => "postgres",
-            Position::Kafka { .. } => "kafka",
-            Position::File { .. } => "file",
-        }
+        source_kind(&self.change.position)
     }
 
     /// The commit LSN of a Postgres change (the `lsn` column).
     pub(crate) fn commit_lsn(&self) -> Option<Lsn> {
-        match self.change.position {
-            Position::Postgres { commit_lsn, .. } => Some(commit_lsn),
-            _ => None,
-        }
+        commit_lsn(&self.change.position)
+    }
+}
+
+/// The kind of source a position belongs to (the `source` column).
+fn source_kind(position: &Position) -> &'static str {
+    match position {
+        Position::Postgres { .. } => "postgres",
+        Position::Kafka { .. } => "kafka",
+        Position::File { .. } => "file",
+    }
+}
+
+/// The commit LSN of a Postgres position (the `lsn` column).
+fn commit_lsn(position: &Position) -> Option<Lsn> {
+    match position {
+        Position::Postgres { commit_lsn, .. } => Some(*commit_lsn),
+        _ => None,
     }
 }
 
@@ -178,15 +195,19 @@ fn write_error(e: sqlx::Error) -> DeadLetterError {
     }
 }
 
-/// Where dead letters go. Contract: `record` returns `Ok` only once the
-/// letter is durably stored; it is safe to call again with the same letter.
+/// Where dead letters go. Contract: `record` and `record_undecodable`
+/// return `Ok` only once the letter is durably stored; each is safe to call
+/// again with the same letter.
 pub trait DeadLetterStore {
+    /// A change that could not be resolved.
     fn record(&self, letter: &DeadLetter) -> impl Future<Output = Result<(), DeadLetterError>> + Send;
+    /// A message a source could not decode, with its raw payload.
+    fn record_undecodable(&self, message: &Undecodable) -> impl Future<Output = Result<(), DeadLetterError>> + Send;
 }
 
 /// The dead-letter table in Postgres, through a `sqlx` pool.
 #[derive(Debug, Clone)]
-pub(crate) struct DeadLetters {
+pub struct DeadLetters {
     pool: PgPool,
     schema: String,
     timeout: Duration,
@@ -211,11 +232,7 @@ fn quote_ident(name: &str) -> String {
 impl DeadLetters {
     /// A store over a lazily connected pool; every statement is bounded by
     /// `timeout`. `schema` holds evictd's own tables.
-    pub(crate) fn connect_lazy(
-        url: &SecretString,
-        schema: &str,
-        timeout: Duration,
-    ) -> Result<DeadLetters, DeadLetterError> {
+    pub fn connect_lazy(url: &SecretString, schema: &str, timeout: Duration) -> Result<DeadLetters, DeadLetterError> {
         let options = PgConnectOptions::from_str(url.expose_secret())
             .map_err(|_| DeadLetterError::Migrate {
                 schema: schema.to_owned(),
@@ -348,6 +365,34 @@ pub(crate) fn row_json(row: &Row) -> serde_json::Value {
     clean(row.to_json())
 }
 
+/// Bytes as JSON: a string when they are UTF-8 (NUL characters replaced),
+/// else Postgres's bytea text (`\x` and hex), so as not to pass for text.
+fn bytes_json(bytes: &[u8]) -> serde_json::Value {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => serde_json::Value::String(without_nul(text)),
+        Err(_) => serde_json::Value::String(format!("\\x{}", hex::encode(bytes))),
+    }
+}
+
+/// A raw message as the `after` document of its row: `key`, `value` (each
+/// null when absent) and `headers` as `[name, value]` pairs.
+fn raw_json(raw: &RawMessage) -> serde_json::Value {
+    let headers: Vec<serde_json::Value> = raw
+        .headers
+        .iter()
+        .map(|(name, value)| serde_json::json!([without_nul(name), value.as_deref().map(bytes_json)]))
+        .collect();
+    serde_json::json!({
+        "key": raw.key.as_deref().map(bytes_json),
+        "value": raw.value.as_deref().map(bytes_json),
+        "headers": headers,
+    })
+}
+
+/// The `op` of a message that could not be decoded: it has no table and no
+/// operation, only its raw payload (in `after`).
+pub(crate) const UNDECODABLE_OP: &str = "undecodable";
+
 impl DeadLetterStore for DeadLetters {
     async fn record(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
         let change = &letter.change;
@@ -369,6 +414,30 @@ impl DeadLetterStore for DeadLetters {
             .bind(without_nul(&letter.error))
             .bind(letter.reason.as_str())
             .bind(i32::try_from(letter.attempts).unwrap_or(i32::MAX));
+        self.bounded(query.execute(&self.pool)).await.map(|_| ())
+    }
+
+    /// The table has no column for a raw message, and no source that
+    /// writes here yields one today: it is stored without a migration as a
+    /// row with no table (`''`), op `undecodable`, the reason as
+    /// `error_kind`, no attempts (no look-up ran) and the raw message as
+    /// the `after` document ([`raw_json`]), so that nothing is lost and no
+    /// row image is faked.
+    async fn record_undecodable(&self, message: &Undecodable) -> Result<(), DeadLetterError> {
+        let sql = format!(
+            "INSERT INTO {}.dead_letters (source, position, lsn, table_name, op, before, after, error, error_kind, attempts) \
+             VALUES ($1, $2, $3::pg_lsn, '', $4, NULL, $5::jsonb, $6, $7, 0) \
+             ON CONFLICT (source, position, table_name) DO NOTHING",
+            quote_ident(&self.schema)
+        );
+        let query = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(source_kind(&message.position))
+            .bind(message.position.to_string())
+            .bind(commit_lsn(&message.position).map(|l| l.to_string()))
+            .bind(UNDECODABLE_OP)
+            .bind(raw_json(&message.raw).to_string())
+            .bind(without_nul(&message.error))
+            .bind(message.reason.as_str());
         self.bounded(query.execute(&self.pool)).await.map(|_| ())
     }
 }
@@ -404,6 +473,24 @@ mod tests {
         };
         assert_eq!(letter.source_kind(), "postgres");
         assert_eq!(letter.commit_lsn(), Some(Lsn(0x10)));
+    }
+
+    #[test]
+    fn a_raw_message_keeps_text_as_text_and_other_bytes_as_hex() {
+        let raw = RawMessage {
+            key: Some(b"{\"id\": 1}".to_vec()),
+            value: Some(vec![0xff, 0x00, 0x41]),
+            headers: vec![("trace".into(), Some(b"a\0b".to_vec())), ("empty".into(), None)],
+        };
+        assert_eq!(
+            raw_json(&raw),
+            serde_json::json!({
+                "key": "{\"id\": 1}",
+                "value": "\\xff0041",
+                "headers": [["trace", "a\u{FFFD}b"], ["empty", null]],
+            })
+        );
+        assert_eq!(DeadLetterReason::Undecodable(UndecodableReason::TooLarge).as_str(), "too_large");
     }
 
     #[test]

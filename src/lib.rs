@@ -4,7 +4,7 @@
 //! The pipeline, one module per stage (see `ARCHITECTURE.md`):
 //!
 //! ```text
-//! source ──► change ──► resolve (graph) ──► batch ──► sink ──► checkpoint
+//! source ──► change ──► resolve (pure) ──► lookup ──► batch ──► sink ──► checkpoint
 //! ```
 //!
 //! - [`source`]: where changes come from, and where their positions are
@@ -12,7 +12,10 @@
 //! - [`change`]: the one change type every source produces.
 //! - [`graph`]: the dependency graph loaded from `dependency-graphs/`.
 //! - [`key`]: canonical key rendering.
-//! - [`resolve`]: change → effects (keys, tags, namespace bumps, look-ups).
+//! - [`resolve`]: change → effects (keys, tags, namespace bumps) and
+//!   look-up requests; pure, no I/O.
+//! - [`lookup`]: the look-up stage: runs the requests' SQL, feeds the rows
+//!   back to the resolver, retries, narrows failures down to dead letters.
 //! - [`batch`]: effects of consecutive transactions merged and deduplicated.
 //! - [`sink`]: where effects are applied ([`sink::Sink`]).
 //! - [`checkpoint`]: which position may be acknowledged.
@@ -36,6 +39,7 @@ pub mod dead_letter;
 pub mod diagnostic;
 pub mod graph;
 pub mod key;
+pub mod lookup;
 pub mod metrics;
 pub(crate) mod policy;
 pub mod reader;

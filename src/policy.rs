@@ -4,17 +4,18 @@
 //! the operator.
 //!
 //! **Invariants:** [`decide`] is pure (no I/O, no clock): the same failure
-//! always gets the same decision. Only a change's look-ups can be
-//! dead-lettered; a failure of the machinery itself (source, sink,
-//! dead-letter store) is retried while it may pass and stops the daemon,
-//! with nothing unconfirmed acknowledged, when it cannot.
+//! always gets the same decision. Only a change's look-ups and a message
+//! a source cannot decode can be dead-lettered (the latter as
+//! `dead_letter.on_error` says); a failure of the machinery itself (source,
+//! sink, dead-letter store) is retried while it may pass and stops the
+//! daemon, with nothing unconfirmed acknowledged, when it cannot.
 //!
 //! How long a retry waits is [`crate::retry::Backoff`]'s part.
 
-use crate::dead_letter::{DeadLetterError, DeadLetterReason};
-use crate::resolve::LookupError;
+use crate::dead_letter::{DeadLetterError, DeadLetterReason, OnError};
+use crate::lookup::LookupError;
 use crate::sink::SinkError;
-use crate::source::SourceError;
+use crate::source::{SourceError, UndecodableReason};
 
 /// What kind of failure a look-up error is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +57,9 @@ pub(crate) enum Failure<'a> {
     Lookup { failure: LookupFailure, counted: u32, max_attempts: u32 },
     /// A dead letter could not be written.
     DeadLetterStore(&'a DeadLetterError),
+    /// A source could not decode a message (`dead_letter.on_error` says
+    /// what becomes of it).
+    Undecodable { reason: UndecodableReason, on_error: OnError },
 }
 
 /// What to do about a failure.
@@ -85,10 +89,10 @@ pub(crate) const BROKEN_QUERY_HINT: &str =
 pub(crate) fn decide(failure: Failure<'_>) -> Verdict {
     use Decision::{DeadLetter, Retry, Stop};
     let (decision, hint) = match failure {
-        Failure::Source(SourceError::Transient(_)) => {
+        Failure::Source(SourceError::Transient { .. }) => {
             (Retry, "the source connection was lost; the supervisor reconnects with backoff")
         }
-        Failure::Source(SourceError::Definite(_)) => {
+        Failure::Source(SourceError::Definite { .. }) => {
             (Stop, "the source refused for good; check its configuration and privileges, then restart")
         }
         Failure::Sink(SinkError::Transient { .. }) => {
@@ -118,6 +122,14 @@ pub(crate) fn decide(failure: Failure<'_>) -> Verdict {
         Failure::DeadLetterStore(_) => {
             (Stop, "the dead-letter database refused the row; check its schema and privileges (evictd migrate)")
         }
+        Failure::Undecodable { reason, on_error: OnError::DeadLetter } => (
+            DeadLetter(DeadLetterReason::Undecodable(reason)),
+            "the message cannot be decoded; it is kept with its raw payload in the dead letters",
+        ),
+        Failure::Undecodable { on_error: OnError::Stop, .. } => (
+            Stop,
+            "the message cannot be decoded and dead_letter.on_error = \"stop\"; fix or remove it at the source, then restart",
+        ),
     };
     Verdict { decision, hint }
 }
@@ -161,8 +173,8 @@ mod tests {
 
     #[test]
     fn a_lost_source_is_retried_and_a_refusing_one_stops() {
-        assert_eq!(decide(Failure::Source(&SourceError::Transient("reset".into()))).decision, Decision::Retry);
-        assert_eq!(decide(Failure::Source(&SourceError::Definite("denied".into()))).decision, Decision::Stop);
+        assert_eq!(decide(Failure::Source(&SourceError::transient("reset"))).decision, Decision::Retry);
+        assert_eq!(decide(Failure::Source(&SourceError::definite("denied"))).decision, Decision::Stop);
     }
 
     #[test]
@@ -182,9 +194,19 @@ mod tests {
     }
 
     #[test]
-    fn nothing_but_a_changes_lookups_is_ever_dead_lettered() {
+    fn an_undecodable_message_is_dead_lettered_or_stops_as_on_error_says() {
+        let undecodable = |on_error| decide(Failure::Undecodable { reason: UndecodableReason::TooLarge, on_error });
+        assert_eq!(
+            undecodable(OnError::DeadLetter).decision,
+            Decision::DeadLetter(DeadLetterReason::Undecodable(UndecodableReason::TooLarge))
+        );
+        assert_eq!(undecodable(OnError::Stop).decision, Decision::Stop);
+    }
+
+    #[test]
+    fn nothing_but_a_changes_lookups_or_an_undecodable_message_is_ever_dead_lettered() {
         let machinery = [
-            decide(Failure::Source(&SourceError::Definite("x".into()))),
+            decide(Failure::Source(&SourceError::definite("x"))),
             decide(Failure::Sink(&SinkError::Definite { target: "a".into(), message: "x".into() })),
             decide(Failure::DeadLetterStore(&DeadLetterError::Unreachable("x".into()))),
         ];

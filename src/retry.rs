@@ -1,9 +1,9 @@
 //! The one retry policy: how long to wait between attempts ([`Backoff`]).
 //!
 //! Every retry loop of the daemon waits through a [`Backoff`]: the run
-//! loop's sinks, look-ups and dead-letter writes, the supervisor's session
-//! starts, the start-up waits for Redis and the dead-letter database, and
-//! the Kafka dead-letter topic.
+//! loop's sinks, look-ups and dead-letter writes (the Kafka dead-letter
+//! topic's included), the supervisor's session starts, the start-up waits
+//! for Redis and the dead-letter database.
 //!
 //! **Invariants:** the first wait is `min`, each next one doubles, up to
 //! `max` (a `min` above `max` is waited once, then `max`); every delay is
@@ -93,13 +93,6 @@ impl Backoff {
             }
             () = shutdown.cancelled() => Err(Stopped),
         }
-    }
-
-    /// [`Backoff::wait`] for a loop that has no shutdown of its own (it is
-    /// cancelled by being dropped).
-    pub(crate) async fn wait_uncancelled(&mut self) {
-        tokio::time::sleep(self.jittered()).await;
-        self.advance();
     }
 
     fn advance(&mut self) {

@@ -2,8 +2,8 @@
 # Helpers shared by every script under scripts/, sourced first thing:
 #
 #   scripts/*.sh and scripts/lib/*.sh:  . "$ROOT/scripts/lib/common.sh"
-#   scripts/services/*.sh (which run alone, from any directory):
-#                                       . "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
+#   scripts/services/*.sh: through scripts/services/lib.sh, which adds
+#                          what only the service scripts need
 #
 # Messages go to stderr, so that stdout keeps only what callers read (the
 # service start scripts print their URL as the last line of stdout).
@@ -17,15 +17,12 @@
 #   port_open PORT         something accepts connections on 127.0.0.1:PORT
 #   live_pid PIDFILE       prints the PID in PIDFILE if that process is alive;
 #                          false if the file is missing, empty or names no live process
+#   wait_until TRIES STEP CMD...   runs CMD up to TRIES times, STEP seconds
+#                          apart, and once more; false if it never succeeded
 #   wait_gone PID TRIES STEP   polls `kill -0` up to TRIES times, STEP seconds
 #                          apart; false if PID is still alive after that
 #   terminate_pid PID TRIES STEP KILL_NOTE   SIGTERM, wait_gone, and if PID is
 #                          still alive, note KILL_NOTE and SIGKILL it
-#   apt_as_root MISSING_MSG INSTALL_NOTE PACKAGE...   for a service script
-#                          whose server is missing: dies with MISSING_MSG
-#                          unless root, else notes INSTALL_NOTE and installs
-#                          the packages with apt-get (its output on stderr)
-#   redis_ping PORT        a Redis on 127.0.0.1:PORT answers PONG
 #
 # None of these call a procps tool (scripts must work without procps).
 
@@ -50,6 +47,13 @@ live_pid() {
   echo "$pid"
 }
 
+wait_until() {
+  local tries="$1" step="$2" _
+  shift 2
+  for _ in $(seq 1 "$tries"); do "$@" && return 0; sleep "$step"; done
+  "$@"
+}
+
 wait_gone() {
   local _
   for _ in $(seq 1 "$2"); do kill -0 "$1" 2>/dev/null || return 0; sleep "$3"; done
@@ -62,14 +66,3 @@ terminate_pid() {
   note "$4"
   kill -KILL "$1" 2>/dev/null || true
 }
-
-apt_as_root() {
-  local missing="$1" install="$2"
-  shift 2
-  [ "$(id -u)" -eq 0 ] || die "$missing"
-  note "$install"
-  apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >&2
-}
-
-redis_ping() { [ "$(redis-cli -h 127.0.0.1 -p "$1" ping 2>/dev/null)" = PONG ]; }

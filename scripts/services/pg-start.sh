@@ -35,22 +35,15 @@
 #   Postgres there (installing the Debian package may itself start one on
 #   5432; this script neither uses nor stops it).
 set -euo pipefail
-
-PGPORT="${PGPORT:-55432}"
-PGDATA="${PGDATA:-/tmp/evictd-pg-$PGPORT/data}"
+# shellcheck source=scripts/services/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" pg-start   # PGPORT PGDATA PGBIN RUNDIR, as_pg
 PGDATABASE="${PGDATABASE:-evictd}"
 PG_FAST="${PG_FAST:-1}"
 PG_WAL_SENDER_TIMEOUT="${PG_WAL_SENDER_TIMEOUT:-60s}"
-PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
 PGHOST=127.0.0.1
-RUNDIR="$(dirname "$PGDATA")"      # socket, log and initdb output live next to the data dir
 LOG="$RUNDIR/postgres.log"
 
-LOG_PREFIX=pg-start; LOG_ERROR=""
-# shellcheck source=scripts/lib/common.sh
-. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
-
-case "$PGPORT" in ''|*[!0-9]*) die "PGPORT must be a number, got '$PGPORT'";; esac
+is_number "$PGPORT" || die "PGPORT must be a number, got '$PGPORT'"
 [[ "$PG_WAL_SENDER_TIMEOUT" =~ ^[0-9]+(us|ms|s|min|h|d)?$ ]] \
   || die "PG_WAL_SENDER_TIMEOUT must look like 60s, 5000ms or 0, got '$PG_WAL_SENDER_TIMEOUT'"
 
@@ -60,12 +53,7 @@ if [ ! -x "$PGBIN/postgres" ] || ! command -v psql >/dev/null; then
 fi
 
 mkdir -p "$RUNDIR"
-if [ "$(id -u)" -eq 0 ]; then
-  chown postgres: "$RUNDIR"
-  as_pg() { (cd "$RUNDIR" && runuser -u postgres -- "$@"); }
-else
-  as_pg() { (cd "$RUNDIR" && "$@"); }
-fi
+[ "$(id -u)" -ne 0 ] || chown postgres: "$RUNDIR"
 
 conf() {
   cat <<CONF

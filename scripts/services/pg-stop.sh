@@ -2,19 +2,8 @@
 # Stop the cluster started by pg-start.sh (same PGPORT/PGDATA/PGBIN defaults).
 #   PG_WIPE=1  also delete the data directory and its run directory (socket, logs)
 set -euo pipefail
-LOG_PREFIX=pg-stop; LOG_ERROR=""
-# shellcheck source=scripts/lib/common.sh
-. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
-PGPORT="${PGPORT:-55432}"
-PGDATA="${PGDATA:-/tmp/evictd-pg-$PGPORT/data}"
-PGBIN="${PGBIN:-/usr/lib/postgresql/15/bin}"
-RUNDIR="$(dirname "$PGDATA")"
-
-if [ "$(id -u)" -eq 0 ]; then
-  as_pg() { (cd "$RUNDIR" && runuser -u postgres -- "$@"); }
-else
-  as_pg() { (cd "$RUNDIR" && "$@"); }
-fi
+# shellcheck source=scripts/services/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" pg-stop   # PGPORT PGDATA PGBIN RUNDIR, as_pg
 
 if [ -s "$PGDATA/PG_VERSION" ] && [ -x "$PGBIN/pg_ctl" ] \
    && as_pg "$PGBIN/pg_ctl" -D "$PGDATA" status >/dev/null 2>&1; then

@@ -21,42 +21,28 @@
 # - After the create, the nodes reach cluster_state:ok one or two seconds
 #   apart: this waits for every node, not only the one that was asked.
 set -euo pipefail
-read -r -a PORTS <<<"${REDIS_CLUSTER_PORTS:-7101 7102 7103}"
-LOG_PREFIX=redis-cluster-start; LOG_ERROR=""
-# shellcheck source=scripts/lib/common.sh
-. "$(dirname "${BASH_SOURCE[0]}")/../lib/common.sh"
+# shellcheck source=scripts/services/lib.sh
+. "$(dirname "${BASH_SOURCE[0]}")/lib.sh" redis-cluster-start   # PORTS DIR
 [ "${#PORTS[@]}" -ge 3 ] || die "need at least 3 ports (3 masters)"
-DIR="${REDIS_CLUSTER_DIR:-/tmp/evictd-redis-cluster-${PORTS[0]}}"
-
 for p in "${PORTS[@]}"; do
-  case "$p" in *[!0-9]*) die "REDIS_CLUSTER_PORTS must be numbers, got '$p'";; esac
+  is_number "$p" || die "REDIS_CLUSTER_PORTS must be numbers, got '$p'"
 done
-
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-  apt_as_root "Redis is missing; as root run: apt-get install redis-server redis-tools" \
-    "installing redis-server from Debian" redis-server redis-tools
-fi
+need_redis
 
 state() { redis-cli -h 127.0.0.1 -p "$1" cluster info 2>/dev/null | tr -d '\r' | sed -n "s/^$2://p"; }
+cluster_ok() { [ "$(state "$1" cluster_state)" = ok ]; }
 
 for p in "${PORTS[@]}"; do
   mkdir -p "$DIR/$p"
-  if redis_ping "$p"; then
-    live_pid "$DIR/$p/redis.pid" >/dev/null || die "port $p is served by a Redis this script did not start"
-    continue
-  fi
-  redis-server --bind 127.0.0.1 --port "$p" --protected-mode yes \
-    --cluster-enabled yes --cluster-config-file "$DIR/$p/nodes.conf" \
-    --cluster-node-timeout 5000 \
-    --daemonize yes --pidfile "$DIR/$p/redis.pid" --logfile "$DIR/$p/redis.log" \
-    --dir "$DIR/$p" --save '' --appendonly no
+  redis_ours "$p" "$DIR/$p" && continue
+  redis_launch "$p" "$DIR/$p" --cluster-enabled yes \
+    --cluster-config-file "$DIR/$p/nodes.conf" --cluster-node-timeout 5000
 done
 for p in "${PORTS[@]}"; do
-  for _ in $(seq 1 100); do redis_ping "$p" && break; sleep 0.05; done
-  redis_ping "$p" || { note "node $p did not come up"; tail -n 20 "$DIR/$p/redis.log" >&2; exit 1; }
+  up_or_fail 100 "$DIR/$p/redis.log" "node $p did not come up" redis_ping "$p"
 done
 
-if [ "$(state "${PORTS[0]}" cluster_state)" != ok ] && [ "$(state "${PORTS[0]}" cluster_known_nodes)" = 1 ]; then
+if ! cluster_ok "${PORTS[0]}" && [ "$(state "${PORTS[0]}" cluster_known_nodes)" = 1 ]; then
   seeds=(); for p in "${PORTS[@]}"; do seeds+=("127.0.0.1:$p"); done
   note "creating cluster ${seeds[*]}"
   redis-cli --cluster create "${seeds[@]}" --cluster-replicas 0 --cluster-yes >"$DIR/create.log" 2>&1 \
@@ -65,8 +51,7 @@ fi
 
 # Clients must not be pointed at the cluster before every node agrees.
 for p in "${PORTS[@]}"; do
-  for _ in $(seq 1 200); do [ "$(state "$p" cluster_state)" = ok ] && break; sleep 0.05; done
-  [ "$(state "$p" cluster_state)" = ok ] \
+  wait_until 200 0.05 cluster_ok "$p" \
     || die "node $p: cluster_state is not ok after 10 s (stale slot map? try REDIS_CLUSTER_WIPE=1 redis-cluster-stop.sh)"
 done
 

@@ -17,7 +17,8 @@ use serde_json::{Value as Json, json};
 use super::{CliError, prepare, write_stdout};
 use crate::change::{Change, Operation, Position, Row};
 use crate::graph::{Graph, LookupArg, Mapping, Trigger};
-use crate::resolve::{Cause, Effect, Image, PathDisplay, PgLookupExecutor, Resolution, Resolver, Skip};
+use crate::lookup::PgLookupExecutor;
+use crate::resolve::{Cause, Effect, Image, PathDisplay, Resolution, Resolver, Skip};
 use crate::source::debezium::{self, Decoded};
 
 #[derive(Debug, Args)]
@@ -122,7 +123,7 @@ fn run_lookups(
             .await
             .map_err(|e| CliError::Runtime(format!("cannot connect to the look-up database: {e}")))?;
         let executor = PgLookupExecutor::new(pool, timeout, batch);
-        resolver.run_lookups(resolution, &executor).await.map_err(|e| CliError::Runtime(e.to_string()))
+        crate::lookup::run_lookups(resolver, resolution, &executor).await.map_err(|e| CliError::Runtime(e.to_string()))
     })
 }
 

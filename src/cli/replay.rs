@@ -36,13 +36,14 @@ use crate::daemon::wiring;
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore};
 use crate::graph::Graph;
 use crate::graph::Lookup;
+use crate::lookup::{LookupError, LookupExecutor, LookupOutcome, PgLookupExecutor};
 use crate::metrics::Metrics;
-use crate::resolve::{Effect, LookupError, LookupExecutor, LookupOutcome, PgLookupExecutor};
+use crate::resolve::Effect;
 use crate::run::SessionEnd;
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
 use crate::source::debezium::{self, DecodeOptions, Decoded, Record, TableKeys};
-use crate::source::{Source, SourceError, SourceEvent};
+use crate::source::{Source, SourceError, SourceEvent, Undecodable};
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -170,7 +171,7 @@ impl<R: tokio::io::AsyncBufRead + Unpin + Send> Source for FileSource<R> {
                 }
                 Ok(None) => self.done.cancel(),
                 Err(e) => {
-                    return Err(SourceError::Definite(format!("{}:{}: cannot read: {e}", self.name, self.line + 1)));
+                    return Err(SourceError::definite_from(format!("{}:{}: cannot read", self.name, self.line + 1), e));
                 }
             }
         }
@@ -245,6 +246,15 @@ impl DeadLetterStore for ReportDeadLetters {
         self.tally.bad.fetch_add(1, Ordering::Relaxed);
         let change = &letter.change;
         eprintln!("{}: {} on {}: cannot resolve: {}", change.position, change.op, change.table, letter.error);
+        Ok(())
+    }
+
+    /// The file source reports a line it cannot decode itself (a replay
+    /// goes on past it whatever `on_error` says) and never yields one;
+    /// reported like a change that cannot be resolved, should one come.
+    async fn record_undecodable(&self, message: &Undecodable) -> Result<(), DeadLetterError> {
+        self.tally.bad.fetch_add(1, Ordering::Relaxed);
+        eprintln!("{}: cannot decode ({}): {}", message.position, message.reason.as_str(), message.error);
         Ok(())
     }
 }
@@ -330,7 +340,7 @@ async fn replay(args: &ReplayArgs, config: Option<Config>, graph: Graph) -> Resu
     let bad = tally.bad.load(Ordering::Relaxed);
     match result {
         Ok(SessionEnd::Shutdown) => {}
-        Ok(SessionEnd::SourceLost(m)) => return Err(CliError::Runtime(m)),
+        Ok(SessionEnd::SourceLost(m)) => return Err(CliError::Runtime(m.to_string())),
         Err(e) => return Err(CliError::Runtime(e.to_string())),
     }
     let (acknowledged, last) = (tally.acknowledged.load(Ordering::Relaxed), tally.last.load(Ordering::Relaxed));

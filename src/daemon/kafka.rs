@@ -9,7 +9,6 @@
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
 
 use rdkafka::consumer::BaseConsumer;
 use rdkafka::error::KafkaError;
@@ -19,7 +18,6 @@ use super::DaemonError;
 use super::supervisor::{self, Ended, Sessions, StartError};
 use super::wiring::{self, Shared};
 use crate::config::KafkaSource as KafkaConfig;
-use crate::dead_letter::OnError;
 use crate::metrics::Metrics;
 use crate::server::{Health, Role};
 use crate::source::debezium::TableKeys;
@@ -39,11 +37,8 @@ pub(super) async fn run(shared: Shared<'_>, kafka: &KafkaConfig) -> Result<(), D
     let sessions = KafkaSessions {
         config: kafka.clone(),
         table_keys: Arc::new(crate::source::debezium::table_keys(&graph)),
-        on_error: config.dead_letter.on_error,
-        dead_letters: dead_letters.clone(),
         metrics: metrics.clone(),
         health: health.clone(),
-        retry_max: config.run.retry_max,
     };
     let pipeline = wiring::pipeline(Some(config), graph, Arc::new(sink), lookups, dead_letters, metrics, health);
     supervisor::supervise(&sessions, &pipeline, shutdown).await
@@ -84,11 +79,8 @@ pub(crate) fn check_client(file: &Path, kafka: &KafkaConfig) -> Result<(), Clien
 struct KafkaSessions {
     config: KafkaConfig,
     table_keys: Arc<TableKeys>,
-    on_error: OnError,
-    dead_letters: Arc<KafkaDeadLetters>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    retry_max: Duration,
 }
 
 impl Sessions for KafkaSessions {
@@ -114,15 +106,8 @@ impl Sessions for KafkaSessions {
     }
 
     async fn start(&self) -> Result<KafkaSource, StartError> {
-        KafkaSource::start(
-            &self.config,
-            self.table_keys.clone(),
-            self.on_error,
-            self.dead_letters.clone(),
-            self.metrics.clone(),
-            self.retry_max,
-        )
-        .map_err(|e| StartError::Definite { message: e.to_string(), refused: false })
+        KafkaSource::start(&self.config, self.table_keys.clone(), self.metrics.clone())
+            .map_err(|e| StartError::Definite { message: e.to_string(), refused: false })
     }
 
     /// Always cleanly: the consumer commits what is stored and leaves the

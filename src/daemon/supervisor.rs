@@ -31,7 +31,7 @@ use tokio_util::sync::CancellationToken;
 use super::DaemonError;
 use super::wiring::backoff;
 use crate::dead_letter::DeadLetterStore;
-use crate::resolve::LookupExecutor;
+use crate::lookup::LookupExecutor;
 use crate::run::{Pipeline, SessionEnd};
 use crate::sink::Sink;
 use crate::source::Source;
@@ -172,7 +172,7 @@ where
                 break;
             }
             Ok(SessionEnd::SourceLost(m)) => {
-                sessions.log_lost(&m);
+                sessions.log_lost(&m.to_string());
                 sessions.close(source, Ended::Lost).await;
                 if backoff.wait(stop).await.is_err() {
                     break;

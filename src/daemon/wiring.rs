@@ -15,13 +15,14 @@ use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 
 use super::DaemonError;
+use crate::batch::TransactionLimits;
 use crate::config::Config;
 use crate::dead_letter::{DeadLetterError, DeadLetters};
 use crate::graph::Graph;
+use crate::lookup::PgLookupExecutor;
 use crate::metrics::Metrics;
-use crate::resolve::PgLookupExecutor;
 use crate::retry::{Backoff, Jitter};
-use crate::run::{Pipeline, RunOptions, TransactionLimits};
+use crate::run::{Pipeline, RunOptions};
 use crate::server::Health;
 use crate::sink::multi::MultiSink;
 use crate::sink::redis::RedisSink;

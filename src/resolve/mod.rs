@@ -1,11 +1,13 @@
 //! Resolution: one change → the deduplicated set of effects it calls for,
 //! each with the path through the graph that led to it.
 //!
-//! The resolver is pure and synchronous: it does no I/O. A dependency that
-//! needs SQL comes out as a [`LookupRequest`]; the run loop hands those to a
-//! [`LookupExecutor`] (batched, bounded in time and rows) and feeds the rows
-//! back through [`Resolver::resolve_lookup_rows`], which may ask for more
-//! look-ups further along `embeds` edges.
+//! **Invariant: resolution is pure.** This module does no I/O and never
+//! waits: the same graph and change always resolve to the same effects. A
+//! dependency that needs SQL comes out as a [`LookupRequest`]; the look-up
+//! stage (`crate::lookup`) runs those (batched, bounded in time and rows)
+//! and feeds the rows back through [`Resolver::resolve_lookup_rows`], which
+//! may ask for more look-ups further along `embeds` edges. Requests are the
+//! same look-up when their [`LookupRequest::key`]s are equal.
 //!
 //! Rules (see `dependency-graphs/README.md` for the user's view):
 //! - insert renders from the new row (dropping a cached "not found"), delete
@@ -21,15 +23,11 @@
 //! - truncate bumps the namespace of every dependent cache;
 //! - every key or namespace bump propagates to the caches that embed it.
 
-mod lookup;
-
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use smallvec::SmallVec;
-
-pub use lookup::{LookupError, LookupExecutor, LookupOutcome, LookupRows, PgLookupExecutor, group_requests};
 
 use crate::change::{Cell, Change, Operation, Value};
 use crate::graph::{CacheId, DepId, Graph, LookupArg, Mapping, TableId, Trigger};
@@ -108,7 +106,7 @@ pub struct Resolved {
     pub reasons: Vec<Reason>,
 }
 
-/// A look-up the run loop must execute: run the dependency's query with
+/// A look-up the look-up stage must execute: run the dependency's query with
 /// `arg` among the `$1` values, then feed the rows back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LookupRequest {
@@ -121,6 +119,79 @@ impl LookupRequest {
     /// About how many bytes holding this request costs.
     pub fn approx_bytes(&self) -> usize {
         std::mem::size_of::<LookupRequest>() + self.arg.heap_bytes()
+    }
+
+    /// What makes two requests the same look-up: the dependency and the
+    /// argument (the path is only the first request's reason).
+    pub fn key(&self) -> (DepId, ArgKey) {
+        (self.dependency, ArgKey::new(self.arg.clone()))
+    }
+
+    /// Whether `other` is the same look-up as this one (as [`key`](Self::key)
+    /// says, without building the keys).
+    pub fn same_lookup(&self, other: &LookupRequest) -> bool {
+        self.dependency == other.dependency && canonical(&self.arg) == canonical(&other.arg)
+    }
+}
+
+/// A look-up argument as a de-duplication key (`Hash` + `Eq`).
+///
+/// Two arguments are the same key exactly when they are the same variant
+/// with the same payload; floats compare by their bits, with every NaN
+/// made one. So `0.0` and `-0.0` stay two keys (they bind to `$1` as `0`
+/// and `-0`, which a query comparing text tells apart: sending both is
+/// never a lost invalidation), while NaNs, whatever their payload, bind as
+/// the one `NaN` and are one key. `Value`'s own `==` cannot serve: it says
+/// `NaN != NaN` (not an equivalence) and `0.0 == -0.0`. `Int(1)` and
+/// `Text("1")` are two keys, as they bind differently.
+#[derive(Debug, Clone)]
+pub struct ArgKey(Value);
+
+/// The canonical form [`ArgKey`] compares and hashes.
+#[derive(PartialEq, Eq, Hash)]
+enum Canonical<'a> {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(u64),
+    Text(&'a str),
+    Bytes(&'a [u8]),
+}
+
+impl ArgKey {
+    pub fn new(arg: Value) -> ArgKey {
+        ArgKey(arg)
+    }
+
+    /// The argument it stands for.
+    pub fn value(&self) -> &Value {
+        &self.0
+    }
+}
+
+fn canonical(value: &Value) -> Canonical<'_> {
+    match value {
+        Value::Null => Canonical::Null,
+        Value::Bool(b) => Canonical::Bool(*b),
+        Value::Int(i) => Canonical::Int(*i),
+        Value::Float(x) if x.is_nan() => Canonical::Float(f64::NAN.to_bits()),
+        Value::Float(x) => Canonical::Float(x.to_bits()),
+        Value::Text(s) => Canonical::Text(s),
+        Value::Bytes(b) => Canonical::Bytes(b),
+    }
+}
+
+impl PartialEq for ArgKey {
+    fn eq(&self, other: &ArgKey) -> bool {
+        canonical(&self.0) == canonical(&other.0)
+    }
+}
+
+impl Eq for ArgKey {}
+
+impl std::hash::Hash for ArgKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        canonical(&self.0).hash(state);
     }
 }
 
@@ -172,7 +243,9 @@ impl Resolution {
     }
 
     fn lookup(&mut self, request: LookupRequest) {
-        let duplicate = self.lookups.iter().any(|r| r.dependency == request.dependency && r.arg == request.arg);
+        // A change asks for a handful of look-ups: a scan, by the same key
+        // as every other de-duplication of requests.
+        let duplicate = self.lookups.iter().any(|r| r.same_lookup(&request));
         if !duplicate {
             self.lookups.push(request);
         }

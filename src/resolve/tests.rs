@@ -258,39 +258,54 @@ fn an_oversized_fanout_becomes_a_namespace_bump() {
     assert_eq!(r.effects[0].reasons[0].cause, Cause::FanoutExceeded { rows: 20_001, limit: 10_000 });
 }
 
-/// A look-up executor over fixed rows, to test the loop without a database.
-struct FixedRows(std::collections::HashMap<String, Vec<Vec<Option<Value>>>>);
-
-impl LookupExecutor for FixedRows {
-    async fn execute(
-        &self,
-        field: &str,
-        _lookup: &crate::graph::Lookup,
-        args: &[Value],
-        _params: &[Arc<str>],
-        limit: u64,
-    ) -> Result<LookupOutcome, LookupError> {
-        let rows = self.0.get(field).cloned().unwrap_or_default();
-        assert!(!args.is_empty());
-        if rows.len() as u64 > limit {
-            return Ok(LookupOutcome::FanoutExceeded { rows: rows.len() as u64 });
-        }
-        Ok(LookupOutcome::Rows(rows))
-    }
-}
-
 #[test]
-fn running_lookups_folds_their_keys_into_the_resolution() {
-    let g = graph();
-    let c = Change::new("app.users", Operation::Update, Some(user(1, "ann", "a@x")), Some(user(1, "bob", "a@x")));
-    let resolver = Resolver::new(&g);
-    let rows = vec![vec![Some(Value::Text("10".into()))], vec![Some(Value::Text("11".into()))]];
-    let executor = FixedRows([("caches.article.depends[1].lookup".to_owned(), rows)].into_iter().collect());
-    let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
-    let r = runtime.block_on(resolver.run_lookups(resolver.resolve(&c), &executor)).unwrap();
-    let e = effects(&g, &r);
-    assert!(e.contains(&"article:article:10".to_owned()) && e.contains(&"article:article:11".to_owned()), "{e:?}");
-    assert!(r.lookups.is_empty());
+fn equal_lookup_requests_share_a_key_and_different_ones_do_not() {
+    use std::collections::HashSet;
+    let req = |d, arg| LookupRequest { dependency: DepId(d), arg, path: Path::new() };
+    let nan = Value::Float(f64::NAN);
+    let other_nan = Value::Float(f64::from_bits(f64::NAN.to_bits() | 1));
+    let requests = [
+        req(0, Value::Int(5)),
+        req(0, Value::Int(5)),
+        req(1, Value::Int(5)),
+        req(0, Value::Text("5".into())),
+        req(0, Value::Float(1.5)),
+        req(0, Value::Float(1.5)),
+        req(0, Value::Float(0.0)),
+        req(0, Value::Float(-0.0)),
+        req(0, nan.clone()),
+        req(0, other_nan),
+        req(0, Value::Null),
+        req(0, Value::Null),
+        req(1, Value::Null),
+        req(0, Value::Bytes(vec![1, 2])),
+        req(0, Value::Text("\\x0102".into())),
+    ];
+    let mut seen = HashSet::new();
+    let kept: Vec<String> =
+        requests.iter().filter(|r| seen.insert(r.key())).map(|r| format!("{} {:?}", r.dependency.0, r.arg)).collect();
+    assert_eq!(
+        kept,
+        [
+            "0 Int(5)",
+            "1 Int(5)",
+            "0 Text(\"5\")",
+            "0 Float(1.5)",
+            "0 Float(0.0)",
+            "0 Float(-0.0)",
+            "0 Float(NaN)",
+            "0 Null",
+            "1 Null",
+            "0 Bytes([1, 2])",
+            "0 Text(\"\\\\x0102\")",
+        ],
+        "the same dependency and argument once; another dependency, variant, sign of zero or NULL's dependency apart"
+    );
+    // `same_lookup` agrees with the keys, NaN included (where `==` does not).
+    assert!(req(0, nan.clone()).same_lookup(&req(0, nan)));
+    assert!(!req(0, Value::Float(0.0)).same_lookup(&req(0, Value::Float(-0.0))));
+    assert!(req(2, Value::Null).same_lookup(&req(2, Value::Null)));
+    assert!(!req(2, Value::Null).same_lookup(&req(2, Value::Text("NULL".into()))));
 }
 
 fn arb_value() -> impl Strategy<Value = Value> {

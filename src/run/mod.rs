@@ -17,13 +17,19 @@
 //! confirmed (the [`Watermark`]). A session that loses its source drops
 //! everything unacknowledged; the next session gets it again from the slot.
 //!
-//! A change whose look-ups cannot be run (see `lookups.rs`) is, as
+//! A change whose look-ups cannot be run (see `crate::lookup`) is, as
 //! `on_error` says, either written to the dead-letter store — and its batch
 //! confirmed only once that row is committed — or the daemon stops with the
 //! batch unconfirmed, so that a restart meets the change again.
+//!
+//! A message a source cannot decode (`SourceEvent::Undecodable`, see
+//! `undecodable.rs`) is the same for every source: a committed transaction
+//! without effects that carries a dead letter, written and committed by its
+//! batch's task before the batch is confirmed; or, with `on_error =
+//! "stop"`, the end of the daemon with it unacknowledged.
 
-mod lookups;
-mod transaction;
+mod session;
+mod undecodable;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,19 +40,20 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument as _;
 
-pub use self::transaction::{LookupOrigin, TransactionEffects, TransactionLimits, TransactionOutput};
-use crate::batch::{Batch, BatchLimits};
-use crate::change::{Lsn, Position};
-use crate::checkpoint::{NotInFlight, Watermark};
+use self::session::{Action, Assemble, BatchOutcome, Input, Session};
+use crate::batch::{Batch, BatchLimits, TransactionEffects, TransactionLimits};
+use crate::change::{Change, Position};
+use crate::checkpoint::NotInFlight;
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, OnError};
 use crate::graph::Graph;
+use crate::lookup::{self, LookupExecutor, LookupStageError};
 use crate::metrics::{Invalidation, Metrics, PositionLadder, SinkErrorKind};
 use crate::policy::{self, Decision, Failure};
-use crate::resolve::{Effect, LookupError, LookupExecutor, LookupRequest, Resolution, Resolver};
+use crate::resolve::{Effect, LookupRequest, Resolution, Resolver};
 use crate::retry::{Backoff, Jitter, Stopped};
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
-use crate::source::{Source, SourceError, SourceEvent};
+use crate::source::{Source, SourceError, SourceEvent, Undecodable, UndecodableReason};
 
 /// How the loop batches, bounds and retries.
 #[derive(Debug, Clone, Copy)]
@@ -84,7 +91,7 @@ pub enum SessionEnd {
     /// Shutdown was asked for; everything complete was applied and acknowledged.
     Shutdown,
     /// The source failed in a way worth reconnecting for.
-    SourceLost(String),
+    SourceLost(SourceError),
 }
 
 /// A failure that must stop the daemon (safely: nothing unconfirmed acknowledged).
@@ -102,17 +109,10 @@ pub enum RunError {
     /// A sink refused a batch for good.
     #[error("sink: {0}")]
     Sink(#[source] SinkError),
-    /// A look-up query that cannot run for any change (see `crate::policy`).
-    #[error("look-up: {error}: {hint}")]
-    LookupBroken {
-        #[source]
-        error: LookupError,
-        hint: &'static str,
-    },
-    /// A batch's look-ups gave up and there was no change to narrow them
-    /// down to.
+    /// The look-up stage failed: a query that cannot run for any change,
+    /// or look-ups that gave up with no change to narrow them down to.
     #[error("look-up: {0}")]
-    LookupGaveUp(#[source] LookupError),
+    Lookup(#[source] LookupStageError),
     #[error("look-up: the graph has look-ups but no database is configured")]
     NoLookupDatabase,
     /// `on_error = "stop"` and a change cannot be resolved: nothing of its
@@ -121,6 +121,12 @@ pub enum RunError {
         "cannot resolve the change at {position} ({op} on {table}): {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
     )]
     Unresolvable { position: String, table: String, op: &'static str, error: String },
+    /// `on_error = "stop"` and the source could not decode a message:
+    /// nothing from it on was acknowledged.
+    #[error(
+        "source: cannot decode the message at {position}: {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
+    )]
+    Undecodable { position: Position, reason: UndecodableReason, error: String },
     /// The dead-letter store refused a write for good.
     #[error("dead letters: {0}")]
     DeadLetter(#[source] DeadLetterError),
@@ -135,6 +141,16 @@ pub enum RunError {
     Cancelled,
 }
 
+impl From<LookupStageError> for RunError {
+    /// Shutdown while look-ups retried is the run loop's `Cancelled`.
+    fn from(error: LookupStageError) -> RunError {
+        match error {
+            LookupStageError::Cancelled => RunError::Cancelled,
+            error => RunError::Lookup(error),
+        }
+    }
+}
+
 /// How a source's events broke the transaction order.
 #[derive(Debug, thiserror::Error)]
 pub enum OutOfOrder {
@@ -144,6 +160,8 @@ pub enum OutOfOrder {
     ChangeOutside(Position),
     #[error("commit at {0} without a transaction")]
     CommitOutside(Position),
+    #[error("a message that cannot be decoded at {0} inside a transaction")]
+    UndecodableInside(Position),
 }
 
 /// Everything a batch task needs, shared.
@@ -172,41 +190,56 @@ impl<K, L, D> Clone for Pipeline<K, L, D> {
     }
 }
 
-/// A batch with the look-ups its transactions asked for.
-struct Pending {
-    batch: Batch,
-    lookups: Vec<LookupRequest>,
-    /// The changes that asked for `lookups`.
-    origins: Vec<LookupOrigin>,
-    /// About how many bytes `lookups` and `origins` hold.
-    held_bytes: usize,
-    opened: Instant,
-    /// Commit time of the batch's last transaction (µs since the epoch).
-    commit_time_micros: Option<i64>,
-}
-
 /// What a finished batch task reports.
 struct Applied {
     batch: u64,
     effects: usize,
 }
 
-/// A position's LSN, for the position ladder (Postgres only).
-fn lsn_of(position: &Position) -> Option<Lsn> {
-    match position {
-        Position::Postgres { lsn, .. } => Some(*lsn),
-        _ => None,
-    }
+/// The daemon's [`Assemble`]: changes resolved through the graph (pure),
+/// accumulated per transaction in bounded memory, batched.
+struct Assembler<'g> {
+    graph: &'g Graph,
+    resolver: Resolver<'g>,
+    options: RunOptions,
+    metrics: &'g Metrics,
 }
 
-impl Pending {
-    /// Full by its effects, or by the changes it holds for look-ups (their
-    /// number, or the bytes of everything it holds): a full batch stops the
-    /// reading while another is in flight, so memory stays bounded.
-    fn is_full(&self, limits: &BatchLimits) -> bool {
-        self.batch.is_full(limits)
-            || self.origins.len() >= limits.max_effects
-            || self.batch.bytes() + self.held_bytes >= limits.max_bytes
+impl Assemble for Assembler<'_> {
+    type Transaction = TransactionEffects;
+    type Batch = Batch;
+
+    fn open(&mut self) -> TransactionEffects {
+        TransactionEffects::new(self.options.transaction)
+    }
+
+    fn add(&mut self, transaction: &mut TransactionEffects, change: Change) {
+        self.metrics.changes_received(&change.table, change.op, 1);
+        let span = tracing::trace_span!("change", position = %change.position, table = %change.table, op = %change.op);
+        let resolution = span.in_scope(|| self.resolver.resolve(&change));
+        transaction.add(self.graph, change, resolution);
+    }
+
+    fn new_batch(&mut self, id: u64) -> Batch {
+        Batch::new(id)
+    }
+
+    fn commit(
+        &mut self,
+        batch: &mut Batch,
+        transaction: TransactionEffects,
+        position: Position,
+        commit_time_micros: Option<i64>,
+    ) {
+        batch.push_output(position, transaction.finish(), commit_time_micros);
+    }
+
+    fn undecodable(&mut self, batch: &mut Batch, message: Undecodable) {
+        batch.push_undecodable(message);
+    }
+
+    fn is_full(&self, batch: &Batch) -> bool {
+        batch.is_full(&self.options.batch)
     }
 }
 
@@ -216,194 +249,117 @@ where
     L: LookupExecutor + Send + Sync + 'static,
     D: DeadLetterStore + Send + Sync + 'static,
 {
-    /// Runs one source session until shutdown or until the source fails.
+    /// Runs one source session until `stop` (shutdown or step-down) or
+    /// until the source fails: the driver of [`Session`], which decides;
+    /// this waits and carries out.
     pub async fn run_session<S: Source>(
         &self,
         source: &mut S,
-        shutdown: &CancellationToken,
+        stop: &CancellationToken,
     ) -> Result<SessionEnd, RunError> {
         let graph = self.graph.clone();
-        let resolver = Resolver::new(&graph);
-        let mut watermark: Watermark<Position> = Watermark::new();
-        let mut next_batch_id: u64 = 1;
-        let mut open_tx: Option<TransactionEffects> = None;
-        let mut pending: Option<Pending> = None;
+        let assembler =
+            Assembler { graph: &graph, resolver: Resolver::new(&graph), options: self.options, metrics: &self.metrics };
+        let mut session = Session::new(assembler, self.options.batch.max_delay, self.options.on_error);
         // Aborted if the session ends first: an unconfirmed batch is
         // abandoned (it will be replayed), never left retrying on its own.
-        let mut in_flight: Option<(u64, AbortOnDropHandle<Result<Applied, RunError>>)> = None;
-        let mut last_acked: Option<Position> = None;
-        let mut stopping = false;
+        let mut in_flight: Option<AbortOnDropHandle<Result<Applied, RunError>>> = None;
         let mut ladder = PositionLadder::default();
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
-        // Set when the source had nothing ready: send what is complete now.
-        let mut idle = false;
         self.health.set_source_connected(true);
         let _disconnected = OnDrop(|| self.health.set_source_connected(false));
         loop {
-            self.health.heartbeat();
-            if let Some(wal_end) = source.server_position().as_ref().and_then(lsn_of) {
-                ladder.wal_end = ladder.wal_end.max(wal_end);
-            }
-            self.metrics.positions(&ladder);
-            self.health.set_lag_bytes(ladder.lag_bytes());
-            let full = pending.as_ref().is_some_and(|p| p.is_full(&self.options.batch));
-            let deadline = pending.as_ref().map(|p| p.opened + self.options.batch.max_delay);
-            // Send the open batch when nothing is in flight and it is due.
-            if in_flight.is_none() {
-                let due =
-                    full || idle || deadline.is_some_and(|d| d <= Instant::now()) || (stopping && pending.is_some());
-                idle = false;
-                if let Some(p) = pending.take_if(|_| due) {
-                    let id = p.batch.id();
-                    if let Some(position) = p.batch.last_position() {
-                        watermark.begin(id, position.clone());
+            while let Some(action) = session.next_action() {
+                match action {
+                    Action::Dispatch { id, batch } => {
+                        in_flight = Some(AbortOnDropHandle::new(self.dispatch(id, batch, stop.clone())));
                     }
-                    in_flight = Some((id, AbortOnDropHandle::new(self.dispatch(p, shutdown.clone()))));
-                    continue;
-                }
-                if stopping {
-                    return Ok(SessionEnd::Shutdown);
-                }
-            }
-            // Back-pressure: with a batch in flight and the next one full, stop reading.
-            let backed_up = full && in_flight.is_some();
-            let can_read = !(stopping || backed_up);
-            tokio::select! {
-                biased;
-                () = shutdown.cancelled(), if !stopping => {
-                    tracing::info!("shutting down: no more reading; flushing what is complete");
-                    stopping = true;
-                }
-                joined = async { match in_flight.as_mut() { Some((_, h)) => h.await, None => std::future::pending().await } }, if in_flight.is_some() => {
-                                        in_flight = None;
-                    let applied = match joined.map_err(RunError::BatchTask)? {
-                        Ok(applied) => applied,
-                        Err(RunError::Cancelled) if stopping => return Ok(SessionEnd::Shutdown),
-                        Err(e) => return Err(e),
-                    };
-                    let moved = watermark.confirm(applied.batch).map_err(RunError::Watermark)?;
-                                        if let Some(position) = moved {
-                        tracing::debug!(batch_id = applied.batch, effects = applied.effects, %position, "acknowledging");
-                        acknowledge(source, &position, &mut last_acked).await?;
-                        if let Some(lsn) = lsn_of(&position) {
+                    Action::Acknowledge(position) => {
+                        tracing::debug!(%position, "acknowledging");
+                        source.acknowledge(&position).await.map_err(RunError::Source)?;
+                        if let Some(lsn) = position.lsn() {
                             ladder.applied = ladder.applied.max(lsn);
                             ladder.acknowledged = ladder.acknowledged.max(lsn);
                         }
                     }
+                    Action::End(end) => return Ok(end),
                 }
-                                () = sleep_until_or_never(deadline), if in_flight.is_none() && deadline.is_some() => {}
-                _ = heartbeat.tick() => {}
-                event = source.next(), if can_read => {
-                    let event = match event {
-                        Ok(e) => e,
-                        Err(e) => {
-                            return match (policy::decide(Failure::Source(&e)).decision, e) {
-                                // Retried by the supervisor, in a new session.
-                                (Decision::Retry, SourceError::Transient(m) | SourceError::Definite(m)) => Ok(SessionEnd::SourceLost(m)),
-                                (Decision::DeadLetter(_) | Decision::Stop, e) => Err(RunError::Source(e)),
-                            };
+            }
+            self.health.heartbeat();
+            if let Some(wal_end) = source.server_position().as_ref().and_then(Position::lsn) {
+                ladder.wal_end = ladder.wal_end.max(wal_end);
+            }
+            self.metrics.positions(&ladder);
+            self.health.set_lag_bytes(ladder.lag_bytes());
+            let deadline = session.deadline();
+            let input = tokio::select! {
+                biased;
+                () = stop.cancelled(), if !session.stopping() => Input::Stop,
+                joined = async { match in_flight.as_mut() { Some(h) => h.await, None => std::future::pending().await } }, if in_flight.is_some() => {
+                    in_flight = None;
+                    let id = session.in_flight().unwrap_or_default();
+                    let outcome = match joined.map_err(RunError::BatchTask)? {
+                        Ok(applied) => {
+                            tracing::debug!(batch_id = applied.batch, effects = applied.effects, "confirmed");
+                            BatchOutcome::Confirmed
                         }
+                        Err(RunError::Cancelled) => BatchOutcome::Abandoned,
+                        Err(e) => BatchOutcome::Failed(e),
                     };
-                    match event {
-                        SourceEvent::Begin => {
-                            if open_tx.is_some() {
-                                return Err(RunError::OutOfOrder(OutOfOrder::NestedBegin));
-                            }
-                            open_tx = Some(TransactionEffects::new(self.options.transaction));
-                        }
-                        SourceEvent::Change(change) => {
-                            let tx = open_tx.as_mut().ok_or_else(|| RunError::OutOfOrder(OutOfOrder::ChangeOutside(change.position.clone())))?;
-                                                        self.metrics.changes_received(&change.table, change.op, 1);
-                            if let Some(lsn) = lsn_of(&change.position) {
-                                ladder.received = ladder.received.max(lsn);
-                            }
-                            let span = tracing::trace_span!("change", position = %change.position, table = %change.table, op = %change.op);
-                            let resolution = span.in_scope(|| resolver.resolve(&change));
-                            tx.add(&graph, change, resolution);
-                        }
-                                                SourceEvent::Commit { position, commit_time_micros } => {
-                            if let Some(lsn) = lsn_of(&position) {
-                                ladder.received = ladder.received.max(lsn);
-                                ladder.resolved = ladder.resolved.max(lsn);
-                            }
-                            let tx = open_tx.take().ok_or_else(|| RunError::OutOfOrder(OutOfOrder::CommitOutside(position.clone())))?;
-                            let TransactionOutput { effects, lookups, origins, held_bytes } = tx.finish();
-                            let p = pending.get_or_insert_with(|| {
-                                let id = next_batch_id;
-                                next_batch_id += 1;
-                                Pending { batch: Batch::new(id), lookups: Vec::new(), origins: Vec::new(), held_bytes: 0, opened: Instant::now(), commit_time_micros: None }
-                            });
-                            p.commit_time_micros = commit_time_micros.or(p.commit_time_micros);
-                            p.batch.push_transaction(position, effects);
-                            p.lookups.extend(lookups);
-                            p.origins.extend(origins);
-                            p.held_bytes += held_bytes;
-                        }
-                                                SourceEvent::Idle { position } => {
-                            if let Some(lsn) = lsn_of(&position) {
-                                ladder.wal_end = ladder.wal_end.max(lsn);
-                            }
-                            if open_tx.is_none() && pending.is_none() && in_flight.is_none() && watermark.is_idle() {
-                                acknowledge(source, &position, &mut last_acked).await?;
-                                if let Some(lsn) = lsn_of(&position) {
-                                    ladder.acknowledged = ladder.acknowledged.max(lsn);
-                                }
-                            }
-                        }
-                    }
+                    Input::BatchDone { id, outcome }
                 }
+                () = sleep_until_or_never(deadline), if deadline.is_some() => Input::Tick,
+                _ = heartbeat.tick() => Input::Tick,
+                event = source.next(), if session.reading() => match event {
+                    Ok(event) => {
+                        observe(&mut ladder, &event);
+                        Input::Event(event)
+                    }
+                    Err(e) => Input::SourceFailed(e),
+                },
                 // Last: nothing else was ready, the source included. Send what
                 // is complete now rather than wait for the deadline: latency
                 // when the stream is quiet, batches when it is busy (they fill
                 // while the previous one is in flight).
-                () = std::future::ready(()), if in_flight.is_none() && pending.is_some() && !stopping => {
-                    idle = true;
-                }
-            }
+                () = std::future::ready(()), if session.wants_quiet() => Input::Quiet,
+            };
+            session.step(input, Instant::now())?;
         }
     }
 
     /// Starts the task that applies one batch.
-    fn dispatch(&self, pending: Pending, shutdown: CancellationToken) -> JoinHandle<Result<Applied, RunError>> {
+    fn dispatch(&self, id: u64, batch: Batch, shutdown: CancellationToken) -> JoinHandle<Result<Applied, RunError>> {
         let pipeline = self.clone();
-        let span =
-            tracing::info_span!("batch", batch_id = pending.batch.id(), transactions = pending.batch.transactions());
-        tokio::spawn(async move { pipeline.apply(pending, &shutdown).await }.instrument(span))
+        let span = tracing::info_span!("batch", batch_id = id, transactions = batch.transactions());
+        tokio::spawn(async move { pipeline.apply(batch, &shutdown).await }.instrument(span))
     }
 
-    async fn apply(&self, pending: Pending, shutdown: &CancellationToken) -> Result<Applied, RunError> {
+    async fn apply(&self, mut batch: Batch, shutdown: &CancellationToken) -> Result<Applied, RunError> {
         let started = Instant::now();
-        let Pending { batch, lookups, origins, commit_time_micros, .. } = pending;
-        let mut effects: Vec<Effect> = batch.effects().to_vec();
+        // Dead letters of undecodable messages are committed before the
+        // batch can be confirmed.
+        self.record_undecodable(&batch.take_undecodable(), shutdown).await?;
+        let (lookups, origins) = batch.take_lookups();
         if !lookups.is_empty() {
             let executor = self.lookups.as_ref().ok_or_else(|| RunError::NoLookupDatabase)?;
             let resolver = Resolver::new(&self.graph);
             let retries =
-                lookups::Retries { backoff: self.backoff(), max_attempts: self.options.lookup_attempts, shutdown };
+                lookup::Retries { backoff: self.backoff(), max_attempts: self.options.lookup_attempts, shutdown };
             let (found, unresolved) =
-                lookups::resolve_batch(&resolver, executor.as_ref(), &lookups, &origins, &retries).await?;
+                lookup::resolve_batch(&resolver, executor.as_ref(), &lookups, &origins, &retries).await?;
             // Dead letters are committed (or the daemon stops) before the
             // batch can be confirmed.
             self.handle_unresolved(&unresolved, shutdown).await?;
             self.record_lookups(&lookups, &found);
-            let mut seen: std::collections::HashSet<Effect> = effects.iter().cloned().collect();
-            for resolved in found.effects {
-                if seen.insert(resolved.effect.clone()) {
-                    effects.push(resolved.effect);
-                }
-            }
+            batch.add_effects(found.effects.into_iter().map(|resolved| resolved.effect));
         }
+        let effects = batch.effects();
         let version = batch.last_position().map_or(0, Position::version);
         let mut backoff = self.backoff();
         if !effects.is_empty() {
             loop {
-                let sink_batch = SinkBatch {
-                    id: batch.id(),
-                    graph: &self.graph,
-                    effects: &effects,
-                    version,
-                    position: batch.last_position(),
-                };
+                let sink_batch =
+                    SinkBatch { id: batch.id(), graph: &self.graph, effects, version, position: batch.last_position() };
                 let e = match self.sink.apply(sink_batch).await {
                     Ok(()) => break,
                     Err(e) => e,
@@ -425,7 +381,7 @@ where
                 }
             }
         }
-        self.record(&effects, started, commit_time_micros);
+        self.record(effects, started, batch.commit_time_micros());
         Ok(Applied { batch: batch.id(), effects: effects.len() })
     }
 
@@ -493,7 +449,7 @@ where
     fn record_lookups(&self, requests: &[LookupRequest], found: &Resolution) {
         let mut per_cache: std::collections::HashMap<crate::graph::CacheId, (u64, u64)> =
             std::collections::HashMap::new();
-        for dependency in crate::resolve::group_requests(requests.to_vec()).keys() {
+        for dependency in lookup::group_requests(requests.to_vec()).keys() {
             per_cache.entry(self.graph.dependency(*dependency).cache).or_default().0 += 1;
         }
         for resolved in &found.effects {
@@ -559,18 +515,27 @@ async fn sleep_until_or_never(deadline: Option<Instant>) {
     }
 }
 
-/// Acknowledges `position` if it is past what was acknowledged already.
-async fn acknowledge<S: Source>(
-    source: &mut S,
-    position: &Position,
-    last: &mut Option<Position>,
-) -> Result<(), RunError> {
-    if last.as_ref().is_some_and(|l| l.partial_cmp(position) != Some(std::cmp::Ordering::Less)) {
-        return Ok(());
+/// Moves the position ladder's received and resolved rungs (Postgres LSNs).
+fn observe(ladder: &mut PositionLadder, event: &SourceEvent) {
+    match event {
+        SourceEvent::Change(change) => {
+            if let Some(lsn) = change.position.lsn() {
+                ladder.received = ladder.received.max(lsn);
+            }
+        }
+        SourceEvent::Commit { position, .. } | SourceEvent::Undecodable(Undecodable { position, .. }) => {
+            if let Some(lsn) = position.lsn() {
+                ladder.received = ladder.received.max(lsn);
+                ladder.resolved = ladder.resolved.max(lsn);
+            }
+        }
+        SourceEvent::Idle { position } => {
+            if let Some(lsn) = position.lsn() {
+                ladder.wal_end = ladder.wal_end.max(lsn);
+            }
+        }
+        SourceEvent::Begin => {}
     }
-    source.acknowledge(position).await.map_err(RunError::Source)?;
-    *last = Some(position.clone());
-    Ok(())
 }
 
 #[cfg(test)]

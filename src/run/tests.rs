@@ -11,8 +11,8 @@ use crate::dead_letter::{DeadLetterError, DeadLetterReason};
 use crate::diagnostic::SourceFile;
 use crate::graph::Lookup;
 use crate::graph::load::load_sources;
+use crate::lookup::{LookupError, LookupOutcome};
 use crate::policy;
-use crate::resolve::{LookupError, LookupOutcome};
 
 const GRAPH: &str = r#"
 [tables."app.items"]
@@ -112,18 +112,29 @@ impl LookupExecutor for NoLookups {
 struct Letters {
     failing: Mutex<u32>,
     recorded: Mutex<Vec<DeadLetter>>,
+    undecodable: Mutex<Vec<Undecodable>>,
+}
+
+impl Letters {
+    fn fail(&self) -> Result<(), DeadLetterError> {
+        let mut failing = self.failing.lock().unwrap();
+        if *failing > 0 {
+            *failing -= 1;
+            return Err(DeadLetterError::Unreachable("connection refused".into()));
+        }
+        Ok(())
+    }
 }
 
 impl DeadLetterStore for Letters {
     async fn record(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
-        {
-            let mut failing = self.failing.lock().unwrap();
-            if *failing > 0 {
-                *failing -= 1;
-                return Err(DeadLetterError::Unreachable("connection refused".into()));
-            }
-        }
+        self.fail()?;
         self.recorded.lock().unwrap().push(letter.clone());
+        Ok(())
+    }
+    async fn record_undecodable(&self, message: &Undecodable) -> Result<(), DeadLetterError> {
+        self.fail()?;
+        self.undecodable.lock().unwrap().push(message.clone());
         Ok(())
     }
 }
@@ -265,10 +276,10 @@ async fn a_lost_source_ends_the_session_without_acknowledging() {
     let p = pipeline(sink);
     let acked = Arc::new(Mutex::new(Vec::new()));
     let mut events: VecDeque<_> = VecDeque::from([Ok(SourceEvent::Begin), Ok(insert(1))]);
-    events.push_back(Err(SourceError::Transient("connection reset".into())));
+    events.push_back(Err(SourceError::transient("connection reset")));
     let mut source = Script { events, acked: acked.clone() };
     let end = p.run_session(&mut source, &CancellationToken::new()).await.unwrap();
-    assert!(matches!(end, SessionEnd::SourceLost(m) if m == "connection reset"));
+    assert!(matches!(end, SessionEnd::SourceLost(m) if m.to_string() == "connection reset"));
     assert!(acked.lock().unwrap().is_empty());
 }
 
@@ -542,13 +553,100 @@ fn run_errors_keep_their_texts_and_carry_their_cause() {
     assert_eq!(order.to_string(), "source: a transaction began inside another");
     let letters = RunError::DeadLetter(DeadLetterError::Unreachable("refused".into()));
     assert_eq!(letters.to_string(), "dead letters: dead-letter database unreachable: refused");
-    let broken = RunError::LookupBroken {
+    let broken = RunError::from(LookupStageError::Broken {
         error: LookupError::Timeout { field: "caches.x.depends[0].lookup".into(), timeout_ms: 5 },
         hint: policy::BROKEN_QUERY_HINT,
-    };
+    });
     assert_eq!(
         broken.to_string(),
         "look-up: look-up of caches.x.depends[0].lookup timed out after 5 ms: the query cannot run for any change; fix the graph's look-up or the database schema"
     );
+    let stage = broken.source().and_then(|s| s.downcast_ref::<LookupStageError>());
+    assert!(stage.and_then(|s| s.source()).is_some_and(|s| s.is::<LookupError>()), "{broken:?}");
+    let gave_up = RunError::from(LookupStageError::GaveUp(LookupError::Timeout {
+        field: "caches.x.depends[0].lookup".into(),
+        timeout_ms: 5,
+    }));
+    assert_eq!(gave_up.to_string(), "look-up: look-up of caches.x.depends[0].lookup timed out after 5 ms");
+    assert!(
+        matches!(RunError::from(LookupStageError::Cancelled), RunError::Cancelled),
+        "shutdown during look-ups is the loop's own cancellation"
+    );
     assert_eq!(RunError::NoLookupDatabase.to_string(), "look-up: the graph has look-ups but no database is configured");
+}
+
+/// A message at `at` that the source could not decode.
+fn undecodable(at: u64) -> Undecodable {
+    Undecodable {
+        position: pos(at),
+        reason: UndecodableReason::Decode,
+        error: "the value is not JSON: EOF while parsing".into(),
+        raw: crate::source::RawMessage { key: None, value: Some(b"{".to_vec()), headers: Vec::new() },
+    }
+}
+
+/// Good transactions around a message that cannot be decoded (at 20).
+fn undecodable_between_good_transactions() -> VecDeque<Result<SourceEvent, SourceError>> {
+    let mut events: VecDeque<_> = tx(1, 10).into();
+    events.push_back(Ok(SourceEvent::Undecodable(undecodable(20))));
+    events.extend(tx(3, 30));
+    events
+}
+
+/// Issue 12, deliverable 3: the run loop, not the source, dead-letters a
+/// message that cannot be decoded, through its own retries, and its
+/// position is acknowledged only once the letter is stored.
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_message_is_acknowledged_only_after_its_dead_letter_is_recorded() {
+    let sink = Arc::new(Recorder::default());
+    let p = pipeline(sink.clone());
+    *p.dead_letters.failing.lock().unwrap() = 4;
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut source = Script { events: undecodable_between_good_transactions(), acked: acked.clone() };
+    let (letters, seen) = (p.dead_letters.clone(), acked.clone());
+    run_until(&p, &mut source, move || {
+        let passed = seen.lock().unwrap().iter().any(|p| *p >= pos(20));
+        let recorded = !letters.undecodable.lock().unwrap().is_empty();
+        assert!(recorded || !passed, "acknowledged past the message before its dead letter was recorded");
+        assert!(*letters.failing.lock().unwrap() == 0 || !passed, "acknowledged while the store was failing");
+        seen.lock().unwrap().last() == Some(&pos(30))
+    })
+    .await;
+    assert_eq!(p.dead_letters.undecodable.lock().unwrap().clone(), [undecodable(20)]);
+    assert!(p.dead_letters.recorded.lock().unwrap().is_empty(), "no change was dead-lettered");
+    let applied = sink.applied.lock().unwrap().clone();
+    assert!(applied.contains(&"item:1".to_owned()) && applied.contains(&"item:3".to_owned()), "{applied:?}");
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.windows(2).all(|w| w[0] < w[1]), "acknowledged in order: {acked:?}");
+    let metrics = p.metrics.encode().unwrap();
+    assert!(metrics.contains(r#"evictd_dead_letter_write_errors_total{kind="transient"} 4"#), "{metrics}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_on_error_stop_an_undecodable_message_ends_the_run_unacknowledged() {
+    let sink = Arc::new(Recorder::default());
+    let mut p = pipeline(sink);
+    p.options.on_error = OnError::Stop;
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let mut source = Script { events: undecodable_between_good_transactions(), acked: acked.clone() };
+    let end = p.run_session(&mut source, &CancellationToken::new()).await;
+    match end {
+        Err(e @ RunError::Undecodable { .. }) => assert_eq!(
+            e.to_string(),
+            "source: cannot decode the message at pg:0/14:0/14: the value is not JSON: EOF while parsing; \
+             stopping without acknowledging it (dead_letter.on_error = \"stop\")"
+        ),
+        other => panic!("expected the daemon to stop, got {other:?}"),
+    }
+    assert!(acked.lock().unwrap().iter().all(|p| *p < pos(20)), "{:?}", acked.lock().unwrap());
+    assert!(p.dead_letters.undecodable.lock().unwrap().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_undecodable_message_inside_a_transaction_breaks_the_order() {
+    let p = pipeline(Arc::new(Recorder::default()));
+    let events = VecDeque::from([Ok(SourceEvent::Begin), Ok(SourceEvent::Undecodable(undecodable(20)))]);
+    let mut source = Script { events, acked: Arc::default() };
+    let end = p.run_session(&mut source, &CancellationToken::new()).await;
+    assert!(matches!(end, Err(RunError::OutOfOrder(OutOfOrder::UndecodableInside(_)))), "{end:?}");
 }

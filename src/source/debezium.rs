@@ -96,11 +96,11 @@ pub enum DebeziumError {
 
 impl DebeziumError {
     /// The dead-letter reason (`evictd.reason`, metric label).
-    pub fn reason(&self) -> &'static str {
+    pub fn reason(&self) -> super::UndecodableReason {
         match self {
-            DebeziumError::TooLarge { .. } => "too_large",
-            DebeziumError::TooSlow => "too_slow",
-            _ => "decode",
+            DebeziumError::TooLarge { .. } => super::UndecodableReason::TooLarge,
+            DebeziumError::TooSlow => super::UndecodableReason::TooSlow,
+            _ => super::UndecodableReason::Decode,
         }
     }
 }
@@ -818,14 +818,14 @@ mod tests {
         let options = DecodeOptions { max_value_bytes: Some(64), ..DecodeOptions::default() };
         let error = decode(Some(&event), None, at(), &options).unwrap_err();
         assert!(matches!(&error, DebeziumError::TooLarge { column, .. } if column == "body"), "{error}");
-        assert_eq!(error.reason(), "too_large");
+        assert_eq!(error.reason().as_str(), "too_large");
         let options = DecodeOptions { max_value_bytes: Some(128), ..DecodeOptions::default() };
         assert!(decode(Some(&event), None, at(), &options).is_ok());
         // Out of time: the budget is checked between columns.
         let past = std::time::Instant::now() - std::time::Duration::from_millis(1);
         let options = DecodeOptions { deadline: Some(past), ..DecodeOptions::default() };
         let error = decode(Some(&event), None, at(), &options).unwrap_err();
-        assert_eq!(error.reason(), "too_slow");
+        assert_eq!(error.reason().as_str(), "too_slow");
     }
 
     #[test]

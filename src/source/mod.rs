@@ -5,6 +5,10 @@
 //! replication, Kafka topics of Debezium events, a replayed file). The
 //! Debezium envelope decoder ([`debezium`]) is shared by the Kafka source,
 //! `evictd replay` and `evictd explain`.
+//!
+//! **Invariant:** sources decode and acknowledge, nothing more: a message
+//! that cannot be decoded is yielded as [`SourceEvent::Undecodable`], and
+//! the run loop alone applies the dead-letter-or-stop policy to it.
 
 pub mod debezium;
 pub mod kafka;
@@ -29,17 +33,124 @@ pub enum SourceEvent {
     /// Nothing to do up to `position` (a keepalive between transactions).
     /// The run loop may acknowledge it only while nothing is in flight.
     Idle { position: Position },
+    /// A message that cannot be turned into changes, with its raw payload.
+    /// It comes alone, never between a `Begin` and its `Commit`. The run
+    /// loop decides what becomes of it (`dead_letter.on_error`): a dead
+    /// letter, after which its position is acknowledged like a commit
+    /// without effects, or the end of the daemon with it unacknowledged.
+    Undecodable(Undecodable),
 }
 
-/// Why a source failed.
+/// A message a source received and could not decode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    /// Where the message is: acknowledged, once its dead letter is stored,
+    /// like a commit. Its origin (for Kafka: topic, partition, offset).
+    pub position: Position,
+    pub reason: UndecodableReason,
+    /// Why, as the operator should read it.
+    pub error: String,
+    /// The message as it was received.
+    pub raw: RawMessage,
+}
+
+/// Why a message cannot be decoded: the dead-letter reason (`evictd.reason`
+/// header, `error_kind` column, metric label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum UndecodableReason {
+    /// Not JSON, not a change event, a value that cannot be read.
+    Decode,
+    /// Past a size cap (`max_message_bytes`, `max_value_bytes`).
+    TooLarge,
+    /// Decoding ran past its time budget (`max_decode_ms`).
+    TooSlow,
+}
+
+impl UndecodableReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UndecodableReason::Decode => "decode",
+            UndecodableReason::TooLarge => "too_large",
+            UndecodableReason::TooSlow => "too_slow",
+        }
+    }
+}
+
+/// A message's bytes as the source received them, for its dead letter.
+/// Where it came from is the [`Undecodable::position`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RawMessage {
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    /// Header names and values, in the message's order.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl RawMessage {
+    /// About how many bytes the message holds (for the batch's memory cap).
+    pub fn bytes(&self) -> usize {
+        let header = |(k, v): &(String, Option<Vec<u8>>)| k.len() + v.as_ref().map_or(0, Vec::len);
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.value.as_ref().map_or(0, Vec::len)
+            + self.headers.iter().map(header).sum::<usize>()
+    }
+}
+
+/// The underlying error of a [`SourceError`].
+pub type SourceCause = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// Why a source failed: retry or stop (`crate::policy` decides on the
+/// class), what the source was doing, and the error underneath it, if any.
+/// The text is `context` alone, or `context: cause`.
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
     /// Worth retrying with backoff (connection lost, server restarting).
-    #[error("{0}")]
-    Transient(String),
+    #[error("{}", render(context, cause.as_deref()))]
+    Transient {
+        context: String,
+        #[source]
+        cause: Option<SourceCause>,
+    },
     /// Will not go away by retrying (bad configuration, missing privilege).
-    #[error("{0}")]
-    Definite(String),
+    #[error("{}", render(context, cause.as_deref()))]
+    Definite {
+        context: String,
+        #[source]
+        cause: Option<SourceCause>,
+    },
+}
+
+fn render(context: &str, cause: Option<&(dyn std::error::Error + Send + Sync + 'static)>) -> String {
+    match cause {
+        Some(cause) => format!("{context}: {cause}"),
+        None => context.to_owned(),
+    }
+}
+
+impl SourceError {
+    /// A transient failure that the context says all about.
+    pub fn transient(context: impl Into<String>) -> SourceError {
+        SourceError::Transient { context: context.into(), cause: None }
+    }
+
+    /// A transient failure caused by `cause`.
+    pub fn transient_from(context: impl Into<String>, cause: impl Into<SourceCause>) -> SourceError {
+        SourceError::Transient { context: context.into(), cause: Some(cause.into()) }
+    }
+
+    /// A definite failure that the context says all about.
+    pub fn definite(context: impl Into<String>) -> SourceError {
+        SourceError::Definite { context: context.into(), cause: None }
+    }
+
+    /// A definite failure caused by `cause`.
+    pub fn definite_from(context: impl Into<String>, cause: impl Into<SourceCause>) -> SourceError {
+        SourceError::Definite { context: context.into(), cause: Some(cause.into()) }
+    }
+
+    pub fn is_transient(&self) -> bool {
+        matches!(self, SourceError::Transient { .. })
+    }
 }
 
 /// A stream of committed transactions with at-least-once delivery.
@@ -57,13 +168,18 @@ pub enum SourceError {
 /// - **`next()` is cancel-safe.** The run loop's `select!` drops the
 ///   `next()` future whenever another branch is ready first, at any of its
 ///   awaits. Dropping it must lose nothing and emit nothing: an event
-///   becomes visible only once every await its message needed (a
-///   dead-letter send, a read) has completed, and the events of one
-///   message become visible together. A `next()` called after a dropped
-///   one resumes the same work (or starts it again) and yields exactly the
+///   becomes visible only once every await its message needed (a read, a
+///   catalogue look-up) has completed, and the events of one message
+///   become visible together. A `next()` called after a dropped one
+///   resumes the same work (or starts it again) and yields exactly the
 ///   sequence an undisturbed source would have yielded. In practice: do
 ///   the awaits first, or keep their futures in the source itself, and
-///   queue a message's events only afterwards, without an await between.
+///   queue a message's events only afterwards, without an await between;
+/// - **a source only decodes and acknowledges.** A message it cannot
+///   decode becomes [`SourceEvent::Undecodable`] with its raw payload;
+///   what becomes of it (a dead letter, or the daemon stops) is the run
+///   loop's decision, the same for every source. A source never writes
+///   dead letters and never fails for one bad message.
 pub trait Source {
     fn next(&mut self) -> impl Future<Output = Result<SourceEvent, SourceError>> + Send;
     fn acknowledge(&mut self, position: &Position) -> impl Future<Output = Result<(), SourceError>> + Send;

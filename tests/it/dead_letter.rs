@@ -194,3 +194,48 @@ async fn with_on_error_stop_the_daemon_exits_and_the_slot_stays_before_the_poiso
     assert!(letters(&d).await.is_empty(), "stop mode writes no dead letter");
     d.finish().await;
 }
+
+/// Issue 12, deliverable 3: the dead-letter table keeps a message a
+/// source could not decode (no source writes one there today) without a
+/// migration: no table, op `undecodable`, the reason as `error_kind`, the
+/// raw message as `after`; recorded twice, it keeps its one row.
+#[tokio::test]
+async fn the_table_keeps_an_undecodable_message_with_its_raw_payload_once() {
+    use evictd::dead_letter::DeadLetterStore as _;
+    let d = Daemon::custom(&pg_url(), &redis_url(), SCHEMA, graph, "").await;
+    let out = evictd(&["migrate", "--config", d.config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    let url = secrecy::SecretString::from(d.db.url.clone());
+    let store = evictd::dead_letter::DeadLetters::connect_lazy(&url, "evictd", Duration::from_secs(5)).unwrap();
+    let message = evictd::source::Undecodable {
+        position: evictd::change::Position::Kafka {
+            topic: "dbserver1.app.items".into(),
+            partition: 2,
+            offset: 41,
+            seq: 7,
+            version: 1,
+        },
+        reason: evictd::source::UndecodableReason::TooLarge,
+        error: "a message of 9 bytes is larger than source.kafka.max_message_bytes (8)".into(),
+        raw: evictd::source::RawMessage {
+            key: Some(b"{\"id\": 5}".to_vec()),
+            value: Some(vec![0xff, 0xfe]),
+            headers: vec![("trace".into(), Some(b"abc".to_vec()))],
+        },
+    };
+    store.record_undecodable(&message).await.unwrap();
+    store.record_undecodable(&message).await.unwrap();
+    let letters = letters(&d).await;
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(
+        (letter.source.as_str(), letter.position.as_str(), letter.table_name.as_str(), letter.op.as_str()),
+        ("kafka", "kafka:dbserver1.app.items/2@41", "", "undecodable")
+    );
+    assert_eq!((letter.error_kind.as_str(), letter.attempts, letter.lsn.as_deref()), ("too_large", 0, None));
+    assert!(letter.error.contains("max_message_bytes"), "{}", letter.error);
+    assert_eq!(letter.before, None);
+    let after: serde_json::Value = serde_json::from_str(letter.after.as_deref().unwrap()).unwrap();
+    assert_eq!(after, serde_json::json!({"key": "{\"id\": 5}", "value": "\\xfffe", "headers": [["trace", "abc"]]}));
+    d.finish().await;
+}

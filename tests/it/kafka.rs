@@ -10,7 +10,7 @@
 //! - the same workload through the Postgres source and through Debezium
 //!   invalidates the same keys;
 //! - a message that cannot be decoded goes to the dead-letter topic and the
-//!   partition goes on.
+//!   partition goes on; with `on_error = "stop"` the daemon stops before it.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -457,6 +457,46 @@ async fn a_message_that_cannot_be_decoded_goes_to_the_dead_letter_topic() {
     assert_eq!(d.committed(&topic, 1), vec![2]);
 }
 
+/// Issue 12, deliverable 3: with `dead_letter.on_error = "stop"` the run
+/// loop (no longer the source) stops at a message that cannot be decoded,
+/// with today's text, writes no dead letter and commits no offset past it.
+#[tokio::test]
+async fn with_on_error_stop_a_message_that_cannot_be_decoded_stops_the_daemon_before_it() {
+    let mut d = KafkaDaemon::new(graph, items_topic, "");
+    let text = std::fs::read_to_string(&d.config).unwrap();
+    let stop = text.replace("[dead_letter]\n", "[dead_letter]\non_error = \"stop\"\n");
+    assert_ne!(stop, text);
+    std::fs::write(&d.config, stop).unwrap();
+    let topic = d.items_topic();
+    create_topic(&topic, 1).await;
+    create_topic(&d.dead_letter_topic, 1).await;
+    let url = redis_url();
+    let mut r = redis(&url).await;
+    let after = format!("{}:item:2", d.prefix);
+    fill(&mut r, std::slice::from_ref(&after)).await;
+    produce(&topic, 1, &[(1, event("c", None, Some(item(1, 1))))]).await;
+    let bad = FutureRecord::to(&topic).key("{\"id\": 9}").payload("{\"op\": \"c\"").partition(0);
+    producer().send(bad, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    produce(&topic, 1, &[(2, event("c", None, Some(item(2, 1))))]).await;
+
+    d.start(0);
+    let status = {
+        let child = d.replicas[0].as_mut().unwrap();
+        super::process::wait_within(child, Duration::from_secs(60)).unwrap_or_else(|e| panic!("{e}"))
+    };
+    d.replicas[0] = None;
+    assert_eq!(status.code(), Some(1), "stops as a runtime failure; logs:\n{}", d.logs());
+    let log = d.log(0);
+    assert!(
+        log.contains(&format!("source: cannot decode the message at kafka:{topic}/0@1"))
+            && log.contains("stopping without acknowledging it (dead_letter.on_error = \"stop\")"),
+        "{log}"
+    );
+    assert!(d.committed(&topic, 1)[0] <= 1, "an offset past the bad message was committed");
+    assert!(exists(&mut r, &after).await, "nothing after the bad message was applied");
+    assert!(read_topic(&d.dead_letter_topic, 1, Duration::from_secs(3)).is_empty(), "stop mode writes no dead letter");
+}
+
 /// The real Debezium Postgres connector, streaming one database into the
 /// test broker; stopped (and its slot dropped) when dropped.
 struct Debezium {
@@ -704,8 +744,9 @@ fn source_config(group: &str, topic: &str, properties: &[(&str, &str)]) -> evict
     config
 }
 
-/// Checks that `events` is a sequence of whole transactions and returns
-/// the offsets of their commits, in order.
+/// Checks that `events` is a sequence of whole transactions (and of
+/// undecodable messages between them) and returns the offsets of their
+/// commits and of the undecodable messages, in order.
 fn whole_transactions(events: &[evictd::source::SourceEvent]) -> Vec<i64> {
     use evictd::source::SourceEvent;
     let mut open = false;
@@ -726,6 +767,13 @@ fn whole_transactions(events: &[evictd::source::SourceEvent]) -> Vec<i64> {
                 }
             }
             SourceEvent::Idle { .. } => assert!(!open, "event {i}: idle inside a transaction"),
+            SourceEvent::Undecodable(message) => {
+                assert!(!open, "event {i}: an undecodable message inside a transaction");
+                match &message.position {
+                    evictd::change::Position::Kafka { offset, .. } => offsets.push(*offset),
+                    other => panic!("not a Kafka position: {other}"),
+                }
+            }
         }
     }
     assert!(!open, "the last transaction is not whole");
@@ -733,18 +781,17 @@ fn whole_transactions(events: &[evictd::source::SourceEvent]) -> Vec<i64> {
 }
 
 /// Issue 11, item 6: the run loop's `select!` drops `next()` whenever
-/// another branch is ready. With a bad message's dead letter in flight
-/// (slow: `linger.ms`), every poll of `next()` here is cut short after a
-/// millisecond; the events must still be whole transactions, one per
-/// message, none lost and none repeated.
+/// another branch is ready. Every poll of `next()` here is cut short after
+/// a millisecond; the events must still be whole transactions, one per
+/// message, none lost and none repeated. Issue 12, deliverable 3: a bad
+/// message comes as one `Undecodable` event with its raw payload, between
+/// transactions; the source writes no dead letter (the run loop does).
 #[tokio::test]
-async fn next_cancelled_while_a_dead_letter_is_in_flight_keeps_transactions_whole() {
-    use evictd::source::Source as _;
+async fn next_cancelled_at_any_await_keeps_transactions_whole_and_undecodable_messages_alone() {
+    use evictd::source::{Source as _, SourceEvent};
     let prefix = unique("kc");
     let topic = format!("{prefix}.app.items");
-    let dead_letter_topic = format!("{prefix}.dead-letters");
     create_topic(&topic, 1).await;
-    create_topic(&dead_letter_topic, 1).await;
     let n: i64 = 45;
     let producer = producer();
     for id in 0..n {
@@ -754,30 +801,19 @@ async fn next_cancelled_while_a_dead_letter_is_in_flight_keeps_transactions_whol
         let record = FutureRecord::to(&topic).key(&key).payload(&value).partition(0);
         producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
     }
-    let config = source_config(&format!("evictd-test-{prefix}"), &topic, &[("linger.ms", "25")]);
+    let config = source_config(&format!("evictd-test-{prefix}"), &topic, &[]);
     let metrics = std::sync::Arc::new(evictd::metrics::Metrics::new());
-    let dead_letters = std::sync::Arc::new(
-        evictd::source::kafka::KafkaDeadLetters::new(&config, &dead_letter_topic, metrics.clone()).unwrap(),
-    );
-    let mut source = evictd::source::kafka::KafkaSource::start(
-        &config,
-        Default::default(),
-        evictd::dead_letter::OnError::DeadLetter,
-        dead_letters,
-        metrics,
-        Duration::from_millis(200),
-    )
-    .unwrap();
+    let mut source = evictd::source::kafka::KafkaSource::start(&config, Default::default(), metrics).unwrap();
     let mut events = Vec::new();
-    let mut commits = 0;
+    let mut delivered = 0;
     let mut cancelled = 0u32;
     let started = Instant::now();
     let deadline = Instant::now() + Duration::from_secs(90);
-    while commits < n && Instant::now() < deadline {
+    while delivered < n && Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(1), source.next()).await {
             Ok(Ok(event)) => {
-                if matches!(event, evictd::source::SourceEvent::Commit { .. }) {
-                    commits += 1;
+                if matches!(event, SourceEvent::Commit { .. } | SourceEvent::Undecodable(_)) {
+                    delivered += 1;
                 }
                 events.push(event);
             }
@@ -788,10 +824,21 @@ async fn next_cancelled_while_a_dead_letter_is_in_flight_keeps_transactions_whol
     eprintln!("{} events in {:?}, next() cancelled {cancelled} times", events.len(), started.elapsed());
     source.shutdown().await;
     let offsets = whole_transactions(&events);
-    assert_eq!(offsets, (0..n).collect::<Vec<_>>(), "one transaction per message, in order");
-    assert!(cancelled > 0, "next() was cancelled mid-message");
-    let letters = read_topic(&dead_letter_topic, n as usize, Duration::from_secs(5));
-    assert_eq!(letters.len(), (n as usize).div_ceil(3), "one dead letter per bad message");
+    assert_eq!(offsets, (0..n).collect::<Vec<_>>(), "one transaction or undecodable message per message, in order");
+    assert!(cancelled > 0, "next() was cancelled");
+    let undecodable: Vec<_> = events
+        .iter()
+        .filter_map(|e| match e {
+            SourceEvent::Undecodable(message) => Some(message),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(undecodable.len(), (n as usize).div_ceil(3), "one event per bad message");
+    for message in undecodable {
+        assert_eq!(message.raw.value.as_deref(), Some(&b"{\"op\": \"c\""[..]));
+        assert_eq!(message.reason, evictd::source::UndecodableReason::Decode);
+        assert!(message.error.contains("not JSON"), "{}", message.error);
+    }
 }
 
 /// Issue 11, item 9: a delete whose Kafka key is not a JSON object (a
@@ -848,18 +895,7 @@ fn kafka_source(
     table_keys: evictd::source::debezium::TableKeys,
     metrics: &std::sync::Arc<evictd::metrics::Metrics>,
 ) -> evictd::source::kafka::KafkaSource {
-    let dead_letters = std::sync::Arc::new(
-        evictd::source::kafka::KafkaDeadLetters::new(config, "unused-dead-letters", metrics.clone()).unwrap(),
-    );
-    evictd::source::kafka::KafkaSource::start(
-        config,
-        std::sync::Arc::new(table_keys),
-        evictd::dead_letter::OnError::DeadLetter,
-        dead_letters,
-        metrics.clone(),
-        Duration::from_millis(200),
-    )
-    .unwrap()
+    evictd::source::kafka::KafkaSource::start(config, std::sync::Arc::new(table_keys), metrics.clone()).unwrap()
 }
 
 /// The next event, or the source's error, within `limit`.
@@ -900,7 +936,7 @@ async fn a_committed_offset_the_broker_no_longer_holds_stops_or_flushes_every_ca
     commit_offset(&bootstrap, "stop", topic, 1000);
     let mut source = kafka_source(&config("stop"), Default::default(), &metrics);
     match next_event(&mut source, Duration::from_secs(60)).await {
-        Err(SourceError::Definite(m)) => assert!(m.contains("no longer exists"), "{m}"),
+        Err(e @ SourceError::Definite { .. }) => assert!(e.to_string().contains("no longer exists"), "{e}"),
         other => panic!("expected the source to stop, got {other:?}"),
     }
     source.shutdown().await;
@@ -936,7 +972,7 @@ async fn a_committed_offset_the_broker_no_longer_holds_stops_or_flushes_every_ca
     assert_eq!(committed_offset(&bootstrap, "flush", topic), 1000);
     source.acknowledge(position).await.unwrap();
     match next_event(&mut source, Duration::from_secs(10)).await {
-        Err(SourceError::Transient(m)) => assert!(m.contains("resuming from the earliest"), "{m}"),
+        Err(e @ SourceError::Transient { .. }) => assert!(e.to_string().contains("resuming from the earliest"), "{e}"),
         other => panic!("expected the session to end, got {other:?}"),
     }
     source.shutdown().await;

@@ -9,7 +9,8 @@ use evictd::change::{Change, Operation, Row, Value};
 use evictd::diagnostic::SourceFile;
 use evictd::graph::load::load_sources;
 use evictd::graph::{Graph, Lookup, LookupArg};
-use evictd::resolve::{Effect, LookupError, LookupExecutor, LookupOutcome, PgLookupExecutor, Resolver};
+use evictd::lookup::{LookupError, LookupExecutor, LookupOutcome, PgLookupExecutor, run_lookups};
+use evictd::resolve::{Effect, Resolver};
 use sqlx::postgres::PgPoolOptions;
 
 use super::support::{TestDb, evictd, root, stderr, stdout};
@@ -180,7 +181,7 @@ async fn a_change_resolves_through_lookups_and_embeds_to_every_key() {
             .with("handle", Value::Text("Ann".into()))
     };
     let change = Change::new("app.users", Operation::Update, Some(row("ann")), Some(row("anne")));
-    let resolution = resolver.run_lookups(resolver.resolve(&change), &exec).await.unwrap();
+    let resolution = run_lookups(&resolver, resolver.resolve(&change), &exec).await.unwrap();
     assert_eq!(
         keys(&g, &resolution.effects),
         ["article:1:comments", "article:1:lang=en", "article:2:lang=en", "article:3:lang=en", "user:1",]
@@ -192,7 +193,7 @@ async fn a_change_resolves_through_lookups_and_embeds_to_every_key() {
         .with("name", Value::Text("cy".into()))
         .with("handle", Value::Text("Cy".into()));
     let change = Change::new("app.users", Operation::Delete, Some(row3), None);
-    let resolution = resolver.run_lookups(resolver.resolve(&change), &exec).await.unwrap();
+    let resolution = run_lookups(&resolver, resolver.resolve(&change), &exec).await.unwrap();
     assert_eq!(keys(&g, &resolution.effects), ["namespace article", "namespace article_comments", "user:3"]);
     db.drop().await;
 }

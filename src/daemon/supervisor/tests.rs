@@ -14,12 +14,12 @@ use crate::dead_letter::{DeadLetter, DeadLetterError};
 use crate::diagnostic::SourceFile;
 use crate::graph::Lookup;
 use crate::graph::load::load_sources;
+use crate::lookup::{LookupError, LookupOutcome};
 use crate::metrics::Metrics;
-use crate::resolve::{LookupError, LookupOutcome};
 use crate::run::RunOptions;
 use crate::server::Health;
 use crate::sink::{SinkBatch, SinkError};
-use crate::source::{SourceError, SourceEvent};
+use crate::source::{SourceError, SourceEvent, Undecodable};
 
 const GRAPH: &str = r#"
 [tables."app.items"]
@@ -40,7 +40,7 @@ struct Fake {
 impl Source for Fake {
     async fn next(&mut self) -> Result<SourceEvent, SourceError> {
         if self.lose {
-            return Err(SourceError::Transient("gone".into()));
+            return Err(SourceError::transient("gone"));
         }
         std::future::pending().await
     }
@@ -173,6 +173,9 @@ impl LookupExecutor for Fine {
 
 impl DeadLetterStore for Fine {
     async fn record(&self, _: &DeadLetter) -> Result<(), DeadLetterError> {
+        Ok(())
+    }
+    async fn record_undecodable(&self, _: &Undecodable) -> Result<(), DeadLetterError> {
         Ok(())
     }
 }

@@ -1,32 +1,35 @@
 //! The dead-letter topic of the Kafka source.
 //!
-//! A message that cannot be decoded is copied there as it was — key, value,
-//! headers — with these headers added:
+//! A message that cannot be decoded (the source yields it as
+//! [`Undecodable`], the run loop records it here) is copied there as it
+//! was — key, value, headers — with these headers added:
 //!
 //! | header | value |
 //! |---|---|
 //! | `evictd.error` | the error, as logged |
-//! | `evictd.reason` | `decode`, `lookup_failed` or `lookup_attempts_exhausted` |
+//! | `evictd.reason` | `decode`, `too_large`, `too_slow`, `lookup_failed` or `lookup_attempts_exhausted` |
 //! | `evictd.source.topic`, `evictd.source.partition`, `evictd.source.offset` | where it came from |
 //!
 //! A change whose look-ups cannot be run (it was decoded, so its payload is
 //! no longer at hand) goes there as a JSON document of the change
 //! (`table`, `op`, `before`, `after`, `position`, `error`) with the same
 //! headers. A send counts only once the broker acknowledged it
-//! (`acks=all`, idempotent producer), so the source's offset never moves
-//! past a message whose dead letter could still be lost.
+//! (`acks=all`, idempotent producer), and the run loop acknowledges a
+//! position only once its letters are sent, so the source's offset never
+//! moves past a message whose dead letter could still be lost.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 use crate::change::Position;
 use crate::config::{KAFKA_OWN_PROPERTIES, KafkaSource as KafkaConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, row_json};
 use crate::metrics::Metrics;
+use crate::source::Undecodable;
 
 /// How long one send may wait in the producer's queue and for the broker.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
@@ -41,17 +44,11 @@ pub struct DeadLetterMessage {
 
 impl DeadLetterMessage {
     /// The original message, with evictd's headers after its own.
-    pub fn from_message(message: &BorrowedMessage<'_>, reason: &str, error: &str) -> DeadLetterMessage {
-        let mut headers: Vec<(String, Option<Vec<u8>>)> = message
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
-            .unwrap_or_default();
-        headers.extend(evictd_headers(reason, error, message.topic(), message.partition(), message.offset()));
-        DeadLetterMessage {
-            key: message.key().map(<[u8]>::to_vec),
-            value: message.payload().map(<[u8]>::to_vec),
-            headers,
-        }
+    pub fn from_undecodable(message: &Undecodable) -> DeadLetterMessage {
+        let (topic, partition, offset) = origin(&message.position);
+        let mut headers = message.raw.headers.clone();
+        headers.extend(evictd_headers(message.reason.as_str(), &message.error, &topic, partition, offset));
+        DeadLetterMessage { key: message.raw.key.clone(), value: message.raw.value.clone(), headers }
     }
 
     /// A change that could not be resolved, as a JSON document.
@@ -66,15 +63,21 @@ impl DeadLetterMessage {
             "error": letter.error,
             "attempts": letter.attempts,
         });
-        let (topic, partition, offset) = match &change.position {
-            Position::Kafka { topic, partition, offset, .. } => (topic.to_string(), *partition, *offset),
-            other => (other.to_string(), -1, -1),
-        };
+        let (topic, partition, offset) = origin(&change.position);
         DeadLetterMessage {
             key: None,
             value: Some(document.to_string().into_bytes()),
             headers: evictd_headers(letter.reason.as_str(), &letter.error, &topic, partition, offset),
         }
+    }
+}
+
+/// Where a position came from: its topic, partition and offset (another
+/// source's position as the topic, with -1s).
+fn origin(position: &Position) -> (String, i32, i64) {
+    match position {
+        Position::Kafka { topic, partition, offset, .. } => (topic.to_string(), *partition, *offset),
+        other => (other.to_string(), -1, -1),
     }
 }
 
@@ -179,5 +182,51 @@ impl DeadLetterStore for KafkaDeadLetters {
             self.metrics.kafka_dead_lettered(topic, letter.reason.as_str());
         }
         Ok(())
+    }
+
+    async fn record_undecodable(&self, message: &Undecodable) -> Result<(), DeadLetterError> {
+        self.send(&DeadLetterMessage::from_undecodable(message))
+            .await
+            .map_err(|e| DeadLetterError::Write { message: e.to_string(), transient: true })?;
+        if let Position::Kafka { topic, .. } = &message.position {
+            self.metrics.kafka_dead_lettered(topic, message.reason.as_str());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::source::{RawMessage, UndecodableReason};
+
+    #[test]
+    fn an_undecodable_message_keeps_its_key_value_and_headers_with_evictds_after_them() {
+        let message = Undecodable {
+            position: Position::Kafka { topic: "t".into(), partition: 3, offset: 9, seq: 1, version: 1 },
+            reason: UndecodableReason::TooSlow,
+            error: "decoding took too long".into(),
+            raw: RawMessage {
+                key: Some(b"k".to_vec()),
+                value: Some(b"v".to_vec()),
+                headers: vec![("trace".into(), Some(b"abc".to_vec())), ("none".into(), None)],
+            },
+        };
+        let letter = DeadLetterMessage::from_undecodable(&message);
+        assert_eq!((letter.key.as_deref(), letter.value.as_deref()), (Some(&b"k"[..]), Some(&b"v"[..])));
+        let headers: Vec<(&str, Option<&[u8]>)> =
+            letter.headers.iter().map(|(k, v)| (k.as_str(), v.as_deref())).collect();
+        assert_eq!(
+            headers,
+            [
+                ("trace", Some(&b"abc"[..])),
+                ("none", None),
+                ("evictd.error", Some(&b"decoding took too long"[..])),
+                ("evictd.reason", Some(&b"too_slow"[..])),
+                ("evictd.source.topic", Some(&b"t"[..])),
+                ("evictd.source.partition", Some(&b"3"[..])),
+                ("evictd.source.offset", Some(&b"9"[..])),
+            ]
+        );
     }
 }

@@ -23,23 +23,21 @@
 //! ([`Position::exact_versions`]).
 //!
 //! **Bad messages** (not JSON, not a Debezium event, a value that cannot be
-//! decoded) go to the dead-letter topic with their original key, value and
-//! headers and the error in `evictd.error` — produced and acknowledged by
-//! the broker before the message's offset can move — or stop the daemon
-//! (`dead_letter.on_error = "stop"`) without storing the offset.
+//! decoded, past a size cap or the time budget) are yielded as
+//! [`SourceEvent::Undecodable`] with their original key, value and headers;
+//! the run loop dead-letters them (to the dead-letter topic,
+//! [`KafkaDeadLetters`]) before their offset can move, or stops. The source
+//! itself holds no dead-letter policy.
 //!
 //! **Cancel safety** ([`Source`]'s contract). `next()` is dropped by the run
-//! loop's `select!` at any await. The consumer's `recv` is cancel-safe; the
-//! only other await, a dead-letter send, is a future owned by the source
-//! (`held`): a dropped `next()` leaves it there, the next call awaits the
-//! same send, and the message's events (`Begin`, `Commit`) and its place
-//! in the delivered queue appear only once the broker has the letter.
+//! loop's `select!` at any await. Its only awaits are the consumer's `recv`
+//! (cancel-safe) and a short sleep after a consumer error; a message is
+//! decoded and its events queued, with its place in the delivered queue,
+//! without an await in between.
 
 mod dead_letters;
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::future::Future;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -49,7 +47,7 @@ use rdkafka::consumer::{
     BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, RebalanceProtocol, StreamConsumer,
 };
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::message::{BorrowedMessage, Headers as _, Message};
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaRespErr;
@@ -57,12 +55,10 @@ use serde_json::Value as Json;
 
 pub use self::dead_letters::{DeadLetterMessage, KafkaDeadLetters};
 use super::debezium::{self, DecodeOptions, Decoded, TableKeys};
-use super::{Source, SourceError, SourceEvent};
+use super::{RawMessage, Source, SourceError, SourceEvent, Undecodable, UndecodableReason};
 use crate::change::{Change, Operation, Position};
 use crate::config::{KafkaSource as KafkaConfig, OnOffsetReset, SnapshotReads};
-use crate::dead_letter::OnError;
 use crate::metrics::Metrics;
-use crate::retry::{Backoff, Jitter};
 
 /// librdkafka defaults evictd chooses (each can be overridden in
 /// `source.kafka.properties`).
@@ -266,20 +262,16 @@ pub struct KafkaSource {
     config: KafkaConfig,
     /// The graph's key columns: a delete's identity when its key names none.
     table_keys: Arc<TableKeys>,
-    on_error: OnError,
-    dead_letters: Arc<KafkaDeadLetters>,
     metrics: Arc<Metrics>,
-    /// Events of the message being handed over (Begin, Change, Commit).
+    /// Events of the message being handed over (Begin, Change, Commit; or
+    /// Undecodable alone).
     queue: VecDeque<SourceEvent>,
-    /// A message whose events wait for its dead letter to be sent.
-    held: Option<(Held, DeadLetterSend)>,
     delivered: VecDeque<Delivered>,
     next_seq: u64,
     last_version: u64,
     /// The highest offset stored per partition (the next one to read).
     stored: HashMap<(Arc<str>, i32), i64>,
     topics: HashMap<String, Arc<str>>,
-    retry_max: Duration,
     /// Partitions whose next offset was gone, each waiting for the flush
     /// transaction (`seq`) that covers it to be acknowledged.
     gaps: Vec<Gap>,
@@ -306,15 +298,12 @@ impl KafkaSource {
     pub fn start(
         config: &KafkaConfig,
         table_keys: Arc<TableKeys>,
-        on_error: OnError,
-        dead_letters: Arc<KafkaDeadLetters>,
         metrics: Arc<Metrics>,
-        retry_max: Duration,
     ) -> Result<KafkaSource, SourceError> {
         let context = KafkaContext { metrics: metrics.clone(), assigned: Mutex::new(HashSet::new()) };
         let consumer: StreamConsumer<KafkaContext> = client_config(config)
             .create_with_context(context)
-            .map_err(|e| SourceError::Definite(format!("source.kafka: cannot create the consumer: {e}")))?;
+            .map_err(|e| SourceError::definite_from("source.kafka: cannot create the consumer", e))?;
         let mut topics: Vec<String> = config.topics.clone();
         if let Some(pattern) = &config.topic_pattern {
             // librdkafka reads a subscription starting with `^` as a regex.
@@ -323,23 +312,19 @@ impl KafkaSource {
         let names: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&names)
-            .map_err(|e| SourceError::Definite(format!("source.kafka: cannot subscribe to {names:?}: {e}")))?;
+            .map_err(|e| SourceError::definite_from(format!("source.kafka: cannot subscribe to {names:?}"), e))?;
         tracing::info!(group = %config.group_id, topics = ?names, "subscribed");
         Ok(KafkaSource {
             consumer: Arc::new(consumer),
             config: config.clone(),
             table_keys,
-            on_error,
-            dead_letters,
             metrics,
             queue: VecDeque::new(),
-            held: None,
             delivered: VecDeque::new(),
             next_seq: 1,
             last_version: 0,
             stored: HashMap::new(),
             topics: HashMap::new(),
-            retry_max,
             gaps: Vec::new(),
             restart: None,
         })
@@ -367,16 +352,16 @@ impl KafkaSource {
         t
     }
 
-    /// Turns one message into the events of its transaction: queued at
-    /// once, or held in [`KafkaSource::held`] until the message's dead
-    /// letter is acknowledged. Nothing here awaits, so a dropped `next()`
-    /// can never leave part of a message's events behind.
-    fn on_message(&mut self, message: &BorrowedMessage<'_>) -> Result<(), SourceError> {
+    /// Turns one message into the events of its transaction (or into one
+    /// `Undecodable` event), all queued at once with its place in the
+    /// delivered queue. Nothing here awaits, so a dropped `next()` can
+    /// never leave part of a message's events behind.
+    fn on_message(&mut self, message: &BorrowedMessage<'_>) {
         let topic = self.topic(message.topic());
         let (partition, offset) = (message.partition(), message.offset());
         let seq = self.next_seq;
         self.next_seq += 1;
-        let delivered = Delivered { seq, topic: topic.clone(), partition, offset };
+        self.delivered.push_back(Delivered { seq, topic: topic.clone(), partition, offset });
         let decoded = decode_message(message.topic(), message.key(), message.payload(), &self.config, &self.table_keys);
         let commit_time_micros = match &decoded {
             Ok(Decoded::Change(c) | Decoded::SnapshotRead(c)) => c.commit_time_micros,
@@ -385,56 +370,32 @@ impl KafkaSource {
         let version = next_version(self.last_version, commit_time_micros);
         self.last_version = version;
         let position = Position::Kafka { topic: topic.clone(), partition, offset, seq, version };
-        let mut events = Vec::with_capacity(3);
-        events.push(SourceEvent::Begin);
-        let mut send = None;
-        match decoded {
-            Ok(Decoded::Change(mut change)) => {
+        let change = match decoded {
+            Ok(Decoded::Change(change)) => {
                 self.metrics.kafka_message(&topic, op_label(change.op));
-                change.position = position.clone();
-                events.push(SourceEvent::Change(change));
+                Some(change)
             }
-            Ok(Decoded::SnapshotRead(mut change)) => {
+            Ok(Decoded::SnapshotRead(change)) => {
                 self.metrics.kafka_message(&topic, "r");
-                if self.config.snapshot_reads == SnapshotReads::Invalidate {
-                    change.position = position.clone();
-                    events.push(SourceEvent::Change(change));
-                }
+                (self.config.snapshot_reads == SnapshotReads::Invalidate).then_some(change)
             }
-            Ok(Decoded::Ignored(what)) => self.metrics.kafka_message(&topic, what.as_str()),
-            Err(Undecodable { reason, error }) => {
+            Ok(Decoded::Ignored(what)) => {
+                self.metrics.kafka_message(&topic, what.as_str());
+                None
+            }
+            Err(DecodeFailure { reason, error }) => {
                 self.metrics.kafka_message(&topic, "invalid");
-                if self.on_error == OnError::Stop {
-                    tracing::error!(%position, error, "cannot decode this message; stopping without acknowledging it (on_error = stop)");
-                    return Err(SourceError::Definite(format!(
-                        "cannot decode the message at {position}: {error}; stopping without acknowledging it (dead_letter.on_error = \"stop\")"
-                    )));
-                }
-                let letter = DeadLetterMessage::from_message(message, reason, &error);
-                send = Some(Box::pin(send_dead_letter(
-                    self.dead_letters.clone(),
-                    self.metrics.clone(),
-                    letter,
-                    position.clone(),
-                    reason,
-                    error,
-                    self.retry_max,
-                )) as DeadLetterSend);
+                let raw = raw_message(message);
+                self.queue.push_back(SourceEvent::Undecodable(Undecodable { position, reason, error, raw }));
+                return;
             }
+        };
+        self.queue.push_back(SourceEvent::Begin);
+        if let Some(mut change) = change {
+            change.position = position.clone();
+            self.queue.push_back(SourceEvent::Change(change));
         }
-        events.push(SourceEvent::Commit { position, commit_time_micros });
-        let held = Held { events, delivered };
-        match send {
-            None => self.release(held),
-            Some(send) => self.held = Some((held, send)),
-        }
-        Ok(())
-    }
-
-    /// Makes a message's events visible, all at once.
-    fn release(&mut self, held: Held) {
-        self.delivered.push_back(held.delivered);
-        self.queue.extend(held.events);
+        self.queue.push_back(SourceEvent::Commit { position, commit_time_micros });
     }
 
     /// A partition's next offset is gone: retention deleted messages the
@@ -455,12 +416,12 @@ impl KafkaSource {
                            (source.kafka.on_offset_reset = \"stop\"; \"flush\" bumps every cache and resumes \
                            from the earliest offset)";
             tracing::error!("{message}");
-            return Err(SourceError::Definite(message.to_owned()));
+            return Err(SourceError::definite(message));
         }
         let found = self.find_gaps();
         let Some((topic, partition, resume)) = found.first().cloned() else {
-            return Err(SourceError::Transient(
-                "an offset-reset error that no assigned partition explains; rejoining the group".into(),
+            return Err(SourceError::transient(
+                "an offset-reset error that no assigned partition explains; rejoining the group",
             ));
         };
         self.metrics.kafka_offset_reset("flush");
@@ -588,43 +549,16 @@ impl KafkaSource {
     }
 }
 
-/// The send of one dead letter, owned by the source so that it survives a
-/// dropped `next()`.
-type DeadLetterSend = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// A message's events, not yet visible to the run loop.
-struct Held {
-    events: Vec<SourceEvent>,
-    delivered: Delivered,
-}
-
-/// Sends a message that cannot be decoded to the dead-letter topic,
-/// retrying until the broker has it (the source is paused meanwhile).
-async fn send_dead_letter(
-    dead_letters: Arc<KafkaDeadLetters>,
-    metrics: Arc<Metrics>,
-    letter: DeadLetterMessage,
-    position: Position,
-    reason: &'static str,
-    error: String,
-    retry_max: Duration,
-) {
-    // No shutdown of its own: the source drops this future to cancel it.
-    let mut backoff = Backoff::new(Duration::from_millis(100), retry_max, Jitter::None);
-    loop {
-        match dead_letters.send(&letter).await {
-            Ok(()) => break,
-            Err(e) => {
-                metrics.dead_letter_write_error("transient");
-                tracing::warn!(%position, error = %e, retry_in_ms = backoff.current().as_millis() as u64, "cannot write to the dead-letter topic; retrying (the source is paused)");
-                backoff.wait_uncancelled().await;
-            }
-        }
+/// A message's key, value and headers, as received.
+fn raw_message(message: &BorrowedMessage<'_>) -> RawMessage {
+    RawMessage {
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        headers: message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+            .unwrap_or_default(),
     }
-    if let Position::Kafka { topic, .. } = &position {
-        metrics.kafka_dead_lettered(topic, reason);
-    }
-    tracing::warn!(%position, error, reason, topic = dead_letters.topic(), "dead-lettered a message that cannot be decoded; the partition goes on");
 }
 
 /// The op label of a change.
@@ -643,11 +577,11 @@ fn next_version(last: u64, commit_time_micros: Option<i64>) -> u64 {
     time.max(last.saturating_add(1))
 }
 
-/// Why a message cannot become a change: the dead-letter reason
-/// (`decode`, `too_large`, `too_slow`) and the error.
+/// Why a message cannot become a change: the dead-letter reason and the
+/// error.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Undecodable {
-    reason: &'static str,
+struct DecodeFailure {
+    reason: UndecodableReason,
     error: String,
 }
 
@@ -659,11 +593,11 @@ fn decode_message(
     payload: Option<&[u8]>,
     config: &KafkaConfig,
     table_keys: &TableKeys,
-) -> Result<Decoded, Undecodable> {
+) -> Result<Decoded, DecodeFailure> {
     let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
     if size > config.max_message_bytes {
-        return Err(Undecodable {
-            reason: "too_large",
+        return Err(DecodeFailure {
+            reason: UndecodableReason::TooLarge,
             error: format!(
                 "a message of {size} bytes is larger than source.kafka.max_message_bytes ({})",
                 config.max_message_bytes
@@ -673,10 +607,10 @@ fn decode_message(
     let deadline = std::time::Instant::now() + config.max_decode;
     let value: Option<Json> = match payload {
         None | Some(b"") => None,
-        Some(bytes) => Some(
-            serde_json::from_slice(bytes)
-                .map_err(|e| Undecodable { reason: "decode", error: format!("the value is not JSON: {e}") })?,
-        ),
+        Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|e| DecodeFailure {
+            reason: UndecodableReason::Decode,
+            error: format!("the value is not JSON: {e}"),
+        })?),
     };
     // A key that is not JSON (a plain string key) names no columns.
     let key: Option<Json> = key.and_then(|k| serde_json::from_slice(k).ok());
@@ -689,37 +623,28 @@ fn decode_message(
     };
     let placeholder = Position::File { line: 0 };
     debezium::decode(value.as_ref(), key.as_ref(), placeholder, &options)
-        .map_err(|e| Undecodable { reason: e.reason(), error: e.to_string() })
+        .map_err(|e| DecodeFailure { reason: e.reason(), error: e.to_string() })
 }
 
 impl Source for KafkaSource {
     async fn next(&mut self) -> Result<SourceEvent, SourceError> {
         loop {
             if let Some(message) = self.restart.take() {
-                return Err(SourceError::Transient(message));
+                return Err(SourceError::transient(message));
             }
             if let Some(event) = self.queue.pop_front() {
                 return Ok(event);
             }
-            if let Some((_, send)) = self.held.as_mut() {
-                // The send lives in `self`: a dropped `next()` leaves it
-                // here, and the next call goes on awaiting the same send.
-                send.as_mut().await;
-                if let Some((held, _)) = self.held.take() {
-                    self.release(held);
-                }
-                continue;
-            }
             let consumer = self.consumer.clone();
             match consumer.recv().await {
-                Ok(message) => self.on_message(&message)?,
+                Ok(message) => self.on_message(&message),
                 // librdkafka reconnects by itself; a fatal error ends the
                 // session (a new consumer rejoins the group).
                 // A partition's next offset is gone (`auto.offset.reset =
                 // error`): librdkafka stopped fetching it.
                 Err(KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset)) => self.on_offset_reset()?,
                 Err(KafkaError::MessageConsumptionFatal(code)) => {
-                    return Err(SourceError::Transient(format!("fatal consumer error: {code}")));
+                    return Err(SourceError::transient_from("fatal consumer error", code));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "consumer error; librdkafka retries");
@@ -736,7 +661,7 @@ impl Source for KafkaSource {
                 self.resume_gaps(*seq);
                 Ok(())
             }
-            other => Err(SourceError::Definite(format!("not a Kafka position: {other}"))),
+            other => Err(SourceError::definite(format!("not a Kafka position: {other}"))),
         }
     }
 }
@@ -774,18 +699,18 @@ mod tests {
         ));
         let wide = event(&"x".repeat(60));
         let error = decode_message("t", None, Some(wide.as_bytes()), &config, &keys).unwrap_err();
-        assert_eq!(error.reason, "too_large", "{}", error.error);
+        assert_eq!(error.reason, UndecodableReason::TooLarge, "{}", error.error);
         assert!(error.error.contains("column `body`"), "{}", error.error);
         let huge = event(&"x".repeat(300));
         let error = decode_message("t", None, Some(huge.as_bytes()), &config, &keys).unwrap_err();
-        assert_eq!(error.reason, "too_large");
+        assert_eq!(error.reason, UndecodableReason::TooLarge);
         assert!(error.error.contains("max_message_bytes (200)"), "{}", error.error);
         // The key counts too.
         let key = vec![b'k'; 190];
         let error = decode_message("t", Some(&key), Some(small.as_bytes()), &config, &keys).unwrap_err();
-        assert_eq!(error.reason, "too_large");
+        assert_eq!(error.reason, UndecodableReason::TooLarge);
         let error = decode_message("t", None, Some(b"{"), &config, &keys).unwrap_err();
-        assert_eq!(error.reason, "decode");
+        assert_eq!(error.reason, UndecodableReason::Decode);
     }
 
     #[test]

@@ -63,8 +63,8 @@ pub enum SourceSetupError {
 impl From<SourceSetupError> for SourceError {
     fn from(e: SourceSetupError) -> SourceError {
         match e {
-            SourceSetupError::Transient(m) => SourceError::Transient(m),
-            SourceSetupError::Definite(m) | SourceSetupError::Publication(m) => SourceError::Definite(m),
+            SourceSetupError::Transient(m) => SourceError::transient(m),
+            SourceSetupError::Definite(m) | SourceSetupError::Publication(m) => SourceError::definite(m),
         }
     }
 }
@@ -232,19 +232,19 @@ impl PostgresSource {
         match event {
             ReplicationEvent::Begin { final_lsn, xid, commit_time_micros } => {
                 if self.tx.is_some() {
-                    return Err(SourceError::Definite(format!("nested BEGIN (xid {xid}) inside an open transaction")));
+                    return Err(SourceError::definite(format!("nested BEGIN (xid {xid}) inside an open transaction")));
                 }
                 self.tx = Some(TxContext { final_lsn: final_lsn.as_u64(), xid, commit_time_micros });
                 self.pending.push_back(SourceEvent::Begin);
             }
             ReplicationEvent::XLogData { wal_start, data, .. } => {
                 let tx = self.tx.ok_or_else(|| {
-                    SourceError::Definite(format!("change at {} outside a transaction", Lsn(wal_start.as_u64())))
+                    SourceError::definite(format!("change at {} outside a transaction", Lsn(wal_start.as_u64())))
                 })?;
                 let position = Position::Postgres { commit_lsn: Lsn(tx.final_lsn), lsn: Lsn(wal_start.as_u64()) };
                 self.decoder
                     .decode_into(&data, tx, position, &mut Changes(&mut self.pending))
-                    .map_err(|e| SourceError::Definite(format!("at {}: {e}", Lsn(wal_start.as_u64()))))?;
+                    .map_err(|e| SourceError::definite_from(format!("at {}", Lsn(wal_start.as_u64())), e))?;
                 // A Relation message under a name the graph does not know:
                 // perhaps a partition attached since start.
                 if let [b'R', a, b, c, d, ..] = data[..] {
@@ -258,9 +258,9 @@ impl PostgresSource {
                 let tx = self
                     .tx
                     .take()
-                    .ok_or_else(|| SourceError::Definite(format!("COMMIT at {} without BEGIN", Lsn(lsn.as_u64()))))?;
+                    .ok_or_else(|| SourceError::definite(format!("COMMIT at {} without BEGIN", Lsn(lsn.as_u64()))))?;
                 if tx.final_lsn != lsn.as_u64() {
-                    return Err(SourceError::Definite(format!(
+                    return Err(SourceError::definite(format!(
                         "COMMIT at {} does not match its BEGIN's final LSN {}",
                         Lsn(lsn.as_u64()),
                         Lsn(tx.final_lsn)
@@ -280,7 +280,7 @@ impl PostgresSource {
             }
             ReplicationEvent::Message { .. } => {}
             ReplicationEvent::StoppedAt { .. } => {
-                return Err(SourceError::Transient("the replication stream stopped".into()));
+                return Err(SourceError::transient("the replication stream stopped"));
             }
         }
         Ok(())
@@ -296,15 +296,29 @@ impl Extend<crate::change::Change> for Changes<'_> {
     }
 }
 
-fn classify(e: pgwire_replication::PgWireError) -> SourceSetupError {
+/// Whether a replication error needs an operator: authentication, TLS, a
+/// missing slot or privilege. "replication slot is active for PID …"
+/// clears when the other session ends.
+fn is_definite(e: &pgwire_replication::PgWireError) -> bool {
     use pgwire_replication::PgWireError as E;
-    match &e {
-        E::Auth(_) | E::Tls(_) => SourceSetupError::Definite(format!("replication connection: {e}")),
-        // "replication slot is active for PID …" clears when the other session ends.
-        E::Server(m) if m.contains("does not exist") || m.contains("permission denied") => {
-            SourceSetupError::Definite(format!("replication connection: {e}"))
-        }
-        _ => SourceSetupError::Transient(format!("replication connection: {e}")),
+    match e {
+        E::Auth(_) | E::Tls(_) => true,
+        E::Server(m) => m.contains("does not exist") || m.contains("permission denied"),
+        _ => false,
+    }
+}
+
+fn classify(e: pgwire_replication::PgWireError) -> SourceSetupError {
+    let message = format!("replication connection: {e}");
+    if is_definite(&e) { SourceSetupError::Definite(message) } else { SourceSetupError::Transient(message) }
+}
+
+/// A replication error while streaming, with the error as its cause.
+fn replication_error(e: pgwire_replication::PgWireError) -> SourceError {
+    if is_definite(&e) {
+        SourceError::definite_from("replication connection", e)
+    } else {
+        SourceError::transient_from("replication connection", e)
     }
 }
 
@@ -325,7 +339,7 @@ impl Source for PostgresSource {
             while let Some(&oid) = self.resolving.front() {
                 let parent =
                     publication::partition_parent(&self.catalog, oid, &self.graph_tables).await.map_err(|e| {
-                        SourceError::Transient(format!("cannot look up relation {oid}'s partition parent: {e}"))
+                        SourceError::transient_from(format!("cannot look up relation {oid}'s partition parent"), e)
                     })?;
                 if let Some(table) = parent {
                     tracing::info!(relation = oid, table = %table, "a partition's changes belong to the graph's table");
@@ -338,8 +352,8 @@ impl Source for PostgresSource {
             }
             match self.client.recv().await {
                 Ok(Some(event)) => self.on_event(event)?,
-                Ok(None) => return Err(SourceError::Transient("the replication stream ended".into())),
-                Err(e) => return Err(classify(e).into()),
+                Ok(None) => return Err(SourceError::transient("the replication stream ended")),
+                Err(e) => return Err(replication_error(e)),
             }
         }
     }
@@ -356,7 +370,7 @@ impl Source for PostgresSource {
                 self.acknowledged = self.acknowledged.max(*lsn);
                 Ok(())
             }
-            other => Err(SourceError::Definite(format!("a Postgres source cannot acknowledge {other}"))),
+            other => Err(SourceError::definite(format!("a Postgres source cannot acknowledge {other}"))),
         }
     }
 }

@@ -20,22 +20,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 
 use crate::change::Change;
-use crate::graph::{CacheId, Graph};
-use crate::resolve::{Effect, LookupRequest, Resolution};
-
-/// A change that asked for look-ups, and the look-ups it asked for.
-#[derive(Debug, Clone)]
-pub struct LookupOrigin {
-    pub change: Arc<Change>,
-    pub requests: Vec<LookupRequest>,
-}
-
-impl LookupOrigin {
-    /// About how many bytes keeping it costs.
-    pub fn approx_bytes(&self) -> usize {
-        self.change.approx_bytes() + self.requests.iter().map(LookupRequest::approx_bytes).sum::<usize>()
-    }
-}
+use crate::graph::{CacheId, DepId, Graph};
+use crate::lookup::LookupOrigin;
+use crate::resolve::{ArgKey, Effect, LookupRequest, Resolution};
 
 /// What a finished transaction hands to its batch.
 #[derive(Debug, Default)]
@@ -70,7 +57,7 @@ pub struct TransactionEffects {
     effects: HashSet<Effect>,
     lookups: Vec<LookupRequest>,
     origins: Vec<LookupOrigin>,
-    seen_lookups: HashSet<(crate::graph::DepId, String)>,
+    seen_lookups: HashSet<(DepId, ArgKey)>,
     bumped: HashSet<CacheId>,
     changes: u64,
 }
@@ -103,8 +90,7 @@ impl TransactionEffects {
             if self.bumped.contains(&cache) {
                 continue;
             }
-            let key = (request.dependency, format!("{:?}", request.arg));
-            if self.seen_lookups.insert(key) {
+            if self.seen_lookups.insert(request.key()) {
                 // The request, and its key in `seen_lookups`.
                 self.bytes += 2 * request.approx_bytes();
                 self.lookups.push(request.clone());
@@ -251,6 +237,39 @@ lookup = { query = "SELECT id FROM x WHERE y = ANY($1)", arg = "owner" }
         assert_eq!(out.lookups.len(), 2, "owners 1 and 2, once each");
         assert_eq!(out.origins.len(), 3, "every change keeps its own look-ups, duplicates included");
         assert!(out.origins.iter().all(|o| o.requests.len() == 1));
+    }
+
+    /// Issue 12, item 4: look-ups are de-duplicated by a typed key, not by
+    /// their `{:?}` text.
+    #[test]
+    fn equal_look_ups_are_kept_once_and_different_ones_apart() {
+        let g = load_sources(&[SourceFile::new("t.toml", GRAPH.to_owned())]).unwrap();
+        let dependency = g.cache(g.cache_id("owner_items").unwrap()).dependencies[0];
+        let asking = |args: &[Value]| {
+            let mut resolution = Resolution::default();
+            resolution.lookups = args
+                .iter()
+                .map(|arg| LookupRequest { dependency, arg: arg.clone(), path: smallvec::smallvec![dependency] })
+                .collect();
+            resolution
+        };
+        let mut tx = TransactionEffects::new(limits(100));
+        let nan = Value::Float(f64::NAN);
+        let batches = [
+            vec![Value::Float(2.5), Value::Null, nan.clone()],
+            vec![Value::Float(2.5), Value::Null, Value::Float(f64::from_bits(f64::NAN.to_bits() | 1))],
+            vec![Value::Float(-2.5), Value::Text("NULL".into()), Value::Int(2), Value::Text("2".into())],
+        ];
+        for args in batches {
+            tx.add(&g, insert(1), asking(&args));
+        }
+        let out = tx.finish();
+        let kept: Vec<String> = out.lookups.iter().map(|l| format!("{:?}", l.arg)).collect();
+        assert_eq!(
+            kept,
+            ["Float(2.5)", "Null", "Float(NaN)", "Float(-2.5)", "Text(\"NULL\")", "Int(2)", "Text(\"2\")"]
+        );
+        assert_eq!(out.origins.iter().map(|o| o.requests.len()).collect::<Vec<_>>(), [3, 3, 4]);
     }
 
     #[test]
