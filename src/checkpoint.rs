@@ -11,7 +11,7 @@ use std::collections::VecDeque;
 
 /// Tracks in-flight batches in source order.
 #[derive(Debug, Clone)]
-pub struct Watermark<P> {
+pub(crate) struct Watermark<P> {
     in_flight: VecDeque<InFlight<P>>,
     acknowledged: Option<P>,
 }
@@ -35,18 +35,18 @@ impl<P: Clone> Default for Watermark<P> {
 }
 
 impl<P: Clone> Watermark<P> {
-    pub fn new() -> Watermark<P> {
+    pub(crate) fn new() -> Watermark<P> {
         Watermark::default()
     }
 
     /// Registers a batch, in source order, with its last position.
-    pub fn begin(&mut self, batch: u64, position: P) {
+    pub(crate) fn begin(&mut self, batch: u64, position: P) {
         self.in_flight.push_back(InFlight { batch, position, confirmed: false });
     }
 
     /// Records that every sink confirmed `batch`; returns the new watermark
     /// when it moved.
-    pub fn confirm(&mut self, batch: u64) -> Result<Option<P>, NotInFlight> {
+    pub(crate) fn confirm(&mut self, batch: u64) -> Result<Option<P>, NotInFlight> {
         let entry = self.in_flight.iter_mut().find(|f| f.batch == batch).ok_or(NotInFlight(batch))?;
         entry.confirmed = true;
         let mut moved = None;
@@ -62,18 +62,15 @@ impl<P: Clone> Watermark<P> {
     }
 
     /// The highest position that may be acknowledged.
-    pub fn acknowledged(&self) -> Option<&P> {
+    #[cfg(test)]
+    pub(crate) fn acknowledged(&self) -> Option<&P> {
         self.acknowledged.as_ref()
     }
 
     /// Whether nothing is in flight (an idle source may then acknowledge its
     /// keepalive position).
-    pub fn is_idle(&self) -> bool {
+    pub(crate) fn is_idle(&self) -> bool {
         self.in_flight.is_empty()
-    }
-
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
     }
 }
 

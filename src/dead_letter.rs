@@ -37,10 +37,10 @@ use crate::change::{Change, Lsn, Position, Row};
 use crate::source::{RawMessage, Undecodable, UndecodableReason};
 
 /// The migrations of `migrations/`, embedded at compile time.
-pub static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
+pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// The command that applies the migrations, for messages.
-pub const MIGRATE_COMMAND: &str = "evictd migrate --config FILE";
+pub(crate) const MIGRATE_COMMAND: &str = "evictd migrate --config FILE";
 
 /// What the run loop does with a change it cannot resolve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +53,7 @@ pub enum OnError {
 
 /// What `evictd run` does with migrations not applied yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationMode {
+pub(crate) enum MigrationMode {
     /// Apply them at start-up.
     Apply,
     /// Refuse to start, naming them and the command that applies them.
@@ -63,7 +63,7 @@ pub enum MigrationMode {
 /// Why a change was dead-lettered: the `error_kind` column and the `reason`
 /// label of the dead-letter metric.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeadLetterReason {
+pub(crate) enum DeadLetterReason {
     /// A look-up failed in a way that will fail again (a query error).
     LookupFailed,
     /// A look-up failed `lookup_attempts` times with a retryable error
@@ -74,7 +74,7 @@ pub enum DeadLetterReason {
 }
 
 impl DeadLetterReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             DeadLetterReason::LookupFailed => "lookup_failed",
             DeadLetterReason::LookupAttemptsExhausted => "lookup_attempts_exhausted",
@@ -86,22 +86,22 @@ impl DeadLetterReason {
 /// One change that could not be resolved, and why.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
-    pub change: Arc<Change>,
-    pub reason: DeadLetterReason,
+    pub(crate) change: Arc<Change>,
+    pub(crate) reason: DeadLetterReason,
     /// The last error, as the operator should read it.
-    pub error: String,
+    pub(crate) error: String,
     /// How many times the change's look-ups ran.
-    pub attempts: u32,
+    pub(crate) attempts: u32,
 }
 
 impl DeadLetter {
     /// The kind of source the change came from (the `source` column).
-    pub fn source_kind(&self) -> &'static str {
+    pub(crate) fn source_kind(&self) -> &'static str {
         source_kind(&self.change.position)
     }
 
     /// The commit LSN of a Postgres change (the `lsn` column).
-    pub fn commit_lsn(&self) -> Option<Lsn> {
+    pub(crate) fn commit_lsn(&self) -> Option<Lsn> {
         commit_lsn(&self.change.position)
     }
 }
@@ -146,7 +146,7 @@ pub enum DeadLetterError {
 impl DeadLetterError {
     /// Transient failures are retried with backoff (never skipped); a
     /// definite one needs an operator.
-    pub fn is_transient(&self) -> bool {
+    pub(crate) fn is_transient(&self) -> bool {
         match self {
             DeadLetterError::Unreachable(_) => true,
             DeadLetterError::Write { transient, .. } | DeadLetterError::Migrate { transient, .. } => *transient,
@@ -155,7 +155,7 @@ impl DeadLetterError {
     }
 
     /// The metric label of a failed write.
-    pub fn kind(&self) -> &'static str {
+    pub(crate) fn kind(&self) -> &'static str {
         if self.is_transient() { "transient" } else { "definite" }
     }
 }
@@ -215,9 +215,9 @@ pub struct DeadLetters {
 
 /// What [`DeadLetters::migrate`] did.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MigrationReport {
+pub(crate) struct MigrationReport {
     /// Migrations applied now, as `0001_dead_letters`.
-    pub applied: Vec<String>,
+    pub(crate) applied: Vec<String>,
 }
 
 /// A migration's name as its file is named: `0001_dead_letters`.
@@ -245,13 +245,13 @@ impl DeadLetters {
         Ok(DeadLetters { pool, schema: schema.to_owned(), timeout })
     }
 
-    pub fn schema(&self) -> &str {
+    pub(crate) fn schema(&self) -> &str {
         &self.schema
     }
 
     /// Applies the pending migrations (`Apply`), or refuses with
     /// [`DeadLetterError::Pending`] when there are any (`Verify`).
-    pub async fn migrate(&self, mode: MigrationMode) -> Result<MigrationReport, DeadLetterError> {
+    pub(crate) async fn migrate(&self, mode: MigrationMode) -> Result<MigrationReport, DeadLetterError> {
         let pending = self.pending().await?;
         if pending.is_empty() {
             return Ok(MigrationReport { applied: Vec::new() });
@@ -286,7 +286,7 @@ impl DeadLetters {
 
     /// The embedded migrations not applied to the schema yet; an applied
     /// migration that failed half-way or whose file changed is an error.
-    pub async fn pending(&self) -> Result<Vec<String>, DeadLetterError> {
+    pub(crate) async fn pending(&self) -> Result<Vec<String>, DeadLetterError> {
         let table = format!("{}._sqlx_migrations", quote_ident(&self.schema));
         let exists: bool = self
             .bounded(sqlx::query_scalar("SELECT to_regclass($1) IS NOT NULL").bind(&table).fetch_one(&self.pool))
@@ -352,7 +352,7 @@ fn without_nul(text: &str) -> String {
 
 /// A row image as the `before`/`after` JSON: column → value, unknown cells
 /// as `{"unknown": true}`, bytes as hex, NUL characters replaced.
-pub fn row_json(row: &Row) -> serde_json::Value {
+pub(crate) fn row_json(row: &Row) -> serde_json::Value {
     fn clean(value: serde_json::Value) -> serde_json::Value {
         match value {
             serde_json::Value::String(s) if s.contains('\0') => serde_json::Value::String(without_nul(&s)),
@@ -391,7 +391,7 @@ fn raw_json(raw: &RawMessage) -> serde_json::Value {
 
 /// The `op` of a message that could not be decoded: it has no table and no
 /// operation, only its raw payload (in `after`).
-pub const UNDECODABLE_OP: &str = "undecodable";
+pub(crate) const UNDECODABLE_OP: &str = "undecodable";
 
 impl DeadLetterStore for DeadLetters {
     async fn record(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {

@@ -14,10 +14,10 @@ use toml::de::{DeTable, DeValue};
 
 /// A file name, line and column (both 1-based).
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Location {
-    pub file: Arc<Path>,
-    pub line: usize,
-    pub column: usize,
+pub(crate) struct Location {
+    pub(crate) file: Arc<Path>,
+    pub(crate) line: usize,
+    pub(crate) column: usize,
 }
 
 impl fmt::Display for Location {
@@ -29,8 +29,8 @@ impl fmt::Display for Location {
 /// The text of one input file, for locating spans in it.
 #[derive(Debug, Clone)]
 pub struct SourceFile {
-    pub path: Arc<Path>,
-    pub text: String,
+    pub(crate) path: Arc<Path>,
+    pub(crate) text: String,
     line_starts: Vec<usize>,
 }
 
@@ -41,7 +41,7 @@ impl SourceFile {
     }
 
     /// The line and column of byte `offset`.
-    pub fn location(&self, offset: usize) -> Location {
+    pub(crate) fn location(&self, offset: usize) -> Location {
         let offset = offset.min(self.text.len());
         let line = self.line_starts.partition_point(|&start| start <= offset).max(1);
         let start = self.line_starts[line - 1];
@@ -52,7 +52,7 @@ impl SourceFile {
     /// The dotted path of the innermost key at or before `offset`, as
     /// `caches.product.depends[0].bind.id`. `None` when the text does not
     /// parse or no key precedes the offset.
-    pub fn field_at(&self, offset: usize) -> Option<String> {
+    pub(crate) fn field_at(&self, offset: usize) -> Option<String> {
         // Recovering parse: a duplicate key still leaves a tree to walk.
         let (root, _) = DeTable::parse_recoverable(&self.text);
         let mut best: Option<(usize, String)> = None;
@@ -61,7 +61,7 @@ impl SourceFile {
     }
 
     /// The span of the value at a dotted `path` (array elements as `[i]`).
-    pub fn span_of(&self, path: &str) -> Option<Range<usize>> {
+    pub(crate) fn span_of(&self, path: &str) -> Option<Range<usize>> {
         let root = DeTable::parse(&self.text).ok()?;
         let mut segments = path_segments(path);
         let first = segments.next()?;
@@ -121,7 +121,7 @@ fn path_segments(path: &str) -> impl Iterator<Item = String> + '_ {
 /// The byte offset in the file of byte `decoded` of the string value whose
 /// literal starts at `literal_start` (its opening quote): escapes and a
 /// multi-line string's leading newline are accounted for.
-pub fn string_offset(text: &str, literal_start: usize, decoded: usize) -> usize {
+pub(crate) fn string_offset(text: &str, literal_start: usize, decoded: usize) -> usize {
     let raw = text.get(literal_start..).unwrap_or("");
     let (open, escapes) = match raw.as_bytes().first() {
         Some(b'"') if raw.starts_with("\"\"\"") => (3, true),
@@ -165,7 +165,7 @@ fn decoded_len(hex_digits: Option<&str>) -> usize {
 
 /// A TOML or serde message in a platform engineer's words: no Rust type
 /// names (`u64`, `struct RawRedis`), and `duplicate key` said plainly.
-pub fn plain_serde_message(message: &str) -> String {
+pub(crate) fn plain_serde_message(message: &str) -> String {
     let mut text = message.trim_end().to_owned();
     for (jargon, words) in [
         ("expected u64", "expected a whole number, 0 or more"),
@@ -187,7 +187,7 @@ pub fn plain_serde_message(message: &str) -> String {
 }
 
 /// Writes one item per line: how every list of input problems is shown.
-pub fn write_lines<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result {
+pub(crate) fn write_lines<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> fmt::Result {
     for (i, item) in items.iter().enumerate() {
         if i > 0 {
             f.write_str("\n")?;
@@ -198,7 +198,7 @@ pub fn write_lines<T: fmt::Display>(f: &mut fmt::Formatter<'_>, items: &[T]) -> 
 }
 
 /// Quotes a TOML key for a field path when it is not a bare key.
-pub fn path_key(key: &str) -> String {
+pub(crate) fn path_key(key: &str) -> String {
     let bare = !key.is_empty() && key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
     if bare { key.to_owned() } else { format!("\"{key}\"") }
 }

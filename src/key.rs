@@ -34,7 +34,7 @@ use crate::change::Value;
 
 /// A normaliser applied to a parameter's text before it enters the key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Normaliser {
+pub(crate) enum Normaliser {
     Lower,
     Upper,
     Trim,
@@ -42,7 +42,8 @@ pub enum Normaliser {
 }
 
 impl Normaliser {
-    pub fn name(self) -> &'static str {
+    #[cfg(test)]
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Normaliser::Lower => "lower",
             Normaliser::Upper => "upper",
@@ -73,10 +74,10 @@ impl Normaliser {
 
 /// One `{name|normaliser…}` occurrence.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Placeholder {
+pub(crate) struct Placeholder {
     /// Index into [`KeyTemplate::params`].
-    pub param: usize,
-    pub normalisers: Vec<Normaliser>,
+    pub(crate) param: usize,
+    pub(crate) normalisers: Vec<Normaliser>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,8 +103,8 @@ pub struct KeyTemplate {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct TemplateError {
-    pub offset: usize,
-    pub message: String,
+    pub(crate) offset: usize,
+    pub(crate) message: String,
 }
 
 /// Why a parsed template could not render a key.
@@ -122,22 +123,23 @@ impl KeyTemplate {
         Parser { src: source, pos: 0, params: Vec::new() }.run()
     }
 
-    pub fn source(&self) -> &str {
+    pub(crate) fn source(&self) -> &str {
         &self.source
     }
 
     /// Distinct parameter names in order of first appearance.
-    pub fn params(&self) -> &[Arc<str>] {
+    pub(crate) fn params(&self) -> &[Arc<str>] {
         &self.params
     }
 
     /// Whether parameter `i` appears only in query sections (and so may be
     /// NULL or absent without preventing the key).
-    pub fn is_optional(&self, i: usize) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_optional(&self, i: usize) -> bool {
         self.optional.get(i).copied().unwrap_or(false)
     }
 
-    pub fn param_index(&self, name: &str) -> Option<usize> {
+    pub(crate) fn param_index(&self, name: &str) -> Option<usize> {
         self.params.iter().position(|p| &**p == name)
     }
 
@@ -225,7 +227,7 @@ fn raw_text(value: &Value) -> String {
 }
 
 /// Whether `c` is percent-encoded inside a rendered value.
-pub fn is_reserved(c: char) -> bool {
+pub(crate) fn is_reserved(c: char) -> bool {
     matches!(c, '%' | ':' | '{' | '}' | '&' | '=' | '?') || c.is_control()
 }
 

@@ -30,40 +30,39 @@ use prometheus_client::registry::{Metric, Registry, Unit};
 use crate::change::{Lsn, Operation};
 use crate::dead_letter::DeadLetterReason;
 use crate::graph::Action;
-use crate::sink::SinkError;
 
 /// The content type of [`Metrics::encode`]'s text.
 pub const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-pub const CHANGES_RECEIVED_TOTAL: &str = "evictd_changes_received_total";
-pub const EFFECTS_RESOLVED_TOTAL: &str = "evictd_effects_resolved_total";
-pub const BATCH_EFFECTS: &str = "evictd_batch_effects";
-pub const BATCH_DURATION_SECONDS: &str = "evictd_batch_duration_seconds";
-pub const COMMIT_TO_APPLIED_SECONDS: &str = "evictd_commit_to_applied_seconds";
-pub const POSITION_RECEIVED_BYTES: &str = "evictd_position_received_bytes";
-pub const POSITION_RESOLVED_BYTES: &str = "evictd_position_resolved_bytes";
-pub const POSITION_APPLIED_BYTES: &str = "evictd_position_applied_bytes";
-pub const POSITION_ACKNOWLEDGED_BYTES: &str = "evictd_position_acknowledged_bytes";
-pub const POSITION_WAL_END_BYTES: &str = "evictd_position_wal_end_bytes";
-pub const SOURCE_LAG_BYTES: &str = "evictd_source_lag_bytes";
-pub const SINK_ERRORS_TOTAL: &str = "evictd_sink_errors_total";
-pub const SINK_RETRIES_TOTAL: &str = "evictd_sink_retries_total";
-pub const DEAD_LETTERS_TOTAL: &str = "evictd_dead_letters_total";
-pub const DEAD_LETTER_WRITE_ERRORS_TOTAL: &str = "evictd_dead_letter_write_errors_total";
-pub const LOOKUP_QUERIES_TOTAL: &str = "evictd_lookup_queries_total";
-pub const LOOKUP_ROWS_TOTAL: &str = "evictd_lookup_rows_total";
-pub const LOOKUP_FANOUT_OVERFLOWS_TOTAL: &str = "evictd_lookup_fanout_overflows_total";
-pub const BUILD_INFO: &str = "evictd_build_info";
-pub const ACTIVE: &str = "evictd_active";
-pub const KAFKA_MESSAGES_TOTAL: &str = "evictd_kafka_messages_total";
-pub const KAFKA_CONSUMER_LAG_MESSAGES: &str = "evictd_kafka_consumer_lag_messages";
-pub const KAFKA_DEAD_LETTERS_TOTAL: &str = "evictd_kafka_dead_letters_total";
-pub const KAFKA_REBALANCES_TOTAL: &str = "evictd_kafka_rebalances_total";
-pub const UNGUARDED_KEYS_TOTAL: &str = "evictd_unguarded_keys_total";
-pub const REDELETES_SKIPPED_TOTAL: &str = "evictd_redeletes_skipped_total";
-pub const UNBUMPABLE_KEYS_TOTAL: &str = "evictd_unbumpable_keys_total";
-pub const VERSIONS_BEHIND_TOTAL: &str = "evictd_versions_behind_total";
-pub const KAFKA_OFFSET_RESETS_TOTAL: &str = "evictd_kafka_offset_resets_total";
+pub(crate) const CHANGES_RECEIVED_TOTAL: &str = "evictd_changes_received_total";
+pub(crate) const EFFECTS_RESOLVED_TOTAL: &str = "evictd_effects_resolved_total";
+pub(crate) const BATCH_EFFECTS: &str = "evictd_batch_effects";
+pub(crate) const BATCH_DURATION_SECONDS: &str = "evictd_batch_duration_seconds";
+pub(crate) const COMMIT_TO_APPLIED_SECONDS: &str = "evictd_commit_to_applied_seconds";
+pub(crate) const POSITION_RECEIVED_BYTES: &str = "evictd_position_received_bytes";
+pub(crate) const POSITION_RESOLVED_BYTES: &str = "evictd_position_resolved_bytes";
+pub(crate) const POSITION_APPLIED_BYTES: &str = "evictd_position_applied_bytes";
+pub(crate) const POSITION_ACKNOWLEDGED_BYTES: &str = "evictd_position_acknowledged_bytes";
+pub(crate) const POSITION_WAL_END_BYTES: &str = "evictd_position_wal_end_bytes";
+pub(crate) const SOURCE_LAG_BYTES: &str = "evictd_source_lag_bytes";
+pub(crate) const SINK_ERRORS_TOTAL: &str = "evictd_sink_errors_total";
+pub(crate) const SINK_RETRIES_TOTAL: &str = "evictd_sink_retries_total";
+pub(crate) const DEAD_LETTERS_TOTAL: &str = "evictd_dead_letters_total";
+pub(crate) const DEAD_LETTER_WRITE_ERRORS_TOTAL: &str = "evictd_dead_letter_write_errors_total";
+pub(crate) const LOOKUP_QUERIES_TOTAL: &str = "evictd_lookup_queries_total";
+pub(crate) const LOOKUP_ROWS_TOTAL: &str = "evictd_lookup_rows_total";
+pub(crate) const LOOKUP_FANOUT_OVERFLOWS_TOTAL: &str = "evictd_lookup_fanout_overflows_total";
+pub(crate) const BUILD_INFO: &str = "evictd_build_info";
+pub(crate) const ACTIVE: &str = "evictd_active";
+pub(crate) const KAFKA_MESSAGES_TOTAL: &str = "evictd_kafka_messages_total";
+pub(crate) const KAFKA_CONSUMER_LAG_MESSAGES: &str = "evictd_kafka_consumer_lag_messages";
+pub(crate) const KAFKA_DEAD_LETTERS_TOTAL: &str = "evictd_kafka_dead_letters_total";
+pub(crate) const KAFKA_REBALANCES_TOTAL: &str = "evictd_kafka_rebalances_total";
+pub(crate) const UNGUARDED_KEYS_TOTAL: &str = "evictd_unguarded_keys_total";
+pub(crate) const REDELETES_SKIPPED_TOTAL: &str = "evictd_redeletes_skipped_total";
+pub(crate) const UNBUMPABLE_KEYS_TOTAL: &str = "evictd_unbumpable_keys_total";
+pub(crate) const VERSIONS_BEHIND_TOTAL: &str = "evictd_versions_behind_total";
+pub(crate) const KAFKA_OFFSET_RESETS_TOTAL: &str = "evictd_kafka_offset_resets_total";
 
 /// Whether this replica consumes the source or waits to take over (the
 /// `evictd_active` gauge here, and `/readyz` in `server`, which imports it
@@ -74,8 +73,9 @@ pub enum Role {
     Standby,
 }
 
-/// Every name above, for tests and documentation.
-pub const ALL: [&str; 29] = [
+/// Every name above, for the tests.
+#[cfg(test)]
+pub(crate) const ALL: [&str; 29] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -120,7 +120,7 @@ const BATCH_EFFECTS_BUCKETS: [f64; 13] =
 /// What an effect does, as the `kind` and `action` labels of
 /// [`EFFECTS_RESOLVED_TOTAL`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Invalidation {
+pub(crate) enum Invalidation {
     /// A key, with its cache's action.
     Key(Action),
     /// Every key registered under a tag, with its cache's action.
@@ -142,22 +142,22 @@ impl Invalidation {
 /// The position ladder of a Postgres source, as LSNs (byte offsets in the
 /// WAL): each rung is at or behind the one before it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct PositionLadder {
+pub(crate) struct PositionLadder {
     /// The server's WAL end, as last reported by a keepalive or XLogData.
-    pub wal_end: Lsn,
+    pub(crate) wal_end: Lsn,
     /// The last change read from the stream.
-    pub received: Lsn,
+    pub(crate) received: Lsn,
     /// The last change whose effects are resolved (look-ups done).
-    pub resolved: Lsn,
+    pub(crate) resolved: Lsn,
     /// The last change whose batch every sink confirmed.
-    pub applied: Lsn,
+    pub(crate) applied: Lsn,
     /// The position acknowledged to the server (the contiguous watermark).
-    pub acknowledged: Lsn,
+    pub(crate) acknowledged: Lsn,
 }
 
 impl PositionLadder {
     /// WAL the server retains for us: its WAL end minus what we acknowledged.
-    pub fn lag_bytes(&self) -> u64 {
+    pub(crate) fn lag_bytes(&self) -> u64 {
         self.wal_end.0.saturating_sub(self.acknowledged.0)
     }
 }
@@ -173,6 +173,24 @@ struct CacheKindAction {
     cache: String,
     kind: &'static str,
     action: &'static str,
+}
+
+/// The class of a sink error, as [`SINK_ERRORS_TOTAL`]'s `kind` label
+/// reads it (the classes of `sink::SinkError`, named here so that metrics
+/// need not know the sink).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum SinkErrorKind {
+    Transient,
+    Definite,
+}
+
+impl SinkErrorKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            SinkErrorKind::Transient => "transient",
+            SinkErrorKind::Definite => "definite",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -376,13 +394,13 @@ impl Metrics {
 
     /// A Kafka message of `topic` was consumed; `op` is Debezium's op or
     /// what the message was instead.
-    pub fn kafka_message(&self, topic: &str, op: &'static str) {
+    pub(crate) fn kafka_message(&self, topic: &str, op: &'static str) {
         self.kafka_messages.get_or_create(&TopicOp { topic: topic.to_owned(), op }).inc();
     }
 
     /// The lag of one assigned partition, in messages; `None` forgets the
     /// partition (revoked).
-    pub fn kafka_lag(&self, topic: &str, partition: i32, lag: Option<i64>) {
+    pub(crate) fn kafka_lag(&self, topic: &str, partition: i32, lag: Option<i64>) {
         let labels = TopicPartition { topic: topic.to_owned(), partition: partition.to_string() };
         match lag {
             Some(lag) => {
@@ -395,17 +413,17 @@ impl Metrics {
     }
 
     /// A message of `topic` went to the dead-letter topic.
-    pub fn kafka_dead_lettered(&self, topic: &str, reason: &'static str) {
+    pub(crate) fn kafka_dead_lettered(&self, topic: &str, reason: &'static str) {
         self.kafka_dead_letters.get_or_create(&TopicReason { topic: topic.to_owned(), reason }).inc();
     }
 
     /// A rebalance event: `assign`, `revoke` or `error`.
-    pub fn kafka_rebalance(&self, kind: &'static str) {
+    pub(crate) fn kafka_rebalance(&self, kind: &'static str) {
         self.kafka_rebalances.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// A partition's next offset was gone: `stop` or `flush`.
-    pub fn kafka_offset_reset(&self, action: &'static str) {
+    pub(crate) fn kafka_offset_reset(&self, action: &'static str) {
         self.kafka_offset_resets.get_or_create(&ActionLabel { action }).inc();
     }
 
@@ -422,7 +440,7 @@ impl Metrics {
     }
 
     /// `count` effects of `cache` resolved to `what`.
-    pub fn effects_resolved(&self, cache: &str, what: Invalidation, count: u64) {
+    pub(crate) fn effects_resolved(&self, cache: &str, what: Invalidation, count: u64) {
         let (kind, action) = what.labels();
         let labels = CacheKindAction { cache: cache.to_owned(), kind, action };
         self.effects_resolved.get_or_create(&labels).inc_by(count);
@@ -430,19 +448,19 @@ impl Metrics {
 
     /// A batch of `effects` distinct effects was confirmed by every sink,
     /// `duration` after it was closed.
-    pub fn batch_applied(&self, effects: usize, duration: Duration) {
+    pub(crate) fn batch_applied(&self, effects: usize, duration: Duration) {
         self.batch_effects.observe(effects as f64);
         self.batch_duration.observe(duration.as_secs_f64());
     }
 
     /// One applied transaction, `latency` after its commit at the source.
     /// Clocks differ: pass zero when the commit time is in the future.
-    pub fn commit_to_applied(&self, latency: Duration) {
+    pub(crate) fn commit_to_applied(&self, latency: Duration) {
         self.commit_to_applied.observe(latency.as_secs_f64());
     }
 
     /// Sets the position ladder and the source lag it implies.
-    pub fn positions(&self, ladder: &PositionLadder) {
+    pub(crate) fn positions(&self, ladder: &PositionLadder) {
         self.wal_end.set(ladder.wal_end.0);
         self.received.set(ladder.received.0);
         self.resolved.set(ladder.resolved.0);
@@ -453,53 +471,49 @@ impl Metrics {
 
     /// Creates the sink series of `target` at zero, so that `rate()` and
     /// `increase()` see its first error.
-    pub fn sink_target(&self, target: &str) {
-        for kind in ["transient", "definite"] {
-            drop(self.sink_errors.get_or_create(&TargetKind { target: target.to_owned(), kind }));
+    pub(crate) fn sink_target(&self, target: &str) {
+        for kind in [SinkErrorKind::Transient, SinkErrorKind::Definite] {
+            drop(self.sink_errors.get_or_create(&TargetKind { target: target.to_owned(), kind: kind.as_str() }));
         }
         drop(self.sink_retries.get_or_create(&TargetLabel { target: target.to_owned() }));
         drop(self.versions_behind.get_or_create(&TargetLabel { target: target.to_owned() }));
     }
 
-    /// A sink failed to apply a batch.
-    pub fn sink_error(&self, error: &SinkError) {
-        let (target, kind) = match error {
-            SinkError::Transient { target, .. } => (target, "transient"),
-            SinkError::Definite { target, .. } => (target, "definite"),
-        };
-        self.sink_errors.get_or_create(&TargetKind { target: target.clone(), kind }).inc();
+    /// A sink failed to apply a batch to `target`.
+    pub(crate) fn sink_error(&self, target: &str, kind: SinkErrorKind) {
+        self.sink_errors.get_or_create(&TargetKind { target: target.to_owned(), kind: kind.as_str() }).inc();
     }
 
     /// The series of [`VERSIONS_BEHIND_TOTAL`] of `target` (created at
     /// zero), for the target's sink to count in.
-    pub fn versions_behind(&self, target: &str) -> Counter {
+    pub(crate) fn versions_behind(&self, target: &str) -> Counter {
         self.versions_behind.get_or_create(&TargetLabel { target: target.to_owned() }).clone()
     }
 
     /// A batch is being applied again to `target` after a transient error.
-    pub fn sink_retry(&self, target: &str) {
+    pub(crate) fn sink_retry(&self, target: &str) {
         self.sink_retries.get_or_create(&TargetLabel { target: target.to_owned() }).inc();
     }
 
     /// A change of `table` was written to the dead-letter table.
-    pub fn dead_lettered(&self, table: &str, reason: DeadLetterReason) {
+    pub(crate) fn dead_lettered(&self, table: &str, reason: DeadLetterReason) {
         self.dead_letters.get_or_create(&TableReason { table: table.to_owned(), reason: reason.as_str() }).inc();
     }
 
     /// Creates the dead-letter write error series at zero.
-    pub fn dead_letter_store(&self) {
+    pub(crate) fn dead_letter_store(&self) {
         for kind in ["transient", "definite"] {
             drop(self.dead_letter_write_errors.get_or_create(&KindLabel { kind }));
         }
     }
 
     /// A write to the dead-letter table failed; `kind` is transient or definite.
-    pub fn dead_letter_write_error(&self, kind: &'static str) {
+    pub(crate) fn dead_letter_write_error(&self, kind: &'static str) {
         self.dead_letter_write_errors.get_or_create(&KindLabel { kind }).inc();
     }
 
     /// `queries` look-up queries for `cache` returned `rows` rows in all.
-    pub fn lookups(&self, cache: &str, queries: u64, rows: u64) {
+    pub(crate) fn lookups(&self, cache: &str, queries: u64, rows: u64) {
         let labels = CacheLabel { cache: cache.to_owned() };
         self.lookup_queries.get_or_create(&labels).inc_by(queries);
         self.lookup_rows.get_or_create(&labels).inc_by(rows);
@@ -507,30 +521,30 @@ impl Metrics {
 
     /// A look-up for `cache` passed its fan-out limit, so the cache's
     /// namespace was bumped instead.
-    pub fn fanout_overflow(&self, cache: &str) {
+    pub(crate) fn fanout_overflow(&self, cache: &str) {
         self.fanout_overflows.get_or_create(&CacheLabel { cache: cache.to_owned() }).inc();
     }
 
     /// `count` keys of `cache` were invalidated on `target` without a
     /// fill-guard stamp (no stamp name shares their Cluster slot).
-    pub fn unguarded_keys(&self, target: &str, cache: &str, count: u64) {
+    pub(crate) fn unguarded_keys(&self, target: &str, cache: &str, count: u64) {
         let labels = TargetCache { target: target.to_owned(), cache: cache.to_owned() };
         self.unguarded_keys.get_or_create(&labels).inc_by(count);
     }
 
     /// Version keys of `cache` on `target` that held something else.
-    pub fn unbumpable_keys(&self, target: &str, cache: &str, count: u64) {
+    pub(crate) fn unbumpable_keys(&self, target: &str, cache: &str, count: u64) {
         let labels = TargetCache { target: target.to_owned(), cache: cache.to_owned() };
         self.unbumpable_keys.get_or_create(&labels).inc_by(count);
     }
 
     /// Second deletes skipped on `target` (too many waiting).
-    pub fn redeletes_skipped(&self, target: &str, count: u64) {
+    pub(crate) fn redeletes_skipped(&self, target: &str, count: u64) {
         self.redeletes_skipped.get_or_create(&TargetLabel { target: target.to_owned() }).inc_by(count);
     }
 
     /// Whether this replica is the active consumer or a standby.
-    pub fn set_role(&self, role: Role) {
+    pub(crate) fn set_role(&self, role: Role) {
         self.active.set(i64::from(role == Role::Active));
     }
 }

@@ -113,12 +113,12 @@ pub(crate) enum Decision {
 /// A decision and what the operator can do about it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Verdict {
-    pub decision: Decision,
-    pub hint: &'static str,
+    pub(crate) decision: Decision,
+    pub(crate) hint: &'static str,
     /// A stop because the setup contradicts the config or the graph (a
     /// publication that hides changes, missing migrations): like bad
     /// input, exit 2. Any other stop exits 1.
-    pub refused: bool,
+    pub(crate) refused: bool,
 }
 
 const fn retry(hint: &'static str) -> Verdict {

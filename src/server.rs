@@ -84,7 +84,7 @@ pub struct Health {
 
 /// `/healthz`'s verdict.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Liveness {
+pub(crate) enum Liveness {
     Alive,
     /// The run loop has not beaten for `silent_for`.
     Stale {
@@ -95,11 +95,11 @@ pub enum Liveness {
 
 /// The header by which `/readyz` names the replica's role (`active` or
 /// `standby`) when it is ready, for probes that do not read bodies.
-pub const ROLE_HEADER: &str = "x-evictd-role";
+pub(crate) const ROLE_HEADER: &str = "x-evictd-role";
 
 /// `/readyz`'s verdict.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Readiness {
+pub(crate) enum Readiness {
     Ready,
     Standby,
     /// Every failed check, in a stable order: source, sinks, lag.
@@ -108,7 +108,7 @@ pub enum Readiness {
 
 /// One failed readiness check.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Unready {
+pub(crate) enum Unready {
     SourceDisconnected,
     SinkUnreachable(String),
     Lagging { bytes: u64, max: u64 },
@@ -140,10 +140,6 @@ impl Health {
         }
     }
 
-    pub fn thresholds(&self) -> HealthThresholds {
-        self.thresholds
-    }
-
     /// The run loop is turning: called on every iteration of its `select!`.
     pub fn heartbeat(&self) {
         let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
@@ -165,7 +161,7 @@ impl Health {
     }
 
     /// Every sink confirmed a batch: all are reachable.
-    pub fn set_all_sinks_reachable(&self) {
+    pub(crate) fn set_all_sinks_reachable(&self) {
         for (_, flag) in &self.sinks {
             flag.store(true, Ordering::Relaxed);
         }
@@ -181,7 +177,7 @@ impl Health {
     }
 
     /// Whether the run loop has beaten recently enough, as of `now`.
-    pub fn liveness_at(&self, now: Instant) -> Liveness {
+    pub(crate) fn liveness_at(&self, now: Instant) -> Liveness {
         let last = self.epoch + Duration::from_millis(self.heartbeat_ms.load(Ordering::Relaxed));
         let silent_for = now.saturating_duration_since(last);
         let timeout = self.thresholds.heartbeat_timeout;
@@ -189,7 +185,7 @@ impl Health {
     }
 
     /// Whether this replica can do its job, and if not, every reason.
-    pub fn readiness(&self) -> Readiness {
+    pub(crate) fn readiness(&self) -> Readiness {
         if self.standby.load(Ordering::Relaxed) {
             return Readiness::Standby;
         }
@@ -218,7 +214,7 @@ pub struct ServerState {
 }
 
 /// The routes, without a listener (for tests that call the router directly).
-pub fn router(state: ServerState) -> Router {
+pub(crate) fn router(state: ServerState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
         .route("/healthz", get(healthz))

@@ -26,43 +26,43 @@ pub struct ExplainArgs {
     /// A graph file or directory (repeatable). Default: the config's
     /// `graph.paths`, else `dependency-graphs/`.
     #[arg(long = "graph", value_name = "GRAPH_OR_DIR")]
-    pub graphs: Vec<PathBuf>,
+    pub(crate) graphs: Vec<PathBuf>,
     /// Graph files or directories, as for `check` (added to `--graph`).
     #[arg(value_name = "GRAPH_OR_DIR")]
-    pub paths: Vec<PathBuf>,
+    pub(crate) paths: Vec<PathBuf>,
     /// A config file; its graph and look-up database are used.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// The changed table, `schema.table`.
     #[arg(long, requires = "op", conflicts_with = "debezium")]
-    pub table: Option<String>,
+    pub(crate) table: Option<String>,
     /// insert, update, delete or truncate.
     #[arg(long, requires = "table")]
-    pub op: Option<Operation>,
+    pub(crate) op: Option<Operation>,
     /// The old row as a JSON object (columns left out are unknown).
     #[arg(long, value_name = "JSON", requires = "table")]
-    pub before: Option<String>,
+    pub(crate) before: Option<String>,
     /// The new row as a JSON object.
     #[arg(long, value_name = "JSON", requires = "table")]
-    pub after: Option<String>,
+    pub(crate) after: Option<String>,
     /// A change as JSON in a file (`-` for stdin): either
     /// `{"table": …, "op": …, "before": {…}, "after": {…}}` or a Debezium
     /// change event, told apart by their fields.
     #[arg(long, value_name = "FILE", conflicts_with_all = ["table", "debezium"])]
-    pub change: Option<PathBuf>,
+    pub(crate) change: Option<PathBuf>,
     /// A Debezium change event (JSON) in a file, or `-` for stdin.
     #[arg(long, value_name = "FILE")]
-    pub debezium: Option<PathBuf>,
+    pub(crate) debezium: Option<PathBuf>,
     /// Run look-ups against this database (secret: prefer --config or
     /// EVICTD_LOOKUP_URL).
     #[arg(long, value_name = "URL", env = "EVICTD_LOOKUP_URL", hide_env_values = true)]
-    pub lookup_url: Option<SecretString>,
+    pub(crate) lookup_url: Option<SecretString>,
     /// Print JSON instead of text.
     #[arg(long)]
-    pub json: bool,
+    pub(crate) json: bool,
 }
 
-pub fn run(args: &ExplainArgs) -> Result<(), CliError> {
+pub(crate) fn run(args: &ExplainArgs) -> Result<(), CliError> {
     let graphs: Vec<PathBuf> = args.graphs.iter().chain(&args.paths).cloned().collect();
     let prepared = prepare(args.config.as_ref(), &graphs)?;
     let graph = &prepared.graph;

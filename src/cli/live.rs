@@ -36,13 +36,13 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What the live check found: report lines for stdout, and errors.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct LiveFindings {
-    pub lines: Vec<String>,
-    pub errors: Vec<String>,
+pub(crate) struct LiveFindings {
+    pub(crate) lines: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 /// Turns a publication report into lines and errors (pure, for tests).
-pub fn publication_findings(pg: &PostgresSource, report: &PublicationReport) -> LiveFindings {
+pub(crate) fn publication_findings(pg: &PostgresSource, report: &PublicationReport) -> LiveFindings {
     let mut out = LiveFindings::default();
     let name = &pg.publication;
     if !report.exists {
@@ -87,7 +87,7 @@ pub fn publication_findings(pg: &PostgresSource, report: &PublicationReport) -> 
 }
 
 /// Runs the live checks for a Postgres source.
-pub fn check(config: &Config, pg: &PostgresSource, graph: &Graph) -> Result<LiveFindings, CliError> {
+pub(crate) fn check(config: &Config, pg: &PostgresSource, graph: &Graph) -> Result<LiveFindings, CliError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -19,7 +19,7 @@ use crate::source::postgres::identity::{self, Decision};
 use super::live::LiveFindings;
 
 /// Checks every Redis target of `config`.
-pub fn check(config: &Config, graph: &Graph) -> Result<LiveFindings, CliError> {
+pub(crate) fn check(config: &Config, graph: &Graph) -> Result<LiveFindings, CliError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -17,10 +17,10 @@ pub struct MigrateArgs {
     /// The config file (`evictd.toml`); its `[dead_letter]` section says
     /// where (default: the Postgres source's database, schema `evictd`).
     #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
-pub fn run(args: &MigrateArgs) -> Result<(), CliError> {
+pub(crate) fn run(args: &MigrateArgs) -> Result<(), CliError> {
     let prepared = prepare(Some(&args.config), &[])?;
     let Some(config) = prepared.config else {
         return Err(CliError::Input("evictd migrate needs --config".into()));

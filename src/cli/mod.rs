@@ -51,20 +51,20 @@ pub struct GraphSource {
     /// A config file (`evictd.toml`); its `graph.paths` are used when no
     /// graph path is given.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
 pub struct CheckArgs {
     #[command(flatten)]
-    pub source: GraphSource,
+    pub(crate) source: GraphSource,
     /// Graph files or directories of `*.toml` files.
     #[arg(value_name = "GRAPH_OR_DIR")]
-    pub paths: Vec<PathBuf>,
+    pub(crate) paths: Vec<PathBuf>,
     /// With --config: validate only, without connecting to the source
     /// database (publication, migrations).
     #[arg(long)]
-    pub offline: bool,
+    pub(crate) offline: bool,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -76,13 +76,13 @@ pub enum GraphFormat {
 #[derive(Debug, Args)]
 pub struct GraphArgs {
     #[command(flatten)]
-    pub source: GraphSource,
+    pub(crate) source: GraphSource,
     /// Output format.
     #[arg(long, value_enum, default_value = "dot")]
-    pub format: GraphFormat,
+    pub(crate) format: GraphFormat,
     /// Graph files or directories of `*.toml` files.
     #[arg(value_name = "GRAPH_OR_DIR")]
-    pub paths: Vec<PathBuf>,
+    pub(crate) paths: Vec<PathBuf>,
 }
 
 /// A command's failure, by exit code.
@@ -116,14 +116,14 @@ impl CliError {
 
 /// What a command runs with: the validated config (when given) and graph.
 #[derive(Debug)]
-pub struct Prepared {
-    pub config: Option<Config>,
-    pub graph: Graph,
+pub(crate) struct Prepared {
+    pub(crate) config: Option<Config>,
+    pub(crate) graph: Graph,
 }
 
 /// Loads and validates the config (when given) and the graph, and checks
 /// them against each other. `check` runs exactly this; so will `run`.
-pub fn prepare(config_path: Option<&PathBuf>, paths: &[PathBuf]) -> Result<Prepared, CliError> {
+pub(crate) fn prepare(config_path: Option<&PathBuf>, paths: &[PathBuf]) -> Result<Prepared, CliError> {
     let config = match config_path {
         Some(path) => Some(config::load(path).map_err(|e| CliError::Input(e.to_string()))?),
         None => None,
@@ -176,6 +176,12 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
 
 fn check(args: &CheckArgs) -> Result<(), CliError> {
     let prepared = prepare(args.source.config.as_ref(), &args.paths)?;
+    // librdkafka's judgement of the properties, as `run` asks it at start.
+    if let Some(config) = &prepared.config
+        && let Some(config::SourceConfig::Kafka(kafka)) = &config.source
+    {
+        crate::daemon::check_kafka_client(&config.file, kafka).map_err(|e| CliError::Input(e.to_string()))?;
+    }
     let graph = &prepared.graph;
     let mut out = String::new();
     let files: Vec<String> = graph.files().iter().map(|f| f.file.display().to_string()).collect();

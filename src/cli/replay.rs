@@ -50,17 +50,17 @@ pub struct ReplayArgs {
     /// JSON lines of Debezium events (Kafka messages or bare events); `-`
     /// for stdin.
     #[arg(value_name = "FILE")]
-    pub file: PathBuf,
+    pub(crate) file: PathBuf,
     /// The config file: Redis targets, look-up database, `[source.kafka]`
     /// decoding settings and the graph.
     #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// A graph file or directory (repeatable), instead of the config's.
     #[arg(long = "graph", value_name = "GRAPH_OR_DIR")]
-    pub graphs: Vec<PathBuf>,
+    pub(crate) graphs: Vec<PathBuf>,
     /// Print what would be invalidated; change nothing.
     #[arg(long)]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
 }
 
 /// How lines are decoded.
@@ -259,7 +259,7 @@ impl DeadLetterStore for ReportDeadLetters {
     }
 }
 
-pub fn run(args: &ReplayArgs) -> Result<(), CliError> {
+pub(crate) fn run(args: &ReplayArgs) -> Result<(), CliError> {
     let prepared = prepare(args.config.as_ref(), &args.graphs)?;
     let config = prepared.config;
     if !args.dry_run && config.is_none() {

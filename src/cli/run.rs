@@ -13,10 +13,10 @@ use super::{CliError, prepare};
 pub struct RunArgs {
     /// The config file (`evictd.toml`); see evictd.example.toml.
     #[arg(long, value_name = "FILE")]
-    pub config: PathBuf,
+    pub(crate) config: PathBuf,
 }
 
-pub fn run(args: &RunArgs) -> Result<(), CliError> {
+pub(crate) fn run(args: &RunArgs) -> Result<(), CliError> {
     let prepared = prepare(Some(&args.config), &[])?;
     let Some(config) = prepared.config else {
         return Err(CliError::Input("evictd run needs --config".into()));

@@ -10,16 +10,16 @@ use super::secrets::check_pg_url;
 use crate::dead_letter::{MigrationMode, OnError};
 
 #[derive(Debug, Clone)]
-pub struct DeadLetterConfig {
-    pub on_error: OnError,
+pub(crate) struct DeadLetterConfig {
+    pub(crate) on_error: OnError,
     /// `None` without a Postgres source or `dead_letter.url`: `run` then
     /// has nowhere to write dead letters and refuses to start.
-    pub url: Option<SecretString>,
-    pub schema: String,
-    pub migrations: MigrationMode,
-    pub lookup_attempts: u32,
+    pub(crate) url: Option<SecretString>,
+    pub(crate) schema: String,
+    pub(crate) migrations: MigrationMode,
+    pub(crate) lookup_attempts: u32,
     /// The dead-letter topic of a Kafka source.
-    pub topic: String,
+    pub(crate) topic: String,
 }
 
 /// Validates `[dead_letter]`; its URL defaults to the Postgres source's.

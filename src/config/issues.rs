@@ -14,11 +14,11 @@ use crate::diagnostic::{SourceFile, write_lines};
 
 /// One problem with the configuration.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigIssue {
+pub(crate) struct ConfigIssue {
     /// `file:line:col`, an environment variable, or the file alone.
-    pub place: String,
-    pub field: String,
-    pub message: String,
+    pub(crate) place: String,
+    pub(crate) field: String,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for ConfigIssue {
@@ -33,7 +33,7 @@ impl fmt::Display for ConfigIssue {
 
 /// Every problem found in the configuration.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigError(pub Vec<ConfigIssue>);
+pub(crate) struct ConfigError(pub Vec<ConfigIssue>);
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -42,7 +42,7 @@ impl fmt::Display for ConfigError {
 }
 
 /// The environment variable that overrides dotted `field`.
-pub fn env_name(field: &str) -> String {
+pub(crate) fn env_name(field: &str) -> String {
     let parts: Vec<String> = field.split('.').map(|p| p.to_uppercase()).collect();
     format!("{ENV_PREFIX}__{}", parts.join("__"))
 }

@@ -13,7 +13,7 @@ use crate::diagnostic::{SourceFile, plain_serde_message};
 
 /// Loads `path` with overrides from `env` (variables named
 /// `EVICTD__SECTION__KEY`; others are ignored).
-pub fn load_with_env(path: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
+pub(crate) fn load_with_env(path: &Path, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| {
         ConfigError(vec![ConfigIssue {
             place: path.display().to_string(),

@@ -37,85 +37,83 @@ use crate::batch::BatchLimits;
 use crate::diagnostic::SourceFile;
 use crate::server::HealthThresholds;
 
-pub use self::dead_letter::DeadLetterConfig;
-pub use self::issues::{ConfigError, ConfigIssue, env_name};
-pub use self::load::load_with_env;
-pub use self::raw::{
-    RawBatch, RawConfig, RawDeadLetter, RawGraph, RawKafka, RawLog, RawLookup, RawPostgres, RawRedis, RawRun,
-    RawServer, RawSource, RawTableSet,
-};
+pub(crate) use self::dead_letter::DeadLetterConfig;
+pub(crate) use self::issues::ConfigError;
+pub(crate) use self::load::load_with_env;
+pub(crate) use self::raw::RawConfig;
 pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget};
-pub use self::secrets::{hide_passwords, redact_url};
-pub use self::source::{
-    DEFAULT_MAX_MESSAGE_BYTES, DEFAULT_MAX_VALUE_BYTES, KAFKA_OWN_PROPERTIES, KafkaSource, OnOffsetReset, OnSlotLoss,
-    PostgresSource, SnapshotReads, SourceConfig,
-};
-pub use crate::source::debezium::FullRowDeletes;
+pub(crate) use self::secrets::{hide_passwords, redact_url};
+pub(crate) use self::source::{DEFAULT_MAX_VALUE_BYTES, KAFKA_OWN_PROPERTIES, SnapshotReads, SourceConfig};
+pub use self::source::{FullRowDeletes, KafkaSource, OnOffsetReset, OnSlotLoss, PostgresSource};
 
 /// The environment variable prefix: `EVICTD__BATCH__MAX_EFFECTS`.
 pub const ENV_PREFIX: &str = "EVICTD";
 
 /// The validated configuration.
 #[derive(Debug, Clone)]
-pub struct Config {
+pub(crate) struct Config {
     /// Where the config was read from.
-    pub file: PathBuf,
-    pub graph_paths: Vec<PathBuf>,
-    pub source: Option<SourceConfig>,
-    pub lookup: LookupConfig,
-    pub batch: BatchLimits,
-    pub run: RunConfig,
-    pub dead_letter: DeadLetterConfig,
-    pub redis: Vec<RedisTarget>,
-    pub server: ServerConfig,
-    pub log: LogConfig,
+    pub(crate) file: PathBuf,
+    pub(crate) graph_paths: Vec<PathBuf>,
+    pub(crate) source: Option<SourceConfig>,
+    pub(crate) lookup: LookupConfig,
+    pub(crate) batch: BatchLimits,
+    pub(crate) run: RunConfig,
+    pub(crate) dead_letter: DeadLetterConfig,
+    pub(crate) redis: Vec<RedisTarget>,
+    pub(crate) server: ServerConfig,
+    pub(crate) log: LogConfig,
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct RunConfig {
-    pub retry_max: Duration,
-    pub shutdown_grace: Duration,
-    pub max_transaction_effects: usize,
-    pub max_transaction_bytes: usize,
+pub(crate) struct RunConfig {
+    pub(crate) retry_max: Duration,
+    pub(crate) shutdown_grace: Duration,
+    pub(crate) max_transaction_effects: usize,
+    pub(crate) max_transaction_bytes: usize,
 }
 
 #[derive(Debug, Clone)]
-pub struct LookupConfig {
+pub(crate) struct LookupConfig {
     /// `None` when no database is configured: look-up dependencies then
     /// cannot run, which `validate` reports if the graph has any.
-    pub url: Option<SecretString>,
-    pub timeout: Duration,
-    pub batch_size: usize,
-    pub max_connections: u32,
+    pub(crate) url: Option<SecretString>,
+    pub(crate) timeout: Duration,
+    pub(crate) batch_size: usize,
+    pub(crate) max_connections: u32,
 }
 
 #[derive(Debug, Clone)]
-pub struct ServerConfig {
-    pub listen: SocketAddr,
-    pub health: HealthThresholds,
+pub(crate) struct ServerConfig {
+    pub(crate) listen: SocketAddr,
+    pub(crate) health: HealthThresholds,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LogFormat {
+pub(crate) enum LogFormat {
     Text,
     Json,
 }
 
 #[derive(Debug, Clone)]
-pub struct LogConfig {
-    pub format: LogFormat,
-    pub level: String,
+pub(crate) struct LogConfig {
+    pub(crate) format: LogFormat,
+    pub(crate) level: String,
 }
 
 /// Loads `path` with overrides from the process environment.
-pub fn load(path: &Path) -> Result<Config, ConfigError> {
+pub(crate) fn load(path: &Path) -> Result<Config, ConfigError> {
     let env: HashMap<String, String> = std::env::vars().filter(|(k, _)| k.starts_with(ENV_PREFIX)).collect();
     load_with_env(path, &env)
 }
 
 impl RawConfig {
     /// Checks every value and builds the validated [`Config`].
-    pub fn validate(self, source: &SourceFile, overrides: &HashMap<String, String>) -> Result<Config, ConfigError> {
+    pub(crate) fn validate(
+        self,
+        source: &SourceFile,
+        overrides: &HashMap<String, String>,
+    ) -> Result<Config, ConfigError> {
         let base = source.path.parent().map_or_else(|| PathBuf::from("."), Path::to_path_buf);
         let mut issues = Issues { source, overrides, list: Vec::new() };
 

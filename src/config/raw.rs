@@ -11,124 +11,124 @@ use serde::Deserialize;
 /// The file as written (every field optional where a default exists).
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawConfig {
+pub(crate) struct RawConfig {
     #[serde(default)]
-    pub graph: RawGraph,
-    pub source: Option<RawSource>,
+    pub(crate) graph: RawGraph,
+    pub(crate) source: Option<RawSource>,
     #[serde(default)]
-    pub lookup: RawLookup,
+    pub(crate) lookup: RawLookup,
     #[serde(default)]
-    pub batch: RawBatch,
+    pub(crate) batch: RawBatch,
     #[serde(default)]
-    pub run: RawRun,
+    pub(crate) run: RawRun,
     #[serde(default)]
-    pub dead_letter: RawDeadLetter,
+    pub(crate) dead_letter: RawDeadLetter,
     /// Named Redis targets: `[redis.primary]`, `[redis.eu]`.
     #[serde(default)]
-    pub redis: BTreeMap<String, RawRedis>,
+    pub(crate) redis: BTreeMap<String, RawRedis>,
     #[serde(default)]
-    pub server: RawServer,
+    pub(crate) server: RawServer,
     #[serde(default)]
-    pub log: RawLog,
+    pub(crate) log: RawLog,
 }
 
 /// `[graph]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawGraph {
+pub(crate) struct RawGraph {
     /// Graph files or directories of `*.toml` files, relative to the config
     /// file's directory. Default: `["dependency-graphs"]`.
-    pub paths: Option<Vec<String>>,
+    pub(crate) paths: Option<Vec<String>>,
 }
 
 /// `[source]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawSource {
+pub(crate) struct RawSource {
     /// `postgres` or `kafka`.
-    pub kind: String,
-    pub postgres: Option<RawPostgres>,
-    pub kafka: Option<RawKafka>,
+    pub(crate) kind: String,
+    pub(crate) postgres: Option<RawPostgres>,
+    pub(crate) kafka: Option<RawKafka>,
 }
 
 /// `[source.postgres]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawPostgres {
+pub(crate) struct RawPostgres {
     /// Connection URL (secret), e.g. `postgres://evictd@db:5432/app`.
-    pub url: Option<SecretString>,
+    pub(crate) url: Option<SecretString>,
     /// A file holding the URL, instead of `url`.
-    pub url_file: Option<String>,
+    pub(crate) url_file: Option<String>,
     /// Logical replication slot (pgoutput). Default `evictd`.
-    pub slot: Option<String>,
+    pub(crate) slot: Option<String>,
     /// Publication to stream. Default `evictd`.
-    pub publication: Option<String>,
+    pub(crate) publication: Option<String>,
     /// Create the slot when it does not exist. Default true.
-    pub create_slot: Option<bool>,
+    pub(crate) create_slot: Option<bool>,
     /// Create the publication (for the graph's tables) when missing. Default false.
-    pub create_publication: Option<bool>,
+    pub(crate) create_publication: Option<bool>,
     /// How often a standby status update is sent, in ms. Default 1000.
-    pub status_interval_ms: Option<u64>,
+    pub(crate) status_interval_ms: Option<u64>,
     /// Refuse to start while a table whose caches read non-key columns of
     /// old rows lacks `REPLICA IDENTITY FULL`. Default true; false only
     /// warns (evictd then bumps whole namespaces where it cannot render an
     /// old key).
-    pub require_full_replica_identity: Option<bool>,
+    pub(crate) require_full_replica_identity: Option<bool>,
     /// How often a standby tries to take the slot's lock, in ms. Default 1000.
-    pub standby_retry_ms: Option<u64>,
+    pub(crate) standby_retry_ms: Option<u64>,
     /// What to do when the slot is gone although evictd streamed from it
     /// (recorded in Redis): `refuse` (default) or `flush` (bump every
     /// cache's namespace, then stream from a new slot).
-    pub on_slot_loss: Option<String>,
+    pub(crate) on_slot_loss: Option<String>,
 }
 
 /// `[source.kafka]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawKafka {
+pub(crate) struct RawKafka {
     /// `host:port[,host:port…]`.
-    pub brokers: String,
+    pub(crate) brokers: String,
     /// Consumer group. Default `evictd`.
-    pub group_id: Option<String>,
+    pub(crate) group_id: Option<String>,
     /// Topics to consume (or `topic_pattern`).
-    pub topics: Option<Vec<String>>,
+    pub(crate) topics: Option<Vec<String>>,
     /// A regular expression of topics (librdkafka `^…` subscription).
-    pub topic_pattern: Option<String>,
+    pub(crate) topic_pattern: Option<String>,
     /// Snapshot reads (`op = r`): `ignore` (default) or `invalidate` (as
     /// inserts).
-    pub snapshot_reads: Option<String>,
+    pub(crate) snapshot_reads: Option<String>,
     /// Tables whose delete events carry the whole old row: `"all"`,
     /// `"none"` (default: a delete's non-key columns are unknown) or a list
     /// of `schema.table`.
-    pub full_row_deletes: Option<RawTableSet>,
+    pub(crate) full_row_deletes: Option<RawTableSet>,
     /// Topic → table (`schema.table`) for topics whose events should not be
     /// read as the table their `source` block names.
     #[serde(default)]
-    pub tables: BTreeMap<String, String>,
+    pub(crate) tables: BTreeMap<String, String>,
     /// What a partition whose next offset is gone (retention deleted
     /// unread messages, or the topic was recreated) does: `stop` (default:
     /// the daemon stops, nothing is acknowledged) or `flush` (every cache
     /// of the graph is bumped, confirmed, and the partition resumes from
     /// its earliest message).
-    pub on_offset_reset: Option<String>,
+    pub(crate) on_offset_reset: Option<String>,
     /// Messages larger than this (key and value) are dead-lettered
     /// (`evictd.reason = too_large`) without being decoded. Default 16 MiB.
-    pub max_message_bytes: Option<u64>,
+    pub(crate) max_message_bytes: Option<u64>,
     /// A column value larger than this (its JSON text) dead-letters its
     /// message (`evictd.reason = too_large`). Default 1 MiB.
-    pub max_value_bytes: Option<u64>,
+    pub(crate) max_value_bytes: Option<u64>,
     /// The time one message's decoding may take before it is dead-lettered
     /// (`evictd.reason = too_slow`), in ms. Default 1000.
-    pub max_decode_ms: Option<u64>,
+    pub(crate) max_decode_ms: Option<u64>,
     /// Extra librdkafka properties, e.g. `"security.protocol" = "ssl"`.
     #[serde(default)]
-    pub properties: BTreeMap<String, String>,
+    pub(crate) properties: BTreeMap<String, String>,
 }
 
 /// `"all"`, `"none"` or a list of names.
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
-pub enum RawTableSet {
+pub(crate) enum RawTableSet {
     Word(String),
     List(Vec<String>),
 }
@@ -136,146 +136,146 @@ pub enum RawTableSet {
 /// `[lookup]`: the connection look-up dependencies run their SQL on.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLookup {
+pub(crate) struct RawLookup {
     /// Connection URL (secret). Default: `source.postgres.url`.
-    pub url: Option<SecretString>,
+    pub(crate) url: Option<SecretString>,
     /// A file holding the URL, instead of `url`.
-    pub url_file: Option<String>,
+    pub(crate) url_file: Option<String>,
     /// Per-query timeout in ms, for dependencies that set none. Default 2000.
-    pub timeout_ms: Option<u64>,
+    pub(crate) timeout_ms: Option<u64>,
     /// Most `$1` values in one query. Default 1000.
-    pub batch_size: Option<usize>,
+    pub(crate) batch_size: Option<usize>,
     /// Pool size. Default 4.
-    pub max_connections: Option<u32>,
+    pub(crate) max_connections: Option<u32>,
 }
 
 /// `[batch]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawBatch {
+pub(crate) struct RawBatch {
     /// Close a batch at this many distinct effects (or whole transactions).
     /// Default 1000.
-    pub max_effects: Option<usize>,
+    pub(crate) max_effects: Option<usize>,
     /// Close a batch this long after its first transaction, in ms. Default 1
     /// (measured: see docs/performance.md).
-    pub max_delay_ms: Option<u64>,
+    pub(crate) max_delay_ms: Option<u64>,
     /// Close a batch once it holds about this many bytes (keys, tags, and
     /// the changes kept for its look-ups); reading waits while it is full
     /// and another is in flight. Default 8388608 (8 MiB).
-    pub max_bytes: Option<u64>,
+    pub(crate) max_bytes: Option<u64>,
 }
 
 /// `[run]`: how the daemon retries and shuts down.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRun {
+pub(crate) struct RawRun {
     /// Longest wait between retries of a failing sink, look-up or source
     /// connection, in ms. Default 5000.
-    pub retry_max_ms: Option<u64>,
+    pub(crate) retry_max_ms: Option<u64>,
     /// How long SIGTERM may take to flush and acknowledge, in ms. Default 10000.
-    pub shutdown_grace_ms: Option<u64>,
+    pub(crate) shutdown_grace_ms: Option<u64>,
     /// Distinct effects one transaction may collect before its caches are
     /// invalidated whole (namespace bumps). Default 100000.
-    pub max_transaction_effects: Option<usize>,
+    pub(crate) max_transaction_effects: Option<usize>,
     /// Bytes one transaction may hold (keys, tags, and the changes kept for
     /// its look-ups, wide rows included) before its caches are invalidated
     /// whole. Default 16777216 (16 MiB).
-    pub max_transaction_bytes: Option<u64>,
+    pub(crate) max_transaction_bytes: Option<u64>,
 }
 
 /// `[dead_letter]`: changes that cannot be resolved, and evictd's own schema.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawDeadLetter {
+pub(crate) struct RawDeadLetter {
     /// `dead_letter`: record an unresolvable change in the dead-letter table
     /// and keep going; `stop`: stop the daemon without acknowledging it.
     /// Default `dead_letter`.
-    pub on_error: Option<String>,
+    pub(crate) on_error: Option<String>,
     /// Connection URL (secret) of the database holding the dead-letter
     /// table. Default: `source.postgres.url`.
-    pub url: Option<SecretString>,
+    pub(crate) url: Option<SecretString>,
     /// A file holding the URL, instead of `url`.
-    pub url_file: Option<String>,
+    pub(crate) url_file: Option<String>,
     /// The schema of evictd's own tables (dead letters, applied migrations).
     /// Default `evictd`.
-    pub schema: Option<String>,
+    pub(crate) schema: Option<String>,
     /// `apply`: apply pending migrations at start-up; `verify`: refuse to
     /// start while any is pending (apply them with `evictd migrate`).
     /// Default `apply`.
-    pub migrations: Option<String>,
+    pub(crate) migrations: Option<String>,
     /// How many times a batch's look-ups may fail with a query error or a
     /// timeout before the failing changes are isolated and dead-lettered (a
     /// database that cannot be reached is waited for, never counted).
     /// Default 5.
-    pub lookup_attempts: Option<u32>,
+    pub(crate) lookup_attempts: Option<u32>,
     /// Kafka source: the topic that gets messages that cannot be decoded
     /// or resolved (original key, value and headers, the error in a
     /// header). Default `evictd.dead-letters`.
-    pub topic: Option<String>,
+    pub(crate) topic: Option<String>,
 }
 
 /// `[redis.NAME]`: one Redis target.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRedis {
+pub(crate) struct RawRedis {
     /// `redis://[:password@]host:port[/db]` (secret). For a Cluster, one or
     /// more seed nodes separated by commas.
-    pub url: Option<SecretString>,
+    pub(crate) url: Option<SecretString>,
     /// A file holding the URL, instead of `url`.
-    pub url_file: Option<String>,
+    pub(crate) url_file: Option<String>,
     /// Whether the target is a Redis Cluster. Default false.
-    pub cluster: Option<bool>,
+    pub(crate) cluster: Option<bool>,
     /// Write a fill-guard stamp (`evictd:guard:…`) before every key
     /// invalidation, for readers that fill through the guard script.
     /// Default true.
-    pub fill_guard: Option<bool>,
+    pub(crate) fill_guard: Option<bool>,
     /// How long a fill-guard stamp lives, in ms: longer than any reader's
     /// read-the-database-then-fill window. Default 60000.
-    pub fill_guard_ttl_ms: Option<u64>,
+    pub(crate) fill_guard_ttl_ms: Option<u64>,
     /// Publish one message per applied batch on `broadcast_channel`.
     /// Default true.
-    pub broadcast: Option<bool>,
+    pub(crate) broadcast: Option<bool>,
     /// The pub/sub channel of the broadcast. Default `evictd:invalidations`.
-    pub broadcast_channel: Option<String>,
+    pub(crate) broadcast_channel: Option<String>,
     /// Most keys one broadcast message lists; past it the message names the
     /// caches to drop whole instead. Default 10000.
-    pub broadcast_max_keys: Option<usize>,
+    pub(crate) broadcast_max_keys: Option<usize>,
     /// Replicas that must have every write of a batch before it is confirmed
     /// (`WAIT` at the end of each pipeline). Default 0: confirmed when the
     /// primary replied.
-    pub wait_replicas: Option<u32>,
+    pub(crate) wait_replicas: Option<u32>,
     /// Also wait until the primary (and `wait_replicas` replicas) fsynced
     /// the writes to their append-only file (`WAITAOF`, Redis 7.2 or
     /// later, `appendonly yes`). Default false.
-    pub wait_aof: Option<bool>,
+    pub(crate) wait_aof: Option<bool>,
     /// Longest durability wait per pipeline, in ms; fewer replicas by then
     /// fails the batch (transient: retried, never acknowledged). Default 1000.
-    pub wait_timeout_ms: Option<u64>,
+    pub(crate) wait_timeout_ms: Option<u64>,
     /// What start-up does when the target's `maxmemory-policy` can evict
     /// evictd's own keys: `refuse` (default) or `warn`.
-    pub eviction_check: Option<String>,
+    pub(crate) eviction_check: Option<String>,
 }
 
 /// `[server]`: the HTTP server for `/metrics`, `/healthz`, `/readyz`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawServer {
+pub(crate) struct RawServer {
     /// Listen address. Default `127.0.0.1:9187`.
-    pub listen: Option<String>,
+    pub(crate) listen: Option<String>,
     /// `/healthz` fails once the run loop has not turned for this long, in
     /// ms. Default 30000.
-    pub heartbeat_timeout_ms: Option<u64>,
+    pub(crate) heartbeat_timeout_ms: Option<u64>,
     /// `/readyz` fails while the source lag exceeds this many bytes.
     /// Default 1073741824 (1 GiB).
-    pub ready_max_lag_bytes: Option<u64>,
+    pub(crate) ready_max_lag_bytes: Option<u64>,
 }
 
 /// `[log]`
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawLog {
+pub(crate) struct RawLog {
     /// `text` or `json`. Default `text`.
-    pub format: Option<String>,
+    pub(crate) format: Option<String>,
     /// A `tracing` filter, e.g. `info` or `evictd=debug`. Default `info`.
-    pub level: Option<String>,
+    pub(crate) level: Option<String>,
 }

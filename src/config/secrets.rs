@@ -9,7 +9,7 @@ use secrecy::{ExposeSecret, SecretString};
 use super::issues::Issues;
 
 /// Replaces the password of every `scheme://user:password@` in `text`.
-pub fn hide_passwords(text: &str) -> String {
+pub(crate) fn hide_passwords(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     let mut rest = text;
     while let Some(i) = rest.find("://") {
@@ -56,7 +56,7 @@ pub(crate) fn check_pg_url(issues: &mut Issues<'_>, field: &str, url: &SecretStr
 }
 
 /// A URL with its password replaced by `****`, for logs and `check`.
-pub fn redact_url(url: &SecretString) -> String {
+pub(crate) fn redact_url(url: &SecretString) -> String {
     let text = url.expose_secret();
     let Some((scheme, rest)) = text.split_once("://") else {
         return "****".to_owned();

@@ -1,6 +1,6 @@
 //! `[source]`: the Postgres (pgoutput) or Kafka (Debezium) source.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
@@ -9,27 +9,26 @@ use secrecy::SecretString;
 use super::issues::{Issues, is_identifier, positive};
 use super::raw::{RawKafka, RawPostgres, RawSource, RawTableSet};
 use super::secrets::check_pg_url;
-use crate::source::debezium::FullRowDeletes;
 
 #[derive(Debug, Clone)]
-pub enum SourceConfig {
+pub(crate) enum SourceConfig {
     Postgres(PostgresSource),
     Kafka(KafkaSource),
 }
 
 #[derive(Debug, Clone)]
 pub struct PostgresSource {
-    pub url: SecretString,
-    pub slot: String,
-    pub publication: String,
-    pub create_slot: bool,
-    pub create_publication: bool,
-    pub status_interval: Duration,
-    pub require_full_replica_identity: bool,
+    pub(crate) url: SecretString,
+    pub(crate) slot: String,
+    pub(crate) publication: String,
+    pub(crate) create_slot: bool,
+    pub(crate) create_publication: bool,
+    pub(crate) status_interval: Duration,
+    pub(crate) require_full_replica_identity: bool,
     /// How often a standby tries to become the slot's active consumer.
-    pub standby_retry: Duration,
+    pub(crate) standby_retry: Duration,
     /// What to do when the slot evictd streamed from is gone.
-    pub on_slot_loss: OnSlotLoss,
+    pub(crate) on_slot_loss: OnSlotLoss,
 }
 
 /// What `run` does when the slot is missing but evictd streamed from it
@@ -44,20 +43,43 @@ pub enum OnSlotLoss {
     Flush,
 }
 
+/// Which tables' delete events carry the whole old row.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum FullRowDeletes {
+    /// None: a delete's non-key columns are unknown (the safe default).
+    #[default]
+    None,
+    /// Every table (MySQL with `binlog_row_image=FULL`, Postgres tables all
+    /// `REPLICA IDENTITY FULL`).
+    All,
+    /// These tables (`schema.table`).
+    Tables(HashSet<String>),
+}
+
+impl FullRowDeletes {
+    pub(crate) fn covers(&self, table: &str) -> bool {
+        match self {
+            FullRowDeletes::None => false,
+            FullRowDeletes::All => true,
+            FullRowDeletes::Tables(tables) => tables.contains(table),
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct KafkaSource {
-    pub brokers: String,
-    pub group_id: String,
-    pub topics: Vec<String>,
-    pub topic_pattern: Option<String>,
-    pub snapshot_reads: SnapshotReads,
-    pub full_row_deletes: FullRowDeletes,
+    pub(crate) brokers: String,
+    pub(crate) group_id: String,
+    pub(crate) topics: Vec<String>,
+    pub(crate) topic_pattern: Option<String>,
+    pub(crate) snapshot_reads: SnapshotReads,
+    pub(crate) full_row_deletes: FullRowDeletes,
     /// Topic → table overrides.
-    pub tables: BTreeMap<String, String>,
+    pub(crate) tables: BTreeMap<String, String>,
     pub on_offset_reset: OnOffsetReset,
-    pub max_message_bytes: usize,
-    pub max_value_bytes: usize,
-    pub max_decode: Duration,
+    pub(crate) max_message_bytes: usize,
+    pub(crate) max_value_bytes: usize,
+    pub(crate) max_decode: Duration,
     pub properties: BTreeMap<String, String>,
 }
 
@@ -72,9 +94,9 @@ pub enum OnOffsetReset {
 }
 
 /// Default `source.kafka.max_message_bytes`.
-pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
+pub(crate) const DEFAULT_MAX_MESSAGE_BYTES: usize = 16 * 1024 * 1024;
 /// Default `source.kafka.max_value_bytes`.
-pub const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
+pub(crate) const DEFAULT_MAX_VALUE_BYTES: usize = 1024 * 1024;
 
 impl KafkaSource {
     /// A source of `topics` with every other setting at its default, as
@@ -99,7 +121,7 @@ impl KafkaSource {
 
 /// What a Debezium snapshot read (`op = r`) does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SnapshotReads {
+pub(crate) enum SnapshotReads {
     #[default]
     Ignore,
     /// Invalidate as for an insert of the row.
@@ -108,7 +130,7 @@ pub enum SnapshotReads {
 
 /// librdkafka properties evictd sets itself (its delivery guarantee rests
 /// on them).
-pub const KAFKA_OWN_PROPERTIES: &[&str] = &[
+pub(crate) const KAFKA_OWN_PROPERTIES: &[&str] = &[
     "enable.auto.offset.store",
     "enable.auto.commit",
     "group.id",
@@ -254,7 +276,6 @@ fn validate_kafka(kafka: RawKafka, issues: &mut Issues<'_>) -> SourceConfig {
         positive(issues, "source.kafka.max_value_bytes", kafka.max_value_bytes, DEFAULT_MAX_VALUE_BYTES as u64)
             as usize;
     let max_decode = Duration::from_millis(positive(issues, "source.kafka.max_decode_ms", kafka.max_decode_ms, 1000));
-    let mut client = rdkafka::ClientConfig::new();
     for (key, value) in &kafka.properties {
         if key == "auto.offset.reset" {
             let why = if ["latest", "largest", "end"].contains(&value.as_str()) {
@@ -276,13 +297,10 @@ fn validate_kafka(kafka: RawKafka, issues: &mut Issues<'_>) -> SourceConfig {
                 "evictd sets this property itself (offsets are stored only once their effects are confirmed)",
             );
         }
-        client.set(key, value);
     }
-    client.set("bootstrap.servers", &kafka.brokers);
-    client.set("group.id", kafka.group_id.as_deref().unwrap_or("evictd"));
-    if let Err(e) = client.create::<rdkafka::consumer::BaseConsumer>() {
-        issues.push("source.kafka.properties", format!("rejected by librdkafka: {e}"));
-    }
+    // librdkafka's own judgement of the properties needs a client: `check`
+    // and the daemon's start ask it (`daemon::check_kafka_client`), never
+    // validation.
     SourceConfig::Kafka(KafkaSource {
         brokers: kafka.brokers,
         group_id: kafka.group_id.unwrap_or_else(|| "evictd".to_owned()),

@@ -7,8 +7,11 @@
 //! error starts a new consumer, which resumes from the group's committed
 //! offsets.
 
+use std::path::Path;
 use std::sync::Arc;
 
+use rdkafka::consumer::BaseConsumer;
+use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
 use super::DaemonError;
@@ -18,10 +21,12 @@ use crate::config::KafkaSource as KafkaConfig;
 use crate::metrics::Metrics;
 use crate::server::{Health, Role};
 use crate::source::debezium::TableKeys;
-use crate::source::kafka::{KafkaDeadLetters, KafkaSource};
+use crate::source::kafka::{KafkaDeadLetters, KafkaSource, client_config};
 
 pub(super) async fn run(shared: Shared<'_>, kafka: &KafkaConfig) -> Result<(), DaemonError> {
     let Shared { config, graph, metrics, health, shutdown } = shared;
+    // Before any client exists: a property librdkafka refuses is bad input.
+    check_client(&config.file, kafka).map_err(DaemonError::KafkaClient)?;
     let lookups = wiring::lookup_executor(config)?;
     let dead_letters = KafkaDeadLetters::new(kafka, &config.dead_letter.topic, metrics.clone())
         .map_err(DaemonError::KafkaDeadLetters)?;
@@ -37,6 +42,37 @@ pub(super) async fn run(shared: Shared<'_>, kafka: &KafkaConfig) -> Result<(), D
     };
     let pipeline = wiring::pipeline(Some(config), graph, Arc::new(sink), lookups, dead_letters, metrics, health);
     supervisor::supervise(&sessions, &pipeline, shutdown).await
+}
+
+/// librdkafka refused the consumer's client configuration (bad input).
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: {field}: rejected by librdkafka: {source}")]
+pub(crate) struct ClientRejected {
+    file: String,
+    /// `source.kafka.properties."NAME"` when librdkafka named one of the
+    /// operator's properties, else `source.kafka.properties`.
+    field: String,
+    #[source]
+    source: Box<KafkaError>,
+}
+
+/// Asks librdkafka whether it accepts the consumer's client configuration
+/// (the operator's `source.kafka.properties` with evictd's own settings,
+/// exactly as the source builds it): every property is set, which refuses
+/// unknown names and bad values, then a consumer is created and dropped at
+/// once, which refuses what only a client sees. `run` does this before it
+/// creates any Kafka client and `check` does it too; config validation
+/// does not, since it creates no client.
+pub(crate) fn check_client(file: &Path, kafka: &KafkaConfig) -> Result<(), ClientRejected> {
+    client_config(kafka).create::<BaseConsumer>().map(drop).map_err(|source| {
+        let field = match &source {
+            KafkaError::ClientConfig(_, _, key, _) if kafka.properties.contains_key(key) => {
+                format!("source.kafka.properties.\"{key}\"")
+            }
+            _ => "source.kafka.properties".to_owned(),
+        };
+        ClientRejected { file: file.display().to_string(), field, source: Box::new(source) }
+    })
 }
 
 /// Consumers of the group, one after another.
@@ -84,4 +120,37 @@ impl Sessions for KafkaSessions {
     }
 
     fn log_stepped_down(&self) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_property(key: &str, value: &str) -> KafkaConfig {
+        let mut kafka = KafkaConfig::new("127.0.0.1:9", "evictd", vec!["t".to_owned()]);
+        kafka.properties.insert(key.to_owned(), value.to_owned());
+        kafka
+    }
+
+    #[test]
+    fn an_unknown_property_is_refused_with_its_file_and_field() {
+        let e = check_client(Path::new("evictd.toml"), &with_property("no.such.property", "1")).unwrap_err();
+        let text = e.to_string();
+        assert!(
+            text.starts_with("evictd.toml: source.kafka.properties.\"no.such.property\": rejected by librdkafka: "),
+            "{text}"
+        );
+        assert!(text.contains("no.such.property"), "{text}");
+    }
+
+    #[test]
+    fn a_bad_value_is_refused_with_its_field() {
+        let e = check_client(Path::new("evictd.toml"), &with_property("session.timeout.ms", "soon")).unwrap_err();
+        assert_eq!(e.field, "source.kafka.properties.\"session.timeout.ms\"", "{e}");
+    }
+
+    #[test]
+    fn accepted_properties_pass() {
+        check_client(Path::new("evictd.toml"), &with_property("session.timeout.ms", "6000")).unwrap();
+    }
 }

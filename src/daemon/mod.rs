@@ -39,6 +39,8 @@ mod slot_history;
 mod supervisor;
 pub(crate) mod wiring;
 
+pub(crate) use kafka::check_client as check_kafka_client;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -60,7 +62,7 @@ pub use supervisor::StartError;
 /// `#[source]` where it has one; the texts are the ones the daemon has
 /// always printed.
 #[derive(Debug, thiserror::Error)]
-pub enum DaemonError {
+pub(crate) enum DaemonError {
     #[error("{}: source: missing", .0.display())]
     NoSource(PathBuf),
     #[error("log.level: {0}")]
@@ -95,6 +97,9 @@ pub enum DaemonError {
     DeadLetters(#[source] DeadLetterError),
     #[error("lookup.url: not a Postgres URL")]
     LookupUrl(#[source] sqlx::Error),
+    /// librdkafka refused the Kafka source's client properties.
+    #[error("{0}")]
+    KafkaClient(#[source] kafka::ClientRejected),
     /// The dead-letter topic's producer could not be created (the Kafka
     /// source gives its reason as text).
     #[error("dead_letter.topic: {0}")]
@@ -129,6 +134,7 @@ impl DaemonError {
             | DaemonError::RedisSetup(_)
             | DaemonError::NoDeadLetterDatabase(_)
             | DaemonError::DeadLetterUrl(_)
+            | DaemonError::KafkaClient(_)
             | DaemonError::LookupUrl(_) => 2,
             DaemonError::Logger(_)
             | DaemonError::Runtime(_)
@@ -160,6 +166,9 @@ impl DaemonError {
             DaemonError::Listen { .. } => {
                 "another process holds server.listen's address, or it is not this host's; free it or change server.listen"
             }
+            DaemonError::KafkaClient(_) => {
+                "librdkafka does not accept this property or value; fix it in source.kafka.properties, then restart"
+            }
             DaemonError::KafkaDeadLetters(_) => {
                 "check dead_letter.topic and the producer properties in source.kafka.properties, then restart"
             }
@@ -173,7 +182,7 @@ impl DaemonError {
 }
 
 /// Runs the daemon over a validated config and graph until shutdown; blocks.
-pub fn run(config: Config, graph: Graph) -> Result<(), DaemonError> {
+pub(crate) fn run(config: Config, graph: Graph) -> Result<(), DaemonError> {
     if config.source.is_none() {
         return Err(DaemonError::NoSource(config.file.clone()));
     }

@@ -32,11 +32,11 @@ use crate::sink::redis::RedisSink;
 
 /// What every source's wiring shares: built once by the daemon.
 pub(super) struct Shared<'a> {
-    pub config: &'a Config,
-    pub graph: Arc<Graph>,
-    pub metrics: Arc<Metrics>,
-    pub health: Arc<Health>,
-    pub shutdown: &'a CancellationToken,
+    pub(crate) config: &'a Config,
+    pub(crate) graph: Arc<Graph>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) health: Arc<Health>,
+    pub(crate) shutdown: &'a CancellationToken,
 }
 
 /// The first wait between retries of an unreachable service.

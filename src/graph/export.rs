@@ -9,7 +9,7 @@ use super::{Graph, LookupArg, Mapping, Node, Trigger};
 
 /// Graphviz DOT: tables as boxes, caches as ellipses labelled with their key
 /// template, one edge per dependency labelled with its kind and filter.
-pub fn to_dot(graph: &Graph) -> String {
+pub(crate) fn to_dot(graph: &Graph) -> String {
     let view = graph.view();
     let mut out = String::from("digraph evictd {\n  rankdir=LR;\n  node [fontname=\"Helvetica\"];\n");
     for index in view.node_indices() {
@@ -62,7 +62,7 @@ fn quote(s: &str) -> String {
 }
 
 /// The whole graph as JSON, for tools and dashboards.
-pub fn to_json(graph: &Graph) -> Json {
+pub(crate) fn to_json(graph: &Graph) -> Json {
     let tables: Vec<Json> = graph
         .tables()
         .iter()

@@ -8,61 +8,61 @@ use serde::Deserialize;
 use serde_spanned::Spanned;
 
 /// `Spanned` string list.
-pub type Names = Vec<Spanned<String>>;
+pub(crate) type Names = Vec<Spanned<String>>;
 
 /// One `dependency-graphs/*.toml` file.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct GraphFile {
+pub(crate) struct GraphFile {
     #[serde(default)]
-    pub tables: BTreeMap<Spanned<String>, Spanned<TableSpec>>,
+    pub(crate) tables: BTreeMap<Spanned<String>, Spanned<TableSpec>>,
     #[serde(default)]
-    pub caches: BTreeMap<Spanned<String>, Spanned<CacheSpec>>,
+    pub(crate) caches: BTreeMap<Spanned<String>, Spanned<CacheSpec>>,
 }
 
 /// `[tables."schema.table"]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct TableSpec {
+pub(crate) struct TableSpec {
     /// Identity columns: the table's replica identity (primary key).
-    pub key: Spanned<Names>,
+    pub(crate) key: Spanned<Names>,
     /// Every column the graph may reference.
-    pub columns: Spanned<Names>,
+    pub(crate) columns: Spanned<Names>,
 }
 
 /// `[caches.NAME]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct CacheSpec {
-    pub key: Spanned<String>,
-    pub description: Option<String>,
-    pub action: Option<Spanned<String>>,
-    pub redelete_after_ms: Option<Spanned<u64>>,
-    pub broadcast: Option<bool>,
-    pub fanout_limit: Option<Spanned<u64>>,
-    pub expire_after_ms: Option<Spanned<u64>>,
-    pub expire_jitter_ms: Option<Spanned<u64>>,
+pub(crate) struct CacheSpec {
+    pub(crate) key: Spanned<String>,
+    pub(crate) description: Option<String>,
+    pub(crate) action: Option<Spanned<String>>,
+    pub(crate) redelete_after_ms: Option<Spanned<u64>>,
+    pub(crate) broadcast: Option<bool>,
+    pub(crate) fanout_limit: Option<Spanned<u64>>,
+    pub(crate) expire_after_ms: Option<Spanned<u64>>,
+    pub(crate) expire_jitter_ms: Option<Spanned<u64>>,
     #[serde(default)]
-    pub depends: Vec<Spanned<DependencySpec>>,
+    pub(crate) depends: Vec<Spanned<DependencySpec>>,
 }
 
 /// `[[caches.NAME.depends]]`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct DependencySpec {
-    pub table: Option<Spanned<String>>,
-    pub embeds: Option<Spanned<String>>,
-    pub bind: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
-    pub lookup: Option<Spanned<LookupSpec>>,
-    pub tags: Option<Spanned<Names>>,
-    pub columns: Option<Spanned<Names>>,
+pub(crate) struct DependencySpec {
+    pub(crate) table: Option<Spanned<String>>,
+    pub(crate) embeds: Option<Spanned<String>>,
+    pub(crate) bind: Option<Spanned<BTreeMap<Spanned<String>, Spanned<String>>>>,
+    pub(crate) lookup: Option<Spanned<LookupSpec>>,
+    pub(crate) tags: Option<Spanned<Names>>,
+    pub(crate) columns: Option<Spanned<Names>>,
 }
 
 /// `lookup = { query = "...", arg = "..." }`
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LookupSpec {
-    pub query: Spanned<String>,
-    pub arg: Spanned<String>,
-    pub timeout_ms: Option<Spanned<u64>>,
+pub(crate) struct LookupSpec {
+    pub(crate) query: Spanned<String>,
+    pub(crate) arg: Spanned<String>,
+    pub(crate) timeout_ms: Option<Spanned<u64>>,
 }

@@ -28,10 +28,10 @@ use crate::key::KeyTemplate;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GraphError {
     /// Where; `None` for problems with a path as a whole (unreadable).
-    pub location: Option<Location>,
+    pub(crate) location: Option<Location>,
     /// The dotted field path, when the problem is about one field.
-    pub field: Option<String>,
-    pub message: String,
+    pub(crate) field: Option<String>,
+    pub(crate) message: String,
 }
 
 impl fmt::Display for GraphError {

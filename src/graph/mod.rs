@@ -13,8 +13,8 @@
 //! `embeds` edges form no cycle; cache and table names are unique.
 
 mod checks;
-pub mod export;
-pub mod file;
+pub(crate) mod export;
+pub(crate) mod file;
 pub mod load;
 
 use std::collections::{BTreeSet, HashMap};
@@ -29,7 +29,7 @@ pub use load::{GraphError, GraphErrors, load_paths};
 
 /// Index of a table in [`Graph::tables`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TableId(pub usize);
+pub(crate) struct TableId(pub usize);
 
 /// Index of a cache in [`Graph::caches`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -41,30 +41,30 @@ pub struct DepId(pub usize);
 
 /// A table the graph listens to.
 #[derive(Debug, Clone)]
-pub struct Table {
-    pub name: Arc<str>,
+pub(crate) struct Table {
+    pub(crate) name: Arc<str>,
     /// Identity columns. An update's old image that lacks one of them means
     /// it did not change (sources send old identity values only on change).
-    pub key: Vec<Arc<str>>,
-    pub columns: Vec<Arc<str>>,
-    pub location: Location,
+    pub(crate) key: Vec<Arc<str>>,
+    pub(crate) columns: Vec<Arc<str>>,
+    pub(crate) location: Location,
     /// Dependencies triggered by a row change of this table.
-    pub dependents: Vec<DepId>,
+    pub(crate) dependents: Vec<DepId>,
 }
 
 impl Table {
-    pub fn has_column(&self, column: &str) -> bool {
+    pub(crate) fn has_column(&self, column: &str) -> bool {
         self.columns.iter().any(|c| &**c == column)
     }
 
-    pub fn is_key(&self, column: &str) -> bool {
+    pub(crate) fn is_key(&self, column: &str) -> bool {
         self.key.iter().any(|c| &**c == column)
     }
 }
 
 /// What evictd does to a stale key.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Action {
+pub(crate) enum Action {
     /// `UNLINK` the key.
     Delete,
     /// The key is a version key: raise it to the change's commit position.
@@ -74,7 +74,7 @@ pub enum Action {
 }
 
 impl Action {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Action::Delete => "delete",
             Action::Bump => "bump",
@@ -85,40 +85,40 @@ impl Action {
 
 /// Per-cache options.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CacheOptions {
-    pub action: Action,
+pub(crate) struct CacheOptions {
+    pub(crate) action: Action,
     /// Delayed second delete (action `delete` only).
-    pub redelete_after_ms: Option<u64>,
+    pub(crate) redelete_after_ms: Option<u64>,
     /// Publish this cache's invalidations to in-process caches.
-    pub broadcast: bool,
+    pub(crate) broadcast: bool,
     /// Look-up rows past which the cache's namespace is bumped instead.
-    pub fanout_limit: u64,
+    pub(crate) fanout_limit: u64,
     /// Action `expire`: base TTL and random extra.
-    pub expire_after_ms: Option<u64>,
-    pub expire_jitter_ms: u64,
+    pub(crate) expire_after_ms: Option<u64>,
+    pub(crate) expire_jitter_ms: u64,
 }
 
 /// Default of [`CacheOptions::fanout_limit`].
-pub const DEFAULT_FANOUT_LIMIT: u64 = 10_000;
+pub(crate) const DEFAULT_FANOUT_LIMIT: u64 = 10_000;
 
 /// A cache: a key template, what to do when a key goes stale, and what it
 /// depends on.
 #[derive(Debug, Clone)]
 pub struct Cache {
     pub name: Arc<str>,
-    pub template: KeyTemplate,
-    pub description: Option<String>,
-    pub options: CacheOptions,
-    pub location: Location,
+    pub(crate) template: KeyTemplate,
+    pub(crate) description: Option<String>,
+    pub(crate) options: CacheOptions,
+    pub(crate) location: Location,
     /// This cache's own dependencies.
-    pub dependencies: Vec<DepId>,
+    pub(crate) dependencies: Vec<DepId>,
     /// Dependencies of other caches that embed this one.
-    pub embedded_by: Vec<DepId>,
+    pub(crate) embedded_by: Vec<DepId>,
 }
 
 /// What sets a dependency off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
+pub(crate) enum Trigger {
     /// A row change of a table.
     Table(TableId),
     /// An invalidation of another cache (this cache embeds it).
@@ -144,14 +144,14 @@ pub struct Lookup {
 
 /// A tag template and, for each of its parameters, the column it reads.
 #[derive(Debug, Clone)]
-pub struct TagTemplate {
-    pub template: KeyTemplate,
-    pub columns: Vec<Arc<str>>,
+pub(crate) struct TagTemplate {
+    pub(crate) template: KeyTemplate,
+    pub(crate) columns: Vec<Arc<str>>,
 }
 
 /// How a triggered dependency finds what to invalidate.
 #[derive(Debug, Clone)]
-pub enum Mapping {
+pub(crate) enum Mapping {
     /// Direct: key parameter `i` is column `columns[i]` of the changed row.
     Columns(Vec<Arc<str>>),
     /// Embeds: key parameter `i` is parameter `params[i]` of the embedded key.
@@ -163,7 +163,7 @@ pub enum Mapping {
 }
 
 impl Mapping {
-    pub fn kind(&self, trigger: Trigger) -> &'static str {
+    pub(crate) fn kind(&self, trigger: Trigger) -> &'static str {
         match (self, trigger) {
             (Mapping::Columns(_), _) => "direct",
             (Mapping::Params(_), _) => "embeds",
@@ -176,21 +176,21 @@ impl Mapping {
 
 /// One declared dependency of a cache.
 #[derive(Debug, Clone)]
-pub struct Dependency {
-    pub id: DepId,
-    pub cache: CacheId,
-    pub trigger: Trigger,
-    pub mapping: Mapping,
+pub(crate) struct Dependency {
+    pub(crate) id: DepId,
+    pub(crate) cache: CacheId,
+    pub(crate) trigger: Trigger,
+    pub(crate) mapping: Mapping,
     /// Column filter: an update that changes none of these is ignored.
-    pub filter: Option<Vec<Arc<str>>>,
-    pub location: Location,
+    pub(crate) filter: Option<Vec<Arc<str>>>,
+    pub(crate) location: Location,
     /// `caches.NAME.depends[i]`, for messages.
-    pub field: String,
+    pub(crate) field: String,
 }
 
 /// A node of the petgraph view.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Node {
+pub(crate) enum Node {
     Table(TableId),
     Cache(CacheId),
 }
@@ -208,19 +208,19 @@ pub struct Graph {
 }
 
 impl Graph {
-    pub fn tables(&self) -> &[Table] {
+    pub(crate) fn tables(&self) -> &[Table] {
         &self.tables
     }
 
-    pub fn caches(&self) -> &[Cache] {
+    pub(crate) fn caches(&self) -> &[Cache] {
         &self.caches
     }
 
-    pub fn dependencies(&self) -> &[Dependency] {
+    pub(crate) fn dependencies(&self) -> &[Dependency] {
         &self.dependencies
     }
 
-    pub fn table(&self, id: TableId) -> &Table {
+    pub(crate) fn table(&self, id: TableId) -> &Table {
         &self.tables[id.0]
     }
 
@@ -228,11 +228,11 @@ impl Graph {
         &self.caches[id.0]
     }
 
-    pub fn dependency(&self, id: DepId) -> &Dependency {
+    pub(crate) fn dependency(&self, id: DepId) -> &Dependency {
         &self.dependencies[id.0]
     }
 
-    pub fn table_id(&self, name: &str) -> Option<TableId> {
+    pub(crate) fn table_id(&self, name: &str) -> Option<TableId> {
         self.table_index.get(name).copied()
     }
 
@@ -242,23 +242,18 @@ impl Graph {
 
     /// The petgraph view: tables and caches as nodes, one edge per
     /// dependency from its trigger to its cache.
-    pub fn view(&self) -> &DiGraph<Node, DepId> {
+    pub(crate) fn view(&self) -> &DiGraph<Node, DepId> {
         &self.view
     }
 
     /// The files the graph was loaded from (line 1 of each).
-    pub fn files(&self) -> &[Location] {
+    pub(crate) fn files(&self) -> &[Location] {
         &self.files
-    }
-
-    /// Caches that depend on `table` through a row trigger (any kind).
-    pub fn caches_of_table(&self, table: TableId) -> impl Iterator<Item = CacheId> + '_ {
-        self.tables[table.0].dependents.iter().map(|d| self.dependencies[d.0].cache)
     }
 
     /// `caches` and every cache that embeds one of them, directly or
     /// through others: what a namespace bump of `caches` must also bump.
-    pub fn with_embedders(&self, caches: impl IntoIterator<Item = CacheId>) -> BTreeSet<CacheId> {
+    pub(crate) fn with_embedders(&self, caches: impl IntoIterator<Item = CacheId>) -> BTreeSet<CacheId> {
         let mut out = BTreeSet::new();
         let mut todo: Vec<CacheId> = caches.into_iter().collect();
         while let Some(cache) = todo.pop() {

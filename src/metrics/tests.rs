@@ -125,11 +125,10 @@ fn sink_series_start_at_zero_and_count_errors_by_kind() {
             r#"evictd_sink_retries_total{target="primary"} 0"#,
         ],
     );
-    let down = SinkError::transient("primary", "connection refused");
-    m.sink_error(&down);
-    m.sink_error(&down);
+    m.sink_error("primary", SinkErrorKind::Transient);
+    m.sink_error("primary", SinkErrorKind::Transient);
     m.sink_retry("primary");
-    m.sink_error(&SinkError::definite("eu", "NOPERM"));
+    m.sink_error("eu", SinkErrorKind::Definite);
     assert_lines(
         &encoded(&m),
         &[

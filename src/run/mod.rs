@@ -47,7 +47,7 @@ use crate::checkpoint::NotInFlight;
 use crate::dead_letter::{DeadLetterError, DeadLetterStore, OnError};
 use crate::graph::Graph;
 use crate::lookup::{self, LookupExecutor, LookupStageError};
-use crate::metrics::{Invalidation, Metrics, PositionLadder};
+use crate::metrics::{Invalidation, Metrics, PositionLadder, SinkErrorKind};
 use crate::policy::{self, Decision, Failure};
 use crate::resolve::{Effect, LookupRequest, Resolution, Resolver};
 use crate::retry::{Backoff, Jitter, Stopped};
@@ -364,7 +364,11 @@ where
                     Ok(()) => break,
                     Err(e) => e,
                 };
-                self.metrics.sink_error(&e);
+                let (target, kind) = match &e {
+                    SinkError::Transient { target, .. } => (target.as_str(), SinkErrorKind::Transient),
+                    SinkError::Definite { target, .. } => (target.as_str(), SinkErrorKind::Definite),
+                };
+                self.metrics.sink_error(target, kind);
                 match policy::decide(Failure::Sink(&e)).decision {
                     Decision::Retry => {
                         let (SinkError::Transient { target, cause } | SinkError::Definite { target, cause }) = e;

@@ -37,6 +37,7 @@ use base64::Engine as _;
 use serde_json::{Map, Value as Json};
 
 use crate::change::{Cell, Change, Operation, Position, Row, TransactionId, Value};
+use crate::config::FullRowDeletes;
 use crate::graph::Graph;
 
 /// The placeholder Debezium writes for a value it does not have.
@@ -100,29 +101,6 @@ impl DebeziumError {
             DebeziumError::TooLarge { .. } => super::UndecodableReason::TooLarge,
             DebeziumError::TooSlow => super::UndecodableReason::TooSlow,
             _ => super::UndecodableReason::Decode,
-        }
-    }
-}
-
-/// Which tables' delete events carry the whole old row.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum FullRowDeletes {
-    /// None: a delete's non-key columns are unknown (the safe default).
-    #[default]
-    None,
-    /// Every table (MySQL with `binlog_row_image=FULL`, Postgres tables all
-    /// `REPLICA IDENTITY FULL`).
-    All,
-    /// These tables (`schema.table`).
-    Tables(HashSet<String>),
-}
-
-impl FullRowDeletes {
-    pub fn covers(&self, table: &str) -> bool {
-        match self {
-            FullRowDeletes::None => false,
-            FullRowDeletes::All => true,
-            FullRowDeletes::Tables(tables) => tables.contains(table),
         }
     }
 }

@@ -1017,3 +1017,33 @@ fn check_refuses_auto_offset_reset_latest_with_its_place() {
     let place = format!("{}:9:23: source.kafka.properties.\"auto.offset.reset\": `latest` skips", path.display());
     assert!(err.contains(&place), "{err}");
 }
+
+/// librdkafka's judgement of `source.kafka.properties` moved out of config
+/// validation (which creates no client) into `check` and the daemon's
+/// start: both still refuse an unknown property with exit 2, naming the
+/// file and the property.
+#[test]
+fn check_and_run_refuse_a_property_librdkafka_does_not_know() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("evictd.toml");
+    std::fs::write(
+        dir.path().join("graph.toml"),
+        "[tables.\"app.items\"]\nkey = [\"id\"]\ncolumns = [\"id\"]\n[caches.item]\nkey = \"item:{id}\"\n[[caches.item.depends]]\ntable = \"app.items\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        &path,
+        "[graph]\npaths = [\"graph.toml\"]\n[source]\nkind = \"kafka\"\n[source.kafka]\nbrokers = \"127.0.0.1:9\"\ntopics = [\"t\"]\n[source.kafka.properties]\n\"no.such.property\" = \"1\"\n[redis.primary]\nurl = \"redis://127.0.0.1:9\"\n[server]\nlisten = \"127.0.0.1:0\"\n",
+    )
+    .unwrap();
+    let expected =
+        format!("{}: source.kafka.properties.\"no.such.property\": rejected by librdkafka: ", path.display());
+    for args in [&["check", "--offline", "--config"][..], &["run", "--config"][..]] {
+        let mut args = args.to_vec();
+        args.push(path.to_str().unwrap());
+        let out = super::support::evictd(&args);
+        let err = super::support::stderr(&out);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(&expected), "{args:?}: {err}");
+    }
+}
