@@ -34,31 +34,14 @@ use sqlx::migrate::{Migration, Migrator};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::change::{Change, Lsn, Position, Row};
-use crate::source::{RawMessage, Undecodable, UndecodableReason};
+use crate::change::{RawMessage, Undecodable, UndecodableReason};
+pub use crate::config::{MigrationMode, OnError};
 
 /// The migrations of `migrations/`, embedded at compile time.
 pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("./migrations");
 
 /// The command that applies the migrations, for messages.
 pub(crate) const MIGRATE_COMMAND: &str = "evictd migrate --config FILE";
-
-/// What the run loop does with a change it cannot resolve.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnError {
-    /// Record it in the dead-letter table, count it, and keep going.
-    DeadLetter,
-    /// Stop the daemon without acknowledging it: a restart meets it again.
-    Stop,
-}
-
-/// What `evictd run` does with migrations not applied yet.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum MigrationMode {
-    /// Apply them at start-up.
-    Apply,
-    /// Refuse to start, naming them and the command that applies them.
-    Verify,
-}
 
 /// Why a change was dead-lettered: the `error_kind` column and the `reason`
 /// label of the dead-letter metric.

@@ -18,11 +18,11 @@
 
 use std::error::Error;
 
+use crate::change::UndecodableReason;
 use crate::dead_letter::{DeadLetterError, DeadLetterReason, OnError};
-use crate::lookup::LookupError;
 use crate::sink::SinkError;
+use crate::source::SourceError;
 use crate::source::postgres::SourceSetupError;
-use crate::source::{SourceError, UndecodableReason};
 
 /// What kind of failure a look-up error is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -36,20 +36,6 @@ pub(crate) enum LookupFailure {
     /// The query cannot run for any value (syntax, unknown column,
     /// privilege): a broken graph or schema, not a bad change.
     BrokenQuery,
-}
-
-impl LookupFailure {
-    pub(crate) fn of(error: &LookupError) -> LookupFailure {
-        if error.is_connection() {
-            LookupFailure::Connection
-        } else if error.is_query_fault() {
-            LookupFailure::BrokenQuery
-        } else if error.is_transient() {
-            LookupFailure::Retryable
-        } else {
-            LookupFailure::Definite
-        }
-    }
 }
 
 /// A failure the run loop met.
@@ -209,6 +195,7 @@ pub(crate) fn decide(failure: Failure<'_>) -> Verdict {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::lookup::LookupError;
 
     fn lookup(failure: LookupFailure, counted: u32, max_attempts: u32) -> Decision {
         decide(Failure::Lookup { failure, counted, max_attempts }).decision
@@ -235,7 +222,7 @@ mod tests {
             field: "caches.x.depends[0].lookup".into(),
             source: sqlx::Error::ColumnNotFound("owner".into()),
         };
-        assert_eq!(LookupFailure::of(&unknown_column), LookupFailure::BrokenQuery);
+        assert_eq!(unknown_column.failure(), LookupFailure::BrokenQuery);
     }
 
     #[test]

@@ -39,6 +39,7 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+pub use crate::config::HealthThresholds;
 pub use crate::metrics::Role;
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
 
@@ -46,25 +47,6 @@ use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
 /// before [`serve`] returns anyway (a scrape takes milliseconds; a client
 /// that stalls mid-request must not hold up the process's exit).
 pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
-
-/// When the probes fail (`[server]` `heartbeat_timeout_ms` and
-/// `ready_max_lag_bytes` in the config).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct HealthThresholds {
-    /// `/healthz` fails once the run loop has not beaten for longer than
-    /// this. Default 30 s.
-    pub heartbeat_timeout: Duration,
-    /// `/readyz` fails while the source lag exceeds this. Default 1 GiB:
-    /// lag counts all the server's WAL, including tables evictd ignores, so a
-    /// low threshold would flap on unrelated bulk writes.
-    pub max_lag_bytes: u64,
-}
-
-impl Default for HealthThresholds {
-    fn default() -> Self {
-        HealthThresholds { heartbeat_timeout: Duration::from_secs(30), max_lag_bytes: 1 << 30 }
-    }
-}
 
 /// What the run loop last reported. Each field is independent, so relaxed
 /// atomics suffice: a probe may see one update before another, never a torn

@@ -17,26 +17,13 @@
 pub mod transaction;
 
 use std::collections::HashSet;
-use std::time::Duration;
 
 pub use self::transaction::{TransactionEffects, TransactionLimits, TransactionOutput};
 use crate::change::Position;
+pub use crate::config::BatchLimits;
 use crate::lookup::LookupOrigin;
 use crate::resolve::{Effect, LookupRequest};
 use crate::source::Undecodable;
-
-/// When a batch is closed and applied.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchLimits {
-    /// Close once this many distinct effects, or whole transactions, or
-    /// changes kept for look-ups, are queued.
-    pub max_effects: usize,
-    /// Close this long after the batch's first transaction arrived.
-    pub max_delay: Duration,
-    /// Close once the batch holds about this many bytes (effects, and the
-    /// changes its look-ups came from).
-    pub max_bytes: usize,
-}
 
 /// Whole transactions: their effects, deduplicated, and the look-ups they
 /// still need.
@@ -181,6 +168,8 @@ impl Batch {
 
 #[cfg(test)]
 mod tests {
+    use std::time::Duration;
+
     use super::*;
     use crate::change::Lsn;
     use crate::graph::CacheId;

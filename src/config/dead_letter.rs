@@ -7,7 +7,7 @@ use secrecy::SecretString;
 use super::issues::{Issues, is_identifier, positive};
 use super::raw::RawDeadLetter;
 use super::secrets::check_pg_url;
-use crate::dead_letter::{MigrationMode, OnError};
+use super::settings::{MigrationMode, OnError};
 
 #[derive(Debug, Clone)]
 pub(crate) struct DeadLetterConfig {

@@ -18,6 +18,7 @@ mod load;
 mod raw;
 mod redis;
 mod secrets;
+mod settings;
 mod source;
 
 use std::collections::HashMap;
@@ -33,9 +34,7 @@ use self::issues::{Issues, positive};
 use self::redis::validate_redis;
 use self::secrets::check_pg_url;
 use self::source::validate_source;
-use crate::batch::BatchLimits;
 use crate::diagnostic::SourceFile;
-use crate::server::HealthThresholds;
 
 pub(crate) use self::dead_letter::DeadLetterConfig;
 pub(crate) use self::issues::ConfigError;
@@ -43,6 +42,7 @@ pub(crate) use self::load::load_with_env;
 pub(crate) use self::raw::RawConfig;
 pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget};
 pub(crate) use self::secrets::{hide_passwords, redact_url};
+pub use self::settings::{BatchLimits, HealthThresholds, MigrationMode, OnError};
 pub(crate) use self::source::{DEFAULT_MAX_VALUE_BYTES, KAFKA_OWN_PROPERTIES, SnapshotReads, SourceConfig};
 pub use self::source::{FullRowDeletes, KafkaSource, OnOffsetReset, OnSlotLoss, PostgresSource};
 

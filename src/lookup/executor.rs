@@ -11,6 +11,7 @@ use std::sync::Arc;
 
 use crate::change::Value;
 use crate::graph::Lookup;
+use crate::policy::LookupFailure;
 
 /// Why a look-up failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +65,19 @@ impl LookupError {
     /// Whether the database could not be reached or dropped the connection:
     /// back-pressure to wait out, never the fault of the change looked up.
     /// A query that timed out or failed on a live connection is not one.
+    /// The kind of failure it is, for `crate::policy`.
+    pub(crate) fn failure(&self) -> LookupFailure {
+        if self.is_connection() {
+            LookupFailure::Connection
+        } else if self.is_query_fault() {
+            LookupFailure::BrokenQuery
+        } else if self.is_transient() {
+            LookupFailure::Retryable
+        } else {
+            LookupFailure::Definite
+        }
+    }
+
     pub fn is_connection(&self) -> bool {
         match self {
             LookupError::Timeout { .. } => false,

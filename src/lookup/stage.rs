@@ -216,7 +216,7 @@ async fn settle<E: LookupExecutor>(
             Ok(found) => return Ok(Settled::Found(found)),
             Err(e) => e,
         };
-        let failure = LookupFailure::of(&error);
+        let failure = error.failure();
         if failure != LookupFailure::Connection {
             counted += 1;
         }

@@ -17,6 +17,7 @@ pub mod postgres;
 use std::future::Future;
 
 use crate::change::{Change, Position};
+pub use crate::change::{RawMessage, Undecodable, UndecodableReason};
 
 /// What a source yields next. Changes come between a `Begin` and its
 /// `Commit`, one at a time, so a transaction of any size streams through in
@@ -39,61 +40,6 @@ pub enum SourceEvent {
     /// letter, after which its position is acknowledged like a commit
     /// without effects, or the end of the daemon with it unacknowledged.
     Undecodable(Undecodable),
-}
-
-/// A message a source received and could not decode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Undecodable {
-    /// Where the message is: acknowledged, once its dead letter is stored,
-    /// like a commit. Its origin (for Kafka: topic, partition, offset).
-    pub position: Position,
-    pub reason: UndecodableReason,
-    /// Why, as the operator should read it.
-    pub error: String,
-    /// The message as it was received.
-    pub raw: RawMessage,
-}
-
-/// Why a message cannot be decoded: the dead-letter reason (`evictd.reason`
-/// header, `error_kind` column, metric label).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum UndecodableReason {
-    /// Not JSON, not a change event, a value that cannot be read.
-    Decode,
-    /// Past a size cap (`max_message_bytes`, `max_value_bytes`).
-    TooLarge,
-    /// Decoding ran past its time budget (`max_decode_ms`).
-    TooSlow,
-}
-
-impl UndecodableReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            UndecodableReason::Decode => "decode",
-            UndecodableReason::TooLarge => "too_large",
-            UndecodableReason::TooSlow => "too_slow",
-        }
-    }
-}
-
-/// A message's bytes as the source received them, for its dead letter.
-/// Where it came from is the [`Undecodable::position`].
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct RawMessage {
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    /// Header names and values, in the message's order.
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
-}
-
-impl RawMessage {
-    /// About how many bytes the message holds (for the batch's memory cap).
-    pub fn bytes(&self) -> usize {
-        let header = |(k, v): &(String, Option<Vec<u8>>)| k.len() + v.as_ref().map_or(0, Vec::len);
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.value.as_ref().map_or(0, Vec::len)
-            + self.headers.iter().map(header).sum::<usize>()
-    }
 }
 
 /// The underlying error of a [`SourceError`].

@@ -1,0 +1,56 @@
+//! Settings the runtime reads as they are: plain data, defined here so that
+//! `config` imports nothing above it (the modules that use them re-export
+//! them: `batch::BatchLimits`, `server::HealthThresholds`,
+//! `dead_letter::{OnError, MigrationMode}`).
+
+use std::time::Duration;
+
+/// When a batch is closed and applied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BatchLimits {
+    /// Close once this many distinct effects, or whole transactions, or
+    /// changes kept for look-ups, are queued.
+    pub max_effects: usize,
+    /// Close this long after the batch's first transaction arrived.
+    pub max_delay: Duration,
+    /// Close once the batch holds about this many bytes (effects, and the
+    /// changes its look-ups came from).
+    pub max_bytes: usize,
+}
+
+/// When the probes fail (`[server]` `heartbeat_timeout_ms` and
+/// `ready_max_lag_bytes` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HealthThresholds {
+    /// `/healthz` fails once the run loop has not beaten for longer than
+    /// this. Default 30 s.
+    pub heartbeat_timeout: Duration,
+    /// `/readyz` fails while the source lag exceeds this. Default 1 GiB:
+    /// lag counts all the server's WAL, including tables evictd ignores, so a
+    /// low threshold would flap on unrelated bulk writes.
+    pub max_lag_bytes: u64,
+}
+
+impl Default for HealthThresholds {
+    fn default() -> Self {
+        HealthThresholds { heartbeat_timeout: Duration::from_secs(30), max_lag_bytes: 1 << 30 }
+    }
+}
+
+/// What the run loop does with a change it cannot resolve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnError {
+    /// Record it in the dead-letter table, count it, and keep going.
+    DeadLetter,
+    /// Stop the daemon without acknowledging it: a restart meets it again.
+    Stop,
+}
+
+/// What `evictd run` does with migrations not applied yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MigrationMode {
+    /// Apply them at start-up.
+    Apply,
+    /// Refuse to start, naming them and the command that applies them.
+    Verify,
+}
