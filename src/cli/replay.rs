@@ -16,7 +16,11 @@
 //!
 //! A line that cannot be decoded is reported on stderr as `FILE:LINE: error`
 //! (never skipped silently), the replay goes on, and the command exits 2 at
-//! the end. A change whose look-ups fail is reported the same way.
+//! the end. A change whose look-ups fail is reported the same way. The file
+//! source only decodes: it yields such a line as `SourceEvent::Undecodable`,
+//! and the run loop hands it to the replay's dead-letter store, which
+//! reports it. A replay goes on past both whatever `dead_letter.on_error`
+//! says: it is a drill, and it reports everything it met at the end.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -33,7 +37,7 @@ use crate::change::Position;
 use crate::change::Value;
 use crate::config::{Config, DEFAULT_MAX_VALUE_BYTES, FullRowDeletes, SnapshotReads, SourceConfig};
 use crate::daemon::wiring;
-use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore};
+use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, OnError};
 use crate::graph::Graph;
 use crate::graph::Lookup;
 use crate::lookup::{LookupError, LookupExecutor, LookupOutcome, PgLookupExecutor};
@@ -43,7 +47,7 @@ use crate::run::SessionEnd;
 use crate::server::Health;
 use crate::sink::{Sink, SinkBatch, SinkError};
 use crate::source::debezium::{self, DecodeOptions, Decoded, Record, TableKeys};
-use crate::source::{Source, SourceError, SourceEvent, Undecodable};
+use crate::source::{RawMessage, Source, SourceError, SourceEvent, Undecodable, UndecodableReason};
 
 #[derive(Debug, Args)]
 pub struct ReplayArgs {
@@ -118,34 +122,44 @@ struct FileSource<R> {
 impl<R: tokio::io::AsyncBufRead + Unpin + Send> FileSource<R> {
     fn on_line(&mut self, text: &str) {
         let position = Position::File { line: self.line };
+        let decoded = serde_json::from_str::<Json>(text)
+            .map_err(|e| (UndecodableReason::Decode, format!("not JSON: {e}")))
+            .and_then(|json| {
+                let record = Record::from_json(&json);
+                let options = DecodeOptions {
+                    table: record.topic.and_then(|t| self.decoding.tables.get(t)).map(String::as_str),
+                    full_row_deletes: Some(&self.decoding.full_row_deletes),
+                    table_keys: Some(&self.decoding.table_keys),
+                    max_value_bytes: Some(self.decoding.max_value_bytes),
+                    deadline: None,
+                };
+                debezium::decode(record.value, record.key, position.clone(), &options)
+                    .map_err(|e| (e.reason(), e.to_string()))
+            });
+        // A line that cannot be decoded is yielded as it is, alone: the
+        // run loop reports it through the dead-letter store, as it does for
+        // every source.
+        let decoded = match decoded {
+            Ok(decoded) => decoded,
+            Err((reason, error)) => {
+                let raw = RawMessage { key: None, value: Some(text.as_bytes().to_vec()), headers: Vec::new() };
+                self.queue.push_back(SourceEvent::Undecodable(Undecodable { position, reason, error, raw }));
+                return;
+            }
+        };
         self.queue.push_back(SourceEvent::Begin);
-        let decoded = serde_json::from_str::<Json>(text).map_err(|e| format!("not JSON: {e}")).and_then(|json| {
-            let record = Record::from_json(&json);
-            let options = DecodeOptions {
-                table: record.topic.and_then(|t| self.decoding.tables.get(t)).map(String::as_str),
-                full_row_deletes: Some(&self.decoding.full_row_deletes),
-                table_keys: Some(&self.decoding.table_keys),
-                max_value_bytes: Some(self.decoding.max_value_bytes),
-                deadline: None,
-            };
-            debezium::decode(record.value, record.key, position.clone(), &options).map_err(|e| e.to_string())
-        });
         let mut commit_time_micros = None;
         match decoded {
-            Ok(Decoded::Change(change)) => {
+            Decoded::Change(change) => {
                 commit_time_micros = change.commit_time_micros;
                 self.tally.changes.fetch_add(1, Ordering::Relaxed);
                 self.queue.push_back(SourceEvent::Change(change));
             }
-            Ok(Decoded::SnapshotRead(change)) if self.decoding.snapshot_reads == SnapshotReads::Invalidate => {
+            Decoded::SnapshotRead(change) if self.decoding.snapshot_reads == SnapshotReads::Invalidate => {
                 self.tally.changes.fetch_add(1, Ordering::Relaxed);
                 self.queue.push_back(SourceEvent::Change(change));
             }
-            Ok(Decoded::SnapshotRead(_) | Decoded::Ignored(_)) => {}
-            Err(error) => {
-                self.tally.bad.fetch_add(1, Ordering::Relaxed);
-                eprintln!("{}:{}: {error}", self.name, self.line);
-            }
+            Decoded::SnapshotRead(_) | Decoded::Ignored(_) => {}
         }
         self.queue.push_back(SourceEvent::Commit { position, commit_time_micros });
     }
@@ -238,6 +252,8 @@ impl LookupExecutor for ReplayLookups {
 
 /// Look-up failures: reported on stderr (a replay has no dead-letter store).
 struct ReportDeadLetters {
+    /// The file's name, for `FILE:LINE: error`.
+    name: String,
     tally: Arc<Tally>,
 }
 
@@ -249,12 +265,13 @@ impl DeadLetterStore for ReportDeadLetters {
         Ok(())
     }
 
-    /// The file source reports a line it cannot decode itself (a replay
-    /// goes on past it whatever `on_error` says) and never yields one;
-    /// reported like a change that cannot be resolved, should one come.
+    /// A line that cannot be decoded, as `FILE:LINE: error`.
     async fn record_undecodable(&self, message: &Undecodable) -> Result<(), DeadLetterError> {
         self.tally.bad.fetch_add(1, Ordering::Relaxed);
-        eprintln!("{}: cannot decode ({}): {}", message.position, message.reason.as_str(), message.error);
+        match &message.position {
+            Position::File { line } => eprintln!("{}:{line}: {}", self.name, message.error),
+            other => eprintln!("{other}: {}", message.error),
+        }
         Ok(())
     }
 }
@@ -316,10 +333,12 @@ async fn replay(args: &ReplayArgs, config: Option<Config>, graph: Graph) -> Resu
     };
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(Default::default(), std::iter::empty::<String>()));
-    let dead_letters = Arc::new(ReportDeadLetters { tally: tally.clone() });
+    let dead_letters = Arc::new(ReportDeadLetters { name: name.clone(), tally: tally.clone() });
     let result = if args.dry_run {
         let sink = Arc::new(PrintSink { seen: Mutex::new(BTreeSet::new()) });
-        let pipeline = wiring::pipeline(config.as_ref(), graph, sink.clone(), lookups, dead_letters, metrics, health);
+        let mut pipeline =
+            wiring::pipeline(config.as_ref(), graph, sink.clone(), lookups, dead_letters, metrics, health);
+        pipeline.options.on_error = OnError::DeadLetter;
         let end = pipeline.run_session(&mut source, &done).await;
         let seen = sink.seen.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let mut out = String::new();
@@ -333,7 +352,9 @@ async fn replay(args: &ReplayArgs, config: Option<Config>, graph: Graph) -> Resu
         let Some(sink) = wiring::connect_sinks(config, &graph, &metrics, &CancellationToken::new()).await? else {
             return Ok(());
         };
-        let pipeline = wiring::pipeline(Some(config), graph, Arc::new(sink), lookups, dead_letters, metrics, health);
+        let mut pipeline =
+            wiring::pipeline(Some(config), graph, Arc::new(sink), lookups, dead_letters, metrics, health);
+        pipeline.options.on_error = OnError::DeadLetter;
         pipeline.run_session(&mut source, &done).await
     };
     let lines = tally.lines.load(Ordering::Relaxed);

@@ -735,6 +735,35 @@ fn replay_dry_run_of_captured_events_gives_the_same_keys_with_and_without_schema
     super::support::assert_golden(&root().join("tests/golden/replay-ecommerce.txt"), &with);
 }
 
+/// A line that cannot be decoded is reported as `FILE:LINE: error`, the
+/// lines around it are replayed, and the command exits 2 at the end.
+#[test]
+fn replay_reports_a_line_it_cannot_decode_and_goes_on() {
+    let fixture = std::fs::read_to_string(root().join("tests/fixtures/debezium/without-schemas.jsonl")).unwrap();
+    // Two updates of products (not snapshot reads, which the default
+    // replay ignores), whose caches have direct keys.
+    let lines: Vec<&str> = fixture
+        .lines()
+        .filter(|l| l.contains(r#""op": "u""#) && l.contains(r#""topic": "dbserver1.shop.products""#))
+        .collect();
+    assert!(lines.len() >= 2, "the fixture has updates");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("bad.jsonl");
+    std::fs::write(&file, format!("{}\n{{not json\n{}\n", lines[0], lines[1])).unwrap();
+    let graph = root().join("dependency-graphs/ecommerce.toml");
+    let out =
+        super::support::evictd(&["replay", "--dry-run", "--graph", graph.to_str().unwrap(), file.to_str().unwrap()]);
+    let stderr = super::support::stderr(&out);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("{}:2: not JSON", file.display())), "{stderr}");
+    let good = dry_run("without-schemas.jsonl");
+    let printed = super::support::stdout(&out);
+    assert!(!printed.is_empty(), "the lines around the bad one are replayed");
+    for line in printed.lines() {
+        assert!(good.contains(line), "{line} is not one of the fixture's keys");
+    }
+}
+
 /// A `[source.kafka]` for a test that drives `KafkaSource` itself.
 fn source_config(group: &str, topic: &str, properties: &[(&str, &str)]) -> evictd::config::KafkaSource {
     let mut config = evictd::config::KafkaSource::new(&brokers(), group, vec![topic.to_owned()]);
