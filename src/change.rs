@@ -447,7 +447,7 @@ pub enum UndecodableReason {
 }
 
 impl UndecodableReason {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             UndecodableReason::Decode => "decode",
             UndecodableReason::TooLarge => "too_large",
@@ -468,7 +468,7 @@ pub struct RawMessage {
 
 impl RawMessage {
     /// About how many bytes the message holds (for the batch's memory cap).
-    pub fn bytes(&self) -> usize {
+    pub(crate) fn bytes(&self) -> usize {
         let header = |(k, v): &(String, Option<Vec<u8>>)| k.len() + v.as_ref().map_or(0, Vec::len);
         self.key.as_ref().map_or(0, Vec::len)
             + self.value.as_ref().map_or(0, Vec::len)

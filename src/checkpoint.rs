@@ -26,7 +26,7 @@ struct InFlight<P> {
 /// A confirmation for a batch that is not in flight.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("batch {0} is not in flight")]
-pub struct NotInFlight(pub u64);
+pub(crate) struct NotInFlight(pub u64);
 
 impl<P: Clone> Default for Watermark<P> {
     fn default() -> Self {

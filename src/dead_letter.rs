@@ -35,7 +35,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::change::{Change, Lsn, Position, Row};
 use crate::change::{RawMessage, Undecodable, UndecodableReason};
-pub use crate::config::{MigrationMode, OnError};
+pub(crate) use crate::config::{MigrationMode, OnError};
 
 /// The migrations of `migrations/`, embedded at compile time.
 pub(crate) static MIGRATOR: Migrator = sqlx::migrate!("./migrations");

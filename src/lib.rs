@@ -16,11 +16,11 @@
 //!   look-up requests; pure, no I/O.
 //! - [`lookup`]: the look-up stage: runs the requests' SQL, feeds the rows
 //!   back to the resolver, retries, narrows failures down to dead letters.
-//! - [`batch`]: effects of consecutive transactions merged and deduplicated.
+//! - `batch`: effects of consecutive transactions merged and deduplicated.
 //! - [`sink`]: where effects are applied ([`sink::Sink`]).
-//! - [`checkpoint`]: which position may be acknowledged.
+//! - `checkpoint`: which position may be acknowledged.
 //! - [`config`], [`cli`]: the operator's surface.
-//! - [`daemon`]: `evictd run`'s wiring and its one supervisor of source
+//! - `daemon`: `evictd run`'s wiring and its one supervisor of source
 //!   sessions (Postgres active/standby, Kafka group membership).
 //! - `policy`: the one classification of failures into retry, dead-letter
 //!   or stop.
@@ -29,12 +29,12 @@
 //! - [`server`]: `/metrics`, `/healthz` and `/readyz`, and the [`server::Health`]
 //!   state the run loop reports into.
 
-pub mod batch;
+pub(crate) mod batch;
 pub mod change;
-pub mod checkpoint;
+pub(crate) mod checkpoint;
 pub mod cli;
 pub mod config;
-pub mod daemon;
+pub(crate) mod daemon;
 pub mod dead_letter;
 pub mod diagnostic;
 pub mod graph;
@@ -45,7 +45,7 @@ pub(crate) mod policy;
 pub mod reader;
 pub mod resolve;
 pub(crate) mod retry;
-pub mod run;
+pub(crate) mod run;
 pub mod server;
 pub mod sink;
 pub mod source;

@@ -14,13 +14,13 @@
 //! confirmed it. **Invariant:** a batch holds whole transactions only, so
 //! acknowledging its last position never acknowledges half a transaction.
 
-pub mod transaction;
+pub(crate) mod transaction;
 
 use std::collections::HashSet;
 
-pub use self::transaction::{TransactionEffects, TransactionLimits, TransactionOutput};
+pub(crate) use self::transaction::{TransactionEffects, TransactionLimits, TransactionOutput};
 use crate::change::Position;
-pub use crate::config::BatchLimits;
+pub(crate) use crate::config::BatchLimits;
 use crate::lookup::LookupOrigin;
 use crate::resolve::{Effect, LookupRequest};
 use crate::source::Undecodable;
@@ -28,7 +28,7 @@ use crate::source::Undecodable;
 /// Whole transactions: their effects, deduplicated, and the look-ups they
 /// still need.
 #[derive(Debug, Clone)]
-pub struct Batch {
+pub(crate) struct Batch {
     id: u64,
     effects: Vec<Effect>,
     seen: HashSet<Effect>,
@@ -50,7 +50,7 @@ pub struct Batch {
 }
 
 impl Batch {
-    pub fn new(id: u64) -> Batch {
+    pub(crate) fn new(id: u64) -> Batch {
         Batch {
             id,
             effects: Vec::new(),
@@ -66,12 +66,12 @@ impl Batch {
         }
     }
 
-    pub fn id(&self) -> u64 {
+    pub(crate) fn id(&self) -> u64 {
         self.id
     }
 
     /// Adds a whole transaction: its commit position and its effects.
-    pub fn push_transaction(&mut self, position: Position, effects: impl IntoIterator<Item = Effect>) {
+    pub(crate) fn push_transaction(&mut self, position: Position, effects: impl IntoIterator<Item = Effect>) {
         self.add_effects(effects);
         self.transactions += 1;
         self.last_position = Some(position);
@@ -79,7 +79,12 @@ impl Batch {
 
     /// Adds a whole transaction as it finished: effects, look-ups still to
     /// run and the changes they came from, and its commit time.
-    pub fn push_output(&mut self, position: Position, output: TransactionOutput, commit_time_micros: Option<i64>) {
+    pub(crate) fn push_output(
+        &mut self,
+        position: Position,
+        output: TransactionOutput,
+        commit_time_micros: Option<i64>,
+    ) {
         let TransactionOutput { effects, lookups, origins, held_bytes } = output;
         self.push_transaction(position, effects);
         self.lookups.extend(lookups);
@@ -91,20 +96,20 @@ impl Batch {
     /// Adds a message the source could not decode: a transaction without
     /// effects, whose raw bytes the batch holds until its dead letter is
     /// written.
-    pub fn push_undecodable(&mut self, message: Undecodable) {
+    pub(crate) fn push_undecodable(&mut self, message: Undecodable) {
         self.push_transaction(message.position.clone(), std::iter::empty());
         self.held_bytes += message.raw.bytes();
         self.undecodable.push(message);
     }
 
     /// Takes out the undecodable messages (for their dead letters).
-    pub fn take_undecodable(&mut self) -> Vec<Undecodable> {
+    pub(crate) fn take_undecodable(&mut self) -> Vec<Undecodable> {
         std::mem::take(&mut self.undecodable)
     }
 
     /// Adds effects (of its transactions, or found by their look-ups): the
     /// batch's one de-duplication.
-    pub fn add_effects(&mut self, effects: impl IntoIterator<Item = Effect>) {
+    pub(crate) fn add_effects(&mut self, effects: impl IntoIterator<Item = Effect>) {
         for effect in effects {
             if self.seen.insert(effect.clone()) {
                 self.bytes += 2 * effect.approx_bytes();
@@ -114,39 +119,35 @@ impl Batch {
     }
 
     /// Distinct effects, in first-seen order.
-    pub fn effects(&self) -> &[Effect] {
+    pub(crate) fn effects(&self) -> &[Effect] {
         &self.effects
     }
 
     /// Takes out the look-ups its transactions asked for, and the changes
     /// that asked (for the look-up stage, which adds what it finds back
     /// with [`Batch::add_effects`]).
-    pub fn take_lookups(&mut self) -> (Vec<LookupRequest>, Vec<LookupOrigin>) {
+    pub(crate) fn take_lookups(&mut self) -> (Vec<LookupRequest>, Vec<LookupOrigin>) {
         self.held_bytes = 0;
         (std::mem::take(&mut self.lookups), std::mem::take(&mut self.origins))
     }
 
-    pub fn transactions(&self) -> usize {
+    pub(crate) fn transactions(&self) -> usize {
         self.transactions
     }
 
     /// The commit position of the last transaction in the batch: what may be
     /// acknowledged once the batch is confirmed.
-    pub fn last_position(&self) -> Option<&Position> {
+    pub(crate) fn last_position(&self) -> Option<&Position> {
         self.last_position.as_ref()
     }
 
     /// Commit time of the batch's last transaction that had one.
-    pub fn commit_time_micros(&self) -> Option<i64> {
+    pub(crate) fn commit_time_micros(&self) -> Option<i64> {
         self.commit_time_micros
     }
 
-    /// About how many bytes the batch's effects hold.
-    pub fn bytes(&self) -> usize {
-        self.bytes
-    }
-
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.transactions == 0
     }
 
@@ -158,7 +159,7 @@ impl Batch {
     /// well, or reading would never stop behind a batch stuck on a sink. A
     /// full batch stops the reading while another is in flight, so memory
     /// stays bounded.
-    pub fn is_full(&self, limits: &BatchLimits) -> bool {
+    pub(crate) fn is_full(&self, limits: &BatchLimits) -> bool {
         self.effects.len() >= limits.max_effects
             || self.transactions >= limits.max_effects
             || self.origins.len() >= limits.max_effects

@@ -16,7 +16,7 @@
 //! narrowed down to the changes that fail. Only such changes are kept, and
 //! they count towards the limit like effects, so memory stays bounded.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use crate::change::Change;
@@ -26,30 +26,30 @@ use crate::resolve::{ArgKey, Effect, LookupRequest, Resolution};
 
 /// What a finished transaction hands to its batch.
 #[derive(Debug, Default)]
-pub struct TransactionOutput {
+pub(crate) struct TransactionOutput {
     /// Deduplicated effects, in a stable order.
-    pub effects: Vec<Effect>,
+    pub(crate) effects: Vec<Effect>,
     /// Deduplicated look-ups of the whole transaction.
-    pub lookups: Vec<LookupRequest>,
+    pub(crate) lookups: Vec<LookupRequest>,
     /// The changes those look-ups came from.
-    pub origins: Vec<LookupOrigin>,
+    pub(crate) origins: Vec<LookupOrigin>,
     /// About how many bytes `lookups` and `origins` hold (the effects are
     /// counted by the batch).
-    pub held_bytes: usize,
+    pub(crate) held_bytes: usize,
 }
 
 /// How much one open transaction may hold before it collapses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TransactionLimits {
+pub(crate) struct TransactionLimits {
     /// Distinct effects, look-ups and kept changes.
-    pub max_effects: usize,
+    pub(crate) max_effects: usize,
     /// Bytes held by them (about).
-    pub max_bytes: usize,
+    pub(crate) max_bytes: usize,
 }
 
 /// The effects of one open transaction.
 #[derive(Debug)]
-pub struct TransactionEffects {
+pub(crate) struct TransactionEffects {
     max_effects: usize,
     max_bytes: usize,
     /// About how many bytes `effects`, `lookups` and `origins` hold.
@@ -63,7 +63,7 @@ pub struct TransactionEffects {
 }
 
 impl TransactionEffects {
-    pub fn new(limits: TransactionLimits) -> TransactionEffects {
+    pub(crate) fn new(limits: TransactionLimits) -> TransactionEffects {
         TransactionEffects {
             max_effects: limits.max_effects.max(1),
             max_bytes: limits.max_bytes.max(1),
@@ -79,7 +79,7 @@ impl TransactionEffects {
 
     /// Adds one change's resolution; the change is kept only when it asked
     /// for look-ups.
-    pub fn add(&mut self, graph: &Graph, change: Change, resolution: Resolution) {
+    pub(crate) fn add(&mut self, graph: &Graph, change: Change, resolution: Resolution) {
         self.changes += 1;
         for resolved in resolution.effects {
             self.add_effect(resolved.effect);
@@ -152,26 +152,18 @@ impl TransactionEffects {
     }
 
     /// How many row changes were added.
-    pub fn changes(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn changes(&self) -> u64 {
         self.changes
     }
 
     /// The accumulated effects (in a stable order), look-ups and origins.
-    pub fn finish(self) -> TransactionOutput {
+    pub(crate) fn finish(self) -> TransactionOutput {
         let mut effects: Vec<Effect> = self.effects.into_iter().collect();
         effects.sort();
         let held_bytes = self.lookups.iter().map(LookupRequest::approx_bytes).sum::<usize>()
             + self.origins.iter().map(LookupOrigin::approx_bytes).sum::<usize>();
         TransactionOutput { effects, lookups: self.lookups, origins: self.origins, held_bytes }
-    }
-
-    /// Per cache, how many effects there are (for metrics).
-    pub fn per_cache(effects: &[Effect]) -> HashMap<CacheId, u64> {
-        let mut out = HashMap::new();
-        for e in effects {
-            *out.entry(e.cache()).or_insert(0) += 1;
-        }
-        out
     }
 }
 

@@ -47,7 +47,7 @@ pub enum Command {
 /// Where the graph comes from: paths, else the config's `graph.paths`, else
 /// `dependency-graphs/`.
 #[derive(Debug, Args)]
-pub struct GraphSource {
+pub(crate) struct GraphSource {
     /// A config file (`evictd.toml`); its `graph.paths` are used when no
     /// graph path is given.
     #[arg(long, value_name = "FILE")]
@@ -68,7 +68,7 @@ pub struct CheckArgs {
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
-pub enum GraphFormat {
+pub(crate) enum GraphFormat {
     Dot,
     Json,
 }

@@ -42,12 +42,14 @@ pub(crate) use self::load::load_with_env;
 pub(crate) use self::raw::RawConfig;
 pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget};
 pub(crate) use self::secrets::{hide_passwords, redact_url};
-pub use self::settings::{BatchLimits, HealthThresholds, MigrationMode, OnError};
+pub use self::settings::HealthThresholds;
+pub(crate) use self::settings::{BatchLimits, MigrationMode, OnError};
 pub(crate) use self::source::{DEFAULT_MAX_VALUE_BYTES, KAFKA_OWN_PROPERTIES, SnapshotReads, SourceConfig};
-pub use self::source::{FullRowDeletes, KafkaSource, OnOffsetReset, OnSlotLoss, PostgresSource};
+pub(crate) use self::source::{FullRowDeletes, OnSlotLoss, PostgresSource};
+pub use self::source::{KafkaSource, OnOffsetReset};
 
 /// The environment variable prefix: `EVICTD__BATCH__MAX_EFFECTS`.
-pub const ENV_PREFIX: &str = "EVICTD";
+pub(crate) const ENV_PREFIX: &str = "EVICTD";
 
 /// The validated configuration.
 #[derive(Debug, Clone)]

@@ -7,15 +7,15 @@ use std::time::Duration;
 
 /// When a batch is closed and applied.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct BatchLimits {
+pub(crate) struct BatchLimits {
     /// Close once this many distinct effects, or whole transactions, or
     /// changes kept for look-ups, are queued.
-    pub max_effects: usize,
+    pub(crate) max_effects: usize,
     /// Close this long after the batch's first transaction arrived.
-    pub max_delay: Duration,
+    pub(crate) max_delay: Duration,
     /// Close once the batch holds about this many bytes (effects, and the
     /// changes its look-ups came from).
-    pub max_bytes: usize,
+    pub(crate) max_bytes: usize,
 }
 
 /// When the probes fail (`[server]` `heartbeat_timeout_ms` and
@@ -39,7 +39,7 @@ impl Default for HealthThresholds {
 
 /// What the run loop does with a change it cannot resolve.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnError {
+pub(crate) enum OnError {
     /// Record it in the dead-letter table, count it, and keep going.
     DeadLetter,
     /// Stop the daemon without acknowledging it: a restart meets it again.
@@ -48,7 +48,7 @@ pub enum OnError {
 
 /// What `evictd run` does with migrations not applied yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum MigrationMode {
+pub(crate) enum MigrationMode {
     /// Apply them at start-up.
     Apply,
     /// Refuse to start, naming them and the command that applies them.

@@ -17,7 +17,7 @@ pub(crate) enum SourceConfig {
 }
 
 #[derive(Debug, Clone)]
-pub struct PostgresSource {
+pub(crate) struct PostgresSource {
     pub(crate) url: SecretString,
     pub(crate) slot: String,
     pub(crate) publication: String,
@@ -34,7 +34,7 @@ pub struct PostgresSource {
 /// What `run` does when the slot is missing but evictd streamed from it
 /// before (the changes since its last acknowledged position are lost).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OnSlotLoss {
+pub(crate) enum OnSlotLoss {
     /// Refuse to start, saying what happened and what to do.
     #[default]
     Refuse,
@@ -45,7 +45,7 @@ pub enum OnSlotLoss {
 
 /// Which tables' delete events carry the whole old row.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub enum FullRowDeletes {
+pub(crate) enum FullRowDeletes {
     /// None: a delete's non-key columns are unknown (the safe default).
     #[default]
     None,

@@ -56,7 +56,7 @@ use crate::policy::{self, Failure, Verdict};
 use crate::run::RunError;
 use crate::server::{Health, ServerState};
 use crate::sink::SinkError;
-pub use supervisor::StartError;
+pub(crate) use supervisor::StartError;
 
 /// Why the daemon did not start, or stopped: each cause typed, as its
 /// `#[source]` where it has one; the texts are the ones the daemon has
@@ -127,7 +127,7 @@ impl DaemonError {
 
     /// 2: bad input, or a setup that contradicts the config or the graph
     /// (an operator fixes it before starting again); 1: anything else.
-    pub fn exit_code(&self) -> u8 {
+    pub(crate) fn exit_code(&self) -> u8 {
         match self {
             DaemonError::NoSource(_)
             | DaemonError::LogLevel(_)
@@ -149,7 +149,7 @@ impl DaemonError {
 
     /// What the operator should check: the policy's hint where it
     /// classified the failure.
-    pub fn hint(&self) -> &'static str {
+    pub(crate) fn hint(&self) -> &'static str {
         if let Some(verdict) = self.verdict() {
             return verdict.hint;
         }

@@ -42,7 +42,7 @@ use crate::source::{Source, SourceError};
 /// daemon (and with which exit code) is [`crate::policy::decide`]'s call,
 /// on [`StartError::failure`].
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub(crate) enum StartError {
     /// The Postgres server, slot, publication or replication connection.
     #[error("{0}")]
     Setup(#[from] SourceSetupError),

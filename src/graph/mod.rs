@@ -37,7 +37,7 @@ pub struct CacheId(pub usize);
 
 /// Index of a dependency in [`Graph::dependencies`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DepId(pub usize);
+pub(crate) struct DepId(pub usize);
 
 /// A table the graph listens to.
 #[derive(Debug, Clone)]

@@ -51,7 +51,7 @@ impl LookupError {
     /// Whether the query itself cannot run, whatever the values: a syntax
     /// error, an unknown column or table, a missing privilege (class 42).
     /// That is the graph's or the schema's fault, not a change's.
-    pub fn is_query_fault(&self) -> bool {
+    pub(crate) fn is_query_fault(&self) -> bool {
         match self {
             LookupError::Timeout { .. } => false,
             LookupError::Query { source, .. } => match source {
@@ -78,7 +78,7 @@ impl LookupError {
         }
     }
 
-    pub fn is_connection(&self) -> bool {
+    pub(crate) fn is_connection(&self) -> bool {
         match self {
             LookupError::Timeout { .. } => false,
             LookupError::Query { source, .. } => match source {
@@ -110,7 +110,7 @@ pub enum LookupOutcome {
 }
 
 /// Key parameters returned by a look-up, one vector per row.
-pub type LookupRows = Vec<Vec<Option<Value>>>;
+pub(crate) type LookupRows = Vec<Vec<Option<Value>>>;
 
 /// Runs the SQL of look-up dependencies.
 ///

@@ -25,7 +25,9 @@ mod executor;
 mod postgres;
 mod stage;
 
-pub use executor::{LookupError, LookupExecutor, LookupOutcome, LookupRows};
+pub(crate) use executor::LookupRows;
+pub use executor::{LookupError, LookupExecutor, LookupOutcome};
 pub use postgres::PgLookupExecutor;
-pub use stage::{LookupOrigin, LookupStageError, group_requests, run_lookups};
+pub use stage::run_lookups;
+pub(crate) use stage::{LookupOrigin, LookupStageError, group_requests};
 pub(crate) use stage::{Retries, resolve_batch};

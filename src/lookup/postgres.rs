@@ -47,14 +47,14 @@ impl PgLookupExecutor {
     /// that decide how values print are pinned as on the replication
     /// session ([`session`](crate::source::postgres::session)), so a key
     /// parameter read here renders as the same value from pgoutput does.
-    pub fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
+    pub(crate) fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
         Ok(crate::source::postgres::session::pin_lookup(PgConnectOptions::from_str(url)?))
     }
 }
 
 /// The user's query wrapped to return each parameter as itself and as text
 /// (columns `2i` and `2i + 1`), and at most `limit + 1` rows.
-pub fn wrap_query(query: &str, params: &[Arc<str>], limit: u64) -> String {
+pub(crate) fn wrap_query(query: &str, params: &[Arc<str>], limit: u64) -> String {
     let inner = query.trim().trim_end_matches(';').trim_end();
     let columns: Vec<String> = params
         .iter()

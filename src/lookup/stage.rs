@@ -45,14 +45,14 @@ use crate::retry::{Backoff, Stopped};
 /// A change that asked for look-ups, and the look-ups it asked for: kept
 /// with its batch so that failing look-ups can be narrowed down to it.
 #[derive(Debug, Clone)]
-pub struct LookupOrigin {
-    pub change: Arc<Change>,
-    pub requests: Vec<LookupRequest>,
+pub(crate) struct LookupOrigin {
+    pub(crate) change: Arc<Change>,
+    pub(crate) requests: Vec<LookupRequest>,
 }
 
 impl LookupOrigin {
     /// About how many bytes keeping it costs.
-    pub fn approx_bytes(&self) -> usize {
+    pub(crate) fn approx_bytes(&self) -> usize {
         self.change.approx_bytes() + self.requests.iter().map(LookupRequest::approx_bytes).sum::<usize>()
     }
 }
@@ -60,7 +60,7 @@ impl LookupOrigin {
 /// Why the look-up stage could not settle a batch's look-ups. The texts are
 /// the ones the daemon has always printed after `look-up: `.
 #[derive(Debug, thiserror::Error)]
-pub enum LookupStageError {
+pub(crate) enum LookupStageError {
     /// A look-up query that cannot run for any change (see `crate::policy`).
     #[error("{error}: {hint}")]
     Broken {
@@ -81,7 +81,7 @@ pub enum LookupStageError {
 /// Requests grouped by dependency: distinct arguments (by
 /// [`LookupRequest::key`]) in first-seen order, and the path of the first
 /// request (for reasons).
-pub fn group_requests(requests: Vec<LookupRequest>) -> BTreeMap<DepId, (Path, Vec<Value>)> {
+pub(crate) fn group_requests(requests: Vec<LookupRequest>) -> BTreeMap<DepId, (Path, Vec<Value>)> {
     let mut groups: BTreeMap<DepId, (Path, Vec<Value>)> = BTreeMap::new();
     let mut seen: HashSet<(DepId, ArgKey)> = HashSet::new();
     for LookupRequest { dependency, arg, path } in requests {
@@ -149,9 +149,9 @@ enum Settled {
 /// How to retry look-ups.
 pub(crate) struct Retries<'a> {
     /// A fresh copy of it for every set of look-ups retried.
-    pub backoff: Backoff,
-    pub max_attempts: u32,
-    pub shutdown: &'a CancellationToken,
+    pub(crate) backoff: Backoff,
+    pub(crate) max_attempts: u32,
+    pub(crate) shutdown: &'a CancellationToken,
 }
 
 /// Runs a batch's look-ups; when they give up, runs each origin's alone.

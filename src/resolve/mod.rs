@@ -34,7 +34,7 @@ use crate::graph::{CacheId, DepId, Graph, LookupArg, Mapping, TableId, Trigger};
 
 /// The path through the graph: dependencies from the changed table to the
 /// cache, in order.
-pub type Path = SmallVec<[DepId; 4]>;
+pub(crate) type Path = SmallVec<[DepId; 4]>;
 
 /// Something a sink must do.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -48,14 +48,14 @@ pub enum Effect {
 }
 
 impl Effect {
-    pub fn cache(&self) -> CacheId {
+    pub(crate) fn cache(&self) -> CacheId {
         match self {
             Effect::Key { cache, .. } | Effect::Tag { cache, .. } | Effect::NamespaceBump { cache } => *cache,
         }
     }
 
     /// About how many bytes holding this effect costs (in a set or a batch).
-    pub fn approx_bytes(&self) -> usize {
+    pub(crate) fn approx_bytes(&self) -> usize {
         std::mem::size_of::<Effect>()
             + match self {
                 Effect::Key { key: text, .. } | Effect::Tag { tag: text, .. } => text.len(),
@@ -66,7 +66,7 @@ impl Effect {
 
 /// Which row image an effect was rendered from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Image {
+pub(crate) enum Image {
     Old,
     New,
     Both,
@@ -74,7 +74,7 @@ pub enum Image {
 
 /// Why an effect is there, besides its path.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Cause {
+pub(crate) enum Cause {
     /// Rendered from a row image.
     Row(Image),
     /// Rendered from a look-up result row.
@@ -94,42 +94,42 @@ pub enum Cause {
 
 /// One reason for an effect.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Reason {
-    pub path: Path,
-    pub cause: Cause,
+pub(crate) struct Reason {
+    pub(crate) path: Path,
+    pub(crate) cause: Cause,
 }
 
 /// An effect with every reason that produced it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub effect: Effect,
-    pub reasons: Vec<Reason>,
+    pub(crate) reasons: Vec<Reason>,
 }
 
 /// A look-up the look-up stage must execute: run the dependency's query with
 /// `arg` among the `$1` values, then feed the rows back.
 #[derive(Debug, Clone, PartialEq)]
-pub struct LookupRequest {
-    pub dependency: DepId,
-    pub arg: Value,
-    pub path: Path,
+pub(crate) struct LookupRequest {
+    pub(crate) dependency: DepId,
+    pub(crate) arg: Value,
+    pub(crate) path: Path,
 }
 
 impl LookupRequest {
     /// About how many bytes holding this request costs.
-    pub fn approx_bytes(&self) -> usize {
+    pub(crate) fn approx_bytes(&self) -> usize {
         std::mem::size_of::<LookupRequest>() + self.arg.heap_bytes()
     }
 
     /// What makes two requests the same look-up: the dependency and the
     /// argument (the path is only the first request's reason).
-    pub fn key(&self) -> (DepId, ArgKey) {
+    pub(crate) fn key(&self) -> (DepId, ArgKey) {
         (self.dependency, ArgKey::new(self.arg.clone()))
     }
 
     /// Whether `other` is the same look-up as this one (as [`key`](Self::key)
     /// says, without building the keys).
-    pub fn same_lookup(&self, other: &LookupRequest) -> bool {
+    pub(crate) fn same_lookup(&self, other: &LookupRequest) -> bool {
         self.dependency == other.dependency && canonical(&self.arg) == canonical(&other.arg)
     }
 }
@@ -145,7 +145,7 @@ impl LookupRequest {
 /// `NaN != NaN` (not an equivalence) and `0.0 == -0.0`. `Int(1)` and
 /// `Text("1")` are two keys, as they bind differently.
 #[derive(Debug, Clone)]
-pub struct ArgKey(Value);
+pub(crate) struct ArgKey(Value);
 
 /// The canonical form [`ArgKey`] compares and hashes.
 #[derive(PartialEq, Eq, Hash)]
@@ -159,12 +159,12 @@ enum Canonical<'a> {
 }
 
 impl ArgKey {
-    pub fn new(arg: Value) -> ArgKey {
+    pub(crate) fn new(arg: Value) -> ArgKey {
         ArgKey(arg)
     }
 
     /// The argument it stands for.
-    pub fn value(&self) -> &Value {
+    pub(crate) fn value(&self) -> &Value {
         &self.0
     }
 }
@@ -197,7 +197,7 @@ impl std::hash::Hash for ArgKey {
 
 /// A dependency that produced nothing, and why (for `explain`).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Skip {
+pub(crate) enum Skip {
     /// An update changed none of the filter's columns.
     Filtered { dependency: DepId },
     /// A parameter was NULL, so there is no key (or tag, or look-up).
@@ -208,8 +208,8 @@ pub enum Skip {
 #[derive(Debug, Clone, Default)]
 pub struct Resolution {
     pub effects: Vec<Resolved>,
-    pub lookups: Vec<LookupRequest>,
-    pub skipped: Vec<Skip>,
+    pub(crate) lookups: Vec<LookupRequest>,
+    pub(crate) skipped: Vec<Skip>,
     /// Effect → index in `effects`, built once there are too many effects
     /// for a linear scan (most changes resolve to a handful).
     index: Option<HashMap<Effect, usize>>,
@@ -219,7 +219,8 @@ pub struct Resolution {
 const SCAN_LIMIT: usize = 16;
 
 impl Resolution {
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
         self.effects.is_empty() && self.lookups.is_empty()
     }
 
@@ -252,7 +253,7 @@ impl Resolution {
     }
 
     /// Folds another resolution into this one, deduplicating.
-    pub fn merge(&mut self, other: Resolution) {
+    pub(crate) fn merge(&mut self, other: Resolution) {
         for resolved in other.effects {
             for reason in resolved.reasons {
                 self.add(resolved.effect.clone(), reason);
@@ -294,7 +295,7 @@ impl<'g> Resolver<'g> {
         Resolver { graph }
     }
 
-    pub fn graph(&self) -> &'g Graph {
+    pub(crate) fn graph(&self) -> &'g Graph {
         self.graph
     }
 
@@ -331,7 +332,12 @@ impl<'g> Resolver<'g> {
     /// Continues resolution with the rows a look-up returned for
     /// `request`'s dependency: `rows[r][i]` is parameter `i` of the target
     /// cache's key.
-    pub fn resolve_lookup_rows(&self, dependency: DepId, path: &Path, rows: &[Vec<Option<Value>>]) -> Resolution {
+    pub(crate) fn resolve_lookup_rows(
+        &self,
+        dependency: DepId,
+        path: &Path,
+        rows: &[Vec<Option<Value>>],
+    ) -> Resolution {
         let mut out = Resolution::default();
         let cache = self.graph.dependency(dependency).cache;
         for row in rows {
@@ -343,7 +349,7 @@ impl<'g> Resolver<'g> {
 
     /// A look-up returned more rows than the cache's fan-out limit: bump the
     /// whole cache instead.
-    pub fn fanout_exceeded(&self, dependency: DepId, path: &Path, rows: u64) -> Resolution {
+    pub(crate) fn fanout_exceeded(&self, dependency: DepId, path: &Path, rows: u64) -> Resolution {
         let mut out = Resolution::default();
         let cache = self.graph.dependency(dependency).cache;
         let limit = self.graph.cache(cache).options.fanout_limit;
@@ -354,7 +360,7 @@ impl<'g> Resolver<'g> {
     /// A look-up that cannot be run for a dead-lettered change: bump the
     /// cache it feeds (and its embedders), since the keys it would have
     /// found are unknown. Never a silent miss.
-    pub fn lookup_failed(&self, request: &LookupRequest) -> Resolution {
+    pub(crate) fn lookup_failed(&self, request: &LookupRequest) -> Resolution {
         let mut out = Resolution::default();
         let cache = self.graph.dependency(request.dependency).cache;
         self.bump(cache, request.path.clone(), Cause::LookupFailed, &mut out);
@@ -547,9 +553,9 @@ fn column_changed(change: &Change, is_key: bool, column: &str) -> bool {
 }
 
 /// Renders a reason's path as `shop.products ─direct[name]→ product_detail ─embeds→ page`.
-pub struct PathDisplay<'a> {
-    pub graph: &'a Graph,
-    pub path: &'a Path,
+pub(crate) struct PathDisplay<'a> {
+    pub(crate) graph: &'a Graph,
+    pub(crate) path: &'a Path,
 }
 
 impl fmt::Display for PathDisplay<'_> {

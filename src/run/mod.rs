@@ -57,19 +57,19 @@ use crate::source::{Source, SourceError, SourceEvent, Undecodable, UndecodableRe
 
 /// How the loop batches, bounds and retries.
 #[derive(Debug, Clone, Copy)]
-pub struct RunOptions {
-    pub batch: BatchLimits,
+pub(crate) struct RunOptions {
+    pub(crate) batch: BatchLimits,
     /// Distinct effects (and bytes) one transaction may accumulate before
     /// its caches collapse into namespace bumps.
-    pub transaction: TransactionLimits,
+    pub(crate) transaction: TransactionLimits,
     /// First and longest wait between retries of a failing sink or look-up.
-    pub retry_min: Duration,
-    pub retry_max: Duration,
+    pub(crate) retry_min: Duration,
+    pub(crate) retry_max: Duration,
     /// What to do with a change that cannot be resolved.
-    pub on_error: OnError,
+    pub(crate) on_error: OnError,
     /// Failed attempts (query errors, timeouts; never connection failures)
     /// before a batch's look-ups are narrowed down to the failing changes.
-    pub lookup_attempts: u32,
+    pub(crate) lookup_attempts: u32,
 }
 
 impl Default for RunOptions {
@@ -87,7 +87,7 @@ impl Default for RunOptions {
 
 /// Why a session ended.
 #[derive(Debug)]
-pub enum SessionEnd {
+pub(crate) enum SessionEnd {
     /// Shutdown was asked for; everything complete was applied and acknowledged.
     Shutdown,
     /// The source failed in a way worth reconnecting for.
@@ -99,7 +99,7 @@ pub enum SessionEnd {
 /// Each variant carries the typed error it came from as its `#[source]`;
 /// the texts are the ones the daemon has always printed.
 #[derive(Debug, thiserror::Error)]
-pub enum RunError {
+pub(crate) enum RunError {
     /// The source failed for good, or refused an acknowledgement.
     #[error("source: {0}")]
     Source(#[source] SourceError),
@@ -153,7 +153,7 @@ impl From<LookupStageError> for RunError {
 
 /// How a source's events broke the transaction order.
 #[derive(Debug, thiserror::Error)]
-pub enum OutOfOrder {
+pub(crate) enum OutOfOrder {
     #[error("a transaction began inside another")]
     NestedBegin,
     #[error("change at {0} outside a transaction")]
@@ -165,15 +165,15 @@ pub enum OutOfOrder {
 }
 
 /// Everything a batch task needs, shared.
-pub struct Pipeline<K, L, D> {
-    pub graph: Arc<Graph>,
-    pub sink: Arc<K>,
-    pub lookups: Option<Arc<L>>,
+pub(crate) struct Pipeline<K, L, D> {
+    pub(crate) graph: Arc<Graph>,
+    pub(crate) sink: Arc<K>,
+    pub(crate) lookups: Option<Arc<L>>,
     /// Where changes that cannot be resolved are recorded.
-    pub dead_letters: Arc<D>,
-    pub options: RunOptions,
-    pub metrics: Arc<Metrics>,
-    pub health: Arc<Health>,
+    pub(crate) dead_letters: Arc<D>,
+    pub(crate) options: RunOptions,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) health: Arc<Health>,
 }
 
 impl<K, L, D> Clone for Pipeline<K, L, D> {
@@ -252,7 +252,7 @@ where
     /// Runs one source session until `stop` (shutdown or step-down) or
     /// until the source fails: the driver of [`Session`], which decides;
     /// this waits and carries out.
-    pub async fn run_session<S: Source>(
+    pub(crate) async fn run_session<S: Source>(
         &self,
         source: &mut S,
         stop: &CancellationToken,

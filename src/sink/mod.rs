@@ -6,7 +6,7 @@
 //! change's commit position, or past what is stored) — so a sink may apply
 //! a batch more than once: a replayed bump costs one extra miss.
 
-pub mod multi;
+pub(crate) mod multi;
 pub mod redis;
 
 use std::future::Future;
@@ -35,7 +35,7 @@ pub struct SinkBatch<'a> {
 /// A sink's own reason for not confirming, kept typed as the error's
 /// `#[source]` (for Redis, [`redis::RedisCause`]: the client's error,
 /// a timeout, a script's refusal, ...). Its text is what the logs show.
-pub type SinkCause = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub(crate) type SinkCause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why a sink could not confirm a batch: the class decides what the run
 /// loop does (see `crate::policy`), the cause says why.
@@ -59,23 +59,16 @@ pub enum SinkError {
 }
 
 impl SinkError {
-    pub fn transient(target: impl Into<String>, cause: impl Into<SinkCause>) -> SinkError {
+    pub(crate) fn transient(target: impl Into<String>, cause: impl Into<SinkCause>) -> SinkError {
         SinkError::Transient { target: target.into(), cause: cause.into() }
     }
 
-    pub fn definite(target: impl Into<String>, cause: impl Into<SinkCause>) -> SinkError {
+    pub(crate) fn definite(target: impl Into<String>, cause: impl Into<SinkCause>) -> SinkError {
         SinkError::Definite { target: target.into(), cause: cause.into() }
     }
 
-    /// The target that did not confirm.
-    pub fn target(&self) -> &str {
-        match self {
-            SinkError::Transient { target, .. } | SinkError::Definite { target, .. } => target,
-        }
-    }
-
     /// Why, without the target's name.
-    pub fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+    pub(crate) fn cause(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
         match self {
             SinkError::Transient { cause, .. } | SinkError::Definite { cause, .. } => cause.as_ref(),
         }

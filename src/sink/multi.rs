@@ -14,11 +14,11 @@ use crate::sink::{Sink, SinkBatch, SinkCause, SinkError};
 /// The most severe target's cause, when others failed too.
 #[derive(Debug, thiserror::Error)]
 #[error("{first} (and {more} more targets)")]
-pub struct AndMore {
+pub(crate) struct AndMore {
     #[source]
-    pub first: SinkCause,
+    pub(crate) first: SinkCause,
     /// How many other targets did not confirm (logged one by one).
-    pub more: usize,
+    pub(crate) more: usize,
 }
 
 /// Applies each batch to every target.
@@ -35,7 +35,7 @@ impl<S: Sink> MultiSink<S> {
         MultiSink { name, targets }
     }
 
-    pub fn targets(&self) -> &[S] {
+    pub(crate) fn targets(&self) -> &[S] {
         &self.targets
     }
 }

@@ -41,13 +41,13 @@ use crate::config::FullRowDeletes;
 use crate::graph::Graph;
 
 /// The placeholder Debezium writes for a value it does not have.
-pub const UNAVAILABLE: &str = "__debezium_unavailable_value";
+pub(crate) const UNAVAILABLE: &str = "__debezium_unavailable_value";
 
 mod decimal;
 
 /// What one event decodes to.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Decoded {
+pub(crate) enum Decoded {
     Change(Change),
     /// A snapshot read (`op = r`): the row as it was, not a change.
     SnapshotRead(Change),
@@ -58,7 +58,7 @@ pub enum Decoded {
 
 /// Why an event was not a row change.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ignored {
+pub(crate) enum Ignored {
     Tombstone,
     TransactionMetadata,
     Heartbeat,
@@ -67,7 +67,7 @@ pub enum Ignored {
 
 impl Ignored {
     /// The metric label (`op`) of such a message.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Ignored::Tombstone => "tombstone",
             Ignored::TransactionMetadata => "transaction",
@@ -79,7 +79,7 @@ impl Ignored {
 
 /// Why an event could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DebeziumError {
+pub(crate) enum DebeziumError {
     #[error("not a Debezium change event: {0}")]
     Shape(String),
     #[error("unknown op `{0}` (expected c, u, d, t or r)")]
@@ -96,7 +96,7 @@ pub enum DebeziumError {
 
 impl DebeziumError {
     /// The dead-letter reason (`evictd.reason`, metric label).
-    pub fn reason(&self) -> super::UndecodableReason {
+    pub(crate) fn reason(&self) -> super::UndecodableReason {
         match self {
             DebeziumError::TooLarge { .. } => super::UndecodableReason::TooLarge,
             DebeziumError::TooSlow => super::UndecodableReason::TooSlow,
@@ -107,25 +107,25 @@ impl DebeziumError {
 
 /// How events are turned into changes.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct DecodeOptions<'a> {
+pub(crate) struct DecodeOptions<'a> {
     /// The table to report instead of the one in `source` (a configured
     /// topic-to-table mapping).
-    pub table: Option<&'a str>,
-    pub full_row_deletes: Option<&'a FullRowDeletes>,
+    pub(crate) table: Option<&'a str>,
+    pub(crate) full_row_deletes: Option<&'a FullRowDeletes>,
     /// The graph's key columns per table: what a delete's old row keeps
     /// when its message key names no columns (not JSON, not an object).
-    pub table_keys: Option<&'a TableKeys>,
+    pub(crate) table_keys: Option<&'a TableKeys>,
     /// The largest column value (its JSON text, about), in bytes.
-    pub max_value_bytes: Option<usize>,
+    pub(crate) max_value_bytes: Option<usize>,
     /// When decoding this event must have finished.
-    pub deadline: Option<std::time::Instant>,
+    pub(crate) deadline: Option<std::time::Instant>,
 }
 
 /// Key columns per table (`schema.table`), from the graph.
 pub type TableKeys = HashMap<String, HashSet<String>>;
 
 /// The key columns of every table of `graph`.
-pub fn table_keys(graph: &Graph) -> TableKeys {
+pub(crate) fn table_keys(graph: &Graph) -> TableKeys {
     graph.tables().iter().map(|t| (t.name.to_string(), t.key.iter().map(|c| c.to_string()).collect())).collect()
 }
 
@@ -134,32 +134,28 @@ pub fn table_keys(graph: &Graph) -> TableKeys {
 /// "value", "headers"}`; a line that is not in that shape is taken as a
 /// bare event value.
 #[derive(Debug, Clone, Copy)]
-pub struct Record<'a> {
-    pub topic: Option<&'a str>,
-    pub partition: Option<i32>,
-    pub offset: Option<i64>,
-    pub key: Option<&'a Json>,
-    pub value: Option<&'a Json>,
+pub(crate) struct Record<'a> {
+    pub(crate) topic: Option<&'a str>,
+    pub(crate) key: Option<&'a Json>,
+    pub(crate) value: Option<&'a Json>,
 }
 
 impl<'a> Record<'a> {
-    pub fn from_json(json: &'a Json) -> Record<'a> {
+    pub(crate) fn from_json(json: &'a Json) -> Record<'a> {
         match json.as_object() {
             Some(o) if o.contains_key("value") && o.contains_key("topic") => Record {
                 topic: o.get("topic").and_then(Json::as_str),
-                partition: o.get("partition").and_then(Json::as_i64).and_then(|p| i32::try_from(p).ok()),
-                offset: o.get("offset").and_then(Json::as_i64),
                 key: o.get("key").filter(|k| !k.is_null()),
                 value: o.get("value"),
             },
-            _ => Record { topic: None, partition: None, offset: None, key: None, value: Some(json) },
+            _ => Record { topic: None, key: None, value: Some(json) },
         }
     }
 }
 
 /// Decodes one event: `value` is the message value (`None` for a null
 /// value), `key` the message key when there is one.
-pub fn decode(
+pub(crate) fn decode(
     value: Option<&Json>,
     key: Option<&Json>,
     position: Position,
@@ -374,7 +370,7 @@ fn row(
 }
 
 /// One column value, by its Connect schema when there is one.
-pub fn typed(json: &Json, schema: Option<&Json>) -> Result<Value, String> {
+pub(crate) fn typed(json: &Json, schema: Option<&Json>) -> Result<Value, String> {
     if json.is_null() {
         return Ok(Value::Null);
     }
@@ -454,12 +450,12 @@ fn base64_bytes(text: &str) -> Result<Vec<u8>, String> {
 /// The largest unscaled decimal accepted, in bytes: Postgres's `numeric`
 /// (the widest of any database Debezium reads) holds at most 131,072 digits
 /// before the point and 16,383 after, about 61,300 bytes.
-pub const MAX_DECIMAL_BYTES: usize = 64 * 1024;
+pub(crate) const MAX_DECIMAL_BYTES: usize = 64 * 1024;
 
 /// The text of an unscaled big-endian two's-complement integer at `scale`,
 /// as Postgres prints a numeric: `[-]digits[.fraction]`, exactly `scale`
 /// fraction digits.
-pub fn decimal_text(unscaled: &[u8], scale: i64) -> Result<String, String> {
+pub(crate) fn decimal_text(unscaled: &[u8], scale: i64) -> Result<String, String> {
     if !(-1000..=100_000).contains(&scale) {
         return Err(format!("decimal scale {scale} out of range"));
     }

@@ -12,7 +12,7 @@
 
 pub mod debezium;
 pub mod kafka;
-pub mod postgres;
+pub(crate) mod postgres;
 
 use std::future::Future;
 
@@ -43,7 +43,7 @@ pub enum SourceEvent {
 }
 
 /// The underlying error of a [`SourceError`].
-pub type SourceCause = Box<dyn std::error::Error + Send + Sync + 'static>;
+pub(crate) type SourceCause = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// Why a source failed: retry or stop (`crate::policy` decides on the
 /// class), what the source was doing, and the error underneath it, if any.
@@ -75,26 +75,27 @@ fn render(context: &str, cause: Option<&(dyn std::error::Error + Send + Sync + '
 
 impl SourceError {
     /// A transient failure that the context says all about.
-    pub fn transient(context: impl Into<String>) -> SourceError {
+    pub(crate) fn transient(context: impl Into<String>) -> SourceError {
         SourceError::Transient { context: context.into(), cause: None }
     }
 
     /// A transient failure caused by `cause`.
-    pub fn transient_from(context: impl Into<String>, cause: impl Into<SourceCause>) -> SourceError {
+    pub(crate) fn transient_from(context: impl Into<String>, cause: impl Into<SourceCause>) -> SourceError {
         SourceError::Transient { context: context.into(), cause: Some(cause.into()) }
     }
 
     /// A definite failure that the context says all about.
-    pub fn definite(context: impl Into<String>) -> SourceError {
+    pub(crate) fn definite(context: impl Into<String>) -> SourceError {
         SourceError::Definite { context: context.into(), cause: None }
     }
 
     /// A definite failure caused by `cause`.
-    pub fn definite_from(context: impl Into<String>, cause: impl Into<SourceCause>) -> SourceError {
+    pub(crate) fn definite_from(context: impl Into<String>, cause: impl Into<SourceCause>) -> SourceError {
         SourceError::Definite { context: context.into(), cause: Some(cause.into()) }
     }
 
-    pub fn is_transient(&self) -> bool {
+    #[cfg(test)]
+    pub(crate) fn is_transient(&self) -> bool {
         matches!(self, SourceError::Transient { .. })
     }
 }

@@ -30,31 +30,28 @@ use crate::config::BroadcastConfig;
 use crate::resolve::Effect;
 use crate::sink::SinkBatch;
 
-/// The message format version this module writes.
-pub const FORMAT_VERSION: u32 = 1;
-
 /// A message without its `v` and `seq`, which the publish script adds.
 #[derive(Debug, Serialize, PartialEq)]
-pub struct Message<'a> {
-    pub batch: u64,
-    pub position: Option<PositionJson<'a>>,
+pub(crate) struct Message<'a> {
+    pub(crate) batch: u64,
+    pub(crate) position: Option<PositionJson<'a>>,
     /// Keys invalidated by the batch, of caches with `broadcast = true`.
-    pub keys: Vec<&'a str>,
+    pub(crate) keys: Vec<&'a str>,
     /// Tags invalidated (every key registered under them is gone).
-    pub tags: Vec<&'a str>,
+    pub(crate) tags: Vec<&'a str>,
     /// Caches to drop whole: namespace bumps, and caches whose keys did not
     /// fit the message (`truncated`).
-    pub flush: Vec<&'a str>,
+    pub(crate) flush: Vec<&'a str>,
     /// Whether keys were left out (past `broadcast_max_keys`); their caches
     /// are in `flush`.
-    pub truncated: bool,
-    pub published_at_ms: u64,
+    pub(crate) truncated: bool,
+    pub(crate) published_at_ms: u64,
 }
 
 /// A source position as the message carries it.
 #[derive(Debug, Serialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase")]
-pub enum PositionJson<'a> {
+pub(crate) enum PositionJson<'a> {
     Postgres { commit_lsn: String, lsn: String },
     Kafka { topic: &'a str, partition: i32, offset: i64 },
     File { line: u64 },
@@ -76,7 +73,7 @@ impl<'a> PositionJson<'a> {
 
 /// The message of a batch, or `None` when it invalidated nothing of a
 /// broadcast cache.
-pub fn message<'a>(batch: &SinkBatch<'a>, config: &BroadcastConfig, now_ms: u64) -> Option<Message<'a>> {
+pub(crate) fn message<'a>(batch: &SinkBatch<'a>, config: &BroadcastConfig, now_ms: u64) -> Option<Message<'a>> {
     let mut keys = Vec::new();
     let mut key_caches = BTreeSet::new();
     let mut tags = Vec::new();
@@ -120,7 +117,7 @@ pub fn message<'a>(batch: &SinkBatch<'a>, config: &BroadcastConfig, now_ms: u64)
 
 /// The message's JSON after `{"v":1,"seq":N`: it starts with `,` (or is `}`
 /// alone for an empty object), as the publish script expects.
-pub fn tail(message: &Message<'_>) -> Result<String, serde_json::Error> {
+pub(crate) fn tail(message: &Message<'_>) -> Result<String, serde_json::Error> {
     let json = serde_json::to_string(message)?;
     Ok(match json.strip_prefix('{') {
         Some("}") | None => "}".to_owned(),

@@ -25,7 +25,7 @@ use crate::sink::SinkError;
 
 /// A connected target; cheap to clone (the clients are shared handles).
 #[derive(Clone)]
-pub enum Conn {
+pub(crate) enum Conn {
     Standalone(ConnectionManager),
     Cluster(ClusterConnection),
 }
@@ -33,7 +33,7 @@ pub enum Conn {
 impl Conn {
     /// Connects to a target, within `timeout` overall; a reply may take up
     /// to `round_trip` (the timeout plus the durability wait).
-    pub async fn connect(
+    pub(crate) async fn connect(
         target: &RedisTarget,
         timeout: Duration,
         round_trip: Duration,
@@ -72,7 +72,7 @@ impl Conn {
         }
     }
 
-    pub fn topology(&self) -> Topology {
+    pub(crate) fn topology(&self) -> Topology {
         match self {
             Conn::Standalone(_) => Topology::Standalone,
             Conn::Cluster(_) => Topology::Cluster,
@@ -99,13 +99,13 @@ impl Conn {
 }
 
 /// Runs round trips against one target with its timeout and scripts.
-pub struct Runner<'a> {
-    pub conn: &'a Conn,
-    pub scripts: &'a Scripts,
-    pub errors: &'a Errors,
-    pub timeout: Duration,
+pub(crate) struct Runner<'a> {
+    pub(crate) conn: &'a Conn,
+    pub(crate) scripts: &'a Scripts,
+    pub(crate) errors: &'a Errors,
+    pub(crate) timeout: Duration,
     /// The wait that ends every pipeline of a batch's invalidations.
-    pub wait: Option<crate::config::Durability>,
+    pub(crate) wait: Option<crate::config::Durability>,
 }
 
 impl Runner<'_> {
@@ -120,7 +120,7 @@ impl Runner<'_> {
 
     /// Sends `pipe` and returns its replies once every one was read and none
     /// is an error. `NOSCRIPT` loads the scripts and re-runs the pipeline.
-    pub async fn pipeline(&self, what: &str, pipe: &mut Pipeline) -> Result<Vec<Value>, SinkError> {
+    pub(crate) async fn pipeline(&self, what: &str, pipe: &mut Pipeline) -> Result<Vec<Value>, SinkError> {
         pipe.ignore_errors();
         // Scripts can vanish between a load and the re-run (a failover to a
         // node that never saw them, a SCRIPT FLUSH): load at most twice.

@@ -19,7 +19,7 @@ use super::error::Class;
 use crate::config::Durability;
 
 /// Appends the wait to a pipeline, after its writes.
-pub fn push(pipe: &mut Pipeline, wait: &Durability) {
+pub(crate) fn push(pipe: &mut Pipeline, wait: &Durability) {
     let timeout_ms = u64::try_from(wait.timeout.as_millis()).unwrap_or(u64::MAX).max(1);
     if wait.aof {
         pipe.cmd("WAITAOF").arg(1).arg(wait.replicas).arg(timeout_ms);
@@ -30,7 +30,7 @@ pub fn push(pipe: &mut Pipeline, wait: &Durability) {
 
 /// Why a wait did not confirm its pipeline.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum WaitError {
+pub(crate) enum WaitError {
     #[error("durability wait: {got} of {want} replica(s) acknowledged the writes within {timeout_ms} ms")]
     Replicas { got: i64, want: u32, timeout_ms: u128 },
     #[error("durability wait: the primary did not fsync the writes to its AOF within {timeout_ms} ms")]
@@ -43,7 +43,7 @@ impl WaitError {
     /// Too few acknowledgements is a state of the servers that passes
     /// (a replica reconnects, a disk catches up); a reply of another shape
     /// is a protocol surprise.
-    pub fn class(&self) -> Class {
+    pub(crate) fn class(&self) -> Class {
         match self {
             WaitError::Replicas { .. } | WaitError::LocalAof { .. } => Class::Transient,
             WaitError::Unexpected(_) => Class::Definite,
@@ -52,7 +52,7 @@ impl WaitError {
 }
 
 /// Reads the wait's reply (the pipeline's last).
-pub fn check(wait: &Durability, reply: Option<&Value>) -> Result<(), WaitError> {
+pub(crate) fn check(wait: &Durability, reply: Option<&Value>) -> Result<(), WaitError> {
     let timeout_ms = wait.timeout.as_millis();
     let (local, replicas) = match (wait.aof, reply) {
         (false, Some(Value::Int(n))) => (None, *n),

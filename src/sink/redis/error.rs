@@ -18,7 +18,7 @@ use crate::sink::SinkError;
 
 /// Which way a failure goes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Class {
+pub(crate) enum Class {
     Transient,
     Definite,
 }
@@ -27,7 +27,7 @@ pub enum Class {
 const DEFINITE_CODES: &[&str] = &["WRONGTYPE", "NOAUTH", "WRONGPASS", "NOPERM", "EVICTD_NOT_A_VERSION"];
 
 /// Classifies a Redis client or server error.
-pub fn classify(err: &RedisError) -> Class {
+pub(crate) fn classify(err: &RedisError) -> Class {
     if err.is_io_error() || err.is_timeout() || err.is_connection_dropped() || err.is_connection_refusal() {
         return Class::Transient;
     }
@@ -74,7 +74,7 @@ pub fn classify(err: &RedisError) -> Class {
 /// Why a Redis target did not confirm: the `#[source]` of its
 /// [`SinkError`]. Each text is the one the daemon has always logged.
 #[derive(Debug, thiserror::Error)]
-pub enum RedisCause {
+pub(crate) enum RedisCause {
     /// The client failed or the server answered an error while doing
     /// `what` (a refusing script included: `EVICTD_NOT_A_VERSION`).
     /// `detail` is the error's text with the target's URLs scrubbed.
@@ -129,14 +129,14 @@ pub enum RedisCause {
 
 /// Builds [`SinkError`]s for one target, scrubbing its URLs from messages.
 #[derive(Debug, Clone)]
-pub struct Errors {
+pub(crate) struct Errors {
     target: String,
     /// URL texts (with passwords) that must never appear in a message.
     secrets: Vec<String>,
 }
 
 impl Errors {
-    pub fn new(target: &str, secrets: Vec<String>) -> Errors {
+    pub(crate) fn new(target: &str, secrets: Vec<String>) -> Errors {
         Errors { target: target.to_owned(), secrets: secrets.into_iter().filter(|s| !s.is_empty()).collect() }
     }
 
@@ -149,7 +149,7 @@ impl Errors {
         message
     }
 
-    pub fn make(&self, class: Class, cause: RedisCause) -> SinkError {
+    pub(crate) fn make(&self, class: Class, cause: RedisCause) -> SinkError {
         let target = self.target.clone();
         match class {
             Class::Transient => SinkError::transient(target, cause),
@@ -158,18 +158,18 @@ impl Errors {
     }
 
     /// A Redis error while doing `what`.
-    pub fn redis(&self, what: &str, error: RedisError) -> SinkError {
+    pub(crate) fn redis(&self, what: &str, error: RedisError) -> SinkError {
         let detail = self.scrub(error.to_string());
         self.make(classify(&error), RedisCause::Redis { what: what.to_owned(), detail, error })
     }
 
     /// No reply within the command timeout: the target hangs or is gone.
-    pub fn timeout(&self, what: &str, after: Duration) -> SinkError {
+    pub(crate) fn timeout(&self, what: &str, after: Duration) -> SinkError {
         self.make(Class::Transient, RedisCause::Timeout { what: what.to_owned(), after })
     }
 
     /// A reply that is not what the command returns: a protocol surprise.
-    pub fn unexpected(&self, what: &str, reply: &Value) -> SinkError {
+    pub(crate) fn unexpected(&self, what: &str, reply: &Value) -> SinkError {
         self.make(Class::Definite, RedisCause::UnexpectedReply { what: what.to_owned(), reply: reply.clone() })
     }
 }

@@ -31,10 +31,10 @@
 use redis::Script;
 
 /// Prefix of namespace version keys.
-pub const NAMESPACE_PREFIX: &str = "evictd:ns:";
+pub(crate) const NAMESPACE_PREFIX: &str = "evictd:ns:";
 
 /// Prefix of tag registries (the tag follows in braces).
-pub const TAG_PREFIX: &str = "evictd:tag:";
+pub(crate) const TAG_PREFIX: &str = "evictd:tag:";
 
 /// The namespace version key of a cache.
 pub fn namespace_key(cache: &str) -> String {
@@ -48,10 +48,10 @@ pub fn tag_key(tag: &str) -> String {
 }
 
 /// Prefix of fill-guard stamps.
-pub const GUARD_PREFIX: &str = "evictd:guard:";
+pub(crate) const GUARD_PREFIX: &str = "evictd:guard:";
 
 /// Prefix of broadcast sequence keys (the channel follows).
-pub const SEQUENCE_PREFIX: &str = "evictd:seq:";
+pub(crate) const SEQUENCE_PREFIX: &str = "evictd:seq:";
 
 /// The fill-guard stamp of a cache key: `evictd:guard:` + the key when the
 /// key has a hash tag (its tag then stays the first one), else
@@ -79,7 +79,7 @@ pub fn guard_key(key: &[u8]) -> Vec<u8> {
 /// value inside `{{…}}` rendered empty; `a}b`, a tag member an application
 /// registered), or it is empty. Redis ends a hash tag at the first `}`, so
 /// no `{…}` can hold such a key whole.
-pub fn guard_in_slot(key: &[u8]) -> bool {
+pub(crate) fn guard_in_slot(key: &[u8]) -> bool {
     has_hash_tag(key) || (!key.is_empty() && !key.contains(&b'}'))
 }
 
@@ -98,7 +98,7 @@ fn has_hash_tag(key: &[u8]) -> bool {
 /// after a restore, across servers, or between two sources on one Redis.
 /// The sink passes a nonce unique to each application of a batch (see
 /// `RedisSink`). Readers' stamps start with `r`, so the two never collide.
-pub fn guard_stamp(version: &str, instance: Option<u64>) -> String {
+pub(crate) fn guard_stamp(version: &str, instance: Option<u64>) -> String {
     match instance {
         None => format!("i{version}"),
         Some(instance) => format!("i{version}.{instance:016x}"),
@@ -106,12 +106,12 @@ pub fn guard_stamp(version: &str, instance: Option<u64>) -> String {
 }
 
 /// The sequence key of a broadcast channel.
-pub fn sequence_key(channel: &str) -> String {
+pub(crate) fn sequence_key(channel: &str) -> String {
     format!("{SEQUENCE_PREFIX}{channel}")
 }
 
 /// A version as stored: canonical decimal.
-pub fn encode_version(version: u64) -> String {
+pub(crate) fn encode_version(version: u64) -> String {
     version.to_string()
 }
 
@@ -163,7 +163,7 @@ pub fn unstamp(value: &[u8], namespace: u64) -> Option<&[u8]> {
 /// returns 3: the sink bumps the cache's namespace instead. Leading zeros
 /// of a stored value are ignored; the key's TTL, if any, is removed by `SET`
 /// (evictd never gives version keys a TTL).
-pub const BUMP_LUA: &str = r#"
+pub(crate) const BUMP_LUA: &str = r#"
 local function greater(a, b)
   if #a ~= #b then return #a > #b end
   for i = 1, #a do
@@ -300,7 +300,7 @@ return 1
 /// missing sequence (first use, or data lost) starts from the server clock
 /// in microseconds, so it keeps increasing across restarts of evictd and
 /// even across a loss of Redis's data. Returns the sequence number used.
-pub const PUBLISH_LUA: &str = r#"
+pub(crate) const PUBLISH_LUA: &str = r#"
 if redis.call('EXISTS', KEYS[1]) == 0 then
   local now = redis.call('TIME')
   redis.call('SET', KEYS[1], now[1] .. string.format('%06d', tonumber(now[2])))
@@ -312,18 +312,18 @@ return seq
 
 /// The scripts evictd runs, built once per sink.
 #[derive(Debug)]
-pub struct Scripts {
-    pub bump: Script,
-    pub forget: Script,
-    pub publish: Script,
+pub(crate) struct Scripts {
+    pub(crate) bump: Script,
+    pub(crate) forget: Script,
+    pub(crate) publish: Script,
 }
 
 impl Scripts {
-    pub fn new() -> Scripts {
+    pub(crate) fn new() -> Scripts {
         Scripts { bump: Script::new(BUMP_LUA), forget: Script::new(FORGET_LUA), publish: Script::new(PUBLISH_LUA) }
     }
 
-    pub fn all(&self) -> [&Script; 3] {
+    pub(crate) fn all(&self) -> [&Script; 3] {
         [&self.bump, &self.forget, &self.publish]
     }
 }

@@ -30,15 +30,15 @@
 //! record's highest version is written *before* such a batch's bumps, so a
 //! batch replayed after a crash is always recognised as one.
 
-pub mod broadcast;
+pub(crate) mod broadcast;
 mod conn;
 mod durability;
 mod error;
 pub mod layout;
-pub mod plan;
-pub mod record;
+pub(crate) mod plan;
+pub(crate) mod record;
 mod redelete;
-pub mod setup;
+pub(crate) mod setup;
 mod tags;
 
 /// Keys of delayed second deletes that may wait at once, per target.
@@ -56,9 +56,8 @@ use secrecy::ExposeSecret;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-pub use durability::WaitError;
-pub use error::{Class, RedisCause, classify};
-pub use plan::{Command, Group, Plan, PlanError, Redelete, TagJob, Topology};
+pub(crate) use error::{Class, RedisCause};
+pub(crate) use plan::{Command, Group, Plan, Topology};
 
 use self::conn::{Conn, Runner};
 use self::error::Errors;
@@ -175,15 +174,11 @@ impl RedisSink {
         })
     }
 
-    pub fn topology(&self) -> Topology {
-        self.inner.conn.topology()
-    }
-
     /// The start-up check of this target (see [`setup`]): its eviction
     /// policy, persistence and replicas, and what `wait_aof` needs. `tags`:
     /// whether the graph has tag dependencies. An unreachable target is a
     /// transient error within the timeout.
-    pub async fn check_setup(&self, target: &RedisTarget, tags: bool) -> Result<setup::Findings, SinkError> {
+    pub(crate) async fn check_setup(&self, target: &RedisTarget, tags: bool) -> Result<setup::Findings, SinkError> {
         let inner = &self.inner;
         let facts = match tokio::time::timeout(inner.options.timeout, setup::inspect(&inner.conn, &inner.errors)).await
         {
@@ -195,7 +190,7 @@ impl RedisSink {
 
     /// Records this sink's own counts (keys invalidated without a stamp)
     /// in `metrics`; the first call wins.
-    pub fn observe(&self, metrics: Arc<Metrics>) {
+    pub(crate) fn observe(&self, metrics: Arc<Metrics>) {
         let _ = self.inner.metrics.set(metrics);
     }
 
@@ -207,7 +202,7 @@ impl RedisSink {
 
     /// Counts behind bumps in `counter` too (the target's series of
     /// `evictd_versions_behind_total`). Only the first call counts.
-    pub fn count_versions_behind(&self, counter: Counter) {
+    pub(crate) fn count_versions_behind(&self, counter: Counter) {
         let _ = self.inner.versions_behind_metric.set(counter);
     }
 
@@ -409,10 +404,10 @@ impl Sink for RedisSink {
 
 /// The fill-guard stamp written before each key invalidation of a batch.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Stamp {
+pub(crate) struct Stamp {
     /// `i<version>.<nonce>`: see [`layout::guard_stamp`].
-    pub value: String,
-    pub ttl_ms: u64,
+    pub(crate) value: String,
+    pub(crate) ttl_ms: u64,
 }
 
 /// A value unique to each application of a batch, for its fill-guard

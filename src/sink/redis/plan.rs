@@ -26,14 +26,14 @@ use crate::resolve::Effect;
 use crate::sink::SinkBatch;
 
 /// Most keys in one `UNLINK`.
-pub const UNLINK_CHUNK: usize = 512;
+pub(crate) const UNLINK_CHUNK: usize = 512;
 
 /// Most commands in one pipeline.
-pub const PIPELINE_COMMANDS: usize = 256;
+pub(crate) const PIPELINE_COMMANDS: usize = 256;
 
 /// What kind of target a plan is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Topology {
+pub(crate) enum Topology {
     /// One server: any keys may share a pipeline.
     Standalone,
     /// Redis Cluster: a pipeline holds keys of one hash slot only.
@@ -42,7 +42,7 @@ pub enum Topology {
 
 /// One Redis command of a plan.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
+pub(crate) enum Command {
     /// `UNLINK keys…`.
     Unlink(Vec<Vec<u8>>),
     /// The version script: raise `key` to the plan's version, or past it.
@@ -53,59 +53,59 @@ pub enum Command {
 
 /// Commands that go out as one pipeline.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Group {
+pub(crate) struct Group {
     /// The hash slot of every key in the group (Cluster); `None` on a
     /// standalone target.
-    pub slot: Option<Slot>,
-    pub commands: Vec<Command>,
+    pub(crate) slot: Option<Slot>,
+    pub(crate) commands: Vec<Command>,
 }
 
 /// Invalidating one tag: read its registry, delete the keys, forget them.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TagJob {
+pub(crate) struct TagJob {
     /// The cache whose dependency names the tag.
-    pub cache: Arc<str>,
-    pub tag: String,
+    pub(crate) cache: Arc<str>,
+    pub(crate) tag: String,
     /// `evictd:tag:{<tag>}`.
-    pub registry: String,
+    pub(crate) registry: String,
     /// The cache's `redelete_after_ms` when its action is `delete`.
-    pub redelete_after_ms: Option<u64>,
+    pub(crate) redelete_after_ms: Option<u64>,
 }
 
 /// Keys to delete a second time, `after_ms` after the batch is confirmed.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Redelete {
-    pub after_ms: u64,
-    pub keys: Vec<Vec<u8>>,
+pub(crate) struct Redelete {
+    pub(crate) after_ms: u64,
+    pub(crate) keys: Vec<Vec<u8>>,
 }
 
 /// Everything one batch asks of one target.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
+pub(crate) struct Plan {
     /// The batch version in stored form (canonical decimal); every bump
     /// raises the stored version to it or past it (see
     /// [`super::layout::BUMP_LUA`]).
-    pub version: String,
-    pub groups: Vec<Group>,
-    pub tags: Vec<TagJob>,
+    pub(crate) version: String,
+    pub(crate) groups: Vec<Group>,
+    pub(crate) tags: Vec<TagJob>,
     /// Delayed second deletes of keys named by the batch, by delay.
-    pub redeletes: Vec<Redelete>,
+    pub(crate) redeletes: Vec<Redelete>,
     /// Keys deleted or expired on a Cluster that can get no fill-guard stamp
     /// in their own slot ([`guard_in_slot`]), with their caches: they are
     /// invalidated without one.
-    pub unguarded: Vec<(Arc<str>, Vec<u8>)>,
+    pub(crate) unguarded: Vec<(Arc<str>, Vec<u8>)>,
 }
 
 /// A batch the sink cannot plan: the graph contradicts itself.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PlanError {
+pub(crate) enum PlanError {
     #[error("cache `{cache}` has action expire but no expire_after_ms")]
     ExpireWithoutTtl { cache: String },
 }
 
 /// Bump commands as groups: one per slot on a Cluster (a namespace key has
 /// no hash tag, so each is alone), all in one on a standalone server.
-pub fn bump_groups(commands: Vec<Command>, topology: Topology) -> Vec<Group> {
+pub(crate) fn bump_groups(commands: Vec<Command>, topology: Topology) -> Vec<Group> {
     match topology {
         Topology::Standalone => vec![Group { slot: None, commands }],
         Topology::Cluster => commands
@@ -116,7 +116,7 @@ pub fn bump_groups(commands: Vec<Command>, topology: Topology) -> Vec<Group> {
 }
 
 /// Plans a batch for a target.
-pub fn plan(batch: &SinkBatch<'_>, topology: Topology, rng: &mut fastrand::Rng) -> Result<Plan, PlanError> {
+pub(crate) fn plan(batch: &SinkBatch<'_>, topology: Topology, rng: &mut fastrand::Rng) -> Result<Plan, PlanError> {
     let mut unlinks: Vec<Vec<u8>> = Vec::new();
     let mut others: Vec<Command> = Vec::new();
     let mut tags = Vec::new();
@@ -167,7 +167,7 @@ pub fn plan(batch: &SinkBatch<'_>, topology: Topology, rng: &mut fastrand::Rng) 
 }
 
 /// `UNLINK`s of arbitrary keys (tag members, second deletes), grouped.
-pub fn unlink_groups(keys: Vec<Vec<u8>>, topology: Topology) -> Vec<Group> {
+pub(crate) fn unlink_groups(keys: Vec<Vec<u8>>, topology: Topology) -> Vec<Group> {
     group(keys, Vec::new(), topology)
 }
 

@@ -26,34 +26,34 @@ use crate::resolve::Effect;
 use crate::sink::{SinkBatch, SinkError};
 
 /// Prefix of source records (the slot follows).
-pub const SOURCE_PREFIX: &str = "evictd:source:";
+pub(crate) const SOURCE_PREFIX: &str = "evictd:source:";
 
 /// Longest quiet time between two "versions went backwards" warnings of one
 /// target: after a restore, every batch may be behind for a while.
 const BEHIND_WARNING_EVERY_MS: u64 = 60_000;
 
 /// The source record of a slot.
-pub fn source_key(slot: &str) -> String {
+pub(crate) fn source_key(slot: &str) -> String {
     format!("{SOURCE_PREFIX}{slot}")
 }
 
 /// What evictd recorded about streaming one slot.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct SourceRecord {
-    pub slot: String,
+pub(crate) struct SourceRecord {
+    pub(crate) slot: String,
     /// `pg_control_system().system_identifier` (decimal): changes with a new
     /// cluster (initdb, a logical copy), not with a physical replica.
-    pub system_identifier: String,
+    pub(crate) system_identifier: String,
     /// The server's timeline: changes with a promotion.
-    pub timeline: u32,
-    pub database: String,
+    pub(crate) timeline: u32,
+    pub(crate) database: String,
     /// Unix time in ms.
-    pub first_streamed_ms: u64,
-    pub last_streamed_ms: u64,
+    pub(crate) first_streamed_ms: u64,
+    pub(crate) last_streamed_ms: u64,
     /// The highest batch version whose bumps evictd applied (0: none).
-    pub highest_version: u64,
+    pub(crate) highest_version: u64,
     /// A flush after a lost slot was started and not confirmed yet.
-    pub flush_pending: bool,
+    pub(crate) flush_pending: bool,
 }
 
 impl SourceRecord {
@@ -72,7 +72,7 @@ impl SourceRecord {
 
     /// Reads a record from its hash's fields; a field that is missing or
     /// unreadable takes its default (the record still counts as one).
-    pub fn from_fields(fields: &HashMap<String, String>) -> SourceRecord {
+    pub(crate) fn from_fields(fields: &HashMap<String, String>) -> SourceRecord {
         let text = |name: &str| fields.get(name).cloned().unwrap_or_default();
         let number = |name: &str| fields.get(name).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
         SourceRecord {
@@ -98,7 +98,7 @@ pub(super) struct Tracked {
 impl RedisSink {
     /// The record of `slot` on this target, if there is one. An unreachable
     /// target is a transient error, never "no record".
-    pub async fn read_source_record(&self, slot: &str) -> Result<Option<SourceRecord>, SinkError> {
+    pub(crate) async fn read_source_record(&self, slot: &str) -> Result<Option<SourceRecord>, SinkError> {
         let mut pipe = redis::pipe();
         pipe.cmd("HGETALL").arg(source_key(slot));
         let replies = self.inner.runner().pipeline("reading the source record", &mut pipe).await?;
@@ -110,7 +110,7 @@ impl RedisSink {
     }
 
     /// Sets every field of `record` (one `HSET`, atomic in Redis).
-    pub async fn write_source_record(&self, record: &SourceRecord) -> Result<(), SinkError> {
+    pub(crate) async fn write_source_record(&self, record: &SourceRecord) -> Result<(), SinkError> {
         let mut pipe = redis::pipe();
         let cmd = pipe.cmd("HSET").arg(source_key(&record.slot));
         for (name, value) in record.fields() {
@@ -122,7 +122,7 @@ impl RedisSink {
 
     /// From now on, batches of exact versions (Postgres) keep the record of
     /// `slot` up to date: `highest` is its highest version as written.
-    pub fn track_source(&self, slot: &str, highest: u64) {
+    pub(crate) fn track_source(&self, slot: &str, highest: u64) {
         if let Ok(mut source) = self.inner.source.lock() {
             *source = Some(Tracked { key: source_key(slot), highest });
         }

@@ -29,18 +29,18 @@ use crate::sink::SinkError;
 
 /// What one primary's `INFO` says; `None`: not reported (or not readable).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct NodeFacts {
+pub(crate) struct NodeFacts {
     /// `host:port` on a Cluster; empty for a standalone target.
-    pub node: String,
-    pub version: Option<(u32, u32, u32)>,
-    pub aof: Option<bool>,
-    pub replicas: Option<u32>,
-    pub policy: Option<String>,
+    pub(crate) node: String,
+    pub(crate) version: Option<(u32, u32, u32)>,
+    pub(crate) aof: Option<bool>,
+    pub(crate) replicas: Option<u32>,
+    pub(crate) policy: Option<String>,
 }
 
 impl NodeFacts {
     /// Reads the fields evictd needs from an `INFO` reply.
-    pub fn parse(node: &str, info: &str) -> NodeFacts {
+    pub(crate) fn parse(node: &str, info: &str) -> NodeFacts {
         let field = |name: &str| {
             info.lines().find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(':'))).map(str::trim)
         };
@@ -64,14 +64,14 @@ impl NodeFacts {
 
 /// What the check found: warnings to log or print, errors that stop.
 #[derive(Debug, Default, PartialEq, Eq)]
-pub struct Findings {
-    pub warnings: Vec<String>,
-    pub errors: Vec<String>,
+pub(crate) struct Findings {
+    pub(crate) warnings: Vec<String>,
+    pub(crate) errors: Vec<String>,
 }
 
 /// Judges a target's facts (pure). `tags`: whether the graph has tag
 /// dependencies (then tag registries, which have a TTL, must not be evicted).
-pub fn assess(target: &RedisTarget, nodes: &[NodeFacts], tags: bool) -> Findings {
+pub(crate) fn assess(target: &RedisTarget, nodes: &[NodeFacts], tags: bool) -> Findings {
     let mut out = Findings::default();
     let name = &target.name;
     for n in nodes {
@@ -137,7 +137,7 @@ pub fn assess(target: &RedisTarget, nodes: &[NodeFacts], tags: bool) -> Findings
 /// Reads every primary's facts. A node that refuses `INFO` has unknown
 /// facts (its policy from `CONFIG GET` when that is allowed); an
 /// unreachable target is an error (transient).
-pub async fn inspect(conn: &Conn, errors: &Errors) -> Result<Vec<NodeFacts>, SinkError> {
+pub(crate) async fn inspect(conn: &Conn, errors: &Errors) -> Result<Vec<NodeFacts>, SinkError> {
     let info = redis::cmd("INFO");
     match conn {
         Conn::Standalone(c) => {

@@ -36,14 +36,14 @@ use super::plan::{PIPELINE_COMMANDS, TagJob, Topology, unlink_groups};
 use crate::sink::SinkError;
 
 /// `COUNT` hint of each `ZSCAN` round trip.
-pub const PAGE: usize = 1000;
+pub(crate) const PAGE: usize = 1000;
 
 /// Registration pairs per `FORGET` call.
 const FORGET_CHUNK: usize = 256;
 
 /// How long past its score a registration is still honoured: covers clock
 /// skew between the applications that compute scores and evictd.
-pub const GRACE_MS: u64 = 60_000;
+pub(crate) const GRACE_MS: u64 = 60_000;
 
 /// One registration as read: member and score, both exactly as Redis sent
 /// them (the score string is compared back by `FORGET`).
@@ -55,14 +55,14 @@ type Page = (usize, Vec<u8>, Vec<Registration>);
 /// Registrations held at once: past this many, the keys read so far are
 /// deleted and forgotten before the scans go on, so a registry of any size
 /// is invalidated in bounded memory.
-pub const HELD_REGISTRATIONS: usize = 50_000;
+pub(crate) const HELD_REGISTRATIONS: usize = 50_000;
 
 /// Invalidates every tag of `jobs`, holding at most about
 /// [`HELD_REGISTRATIONS`] registrations at once. Returns, per job, the
 /// deleted keys that `keep(job, key)` asked for (the caller's second deletes
 /// and reports; the others are not held).
 #[allow(clippy::too_many_arguments)]
-pub async fn invalidate_all(
+pub(crate) async fn invalidate_all(
     runner: &Runner<'_>,
     jobs: &[TagJob],
     now_ms: u64,

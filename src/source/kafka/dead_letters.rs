@@ -36,15 +36,15 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A message bound for the dead-letter topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DeadLetterMessage {
-    pub key: Option<Vec<u8>>,
-    pub value: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+pub(crate) struct DeadLetterMessage {
+    pub(crate) key: Option<Vec<u8>>,
+    pub(crate) value: Option<Vec<u8>>,
+    pub(crate) headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 impl DeadLetterMessage {
     /// The original message, with evictd's headers after its own.
-    pub fn from_undecodable(message: &Undecodable) -> DeadLetterMessage {
+    pub(crate) fn from_undecodable(message: &Undecodable) -> DeadLetterMessage {
         let (topic, partition, offset) = origin(&message.position);
         let mut headers = message.raw.headers.clone();
         headers.extend(evictd_headers(message.reason.as_str(), &message.error, &topic, partition, offset));
@@ -52,7 +52,7 @@ impl DeadLetterMessage {
     }
 
     /// A change that could not be resolved, as a JSON document.
-    pub fn from_dead_letter(letter: &DeadLetter) -> DeadLetterMessage {
+    pub(crate) fn from_dead_letter(letter: &DeadLetter) -> DeadLetterMessage {
         let change = &letter.change;
         let document = serde_json::json!({
             "table": &*change.table,
@@ -103,13 +103,13 @@ fn evictd_headers(
 /// Why a dead letter could not be sent.
 #[derive(Debug, thiserror::Error)]
 #[error("dead-letter topic `{topic}`: {message}")]
-pub struct SendError {
-    pub topic: String,
-    pub message: String,
+pub(crate) struct SendError {
+    pub(crate) topic: String,
+    pub(crate) message: String,
 }
 
 /// A producer for the dead-letter topic.
-pub struct KafkaDeadLetters {
+pub(crate) struct KafkaDeadLetters {
     producer: FutureProducer,
     topic: String,
     metrics: Arc<Metrics>,
@@ -118,7 +118,7 @@ pub struct KafkaDeadLetters {
 impl KafkaDeadLetters {
     /// A producer with the source's brokers and client properties (TLS,
     /// SASL), minus the consumer's own.
-    pub fn new(config: &KafkaConfig, topic: &str, metrics: Arc<Metrics>) -> Result<KafkaDeadLetters, String> {
+    pub(crate) fn new(config: &KafkaConfig, topic: &str, metrics: Arc<Metrics>) -> Result<KafkaDeadLetters, String> {
         let mut client = ClientConfig::new();
         for (key, value) in &config.properties {
             if !KAFKA_OWN_PROPERTIES.contains(&key.as_str()) && !is_consumer_only(key) {
@@ -135,12 +135,8 @@ impl KafkaDeadLetters {
         Ok(KafkaDeadLetters { producer, topic: topic.to_owned(), metrics })
     }
 
-    pub fn topic(&self) -> &str {
-        &self.topic
-    }
-
     /// Sends `letter`; `Ok` once the broker acknowledged it.
-    pub async fn send(&self, letter: &DeadLetterMessage) -> Result<(), SendError> {
+    pub(crate) async fn send(&self, letter: &DeadLetterMessage) -> Result<(), SendError> {
         let mut headers = OwnedHeaders::new_with_capacity(letter.headers.len());
         for (key, value) in &letter.headers {
             headers = headers.insert(Header { key, value: value.as_deref() });

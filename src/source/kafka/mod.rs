@@ -53,7 +53,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaRespErr;
 use serde_json::Value as Json;
 
-pub use self::dead_letters::{DeadLetterMessage, KafkaDeadLetters};
+pub(crate) use self::dead_letters::KafkaDeadLetters;
 use super::debezium::{self, DecodeOptions, Decoded, TableKeys};
 use super::{RawMessage, Source, SourceError, SourceEvent, Undecodable, UndecodableReason};
 use crate::change::{Change, Operation, Position};
@@ -66,7 +66,7 @@ const DEFAULT_PROPERTIES: &[(&str, &str)] = &[("auto.commit.interval.ms", "1000"
 
 /// The client configuration of the consumer (and, with `group.id` and the
 /// consumer-only settings left out, of the dead-letter producer).
-pub fn client_config(config: &KafkaConfig) -> ClientConfig {
+pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     for (key, value) in DEFAULT_PROPERTIES {
         client.set(*key, *value);
@@ -129,7 +129,7 @@ fn gap_resume_offset(next: Option<i64>, low: i64, high: i64) -> Option<i64> {
 }
 
 /// Rebalances, statistics and librdkafka's logs.
-pub struct KafkaContext {
+pub(crate) struct KafkaContext {
     metrics: Arc<Metrics>,
     /// Partitions currently assigned to this consumer.
     assigned: Mutex<HashSet<(String, i32)>>,

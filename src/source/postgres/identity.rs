@@ -36,19 +36,19 @@ use crate::sink::redis::record::{SourceRecord, source_key};
 
 /// Who the server is, as far as a slot's history goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ServerIdentity {
+pub(crate) struct ServerIdentity {
     /// `pg_control_system().system_identifier`, or `unknown` when the role
     /// may not read it.
-    pub system_identifier: String,
+    pub(crate) system_identifier: String,
     /// The timeline of the last checkpoint (0 when unknown).
-    pub timeline: u32,
-    pub database: String,
+    pub(crate) timeline: u32,
+    pub(crate) database: String,
     /// The server's WAL position now: the version of a flush.
-    pub wal_lsn: Lsn,
+    pub(crate) wal_lsn: Lsn,
 }
 
 /// The server's identity, and whether `config.slot` exists on it.
-pub async fn inspect(config: &PostgresConfig) -> Result<(ServerIdentity, bool), SourceSetupError> {
+pub(crate) async fn inspect(config: &PostgresConfig) -> Result<(ServerIdentity, bool), SourceSetupError> {
     use secrecy::ExposeSecret as _;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
@@ -106,7 +106,7 @@ pub async fn inspect(config: &PostgresConfig) -> Result<(ServerIdentity, bool), 
 
 /// What to do before streaming.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     /// The slot exists: stream from it.
     Stream,
     /// No slot, and evictd never streamed it: create it.
@@ -120,7 +120,7 @@ pub enum Decision {
 
 /// The decision for `slot`, given whether it exists and the records found
 /// on the targets (a record on any target counts).
-pub fn decide(slot: &str, exists: bool, records: &[SourceRecord], on_loss: OnSlotLoss) -> Decision {
+pub(crate) fn decide(slot: &str, exists: bool, records: &[SourceRecord], on_loss: OnSlotLoss) -> Decision {
     let pending = records.iter().any(|r| r.flush_pending);
     if exists && !pending {
         return Decision::Stream;
@@ -161,7 +161,7 @@ fn lost_message(slot: &str, last: &SourceRecord) -> String {
 /// failover slots on a promoted replica (new timeline), or an upgrade or
 /// copy that kept the slot (new system). Streaming is safe: the slot kept
 /// what evictd did not acknowledge.
-pub fn moved(records: &[SourceRecord], server: &ServerIdentity) -> Option<String> {
+pub(crate) fn moved(records: &[SourceRecord], server: &ServerIdentity) -> Option<String> {
     let last = records.iter().max_by_key(|r| r.last_streamed_ms)?;
     if last.system_identifier != server.system_identifier {
         Some(format!(
@@ -178,7 +178,7 @@ pub fn moved(records: &[SourceRecord], server: &ServerIdentity) -> Option<String
 /// A new or updated record for a session on `server`: the identity and the
 /// time are this session's, the first time and highest version are kept
 /// unless `fresh` (a first run, a flush: a new stream).
-pub fn session_record(
+pub(crate) fn session_record(
     slot: &str,
     previous: Option<&SourceRecord>,
     server: &ServerIdentity,
@@ -199,7 +199,7 @@ pub fn session_record(
 }
 
 /// Unix milliseconds as `YYYY-MM-DDTHH:MM:SSZ` (UTC).
-pub fn format_utc(ms: u64) -> String {
+pub(crate) fn format_utc(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rest) = (secs / 86_400, secs % 86_400);
     // Civil from days (Howard Hinnant's algorithm), for days since 1970-01-01.

@@ -27,10 +27,10 @@ use sqlx::postgres::PgConnection;
 /// database is down or the session was lost.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("slot lock: {0}")]
-pub struct LockError(String);
+pub(crate) struct LockError(String);
 
 /// The slot's lock, held by this process while the value lives.
-pub struct SlotLock {
+pub(crate) struct SlotLock {
     conn: PgConnection,
     slot: String,
 }
@@ -40,7 +40,7 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 
 impl SlotLock {
     /// Takes the lock if nobody holds it; `Ok(None)` if another session does.
-    pub async fn try_acquire(url: &SecretString, slot: &str) -> Result<Option<SlotLock>, LockError> {
+    pub(crate) async fn try_acquire(url: &SecretString, slot: &str) -> Result<Option<SlotLock>, LockError> {
         let connect = PgConnection::connect(url.expose_secret());
         let mut conn = bounded(connect).await?.map_err(|e| error("cannot connect", &e))?;
         let query =
@@ -58,14 +58,14 @@ impl SlotLock {
     }
 
     /// Checks that the lock's session is still alive (and so still holds it).
-    pub async fn check(&mut self) -> Result<(), LockError> {
+    pub(crate) async fn check(&mut self) -> Result<(), LockError> {
         let query = sqlx::query_scalar::<_, i32>("SELECT 1").fetch_one(&mut self.conn);
         bounded(query).await?.map_err(|e| error("the lock's session failed", &e))?;
         Ok(())
     }
 
     /// Releases the lock by ending its session.
-    pub async fn release(self) {
+    pub(crate) async fn release(self) {
         let slot = self.slot;
         if let Err(e) = bounded(self.conn.close()).await.and_then(|r| r.map_err(|e| error("closing", &e))) {
             tracing::warn!(%slot, error = %e, "could not close the lock's session; the server will end it");

@@ -21,12 +21,12 @@
 //! and we hand it on change by change: memory holds one change at a time
 //! here; the run loop bounds what it accumulates per transaction.
 
-pub mod identity;
-pub mod lock;
-pub mod pgoutput;
-pub mod publication;
-pub mod session;
-pub mod setup;
+pub(crate) mod identity;
+pub(crate) mod lock;
+pub(crate) mod pgoutput;
+pub(crate) mod publication;
+pub(crate) mod session;
+pub(crate) mod setup;
 
 use std::collections::{BTreeSet, VecDeque};
 use std::str::FromStr;
@@ -45,7 +45,7 @@ use crate::graph::Graph;
 
 /// Why the source could not start.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SourceSetupError {
+pub(crate) enum SourceSetupError {
     /// Retry with backoff: the server is down or restarting.
     #[error("{0}")]
     Transient(String),
@@ -105,15 +105,13 @@ fn endpoint(url: &str) -> Result<Endpoint, SourceSetupError> {
 }
 
 /// Logical replication from one slot.
-pub struct PostgresSource {
+pub(crate) struct PostgresSource {
     client: ReplicationClient,
     decoder: Decoder,
     /// The open transaction, between Begin and Commit.
     tx: Option<TxContext>,
     /// Events decoded but not yet handed out (a Truncate of several tables).
     pending: VecDeque<SourceEvent>,
-    /// The slot's position when replication started.
-    resumed_from: Lsn,
     /// The last position handed to the client for its status updates.
     acknowledged: Lsn,
     status_interval: Duration,
@@ -131,7 +129,7 @@ pub struct PostgresSource {
 impl PostgresSource {
     /// Checks the server, prepares the slot and publication, and starts
     /// streaming from the slot's `confirmed_flush_lsn`.
-    pub async fn start(config: &PostgresConfig, graph: &Graph) -> Result<PostgresSource, SourceSetupError> {
+    pub(crate) async fn start(config: &PostgresConfig, graph: &Graph) -> Result<PostgresSource, SourceSetupError> {
         let url = config.url.expose_secret();
         let endpoint = endpoint(url)?;
         let pool = admin_pool(url).await?;
@@ -196,27 +194,21 @@ impl PostgresSource {
             catalog,
             tx: None,
             pending: VecDeque::new(),
-            resumed_from: state.confirmed_flush,
             acknowledged: state.confirmed_flush,
             status_interval: config.status_interval,
         })
     }
 
-    /// Where replication resumed.
-    pub fn resumed_from(&self) -> Lsn {
-        self.resumed_from
-    }
-
     /// The server's WAL end as last seen on the stream, and what we
     /// acknowledged: their difference is the slot's lag.
-    pub fn positions(&self) -> (Lsn, Lsn) {
+    pub(crate) fn positions(&self) -> (Lsn, Lsn) {
         (Lsn(self.client.metrics().last_wal_end().as_u64()), self.acknowledged)
     }
 
     /// Ends the session once the last acknowledgement has reached the
     /// server (the client sends status updates on its own schedule, and
     /// stopping does not send one), or after one status interval more.
-    pub async fn shutdown(mut self) {
+    pub(crate) async fn shutdown(mut self) {
         let deadline = tokio::time::Instant::now() + self.status_interval + Duration::from_millis(500);
         let metrics = self.client.metrics();
         while metrics.last_applied_lsn().as_u64() < self.acknowledged.0 && tokio::time::Instant::now() < deadline {

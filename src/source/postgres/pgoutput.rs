@@ -37,7 +37,7 @@ use crate::change::{Cell, Change, Operation, Position, Row, TransactionId, Value
 
 /// A malformed or unexpected message.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum DecodeError {
+pub(crate) enum DecodeError {
     #[error("pgoutput message `{tag}` is truncated (needed {needed} more bytes)")]
     Truncated { tag: char, needed: usize },
     #[error("pgoutput message `{0}` is not one evictd knows (protocol version 1 expected)")]
@@ -50,35 +50,35 @@ pub enum DecodeError {
 
 /// One column of a relation.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Column {
-    pub name: Arc<str>,
-    pub type_oid: u32,
+pub(crate) struct Column {
+    pub(crate) name: Arc<str>,
+    pub(crate) type_oid: u32,
     /// Part of the replica identity.
-    pub is_key: bool,
+    pub(crate) is_key: bool,
 }
 
 /// What a Relation message said about a table.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Relation {
-    pub oid: u32,
+pub(crate) struct Relation {
+    pub(crate) oid: u32,
     /// `schema.table`.
-    pub name: Arc<str>,
+    pub(crate) name: Arc<str>,
     /// `d` default, `n` nothing, `f` full, `i` index.
-    pub replica_identity: u8,
-    pub columns: Vec<Column>,
+    pub(crate) replica_identity: u8,
+    pub(crate) columns: Vec<Column>,
 }
 
 /// The transaction a message belongs to (from the client's Begin).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct TxContext {
-    pub final_lsn: u64,
-    pub xid: u32,
-    pub commit_time_micros: i64,
+pub(crate) struct TxContext {
+    pub(crate) final_lsn: u64,
+    pub(crate) xid: u32,
+    pub(crate) commit_time_micros: i64,
 }
 
 /// Decodes pgoutput messages; owns the relation cache.
 #[derive(Debug, Default)]
-pub struct Decoder {
+pub(crate) struct Decoder {
     relations: HashMap<u32, Relation>,
     /// Partitions whose changes belong to a partitioned table the graph
     /// names: relation name as sent → the graph's table.
@@ -86,7 +86,7 @@ pub struct Decoder {
 }
 
 /// Microseconds between the Unix epoch and the Postgres epoch (2000-01-01).
-pub const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
+pub(crate) const PG_EPOCH_OFFSET_MICROS: i64 = 946_684_800_000_000;
 
 struct Reader<'a> {
     tag: char,
@@ -146,42 +146,49 @@ enum WireCell<'a> {
 }
 
 impl Decoder {
-    pub fn new() -> Decoder {
+    #[cfg(test)]
+    pub(crate) fn new() -> Decoder {
         Decoder::default()
     }
 
     /// A decoder that decodes the rows of each partition in `aliases` (its
     /// name as Postgres sends it) as rows of the graph table it maps to.
-    pub fn with_aliases(aliases: impl IntoIterator<Item = (String, Arc<str>)>) -> Decoder {
+    pub(crate) fn with_aliases(aliases: impl IntoIterator<Item = (String, Arc<str>)>) -> Decoder {
         Decoder { relations: HashMap::new(), aliases: aliases.into_iter().collect() }
     }
 
     /// The relation last described for `oid`.
-    pub fn relation(&self, oid: u32) -> Option<&Relation> {
+    pub(crate) fn relation(&self, oid: u32) -> Option<&Relation> {
         self.relations.get(&oid)
     }
 
     /// Rows of relation `oid` (a partition attached after the decoder was
     /// made) are rows of `table` from now on, and when it is described again.
-    pub fn alias_relation(&mut self, oid: u32, table: Arc<str>) {
+    pub(crate) fn alias_relation(&mut self, oid: u32, table: Arc<str>) {
         if let Some(relation) = self.relations.get_mut(&oid) {
             self.aliases.insert(relation.name.to_string(), table.clone());
             relation.name = table;
         }
     }
 
-    /// Decodes one XLogData payload. Returns the row changes it carries (none
-    /// for Relation, Type and Origin; one per table for Truncate).
-    /// `position` is the change's place in the stream.
-    pub fn decode(&mut self, data: &[u8], tx: TxContext, position: Position) -> Result<Vec<Change>, DecodeError> {
+    /// Decodes one XLogData payload, into a new vector (tests).
+    #[cfg(test)]
+    pub(crate) fn decode(
+        &mut self,
+        data: &[u8],
+        tx: TxContext,
+        position: Position,
+    ) -> Result<Vec<Change>, DecodeError> {
         let mut out = Vec::new();
         self.decode_into(data, tx, position, &mut out)?;
         Ok(out)
     }
 
-    /// [`Decoder::decode`], appending the changes to `out` (no allocation of
-    /// its own per message). On an error nothing was appended.
-    pub fn decode_into(
+    /// Decodes one XLogData payload, appending the row changes it carries
+    /// (none for Relation, Type and Origin; one per table for Truncate) to
+    /// `out` (no allocation of its own per message). `position` is the
+    /// change's place in the stream. On an error nothing was appended.
+    pub(crate) fn decode_into(
         &mut self,
         data: &[u8],
         tx: TxContext,
@@ -361,7 +368,7 @@ fn read_tuple(r: &mut Reader<'_>, relation: &Relation, kind: TupleKind) -> Resul
 }
 
 /// Types a text-format value by its column's type OID (`pg_type.oid`).
-pub fn typed(type_oid: u32, text: &[u8]) -> Value {
+pub(crate) fn typed(type_oid: u32, text: &[u8]) -> Value {
     // Postgres sends UTF-8 (the replication connection's client_encoding):
     // check it the fast way, and only repair what is not.
     let s = match std::str::from_utf8(text) {

@@ -34,69 +34,69 @@ use crate::graph::Graph;
 
 /// Every operation a change can be: the graph needs all of them (an insert
 /// drops a cached "not found", a truncate bumps namespaces).
-pub const OPERATIONS: [&str; 4] = ["insert", "update", "delete", "truncate"];
+pub(crate) const OPERATIONS: [&str; 4] = ["insert", "update", "delete", "truncate"];
 
 /// A graph table whose published rows are filtered.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RowFilter {
-    pub table: String,
+pub(crate) struct RowFilter {
+    pub(crate) table: String,
     /// The relation the filter is on (the table, or the partition its
     /// changes arrive as).
-    pub published_as: String,
+    pub(crate) published_as: String,
     /// The filter as Postgres prints it, e.g. `(id > 100)`.
-    pub filter: String,
+    pub(crate) filter: String,
 }
 
 /// Columns the graph reads that a column list leaves out.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HiddenColumns {
-    pub table: String,
-    pub published_as: String,
-    pub columns: Vec<String>,
+pub(crate) struct HiddenColumns {
+    pub(crate) table: String,
+    pub(crate) published_as: String,
+    pub(crate) columns: Vec<String>,
 }
 
 /// A graph table whose changes arrive under an ancestor's name
 /// (`publish_via_partition_root`), indistinguishable from the ancestor's
 /// other partitions' changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PublishedAsAncestor {
-    pub table: String,
-    pub ancestor: String,
+pub(crate) struct PublishedAsAncestor {
+    pub(crate) table: String,
+    pub(crate) ancestor: String,
 }
 
 /// How a publication compares with the graph.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct PublicationReport {
-    pub exists: bool,
+pub(crate) struct PublicationReport {
+    pub(crate) exists: bool,
     /// Tables a dependency reads that exist but are not published (or only
     /// some of their partitions are): their changes would never reach evictd.
-    pub unpublished: Vec<String>,
+    pub(crate) unpublished: Vec<String>,
     /// Tables a dependency reads that do not exist in the database.
-    pub missing: Vec<String>,
+    pub(crate) missing: Vec<String>,
     /// Published tables no dependency reads: streamed, then ignored.
-    pub unmapped: Vec<String>,
+    pub(crate) unmapped: Vec<String>,
     /// Operations the publication leaves out, in [`OPERATIONS`] order.
-    pub unpublished_operations: Vec<&'static str>,
+    pub(crate) unpublished_operations: Vec<&'static str>,
     /// Graph tables that are published, for the messages.
-    pub published_tables: Vec<String>,
-    pub row_filters: Vec<RowFilter>,
-    pub hidden_columns: Vec<HiddenColumns>,
-    pub published_as_ancestor: Vec<PublishedAsAncestor>,
+    pub(crate) published_tables: Vec<String>,
+    pub(crate) row_filters: Vec<RowFilter>,
+    pub(crate) hidden_columns: Vec<HiddenColumns>,
+    pub(crate) published_as_ancestor: Vec<PublishedAsAncestor>,
     /// Graph tables named with one of their own partitions, `(table,
     /// partition)`: a change resolves to one table only.
-    pub overlapping: Vec<(String, String)>,
+    pub(crate) overlapping: Vec<(String, String)>,
     /// Names changes arrive under that are partitions of a graph table, and
     /// that table.
-    pub partitions: BTreeMap<String, String>,
+    pub(crate) partitions: BTreeMap<String, String>,
 }
 
 /// A quoted SQL identifier.
-pub fn quote_ident(name: &str) -> String {
+pub(crate) fn quote_ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
 }
 
 /// `schema.table` as a quoted SQL name.
-pub fn quote_table(name: &str) -> String {
+pub(crate) fn quote_table(name: &str) -> String {
     match name.split_once('.') {
         Some((schema, table)) => format!("{}.{}", quote_ident(schema), quote_ident(table)),
         None => quote_ident(name),
@@ -104,7 +104,7 @@ pub fn quote_table(name: &str) -> String {
 }
 
 /// `ALTER PUBLICATION … ADD TABLE …` for `tables`.
-pub fn add_tables_sql(publication: &str, tables: &[String]) -> String {
+pub(crate) fn add_tables_sql(publication: &str, tables: &[String]) -> String {
     let tables: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
     format!("ALTER PUBLICATION {} ADD TABLE {}", quote_ident(publication), tables.join(", "))
 }
@@ -130,7 +130,7 @@ impl PublicationReport {
     /// One line per way the publication would hide a change the graph
     /// needs, each with the SQL that fixes it. Membership (`unpublished`)
     /// is not among them: `run` may add missing tables itself.
-    pub fn hazards(&self, publication: &str) -> Vec<String> {
+    pub(crate) fn hazards(&self, publication: &str) -> Vec<String> {
         let mut out = Vec::new();
         let p = quote_ident(publication);
         let mut tables: Vec<&str> = self.published_tables.iter().chain(&self.unpublished).map(String::as_str).collect();
@@ -179,21 +179,21 @@ impl PublicationReport {
 
 /// What `pg_publication_tables` says of one published relation.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Published {
-    pub row_filter: Option<String>,
+pub(crate) struct Published {
+    pub(crate) row_filter: Option<String>,
     /// `None` before Postgres 15 (every column is published).
-    pub columns: Option<Vec<String>>,
+    pub(crate) columns: Option<Vec<String>>,
 }
 
 /// A leaf partition of a graph table (or the table itself): its name and
 /// its ancestors', nearest first, starting with itself.
-pub type Chain = Vec<String>;
+pub(crate) type Chain = Vec<String>;
 
 /// Decides what the publication hides of graph table `table`, given the
 /// chains of its leaves and what is published (pure). `empty_member`
 /// says, for a partitioned table without partitions, whether it belongs to
 /// the publication (its future partitions then do).
-pub fn assess(
+pub(crate) fn assess(
     table: &str,
     columns: &[&str],
     chains: &[Chain],
@@ -312,7 +312,7 @@ SELECT p.puballtables OR EXISTS (
 FROM pg_publication p WHERE p.pubname = $1";
 
 /// Compares publication `name` with the tables the graph's dependencies read.
-pub async fn publication_report(
+pub(crate) async fn publication_report(
     pool: &PgPool,
     name: &str,
     graph: &Graph,
@@ -375,7 +375,7 @@ pub async fn publication_report(
 
 /// The graph table a relation (by OID) is a partition of: its nearest
 /// ancestor the graph names, if any. For partitions attached after start.
-pub async fn partition_parent(
+pub(crate) async fn partition_parent(
     pool: &PgPool,
     oid: u32,
     graph_tables: &BTreeSet<std::sync::Arc<str>>,

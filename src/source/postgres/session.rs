@@ -24,7 +24,7 @@ use sqlx::postgres::PgConnectOptions;
 /// `extra_float_digits = 3` prints every float so that it parses back to
 /// the same number on every Postgres version (from 12 on, any positive
 /// value prints the shortest exact form).
-pub const SETTINGS: [(&str, &str); 5] = [
+pub(crate) const SETTINGS: [(&str, &str); 5] = [
     ("TimeZone", "UTC"),
     ("DateStyle", "ISO, MDY"),
     ("IntervalStyle", "postgres"),
@@ -35,7 +35,7 @@ pub const SETTINGS: [(&str, &str); 5] = [
 /// The startup `options` value (`-c name=value …`) for the replication
 /// session, escaped as libpq's `options` is: a backslash before each space
 /// and backslash inside a value.
-pub fn replication_options() -> String {
+pub(crate) fn replication_options() -> String {
     let mut out = String::new();
     for (name, value) in SETTINGS {
         if !out.is_empty() {
@@ -57,7 +57,7 @@ pub fn replication_options() -> String {
 /// `extra_float_digits` is raised to ours; `IntervalStyle` travels in
 /// `options` (a connection pooler in front of the look-up database must
 /// pass `options` through).
-pub fn pin_lookup(options: PgConnectOptions) -> PgConnectOptions {
+pub(crate) fn pin_lookup(options: PgConnectOptions) -> PgConnectOptions {
     options.extra_float_digits(3).options([("IntervalStyle", "postgres")])
 }
 

@@ -25,15 +25,15 @@ use crate::graph::{Graph, LookupArg, Mapping, Trigger};
 
 /// What the slot looked like when replication was about to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SlotState {
+pub(crate) struct SlotState {
     /// The slot's `confirmed_flush_lsn`: where replication resumes.
-    pub confirmed_flush: Lsn,
+    pub(crate) confirmed_flush: Lsn,
     /// Whether another session holds the slot right now.
-    pub active: bool,
+    pub(crate) active: bool,
 }
 
 /// Runs every check and creates what is configured to be created.
-pub async fn prepare(
+pub(crate) async fn prepare(
     pool: &PgPool,
     slot: &str,
     publication: &str,
@@ -107,7 +107,7 @@ async fn ensure_publication(pool: &PgPool, name: &str, create: bool, graph: &Gra
 }
 
 /// Reads the slot, creating it first when configured to.
-pub async fn ensure_slot(pool: &PgPool, slot: &str, create: bool) -> Result<SlotState, SourceSetupError> {
+pub(crate) async fn ensure_slot(pool: &PgPool, slot: &str, create: bool) -> Result<SlotState, SourceSetupError> {
     if read_slot(pool, slot).await?.is_none() {
         if !create {
             return Err(SourceSetupError::Definite(format!(
@@ -129,7 +129,7 @@ pub async fn ensure_slot(pool: &PgPool, slot: &str, create: bool) -> Result<Slot
 }
 
 /// The slot's state, or `None` when it does not exist.
-pub async fn read_slot(pool: &PgPool, slot: &str) -> Result<Option<SlotState>, SourceSetupError> {
+pub(crate) async fn read_slot(pool: &PgPool, slot: &str) -> Result<Option<SlotState>, SourceSetupError> {
     let row = sqlx::query(
         "SELECT plugin, slot_type, confirmed_flush_lsn::text AS confirmed, active FROM pg_replication_slots WHERE slot_name = $1",
     )
@@ -156,7 +156,7 @@ pub async fn read_slot(pool: &PgPool, slot: &str) -> Result<Option<SlotState>, S
 }
 
 /// Graph tables whose dependencies read non-identity columns of old rows.
-pub fn tables_needing_old_values(graph: &Graph) -> BTreeSet<&str> {
+pub(crate) fn tables_needing_old_values(graph: &Graph) -> BTreeSet<&str> {
     let mut out = BTreeSet::new();
     for dep in graph.dependencies() {
         let Trigger::Table(t) = dep.trigger else { continue };
