@@ -8,10 +8,14 @@ use evictd::key::{KeyTemplate, RenderError};
 use serde_json::Value as Json;
 
 fn param(json: &Json) -> Value {
-    match json.get("bytes").and_then(Json::as_str) {
-        Some(hex_text) => Value::Bytes(hex::decode(hex_text).unwrap()),
-        None => Value::from_json(json),
+    if let Some(hex_text) = json.get("bytes").and_then(Json::as_str) {
+        return Value::Bytes(hex::decode(hex_text).unwrap());
     }
+    // JSON has no NaN or infinities: {"float": "NaN" | "inf" | "-inf"}.
+    if let Some(special) = json.get("float").and_then(Json::as_str) {
+        return Value::Float(special.parse().unwrap());
+    }
+    Value::from_json(json)
 }
 
 #[test]
