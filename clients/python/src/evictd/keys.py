@@ -135,7 +135,7 @@ def _raw_text(value: Value) -> str:
 def _escape(text: str) -> str:
     if not any(c in _RESERVED or _is_control(c) for c in text):
         return text
-    out = []
+    out: list[str] = []
     for c in text:
         if c in _RESERVED or _is_control(c):
             out.extend(f"%{b:02X}" for b in c.encode("utf-8"))

@@ -41,7 +41,11 @@ class Subscriber:
         if local is None:
             raise ValueError("a Subscriber needs the LocalCache it keeps")
         self.local = local
-        self._factory = client_factory or (lambda: redis.asyncio.Redis.from_url(url))
+        if client_factory is None:
+            assert url is not None
+            from_url: str = url
+            client_factory = lambda: redis.asyncio.Redis.from_url(from_url)  # noqa: E731
+        self._factory = client_factory
         self._options = options
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="evictd-subscriber", daemon=True)

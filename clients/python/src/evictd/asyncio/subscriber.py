@@ -200,8 +200,6 @@ class Subscriber:
         except ValueError as error:
             log.warning("evictd broadcast: unreadable message on %s (%s): flushing", self.keys.channel, error)
             message = Unknown(None)
-        if isinstance(message, (Batch, Heartbeat)):
-            self._raise_applied(message.applied_lsn)
         decision = self.tracker.decide(message)
         if decision.action is Action.FLUSH:
             await self._flush_all()
@@ -218,6 +216,10 @@ class Subscriber:
                 if self.tracker.seq is None or message.seq > self.tracker.seq:
                     self._apply(message, replay)
             self.tracker.advance(message.epoch, message.seq)
+        if isinstance(message, (Batch, Heartbeat)):
+            # Only once the message's drops are done: a reader woken by
+            # wait_applied must not find an entry the message drops.
+            self._raise_applied(message.applied_lsn)
 
     def _apply(self, batch: Batch, replay: bool) -> None:
         local = self.local
