@@ -24,6 +24,8 @@
 #   5. cargo test --all-targets --locked [ARGS]
 #   6. (without ARGS) the session model check again, to print how many
 #      random schedules it ran
+#   7. (without ARGS) each client's tests: clients/*/test.sh (Python,
+#      TypeScript), against the same servers
 # and ends with one plain line: "N passed, N failed".
 #
 # The tests find the servers through
@@ -144,6 +146,8 @@ if [ -z "${EVICTD_TEST_REDIS_URL:-}" ] || [ -z "${EVICTD_TEST_REDIS_CLUSTER_URLS
 fi
 [ -n "${EVICTD_TEST_KAFKA_BROKERS:-}" ] || servers+=(kafka)
 mapfile -t extra < <(server_extras ${servers[@]+"${servers[@]}"})
+# The clients' own tests (clients/*/test.sh): Python's venv, Node and npm.
+extra+=(python3-venv node:nodejs npm:npm)
 ensure_packages ${extra[@]+"${extra[@]}"}
 
 if command -v rustup >/dev/null; then
@@ -290,6 +294,25 @@ if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
   section "session model check"
   run cargo test --locked --lib run::session::tests::every_schedule_keeps_the_session_invariants \
     -- --exact --nocapture 2>&1 | grep -E "session model check|panicked|test result" || die "the session model check did not run"
+fi
+
+# The clients (clients/*/test.sh: Python, TypeScript), against the same
+# servers; each installs its own packages (pip into a venv under
+# EVICTD_TOOLS, npm ci). Their totals join cargo's in the closing line.
+if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
+  for client in "$ROOT"/clients/*/; do
+    [ -f "$client/test.sh" ] || continue
+    name="$(basename "$client")"
+    section "client tests: $name"
+    client_log="$(mktemp -t evictd-client.XXXXXX)"
+    bash "$client/test.sh" 2>&1 | tee "$client_log" || { rm -f "$client_log"; die "the $name client's tests failed (output above)"; }
+    # pytest: "3 failed, 65 passed in 2.1s"; node --test: "# pass 65" / "# fail 3".
+    p="$(grep -oE '(^|[ ,])[0-9]+ passed|^# pass [0-9]+$' "$client_log" | grep -oE '[0-9]+' | tail -1 || true)"
+    f="$(grep -oE '(^|[ ,])[0-9]+ failed|^# fail [0-9]+$' "$client_log" | grep -oE '[0-9]+' | tail -1 || true)"
+    rm -f "$client_log"
+    [ -n "$p" ] || die "the $name client's tests printed no count"
+    echo "test result: ok. $p passed; ${f:-0} failed (client $name)" >>"$TEST_LOG"
+  done
 fi
 
 # Sum cargo's "test result:" lines into the closing line CI reads.

@@ -22,6 +22,8 @@ def _param(value: Any) -> Any:
     a number that does not fit in i64 is a float."""
     if isinstance(value, dict) and "bytes" in value:
         return bytes.fromhex(value["bytes"])
+    if isinstance(value, dict) and "float" in value:
+        return float(value["float"])
     if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
         return float(value)
     return value
