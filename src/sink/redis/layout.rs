@@ -79,7 +79,7 @@ pub fn guard_key(key: &[u8]) -> Vec<u8> {
 /// value inside `{{…}}` rendered empty; `a}b`, a tag member an application
 /// registered), or it is empty. Redis ends a hash tag at the first `}`, so
 /// no `{…}` can hold such a key whole.
-pub(crate) fn guard_in_slot(key: &[u8]) -> bool {
+pub fn guard_in_slot(key: &[u8]) -> bool {
     has_hash_tag(key) || (!key.is_empty() && !key.contains(&b'}'))
 }
 
