@@ -396,7 +396,10 @@ async fn a_batch_is_published_after_its_effects_with_a_rising_sequence() {
         let (g, p) = (TestGraph::new(&unique()), unique());
         let mut t = kind_target(kind);
         let channel = format!("it:{p}:broadcast");
-        t.broadcast = Some(evictd::config::BroadcastConfig { channel: channel.clone(), max_keys: 100 });
+        t.broadcast = Some(evictd::config::BroadcastConfig {
+            max_keys: 100,
+            ..evictd::config::BroadcastConfig::new(channel.clone())
+        });
         let s = RedisSink::connect(&t).await.unwrap();
         // Classic pub/sub reaches subscribers on every node of a Cluster.
         let mut pubsub = redis::Client::open(urls(kind)[0].as_str()).unwrap().get_async_pubsub().await.unwrap();
