@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod broadcast;
+mod broadcast_sink;
 mod check_live;
 mod cli;
 mod daemon;
