@@ -6,6 +6,7 @@
 
 mod broadcast;
 mod broadcast_sink;
+mod broadcast_vectors;
 mod check_live;
 mod cli;
 mod daemon;
