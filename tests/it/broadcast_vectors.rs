@@ -118,10 +118,7 @@ fn every_broadcast_vector_parses_and_asks_for_the_documented_action() {
     assert_eq!(actions, documented, "every action has a case");
     for case in &cases {
         let m = Envelope::parse(&case.message).unwrap_or_else(|e| panic!("{}: {e}", case.name));
-        let applied = match &m.applied {
-            Some(WireApplied::Postgres { lsn }) => Some(lsn.clone()),
-            None => None,
-        };
+        let applied = m.applied.as_ref().map(|WireApplied::Postgres { lsn }| lsn.clone());
         assert_eq!(applied, case.applied, "{}", case.name);
         if let (Some(applied), Some(floor)) = (&applied, &case.applied_at_least) {
             let (applied, floor): (Lsn, Lsn) = (applied.parse().unwrap(), floor.parse().unwrap());
