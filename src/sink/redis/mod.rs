@@ -18,7 +18,10 @@
 //! batch was answered without error (the [`Sink`] contract); every round
 //! trip is bounded by [`RedisSinkOptions::timeout`]; a second delete
 //! (`redelete_after_ms`) is scheduled only after the batch is confirmed, is
-//! best-effort, and is not part of the acknowledgement.
+//! best-effort, and is not part of the acknowledgement. A batch's
+//! broadcast message (`broadcast.rs`) is published after its effects and
+//! before `Ok`; heartbeats ([`RedisSink::spawn_heartbeats`]) run on a task
+//! of their own, best-effort, and never hold a batch up.
 //!
 //! Versions: every bump raises the stored version (see
 //! [`layout::BUMP_LUA`]); a bump that found the stored version at or past
