@@ -240,6 +240,15 @@ pub(crate) struct RawRedis {
     /// Most keys one broadcast message lists; past it the message names the
     /// caches to drop whole instead. Default 10000.
     pub(crate) broadcast_max_keys: Option<usize>,
+    /// How messages go out: `both` (default: pub/sub and the channel's
+    /// stream), `pubsub` or `stream`.
+    pub(crate) broadcast_transport: Option<String>,
+    /// About how many messages the channel's stream keeps (`XADD … MAXLEN ~`).
+    /// Default 100000.
+    pub(crate) broadcast_stream_max_len: Option<u64>,
+    /// How often a heartbeat (current `seq`, applied position) goes out on
+    /// pub/sub, in ms. Default 1000.
+    pub(crate) broadcast_heartbeat_ms: Option<u64>,
     /// Replicas that must have every write of a batch before it is confirmed
     /// (`WAIT` at the end of each pipeline). Default 0: confirmed when the
     /// primary replied.

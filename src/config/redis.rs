@@ -46,11 +46,58 @@ pub enum EvictionCheck {
     Warn,
 }
 
-/// The broadcast of one Redis target.
+/// The broadcast of one Redis target (`docs/broadcast.md`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BroadcastConfig {
+    /// The pub/sub channel; its keys are `evictd:bc:{channel}:…`.
     pub channel: String,
     pub max_keys: usize,
+    pub transport: Transport,
+    /// `MAXLEN ~` of the channel's stream.
+    pub stream_max_len: u64,
+    /// Time between two heartbeats.
+    pub heartbeat: Duration,
+}
+
+impl BroadcastConfig {
+    /// A channel with the defaults of every other setting.
+    pub fn new(channel: impl Into<String>) -> BroadcastConfig {
+        BroadcastConfig {
+            channel: channel.into(),
+            max_keys: 10_000,
+            transport: Transport::Both,
+            stream_max_len: 100_000,
+            heartbeat: Duration::from_millis(1000),
+        }
+    }
+}
+
+/// `[redis.NAME] broadcast_transport`: where a batch's message goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// Pub/sub and the channel's stream.
+    #[default]
+    Both,
+    /// Pub/sub only: immediate, lost while a subscriber is away.
+    PubSub,
+    /// The stream only: replayable; no heartbeats are published.
+    Stream,
+}
+
+impl Transport {
+    /// As the publish script takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::Both => "both",
+            Transport::PubSub => "pubsub",
+            Transport::Stream => "stream",
+        }
+    }
+
+    /// Whether messages (and heartbeats) are published on pub/sub.
+    pub fn pubsub(self) -> bool {
+        self != Transport::Stream
+    }
 }
 
 /// Validates `[redis.NAME]`; `None` when it has no usable URL.
@@ -91,11 +138,40 @@ pub(crate) fn validate_redis(
             &format!("{field}.broadcast_channel"),
             "must not be empty (set `broadcast = false` to turn the broadcast off)",
         );
+    } else if channel.contains('}') {
+        // The channel is the Cluster hash tag of its keys, `evictd:bc:{C}:…`.
+        issues.push(&format!("{field}.broadcast_channel"), "must not contain `}` (it is the hash tag of its keys)");
     }
     let max_keys =
         positive(issues, &format!("{field}.broadcast_max_keys"), target.broadcast_max_keys.map(|v| v as u64), 10_000)
             as usize;
-    let broadcast = target.broadcast.unwrap_or(true).then_some(BroadcastConfig { channel, max_keys });
+    let transport = match target.broadcast_transport.as_deref().unwrap_or("both") {
+        "both" => Transport::Both,
+        "pubsub" => Transport::PubSub,
+        "stream" => Transport::Stream,
+        other => {
+            issues.push(
+                &format!("{field}.broadcast_transport"),
+                format!("unknown value `{other}` (expected both, pubsub or stream)"),
+            );
+            Transport::Both
+        }
+    };
+    let stream_max_len =
+        positive(issues, &format!("{field}.broadcast_stream_max_len"), target.broadcast_stream_max_len, 100_000);
+    let heartbeat = Duration::from_millis(positive(
+        issues,
+        &format!("{field}.broadcast_heartbeat_ms"),
+        target.broadcast_heartbeat_ms,
+        1000,
+    ));
+    let broadcast = target.broadcast.unwrap_or(true).then_some(BroadcastConfig {
+        channel,
+        max_keys,
+        transport,
+        stream_max_len,
+        heartbeat,
+    });
     let wait_timeout =
         Duration::from_millis(positive(issues, &format!("{field}.wait_timeout_ms"), target.wait_timeout_ms, 1000));
     let replicas = target.wait_replicas.unwrap_or(0);

@@ -322,6 +322,41 @@ fn a_target_waits_for_replicas_or_the_aof_only_when_asked() {
 }
 
 #[test]
+fn the_broadcast_defaults_to_both_transports_and_refuses_unknown_ones_with_their_place() {
+    let (_dir, path) = write(VALID);
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    let primary = c.redis.iter().find(|t| t.name == "primary").unwrap();
+    assert_eq!(primary.broadcast, Some(crate::config::BroadcastConfig::new("evictd:invalidations")));
+    let c = load_with_env(
+        &path,
+        &env(&[
+            ("EVICTD__REDIS__PRIMARY__BROADCAST_TRANSPORT", "stream"),
+            ("EVICTD__REDIS__PRIMARY__BROADCAST_STREAM_MAX_LEN", "500"),
+            ("EVICTD__REDIS__PRIMARY__BROADCAST_HEARTBEAT_MS", "250"),
+        ]),
+    )
+    .unwrap();
+    let broadcast = c.redis.iter().find(|t| t.name == "primary").unwrap().broadcast.clone().unwrap();
+    assert_eq!(broadcast.transport, crate::config::Transport::Stream);
+    assert_eq!(broadcast.stream_max_len, 500);
+    assert_eq!(broadcast.heartbeat, Duration::from_millis(250));
+
+    let (_dir, path) = write(&format!(
+        "{REQUIRED}broadcast_transport = \"kafka\"\nbroadcast_heartbeat_ms = 0\nbroadcast_channel = \"a}}b\"\n"
+    ));
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    let transport = e.0.iter().find(|i| i.field == "redis.primary.broadcast_transport").unwrap();
+    assert!(transport.place.starts_with(&format!("{}:", path.display())), "{}", transport.place);
+    let text = messages(e).join("\n");
+    assert!(
+        text.contains("redis.primary.broadcast_transport: unknown value `kafka` (expected both, pubsub or stream)"),
+        "{text}"
+    );
+    assert!(text.contains("redis.primary.broadcast_heartbeat_ms: must be greater than 0"), "{text}");
+    assert!(text.contains("redis.primary.broadcast_channel: must not contain `}`"), "{text}");
+}
+
+#[test]
 fn on_slot_loss_defaults_to_refuse_and_takes_flush_from_the_file_or_the_environment() {
     let pg = |c: Config| match c.source {
         Some(SourceConfig::Postgres(pg)) => pg.on_slot_loss,

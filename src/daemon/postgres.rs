@@ -32,6 +32,7 @@ pub(super) async fn run(shared: Shared<'_>, source: &PostgresConfig) -> Result<(
     let Some(dead_letters) = wiring::open_dead_letters(config, &metrics, shutdown).await? else { return Ok(()) };
     let Some(sink) = wiring::connect_sinks(config, &graph, &metrics, shutdown).await? else { return Ok(()) };
     wiring::sinks_connected(&sink, &metrics, &health);
+    let _heartbeats = wiring::start_heartbeats(&sink, true);
     let sink = Arc::new(sink);
     let sessions = PostgresSessions {
         config: source.clone(),

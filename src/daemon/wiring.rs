@@ -119,6 +119,17 @@ pub(super) fn sinks_connected(sink: &MultiSink<RedisSink>, metrics: &Metrics, he
     health.set_all_sinks_reachable();
 }
 
+/// Starts every target's broadcast heartbeats (`docs/broadcast.md`); they
+/// stop when the guard is dropped, at the end of the daemon's run.
+/// `postgres`: heartbeats carry the applied position.
+pub(super) fn start_heartbeats(sink: &MultiSink<RedisSink>, postgres: bool) -> tokio_util::sync::DropGuard {
+    let stop = CancellationToken::new();
+    for target in sink.targets() {
+        let _ = target.spawn_heartbeats(postgres, stop.clone());
+    }
+    stop.drop_guard()
+}
+
 /// How long one statement against the dead-letter database may take.
 pub(crate) const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
 

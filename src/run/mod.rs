@@ -277,6 +277,8 @@ where
                     Action::Acknowledge(position) => {
                         tracing::debug!(%position, "acknowledging");
                         source.acknowledge(&position).await.map_err(RunError::Source)?;
+                        // The broadcast's applied position (read your writes).
+                        self.sink.acknowledged(&position);
                         if let Some(lsn) = position.lsn() {
                             ladder.applied = ladder.applied.max(lsn);
                             ladder.acknowledged = ladder.acknowledged.max(lsn);

@@ -86,4 +86,10 @@ impl SinkError {
 pub trait Sink {
     fn name(&self) -> &str;
     fn apply(&self, batch: SinkBatch<'_>) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// The run loop acknowledged `position` to the source: every change up
+    /// to it is confirmed by every sink (a batch's last position, or a
+    /// keepalive's while nothing was in flight). The Redis sink publishes
+    /// it as the applied position (`docs/broadcast.md`). Must not block.
+    fn acknowledged(&self, _position: &Position) {}
 }

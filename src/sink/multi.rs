@@ -45,6 +45,12 @@ impl<S: Sink + Sync> Sink for MultiSink<S> {
         &self.name
     }
 
+    fn acknowledged(&self, position: &crate::change::Position) {
+        for target in &self.targets {
+            target.acknowledged(position);
+        }
+    }
+
     async fn apply(&self, batch: SinkBatch<'_>) -> Result<(), SinkError> {
         let results = join_all(self.targets.iter().map(|t| t.apply(batch))).await;
         let mut worst: Option<SinkError> = None;

@@ -618,8 +618,8 @@ async fn events_from_the_real_debezium_connector_invalidate_their_keys() {
     db.drop().await;
 }
 
-/// Every key, tag and flushed cache broadcast on `channel` until it has
-/// been quiet for `quiet` (after at least one message), or `limit`.
+/// Every key, tag and flushed cache broadcast on `channel` until no batch
+/// message came for `quiet` (after at least one), or `limit`.
 async fn collect_broadcasts(
     mut messages: impl futures_util::Stream<Item = redis::Msg> + Unpin,
     quiet: Duration,
@@ -627,11 +627,18 @@ async fn collect_broadcasts(
 ) -> BTreeSet<String> {
     let mut seen = BTreeSet::new();
     let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        let wait = if seen.is_empty() { deadline - Instant::now() } else { quiet };
+    // Quiet means no batch message: heartbeats come every second regardless.
+    let mut last_batch: Option<Instant> = None;
+    loop {
+        let until = last_batch.map_or(deadline, |at| (at + quiet).min(deadline));
+        let Some(wait) = until.checked_duration_since(Instant::now()) else { break };
         let Ok(Some(msg)) = tokio::time::timeout(wait, messages.next()).await else { break };
         let payload: String = msg.get_payload().unwrap();
         let message: serde_json::Value = serde_json::from_str(&payload).unwrap();
+        if message["kind"] == "heartbeat" {
+            continue;
+        }
+        last_batch = Some(Instant::now());
         for (field, what) in [("keys", "key"), ("tags", "tag"), ("flush", "flush")] {
             for item in message[field].as_array().into_iter().flatten() {
                 seen.insert(format!("{what} {item}"));

@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod broadcast;
+mod broadcast_sink;
+mod broadcast_vectors;
 mod check_live;
 mod cli;
 mod daemon;

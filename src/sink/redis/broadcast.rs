@@ -1,40 +1,73 @@
-//! The broadcast: one pub/sub message per applied batch, so that every
-//! process's local cache drops what the batch invalidated in Redis.
+//! The broadcast: one message per applied batch, so that every process's
+//! local cache drops what the batch invalidated in Redis, and heartbeats, so
+//! that a quiet channel still reveals a loss and applications can wait
+//! until their own write was applied.
 //!
-//! Message format version 1 (JSON, documented in `docs/redis-layout.md`):
+//! Message format version 2 (JSON; the contract is `docs/broadcast.md`):
 //!
 //! ```json
-//! {"v":1,"seq":1764000000000001,"batch":17,
-//!  "position":{"kind":"postgres","commit_lsn":"0/1A2B3C8","lsn":"0/1A2B3C8"},
-//!  "keys":["user:{42}:profile"],"tags":["user:42"],"flush":["feed"],
+//! {"v":2,"kind":"batch","epoch":"1764000000000000","seq":1764000000000417,
+//!  "batch":17,"position":{"kind":"postgres","commit_lsn":"0/1A2B3C8","lsn":"0/1A2B3C8"},
+//!  "applied":{"kind":"postgres","lsn":"0/1A2B400"},
+//!  "caches":["user_profile"],"keys":["user:{42}:profile"],"tags":["user:42"],"flush":["feed"],
 //!  "truncated":false,"published_at_ms":1764000000123}
 //! ```
 //!
-//! **Invariants:** a message is published only after every Redis effect of
-//! its batch was confirmed (a subscriber that refills from Redis right away
-//! never reads what the batch deleted), and before the batch is confirmed
-//! (a batch whose message was not published is never acknowledged, so it
-//! is replayed and published again). `seq` grows by one per message on a
-//! channel, across restarts of evictd and across active/standby takeovers
-//! (it lives in Redis, see [`PUBLISH_LUA`](super::layout::PUBLISH_LUA)); a
-//! replayed batch gets a new `seq`, so subscribers see at-least-once
-//! delivery: a gap in `seq` means messages were missed (drop everything),
-//! a repeat of the same keys is harmless.
+//! This module builds the parts evictd knows ([`Head`], [`Tail`], the
+//! applied position); the publish script ([`PUBLISH_LUA`]) adds `v`,
+//! `kind`, `epoch`, `seq` and the stored `applied`, atomically with the
+//! channel's sequence, its `touched` hash and its stream. [`Envelope`]
+//! reads any message back (the conformance vectors, the subscribers).
+//!
+//! **Invariants:** a batch's message is published only after every Redis
+//! effect of its batch was confirmed (a subscriber that refills from Redis
+//! right away never reads what the batch deleted), and before the batch is
+//! confirmed (a batch whose message was not published is never
+//! acknowledged, so it is replayed and published again). `seq` grows by
+//! one per message on a channel, across restarts of evictd and
+//! active/standby takeovers (it lives in Redis); it restarts, with a new
+//! `epoch`, only when Redis lost it. `applied` is a position up to which
+//! every change is confirmed on the target: the batch's own last position
+//! (its effects on this target are confirmed when the message goes out, and
+//! every earlier batch was), or the last one the run loop acknowledged; it
+//! only rises, in the process and in Redis.
+//!
+//! [`PUBLISH_LUA`]: super::layout::PUBLISH_LUA
 
 use std::collections::BTreeSet;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use crate::change::Position;
+use crate::change::{Lsn, Position};
 use crate::config::BroadcastConfig;
 use crate::resolve::Effect;
 use crate::sink::SinkBatch;
 
-/// A message without its `v` and `seq`, which the publish script adds.
+/// The format version this evictd writes.
+pub const VERSION: u64 = 2;
+
+/// A batch's message, as evictd builds it before the script completes it.
+#[derive(Debug, PartialEq)]
+pub(crate) struct BatchMessage<'a> {
+    pub(crate) head: Head<'a>,
+    pub(crate) tail: Tail<'a>,
+    /// Every cache the message touches (`caches` ∪ `flush`): their
+    /// `touched` fields get the message's `seq`.
+    pub(crate) touched: Vec<&'a str>,
+}
+
+/// The fields between `seq` and `applied`.
 #[derive(Debug, Serialize, PartialEq)]
-pub(crate) struct Message<'a> {
+pub(crate) struct Head<'a> {
     pub(crate) batch: u64,
     pub(crate) position: Option<PositionJson<'a>>,
+}
+
+/// The fields after `applied`.
+#[derive(Debug, Serialize, PartialEq)]
+pub(crate) struct Tail<'a> {
+    /// The caches of `keys`, sorted.
+    pub(crate) caches: Vec<&'a str>,
     /// Keys invalidated by the batch, of caches with `broadcast = true`.
     pub(crate) keys: Vec<&'a str>,
     /// Tags invalidated (every key registered under them is gone).
@@ -46,6 +79,12 @@ pub(crate) struct Message<'a> {
     /// are in `flush`.
     pub(crate) truncated: bool,
     pub(crate) published_at_ms: u64,
+}
+
+/// A heartbeat's fields after `applied`.
+#[derive(Debug, Serialize, PartialEq)]
+struct HeartbeatTail {
+    published_at_ms: u64,
 }
 
 /// A source position as the message carries it.
@@ -71,9 +110,23 @@ impl<'a> PositionJson<'a> {
     }
 }
 
+/// The applied position a source kind publishes: Postgres positions only
+/// (the end of the last applied commit record, or a keepalive's WAL
+/// position). Kafka positions are per partition, not comparable with a
+/// commit LSN: none.
+pub(crate) fn applied_lsn(position: &Position) -> Option<Lsn> {
+    match position {
+        Position::Postgres { lsn, .. } => Some(*lsn),
+        Position::Kafka { .. } | Position::File { .. } => None,
+    }
+}
+
+/// The `applied` hash field of Postgres positions.
+pub(crate) const APPLIED_POSTGRES: &str = "postgres";
+
 /// The message of a batch, or `None` when it invalidated nothing of a
 /// broadcast cache.
-pub(crate) fn message<'a>(batch: &SinkBatch<'a>, config: &BroadcastConfig, now_ms: u64) -> Option<Message<'a>> {
+pub(crate) fn message<'a>(batch: &SinkBatch<'a>, config: &BroadcastConfig, now_ms: u64) -> Option<BatchMessage<'a>> {
     let mut keys = Vec::new();
     let mut key_caches = BTreeSet::new();
     let mut tags = Vec::new();
@@ -98,31 +151,130 @@ pub(crate) fn message<'a>(batch: &SinkBatch<'a>, config: &BroadcastConfig, now_m
         return None;
     }
     let truncated = keys.len() > config.max_keys;
-    if truncated {
+    let caches = if truncated {
         keys.clear();
         flush.extend(key_caches);
-    }
+        Vec::new()
+    } else {
+        key_caches.into_iter().collect()
+    };
     tags.sort_unstable();
     tags.dedup();
-    Some(Message {
-        batch: batch.id,
-        position: batch.position.map(PositionJson::of),
-        keys,
-        tags,
-        flush: flush.into_iter().collect(),
-        truncated,
-        published_at_ms: now_ms,
+    let touched = caches.iter().chain(&flush).copied().collect::<BTreeSet<_>>().into_iter().collect();
+    Some(BatchMessage {
+        head: Head { batch: batch.id, position: batch.position.map(PositionJson::of) },
+        tail: Tail { caches, keys, tags, flush: flush.into_iter().collect(), truncated, published_at_ms: now_ms },
+        touched,
     })
 }
 
-/// The message's JSON after `{"v":1,"seq":N`: it starts with `,` (or is `}`
-/// alone for an empty object), as the publish script expects.
-pub(crate) fn tail(message: &Message<'_>) -> Result<String, serde_json::Error> {
-    let json = serde_json::to_string(message)?;
-    Ok(match json.strip_prefix('{') {
-        Some("}") | None => "}".to_owned(),
-        Some(rest) => format!(",{rest}"),
-    })
+/// An object's JSON without its braces, after a `,` (empty for `{}`): what
+/// the script splices in after `seq`.
+fn fields(json: &str) -> String {
+    match json.strip_prefix('{').and_then(|rest| rest.strip_suffix('}')) {
+        Some("") | None => String::new(),
+        Some(inner) => format!(",{inner}"),
+    }
+}
+
+impl BatchMessage<'_> {
+    /// The script's ARGV 7 (`,"batch":…,"position":…`) and ARGV 8 (from
+    /// `,"caches"` to the closing `}`).
+    pub(crate) fn parts(&self) -> Result<(String, String), serde_json::Error> {
+        let head = fields(&serde_json::to_string(&self.head)?);
+        let tail = format!("{}}}", fields(&serde_json::to_string(&self.tail)?));
+        Ok((head, tail))
+    }
+
+    /// Whether the message has tags (the `*tags` field of `touched`).
+    pub(crate) fn has_tags(&self) -> bool {
+        !self.tail.tags.is_empty()
+    }
+}
+
+/// A heartbeat's ARGV 8: `,"published_at_ms":N}`.
+pub(crate) fn heartbeat_tail(now_ms: u64) -> Result<String, serde_json::Error> {
+    Ok(format!("{}}}", fields(&serde_json::to_string(&HeartbeatTail { published_at_ms: now_ms })?)))
+}
+
+/// Any broadcast message, read back: every field of version 2 is optional
+/// here, so a message of another version or kind still reads (and says so
+/// through [`Envelope::v`] and [`Envelope::kind`]).
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Envelope {
+    /// The format version; a subscriber that does not know it flushes.
+    pub v: u64,
+    #[serde(default)]
+    pub kind: Option<String>,
+    #[serde(default)]
+    pub epoch: Option<String>,
+    #[serde(default)]
+    pub seq: Option<u64>,
+    #[serde(default)]
+    pub batch: Option<u64>,
+    #[serde(default)]
+    pub position: Option<WirePosition>,
+    #[serde(default)]
+    pub applied: Option<WireApplied>,
+    #[serde(default)]
+    pub caches: Vec<String>,
+    #[serde(default)]
+    pub keys: Vec<String>,
+    #[serde(default)]
+    pub tags: Vec<String>,
+    #[serde(default)]
+    pub flush: Vec<String>,
+    #[serde(default)]
+    pub truncated: bool,
+    #[serde(default)]
+    pub published_at_ms: Option<u64>,
+}
+
+/// A message's `position`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum WirePosition {
+    Postgres { commit_lsn: String, lsn: String },
+    Kafka { topic: String, partition: i32, offset: i64 },
+    File { line: u64 },
+}
+
+/// A message's `applied`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum WireApplied {
+    /// `lsn` as Postgres prints it (`X/Y`); parse it with [`Lsn`]'s `FromStr`.
+    Postgres { lsn: String },
+}
+
+impl Envelope {
+    /// Reads a message. A version other than 2 reads as far as `v`: its
+    /// other fields are not interpreted (they may mean something else).
+    pub fn parse(text: &str) -> Result<Envelope, serde_json::Error> {
+        #[derive(Deserialize)]
+        struct Version {
+            v: u64,
+        }
+        let Version { v } = serde_json::from_str(text)?;
+        if v != VERSION {
+            return Ok(Envelope {
+                v,
+                kind: None,
+                epoch: None,
+                seq: None,
+                batch: None,
+                position: None,
+                applied: None,
+                caches: Vec::new(),
+                keys: Vec::new(),
+                tags: Vec::new(),
+                flush: Vec::new(),
+                truncated: false,
+                published_at_ms: None,
+            });
+        }
+        serde_json::from_str(text)
+    }
 }
 
 #[cfg(test)]
@@ -154,37 +306,96 @@ table = "app.users"
         Effect::Key { cache: graph.cache_id(cache).unwrap(), key: key.to_owned() }
     }
 
+    /// What the publish script makes of the parts (`PUBLISH_LUA`), for
+    /// golden strings: the integration tests check the script against it.
+    fn assembled(kind: &str, epoch: &str, seq: u64, head: &str, applied: Option<&str>, tail: &str) -> String {
+        let applied =
+            applied.map(|lsn| format!(",\"applied\":{{\"kind\":\"postgres\",\"lsn\":\"{lsn}\"}}")).unwrap_or_default();
+        format!("{{\"v\":2,\"kind\":\"{kind}\",\"epoch\":\"{epoch}\",\"seq\":{seq}{head}{applied}{tail}")
+    }
+
     #[test]
-    fn a_message_lists_broadcast_caches_only_and_its_tail_completes_the_envelope() {
+    fn a_batch_message_is_the_documented_json_byte_for_byte() {
         let g = graph();
-        let effects = [key(&g, "profile", "user:1"), key(&g, "quiet", "quiet:1")];
-        let position = Position::Postgres { commit_lsn: Lsn(0x10), lsn: Lsn(0x08) };
-        let batch = SinkBatch { id: 3, graph: &g, effects: &effects, version: 16, position: Some(&position) };
-        let config = BroadcastConfig { channel: "c".into(), max_keys: 10 };
-        let m = message(&batch, &config, 5).unwrap();
-        assert_eq!(m.keys, ["user:1"]);
-        let full = format!("{{\"v\":1,\"seq\":9{}", tail(&m).unwrap());
-        let json: serde_json::Value = serde_json::from_str(&full).unwrap();
-        assert_eq!(json["seq"], 9);
-        assert_eq!(json["batch"], 3);
-        assert_eq!(json["position"]["kind"], "postgres");
-        assert_eq!(json["position"]["commit_lsn"], "0/10");
-        assert_eq!(json["keys"], serde_json::json!(["user:1"]));
-        assert_eq!(json["truncated"], false);
+        let effects = [
+            key(&g, "profile", "user:{42}:profile"),
+            key(&g, "quiet", "quiet:1"),
+            Effect::Tag { cache: g.cache_id("profile").unwrap(), tag: "user:42".into() },
+        ];
+        let position = Position::Postgres { commit_lsn: Lsn(0x1A2B3C8), lsn: Lsn(0x1A2B3C8) };
+        let batch = SinkBatch { id: 17, graph: &g, effects: &effects, version: 16, position: Some(&position) };
+        let m = message(&batch, &BroadcastConfig::new("c"), 1764000000123).unwrap();
+        let (head, tail) = m.parts().unwrap();
+        assert_eq!(head, r#","batch":17,"position":{"kind":"postgres","commit_lsn":"0/1A2B3C8","lsn":"0/1A2B3C8"}"#);
+        assert_eq!(
+            tail,
+            r#","caches":["profile"],"keys":["user:{42}:profile"],"tags":["user:42"],"flush":[],"truncated":false,"published_at_ms":1764000000123}"#
+        );
+        assert_eq!(m.touched, ["profile"]);
+        assert!(m.has_tags());
+        let full = assembled("batch", "1764000000000000", 1764000000000417, &head, Some("0/1A2B400"), &tail);
+        assert_eq!(
+            full,
+            concat!(
+                r#"{"v":2,"kind":"batch","epoch":"1764000000000000","seq":1764000000000417,"#,
+                r#""batch":17,"position":{"kind":"postgres","commit_lsn":"0/1A2B3C8","lsn":"0/1A2B3C8"},"#,
+                r#""applied":{"kind":"postgres","lsn":"0/1A2B400"},"#,
+                r#""caches":["profile"],"keys":["user:{42}:profile"],"tags":["user:42"],"flush":[],"#,
+                r#""truncated":false,"published_at_ms":1764000000123}"#
+            )
+        );
+        let read = Envelope::parse(&full).unwrap();
+        assert_eq!(read.seq, Some(1764000000000417));
+        assert_eq!(read.applied, Some(WireApplied::Postgres { lsn: "0/1A2B400".into() }));
+        assert_eq!(read.keys, ["user:{42}:profile"]);
+    }
+
+    #[test]
+    fn a_heartbeat_carries_only_its_envelope_the_applied_position_and_the_time() {
+        let tail = heartbeat_tail(1764000001123).unwrap();
+        assert_eq!(tail, r#","published_at_ms":1764000001123}"#);
+        assert_eq!(
+            assembled("heartbeat", "1764000000000000", 1764000000000417, "", Some("0/1A2B400"), &tail),
+            r#"{"v":2,"kind":"heartbeat","epoch":"1764000000000000","seq":1764000000000417,"applied":{"kind":"postgres","lsn":"0/1A2B400"},"published_at_ms":1764000001123}"#
+        );
+        // Kafka: no applied position.
+        assert_eq!(
+            assembled("heartbeat", "5", 9, "", None, &tail),
+            r#"{"v":2,"kind":"heartbeat","epoch":"5","seq":9,"published_at_ms":1764000001123}"#
+        );
+        let kafka = Position::Kafka { topic: "t".into(), partition: 0, offset: 1, seq: 1, version: 1 };
+        assert_eq!(applied_lsn(&kafka), None);
+        assert_eq!(applied_lsn(&Position::Postgres { commit_lsn: Lsn(1), lsn: Lsn(2) }), Some(Lsn(2)));
     }
 
     #[test]
     fn too_many_keys_become_a_flush_of_their_caches_and_nothing_broadcast_is_no_message() {
         let g = graph();
-        let effects = [key(&g, "profile", "user:1"), key(&g, "profile", "user:2")];
+        let effects = [
+            key(&g, "profile", "user:1"),
+            key(&g, "profile", "user:2"),
+            Effect::NamespaceBump { cache: g.cache_id("quiet").unwrap() },
+        ];
         let batch = SinkBatch { id: 1, graph: &g, effects: &effects, version: 1, position: None };
-        let config = BroadcastConfig { channel: "c".into(), max_keys: 1 };
+        let config = BroadcastConfig { max_keys: 1, ..BroadcastConfig::new("c") };
         let m = message(&batch, &config, 0).unwrap();
-        assert!(m.truncated);
-        assert!(m.keys.is_empty());
-        assert_eq!(m.flush, ["profile"]);
+        assert!(m.tail.truncated);
+        assert!(m.tail.keys.is_empty() && m.tail.caches.is_empty());
+        assert_eq!(m.tail.flush, ["profile"]);
+        assert_eq!(m.touched, ["profile"]);
+        assert_eq!(m.parts().unwrap().0, r#","batch":1,"position":null"#);
         let quiet = [key(&g, "quiet", "quiet:1")];
         let batch = SinkBatch { id: 1, graph: &g, effects: &quiet, version: 1, position: None };
         assert_eq!(message(&batch, &config, 0), None);
+    }
+
+    #[test]
+    fn another_version_reads_as_far_as_its_version() {
+        let read = Envelope::parse(r#"{"v":3,"seq":"not a number","anything":[1]}"#).unwrap();
+        assert_eq!(read.v, 3);
+        assert_eq!(read.seq, None);
+        let read = Envelope::parse(r#"{"v":2,"kind":"snapshot","epoch":"1","seq":2}"#).unwrap();
+        assert_eq!(read.kind.as_deref(), Some("snapshot"));
+        assert!(Envelope::parse(r#"{"seq":1}"#).is_err());
     }
 }

@@ -16,8 +16,10 @@
 //!   and fill through [`FILL_LUA`], which refuses once the stamp changed;
 //!   evictd replaces an existing one with [`guard_stamp`] (the batch version
 //!   and a value unique to the batch's application) before it invalidates `K`.
-//! - Broadcast sequence of channel `C`: the integer key `evictd:seq:C`,
-//!   raised by [`PUBLISH_LUA`] for every message.
+//! - Broadcast of channel `C` ([`BroadcastKeys`]): `evictd:bc:{C}:seq`,
+//!   `:epoch`, `:stream`, `:applied` and `:touched`, all in the hash slot of
+//!   `{C}`, written together by [`PUBLISH_LUA`] (format v2,
+//!   `docs/broadcast.md`).
 //!
 //! - Values of caches read under a namespace carry the namespace version
 //!   their writer read *before* reading the database: `<ns>|<payload>`
@@ -50,8 +52,8 @@ pub fn tag_key(tag: &str) -> String {
 /// Prefix of fill-guard stamps.
 pub(crate) const GUARD_PREFIX: &str = "evictd:guard:";
 
-/// Prefix of broadcast sequence keys (the channel follows).
-pub(crate) const SEQUENCE_PREFIX: &str = "evictd:seq:";
+/// Prefix of a broadcast channel's keys (`{channel}` and a suffix follow).
+pub(crate) const BROADCAST_PREFIX: &str = "evictd:bc:";
 
 /// The fill-guard stamp of a cache key: `evictd:guard:` + the key when the
 /// key has a hash tag (its tag then stays the first one), else
@@ -105,10 +107,47 @@ pub(crate) fn guard_stamp(version: &str, instance: Option<u64>) -> String {
     }
 }
 
-/// The sequence key of a broadcast channel.
-pub(crate) fn sequence_key(channel: &str) -> String {
-    format!("{SEQUENCE_PREFIX}{channel}")
+/// The keys of one broadcast channel `C`: `evictd:bc:{C}:<what>`. The
+/// braces make `C` their Redis Cluster hash tag, so [`PUBLISH_LUA`] updates
+/// them all in one slot (a channel never contains `}`: the config refuses
+/// it, so the tag is exactly `C`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BroadcastKeys {
+    /// The last sequence number given out (a decimal integer).
+    pub seq: String,
+    /// The sequence's first value, set with it (a decimal string).
+    pub epoch: String,
+    /// The stream of messages (field `m`), trimmed to about
+    /// `broadcast_stream_max_len` entries.
+    pub stream: String,
+    /// Per source kind, the highest applied position (`postgres`: `X/Y`).
+    pub applied: String,
+    /// Per cache name, the `seq` of the last message that invalidated
+    /// anything of it; field `*tags`: the last message with tags.
+    pub touched: String,
 }
+
+impl BroadcastKeys {
+    pub fn of(channel: &str) -> BroadcastKeys {
+        let key = |what: &str| format!("{BROADCAST_PREFIX}{{{channel}}}:{what}");
+        BroadcastKeys {
+            seq: key("seq"),
+            epoch: key("epoch"),
+            stream: key("stream"),
+            applied: key("applied"),
+            touched: key("touched"),
+        }
+    }
+
+    /// In the order [`PUBLISH_LUA`] takes them as `KEYS`.
+    pub(crate) fn script_keys(&self) -> [&str; 5] {
+        [&self.seq, &self.epoch, &self.stream, &self.applied, &self.touched]
+    }
+}
+
+/// The `touched` field of messages with tags (no cache is named `*tags`:
+/// cache names are identifiers).
+pub const TOUCHED_TAGS: &str = "*tags";
 
 /// A version as stored: canonical decimal.
 pub(crate) fn encode_version(version: u64) -> String {
@@ -292,22 +331,83 @@ end
 return 1
 "#;
 
-/// Lua source of [`PUBLISH`](Scripts::publish): one broadcast message.
+/// Lua source of [`PUBLISH`](Scripts::publish): one broadcast message,
+/// a batch's or a heartbeat (format v2, `docs/broadcast.md`).
 ///
-/// `KEYS[1]` is the channel's [`sequence_key`], `ARGV[1]` the channel,
-/// `ARGV[2]` the message's JSON after its sequence number (it starts with
-/// `,` and ends with `}`). The sequence is raised by one per message; a
-/// missing sequence (first use, or data lost) starts from the server clock
-/// in microseconds, so it keeps increasing across restarts of evictd and
-/// even across a loss of Redis's data. Returns the sequence number used.
+/// `KEYS`: the channel's [`BroadcastKeys`] in order: seq, epoch, stream,
+/// applied, touched. `ARGV`:
+/// 1. the channel;
+/// 2. `batch` or `heartbeat`;
+/// 3. the transport: `both`, `pubsub` or `stream`;
+/// 4. the stream's `MAXLEN ~` bound;
+/// 5. the applied position's kind (`postgres`), or empty: no `applied`;
+/// 6. this process's applied position (`X/Y`), or empty: none yet;
+/// 7. the JSON after `seq` and before `applied` (`,"batch":…,"position":…`,
+///    or empty);
+/// 8. the JSON after `applied`, to the closing `}`;
+/// 9. `1` if the message has tags, else `0`;
+/// 10. and on: the caches the message touches (`caches` ∪ `flush`).
+///
+/// A missing `seq` or `epoch` (first use, or Redis lost them) starts a new
+/// sequence at the server clock in µs and sets the epoch to that same
+/// value. A batch `INCR`s `seq`, writes its number into `touched` for each
+/// cache (and `*tags`), then publishes and/or adds to the stream; a
+/// heartbeat leaves `seq` as it is and only publishes (pub/sub transports).
+/// Both raise `applied` to ARGV 6 (compared as hexadecimal digit strings,
+/// never Lua numbers) and carry the hash's value, the highest any process
+/// wrote. Returns the message's `seq` (a heartbeat: the current one).
 pub(crate) const PUBLISH_LUA: &str = r#"
-if redis.call('EXISTS', KEYS[1]) == 0 then
-  local now = redis.call('TIME')
-  redis.call('SET', KEYS[1], now[1] .. string.format('%06d', tonumber(now[2])))
+local function hex_greater(a, b)
+  a = string.gsub(a, '^0+', '')
+  b = string.gsub(b, '^0+', '')
+  if #a ~= #b then return #a > #b end
+  return a > b
 end
-local seq = redis.call('INCR', KEYS[1])
-redis.call('PUBLISH', ARGV[1], '{"v":1,"seq":' .. string.format('%d', seq) .. ARGV[2])
-return seq
+local function lsn_greater(a, b)
+  local ah, al = string.match(a, '^(%x+)/(%x+)$')
+  local bh, bl = string.match(b, '^(%x+)/(%x+)$')
+  if not ah then return false end
+  if not bh then return true end
+  ah, al, bh, bl = string.upper(ah), string.upper(al), string.upper(bh), string.upper(bl)
+  if hex_greater(ah, bh) then return true end
+  if hex_greater(bh, ah) then return false end
+  return hex_greater(al, bl)
+end
+local seq = redis.call('GET', KEYS[1])
+local epoch = redis.call('GET', KEYS[2])
+if not seq or not epoch or not string.match(seq, '^%d+$') then
+  local now = redis.call('TIME')
+  epoch = now[1] .. string.format('%06d', tonumber(now[2]))
+  redis.call('SET', KEYS[1], epoch)
+  redis.call('SET', KEYS[2], epoch)
+  seq = epoch
+end
+local batch = ARGV[2] == 'batch'
+if batch then
+  seq = string.format('%d', redis.call('INCR', KEYS[1]))
+  for i = 10, #ARGV do
+    redis.call('HSET', KEYS[5], ARGV[i], seq)
+  end
+  if ARGV[9] == '1' then redis.call('HSET', KEYS[5], '*tags', seq) end
+end
+local applied = ''
+if ARGV[5] ~= '' then
+  local stored = redis.call('HGET', KEYS[4], ARGV[5])
+  if ARGV[6] ~= '' and (not stored or lsn_greater(ARGV[6], stored)) then
+    redis.call('HSET', KEYS[4], ARGV[5], ARGV[6])
+    stored = ARGV[6]
+  end
+  if stored then
+    applied = ',"applied":{"kind":"' .. ARGV[5] .. '","lsn":"' .. stored .. '"}'
+  end
+end
+local message = '{"v":2,"kind":"' .. ARGV[2] .. '","epoch":"' .. epoch .. '","seq":' .. seq
+  .. ARGV[7] .. applied .. ARGV[8]
+if ARGV[3] ~= 'stream' then redis.call('PUBLISH', ARGV[1], message) end
+if batch and ARGV[3] ~= 'pubsub' then
+  redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'm', message)
+end
+return tonumber(seq)
 "#;
 
 /// The scripts evictd runs, built once per sink.
@@ -389,7 +489,12 @@ mod tests {
         assert_eq!(guard_key(b"user:42"), b"evictd:guard:{user:42}");
         assert_eq!(guard_stamp("17", None), "i17");
         assert_eq!(guard_stamp("17", Some(0xab)), "i17.00000000000000ab");
-        assert_eq!(sequence_key("evictd:invalidations"), "evictd:seq:evictd:invalidations");
+        let keys = BroadcastKeys::of("evictd:invalidations");
+        assert_eq!(keys.seq, "evictd:bc:{evictd:invalidations}:seq");
+        assert_eq!(keys.touched, "evictd:bc:{evictd:invalidations}:touched");
+        for key in keys.script_keys() {
+            assert_eq!(Slot::for_key(key), Slot::for_key("evictd:invalidations"), "{key}");
+        }
     }
 
     proptest::proptest! {

@@ -18,7 +18,10 @@
 //! batch was answered without error (the [`Sink`] contract); every round
 //! trip is bounded by [`RedisSinkOptions::timeout`]; a second delete
 //! (`redelete_after_ms`) is scheduled only after the batch is confirmed, is
-//! best-effort, and is not part of the acknowledgement.
+//! best-effort, and is not part of the acknowledgement. A batch's
+//! broadcast message (`broadcast.rs`) is published after its effects and
+//! before `Ok`; heartbeats ([`RedisSink::spawn_heartbeats`]) run on a task
+//! of their own, best-effort, and never hold a batch up.
 //!
 //! Versions: every bump raises the stored version (see
 //! [`layout::BUMP_LUA`]); a bump that found the stored version at or past
@@ -41,6 +44,8 @@ mod redelete;
 pub(crate) mod setup;
 mod tags;
 
+/// Broadcast messages read back (format v2, `docs/broadcast.md`).
+pub use broadcast::{Envelope, VERSION as BROADCAST_VERSION, WireApplied, WirePosition};
 /// Keys of delayed second deletes that may wait at once, per target.
 pub use redelete::MAX_PENDING_KEYS as REDELETE_MAX_PENDING_KEYS;
 
@@ -53,6 +58,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures_util::{StreamExt, TryStreamExt, stream};
 use prometheus_client::metrics::counter::Counter;
 use secrecy::ExposeSecret;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
@@ -62,7 +68,7 @@ pub(crate) use plan::{Command, Group, Plan, Topology};
 use self::conn::{Conn, Runner};
 use self::error::Errors;
 use self::layout::Scripts;
-use crate::change::Position;
+use crate::change::{Lsn, Position};
 use crate::config::{BroadcastConfig, Durability, RedisTarget};
 use crate::metrics::Metrics;
 use crate::sink::{Sink, SinkBatch, SinkError};
@@ -119,6 +125,12 @@ struct Inner {
     behind_warned_ms: AtomicU64,
     /// The source record of the stream this sink serves, once opened.
     source: Mutex<Option<record::Tracked>>,
+    /// The highest applied Postgres LSN this process knows of (0: none):
+    /// a batch's position once published, or one the run loop acknowledged.
+    applied: AtomicU64,
+    /// The `applied` field's kind, set by the first acknowledged position
+    /// of a source that publishes one (Postgres).
+    applied_kind: OnceLock<&'static str>,
 }
 
 impl Inner {
@@ -131,6 +143,17 @@ impl Inner {
             errors: &self.errors,
             timeout: self.options.timeout + self.durability.map_or(Duration::ZERO, |d| d.timeout),
             wait: self.durability,
+        }
+    }
+
+    /// Round trips without the durability wait (the broadcast's).
+    fn runner_without_wait(&self) -> Runner<'_> {
+        Runner {
+            conn: &self.conn,
+            scripts: &self.scripts,
+            errors: &self.errors,
+            timeout: self.options.timeout,
+            wait: None,
         }
     }
 }
@@ -170,6 +193,8 @@ impl RedisSink {
                 versions_behind_metric: OnceLock::new(),
                 behind_warned_ms: AtomicU64::new(0),
                 source: Mutex::new(None),
+                applied: AtomicU64::new(0),
+                applied_kind: OnceLock::new(),
             }),
         })
     }
@@ -270,18 +295,10 @@ impl RedisSink {
         if let Some(config) = &inner.broadcast
             && let Some(message) = broadcast::message(&batch, config, now)
         {
-            let tail =
-                broadcast::tail(&message).map_err(|e| inner.errors.make(Class::Definite, RedisCause::Broadcast(e)))?;
-            let mut pipe = redis::pipe();
-            pipe.cmd("EVALSHA")
-                .arg(runner.scripts.publish.get_hash())
-                .arg(1)
-                .arg(layout::sequence_key(&config.channel))
-                .arg(&config.channel)
-                .arg(tail);
-            let what = format!("publishing on {}", config.channel);
-            let reply = runner.pipeline(&what, &mut pipe).await?;
-            tracing::debug!(channel = %config.channel, seq = ?reply.first(), "broadcast");
+            // This batch's effects are confirmed on this target, and every
+            // earlier batch's: its own position is applied here.
+            let applied = batch.position.and_then(broadcast::applied_lsn);
+            self.publish(config, &message, applied).await?;
         }
         tracing::debug!(groups = plan.groups.len(), tags = plan.tags.len(), "batch confirmed");
         if stamp.is_some() {
@@ -304,6 +321,117 @@ impl RedisSink {
 }
 
 impl RedisSink {
+    /// Publishes a batch's message through the publish script, with the
+    /// higher of `applied` and the last acknowledged position.
+    async fn publish(
+        &self,
+        config: &BroadcastConfig,
+        message: &broadcast::BatchMessage<'_>,
+        applied: Option<Lsn>,
+    ) -> Result<(), SinkError> {
+        let inner = &self.inner;
+        if let Some(lsn) = applied {
+            let _ = inner.applied_kind.set(broadcast::APPLIED_POSTGRES);
+            inner.applied.fetch_max(lsn.0, Ordering::Relaxed);
+        }
+        let (head, tail) = message.parts().map_err(|e| inner.errors.make(Class::Definite, RedisCause::Broadcast(e)))?;
+        let mut script = self.publish_cmd(config, "batch", head, tail, message.has_tags());
+        script.arg(&message.touched);
+        let mut pipe = redis::pipe();
+        pipe.add_command(script);
+        let what = format!("publishing on {}", config.channel);
+        // No durability wait: a lost message is a gap subscribers repair.
+        let reply = inner.runner_without_wait().pipeline(&what, &mut pipe).await?;
+        tracing::debug!(channel = %config.channel, seq = ?reply.first(), "broadcast");
+        Ok(())
+    }
+
+    /// The publish script with its keys and arguments up to ARGV 9.
+    fn publish_cmd(&self, config: &BroadcastConfig, kind: &str, head: String, tail: String, tags: bool) -> redis::Cmd {
+        let keys = layout::BroadcastKeys::of(&config.channel);
+        let applied = self.inner.applied.load(Ordering::Relaxed);
+        let (applied_kind, applied) = match self.inner.applied_kind.get() {
+            Some(kind) if applied > 0 => (*kind, Lsn(applied).to_string()),
+            Some(kind) => (*kind, String::new()),
+            None => ("", String::new()),
+        };
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.inner.scripts.publish.get_hash())
+            .arg(5)
+            .arg(&keys.script_keys()[..])
+            .arg(&config.channel)
+            .arg(kind)
+            .arg(config.transport.as_str())
+            .arg(config.stream_max_len)
+            .arg(applied_kind)
+            .arg(applied)
+            .arg(head)
+            .arg(tail)
+            .arg(if tags { "1" } else { "0" });
+        cmd
+    }
+
+    /// One heartbeat: the channel's current `seq` and the applied position,
+    /// published on pub/sub (not on the stream-only transport, where it
+    /// only raises the stored applied position). Returns the `seq`.
+    pub async fn heartbeat(&self) -> Result<Option<u64>, SinkError> {
+        let inner = &self.inner;
+        let Some(config) = &inner.broadcast else { return Ok(None) };
+        let tail = broadcast::heartbeat_tail(now_ms())
+            .map_err(|e| inner.errors.make(Class::Definite, RedisCause::Broadcast(e)))?;
+        let mut pipe = redis::pipe();
+        pipe.add_command(self.publish_cmd(config, "heartbeat", String::new(), tail, false));
+        let what = format!("heartbeat on {}", config.channel);
+        let reply = inner.runner_without_wait().pipeline(&what, &mut pipe).await?;
+        Ok(match reply.first() {
+            Some(redis::Value::Int(seq)) => u64::try_from(*seq).ok(),
+            _ => None,
+        })
+    }
+
+    /// Publishes a heartbeat every `broadcast_heartbeat_ms` until `stop`,
+    /// on a task of its own: a failure is logged and the next tick tries
+    /// again; nothing waits for it (batches go through their own round
+    /// trips). `postgres`: the source is Postgres, so heartbeats carry the
+    /// stored applied position even before this process applied anything
+    /// (a standby's, a fresh start's). `None` without a broadcast.
+    pub fn spawn_heartbeats(&self, postgres: bool, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+        let every = self.inner.broadcast.as_ref()?.heartbeat;
+        if postgres {
+            let _ = self.inner.applied_kind.set(broadcast::APPLIED_POSTGRES);
+        }
+        let sink = self.clone();
+        let span = tracing::info_span!("heartbeats", target = %self.inner.name);
+        Some(tokio::spawn(
+            async move {
+                let mut tick = tokio::time::interval(every);
+                tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut failing = false;
+                loop {
+                    tokio::select! {
+                        biased;
+                        () = stop.cancelled() => break,
+                        _ = tick.tick() => {}
+                    }
+                    match sink.heartbeat().await {
+                        Ok(_) if failing => {
+                            tracing::info!("broadcast heartbeats resumed");
+                            failing = false;
+                        }
+                        Ok(_) => {}
+                        // Once per outage at warn: the batches report it too.
+                        Err(e) if !failing => {
+                            tracing::warn!(error = %e.cause(), "broadcast heartbeat failed; retrying every tick");
+                            failing = true;
+                        }
+                        Err(e) => tracing::debug!(error = %e.cause(), "broadcast heartbeat failed"),
+                    }
+                }
+            }
+            .instrument(span),
+        ))
+    }
+
     /// Version keys of this batch that hold something else than a version
     /// (an application wrote into one, or two caches render the same key
     /// with different actions) cannot be raised; their caches' namespaces
@@ -399,6 +527,13 @@ impl Sink for RedisSink {
             effects = batch.effects.len()
         );
         self.apply_batch(batch).instrument(span)
+    }
+
+    fn acknowledged(&self, position: &Position) {
+        if let Some(lsn) = broadcast::applied_lsn(position) {
+            let _ = self.inner.applied_kind.set(broadcast::APPLIED_POSTGRES);
+            self.inner.applied.fetch_max(lsn.0, Ordering::Relaxed);
+        }
     }
 }
 
