@@ -123,7 +123,14 @@ async fn main() -> Result<()> {
                 }
                 pipe.exec_async(&mut con).await?;
                 let effects: Vec<Effect> = keys.into_iter().map(|key| Effect::Key { cache, key }).collect();
-                let batch = SinkBatch { id: b as u64, graph: &graph, effects: &effects, version: 1, position: None };
+                let batch = SinkBatch {
+                    id: b as u64,
+                    graph: &graph,
+                    effects: &effects,
+                    version: 1,
+                    position: None,
+                    commit_time_micros: None,
+                };
                 let started = Instant::now();
                 sink.apply(batch).await?;
                 busy += started.elapsed();

@@ -90,7 +90,14 @@ async fn begin(
     if *decision == Decision::Flush {
         let effects: Vec<Effect> =
             (0..graph.caches().len()).map(|i| Effect::NamespaceBump { cache: CacheId(i) }).collect();
-        let batch = SinkBatch { id: 0, graph, effects: &effects, version: server.wal_lsn.0, position: None };
+        let batch = SinkBatch {
+            id: 0,
+            graph,
+            effects: &effects,
+            version: server.wal_lsn.0,
+            position: None,
+            commit_time_micros: None,
+        };
         sink.apply(batch).await.map_err(StartError::Flush)?;
         tracing::warn!(
             slot,

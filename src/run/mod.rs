@@ -360,8 +360,14 @@ where
         let mut backoff = self.backoff();
         if !effects.is_empty() {
             loop {
-                let sink_batch =
-                    SinkBatch { id: batch.id(), graph: &self.graph, effects, version, position: batch.last_position() };
+                let sink_batch = SinkBatch {
+                    id: batch.id(),
+                    graph: &self.graph,
+                    effects,
+                    version,
+                    position: batch.last_position(),
+                    commit_time_micros: batch.commit_time_micros(),
+                };
                 let e = match self.sink.apply(sink_batch).await {
                     Ok(()) => break,
                     Err(e) => e,

@@ -30,6 +30,9 @@ pub struct SinkBatch<'a> {
     pub version: u64,
     /// The batch's last source position (carried by the broadcast).
     pub position: Option<&'a Position>,
+    /// The source's commit time of the batch's last transaction (µs since
+    /// the epoch), when it gives one (carried by the broadcast).
+    pub commit_time_micros: Option<i64>,
 }
 
 /// A sink's own reason for not confirming, kept typed as the error's

@@ -114,7 +114,8 @@ mod tests {
 
     fn run(sink: &MultiSink<Fake>) -> Result<(), SinkError> {
         let graph = load_sources(&[SourceFile::new("g.toml", String::new())]).unwrap();
-        let batch = SinkBatch { id: 1, graph: &graph, effects: &[], version: 1, position: None };
+        let batch =
+            SinkBatch { id: 1, graph: &graph, effects: &[], version: 1, position: None, commit_time_micros: None };
         let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
         rt.block_on(sink.apply(batch))
     }

@@ -59,7 +59,9 @@ async fn stream(probe: &Probe, keys: &BroadcastKeys) -> Vec<String> {
 }
 
 async fn apply(sink: &RedisSink, g: &TestGraph, id: u64, effects: &[Effect], position: Option<&Position>) {
-    sink.apply(SinkBatch { id, graph: &g.graph, effects, version: id, position }).await.unwrap();
+    sink.apply(SinkBatch { id, graph: &g.graph, effects, version: id, position, commit_time_micros: None })
+        .await
+        .unwrap();
 }
 
 #[tokio::test]

@@ -100,7 +100,15 @@ async fn waiting_sink(url: &str, replicas: u32, timeout_ms: u64) -> RedisSink {
 
 async fn delete(sink: &RedisSink, g: &TestGraph, keys: &[String], version: u64) -> Result<(), SinkError> {
     let effects: Vec<Effect> = keys.iter().map(|k| Effect::Key { cache: g.cache("gone"), key: k.clone() }).collect();
-    sink.apply(SinkBatch { id: version, graph: &g.graph, effects: &effects, version, position: None }).await
+    sink.apply(SinkBatch {
+        id: version,
+        graph: &g.graph,
+        effects: &effects,
+        version,
+        position: None,
+        commit_time_micros: None,
+    })
+    .await
 }
 
 #[tokio::test]

@@ -19,7 +19,8 @@ fn key(g: &TestGraph, cache: &str, key: &str) -> Effect {
 }
 
 async fn apply(sink: &impl Sink, g: &TestGraph, effects: &[Effect], version: u64) -> Result<(), SinkError> {
-    sink.apply(SinkBatch { id: version, graph: &g.graph, effects, version, position: None }).await
+    sink.apply(SinkBatch { id: version, graph: &g.graph, effects, version, position: None, commit_time_micros: None })
+        .await
 }
 
 fn now_ms() -> u64 {
@@ -435,7 +436,14 @@ async fn versions_above_the_postgres_lsn_are_raised_by_the_next_change() {
         probe.set(&ns, "900000").await;
         let effects = [key(&g, "versioned", &v), Effect::NamespaceBump { cache: g.cache("gone") }];
         let position = Position::Postgres { commit_lsn: Lsn(5000), lsn: Lsn(5100) };
-        let batch = SinkBatch { id: 1, graph: &g.graph, effects: &effects, version: 5000, position: Some(&position) };
+        let batch = SinkBatch {
+            id: 1,
+            graph: &g.graph,
+            effects: &effects,
+            version: 5000,
+            position: Some(&position),
+            commit_time_micros: None,
+        };
         s.apply(batch).await.unwrap();
         assert_eq!(probe.get(&v).await.as_deref(), Some("900001"), "{kind:?}: the version key was not raised");
         assert_eq!(probe.get(&ns).await.as_deref(), Some("900001"), "{kind:?}: the namespace was not raised");
@@ -444,7 +452,14 @@ async fn versions_above_the_postgres_lsn_are_raised_by_the_next_change() {
         let fresh = format!("it:{p}:fresh");
         probe.set(&fresh, "10").await;
         let effects = [key(&g, "versioned", &fresh)];
-        let batch = SinkBatch { id: 2, graph: &g.graph, effects: &effects, version: 5000, position: Some(&position) };
+        let batch = SinkBatch {
+            id: 2,
+            graph: &g.graph,
+            effects: &effects,
+            version: 5000,
+            position: Some(&position),
+            commit_time_micros: None,
+        };
         s.apply(batch).await.unwrap();
         assert_eq!(probe.get(&fresh).await.as_deref(), Some("5000"));
         assert_eq!(s.versions_behind(), 2, "{kind:?}");
@@ -468,7 +483,14 @@ async fn two_invalidations_with_the_same_version_write_different_stamps() {
     let position = Position::Postgres { commit_lsn: Lsn(77), lsn: Lsn(78) };
     let mut seen = Vec::new();
     for id in 1..=2 {
-        let batch = SinkBatch { id, graph: &g.graph, effects: &effects, version: 77, position: Some(&position) };
+        let batch = SinkBatch {
+            id,
+            graph: &g.graph,
+            effects: &effects,
+            version: 77,
+            position: Some(&position),
+            commit_time_micros: None,
+        };
         s.apply(batch).await.unwrap();
         seen.push(probe.get(&guard).await.unwrap());
     }

@@ -8,7 +8,7 @@
 //! ```json
 //! {"v":2,"kind":"batch","epoch":"1764000000000000","seq":1764000000000417,
 //!  "batch":17,"position":{"kind":"postgres","commit_lsn":"0/1A2B3C8","lsn":"0/1A2B3C8"},
-//!  "applied":{"kind":"postgres","lsn":"0/1A2B400"},
+//!  "committed_at_ms":1764000000101,"applied":{"kind":"postgres","lsn":"0/1A2B400"},
 //!  "caches":["user_profile"],"keys":["user:{42}:profile"],"tags":["user:42"],"flush":["feed"],
 //!  "truncated":false,"published_at_ms":1764000000123}
 //! ```
@@ -61,6 +61,9 @@ pub(crate) struct BatchMessage<'a> {
 pub(crate) struct Head<'a> {
     pub(crate) batch: u64,
     pub(crate) position: Option<PositionJson<'a>>,
+    /// The source's commit time of the batch's last transaction, in ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) committed_at_ms: Option<u64>,
 }
 
 /// The fields after `applied`.
@@ -162,7 +165,11 @@ pub(crate) fn message<'a>(batch: &SinkBatch<'a>, config: &BroadcastConfig, now_m
     tags.dedup();
     let touched = caches.iter().chain(&flush).copied().collect::<BTreeSet<_>>().into_iter().collect();
     Some(BatchMessage {
-        head: Head { batch: batch.id, position: batch.position.map(PositionJson::of) },
+        head: Head {
+            batch: batch.id,
+            position: batch.position.map(PositionJson::of),
+            committed_at_ms: batch.commit_time_micros.and_then(|micros| u64::try_from(micros / 1000).ok()),
+        },
         tail: Tail { caches, keys, tags, flush: flush.into_iter().collect(), truncated, published_at_ms: now_ms },
         touched,
     })
@@ -215,6 +222,8 @@ pub struct Envelope {
     #[serde(default)]
     pub position: Option<WirePosition>,
     #[serde(default)]
+    pub committed_at_ms: Option<u64>,
+    #[serde(default)]
     pub applied: Option<WireApplied>,
     #[serde(default)]
     pub caches: Vec<String>,
@@ -264,6 +273,7 @@ impl Envelope {
                 seq: None,
                 batch: None,
                 position: None,
+                committed_at_ms: None,
                 applied: None,
                 caches: Vec::new(),
                 keys: Vec::new(),
@@ -315,6 +325,24 @@ table = "app.users"
     }
 
     #[test]
+    fn a_batch_with_a_commit_time_carries_it_in_ms() {
+        let g = graph();
+        let effects = [key(&g, "profile", "user:{42}:profile")];
+        let position = Position::Postgres { commit_lsn: Lsn(0x1A2B3C8), lsn: Lsn(0x1A2B3C8) };
+        let batch = SinkBatch {
+            id: 17,
+            graph: &g,
+            effects: &effects,
+            version: 16,
+            position: Some(&position),
+            commit_time_micros: Some(1_764_000_000_101_999),
+        };
+        let m = message(&batch, &BroadcastConfig::new("c"), 1764000000123).unwrap();
+        let (head, _) = m.parts().unwrap();
+        assert!(head.contains(r#""committed_at_ms":1764000000101"#), "{head}");
+    }
+
+    #[test]
     fn a_batch_message_is_the_documented_json_byte_for_byte() {
         let g = graph();
         let effects = [
@@ -323,7 +351,14 @@ table = "app.users"
             Effect::Tag { cache: g.cache_id("profile").unwrap(), tag: "user:42".into() },
         ];
         let position = Position::Postgres { commit_lsn: Lsn(0x1A2B3C8), lsn: Lsn(0x1A2B3C8) };
-        let batch = SinkBatch { id: 17, graph: &g, effects: &effects, version: 16, position: Some(&position) };
+        let batch = SinkBatch {
+            id: 17,
+            graph: &g,
+            effects: &effects,
+            version: 16,
+            position: Some(&position),
+            commit_time_micros: None,
+        };
         let m = message(&batch, &BroadcastConfig::new("c"), 1764000000123).unwrap();
         let (head, tail) = m.parts().unwrap();
         assert_eq!(head, r#","batch":17,"position":{"kind":"postgres","commit_lsn":"0/1A2B3C8","lsn":"0/1A2B3C8"}"#);
@@ -376,7 +411,8 @@ table = "app.users"
             key(&g, "profile", "user:2"),
             Effect::NamespaceBump { cache: g.cache_id("quiet").unwrap() },
         ];
-        let batch = SinkBatch { id: 1, graph: &g, effects: &effects, version: 1, position: None };
+        let batch =
+            SinkBatch { id: 1, graph: &g, effects: &effects, version: 1, position: None, commit_time_micros: None };
         let config = BroadcastConfig { max_keys: 1, ..BroadcastConfig::new("c") };
         let m = message(&batch, &config, 0).unwrap();
         assert!(m.tail.truncated);
@@ -385,7 +421,8 @@ table = "app.users"
         assert_eq!(m.touched, ["profile"]);
         assert_eq!(m.parts().unwrap().0, r#","batch":1,"position":null"#);
         let quiet = [key(&g, "quiet", "quiet:1")];
-        let batch = SinkBatch { id: 1, graph: &g, effects: &quiet, version: 1, position: None };
+        let batch =
+            SinkBatch { id: 1, graph: &g, effects: &quiet, version: 1, position: None, commit_time_micros: None };
         assert_eq!(message(&batch, &config, 0), None);
     }
 

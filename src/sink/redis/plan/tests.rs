@@ -58,7 +58,7 @@ fn cache(g: &Graph, name: &str) -> CacheId {
 }
 
 fn batch<'a>(g: &'a Graph, effects: &'a [Effect], version: u64) -> SinkBatch<'a> {
-    SinkBatch { id: 1, graph: g, effects, version, position: None }
+    SinkBatch { id: 1, graph: g, effects, version, position: None, commit_time_micros: None }
 }
 
 fn key(g: &Graph, cache_name: &str, key: &str) -> Effect {
