@@ -8,6 +8,10 @@ import { type Exact, parseExact } from "./json-exact.js";
 import { REPO_ROOT } from "./support.js";
 
 function param(json: Exact): KeyValue {
+  // JSON has no NaN or infinities: {"float": "NaN" | "inf" | "-inf"}.
+  if (json !== null && typeof json === "object" && !Array.isArray(json) && typeof json.float === "string") {
+    return ({ NaN: NaN, inf: Infinity, "-inf": -Infinity } as Record<string, number>)[json.float];
+  }
   if (json !== null && typeof json === "object" && !Array.isArray(json) && typeof json.bytes === "string") {
     return Buffer.from(json.bytes, "hex");
   }
