@@ -34,12 +34,15 @@ pub(crate) mod broadcast;
 mod conn;
 mod durability;
 mod error;
-pub mod layout;
 pub(crate) mod plan;
 pub(crate) mod record;
 mod redelete;
 pub(crate) mod setup;
 mod tags;
+
+/// The Redis layout, shared with the clients: it lives in [`crate::layout`]
+/// (compiled without the daemon), re-exported here for the sink's code.
+pub use crate::layout;
 
 /// Keys of delayed second deletes that may wait at once, per target.
 pub use redelete::MAX_PENDING_KEYS as REDELETE_MAX_PENDING_KEYS;
