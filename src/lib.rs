@@ -28,9 +28,11 @@
 //! - [`layout`]: the Redis keys, stamps and scripts: the contract between
 //!   the daemon and every client (`docs/redis-layout.md`).
 //! - [`reader`]: for applications: the fill guard, a race-free cache fill.
+//! - [`subscriber`]: for applications: the broadcast subscriber and its local
+//!   cache (`docs/broadcast.md`, `docs/client-rust.md`).
 //!
 //! Features: `daemon` (default) builds all of it; `client` only [`change`],
-//! [`key`], [`layout`] and [`reader`]; `subscriber` adds the subscriber. Neither
+//! [`key`], [`layout`] and [`reader`]; `subscriber` adds [`subscriber`]. Neither
 //! of the last two compiles rdkafka, sqlx or the HTTP server.
 //! - [`server`]: `/metrics`, `/healthz` and `/readyz`, and the [`server::Health`]
 //!   state the run loop reports into.
@@ -82,3 +84,5 @@ pub mod key;
 #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
 pub mod layout;
 pub mod reader;
+#[cfg(feature = "subscriber")]
+pub mod subscriber;
