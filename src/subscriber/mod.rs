@@ -182,6 +182,8 @@ struct Progress {
     epoch: Option<String>,
     seq: u64,
     applied: Option<Lsn>,
+    /// The reader is in place (subscribed, or its stream start read).
+    ready: bool,
 }
 
 /// A running subscriber: one task reading the channel and dropping what
@@ -198,8 +200,10 @@ pub struct Subscriber {
 }
 
 impl Subscriber {
-    /// Checks the settings, connects, and starts reading. The local cache
-    /// is flushed first (it cannot know what it missed before).
+    /// Checks the settings, connects, and starts reading; returns once the
+    /// reader is in place (or after twice `config.timeout`, reading on).
+    /// The local cache is flushed first: it cannot know what it missed
+    /// before.
     pub async fn start<V: Clone + Send + Sync + 'static>(
         config: SubscriberConfig,
         cache: LocalCache<V>,
@@ -214,12 +218,15 @@ impl Subscriber {
             .await
             .map_err(|source| SubscriberError::Redis { what: "connecting to the channel's Redis", source })?;
         let keys = ChannelKeys::of(&config.channel);
-        let (progress_tx, progress) = watch::channel(Progress::default());
+        let (progress_tx, mut progress) = watch::channel(Progress::default());
+        cache.flush();
         let (stop, stop_rx) = watch::channel(false);
         let stats = cache.stats();
         let poll = config.heartbeat.min(Duration::from_millis(200));
+        let config_timeout = config.timeout;
         let worker = worker::Worker::new(config, keys.clone(), conn.clone(), cache, progress_tx);
         let task = tokio::spawn(worker.run(stop_rx));
+        let _ = tokio::time::timeout(config_timeout * 2, progress.wait_for(|p| p.ready)).await;
         Ok(Subscriber { keys, conn, progress, poll, stop, task: Some(task), stats })
     }
 

@@ -399,6 +399,7 @@ impl<V: Clone + Send + Sync + 'static> Worker<V> {
             p.epoch = epoch;
             p.seq = seq;
             p.applied = p.applied.max(applied);
+            p.ready = true;
         });
     }
 }
