@@ -18,7 +18,8 @@
 # Steps, failing fast:
 #   1. cargo fmt --all -- --check
 #   2. scripts/lib/module-cycles.py       (no import cycle between src/'s modules)
-#   3. cargo clippy --all-targets --locked -- -D warnings
+#   3. cargo clippy --workspace --all-targets --locked -- -D warnings, and the
+#      library with --no-default-features --features subscriber
 #   4. cargo test --doc --locked [ARGS]   (skipped when ARGS select targets,
 #                                          e.g. --test it or --lib)
 #   5. cargo test --all-targets --locked [ARGS]
@@ -266,7 +267,10 @@ section "module cycles"
 python3 "$ROOT/scripts/lib/module-cycles.py" "$ROOT"
 
 section "cargo clippy"
-run cargo clippy --all-targets --locked -- -D warnings
+# --workspace: the example application (clients/rust-example) too; then the
+# library as an application builds it, without the daemon's crates.
+run cargo clippy --workspace --all-targets --locked -- -D warnings
+run cargo clippy --lib --no-default-features --features subscriber --locked -- -D warnings
 
 # The test output is also kept so that the run ends with one plain total.
 TEST_LOG="$(mktemp -t evictd-test.XXXXXX)"

@@ -43,7 +43,7 @@ use std::sync::LazyLock;
 use redis::Script;
 use redis::aio::ConnectionLike;
 
-pub use crate::sink::redis::layout::{FILL_BEGIN_LUA, FILL_LUA, READ_LUA, REGISTER_LUA, guard_key, tag_key};
+pub use crate::layout::{FILL_BEGIN_LUA, FILL_LUA, READ_LUA, REGISTER_LUA, guard_key, tag_key};
 
 static BEGIN: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_BEGIN_LUA));
 static FILL: LazyLock<Script> = LazyLock::new(|| Script::new(FILL_LUA));
@@ -103,7 +103,7 @@ pub async fn register<C: ConnectionLike>(
     tags: &[impl AsRef<str>],
     ttl_ms: u64,
 ) -> redis::RedisResult<()> {
-    register_at(con, key, tags, crate::sink::redis::now_ms().saturating_add(ttl_ms)).await
+    register_at(con, key, tags, now_ms().saturating_add(ttl_ms)).await
 }
 
 /// [`register`] with the key's expiry given, as Unix time in ms: one
@@ -118,4 +118,9 @@ pub async fn register_at<C: ConnectionLike>(
         let () = REGISTER.key(tag_key(tag.as_ref())).arg(key).arg(expire_at_ms).invoke_async(con).await?;
     }
     Ok(())
+}
+
+/// Unix time in ms (0 before 1970: a registration then expires at once).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

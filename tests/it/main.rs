@@ -26,6 +26,7 @@ mod redis_support;
 mod server;
 mod slot_loss;
 mod standby;
+mod subscriber;
 mod support;
 mod tag_race;
 mod value_format;

@@ -11,7 +11,7 @@ from evictd import scripts
 
 from .conftest import ROOT
 
-LAYOUT_RS = ROOT / "src" / "sink" / "redis" / "layout.rs"
+LAYOUT_RS = ROOT / "src" / "layout.rs"
 
 
 @pytest.mark.parametrize("name", ["READ_LUA", "FILL_BEGIN_LUA", "FILL_LUA", "REGISTER_LUA"])

@@ -1,7 +1,7 @@
 /**
  * The names and value formats of the Redis keys evictd writes and
  * applications read (`docs/redis-layout.md`; the Rust side is
- * `src/sink/redis/layout.rs`). Pure: no I/O.
+ * `src/layout.rs`). Pure: no I/O.
  *
  * - versions (version keys of `bump` caches, namespace keys) are unsigned
  *   64-bit integers in canonical decimal: they are `bigint` here, never

@@ -1,6 +1,6 @@
 /**
  * The Lua scripts applications run, copied byte for byte from evictd's
- * `src/sink/redis/layout.rs` (the contract: `docs/redis-layout.md`, "Fill
+ * `src/layout.rs` (the contract: `docs/redis-layout.md`, "Fill
  * guard" and "Tags: the registry"). `test/scripts.test.ts` compares each one
  * with the Rust source text, so the two cannot drift: change them there, then
  * copy them here.

@@ -37,7 +37,6 @@ pub(crate) mod broadcast;
 mod conn;
 mod durability;
 mod error;
-pub mod layout;
 pub(crate) mod plan;
 pub(crate) mod record;
 mod redelete;
@@ -46,6 +45,11 @@ mod tags;
 
 /// Broadcast messages read back (format v2, `docs/broadcast.md`).
 pub use broadcast::{Envelope, VERSION as BROADCAST_VERSION, WireApplied, WirePosition};
+
+/// The Redis layout, shared with the clients: it lives in [`crate::layout`]
+/// (compiled without the daemon), re-exported here for the sink's code.
+pub use crate::layout;
+
 /// Keys of delayed second deletes that may wait at once, per target.
 pub use redelete::MAX_PENDING_KEYS as REDELETE_MAX_PENDING_KEYS;
 

@@ -1,5 +1,5 @@
 """The Redis key layout evictd writes and readers use (``docs/redis-layout.md``;
-the Rust side is ``src/sink/redis/layout.rs``). Pure functions, no I/O.
+the Rust side is ``src/layout.rs``). Pure functions, no I/O.
 
 - Namespace version of cache ``NAME``: ``evictd:ns:NAME``; version keys of
   ``bump`` caches and namespace keys hold a *version*: a u64 in canonical

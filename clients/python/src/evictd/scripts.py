@@ -1,5 +1,5 @@
 """The Lua scripts readers run, copied verbatim from evictd's
-``src/sink/redis/layout.rs`` (``READ_LUA``, ``FILL_BEGIN_LUA``, ``FILL_LUA``,
+``src/layout.rs`` (``READ_LUA``, ``FILL_BEGIN_LUA``, ``FILL_LUA``,
 ``REGISTER_LUA``). ``tests/test_scripts_match_rust.py`` compares each one with
 the Rust source text, so the two cannot drift: change them there first.
 
