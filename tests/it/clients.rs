@@ -379,7 +379,9 @@ async fn wait_published(d: &Daemon, redis: &redis::aio::MultiplexedConnection, c
 async fn a_cut_connection_is_replayed_or_repaired_and_nothing_stale_is_served() {
     let url = redis_url();
     let channel = format!("evictd-e2e:{}:b", std::process::id());
-    let mut d = Daemon::custom(&pg_url(), &url, SCHEMA, graph, &target(&url, &channel, 1000)).await;
+    // Silence (3 heartbeats, 6 s) stays well above the outage.
+    let heartbeat_ms = 2000;
+    let mut d = Daemon::custom(&pg_url(), &url, SCHEMA, graph, &target(&url, &channel, heartbeat_ms)).await;
     d.start().await;
     let n = Names::of(&d);
     let redis = super::daemon::redis(&url).await;
@@ -387,7 +389,7 @@ async fn a_cut_connection_is_replayed_or_repaired_and_nothing_stale_is_served() 
     d.sql("UPDATE app.items SET name = 'x' WHERE id = 100").await;
     let before = wait_published(&d, &redis, &channel, 0).await;
     let proxy = Proxy::start(&url).await;
-    let mut agents = every_agent(&proxy.url, &channel, 1000, &TRANSPORTS).await;
+    let mut agents = every_agent(&proxy.url, &channel, heartbeat_ms, &TRANSPORTS).await;
     let (changed, kept, other) = (d.key("item:1"), d.key("item:2"), d.key("other:1"));
     for agent in &mut agents {
         agent.fill(&n.item, &changed, &[]).await;

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 import sys
 import threading
 import time
@@ -23,7 +24,11 @@ from typing import Any, Hashable, Iterable, Optional
 
 import redis.asyncio
 
-from evictd import MISSING, LocalCache, Subscriber
+# The client of this checkout, whatever the venv's editable install points
+# at (the venv only provides the dependencies).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
+
+from evictd import MISSING, LocalCache, Subscriber  # noqa: E402
 
 _out = threading.Lock()
 
