@@ -25,7 +25,7 @@
 //! | (start) | `ready` once subscribed (baseline taken), or `error <text>` and exit 1 |
 //! | `fill <cache> <key> <value> [<tag>...]` | `ok`, or `rejected` (the local fill guard refused it) |
 //! | `get <key>` | `hit <value>` or `miss` |
-//! | `stats` | `stats <json>`: an object with at least the integers `entries`, `invalidations`, `replays`, `gaps`, `flushes` |
+//! | `stats` | `stats <json>`: an object with at least the integers `entries`, `invalidations`, `replays`, `gaps`, `flushes`; optionally `commit_to_drop: {"count", "p50_ms", "p99_ms"}`, the client's own histogram (from the messages' `committed_at_ms`) |
 //! | `quit` (or end of stdin) | `bye`, then exit 0 |
 //! | anything else | `error <text>` |
 //!
@@ -339,6 +339,10 @@ async fn a_row_change_drops_the_local_entry_of_every_agent() {
         assert!(agent.get(&other).await.is_some(), "{}: an untouched cache is kept", agent.name);
         let stats = agent.stats().await;
         assert_eq!((stats["flushes"].as_u64(), stats["gaps"].as_u64()), (Some(0), Some(0)), "{}: {stats}", agent.name);
+        if let Some(count) = stats["commit_to_drop"]["count"].as_u64() {
+            // The client's own histogram, from the messages' committed_at_ms.
+            assert!(count >= changes, "{}: commit_to_drop counted every change: {stats}", agent.name);
+        }
         eprintln!(
             "clients e2e: {} commit → local drop over {changes} changes: p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms; client's own commit_to_drop: {}",
             agent.name,

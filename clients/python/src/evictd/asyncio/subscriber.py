@@ -236,9 +236,13 @@ class Subscriber:
         now = time.time()
         if batch.published_at_ms is not None:
             self.metrics.publish_to_drop.observe(now - batch.published_at_ms / 1000.0)
+        if batch.committed_at_ms is not None:
+            # evictd's message says when the source committed: one
+            # observation per batch; commits tracked by hand are forgotten.
+            self.metrics.commit_to_drop.observe(now - batch.committed_at_ms / 1000.0)
         for key in batch.keys:
             committed = self._commits.pop(key, None)
-            if committed is not None:
+            if committed is not None and batch.committed_at_ms is None:
                 self.metrics.commit_to_drop.observe(now - committed)
         self.metrics.invalidations += 1
         if replay:
@@ -247,13 +251,15 @@ class Subscriber:
     async def _repair(self, epoch: str, through: int, entry_id: Optional[str]) -> None:
         """Covers every message after the tracker's ``seq`` up to ``through``:
         replayed from the stream if it has them, else through ``touched``."""
-        self.metrics.gaps += 1
         if self.uses_stream and entry_id is None:
             # Not called from the stream itself: replay what it holds.
             await self._catch_up(until=through)
         last = self.tracker.seq
         if last is not None and self.tracker.epoch == epoch and last >= through:
+            # The stream held every message: nothing was lost (a stream
+            # reader's :seq read can also race a message on its way).
             return
+        self.metrics.gaps += 1
         touched_raw = await self.client.hgetall(self.keys.touched)
         touched = {_text(k): int(_text(v)) for k, v in touched_raw.items()}
         caches, tags = repair_plan(touched, last if last is not None else -1)
