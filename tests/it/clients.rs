@@ -63,8 +63,10 @@ struct AgentKind {
 /// Every agent the tests run. To come (one row each):
 /// - TypeScript: `interpreter("EVICTD_TEST_NODE", "clients/typescript/<agent script>")`;
 /// - Rust: the example binary, `Command::new(example("e2e_agent"))`.
-const AGENTS: &[AgentKind] =
-    &[AgentKind { language: "python", command: || interpreter("EVICTD_TEST_PYTHON", "clients/python/tests/e2e_agent.py") }];
+const AGENTS: &[AgentKind] = &[AgentKind {
+    language: "python",
+    command: || interpreter("EVICTD_TEST_PYTHON", "clients/python/tests/e2e_agent.py"),
+}];
 
 const TRANSPORTS: [&str; 3] = ["both", "pubsub", "stream"];
 
@@ -270,6 +272,14 @@ fn target(redis: &str, channel: &str, heartbeat_ms: u64) -> String {
     )
 }
 
+/// Fails at once, before a database or daemon exists, when an agent's
+/// interpreter is not named.
+fn agents_runnable() {
+    for kind in AGENTS {
+        let _ = (kind.command)();
+    }
+}
+
 /// Every agent on every transport.
 async fn every_agent(redis: &str, channel: &str, heartbeat_ms: u64, transports: &[&str]) -> Vec<Agent> {
     let mut agents = Vec::new();
@@ -289,7 +299,11 @@ struct Names {
 
 impl Names {
     fn of(d: &Daemon) -> Names {
-        Names { item: format!("{}_item", d.prefix), listing: format!("{}_listing", d.prefix), other: format!("{}_other", d.prefix) }
+        Names {
+            item: format!("{}_item", d.prefix),
+            listing: format!("{}_listing", d.prefix),
+            other: format!("{}_other", d.prefix),
+        }
     }
 }
 
@@ -305,6 +319,7 @@ fn percentile(values: &[f64], p: f64) -> f64 {
 /// → local drop is measured over 20 changes, one at a time.
 #[tokio::test]
 async fn a_row_change_drops_the_local_entry_of_every_agent() {
+    agents_runnable();
     let url = redis_url();
     let channel = format!("evictd-e2e:{}:a", std::process::id());
     let mut d = Daemon::custom(&pg_url(), &url, SCHEMA, graph, &target(&url, &channel, 1000)).await;
@@ -381,6 +396,7 @@ async fn wait_published(d: &Daemon, redis: &redis::aio::MultiplexedConnection, c
 /// cache whole and kept the others.
 #[tokio::test]
 async fn a_cut_connection_is_replayed_or_repaired_and_nothing_stale_is_served() {
+    agents_runnable();
     let url = redis_url();
     let channel = format!("evictd-e2e:{}:b", std::process::id());
     // Silence (3 heartbeats, 6 s) stays well above the outage.
@@ -435,6 +451,7 @@ async fn a_cut_connection_is_replayed_or_repaired_and_nothing_stale_is_served() 
 /// follows the new epoch.
 #[tokio::test]
 async fn a_redis_restart_is_a_new_epoch_and_every_agent_flushes() {
+    agents_runnable();
     let mut server = OwnRedis::start(6670);
     let url = server.url();
     let channel = format!("evictd-e2e:{}:c", std::process::id());
@@ -480,6 +497,7 @@ async fn a_redis_restart_is_a_new_epoch_and_every_agent_flushes() {
 /// `:epoch`/`:seq`; it flushes only while Redis does not answer).
 #[tokio::test]
 async fn an_evictd_restart_costs_no_flush() {
+    agents_runnable();
     let url = redis_url();
     let channel = format!("evictd-e2e:{}:d", std::process::id());
     let heartbeat_ms = 200;
