@@ -27,6 +27,11 @@
 #      random schedules it ran
 #   7. (without ARGS) each client's tests: clients/*/test.sh (Python,
 #      TypeScript), against the same servers
+# Before step 4, each client's setup (clients/*/setup.sh: venv, npm ci;
+# idempotent) runs and the EVICTD_TEST_* lines it prints are exported
+# (EVICTD_TEST_PYTHON, ...): the end-to-end client tests among cargo's
+# (tests/it/clients.rs) start the clients' agents with them. One already set
+# is used as given.
 # and ends with one plain line: "N passed, N failed".
 #
 # The tests find the servers through
@@ -258,6 +263,33 @@ for a in "$@"; do
   esac
 done
 
+# --- the clients' setup -------------------------------------------------------------
+# clients/*/setup.sh installs a client's packages (idempotent) and prints, last,
+# the variables naming its interpreter (EVICTD_TEST_PYTHON=...): cargo's
+# end-to-end client tests need them, and fail without them.
+if [ "$DRY_RUN" != 1 ]; then
+  for setup in "$ROOT"/clients/*/setup.sh; do
+    [ -f "$setup" ] || continue
+    name="$(basename "$(dirname "$setup")")"
+    section "client setup: $name"
+    echo "+ clients/$name/setup.sh" >&2
+    setup_out="$(bash "$setup")" || die "clients/$name/setup.sh failed (output above)"
+    while IFS= read -r line; do
+      case "$line" in
+        EVICTD_TEST_*=*)
+          var="${line%%=*}"
+          if [ -n "${!var:-}" ]; then
+            note "$var already set, using it: ${!var}"
+          else
+            export "$line"
+            note "$line"
+          fi
+          ;;
+      esac
+    done <<<"$setup_out"
+  done
+fi
+
 section "cargo fmt --check"
 run cargo fmt --all -- --check
 
@@ -301,8 +333,8 @@ if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
 fi
 
 # The clients (clients/*/test.sh: Python, TypeScript), against the same
-# servers; each installs its own packages (pip into a venv under
-# EVICTD_TOOLS, npm ci). Their totals join cargo's in the closing line.
+# servers; each runs its setup again (idempotent: a venv under EVICTD_TOOLS,
+# npm ci). Their totals join cargo's in the closing line.
 if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
   for client in "$ROOT"/clients/*/; do
     [ -f "$client/test.sh" ] || continue

@@ -9,6 +9,7 @@ mod broadcast_sink;
 mod broadcast_vectors;
 mod check_live;
 mod cli;
+mod clients;
 mod daemon;
 mod dead_letter;
 mod fill_guard;

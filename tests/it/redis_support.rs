@@ -258,3 +258,59 @@ pub async fn silent_listener() -> (String, tokio::task::JoinHandle<()>) {
     });
     (url, task)
 }
+
+/// A `redis-server` of a test's own on a fixed port (each test file has a
+/// range of 6600-6699), without persistence: a restart loses every key, as
+/// a Redis without AOF or RDB does. Killed when dropped.
+pub struct OwnRedis {
+    pub port: u16,
+    child: Option<std::process::Child>,
+    dir: tempfile::TempDir,
+}
+
+impl OwnRedis {
+    pub fn start(port: u16) -> OwnRedis {
+        let mut server = OwnRedis { port, child: None, dir: tempfile::tempdir().unwrap() };
+        server.spawn();
+        server
+    }
+
+    fn spawn(&mut self) {
+        use std::process::{Command, Stdio};
+        let child = Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &self.port.to_string(), "--save", "", "--appendonly", "no"])
+            .args(["--dir", self.dir.path().to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server starts (scripts/test.sh installs it)");
+        self.child = Some(child);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            assert!(std::time::Instant::now() < deadline, "redis-server on {} did not come up", self.port);
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// SIGKILL, then a new server on the same port: every key is gone.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn();
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            super::process::kill(&mut child);
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -6,8 +6,13 @@ from __future__ import annotations
 
 import os
 import pathlib
+import sys
 import uuid
 from typing import Any, Iterator
+
+# The client of this checkout first, whatever the venv's editable install
+# points at (one venv under EVICTD_TOOLS serves every checkout).
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "src"))
 
 import pytest
 import redis

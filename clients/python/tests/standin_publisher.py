@@ -61,6 +61,7 @@ class StandInPublisher:
         flush: Iterable[str] = (),
         applied: Optional[str] = None,
         commit_lsn: str = "0/10",
+        committed_at_ms: Optional[int] = None,
         deliver: str = "both",
     ) -> int:
         """Publishes one batch; ``deliver``: ``both``, ``pubsub``, ``stream``
@@ -72,6 +73,8 @@ class StandInPublisher:
             "batch": self.batch,
             "position": {"kind": "postgres", "commit_lsn": commit_lsn, "lsn": commit_lsn},
         }
+        if committed_at_ms is not None:
+            rest["committed_at_ms"] = committed_at_ms
         if applied_doc is not None:
             rest["applied"] = applied_doc
         rest.update(

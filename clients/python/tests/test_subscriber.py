@@ -63,6 +63,20 @@ async def test_a_batch_drops_keys_tags_and_caches(transport: str, aclient: Any, 
         assert m.commit_to_drop.sum >= 0.05
 
 
+async def test_commit_to_drop_is_measured_from_the_messages_commit_time(
+    aclient: Any, publisher: StandInPublisher, unique: str
+) -> None:
+    local = LocalCache()
+    publisher.publish(caches=["warmup"])
+    async with Subscriber(aclient, local, channel=unique, transport="pubsub") as sub:
+        fill(local, "k", "c")
+        sub.track_commit("k", time.time() - 100)  # superseded by the message's own time
+        publisher.publish(caches=["c"], keys=["k"], committed_at_ms=int(time.time() * 1000) - 50)
+        await eventually(lambda: "k" not in local)
+        h = local.metrics.commit_to_drop
+        assert h.count == 1 and 0.05 <= h.sum < 10
+
+
 async def test_a_lost_pubsub_message_is_repaired_through_touched(aclient: Any, publisher: StandInPublisher, unique: str) -> None:
     local = LocalCache()
     publisher.publish(caches=["warmup"])
@@ -152,13 +166,111 @@ async def test_a_stream_subscriber_replays_after_its_connection_drops(
         assert "user:{2}" in local and local.metrics.flushes == 0 and local.metrics.gaps == 0
 
 
-async def test_pubsub_silence_flushes(aclient: Any, publisher: StandInPublisher, unique: str) -> None:
+async def test_pubsub_silence_while_redis_answers_reconnects_without_a_flush(
+    aclient: Any, publisher: StandInPublisher, unique: str
+) -> None:
+    # An evictd restart is silence too (docs/broadcast.md): it costs no flush.
     local = LocalCache()
     publisher.publish(caches=["warmup"])
     async with Subscriber(aclient, local, channel=unique, transport="pubsub", heartbeat_ms=100):
         fill(local, "a", "x")
+        fill(local, "b", "y")
+        await asyncio.sleep(0.8)  # more than 3 heartbeats, twice
+        assert "a" in local and local.metrics.flushes == 0 and local.metrics.gaps == 0
+        # Subscribed again: the next message is applied.
+        publisher.publish(caches=["y"], keys=["b"])
+        await eventually(lambda: "b" not in local)
+        assert "a" in local and local.metrics.flushes == 0
+
+
+async def test_pubsub_silence_while_redis_does_not_answer_flushes_once(
+    redis_url: str, publisher: StandInPublisher, unique: str
+) -> None:
+    upstream = redis.connection.parse_url(redis_url)
+    proxy = await _CuttableProxy.start(upstream.get("host", "127.0.0.1"), int(upstream.get("port", 6379)))
+    client = redis.asyncio.Redis(host="127.0.0.1", port=proxy.port, socket_connect_timeout=0.5)
+    local = LocalCache()
+    publisher.publish(caches=["warmup"])
+    try:
+        async with Subscriber(client, local, channel=unique, transport="pubsub", heartbeat_ms=100, reconnect_delay=0.05):
+            fill(local, "a", "x")
+            proxy.down = True
+            await eventually(lambda: local.metrics.flushes == 1, timeout=3)
+            assert "a" not in local
+            fill(local, "b", "x")
+            await asyncio.sleep(0.5)
+            assert local.metrics.flushes == 1 and "b" in local, "one flush per outage"
+            fill(local, "c", "y")
+            publisher.publish(caches=["y"], keys=["k"])  # lost: a gap, repaired once back
+            proxy.down = False
+            await eventually(lambda: local.metrics.gaps == 1, timeout=10)
+            assert "b" in local and "c" not in local and local.metrics.flushes == 1
+    finally:
+        await client.aclose()
+        proxy.close()
+
+
+async def test_pubsub_silence_flushes_with_on_silence_flush(aclient: Any, publisher: StandInPublisher, unique: str) -> None:
+    local = LocalCache()
+    publisher.publish(caches=["warmup"])
+    async with Subscriber(aclient, local, channel=unique, transport="pubsub", heartbeat_ms=100, on_silence="flush"):
+        fill(local, "a", "x")
         await eventually(lambda: local.metrics.flushes >= 1, timeout=3)
         assert "a" not in local
+
+
+class _CuttableProxy:
+    """A TCP proxy in front of Redis: ``down`` cuts its connections and
+    refuses new ones (Redis does not answer)."""
+
+    def __init__(self) -> None:
+        self._down = False
+        self.port = 0
+        self._server: Any = None
+        self._writers: list[asyncio.StreamWriter] = []
+
+    @classmethod
+    async def start(cls, host: str, port: int) -> "_CuttableProxy":
+        proxy = cls()
+
+        async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        async def accept(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            if proxy._down:
+                writer.close()
+                return
+            up_reader, up_writer = await asyncio.open_connection(host, port)
+            proxy._writers += [writer, up_writer]
+            asyncio.ensure_future(pump(reader, up_writer))
+            asyncio.ensure_future(pump(up_reader, writer))
+
+        proxy._server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        proxy.port = proxy._server.sockets[0].getsockname()[1]
+        return proxy
+
+    @property
+    def down(self) -> bool:
+        return self._down
+
+    @down.setter
+    def down(self, down: bool) -> None:
+        self._down = down
+        if down:
+            for writer in self._writers:
+                writer.close()
+            self._writers.clear()
+
+    def close(self) -> None:
+        self.down = True
+        self._server.close()
 
 
 async def test_heartbeats_keep_a_quiet_channel_alive(aclient: Any, publisher: StandInPublisher, unique: str) -> None:
@@ -237,3 +349,25 @@ def test_the_sync_subscriber_keeps_a_threaded_cache(redis_url: str, publisher: S
         assert "k" not in local
 
 
+
+
+async def test_a_sequence_read_ahead_of_the_stream_reader_replays_without_a_gap(
+    aclient: Any, publisher: StandInPublisher, unique: str
+) -> None:
+    # A stream reader reads :seq after an empty XREAD; a message published
+    # in between puts :seq ahead although the stream holds it: replayed,
+    # not counted as a loss.
+    local = LocalCache()
+    publisher.publish(caches=["warmup"])
+    sub = Subscriber(aclient, local, channel=unique, transport="stream")
+    sub.stream_id = await sub._newest_stream_id()
+    epoch, seq = await sub._read_sequence()
+    assert epoch is not None and seq is not None
+    sub.tracker.advance(epoch, seq)
+    fill(local, "k", "c")
+    fill(local, "other", "c")
+    publisher.publish(caches=["c"], keys=["k"], deliver="stream")
+    async with sub._lock:
+        await sub._observe_sequence()
+    assert "k" not in local and "other" in local
+    assert (local.metrics.gaps, local.metrics.replays, local.metrics.flushes) == (0, 1, 0)

@@ -69,6 +69,9 @@ class Batch:
     flush: tuple[str, ...] = ()
     truncated: bool = False
     published_at_ms: Optional[int] = None
+    #: The source's commit time of the batch's last transaction (ms since
+    #: the epoch), when the source gives one: commit → local drop starts here.
+    committed_at_ms: Optional[int] = None
 
     @property
     def commit_lsn(self) -> Optional[int]:
@@ -136,6 +139,7 @@ def parse_message(data: Bytes) -> Message:
         flush=_strings(doc.get("flush")),
         truncated=bool(doc.get("truncated", False)),
         published_at_ms=published,
+        committed_at_ms=doc.get("committed_at_ms") if isinstance(doc.get("committed_at_ms"), int) else None,
     )
 
 

@@ -110,7 +110,8 @@ class Metrics:
     dropped: int = 0
     #: Batch messages applied from the stream's catch-up after a (re)connection or a gap.
     replays: int = 0
-    #: Gaps seen (missed sequence numbers), each repaired through ``touched``.
+    #: Gaps (missed sequence numbers) the stream could not replay, each
+    #: repaired through ``touched``.
     gaps: int = 0
     #: Whole-cache flushes (new epoch, unknown version, silence, lost stream).
     flushes: int = 0
@@ -122,7 +123,8 @@ class Metrics:
     evictions: int = 0
     #: ``published_at_ms`` → local drop.
     publish_to_drop: Histogram = field(default_factory=Histogram)
-    #: The application's commit time → local drop (:meth:`Subscriber.track_commit`).
+    #: The source's commit time → local drop: from a batch's ``committed_at_ms``
+    #: (one observation per batch), else from :meth:`Subscriber.track_commit`.
     commit_to_drop: Histogram = field(default_factory=Histogram)
 
     def snapshot(self) -> dict[str, Any]:

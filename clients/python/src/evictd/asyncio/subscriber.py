@@ -15,9 +15,14 @@ both paths) is applied once.
   transport has one and the stream still holds it, and otherwise repaired by
   dropping exactly the caches that ``touched`` puts above the last sequence
   applied (and every tagged entry if ``*tags`` is).
-- A new epoch, an unknown format version, a body that does not parse, or
-  3 × ``heartbeat_ms`` of pub/sub silence (``on_silence="flush"``, the
-  spec's rule) flush the whole local cache.
+- A new epoch, an unknown format version or a body that does not parse
+  flush the whole local cache.
+- 3 × ``heartbeat_ms`` of pub/sub silence is a lost connection: the
+  subscriber reconnects and checks ``:epoch`` and ``:seq`` (a gap is
+  repaired, a new epoch flushes), and flushes everything only while Redis
+  does not answer, once per outage (the spec's rule). An evictd restart is
+  silence too, and costs no flush. ``on_silence="flush"`` flushes on every
+  silence instead.
 - After a (re)connection to pub/sub the subscriber reads ``:epoch`` and
   ``:seq`` *after* subscribing, so nothing published in between is unseen.
 """
@@ -75,7 +80,7 @@ class Subscriber:
         channel: str = DEFAULT_CHANNEL,
         transport: Transport = "both",
         heartbeat_ms: int = 1000,
-        on_silence: Literal["flush", "repair"] = "flush",
+        on_silence: Literal["repair", "flush"] = "repair",
         pubsub_client: Any = None,
         replay_count: int = 1000,
         reconnect_delay: float = 0.2,
@@ -102,6 +107,8 @@ class Subscriber:
         self._tasks: list[asyncio.Task[None]] = []
         self._pubsub: Any = None
         self._last_heard = time.monotonic()
+        #: Whether the current outage (silence, Redis not answering) was flushed.
+        self._outage_flushed = False
         self._commits: OrderedDict[str, float] = OrderedDict()
         self._max_commits = max_tracked_commits
         self._closed = False
@@ -229,9 +236,13 @@ class Subscriber:
         now = time.time()
         if batch.published_at_ms is not None:
             self.metrics.publish_to_drop.observe(now - batch.published_at_ms / 1000.0)
+        if batch.committed_at_ms is not None:
+            # evictd's message says when the source committed: one
+            # observation per batch; commits tracked by hand are forgotten.
+            self.metrics.commit_to_drop.observe(now - batch.committed_at_ms / 1000.0)
         for key in batch.keys:
             committed = self._commits.pop(key, None)
-            if committed is not None:
+            if committed is not None and batch.committed_at_ms is None:
                 self.metrics.commit_to_drop.observe(now - committed)
         self.metrics.invalidations += 1
         if replay:
@@ -240,13 +251,15 @@ class Subscriber:
     async def _repair(self, epoch: str, through: int, entry_id: Optional[str]) -> None:
         """Covers every message after the tracker's ``seq`` up to ``through``:
         replayed from the stream if it has them, else through ``touched``."""
-        self.metrics.gaps += 1
         if self.uses_stream and entry_id is None:
             # Not called from the stream itself: replay what it holds.
             await self._catch_up(until=through)
         last = self.tracker.seq
         if last is not None and self.tracker.epoch == epoch and last >= through:
+            # The stream held every message: nothing was lost (a stream
+            # reader's :seq read can also race a message on its way).
             return
+        self.metrics.gaps += 1
         touched_raw = await self.client.hgetall(self.keys.touched)
         touched = {_text(k): int(_text(v)) for k, v in touched_raw.items()}
         caches, tags = repair_plan(touched, last if last is not None else -1)
@@ -321,7 +334,13 @@ class Subscriber:
 
     async def _subscribe(self) -> None:
         pubsub = self.pubsub_client.pubsub()
-        await pubsub.subscribe(self.keys.channel)
+        try:
+            # Bounded: redis-py retries a failed connect with backoff.
+            await asyncio.wait_for(pubsub.subscribe(self.keys.channel), max(5.0, 3 * self.heartbeat_ms / 1000.0))
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await (pubsub.aclose() if hasattr(pubsub, "aclose") else pubsub.close())
+            raise
         # Wait for the confirmation, so that the keys read next are read
         # after the subscription took effect.
         deadline = time.monotonic() + 5.0
@@ -334,6 +353,7 @@ class Subscriber:
             raise RedisTimeoutError(f"no subscription confirmation on {self.keys.channel}")
         self._pubsub = pubsub
         self._last_heard = time.monotonic()
+        self._outage_flushed = False
 
     async def _drop_pubsub(self) -> None:
         pubsub, self._pubsub = self._pubsub, None
@@ -349,13 +369,22 @@ class Subscriber:
                     await self._subscribe()
                     async with self._lock:
                         await self._observe_sequence()
-                message = await self._pubsub.get_message(ignore_subscribe_messages=True, timeout=self.heartbeat_ms / 1000.0)
+                # Bounded from outside too: redis-py reconnects inside
+                # get_message, with retries and backoff of seconds, which
+                # would hide an outage from the silence rule.
+                message = await asyncio.wait_for(
+                    self._pubsub.get_message(ignore_subscribe_messages=True, timeout=self.heartbeat_ms / 1000.0),
+                    silence,
+                )
                 now = time.monotonic()
                 if message is not None and message.get("type") == "message":
                     self._last_heard = now
                     async with self._lock:
                         await self._handle(message["data"])
                 elif now - self._last_heard > silence:
+                    # Treated as a lost connection: the next turn subscribes
+                    # again and checks :epoch/:seq (an evictd restart is
+                    # silence too, and costs nothing).
                     log.warning("evictd broadcast: no message for %.1fs on %s", now - self._last_heard, self.keys.channel)
                     if self.on_silence == "flush":
                         async with self._lock:
@@ -366,6 +395,13 @@ class Subscriber:
             except _NET_ERRORS as error:
                 log.warning("evictd broadcast: pub/sub connection lost on %s: %s", self.keys.channel, error)
                 await self._drop_pubsub()
+                if time.monotonic() - self._last_heard > silence and not self._outage_flushed:
+                    # Redis does not answer past the silence limit: what was
+                    # published meanwhile is unknowable, flush once.
+                    log.warning("evictd broadcast: Redis does not answer on %s: flushing the local cache", self.keys.channel)
+                    async with self._lock:
+                        self.local.clear()
+                    self._outage_flushed = True
                 await asyncio.sleep(self.reconnect_delay)
 
     async def _stream_loop(self) -> None:
