@@ -211,3 +211,20 @@ export function step(cursor: Cursor, message: Message): { decision: Decision; cu
   if (message.kind === "batch" && message.seq === at + 1n) return { decision: { action: "apply" }, cursor: next };
   return { decision: { action: "gap", after: at }, cursor: next };
 }
+
+/**
+ * What a gap costs: the caches whose `touched` seq is above `after` (the
+ * last message applied) and whether any tagged entry must go (`*tags`
+ * above it). Every other cache was untouched since: it is kept.
+ */
+export function repairPlan(touched: Readonly<Record<string, string>>, after: bigint): { caches: string[]; allTags: boolean } {
+  const caches: string[] = [];
+  let allTags = false;
+  for (const [name, seq] of Object.entries(touched)) {
+    if (!/^[0-9]+$/.test(seq) || BigInt(seq) <= after) continue;
+    if (name === TAGS_FIELD) allTags = true;
+    else caches.push(name);
+  }
+  caches.sort();
+  return { caches, allTags };
+}

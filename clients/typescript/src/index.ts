@@ -52,6 +52,7 @@ export {
   type Position,
   STREAM_FIELD,
   TAGS_FIELD,
+  repairPlan,
   channelKeys,
   parseMessage,
   step,

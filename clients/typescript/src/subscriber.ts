@@ -31,7 +31,7 @@ import {
   type HeartbeatMessage,
   type Message,
   STREAM_FIELD,
-  TAGS_FIELD,
+  repairPlan,
   appliedLsn,
   channelKeys,
   parseMessage,
@@ -278,14 +278,11 @@ export class Subscriber {
   private async repair(after: bigint): Promise<void> {
     const m = this.cache.metrics;
     m.gaps += 1;
-    const touched = await this.redis.hgetall(this.keys.touched);
-    for (const [name, seq] of Object.entries(touched)) {
-      if (!/^[0-9]+$/.test(seq) || BigInt(seq) <= after) continue;
-      if (name === TAGS_FIELD) m.entriesDropped += this.cache.dropTagged();
-      else {
-        m.entriesDropped += this.cache.dropCache(name);
-        m.cacheFlushes += 1;
-      }
+    const plan = repairPlan(await this.redis.hgetall(this.keys.touched), after);
+    if (plan.allTags) m.entriesDropped += this.cache.dropTagged();
+    for (const name of plan.caches) {
+      m.entriesDropped += this.cache.dropCache(name);
+      m.cacheFlushes += 1;
     }
   }
 
