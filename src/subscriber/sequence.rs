@@ -10,6 +10,20 @@
 //! epoch always flushes. The state moves as soon as a decision is returned:
 //! a caller that cannot carry a repair out flushes everything instead.
 
+/// What a gap after `last` costs: the caches the channel's `touched` hash
+/// puts above `last` (sorted), and whether every tagged entry goes (its
+/// `*tags` field above `last`). Every other cache was untouched since.
+pub fn repair_plan(touched: &std::collections::HashMap<String, u64>, last: u64) -> (Vec<String>, bool) {
+    let mut caches: Vec<String> = touched
+        .iter()
+        .filter(|(name, seq)| **seq > last && name.as_str() != crate::layout::TOUCHED_TAGS)
+        .map(|(name, _)| name.clone())
+        .collect();
+    caches.sort();
+    let all_tags = touched.get(crate::layout::TOUCHED_TAGS).is_some_and(|seq| *seq > last);
+    (caches, all_tags)
+}
+
 /// What the caller must do for one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {

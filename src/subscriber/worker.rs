@@ -27,7 +27,7 @@ use super::local::LocalCache;
 use super::message::{self, Batch, Message};
 use super::sequence::{Decision, Tracker};
 use super::stats::Stats;
-use super::{ChannelKeys, Conn, Progress, Servers, SubscriberConfig, TOUCHED_TAGS, Transport, now_ms};
+use super::{ChannelKeys, Conn, Progress, Servers, SubscriberConfig, Transport, now_ms};
 
 /// Entries read from the stream at once.
 const STREAM_COUNT: usize = 512;
@@ -371,14 +371,10 @@ impl<V: Clone + Send + Sync + 'static> Worker<V> {
                 return;
             }
         };
-        let caches: Vec<String> = touched
-            .iter()
-            .filter(|(name, seq)| **seq > last && *name != TOUCHED_TAGS)
-            .map(|(name, _)| name.clone())
-            .collect();
+        let (caches, all_tags) = super::sequence::repair_plan(&touched, last);
         debug!(after = last, caches = ?caches, "evictd broadcast: gap repaired");
         self.cache.drop_caches(&caches);
-        if touched.get(TOUCHED_TAGS).is_some_and(|seq| *seq > last) {
+        if all_tags {
             self.cache.drop_tagged();
         }
     }

@@ -141,3 +141,57 @@ fn every_broadcast_vector_parses_and_asks_for_the_documented_action() {
         assert_eq!(outcome, expected, "{}", case.name);
     }
 }
+
+/// The same cases through the Rust subscriber's own parser, state machine
+/// and gap repair (`evictd::subscriber`), as the Python and TypeScript
+/// clients run them through theirs.
+#[test]
+fn the_rust_subscriber_takes_every_vector_action() {
+    use std::collections::HashMap;
+
+    use evictd::subscriber::message::{Message, parse};
+    use evictd::subscriber::sequence::{Decision, Tracker, repair_plan};
+
+    let text = std::fs::read_to_string(super::support::root().join("tests/vectors/broadcast.json")).unwrap();
+    let doc: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases: Vec<Case> = serde_json::from_value(doc["cases"].clone()).unwrap();
+    for case in &cases {
+        let mut tracker = Tracker::new();
+        assert_eq!(tracker.heartbeat(&case.last.epoch, case.last.seq), Decision::Ignore, "{}", case.name);
+        let message = parse(case.message.as_bytes()).unwrap_or_else(|e| panic!("{}: {e}", case.name));
+        let decision = match &message {
+            Message::Batch(b) => Some(tracker.batch(&b.epoch, b.seq)),
+            Message::Heartbeat(h) => Some(tracker.heartbeat(&h.epoch, h.seq)),
+            Message::UnknownVersion | Message::UnknownKind => None,
+        };
+        let action = match (&message, decision) {
+            (Message::UnknownVersion, _) => "flush_keep_state",
+            (Message::UnknownKind, _) | (_, Some(Decision::Ignore)) => "ignore",
+            (_, Some(Decision::Apply)) => "apply",
+            (_, Some(Decision::Flush)) => "flush",
+            (_, Some(Decision::Gap { last, apply })) => {
+                let touched: HashMap<String, u64> =
+                    case.touched.iter().map(|(k, v)| (k.clone(), v.parse().unwrap())).collect();
+                let (caches, all_tags) = repair_plan(&touched, last);
+                let want: Vec<String> = case.repair.caches.iter().cloned().collect();
+                assert_eq!((caches, all_tags), (want, case.repair.all_tags), "{}", case.name);
+                if apply { "repair_then_apply" } else { "repair" }
+            }
+            (_, None) => unreachable!(),
+        };
+        assert_eq!(action, case.action, "{}", case.name);
+        if let Message::Batch(b) = &message
+            && matches!(action, "apply" | "repair_then_apply")
+        {
+            assert_eq!(b.keys.iter().cloned().collect::<BTreeSet<_>>(), case.drop.keys, "{}", case.name);
+            assert_eq!(b.tags.iter().cloned().collect::<BTreeSet<_>>(), case.drop.tags, "{}", case.name);
+            assert_eq!(b.flush.iter().cloned().collect::<BTreeSet<_>>(), case.drop.caches, "{}", case.name);
+        }
+        assert_eq!(
+            tracker.position(),
+            Some((case.then.epoch.as_str(), case.then.seq)),
+            "{}: the state after",
+            case.name
+        );
+    }
+}
