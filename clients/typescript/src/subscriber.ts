@@ -321,6 +321,9 @@ export class Subscriber {
     m.entriesDropped += dropped;
     const now = Date.now();
     if (message.published_at_ms !== undefined) m.publishToDrop.observe(now - message.published_at_ms);
+    // The source's commit time, when evictd has it: one observation per
+    // batch (docs/broadcast.md); commits passed to `trackCommit` add theirs.
+    if (message.committed_at_ms !== undefined) m.commitToDrop.observe(now - message.committed_at_ms);
     if (this.trackedKeys.size > 0) {
       for (const key of message.keys) {
         const at = this.trackedKeys.get(key);
