@@ -27,9 +27,10 @@
 #      random schedules it ran
 #   7. (without ARGS) each client's tests: clients/*/test.sh (Python,
 #      TypeScript), against the same servers
-# Before step 4, each client's setup (clients/*/setup.sh: venv, npm ci;
-# idempotent) runs and the EVICTD_TEST_* lines it prints are exported
-# (EVICTD_TEST_PYTHON, ...): the end-to-end client tests among cargo's
+# Before step 4, each client's setup (clients/*/setup.sh: venv, npm ci, a
+# cargo build of the Rust agent; idempotent) runs and the EVICTD_TEST_* lines
+# it prints are exported (EVICTD_TEST_PYTHON, EVICTD_TEST_NODE,
+# EVICTD_TEST_RUST_AGENT): the end-to-end client tests among cargo's
 # (tests/it/clients.rs) start the clients' agents with them. One already set
 # is used as given.
 # and ends with one plain line: "N passed, N failed".

@@ -179,6 +179,21 @@ enum Failure<V, E> {
 /// The weight of a value, for a bound in weight.
 type Weigh<V> = Arc<dyn Fn(&V) -> u32 + Send + Sync>;
 
+/// What an invalidation dropped, as passed to
+/// [`LocalCacheBuilder::on_drop`]: what it named, not the entries it found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dropped<'a> {
+    Keys(&'a [String]),
+    Tags(&'a [String]),
+    Caches(&'a [String]),
+    /// Every entry loaded under a tag (a gap repair).
+    Tagged,
+    /// Everything (a flush).
+    All,
+}
+
+type OnDrop = Arc<dyn Fn(Dropped<'_>) + Send + Sync>;
+
 /// How a [`LocalCache`] is built.
 pub struct LocalCacheBuilder<V> {
     max_entries: u64,
@@ -186,6 +201,7 @@ pub struct LocalCacheBuilder<V> {
     ttl: Duration,
     jitter: Duration,
     redis_ttl: Option<Duration>,
+    on_drop: Option<OnDrop>,
 }
 
 impl<V: Clone + Send + Sync + 'static> LocalCacheBuilder<V> {
@@ -219,6 +235,14 @@ impl<V: Clone + Send + Sync + 'static> LocalCacheBuilder<V> {
         self
     }
 
+    /// Calls `f` after each invalidation, once its entries are gone (e.g. to
+    /// log, or to drop what the application derived from them). It runs on
+    /// the subscriber's task: it must be quick and must not block.
+    pub fn on_drop(mut self, f: impl Fn(Dropped<'_>) + Send + Sync + 'static) -> Self {
+        self.on_drop = Some(Arc::new(f));
+        self
+    }
+
     pub fn build(self) -> LocalCache<V> {
         let builder = Cache::builder().expire_after(Jittered).support_invalidation_closures();
         let entries = match self.weigher {
@@ -237,6 +261,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCacheBuilder<V> {
                 ttl: self.ttl,
                 jitter: self.jitter,
                 redis_ttl: self.redis_ttl,
+                on_drop: self.on_drop,
             }),
         }
     }
@@ -263,6 +288,7 @@ struct Inner<V> {
     ttl: Duration,
     jitter: Duration,
     redis_ttl: Option<Duration>,
+    on_drop: Option<OnDrop>,
 }
 
 impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
@@ -273,6 +299,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             ttl: Duration::from_secs(10),
             jitter: Duration::from_secs(10),
             redis_ttl: None,
+            on_drop: None,
         }
     }
 
@@ -352,6 +379,9 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         for key in keys {
             self.inner.entries.invalidate(key.as_str()).await;
         }
+        if !keys.is_empty() {
+            self.dropped(Dropped::Keys(keys));
+        }
     }
 
     /// Drops every entry loaded under one of `tags`.
@@ -364,6 +394,9 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         for key in keys {
             self.inner.entries.invalidate(&key).await;
         }
+        if !tags.is_empty() {
+            self.dropped(Dropped::Tags(tags));
+        }
     }
 
     /// Drops every entry of `caches`.
@@ -372,12 +405,13 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
             return;
         }
         lock(&self.inner.gens).caches(caches.iter().map(String::as_str));
-        let caches: HashSet<String> = caches.iter().cloned().collect();
-        let dropped = self.inner.entries.invalidate_entries_if(move |_, e| caches.contains(&*e.cache));
+        let names: HashSet<String> = caches.iter().cloned().collect();
+        let dropped = self.inner.entries.invalidate_entries_if(move |_, e| names.contains(&*e.cache));
         if dropped.is_err() {
             // Cannot happen: the builder enables invalidation closures.
             self.inner.entries.invalidate_all();
         }
+        self.dropped(Dropped::Caches(caches));
     }
 
     /// Drops every entry loaded under any tag (a gap repair whose missed
@@ -390,6 +424,7 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         if self.inner.entries.invalidate_entries_if(|_, e| !e.tags.is_empty()).is_err() {
             self.inner.entries.invalidate_all();
         }
+        self.dropped(Dropped::Tagged);
     }
 
     /// Drops everything.
@@ -399,6 +434,18 @@ impl<V: Clone + Send + Sync + 'static> LocalCache<V> {
         drop(gens);
         self.inner.entries.invalidate_all();
         lock(&self.inner.tag_index).clear();
+        self.dropped(Dropped::All);
+    }
+
+    fn dropped(&self, what: Dropped<'_>) {
+        if let Some(f) = &self.inner.on_drop {
+            f(what);
+        }
+    }
+
+    /// Whether `key` has a live entry (not counted as a hit or a miss).
+    pub fn contains(&self, key: &str) -> bool {
+        self.inner.entries.contains_key(key)
     }
 
     /// The counters, shared with the cache's subscriber.
@@ -459,6 +506,35 @@ mod tests {
 
     async fn value(v: &str) -> Result<String, Infallible> {
         Ok(v.to_owned())
+    }
+
+    #[tokio::test]
+    async fn on_drop_hears_every_invalidation_after_its_entries_are_gone() {
+        let heard = Arc::new(Mutex::new(Vec::new()));
+        let c: LocalCache<String> = {
+            let heard = Arc::clone(&heard);
+            LocalCache::builder()
+                .ttl(Duration::from_secs(60), Duration::ZERO)
+                .on_drop(move |what| lock(&heard).push(format!("{what:?}")))
+                .build()
+        };
+        let a = Load::new("users", "user:1");
+        c.get_or_load(&a, || value("a")).await.unwrap();
+        assert!(c.contains("user:1"));
+        let hits = c.stats().snapshot().hits;
+        c.drop_keys(&["user:1".to_owned()]).await;
+        assert!(!c.contains("user:1"), "gone before the hook runs");
+        assert_eq!(c.stats().snapshot().hits, hits, "contains counts nothing");
+        c.drop_keys(&[]).await;
+        c.drop_tags(&["t".to_owned()]).await;
+        c.drop_caches(&["users".to_owned()]);
+        c.drop_tagged();
+        c.flush();
+        assert_eq!(
+            *lock(&heard),
+            [r#"Keys(["user:1"])"#, r#"Tags(["t"])"#, r#"Caches(["users"])"#, "Tagged", "All"],
+            "an empty list is no invalidation"
+        );
     }
 
     #[tokio::test]

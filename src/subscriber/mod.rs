@@ -35,7 +35,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-pub use self::local::{Load, LocalCache, LocalCacheBuilder};
+pub use self::local::{Dropped, Load, LocalCache, LocalCacheBuilder};
 pub use self::stats::{LATENCY_BUCKETS_SECONDS, Snapshot, Stats};
 use crate::change::Lsn;
 

@@ -3,8 +3,9 @@
 //!
 //! Pub/sub: SUBSCRIBE, *then* read `:epoch`/`:seq` (a message published in
 //! between is both seen and counted, never lost unseen); silence for three
-//! heartbeats reconnects and checks the keys again; a Redis that does not
-//! answer flushes the local cache (once per outage).
+//! heartbeats reconnects and checks the keys again; a Redis that has not
+//! answered for three heartbeats flushes the local cache (once per outage):
+//! a shorter outage is repaired by the reconnection's check.
 //!
 //! Stream: the newest entry ID is read *before* the flush that starts the
 //! reader, then `XREAD` from it; after a reconnection the reader continues
@@ -21,6 +22,7 @@ use redis::aio::{MultiplexedConnection, PubSub};
 use redis::cluster_async::ClusterConnection;
 use redis::{AsyncConnectionConfig, RedisResult};
 use tokio::sync::watch;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::local::LocalCache;
@@ -86,6 +88,10 @@ impl<V: Clone + Send + Sync + 'static> Worker<V> {
     async fn run_pubsub(&mut self) {
         let silence = self.config.heartbeat * 3;
         let (mut connected_once, mut outage_flushed) = (false, false);
+        // The last sign of a live channel (a message, a connection): an
+        // outage shorter than the silence rule's three heartbeats is
+        // repaired by the reconnection's check of `:epoch` and `:seq`.
+        let mut heard = Instant::now();
         loop {
             let connected = match self.subscribe().await {
                 Ok(pubsub) => self.check_keys().await.map(|()| pubsub),
@@ -94,9 +100,10 @@ impl<V: Clone + Send + Sync + 'static> Worker<V> {
             let mut pubsub = match connected {
                 Ok(pubsub) => pubsub,
                 Err(e) => {
-                    // Redis does not answer: what is published meanwhile
-                    // may be lost to us, so nothing local can be trusted.
-                    if !outage_flushed {
+                    // Redis has not answered for three heartbeats: what is
+                    // published meanwhile may be lost to us, so nothing
+                    // local can be trusted (docs/broadcast.md).
+                    if !outage_flushed && (!connected_once || heard.elapsed() >= silence) {
                         warn!(error = %e, "evictd broadcast: Redis does not answer; local cache flushed");
                         self.flush();
                         outage_flushed = true;
@@ -109,10 +116,14 @@ impl<V: Clone + Send + Sync + 'static> Worker<V> {
                 self.stats.reconnect();
             }
             (connected_once, outage_flushed) = (true, false);
+            heard = Instant::now();
             let mut messages = pubsub.on_message();
             loop {
                 match tokio::time::timeout(silence, messages.next()).await {
-                    Ok(Some(msg)) => self.handle(msg.get_payload_bytes()).await,
+                    Ok(Some(msg)) => {
+                        heard = Instant::now();
+                        self.handle(msg.get_payload_bytes()).await;
+                    }
                     Ok(None) => {
                         debug!("evictd broadcast: pub/sub connection lost; reconnecting");
                         break;

@@ -39,9 +39,12 @@
 //!
 //! # Adding an agent
 //!
-//! One row in [`AGENTS`]: its language and how to start it. The variables
-//! that name interpreters are set by `scripts/test.sh` (from each client's
-//! `setup.sh`); a missing one fails the test, as the other `EVICTD_TEST_*`.
+//! One row in [`AGENTS`]: its language, how to start it, and the transports
+//! its client offers (Rust's has no `both`). The variables that name
+//! interpreters and binaries (`EVICTD_TEST_PYTHON`, `EVICTD_TEST_NODE`,
+//! `EVICTD_TEST_RUST_AGENT`) are set by `scripts/test.sh` from each client's
+//! `setup.sh` (a venv, `npm ci`, a `cargo build` of the Rust agent); a
+//! missing one fails the test, as the other `EVICTD_TEST_*`.
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, Write as _};
@@ -54,39 +57,65 @@ use super::daemon::{Daemon, redis_url};
 use super::redis_support::{OwnRedis, Proxy};
 use super::support::{pg_url, root};
 
-/// How to start one language's agent (its arguments follow).
+/// How to start one language's agent (its arguments follow), and the
+/// transports its client offers.
 struct AgentKind {
     language: &'static str,
     command: fn() -> Command,
+    transports: &'static [&'static str],
 }
 
-/// Every agent the tests run. To come (one row each):
-/// - TypeScript: `interpreter("EVICTD_TEST_NODE", "clients/typescript/<agent script>")`;
-/// - Rust: the example binary, `Command::new(example("e2e_agent"))`.
-const AGENTS: &[AgentKind] = &[AgentKind {
-    language: "python",
-    command: || interpreter("EVICTD_TEST_PYTHON", "clients/python/tests/e2e_agent.py"),
-}];
+/// Every agent the tests run.
+const AGENTS: &[AgentKind] = &[
+    AgentKind {
+        language: "python",
+        command: || interpreter("EVICTD_TEST_PYTHON", "clients/python/tests/e2e_agent.py"),
+        transports: &TRANSPORTS,
+    },
+    AgentKind {
+        language: "typescript",
+        // From clients/typescript, so that `--import tsx` resolves from its
+        // node_modules (setup.sh ran `npm ci`).
+        command: || {
+            let mut command = interpreter_args("EVICTD_TEST_NODE", &["--import", "tsx", "test/e2e_agent.ts"]);
+            command.current_dir(root().join("clients/typescript"));
+            command
+        },
+        transports: &TRANSPORTS,
+    },
+    AgentKind {
+        language: "rust",
+        // clients/rust-example/setup.sh builds it (evictd without its default
+        // features) and names it.
+        command: || Command::new(program("EVICTD_TEST_RUST_AGENT")),
+        // The Rust client has no combined transport.
+        transports: &["pubsub", "stream"],
+    },
+];
 
 const TRANSPORTS: [&str; 3] = ["both", "pubsub", "stream"];
 
-/// `$VAR script`: the interpreter named by the environment, which
-/// `scripts/test.sh` sets; missing, the test fails (never skips).
-fn interpreter(var: &str, script: &str) -> Command {
-    let program = std::env::var(var).unwrap_or_else(|_| {
+/// The program named by `$VAR`, which `scripts/test.sh` sets (from
+/// `clients/*/setup.sh`); missing, the test fails (never skips).
+fn program(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| {
         panic!("{var} is not set: run the tests through scripts/test.sh (it runs clients/*/setup.sh first)")
-    });
-    let mut command = Command::new(program);
+    })
+}
+
+/// `$VAR script`: the interpreter named by the environment on a script of
+/// the repository.
+fn interpreter(var: &str, script: &str) -> Command {
+    let mut command = Command::new(program(var));
     command.arg(root().join(script));
     command
 }
 
-/// An example binary built by `cargo test` beside this test binary
-/// (`target/debug/examples/<name>`), for the Rust agent.
-#[allow(dead_code)]
-fn example(name: &str) -> std::path::PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    exe.parent().and_then(|deps| deps.parent()).unwrap().join("examples").join(name)
+/// `$VAR args…`: the interpreter with arguments as given.
+fn interpreter_args(var: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(program(var));
+    command.args(args);
+    command
 }
 
 fn now_ms() -> f64 {
@@ -280,11 +309,11 @@ fn agents_runnable() {
     }
 }
 
-/// Every agent on every transport.
-async fn every_agent(redis: &str, channel: &str, heartbeat_ms: u64, transports: &[&str]) -> Vec<Agent> {
+/// Every agent on every transport its client offers.
+async fn every_agent(redis: &str, channel: &str, heartbeat_ms: u64) -> Vec<Agent> {
     let mut agents = Vec::new();
     for kind in AGENTS {
-        for transport in transports {
+        for transport in kind.transports {
             agents.push(Agent::start(kind, redis, channel, transport, heartbeat_ms).await);
         }
     }
@@ -325,7 +354,7 @@ async fn a_row_change_drops_the_local_entry_of_every_agent() {
     let mut d = Daemon::custom(&pg_url(), &url, SCHEMA, graph, &target(&url, &channel, 1000)).await;
     d.start().await;
     let n = Names::of(&d);
-    let mut agents = every_agent(&url, &channel, 1000, &TRANSPORTS).await;
+    let mut agents = every_agent(&url, &channel, 1000).await;
     let changes = 20;
     for agent in &mut agents {
         for i in 1..=changes {
@@ -409,7 +438,7 @@ async fn a_cut_connection_is_replayed_or_repaired_and_nothing_stale_is_served() 
     d.sql("UPDATE app.items SET name = 'x' WHERE id = 100").await;
     let before = wait_published(&d, &redis, &channel, 0).await;
     let proxy = Proxy::start(&url).await;
-    let mut agents = every_agent(&proxy.url, &channel, heartbeat_ms, &TRANSPORTS).await;
+    let mut agents = every_agent(&proxy.url, &channel, heartbeat_ms).await;
     let (changed, kept, other) = (d.key("item:1"), d.key("item:2"), d.key("other:1"));
     for agent in &mut agents {
         agent.fill(&n.item, &changed, &[]).await;
@@ -459,7 +488,7 @@ async fn a_redis_restart_is_a_new_epoch_and_every_agent_flushes() {
     let mut d = Daemon::custom(&pg_url(), &url, SCHEMA, graph, &target(&url, &channel, heartbeat_ms)).await;
     d.start().await;
     let n = Names::of(&d);
-    let mut agents = every_agent(&url, &channel, heartbeat_ms, &TRANSPORTS).await;
+    let mut agents = every_agent(&url, &channel, heartbeat_ms).await;
     let other = d.key("other:1");
     for agent in &mut agents {
         agent.fill(&n.other, &other, &[]).await;
@@ -507,7 +536,7 @@ async fn an_evictd_restart_costs_no_flush() {
     let redis = super::daemon::redis(&url).await;
     d.sql("UPDATE app.items SET name = 'x' WHERE id = 100").await;
     wait_published(&d, &redis, &channel, 0).await;
-    let mut agents = every_agent(&url, &channel, heartbeat_ms, &TRANSPORTS).await;
+    let mut agents = every_agent(&url, &channel, heartbeat_ms).await;
     let (changed, kept, other) = (d.key("item:1"), d.key("item:2"), d.key("other:1"));
     for agent in &mut agents {
         agent.fill(&n.item, &changed, &[]).await;

@@ -66,6 +66,8 @@ export interface BatchMessage {
   readonly tags: readonly string[];
   readonly flush: readonly string[];
   readonly truncated: boolean;
+  /** The source's commit time of the batch's last transaction, when the source gives one. */
+  readonly committed_at_ms?: number;
   readonly published_at_ms?: number;
 }
 
@@ -139,6 +141,7 @@ export function parseMessage(text: string): Message {
     tags: strings(o.tags),
     flush: strings(o.flush),
     truncated: o.truncated === true,
+    committed_at_ms: typeof o.committed_at_ms === "number" ? o.committed_at_ms : undefined,
     published_at_ms: published,
   };
 }

@@ -111,6 +111,12 @@ export class LocalCache<V = unknown> {
     this.ttlLimitMs = limitMs;
   }
 
+  /** Whether `key` has a live entry; unlike {@link get}, counts nothing and keeps the LRU order. */
+  has(key: string): boolean {
+    const entry = this.entries.get(key);
+    return entry !== undefined && entry.expiresAt > this.now();
+  }
+
   /** The value of `key`, if present and not expired. */
   get(key: string): V | undefined {
     const entry = this.entries.get(key);

@@ -66,7 +66,7 @@ export class Metrics {
   malformed = 0;
   /** evictd's publication → local drop. */
   readonly publishToDrop = new Histogram();
-  /** The application's commit → local drop (for commits passed to `trackCommit`). */
+  /** Commit → local drop: from a batch's `committed_at_ms` (one per batch), and for commits passed to `trackCommit`. */
   readonly commitToDrop = new Histogram();
 
   /** The counters in Prometheus's text format. */

@@ -89,6 +89,7 @@ export class Subscriber {
   private readonly early: [string, Via][] = [];
   private lastId = "0-0";
   private resetStream = false;
+  private streamReconnected = false;
   private lastPubsubAt = Date.now();
   private lastStreamAt = Date.now();
   private pubsubMaxSeq = -1n;
@@ -173,6 +174,11 @@ export class Subscriber {
     if (this.transport !== "pubsub") {
       this.streamConn = duplicate(this.redis);
       this.streamConn.on("error", (err: Error) => this.onError(err));
+      // ioredis reconnects and sends the pending XREAD again by itself: what
+      // that read returns was missed while disconnected, a replay.
+      this.streamConn.on("reconnecting", () => {
+        this.streamReconnected = true;
+      });
       this.streamLoop = this.readStream();
     }
     const hash = await this.redis.hget(this.keys.applied, "postgres");
@@ -301,7 +307,9 @@ export class Subscriber {
   private replayBelow: bigint | undefined;
 
   private isReplay(message: BatchMessage): boolean {
-    if (this.transport === "both") return message.seq < this.pubsubMaxSeq;
+    // Pub/sub had not delivered it (a duplicate is skipped before this):
+    // it missed it, or saw a later one.
+    if (this.transport === "both") return true;
     return this.replayBelow !== undefined && message.seq <= this.replayBelow;
   }
 
@@ -318,6 +326,9 @@ export class Subscriber {
     m.entriesDropped += dropped;
     const now = Date.now();
     if (message.published_at_ms !== undefined) m.publishToDrop.observe(now - message.published_at_ms);
+    // The source's commit time, when evictd has it: one observation per
+    // batch (docs/broadcast.md); commits passed to `trackCommit` add theirs.
+    if (message.committed_at_ms !== undefined) m.commitToDrop.observe(now - message.committed_at_ms);
     if (this.trackedKeys.size > 0) {
       for (const key of message.keys) {
         const at = this.trackedKeys.get(key);
@@ -409,7 +420,13 @@ export class Subscriber {
     });
   }
 
-  /** Pub/sub heard nothing for 3 heartbeats: the channel is lost. */
+  /**
+   * Pub/sub heard nothing for 3 heartbeats: reconnect, and check the
+   * channel. A Redis that answers tells what was missed (the reconnection
+   * reads `:epoch`/`:seq`: a new epoch flushes, a higher seq is a gap,
+   * neither is an evictd that was merely quiet or restarting); only a Redis
+   * that does not answer within a heartbeat flushes everything.
+   */
   private checkSilence(): void {
     if (this.closed) return;
     const now = Date.now();
@@ -418,13 +435,30 @@ export class Subscriber {
     if (this.transport === "both" && now - this.lastStreamAt <= limit) return;
     this.lastPubsubAt = now;
     this.serial(async () => {
-      // The cursor stays: after the reconnect, what was published meanwhile
-      // is a gap, repaired from `touched` (entries loaded since this flush
-      // may be stale too).
-      this.flushAll();
-      this.onError(new Error(`no broadcast for ${limit} ms on ${this.keys.channel}: local cache flushed, reconnecting`));
+      if (!(await this.answers())) {
+        // The cursor stays: after the reconnect, what was published
+        // meanwhile is a gap, repaired from `touched` (entries loaded since
+        // this flush may be stale too).
+        this.flushAll();
+        this.onError(new Error(`no broadcast for ${limit} ms on ${this.keys.channel} and Redis does not answer: local cache flushed, reconnecting`));
+      }
       this.sub?.disconnect(true);
     });
+  }
+
+  /** Whether Redis answers a `PING` within a heartbeat. */
+  private async answers(): Promise<boolean> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<boolean>((resolve) => {
+      timer = setTimeout(() => resolve(false), this.heartbeatMs);
+    });
+    try {
+      return await Promise.race([this.redis.ping().then(() => true), timeout]);
+    } catch {
+      return false;
+    } finally {
+      clearTimeout(timer);
+    }
   }
 
   /** After pub/sub reconnected: a new epoch flushes; a higher seq is a gap (on `both`, the stream replays it). */
@@ -472,10 +506,18 @@ export class Subscriber {
           | [string, [string, string[]][]][]
           | null;
         this.lastStreamAt = Date.now();
-        if (failed) {
+        if (failed || this.streamReconnected) {
           // Caught up after a reconnect: what this read returns is a replay.
           failed = false;
-          this.replayBelow = this.highestSeqIn(reply);
+          this.streamReconnected = false;
+          const high = this.highestSeqIn(reply);
+          if (high !== undefined) this.replayBelow = high;
+        }
+        if (reply === null && this.transport === "stream") {
+          // A quiet stream: a Redis that lost its data (a new epoch) shows
+          // only in `:epoch` until the next batch (docs/broadcast.md).
+          const at = await this.position();
+          this.serial(async () => this.epochCheck(at.epoch, at.seq));
         }
         for (const [, entries] of reply ?? []) {
           for (const [id, fields] of entries) {
@@ -492,6 +534,17 @@ export class Subscriber {
         await sleep(Math.min(1000, this.heartbeatMs));
       }
     }
+  }
+
+  /** Stream only: a new epoch seen in `:epoch` flushes and restarts the stream from its newest entry. */
+  private epochCheck(epoch: string | null, seq: bigint | null): void {
+    const cur = this.cursorNow;
+    if (epoch === null || epoch === cur.epoch) return;
+    if (cur.epoch !== null) {
+      this.flushAll();
+      this.resetStream = true;
+    }
+    this.cursorNow = { epoch, last: seq };
   }
 
   private highestSeqIn(reply: [string, [string, string[]][]][] | null): bigint | undefined {

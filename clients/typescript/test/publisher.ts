@@ -60,7 +60,7 @@ export class StandInPublisher {
       `,"batch":${this.batchNo},"position":{"kind":"postgres","commit_lsn":"${lsn}","lsn":"${lsn}"}` +
       (b.appliedLsn !== undefined ? `,"applied":{"kind":"postgres","lsn":"${b.appliedLsn}"}` : "") +
       `,"caches":${JSON.stringify([...(b.caches ?? [])].sort())},"keys":${JSON.stringify(b.keys ?? [])},"tags":${JSON.stringify(b.tags ?? [])}` +
-      `,"flush":${JSON.stringify(b.flush ?? [])},"truncated":false,"published_at_ms":${Date.now()}}`;
+      `,"flush":${JSON.stringify(b.flush ?? [])},"truncated":false,"committed_at_ms":${Date.now() - 1},"published_at_ms":${Date.now()}}`;
     const touched = [...new Set([...(b.caches ?? []), ...(b.flush ?? [])])];
     return this.run("batch", rest, touched, (b.tags ?? []).length > 0, b.appliedLsn ?? "", delivery);
   }
