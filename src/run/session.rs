@@ -4,9 +4,10 @@
 //! ```text
 //!   Input                                  Action
 //!   ─────                                  ──────
-//!   Event(Begin | Change | Commit | Idle)  Dispatch { id, batch }   start applying a batch
-//!   SourceFailed(error)              ──►   Acknowledge(position)    tell the source
-//!   BatchDone { id, outcome }              End(SessionEnd)          the session is over
+//!   Event(Begin | Change | Commit |        Dispatch { id, batch }   start applying a batch
+//!         Idle | Undecodable)        ──►   Acknowledge(position)    tell the source
+//!   SourceFailed(error)                    End(SessionEnd)          the session is over
+//!   BatchDone { id, outcome }
 //!   Tick (now is given with every input)
 //!   Quiet (the source had nothing ready)
 //!   Stop (shutdown or step-down)
@@ -27,7 +28,11 @@
 //!    acknowledged; a batch abandoned by a stop ends the session as it is;
 //! 3. the next batch is due — full, past its deadline, the source quiet,
 //!    or stopping — and nothing is in flight: it is dispatched;
-//! 4. source events are read only while the next batch has room or nothing
+//! 4. an undecodable message is put to the policy as it arrives: with
+//!    `on_error = "dead_letter"` it joins the next batch as a transaction
+//!    without effects, whose dead letter the batch task stores before the
+//!    batch is confirmed; with `"stop"` the session fails before it;
+//! 5. source events are read only while the next batch has room or nothing
 //!    is in flight (back-pressure: a stalled sink stops the reading).
 //!
 //! A stop after a step-down is handled like a shutdown: the session keeps
