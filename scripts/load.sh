@@ -23,14 +23,9 @@ PGPORT="${PGPORT:-55432}"; REDIS_PORT="${REDIS_PORT:-6479}"
 DB=evictd_load; SLOT=evictd_load
 WORK="$(mktemp -d -t evictd-load.XXXXXX)"
 STOP=(); EVICTD_PID=""
-cleanup() {
-  set +e
-  [ -n "$EVICTD_PID" ] && kill -TERM "$EVICTD_PID" 2>/dev/null && wait "$EVICTD_PID" 2>/dev/null
-  [ -n "${admin_url:-}" ] && drop_slot "$SLOT" 2>/dev/null
-  for s in "${STOP[@]+"${STOP[@]}"}"; do bash "scripts/services/$s" >/dev/null 2>&1; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=scripts/lib/demo-stack.sh
+. "$ROOT/scripts/lib/demo-stack.sh"
+trap stop_stack EXIT
 
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
@@ -38,8 +33,6 @@ mapfile -t extra < <(server_extras pg redis)
 ensure_packages "${extra[@]}"
 note "building (release)"
 cargo build --release --locked --quiet --bin evictd --bin evictd-load
-# shellcheck source=scripts/lib/demo-stack.sh
-. "$ROOT/scripts/lib/demo-stack.sh"
 start_stack
 fresh_database "$DB" "$SLOT"
 write_config "$WORK/evictd.toml" "$SLOT" 127.0.0.1:0 warn

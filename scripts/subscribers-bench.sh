@@ -40,14 +40,9 @@ WORK="$(mktemp -d -t evictd-subbench.XXXXXX)"
 STOP=(); EVICTD_PID=""
 lock() { [ -z "$LOCK" ] || { exec 9>>"$LOCK"; flock 9; }; }
 unlock() { [ -z "$LOCK" ] || { flock -u 9; exec 9>&-; }; }
-cleanup() {
-  set +e
-  [ -n "$EVICTD_PID" ] && kill -TERM "$EVICTD_PID" 2>/dev/null && wait "$EVICTD_PID" 2>/dev/null
-  [ -n "${admin_url:-}" ] && drop_slot "$SLOT" 2>/dev/null
-  for s in "${STOP[@]+"${STOP[@]}"}"; do bash "scripts/services/$s" >/dev/null 2>&1; done
-  rm -rf "$WORK"
-}
-trap cleanup EXIT
+# shellcheck source=scripts/lib/demo-stack.sh
+. "$ROOT/scripts/lib/demo-stack.sh"
+trap stop_stack EXIT
 
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
@@ -77,8 +72,6 @@ agent_json() {
   esac
 }
 
-# shellcheck source=scripts/lib/demo-stack.sh
-. "$ROOT/scripts/lib/demo-stack.sh"
 start_stack
 fresh_database "$DB" "$SLOT"
 write_config "$WORK/evictd.toml" "$SLOT" 127.0.0.1:0 warn

@@ -25,6 +25,17 @@ start_stack() {
   redis_url="$(REDIS_PORT="$REDIS_PORT" bash "$ROOT/scripts/services/redis-start.sh" | tail -n 1)"
 }
 
+# At exit (`trap stop_stack EXIT`): stops evictd ($EVICTD_PID), drops the
+# slot ($SLOT) once Postgres is known ($admin_url), stops the servers
+# start_stack started ($STOP) and removes the work directory ($WORK).
+stop_stack() {
+  set +e
+  [ -n "${EVICTD_PID:-}" ] && kill -TERM "$EVICTD_PID" 2>/dev/null && wait "$EVICTD_PID" 2>/dev/null
+  [ -n "${admin_url:-}" ] && drop_slot "${SLOT:-}" 2>/dev/null
+  for s in "${STOP[@]+"${STOP[@]}"}"; do bash "$ROOT/scripts/services/$s" >/dev/null 2>&1; done
+  rm -rf "${WORK:?}"
+}
+
 # The demo's slot goes with its database: its source record in Redis too,
 # or the next start would (rightly) refuse a lost slot it streamed from.
 drop_slot() {
