@@ -45,7 +45,7 @@ import time
 import psycopg
 
 from env import ROOT, Environment
-from replicas import Deployment, Replica
+from replicas import Deployment, Replica, metric
 from workload import GRAPH, Workload
 
 PROFILES = {
@@ -62,9 +62,11 @@ MAY_LOSE = {"redis-promotion (no wait)"}
 SINGLE_FAULTS = [
     "freeze (probe)",
     "freeze (lease)",
-    "redis-restart",
+    "redis-restart (no wait)",
+    "redis-restart (wait)",
     "redis-promotion (no wait)",
     "redis-promotion (wait)",
+    "redis-cluster node restart",
     "postgres-restart",
     "postgres-crash",
     "partition: replication",
@@ -73,7 +75,7 @@ SINGLE_FAULTS = [
     "dead-letter db down",
 ]
 
-COMBINABLE = ["kill", "freeze (probe)", "redis-restart", "postgres-restart", "partition: replication",
+COMBINABLE = ["kill", "freeze (probe)", "redis-restart (no wait)", "postgres-restart", "partition: replication",
               "partition: session", "partition: redis"]
 
 
@@ -87,11 +89,10 @@ def schedule(seed, profile):
     for _ in range(p["rounds"]):
         kinds = SINGLE_FAULTS[:]
         rng.shuffle(kinds)
-        # The durability wait is switched on for its promotion and off after.
         for kind in kinds:
             seconds = p["freeze_seconds"] if kind.startswith("freeze") else round(
                 rng.uniform(0.6, 1.0) * p["fault_seconds"], 1)
-            plan.append(("single", kind, dict(seconds=seconds)))
+            plan.append(("single", kind, dict(seconds=seconds, node=rng.randrange(3))))
     t = 0.0
     while t < p["combined"]:
         t += round(rng.uniform(1.0, 6.0), 1)
@@ -110,6 +111,7 @@ class Drill:
         self.events = []
         self.windows = []  # (kind, phase, start, end)
         self.notes = []
+        self.failures = []
 
     def log(self, text):
         print(f"[{time.monotonic() - self.t0:7.1f}s] {text}", flush=True)
@@ -172,6 +174,20 @@ heartbeat_timeout_ms = 10000
 
     # -- faults ------------------------------------------------------------
     async def inject(self, phase, kind, params):
+        """Injects one fault and records its window. A kind ending in
+        `(wait)` runs with the durability wait on (`wait_replicas = 1` on the
+        standalone target: a rolling restart before, and one after)."""
+        if kind.endswith("(wait)"):
+            await self.set_wait(1)
+            try:
+                await self._inject(phase, kind, params)
+            finally:
+                await asyncio.sleep(3)
+                await self.set_wait(0)
+        else:
+            await self._inject(phase, kind, params)
+
+    async def _inject(self, phase, kind, params):
         start = time.monotonic()
         detail = ""
         seconds = params.get("seconds", 0)
@@ -183,22 +199,15 @@ heartbeat_timeout_ms = 10000
             detail = victim.name
         elif kind.startswith("freeze"):
             detail = await self.freeze(kind, seconds)
-        elif kind == "redis-restart":
+        elif kind.startswith("redis-restart"):
             await asyncio.to_thread(self.env.redis_restart, min(seconds, 3.0))
         elif kind.startswith("redis-promotion"):
-            wait = kind.endswith("(wait)")
-            if wait:
-                await self.set_wait(1)
-                start = time.monotonic()
             await asyncio.to_thread(self.env.redis_promote, min(seconds, 3.0))
             detail = f"primary now {self.env.primary.port}"
-            if wait:
-                end = time.monotonic()
-                self.windows.append((kind, phase, start, end))
-                self.log(f"{phase}: {kind} {detail} ({end - start:.1f} s)")
-                await asyncio.sleep(3)
-                await self.set_wait(0)
-                return
+        elif kind == "redis-cluster node restart":
+            node = params.get("node", 0)
+            await asyncio.to_thread(self.env.cluster_node_restart, node, min(seconds, 3.0))
+            detail = f"node {self.env.cluster_ports[node]}"
         elif kind == "postgres-restart":
             await asyncio.to_thread(self.env.pg_stop)
             await asyncio.sleep(min(seconds, 3.0))
@@ -241,6 +250,7 @@ heartbeat_timeout_ms = 10000
             return "no active replica"
         self.deployment.probing = probe
         probe_kills = self.deployment.liveness_kills
+        acknowledged = await metric(active.port, "evictd_position_acknowledged_bytes")
         frozen_at = time.monotonic()
         active.freeze()
         takeover = None
@@ -254,16 +264,24 @@ heartbeat_timeout_ms = 10000
         active.thaw()
         self.deployment.probing = True
         role_after = None
+        acknowledged_after = None
         if woke:
             await asyncio.sleep(3)
             role_after = (await self.deployment.roles()).get(active.index)
+            acknowledged_after = await metric(active.port, "evictd_position_acknowledged_bytes")
         how = "the liveness probe killed it" if not woke else (
             "another replica took over (the lock's lease)" if takeover else "nothing until SIGCONT")
         note = (f"{kind}: {active.name} frozen {seconds:.0f} s; standby active after "
                 f"{takeover:.1f} s" if takeover else f"{kind}: {active.name} frozen {seconds:.0f} s; no takeover")
         note += f"; ended by: {how}"
         if woke:
-            note += f"; after SIGCONT it reports {role_after or 'nothing (restarting)'}"
+            note += f"; 3 s after SIGCONT it reports {role_after or 'nothing (restarting)'}"
+            if acknowledged is not None and acknowledged_after is not None:
+                moved = acknowledged_after - acknowledged
+                note += (", and acknowledged nothing since the freeze" if moved == 0 else
+                         f", and its acknowledged position moved {moved:.0f} bytes")
+                if takeover and moved:
+                    self.failures.append(f"{kind}: the woken replica acknowledged {moved:.0f} bytes after a takeover")
         self.notes.append(note)
         return note
 
@@ -286,6 +304,8 @@ heartbeat_timeout_ms = 10000
                 await self.deployment.stop()
             if hasattr(self, "workload"):
                 await self.workload.close()
+            if hasattr(self, "kafka_env") and not self.args.keep:
+                await asyncio.to_thread(self.kafka_env.stop)
             if not self.args.keep:
                 self.env.stop()
 
@@ -328,12 +348,30 @@ heartbeat_timeout_ms = 10000
         self.log("quiescence: writer stopped, waiting for every pending commit")
         await self.workload.stop_writing()
         lost = await self.workload.quiesce(limit=120)
-        dead = await self.workload.dead_letters()
+        # Dead letters: (source, found, expected).
+        if hasattr(self, "kafka_env"):
+            kafka_expected = self.workload.poison_commits - self.pg_poison + getattr(self, "kafka_bad_messages", 0)
+            dead = [("postgres", self.pg_dead_letters, self.pg_poison),
+                    ("kafka", await asyncio.to_thread(self.kafka_env.dead_letters), kafka_expected)]
+        else:
+            dead = [("postgres", await self.workload.dead_letters(), self.workload.poison_commits)]
         checker_sees_a_loss = await self.workload.self_test()
         self.log(f"checker self-test: a planted stale copy is {'reported' if checker_sees_a_loss else 'MISSED'}")
         return self.report(lost, dead) if checker_sees_a_loss else 1
 
     # -- report ------------------------------------------------------------
+    def deployments(self):
+        return [d for d in (getattr(self, "pg_deployment", None), self.deployment) if d is not None]
+
+    def kills(self):
+        return sum(d.kills for d in self.deployments())
+
+    def liveness_kills(self):
+        return sum(d.liveness_kills for d in self.deployments())
+
+    def restarts(self):
+        return sum(d.restarts for d in self.deployments())
+
     def report(self, lost, dead_letters):
         w = self.workload
         commits = w.done + lost
@@ -365,10 +403,11 @@ heartbeat_timeout_ms = 10000
             f"Seed {self.args.seed}, profile `{self.args.profile}`: {w.commits} commits "
             f"({w.ambiguous} with an ambiguous end, settled by reading the row back), "
             f"{len(lost)} lost, staleness p50 {fmt(pct(stale_all, 0.5))} p99 {fmt(pct(stale_all, 0.99))} "
-            f"max {fmt(max(stale_all, default=0.0))}; {self.deployment.kills} SIGKILLs by the drill, "
-            f"{self.deployment.liveness_kills} by the liveness probe, {self.deployment.restarts} restarts; "
-            f"dead letters {dead_letters} of {w.poison_commits} changes that must be dead-lettered; "
-            f"{time.monotonic() - self.t0:.0f} s.",
+            f"max {fmt(max(stale_all, default=0.0))}; {self.kills()} SIGKILLs by the drill, "
+            f"{self.liveness_kills()} by the liveness probe, {self.restarts()} restarts; "
+            "dead letters " + ", ".join(f"{src} {found} of {expected}" for src, found, expected in dead_letters)
+            + " that must be dead-lettered; "
+            f"{time.monotonic() - self.t0:.0f} s in all.",
             "",
             "| fault | phase | injected | commits in its windows | lost | p99 staleness | max staleness "
             "| recovery p50 | recovery max |",
@@ -382,9 +421,14 @@ heartbeat_timeout_ms = 10000
                          f"| {fmt(r50)} | {fmt(rmax)} |")
         if lost and any(not any(s <= c.at <= e + 1.0 for k, _, s, e in self.windows if k in MAY_LOSE) for c in lost):
             failed = True
-        if dead_letters < w.poison_commits:
+        if self.failures:
             failed = True
-            lines.append(f"\nMISSING DEAD LETTERS: {dead_letters} of {w.poison_commits}")
+            lines.append("")
+            lines.extend(f"FAILED: {f}" for f in self.failures)
+        for src, found, expected in dead_letters:
+            if found < expected:
+                failed = True
+                lines.append(f"\nMISSING DEAD LETTERS ({src}): {found} of {expected}")
         if self.notes:
             lines.append("")
             lines.extend(f"- {n}" for n in self.notes)

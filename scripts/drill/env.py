@@ -183,7 +183,25 @@ class Environment:
 
     def cluster_env(self):
         return dict(os.environ, REDIS_CLUSTER_PORTS=" ".join(map(str, self.cluster_ports)),
-                    REDIS_CLUSTER_DIR=str(self.work / "cluster"))
+                    REDIS_CLUSTER_DIR=str(self.work / "cluster"), REDIS_CLUSTER_AOF="1")
+
+    def cluster_start(self):
+        out = subprocess.run(["bash", str(SERVICES / "redis-cluster-start.sh")], env=self.cluster_env(),
+                             capture_output=True, text=True)
+        if out.returncode != 0:
+            raise RuntimeError(f"redis-cluster-start.sh failed:\n{out.stderr[-2000:]}")
+
+    def cluster_node_restart(self, index, down_seconds):
+        """One Cluster primary is killed and started again on its own data
+        (AOF, fsync always); its slots are down meanwhile."""
+        port = self.cluster_ports[index]
+        info = subprocess.run(["redis-cli", "-p", str(port), "INFO", "server"], capture_output=True, text=True,
+                              timeout=10).stdout
+        pid = next((int(line.split(":")[1]) for line in info.splitlines() if line.startswith("process_id:")), None)
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)
+        time.sleep(down_seconds)
+        self.cluster_start()
 
     def start(self):
         self.work.mkdir(parents=True, exist_ok=True)
@@ -198,10 +216,7 @@ class Environment:
         env = self.cluster_env()
         env["REDIS_CLUSTER_WIPE"] = "1"
         subprocess.run(["bash", str(SERVICES / "redis-cluster-stop.sh")], env=env, capture_output=True)
-        out = subprocess.run(["bash", str(SERVICES / "redis-cluster-start.sh")], env=self.cluster_env(),
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            raise RuntimeError(f"redis-cluster-start.sh failed:\n{out.stderr[-2000:]}")
+        self.cluster_start()
         self.proxies["pg"] = ProxyProcess("pg", self.base + 1, self.pg_port, self.base + 2, self.work, postgres=True)
         self.proxies["redis"] = ProxyProcess("redis", self.base + 5, self.primary.port, self.base + 6, self.work)
         self.proxies["dead_letter"] = ProxyProcess("dead_letter", self.base + 20, self.pg_port, self.base + 21,

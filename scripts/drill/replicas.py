@@ -85,6 +85,20 @@ async def http_get(port, path, timeout):
         return None
 
 
+async def metric(port, name):
+    """The value of an unlabelled metric on /metrics, or None."""
+    answer = await http_get(port, "/metrics", 1.0)
+    if answer is None:
+        return None
+    for line in answer[1].splitlines():
+        if line.startswith(name + " "):
+            try:
+                return float(line.split()[1])
+            except (IndexError, ValueError):
+                return None
+    return None
+
+
 class Deployment:
     """The replicas, their restarts and their liveness probe."""
 

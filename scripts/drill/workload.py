@@ -133,6 +133,11 @@ class Workload:
         self.write_errors = 0
         self.running = False
         self._tasks = []
+        # How a commit's bound is taken: "lsn" (the Postgres source versions
+        # by commit LSN) or "time" (the Kafka source versions by commit time
+        # in µs: the bound is the wall clock before COMMIT, in whole ms, as
+        # Debezium's `ts_ms` truncates it).
+        self.bound_mode = "lsn"
 
     async def setup(self):
         async with await psycopg.AsyncConnection.connect(self.env.pg_url(), autocommit=True) as conn:
@@ -195,7 +200,8 @@ class Workload:
             (v,) = await cur.fetchone()
             cur = await conn.execute("SELECT pg_current_wal_insert_lsn()::text")
             (lsn,) = await cur.fetchone()
-            commit = Commit(row, lsn_int(lsn), time.monotonic(), v)
+            bound = lsn_int(lsn) if self.bound_mode == "lsn" else int(time.time() * 1000) * 1000
+            commit = Commit(row, bound, time.monotonic(), v)
             self.pending[row] = commit  # before COMMIT: an ambiguous end is settled below
         self.commits += 1
 
@@ -296,12 +302,10 @@ class Workload:
         """The checker must see a lost invalidation: a stale copy of a row with
         no commit behind it (as if evictd had skipped one) stays pending."""
         row = next(r for r in range(1, ROWS + 1) if r not in self.pending)
-        async with await psycopg.AsyncConnection.connect(self.env.pg_url(), autocommit=True) as conn:
-            cur = await conn.execute("SELECT pg_current_wal_insert_lsn()::text")
-            (lsn,) = await cur.fetchone()
         await self.targets.connect()
         await self._cache_stale_copies(row)
-        planted = Commit(row, lsn_int(lsn) + 1, time.monotonic(), 0)
+        # A bound no version reaches: only the keys' absence could satisfy it.
+        planted = Commit(row, 2**63, time.monotonic(), 0)
         self.pending[row] = planted
         await asyncio.sleep(2.0)
         seen = self.pending.get(row) is planted and planted.done_at is None
