@@ -3,11 +3,13 @@
 //!
 //! Membership is the slot's advisory lock (`source::postgres::lock`): the
 //! replica holding it is active, the others wait as standbys; the lock's
-//! session is checked every `standby_retry` and its loss steps the replica
-//! down. Each session starts through `slot_history.rs`, which refuses or
+//! session is checked every `standby_retry` (which renews its lease) and its
+//! loss steps the replica down. A new holder first ends the walsender a
+//! previous (frozen) holder may still keep on the slot. Each session starts through `slot_history.rs`, which refuses or
 //! flushes when the slot was lost, and resumes from the slot.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -40,6 +42,7 @@ pub(super) async fn run(shared: Shared<'_>, source: &PostgresConfig) -> Result<(
         sink: sink.clone(),
         metrics: metrics.clone(),
         health: health.clone(),
+        lease_warned: AtomicBool::new(false),
     };
     let pipeline = wiring::pipeline(Some(config), graph, sink, lookups, Arc::new(dead_letters), metrics, health);
     supervisor::supervise(&sessions, &pipeline, shutdown).await
@@ -52,6 +55,8 @@ struct PostgresSessions {
     sink: Arc<MultiSink<RedisSink>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Whether the lock's missing lease was reported (once per process).
+    lease_warned: AtomicBool,
 }
 
 impl Sessions for PostgresSessions {
@@ -68,9 +73,10 @@ impl Sessions for PostgresSessions {
         let mut poll = Backoff::constant(source.standby_retry);
         loop {
             self.health.heartbeat();
-            match SlotLock::try_acquire(&source.url, &source.slot).await {
-                Ok(Some(lock)) => {
+            match SlotLock::try_acquire(&source.url, &source.slot, source.lock_lease).await {
+                Ok(Some(mut lock)) => {
                     tracing::info!(slot = %source.slot, "holding the slot's lock: active");
+                    self.take_over(&mut lock).await;
                     self.health.set_role(Role::Active);
                     self.metrics.set_role(Role::Active);
                     return Some(lock);
@@ -120,6 +126,37 @@ impl Sessions for PostgresSessions {
 
     fn log_stepped_down(&self) {
         tracing::warn!(slot = %self.config.slot, "lost the slot's lock; stepped down to standby");
+    }
+}
+
+impl PostgresSessions {
+    /// What a new holder does before streaming: reports a lock without a
+    /// lease (once), and ends the walsender a previous holder may still
+    /// keep on the slot: safe only because this replica holds the lock.
+    async fn take_over(&self, lock: &mut SlotLock) {
+        let slot = &self.config.slot;
+        if let Some(why) = lock.lease_unavailable()
+            && !self.lease_warned.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                %slot,
+                reason = why,
+                "the slot's lock runs without a lease: a frozen active replica keeps it until its process or host is gone"
+            );
+        }
+        match lock.end_stale_walsender().await {
+            Ok(Some(pid)) => tracing::warn!(
+                %slot,
+                pid,
+                "ended the previous active replica's walsender, which still held the slot"
+            ),
+            Ok(None) => {}
+            // The session's start is refused and retried until the server
+            // ends that walsender itself (wal_sender_timeout).
+            Err(e) => {
+                tracing::warn!(%slot, error = %e, "cannot end the walsender holding the slot; retrying the session")
+            }
+        }
     }
 }
 
