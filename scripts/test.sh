@@ -354,7 +354,7 @@ if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
 fi
 
 # The short fault drill (docs/fault-drill.md): its own Postgres, Redis pair
-# and Cluster on ports 56000-56039 and 45000-45002, evictd replicas under
+# and Cluster on ports 26000-26039 and 15000-15002 (bus 25000-25002), evictd replicas under
 # SIGKILLs and one of each other fault; fails when an invalidation the docs
 # promise is lost. A fixed seed, so that a failure replays (EVICTD_DRILL_SEED
 # picks another).

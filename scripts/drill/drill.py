@@ -69,14 +69,16 @@ SINGLE_FAULTS = [
     "redis-cluster node restart",
     "postgres-restart",
     "postgres-crash",
-    "partition: replication",
-    "partition: session",
+    "partition: replication (active)",
+    "partition: session (active)",
+    "partition: postgres (all)",
     "partition: redis",
     "dead-letter db down",
 ]
 
-COMBINABLE = ["kill", "freeze (probe)", "redis-restart (no wait)", "postgres-restart", "partition: replication",
-              "partition: session", "partition: redis"]
+COMBINABLE = ["kill", "freeze (probe)", "redis-restart (no wait)", "postgres-restart",
+              "partition: replication (active)", "partition: session (active)", "partition: postgres (all)",
+              "partition: redis"]
 
 
 def schedule(seed, profile):
@@ -90,7 +92,10 @@ def schedule(seed, profile):
         kinds = SINGLE_FAULTS[:]
         rng.shuffle(kinds)
         for kind in kinds:
-            seconds = p["freeze_seconds"] if kind.startswith("freeze") else round(
+            # A freeze or an isolated replica lasts past the lock's lease, so
+            # that a takeover can show.
+            long = kind.startswith("freeze") or kind.endswith("(active)")
+            seconds = p["freeze_seconds"] if long else round(
                 rng.uniform(0.6, 1.0) * p["fault_seconds"], 1)
             plan.append(("single", kind, dict(seconds=seconds, node=rng.randrange(3))))
     t = 0.0
@@ -131,7 +136,7 @@ paths = ["{graph}"]
 kind = "postgres"
 
 [source.postgres]
-url = "{env.evictd_pg_url()}"
+url = "{env.evictd_pg_url(0)}"
 slot = "evictd_drill"
 publication = "evictd_drill"
 status_interval_ms = 1000
@@ -159,6 +164,7 @@ heartbeat_timeout_ms = 10000
     def replica_env(self, index, wait_replicas=0):
         return {
             "EVICTD__SERVER__LISTEN": f"127.0.0.1:{self.env.replica_port(index)}",
+            "EVICTD__SOURCE__POSTGRES__URL": self.env.evictd_pg_url(index),
             "EVICTD__REDIS__MAIN__WAIT_REPLICAS": str(wait_replicas),
         }
 
@@ -218,11 +224,22 @@ heartbeat_timeout_ms = 10000
             await asyncio.to_thread(self.env.pg_start)
         elif kind.startswith("partition: "):
             what = kind.split(": ")[1]
-            proxy, cls = {"replication": ("pg", "replication"), "session": ("pg", "session"),
-                          "redis": ("redis", "all")}[what]
-            self.env.proxies[proxy].command(f"partition {cls}")
+            if what.endswith("(active)"):
+                active = await self.deployment.active(limit=10)
+                index = active.index if active else 0
+                proxies = [self.env.proxies[f"pg-{index}"]]
+                cls = what.split()[0]
+                detail = f"evictd-{index}"
+            elif what == "postgres (all)":
+                proxies = [p for name, p in self.env.proxies.items() if name.startswith("pg-")]
+                cls = "replication,session"
+            else:
+                proxies, cls = [self.env.proxies["redis"]], "all"
+            for proxy in proxies:
+                proxy.command(f"partition {cls}")
             await asyncio.sleep(seconds)
-            self.env.proxies[proxy].command("heal")
+            for proxy in proxies:
+                proxy.command("heal")
         elif kind == "dead-letter db down":
             proxy = self.env.proxies["dead_letter"]
             proxy.command("refuse on")
@@ -296,8 +313,8 @@ heartbeat_timeout_ms = 10000
             shutil.rmtree(self.work)
         self.work.mkdir(parents=True)
         self.env = Environment(self.work, self.args.base, self.log)
-        self.env.start()
         try:
+            self.env.start()
             return await self._run(plan)
         finally:
             if hasattr(self, "deployment"):
@@ -458,7 +475,10 @@ def main():
     parser.add_argument("--profile", choices=sorted(PROFILES), default="short")
     parser.add_argument("--seed", type=int, default=int(time.time()) % 100000)
     parser.add_argument("--work", default="/tmp/evictd-drill")
-    parser.add_argument("--base", type=int, default=56000, help="first of the 40 ports used (and base-11000…)")
+    # Below the kernel's ephemeral range (32768-60999 by default), so that no
+    # client socket holds one of them when a server needs it.
+    parser.add_argument("--base", type=int, default=26000,
+                        help="first of the 40 ports used; the Cluster uses base-11000… (and its bus +10000)")
     parser.add_argument("--evictd", default=str(ROOT / "target" / "debug" / "evictd"))
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--kafka", action="store_true", help="also drill the Kafka source")

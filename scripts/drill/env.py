@@ -7,8 +7,9 @@ under one work directory; `stop()` removes what `start()` made. The project's
 own service scripts (scripts/services/) start Postgres and the Cluster.
 
 Who talks to what:
-- evictd reaches Postgres through `pg_proxy` (replication and session
-  connections told apart), its dead-letter table through `dl_proxy`, and the
+- each evictd replica reaches Postgres through a proxy of its own (`pg-N`:
+  replication and session connections told apart), the dead-letter table
+  through `dead_letter`, and the
   standalone Redis through `redis_proxy`, which points at the current primary:
   a failover moves the proxy, as a Sentinel-managed address or a Kubernetes
   Service would.
@@ -28,6 +29,7 @@ import time
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
 SERVICES = ROOT / "scripts" / "services"
+PG_REPLICAS = 2
 
 
 def wait_port(port, limit=20.0):
@@ -127,8 +129,10 @@ class Environment:
         self.proxies = {}
 
     # -- ports evictd uses -------------------------------------------------
-    def evictd_pg_url(self):
-        return f"postgres://postgres@127.0.0.1:{self.base + 1}/{self.db}"
+    def evictd_pg_url(self, replica=0):
+        """Each replica reaches Postgres through a proxy of its own, so that
+        one replica can be cut off while the other is not."""
+        return f"postgres://postgres@127.0.0.1:{self.base + 22 + 2 * replica}/{self.db}"
 
     def evictd_dead_letter_url(self):
         return f"postgres://postgres@127.0.0.1:{self.base + 20}/{self.db}"
@@ -217,7 +221,9 @@ class Environment:
         env["REDIS_CLUSTER_WIPE"] = "1"
         subprocess.run(["bash", str(SERVICES / "redis-cluster-stop.sh")], env=env, capture_output=True)
         self.cluster_start()
-        self.proxies["pg"] = ProxyProcess("pg", self.base + 1, self.pg_port, self.base + 2, self.work, postgres=True)
+        for i in range(PG_REPLICAS):
+            self.proxies[f"pg-{i}"] = ProxyProcess(f"pg-{i}", self.base + 22 + 2 * i, self.pg_port, self.base + 23 + 2 * i,
+                                                   self.work, postgres=True)
         self.proxies["redis"] = ProxyProcess("redis", self.base + 5, self.primary.port, self.base + 6, self.work)
         self.proxies["dead_letter"] = ProxyProcess("dead_letter", self.base + 20, self.pg_port, self.base + 21,
                                                    self.work)
