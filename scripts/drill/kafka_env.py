@@ -16,8 +16,7 @@ Who talks to what:
   the broker directly, and a partition cuts evictd off, not the application
   (the Postgres side of the drill works the same way). Kafka has one
   advertised address per listener and Tansu one listener, hence the two
-  loopback addresses on one port number; the broker's own port in `ports` is
-  left unused.
+  loopback addresses on one port number; `ports[0]` serves the S3 storage.
 - The proxy is scripts/drill/kafka_proxy.py: proxy.py's commands, plus a
   `produce` class (connections that have produced) and a pass for clients
   whose `client.id` starts with `drill-direct` (the bad-message producer and
@@ -26,13 +25,17 @@ Who talks to what:
 Faults:
 
 - `partition()`/`heal()`: proxy `partition all` / `heal all`.
-- `restart_broker(s)`: emulated, see its docstring. This Tansu build stores in
-  memory or S3 only (`--storage-engine postgres://…` fails with
-  `FeatureNotEnabled { feature: "postgres" }`, `sqlite://…` with
-  `FeatureNotEnabled { feature: "libsql" }`, `file://…` with
-  `UnsupportedStorageUrl`), there is no S3 service on these machines, and a
-  real restart of the memory broker loses every topic, message, committed
-  offset and the producers' ids: that is a new broker, not a restart.
+- `restart_broker(s)`: with `storage="s3"` (the default) a real restart:
+  SIGKILL of the broker, `s` seconds down, kafka-start.sh again on the same
+  S3 bucket; topics, records, committed offsets and groups survive (checked
+  by kafka_env_check.py). This Tansu build stores in memory or S3 only
+  (`--storage-engine postgres://…` fails with `FeatureNotEnabled { feature:
+  "postgres" }`, `sqlite://…` with `FeatureNotEnabled { feature: "libsql" }`,
+  `file://…` with `UnsupportedStorageUrl`); the S3 service is moto's server
+  (PyPI `moto[server]`, installed once into $EVICTD_TOOLS/moto-venv) on
+  `ports[0]`, loopback only. With `storage="memory"` a real restart would be
+  a new, empty broker, so it is emulated at the proxy instead (see
+  `restart_broker`).
 - `dead_letter_down()`/`dead_letter_up()`: `[dead_letter]` of a Kafka source
   has no brokers of its own: the dead-letter producer is built from
   `source.kafka.brokers` and the source's client properties
@@ -41,7 +44,9 @@ Faults:
   that produce (`partition produce`) — evictd's only producer is that one —
   while the consumer's connections flow.
 
-Invariants: everything started lives under `work` and on the given ports;
+Invariants: everything started lives under `work` and on the given ports
+(the broker on the proxy's port number at 127.0.0.2); the drill's writer
+and checker never go through a fault;
 `stop()` stops all of it, drops the Debezium slot and the publication, and
 can be called after a failed `start()`.
 
@@ -55,10 +60,12 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from typing import Callable
 from urllib.parse import urlsplit
 
@@ -72,6 +79,8 @@ DEAD_LETTER_TOPIC = f"{TOPIC_PREFIX}.dead-letters"
 ITEMS_PARTITIONS = 3
 BROKER_HOST = "127.0.0.2"
 DIRECT_CLIENT_ID = "drill-direct"
+S3_BUCKET = "tansu"
+MOTO = "moto[server]==5.2.5"
 
 # The consumer properties the drill's evictd runs with (see source_toml).
 CONSUMER_PROPERTIES = {
@@ -90,6 +99,31 @@ def venv_python() -> str:
     return str(pathlib.Path(venv) / "bin" / "python")
 
 
+def tools_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("EVICTD_TOOLS", "/tmp/evictd-tools"))
+
+
+def ensure_moto(log: Callable[[str], None]) -> str:
+    """The moto_server of $EVICTD_TOOLS/moto-venv, created once (PyPI, a
+    lock against concurrent installs); returns its path."""
+    venv = tools_dir() / "moto-venv"
+    server = venv / "bin" / "moto_server"
+    if server.exists():
+        return str(server)
+    tools_dir().mkdir(parents=True, exist_ok=True)
+    import fcntl
+
+    with open(str(venv) + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not server.exists():
+            log(f"kafka: installing {MOTO} into {venv} (S3 storage for the broker)")
+            subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, capture_output=True)
+            out = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", MOTO], capture_output=True, text=True)
+            if out.returncode != 0 or not server.exists():
+                raise RuntimeError(f"pip install {MOTO} failed:\n{out.stderr[-2000:]}")
+    return str(server)
+
+
 def port_open(host: str, port: int) -> bool:
     try:
         with socket.create_connection((host, port), timeout=0.5):
@@ -99,10 +133,17 @@ def port_open(host: str, port: int) -> bool:
 
 
 class KafkaEnv:
-    def __init__(self, work: pathlib.Path, pg_url: str, ports: list[int], log: Callable[[str], None]):
+    def __init__(self, work: pathlib.Path, pg_url: str, ports: list[int], log: Callable[[str], None],
+                 storage: str = "s3"):
         """work: a directory of its own; pg_url: postgres://postgres@127.0.0.1:PORT/DB of the drill's
         Postgres (schema `drill`, table drill.items, REPLICA IDENTITY FULL); ports: 4 free ports
-        (broker, proxy, proxy control, spare)."""
+        (the broker's storage (S3), proxy, proxy control, spare); storage: "s3" (restarts keep
+        the broker's state: real restarts) or "memory" (restarts emulated at the proxy)."""
+        if storage not in ("s3", "memory"):
+            raise ValueError(f"storage must be s3 or memory, got {storage!r}")
+        self.storage = storage
+        self.s3_port = ports[0]
+        self.moto_proc: subprocess.Popen | None = None
         if len(ports) < 3:
             raise ValueError(f"KafkaEnv needs 3 ports at least (broker, proxy, control), got {ports}")
         self.work = pathlib.Path(work)
@@ -134,13 +175,58 @@ class KafkaEnv:
 
     # -- life cycle ----------------------------------------------------------
     def kafka_env(self) -> dict[str, str]:
-        return dict(
-            os.environ,
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        env.update(
             KAFKA_PORT=str(self.proxy_port),
             KAFKA_HOST=BROKER_HOST,
             KAFKA_ADVERTISED=f"localhost:{self.proxy_port}",
             KAFKA_DIR=str(self.kafka_dir),
         )
+        if self.storage == "s3":
+            # Static keys and a loopback endpoint: the S3 client asks no
+            # metadata service and reaches nothing but moto.
+            env.update(
+                KAFKA_STORAGE=f"s3://{S3_BUCKET}/",
+                AWS_ENDPOINT=f"http://127.0.0.1:{self.s3_port}",
+                AWS_ALLOW_HTTP="true",
+                AWS_ACCESS_KEY_ID="drill",
+                AWS_SECRET_ACCESS_KEY="drill",
+                AWS_DEFAULT_REGION="us-east-1",
+                AWS_REGION="us-east-1",
+                AWS_CONDITIONAL_PUT="etag",
+                AWS_EC2_METADATA_DISABLED="true",
+            )
+        return env
+
+    def start_s3(self) -> None:
+        server = ensure_moto(self.log)
+        self.log(f"kafka: S3 storage (moto) on 127.0.0.1:{self.s3_port}")
+        log = open(self.work / "moto.log", "ab")
+        self.moto_proc = subprocess.Popen([server, "-H", "127.0.0.1", "-p", str(self.s3_port)], stdout=log,
+                                          stderr=log, start_new_session=True)
+        deadline = time.monotonic() + 30
+        while not port_open("127.0.0.1", self.s3_port):
+            if self.moto_proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"moto_server did not start; see {self.work / 'moto.log'}")
+            time.sleep(0.1)
+        request = urllib.request.Request(f"http://127.0.0.1:{self.s3_port}/{S3_BUCKET}", method="PUT")
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            if answer.status != 200:
+                raise RuntimeError(f"moto: creating bucket {S3_BUCKET}: HTTP {answer.status}")
+
+    def start_broker(self, topics: str = "") -> None:
+        out = subprocess.run(["bash", str(SERVICES / "kafka-start.sh")], env=dict(self.kafka_env(), KAFKA_TOPICS=topics),
+                             capture_output=True, text=True, timeout=120)
+        if out.returncode != 0:
+            raise RuntimeError(f"kafka-start.sh failed:\n{out.stderr[-2000:]}")
+
+    def broker_pid(self) -> int | None:
+        try:
+            pid = int((self.kafka_dir / "broker.pid").read_text().strip())
+            os.kill(pid, 0)
+            return pid
+        except (OSError, ValueError):
+            return None
 
     def dbz_env(self) -> dict[str, str]:
         env = dict(os.environ, **self.pg)
@@ -173,13 +259,12 @@ class KafkaEnv:
         self.stop_debezium(reset=True)
         self.psql(f"DROP PUBLICATION IF EXISTS {self.publication}")
 
-        self.log(f"kafka: broker {BROKER_HOST}:{self.proxy_port}, advertised localhost:{self.proxy_port}")
+        if self.storage == "s3":
+            self.start_s3()
+        self.log(f"kafka: broker {BROKER_HOST}:{self.proxy_port} ({self.storage} storage), "
+                 f"advertised localhost:{self.proxy_port}")
         self.broker_started = True
-        out = subprocess.run(["bash", str(SERVICES / "kafka-start.sh")], env=dict(
-            self.kafka_env(), KAFKA_TOPICS=f"{ITEMS_TOPIC}:{ITEMS_PARTITIONS} {DEAD_LETTER_TOPIC}:1"),
-            capture_output=True, text=True, timeout=120)
-        if out.returncode != 0:
-            raise RuntimeError(f"kafka-start.sh failed:\n{out.stderr[-2000:]}")
+        self.start_broker(f"{ITEMS_TOPIC}:{ITEMS_PARTITIONS} {DEAD_LETTER_TOPIC}:1")
 
         self.log(f"kafka: proxy 127.0.0.1:{self.proxy_port} (control {self.control_port})")
         log = open(self.work / "kafka-proxy.log", "ab")
@@ -226,6 +311,7 @@ class KafkaEnv:
             ("publication", lambda: self.psql(f"DROP PUBLICATION IF EXISTS {self.publication}")),
             ("proxy", self.stop_proxy),
             ("broker", self.stop_broker),
+            ("S3 storage", self.stop_s3),
         ]
         for name, step in steps:
             try:
@@ -241,6 +327,16 @@ class KafkaEnv:
             self.proxy_proc.terminate()
             self.proxy_proc.wait(timeout=10)
         self.proxy_proc = None
+
+    def stop_s3(self) -> None:
+        if self.moto_proc is not None and self.moto_proc.poll() is None:
+            self.moto_proc.terminate()
+            try:
+                self.moto_proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.moto_proc.kill()
+                self.moto_proc.wait()
+        self.moto_proc = None
 
     def stop_broker(self) -> None:
         if not self.broker_started:
@@ -296,24 +392,59 @@ class KafkaEnv:
         self.command("heal all")
 
     def restart_broker(self, down_seconds: float) -> str:
-        """What evictd sees of a broker restart that keeps its state: every
-        connection closed at once, new ones refused for `down_seconds`, then
-        accepted again by the same broker (topics, offsets, group kept).
-        Emulated at the proxy: this Tansu build keeps its state in memory
-        (or S3), so a real restart would be a new, empty broker. Debezium,
-        which reaches the broker directly, is not restarted with it."""
-        self.command("refuse on")
-        self.command("reset")
+        """A broker restart; returns one line for the report.
+
+        S3 storage: the real thing. SIGKILL (a crash: what the broker
+        acknowledged is in S3 already), `down_seconds` with nothing on the
+        port (the proxy accepts and closes at once, as a closed port would
+        refuse), then the same binary on the same bucket; every client,
+        Debezium included, reconnects.
+
+        Memory storage: a real restart would lose every topic and offset,
+        so what evictd sees of a restart is emulated at the proxy: every
+        connection closed at once, new ones refused for `down_seconds`, the
+        broker and its state untouched, Debezium not affected."""
+        if self.storage == "memory":
+            self.command("refuse on")
+            self.command("reset")
+            time.sleep(down_seconds)
+            self.command("refuse off")
+            self.restarts += 1
+            return (f"broker restart emulated at the proxy (memory storage): evictd's connections reset, new ones "
+                    f"refused for {down_seconds:.1f} s, broker state kept, Debezium not affected")
+        pid = self.broker_pid()
+        if pid is None:
+            raise RuntimeError("kafka: no broker to restart")
+        t0 = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        while self.broker_pid() is not None or port_open(BROKER_HOST, self.proxy_port):
+            if time.monotonic() - t0 > 10:
+                raise RuntimeError(f"kafka: broker {pid} still alive 10 s after SIGKILL")
+            time.sleep(0.05)
+        gone = time.monotonic() - t0
         time.sleep(down_seconds)
-        self.command("refuse off")
+        t1 = time.monotonic()
+        self.start_broker()
+        up = time.monotonic() - t1
         self.restarts += 1
-        return (f"broker restart emulated at the proxy: evictd's connections reset, new ones refused for "
-                f"{down_seconds:.1f} s, state kept (Tansu here is memory-only; Debezium not restarted)")
+        return (f"broker restarted for real: SIGKILL (gone in {gone:.2f} s), down {down_seconds:.1f} s, started again "
+                f"on its S3 storage in {up:.2f} s (topics, records, offsets and groups kept)")
 
     def dead_letter_down(self) -> None:
         """evictd's producing connections (its dead-letter producer's) go
         silent; its consumer's flow. See the module docs for why this is the
-        fault and not a proxy of the dead-letter brokers."""
+        fault and not a proxy of the dead-letter brokers.
+
+        Keep it under 10 s on this broker. evictd's dead-letter producer is
+        idempotent with message.timeout.ms=10000 (both forced, after the
+        operator's properties). A send that times out with its request in
+        flight makes librdkafka bump the producer epoch by itself (KIP-360);
+        Tansu answers the bumped epoch with PRODUCER_FENCED, for every send
+        after it, and evictd retries the same producer forever with the
+        source paused: invalidation stops until evictd is restarted. Real
+        Kafka accepts the bump; a plain confluent_kafka producer through
+        this proxy shows the same on Tansu, so it is the broker's, but evictd
+        has no way out of a producer that fails every send."""
         self.command("partition produce")
 
     def dead_letter_up(self) -> None:
