@@ -267,6 +267,7 @@ heartbeat_timeout_ms = 10000
             return "no active replica"
         self.deployment.probing = probe
         probe_kills = self.deployment.liveness_kills
+        process = active.proc
         acknowledged = await metric(active.port, "evictd_position_acknowledged_bytes")
         frozen_at = time.monotonic()
         active.freeze()
@@ -277,16 +278,20 @@ heartbeat_timeout_ms = 10000
                 roles = await self.deployment.roles()
                 if any(role == "active" for i, role in roles.items() if i != active.index):
                     takeover = time.monotonic() - frozen_at
-        woke = self.deployment.liveness_kills == probe_kills
+        # The same process wakes up, unless the probe (or, in the combined
+        # phase, another fault) killed it meanwhile.
+        woke = self.deployment.liveness_kills == probe_kills and active.proc is process and active.alive()
         active.thaw()
         self.deployment.probing = True
         role_after = None
         acknowledged_after = None
         if woke:
             await asyncio.sleep(3)
-            role_after = (await self.deployment.roles()).get(active.index)
-            acknowledged_after = await metric(active.port, "evictd_position_acknowledged_bytes")
-        how = "the liveness probe killed it" if not woke else (
+            if active.proc is process:
+                role_after = (await self.deployment.roles()).get(active.index)
+                acknowledged_after = await metric(active.port, "evictd_position_acknowledged_bytes")
+        how = ("the liveness probe killed it" if self.deployment.liveness_kills != probe_kills
+               else "another fault killed it") if not woke else (
             "another replica took over (the lock's lease)" if takeover else "nothing until SIGCONT")
         note = (f"{kind}: {active.name} frozen {seconds:.0f} s; standby active after "
                 f"{takeover:.1f} s" if takeover else f"{kind}: {active.name} frozen {seconds:.0f} s; no takeover")
@@ -484,6 +489,9 @@ def main():
     parser.add_argument("--kafka", action="store_true", help="also drill the Kafka source")
     parser.add_argument("--keep", action="store_true", help="leave the services running")
     args = parser.parse_args()
+    # SIGTERM (a CI timeout) stops the drill as Ctrl-C does: through the
+    # `finally` that stops every service it started.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     drill = Drill(args)
     loop_status = asyncio.run(drill.run())
     sys.exit(loop_status)

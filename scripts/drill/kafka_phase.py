@@ -63,8 +63,8 @@ async def run_kafka_phase(drill):
 
     config = drill.work / "evictd-kafka.toml"
     config.write_text(kafka_config(drill, kenv))
-    replicas = [Replica(10 + i, drill.args.evictd, config, drill.env.replica_port(10 + i), drill.work,
-                        {"EVICTD__SERVER__LISTEN": f"127.0.0.1:{drill.env.replica_port(10 + i)}"})
+    replicas = [Replica(2 + i, drill.args.evictd, config, drill.env.replica_port(2 + i), drill.work,
+                        {"EVICTD__SERVER__LISTEN": f"127.0.0.1:{drill.env.replica_port(2 + i)}"})
                 for i in range(3)]
     deployment = Deployment(replicas, drill.events)
     deployment.paused.add(replicas[2].index)
@@ -136,7 +136,7 @@ paths = ["{drill.work / 'graph'}"]
 {kenv.source_toml("evictd-drill")}
 
 [lookup]
-url = "{env.evictd_pg_url(0)}"
+url = "{env.pg_url()}"
 
 [run]
 retry_max_ms = 1000
