@@ -549,8 +549,7 @@ impl ProxiedBroker {
         std::io::BufRead::read_line(&mut std::io::BufReader::new(proxy.stdout.take().unwrap()), &mut ready).unwrap();
         assert_eq!(ready.trim(), "ready", "kafka_proxy.py did not start");
         let control = std::net::TcpStream::connect(("127.0.0.1", control_port)).unwrap();
-        let broker =
-            ProxiedBroker { dir, broker_port, proxy_port, proxy, control: std::io::BufReader::new(control) };
+        let broker = ProxiedBroker { dir, broker_port, proxy_port, proxy, control: std::io::BufReader::new(control) };
         let topics: Vec<String> = topics.iter().map(|t| format!("{t}:1")).collect();
         let mut start = broker.script("kafka-start.sh");
         start.env("KAFKA_TOPICS", topics.join(" ")).stdout(Stdio::null());
@@ -653,6 +652,11 @@ async fn a_dead_letter_producer_fenced_after_a_long_outage_is_replaced_and_the_p
             .unwrap();
     assert!(!letters.is_empty(), "the bad message was dead-lettered; logs:\n{}", d.logs());
     assert_eq!(letters[0].payload(), Some(&b"not a Debezium event {"[..]));
+    // This broker fences the bumped epoch: the way out was a new producer.
+    let log = d.log(0);
+    let replaced: Vec<&str> = log.lines().filter(|l| l.contains("replaced it with a new one")).collect();
+    eprintln!("{}", replaced.join("\n"));
+    assert!(!replaced.is_empty(), "{}", d.logs());
     assert_eq!(d.terminate(0), Some(0), "{}", d.logs());
 }
 
