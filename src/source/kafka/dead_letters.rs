@@ -285,6 +285,41 @@ impl DeadLetterStore for KafkaDeadLetters {
 mod tests {
     use super::*;
     use crate::source::{RawMessage, UndecodableReason};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    /// librdkafka's mock broker (in process, on loopback) answers one
+    /// produce with PRODUCER_FENCED: that send fails, the producer is
+    /// replaced once, and the retry goes through the new one.
+    #[tokio::test]
+    async fn a_fenced_producer_is_replaced_once_and_the_retry_is_sent_by_the_new_one() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("dead-letters", 1, 1).unwrap();
+        let config = KafkaConfig::new(&cluster.bootstrap_servers(), "g", vec!["t".into()]);
+        let metrics = Arc::new(Metrics::new());
+        let letters = KafkaDeadLetters::new(&config, "dead-letters", Arc::clone(&metrics)).unwrap();
+        let letter = DeadLetterMessage { key: None, value: Some(b"v".to_vec()), headers: Vec::new() };
+        letters.send(&letter).await.unwrap();
+        assert_eq!(letters.producer().0, 0, "a send that went through replaces nothing");
+
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED]);
+        let error = letters.send(&letter).await.unwrap_err();
+        assert_eq!(letters.producer().0, 1, "replaced after {error}");
+        letters.send(&letter).await.unwrap();
+        assert_eq!(letters.producer().0, 1, "the new producer sends");
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("evictd_kafka_dead_letter_producer_resets_total 1\n"), "{text}");
+    }
+
+    #[test]
+    fn fenced_epoch_and_fatal_errors_call_for_a_new_producer_and_a_timeout_does_not() {
+        let produce = |code| KafkaError::MessageProduction(code);
+        assert!(is_fenced(&produce(RDKafkaErrorCode::ProducerFenced)));
+        assert!(is_fenced(&produce(RDKafkaErrorCode::InvalidProducerEpoch)));
+        assert!(is_fenced(&produce(RDKafkaErrorCode::Fatal)));
+        assert!(!is_fenced(&produce(RDKafkaErrorCode::MessageTimedOut)));
+        assert!(!is_fenced(&produce(RDKafkaErrorCode::BrokerTransportFailure)));
+    }
 
     #[test]
     fn an_undecodable_message_keeps_its_key_value_and_headers_with_evictds_after_them() {
