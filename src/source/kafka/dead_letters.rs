@@ -205,33 +205,42 @@ impl KafkaDeadLetters {
         error: &KafkaError,
         fatal: Option<(RDKafkaErrorCode, String)>,
     ) {
-        let fresh: FutureProducer = match self.client.create() {
-            Ok(producer) => producer,
-            Err(e) => {
-                tracing::warn!(topic = %self.topic, error = %e, "cannot build a new dead-letter producer; keeping the failed one");
-                return;
-            }
-        };
         let old = {
             let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
             if current.generation != generation {
-                return;
+                // Another send replaced it already.
+                None
+            } else {
+                // Under the lock, so that concurrent failures build one:
+                // creating a producer starts its threads and awaits nothing.
+                match self.client.create() {
+                    Ok(fresh) => {
+                        current.generation += 1;
+                        Some(std::mem::replace(&mut current.producer, fresh))
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %self.topic, error = %e, "cannot build a new dead-letter producer; keeping the failed one");
+                        None
+                    }
+                }
             }
-            current.generation += 1;
-            std::mem::replace(&mut current.producer, fresh)
         };
-        let fatal = fatal.map(|(code, reason)| format!("{code:?}: {reason}"));
-        tracing::warn!(
-            topic = %self.topic,
-            %error,
-            fatal = fatal.as_deref().unwrap_or("none"),
-            "the dead-letter producer can no longer send; replaced it with a new one (the letter is retried on it)"
-        );
-        self.metrics.kafka_dead_letter_producer_reset();
+        if old.is_some() {
+            let fatal = fatal.map(|(code, reason)| format!("{code:?}: {reason}"));
+            tracing::warn!(
+                topic = %self.topic,
+                %error,
+                fatal = fatal.as_deref().unwrap_or("none"),
+                "the dead-letter producer can no longer send; replaced it with a new one (the letter is retried on it)"
+            );
+            self.metrics.kafka_dead_letter_producer_reset();
+        }
         // Dropping the last handle of a producer purges it and waits for
-        // the purge (up to 500 ms): not on the runtime's threads.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn_blocking(move || drop((old, failed)));
+        // the purge (up to 500 ms): off the runtime's threads.
+        let handles = (old, failed);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(handles))),
+            Err(_) => drop(handles),
         }
     }
 }
