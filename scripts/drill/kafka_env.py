@@ -435,16 +435,16 @@ class KafkaEnv:
         silent; its consumer's flow. See the module docs for why this is the
         fault and not a proxy of the dead-letter brokers.
 
-        Keep it under 10 s on this broker. evictd's dead-letter producer is
-        idempotent with message.timeout.ms=10000 (both forced, after the
+        Longer than 10 s is the harder case. evictd's dead-letter producer
+        is idempotent with message.timeout.ms=10000 (both forced, after the
         operator's properties). A send that times out with its request in
         flight makes librdkafka bump the producer epoch by itself (KIP-360);
         Tansu answers the bumped epoch with PRODUCER_FENCED, for every send
-        after it, and evictd retries the same producer forever with the
-        source paused: invalidation stops until evictd is restarted. Real
-        Kafka accepts the bump; a plain confluent_kafka producer through
-        this proxy shows the same on Tansu, so it is the broker's, but evictd
-        has no way out of a producer that fails every send."""
+        after it (a plain confluent_kafka producer through this proxy shows
+        the same; real Kafka accepts the bump). evictd then replaces the
+        producer (src/source/kafka/dead_letters.rs) and the letter goes out
+        about a second after `dead_letter_up()`, possibly twice (dead letters
+        are at least once)."""
         self.command("partition produce")
 
     def dead_letter_up(self) -> None:

@@ -15,8 +15,9 @@ lost, nothing re-read, Debezium is alive, a key is invalidated and a bad
 message dead-lettered again.
 
 The dead-letter destination is down 5 s by default. Past the dead-letter
-producer's 10 s send timeout (`--dead-letter-down-s 12`) evictd wedges on
-this broker: see KafkaEnv.dead_letter_down. Exit 0 and "ok" on the last line when all hold.
+producer's 10 s send timeout (`--dead-letter-down-s 12`) this broker fences
+the producer and evictd replaces it: see KafkaEnv.dead_letter_down. Exit 0
+and "ok" on the last line when all hold.
 """
 
 import os
