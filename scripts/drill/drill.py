@@ -487,6 +487,9 @@ def main():
     parser.add_argument("--evictd", default=str(ROOT / "target" / "debug" / "evictd"))
     parser.add_argument("--out", help="also write the table to this file")
     parser.add_argument("--kafka", action="store_true", help="also drill the Kafka source")
+    parser.add_argument("--kafka-storage", choices=["memory", "s3"], default="memory",
+                        help="the broker's storage: memory (a broker restart is emulated at its proxy) or s3 "
+                             "(a real restart; moto's S3 server falls behind at the drill's rate)")
     parser.add_argument("--keep", action="store_true", help="leave the services running")
     args = parser.parse_args()
     # SIGTERM (a CI timeout) stops the drill as Ctrl-C does: through the

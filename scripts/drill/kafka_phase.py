@@ -44,7 +44,8 @@ async def run_kafka_phase(drill):
     log = drill.log
     log("phase 4: the Kafka source (Debezium → broker → evictd group)")
     base = drill.args.base
-    kenv = KafkaEnv(drill.work / "kafka", drill.env.pg_url(), [base + 30, base + 31, base + 32, base + 33], log)
+    kenv = KafkaEnv(drill.work / "kafka", drill.env.pg_url(), [base + 30, base + 31, base + 32, base + 33], log,
+                    storage=drill.args.kafka_storage)
     drill.kafka_env = kenv
     await asyncio.to_thread(kenv.start)
 
