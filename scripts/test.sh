@@ -27,7 +27,7 @@
 #      random schedules it ran
 #   7. (without ARGS) each client's tests: clients/*/test.sh (Python,
 #      TypeScript), against the same servers
-#   8. (without ARGS) the short fault drill: scripts/drill.sh --profile short
+#   8. (without ARGS) the short fault drill: scripts/drill.sh --profile short --kafka
 # Before step 4, each client's setup (clients/*/setup.sh: venv, npm ci, a
 # cargo build of the Rust agent; idempotent) runs and the EVICTD_TEST_* lines
 # it prints are exported (EVICTD_TEST_PYTHON, EVICTD_TEST_NODE,
@@ -360,7 +360,7 @@ fi
 # picks another).
 if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
   section "fault drill (short)"
-  if EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/drill.sh" --profile short \
+  if EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/drill.sh" --profile short --kafka \
       --seed "${EVICTD_DRILL_SEED:-1}" --work "${TMPDIR:-/tmp}/evictd-drill-test"; then
     echo "test result: ok. 1 passed; 0 failed (fault drill)" >>"$TEST_LOG"
   else
