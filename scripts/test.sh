@@ -354,14 +354,14 @@ if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
 fi
 
 # The short fault drill (docs/fault-drill.md): its own Postgres, Redis pair
-# and Cluster on ports 26000-26039 and 15000-15002 (bus 25000-25002), evictd replicas under
+# and Cluster on ports 28000-28039 and 17000-17002 (bus 27000-27002), evictd replicas under
 # SIGKILLs and one of each other fault; fails when an invalidation the docs
 # promise is lost. A fixed seed, so that a failure replays (EVICTD_DRILL_SEED
 # picks another).
 if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
   section "fault drill (short)"
   if EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/drill.sh" --profile short --kafka \
-      --seed "${EVICTD_DRILL_SEED:-1}" --work "${TMPDIR:-/tmp}/evictd-drill-test"; then
+      --seed "${EVICTD_DRILL_SEED:-1}" --base 28000 --work "${TMPDIR:-/tmp}/evictd-drill-test"; then
     echo "test result: ok. 1 passed; 0 failed (fault drill)" >>"$TEST_LOG"
   else
     echo "test result: FAILED. 0 passed; 1 failed (fault drill)" >>"$TEST_LOG"
