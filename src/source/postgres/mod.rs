@@ -165,8 +165,9 @@ pub(crate) struct PostgresSource {
     /// Relations described under a name the graph does not know, to look up
     /// (in order, before anything after them is decoded) as partitions.
     resolving: VecDeque<u32>,
-    /// Catalog queries while streaming (partitions attached later); connects
-    /// only when needed.
+    /// Catalog queries while streaming (partitions attached later, the slot
+    /// of a silent stream); connects only when needed, so an idle stream
+    /// keeps one session open (checked every `liveness::CHECK_EVERY`).
     catalog: PgPool,
 }
 
