@@ -7,6 +7,13 @@
 //! loss steps the replica down. A new holder first ends the walsender a
 //! previous (frozen) holder may still keep on the slot. Each session starts through `slot_history.rs`, which refuses or
 //! flushes when the slot was lost, and resumes from the slot.
+//!
+//! A holder whose sessions keep failing for the lock's lease (its
+//! replication connection is silent or refused while its lock's session
+//! works) gives the lock up and stands aside for two standby retries, so
+//! that a standby whose path works takes over ([`StepDown`]): the lease is
+//! already how long a standby waits for a frozen holder, and a holder that
+//! cannot stream is no more use than a frozen one.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,8 +23,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::DaemonError;
 use super::slot_history;
-use super::supervisor::{self, Ended, Sessions, StartError};
+use super::supervisor::{self, Ended, Sessions, StartError, StepDown, SteppedDown};
 use super::wiring::{self, Shared};
+use crate::config::DEFAULT_LOCK_LEASE_MS;
 use crate::config::PostgresSource as PostgresConfig;
 use crate::graph::Graph;
 use crate::metrics::Metrics;
@@ -108,6 +116,14 @@ impl Sessions for PostgresSessions {
         watch_slot_lock(lock, self.config.standby_retry, stepped_down, done)
     }
 
+    /// After the lock's lease (the default lease when it is turned off):
+    /// as long as a standby waits for a frozen holder. Aside for two of a
+    /// standby's retries, so that a polling standby tries at least once.
+    fn step_down(&self) -> Option<StepDown> {
+        let after = self.config.lock_lease.unwrap_or(Duration::from_millis(DEFAULT_LOCK_LEASE_MS));
+        Some(StepDown { after, aside: self.config.standby_retry * 2 })
+    }
+
     async fn start(&self) -> Result<PostgresSource, StartError> {
         slot_history::start(&self.config, &self.graph, &self.sink).await
     }
@@ -116,7 +132,8 @@ impl Sessions for PostgresSessions {
         match ended {
             Ended::Stopped => source.shutdown().await,
             // The connection is gone: there is no acknowledgement to wait for.
-            Ended::Lost => drop(source),
+            // Aborted, not stopped: the connection may be silent.
+            Ended::Lost => source.abandon(),
         }
     }
 
@@ -124,8 +141,16 @@ impl Sessions for PostgresSessions {
         tracing::warn!(error = %error, "lost the source; reconnecting from the slot");
     }
 
-    fn log_stepped_down(&self) {
-        tracing::warn!(slot = %self.config.slot, "lost the slot's lock; stepped down to standby");
+    fn log_stepped_down(&self, why: SteppedDown) {
+        let slot = &self.config.slot;
+        match why {
+            SteppedDown::Lost => tracing::warn!(%slot, "lost the slot's lock; stepped down to standby"),
+            SteppedDown::GaveUp(failing) => tracing::warn!(
+                %slot,
+                failing_ms = failing.as_millis() as u64,
+                "the sessions kept failing for the lock's lease: giving the slot's lock up so that a replica that can stream takes over; standby"
+            ),
+        }
     }
 }
 

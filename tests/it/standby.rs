@@ -243,3 +243,130 @@ async fn a_standby_takes_over_from_a_frozen_active_replica_within_the_lease() {
     standby.kill();
     d.finish().await;
 }
+
+/// `scripts/drill/proxy.py --postgres` between one replica and the server:
+/// it tells replication connections from session ones and can cut either.
+struct PgProxy {
+    port: u16,
+    control: u16,
+    child: std::process::Child,
+}
+
+impl PgProxy {
+    fn start(upstream: u16) -> PgProxy {
+        use std::io::BufRead as _;
+        let (port, control) = (super::outage::free_port(), super::outage::free_port());
+        let mut child = std::process::Command::new("python3")
+            .arg(super::support::root().join("scripts/drill/proxy.py"))
+            .arg("--postgres")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--upstream", &format!("127.0.0.1:{upstream}")])
+            .args(["--control", &format!("127.0.0.1:{control}")])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 runs the drill's proxy");
+        let mut ready = String::new();
+        std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut ready).unwrap();
+        assert_eq!(ready.trim(), "ready", "the proxy did not start");
+        PgProxy { port, control, child }
+    }
+
+    /// Sends one control command; its answer must be `ok`.
+    fn command(&self, command: &str) {
+        use std::io::{BufRead as _, Write as _};
+        let mut stream = std::net::TcpStream::connect(("127.0.0.1", self.control)).unwrap();
+        writeln!(stream, "{command}").unwrap();
+        let mut answer = String::new();
+        std::io::BufReader::new(stream).read_line(&mut answer).unwrap();
+        assert!(answer.starts_with("ok"), "proxy: {command}: {answer}");
+    }
+
+    /// `url` with its port replaced by the proxy's.
+    fn url(&self, url: &str, server_port: u16) -> String {
+        let through = url.replace(&format!(":{server_port}/"), &format!(":{}/", self.port));
+        assert_ne!(through, url, "the URL names the server's port");
+        through
+    }
+}
+
+impl Drop for PgProxy {
+    fn drop(&mut self) {
+        super::process::kill(&mut self.child);
+    }
+}
+
+/// Issue 14's drill: the active replica's replication connection goes
+/// silent (a network that drops its packets) while its lock's session
+/// still works. The server ends its walsender after `wal_sender_timeout`;
+/// the active replica must notice (the slot is no longer active), and once
+/// its sessions have failed for the lock's lease, hand the lock over: the
+/// standby, whose path works, takes over and invalidates what was
+/// committed, all while the partition lasts.
+#[tokio::test]
+async fn a_standby_takes_over_when_the_active_replicas_replication_connection_goes_silent() {
+    const WAL_SENDER_TIMEOUT_MS: u64 = 5_000;
+    const RETRY_MS: u64 = 200;
+    const LEASE_MS: u64 = 5_500;
+    let pg = tokio::task::spawn_blocking(|| super::outage::OwnPostgres::with_wal_sender_timeout("5s")).await.unwrap();
+    let (via_a, via_b) = (PgProxy::start(pg.port), PgProxy::start(pg.port));
+    let url = redis_url();
+    let mut d = Daemon::custom(&pg.url, &url, SCHEMA, graph, "").await;
+    let config = std::fs::read_to_string(&d.config).unwrap().replace(
+        "status_interval_ms = 100",
+        &format!("status_interval_ms = 100\nstandby_retry_ms = {RETRY_MS}\nlock_lease_ms = {LEASE_MS}"),
+    );
+    // Each replica reaches the server through its own proxy (a config is
+    // read once, at start).
+    std::fs::write(&d.config, config.replace(&d.db.url, &via_a.url(&d.db.url, pg.port))).unwrap();
+    d.start().await;
+    let old_address = d.http_address().await;
+    wait_ready(old_address, "ready: active\n", Duration::from_secs(20), || d.log()).await;
+    std::fs::write(&d.config, config.replace(&d.db.url, &via_b.url(&d.db.url, pg.port))).unwrap();
+    let mut standby = d.spawn_replica("b");
+    let standby_address = standby.http_address(Duration::from_secs(20)).await;
+    wait_ready(standby_address, "ready: standby\n", Duration::from_secs(20), || standby.log()).await;
+
+    via_a.command("partition replication");
+    let silent = Instant::now();
+    let mut r = redis(&url).await;
+    let keys = commit_cached_rows(&d, &mut r, 1..21).await;
+
+    // The server ends the silent walsender after wal_sender_timeout; the
+    // active replica sees the slot inactive within its check period (2 s)
+    // and steps down once its sessions failed for the lease; the rest is
+    // the standby's retry, connecting and streaming.
+    let bound = Duration::from_millis(WAL_SENDER_TIMEOUT_MS + 2_000 + LEASE_MS + 5_000);
+    loop {
+        let n: u64 = r.exists(&keys).await.unwrap();
+        if n == 0 {
+            break;
+        }
+        assert!(
+            silent.elapsed() < bound,
+            "{n} keys committed while the active replica's replication connection was silent still cached {:.1} s later; \
+             the standby's log:\n{}\n--- the silent replica's log:\n{}",
+            silent.elapsed().as_secs_f64(),
+            standby.log(),
+            d.log()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let invalidated_after = silent.elapsed();
+    let body = get(standby_address, "/readyz").await.body;
+    assert_eq!(body, "ready: active\n", "the standby took over");
+    // The silent replica stands by: the lock is the other's now.
+    wait_ready(old_address, "ready: standby\n", Duration::from_secs(10), || d.log()).await;
+    let log = d.log();
+    assert!(log.contains("no longer streams"), "the silent replica says what it saw:\n{log}");
+    assert!(log.contains("giving the slot's lock up"), "the silent replica says why it stepped down:\n{log}");
+    eprintln!(
+        "silent replication connection: the standby had invalidated the {} rows after {:.2} s \
+         (wal_sender_timeout {WAL_SENDER_TIMEOUT_MS} ms, lease {LEASE_MS} ms, retry {RETRY_MS} ms)",
+        keys.len(),
+        invalidated_after.as_secs_f64()
+    );
+    via_a.command("heal");
+    standby.kill();
+    d.finish().await;
+    drop(pg);
+}
