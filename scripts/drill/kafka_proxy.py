@@ -27,7 +27,6 @@ Invariant (proxy.py's): bytes are never changed, reordered or invented; the
 request stream is only read to classify the connection.
 """
 
-import argparse
 import asyncio
 import pathlib
 import struct
@@ -35,7 +34,7 @@ import sys
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from proxy import CHUNK, Proxy, address  # noqa: E402  (the drill's own proxy, next to this file)
+from proxy import CHUNK, Proxy, run  # noqa: E402  (the drill's own proxy, next to this file)
 
 PRODUCE, INIT_PRODUCER_ID = 0, 22
 
@@ -149,23 +148,6 @@ async def pump(reader, writer, gates, requests):
         await writer.drain()
 
 
-async def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--listen", type=address, required=True)
-    parser.add_argument("--upstream", type=address, required=True)
-    parser.add_argument("--control", type=address, required=True)
-    parser.add_argument("--direct-client-id", default="drill-direct")
-    args = parser.parse_args()
-    proxy = KafkaProxy(args.upstream, args.direct_client_id)
-    server = await asyncio.start_server(proxy.handle, *args.listen)
-    control = await asyncio.start_server(proxy.control, *args.control)
-    print("ready", flush=True)
-    async with server, control:
-        await asyncio.gather(server.serve_forever(), control.serve_forever())
-
-
 if __name__ == "__main__":
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        sys.exit(0)
+    run(lambda args: KafkaProxy(args.upstream, args.direct_client_id),
+        lambda parser: parser.add_argument("--direct-client-id", default="drill-direct"))

@@ -178,23 +178,34 @@ def address(text):
     return host, int(port)
 
 
-async def main():
+def arguments(extra):
+    """The command line every proxy takes, plus `extra(parser)`'s options."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--listen", type=address, required=True)
     parser.add_argument("--upstream", type=address, required=True)
     parser.add_argument("--control", type=address, required=True)
-    parser.add_argument("--postgres", action="store_true")
-    args = parser.parse_args()
-    proxy = Proxy(args.upstream, args.postgres)
-    server = await asyncio.start_server(proxy.handle, *args.listen)
-    control = await asyncio.start_server(proxy.control, *args.control)
+    extra(parser)
+    return parser.parse_args()
+
+
+async def serve(proxy, listen, control):
+    """Serves `proxy` on `listen` and its commands on `control`, for ever."""
+    server = await asyncio.start_server(proxy.handle, *listen)
+    commands = await asyncio.start_server(proxy.control, *control)
     print("ready", flush=True)
-    async with server, control:
-        await asyncio.gather(server.serve_forever(), control.serve_forever())
+    async with server, commands:
+        await asyncio.gather(server.serve_forever(), commands.serve_forever())
+
+
+def run(make_proxy, extra=lambda parser: None):
+    """A proxy process: parses the command line, serves until interrupted."""
+    args = arguments(extra)
+    try:
+        asyncio.run(serve(make_proxy(args), args.listen, args.control))
+    except KeyboardInterrupt:
+        sys.exit(0)
 
 
 if __name__ == "__main__":
-    try:
-        asyncio.run(main())
-    except KeyboardInterrupt:
-        sys.exit(0)
+    run(lambda args: Proxy(args.upstream, args.postgres),
+        lambda parser: parser.add_argument("--postgres", action="store_true"))
