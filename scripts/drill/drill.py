@@ -144,7 +144,14 @@ standby_retry_ms = 500
 
 [dead_letter]
 url = "{env.evictd_dead_letter_url()}"
+{self.targets_toml()}""")
+        return path
 
+    def targets_toml(self):
+        """What both sources' replicas share: the run's retry bound, the two
+        Redis targets, the server (its port comes from the environment)."""
+        env = self.env
+        return f"""
 [run]
 retry_max_ms = 1000
 
@@ -158,8 +165,7 @@ cluster = true
 [server]
 listen = "127.0.0.1:0"
 heartbeat_timeout_ms = 10000
-""")
-        return path
+"""
 
     def replica_env(self, index, wait_replicas=0):
         return {
