@@ -383,6 +383,7 @@ heartbeat_timeout_ms = 10000
                     ("kafka", await asyncio.to_thread(self.kafka_env.dead_letters), kafka_expected)]
         else:
             dead = [("postgres", await self.workload.dead_letters(), self.workload.poison_commits)]
+        self.lost_details = {c.row: await self.workload.describe(c) for c in lost[:20]}
         checker_sees_a_loss = await self.workload.self_test()
         self.log(f"checker self-test: a planted stale copy is {'reported' if checker_sees_a_loss else 'MISSED'}")
         return self.report(lost, dead) if checker_sees_a_loss else 1
@@ -461,7 +462,8 @@ heartbeat_timeout_ms = 10000
             lines.append("")
             lines.extend(f"- {n}" for n in self.notes)
         for c in lost[:20]:
-            lines.append(f"- LOST: row {c.row}, commit at {c.at - self.t0:.1f} s, bound {c.bound:X}")
+            lines.append(f"- LOST: row {c.row}, commit at {c.at - self.t0:.1f} s, bound {c.bound:X}: "
+                         f"{self.lost_details.get(c.row, '')}")
         text = "\n".join(lines)
         print("\n" + text, flush=True)
         if self.args.out:

@@ -118,8 +118,10 @@ class Deployment:
         self._tasks = []
 
     def start(self):
+        """Starts every replica not scaled down (`paused`), and the watchers."""
         for r in self.replicas:
-            r.start()
+            if r.index not in self.paused:
+                r.start()
         self._tasks = [asyncio.create_task(self._watch(r)) for r in self.replicas]
 
     async def _watch(self, replica):

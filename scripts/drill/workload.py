@@ -315,6 +315,21 @@ class Workload:
                 await client.delete(key)
         return seen
 
+    async def describe(self, commit):
+        """What each target holds for a commit still pending: for a report."""
+        item, owner, version = keys_of(commit.row)
+        parts = []
+        try:
+            await self.targets.connect()
+            for name, client in zip(("main", "cluster"), self.targets.all()):
+                values = [await client.exists(item), await client.exists(owner), await client.get(version)]
+                values += [await client.get(f"evictd:ns:{c}") for c in CACHES]
+                parts.append(f"{name}: item {values[0]}, owner {values[1]}, version {values[2]}, "
+                             f"namespaces {values[3:]}")
+        except Exception as e:  # noqa: BLE001 - a report must not fail
+            parts.append(f"cannot read: {e}")
+        return "; ".join(parts)
+
     async def quiesce(self, limit):
         """Waits until nothing is pending or `limit` s passed; returns what is left."""
         deadline = time.monotonic() + limit
