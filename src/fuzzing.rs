@@ -19,11 +19,17 @@ use crate::key::KeyTemplate;
 use crate::source::debezium::{self, DecodeOptions, Record, TableKeys};
 use crate::source::postgres::pgoutput::{Decoder, TxContext};
 
+/// A column as a Relation message describes it: flags (1: part of the
+/// replica identity), name, type OID.
+type SeededColumn = (u8, &'static str, u32);
+
+/// `(oid, namespace, name, replica identity, columns)`.
+type SeededRelation = (u32, &'static str, &'static str, u8, &'static [SeededColumn]);
+
 /// The relations the pgoutput decoder knows before the input is read, as
-/// Postgres would have described them: `(oid, namespace, name, replica
-/// identity, columns (flags, name, type oid))`. They cover every type
+/// Postgres would have described them. They cover every type
 /// [`crate::source::postgres::pgoutput::typed`] distinguishes.
-const SEEDED_RELATIONS: &[(u32, &str, &str, u8, &[(u8, &str, u32)])] = &[
+const SEEDED_RELATIONS: &[SeededRelation] = &[
     (
         16384,
         "public",
@@ -100,8 +106,7 @@ fn seed_relations() -> Vec<Vec<u8>> {
 /// of `data` in turn (a Relation message in the input replaces a relation
 /// for the messages after it). Returns how many row changes decoded.
 pub fn pgoutput(data: &[u8]) -> usize {
-    let mut decoder =
-        Decoder::with_aliases([("public.products_2026".to_owned(), Arc::<str>::from("public.products"))]);
+    let mut decoder = Decoder::with_aliases([("public.products_2026".to_owned(), Arc::<str>::from("public.products"))]);
     let tx = TxContext { final_lsn: 0x16_B374_D848, xid: 7, commit_time_micros: i64::MAX - 1 };
     let position = Position::Postgres { commit_lsn: Lsn(0x16_B374_D848), lsn: Lsn(0x16_B374_D000) };
     let mut out: Vec<crate::change::Change> = Vec::new();
@@ -170,12 +175,8 @@ pub fn key_template(text: &str) {
     let values: Vec<Value> = lines.map(value_of).collect();
     let slots: Vec<Option<&Value>> = (0..template.params().len()).map(|i| values.get(i)).collect();
     let _ = template.render(&slots);
-    let by_name: HashMap<String, Value> = template
-        .params()
-        .iter()
-        .zip(values.iter())
-        .map(|(name, value)| (name.to_string(), value.clone()))
-        .collect();
+    let by_name: HashMap<String, Value> =
+        template.params().iter().zip(values.iter()).map(|(name, value)| (name.to_string(), value.clone())).collect();
     let _ = template.render_map(&by_name);
 }
 
@@ -202,7 +203,8 @@ pub fn graph(text: &str) {
 /// overrides. Its directory does not exist, so graph paths resolve to
 /// nothing.
 pub fn config(text: &str) {
-    let _ = crate::config::load_text(Path::new("/nonexistent/evictd-fuzz/evictd.toml"), text.to_owned(), &HashMap::new());
+    let _ =
+        crate::config::load_text(Path::new("/nonexistent/evictd-fuzz/evictd.toml"), text.to_owned(), &HashMap::new());
 }
 
 /// The broadcast message readers: the daemon-side [`crate::sink::redis::Envelope`]

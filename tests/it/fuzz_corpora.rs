@@ -8,8 +8,11 @@
 
 use std::path::Path;
 
+/// What a fuzz target calls with its input.
+type Entry = fn(&[u8]);
+
 /// The targets whose inputs are bytes or text, with their entry points.
-const TARGETS: &[(&str, fn(&[u8]))] = &[
+const TARGETS: &[(&str, Entry)] = &[
     ("pgoutput", |b| {
         evictd::fuzzing::pgoutput(b);
     }),
@@ -54,7 +57,9 @@ fn every_fuzz_corpus_and_regression_input_is_handled_without_a_panic() {
 #[test]
 fn pgoutput_seeds_decode_against_the_seeded_relations() {
     let corpus = super::support::root().join("fuzz/corpus/pgoutput");
-    for (seed, changes) in [("insert-product", 1), ("delete-order-full", 1), ("truncate-two", 2), ("relation-then-insert", 1)] {
+    for (seed, changes) in
+        [("insert-product", 1), ("delete-order-full", 1), ("truncate-two", 2), ("relation-then-insert", 1)]
+    {
         let data = std::fs::read(corpus.join(seed)).unwrap();
         assert_eq!(evictd::fuzzing::pgoutput(&data), changes, "{seed}");
     }
