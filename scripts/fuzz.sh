@@ -51,11 +51,14 @@ BIN="target/x86_64-unknown-linux-gnu/release/$TARGET"
 FLAGS=(-max_total_time="$SECONDS_TO_RUN" -timeout=1 -rss_limit_mb=2048 -max_len=65536
        -artifact_prefix="$ARTIFACTS" -print_final_stats=1)
 if [ "${FUZZ_JOBS-1}" -gt 1 ]; then FLAGS+=(-fork="$FUZZ_JOBS" -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1); fi
+# debezium_value has no seeds (arbitrary bytes): it starts from nothing.
+SEEDS=()
+if [ -d "corpus/$TARGET" ]; then SEEDS=("corpus/$TARGET"); fi
 STAMP="$(dirname "$WORK")/.started"
 touch "$STAMP"
 # shellcheck disable=SC2086
 set +e
-"$BIN" "${FLAGS[@]}" ${FUZZ_ARGS-} "$WORK" "corpus/$TARGET" 2>&1 | tee "$LOG" | grep -E '^(#[0-9]+.*(DONE|pulse)|==|SUMMARY|stat::)' 
+"$BIN" "${FLAGS[@]}" ${FUZZ_ARGS-} "$WORK" "${SEEDS[@]}" 2>&1 | tee "$LOG" | grep -E '^(#[0-9]+.*(DONE|pulse)|==|SUMMARY|stat::)' 
 STATUS=${PIPESTATUS[0]}
 set -e
 
