@@ -388,6 +388,9 @@ pub(crate) fn typed(json: &Json, schema: Option<&Json>) -> Result<Value, String>
         }
         Some("io.debezium.time.Date" | "org.apache.kafka.connect.data.Date") => {
             let days = int()?;
+            if days.unsigned_abs() > MAX_DAYS {
+                return Err(format!("a date {days} days from 1970-01-01 is beyond any calendar"));
+            }
             return Ok(Value::Text(date_text(days)));
         }
         Some("io.debezium.time.Timestamp" | "org.apache.kafka.connect.data.Timestamp") => {
@@ -497,6 +500,12 @@ pub(crate) fn decimal_text(unscaled: &[u8], scale: i64) -> Result<String, String
     Ok(text)
 }
 
+/// The largest day count (either side of 1970) a date may have: far beyond
+/// Connect's `int32` dates and any database's range, and small enough for
+/// [`civil_from_days`] not to overflow. Timestamps stay inside it by
+/// construction (an `i64` of milliseconds is about 1.07 × 10¹¹ days).
+const MAX_DAYS: u64 = 1 << 40;
+
 /// `(year, month, day)` of a day count since 1970-01-01 (proleptic
 /// Gregorian; Howard Hinnant's `civil_from_days`).
 fn civil_from_days(days: i64) -> (i64, u32, u32) {
@@ -594,6 +603,32 @@ mod tests {
         assert_eq!(change.new_cell("body"), &Cell::Unknown);
         assert_eq!(change.xid, Some(TransactionId::Postgres(771)));
         assert_eq!(change.commit_time_micros, Some(1_700_000_000_000_000));
+    }
+
+    /// Found reading the code while writing the `debezium_value` fuzz target
+    /// (fuzz/README.md): a day count near `i64::MAX` overflowed the
+    /// calendar arithmetic (a panic with overflow checks on).
+    #[test]
+    fn a_date_beyond_any_calendar_is_an_error_not_a_panic() {
+        for name in ["io.debezium.time.Date", "org.apache.kafka.connect.data.Date"] {
+            let schema = json!({"type": "int32", "name": name});
+            for days in [i64::MAX, i64::MAX - 700_000, i64::MIN] {
+                assert!(typed(&json!(days), Some(&schema)).is_err(), "{name} {days}");
+            }
+        }
+        // A whole event too (fuzz/regressions/debezium/).
+        let line = include_str!("../../fuzz/regressions/debezium/date-days-near-i64-max.jsonl");
+        let event: Json = serde_json::from_str(line).unwrap();
+        assert!(plain(&event).is_err());
+        // Every int32 date and every millisecond timestamp still decodes.
+        let date = json!({"type": "int32", "name": "io.debezium.time.Date"});
+        for days in [i64::from(i32::MAX), i64::from(i32::MIN)] {
+            assert!(typed(&json!(days), Some(&date)).is_ok(), "{days}");
+        }
+        let timestamp = json!({"type": "int64", "name": "io.debezium.time.Timestamp"});
+        for ms in [i64::MAX, i64::MIN] {
+            assert!(typed(&json!(ms), Some(&timestamp)).is_ok(), "{ms}");
+        }
     }
 
     #[test]
