@@ -37,6 +37,8 @@ enum Scale {
 enum Val {
     Null,
     Int(i64),
+    /// An integer at an edge (overflow in date and time arithmetic).
+    Edge(u8, i8),
     Float(f64),
     Bool(bool),
     Text(String),
@@ -78,6 +80,10 @@ fn value(v: &Val) -> Json {
     match v {
         Val::Null => Json::Null,
         Val::Int(i) => json!(i),
+        Val::Edge(which, delta) => {
+            let edges = [i64::MAX, i64::MIN, i64::from(i32::MAX), i64::from(i32::MIN), 0, 86_400_000, 1 << 40, -(1 << 40)];
+            json!(edges[usize::from(*which) % edges.len()].saturating_add(i64::from(*delta)))
+        }
         Val::Float(f) => json!(f),
         Val::Bool(b) => json!(b),
         Val::Text(s) => json!(s),
