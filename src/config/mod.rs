@@ -38,7 +38,7 @@ use crate::diagnostic::SourceFile;
 
 pub(crate) use self::dead_letter::DeadLetterConfig;
 pub(crate) use self::issues::ConfigError;
-pub(crate) use self::load::load_with_env;
+pub(crate) use self::load::{load_text, load_with_env};
 pub(crate) use self::raw::RawConfig;
 pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget, Transport};
 pub(crate) use self::secrets::{hide_passwords, redact_url};
