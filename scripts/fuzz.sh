@@ -37,7 +37,8 @@ targets() {
     printf '%s\n' python-broadcast typescript-broadcast
 }
 if [ "${1-}" = --list ]; then targets; exit 0; fi
-if [ $# -ne 2 ] || ! targets | grep -qx "$1" || ! [[ $2 =~ ^[0-9]+$ ]]; then
+# (grep without -q: an early exit would fail the pipe under pipefail)
+if [ $# -ne 2 ] || ! targets | grep -x -- "$1" >/dev/null || ! [[ $2 =~ ^[0-9]+$ ]]; then
     echo "usage: scripts/fuzz.sh TARGET SECONDS (targets: $(targets | tr '\n' ' '))" >&2
     exit 2
 fi
