@@ -40,8 +40,9 @@ with atheris.instrument_imports(include=["evictd"]) if _FUZZING else contextlib.
     from evictd.asyncio import Subscriber
     from evictd.broadcast import Action, Batch, Heartbeat, Tracker, Unknown, parse_message
 
-# The subscriber logs every unreadable message: fuzzing makes millions.
-logging.getLogger("evictd").setLevel(logging.CRITICAL)
+if _FUZZING:
+    # The subscriber logs every unreadable message: fuzzing makes millions.
+    logging.getLogger("evictd").setLevel(logging.CRITICAL)
 
 EPOCH = "1764000000000000"
 SEQ = 1764000000000416
