@@ -48,6 +48,7 @@ WORK="${FUZZ_WORK-/tmp/evictd-fuzz/$TARGET/corpus}"
 mkdir -p "$WORK"
 ARTIFACTS="$(dirname "$WORK")/"
 LOG="$(dirname "$WORK")/fuzz.log"
+SUMMARY="$LOG.summary"   # the lines printed; the figures are read from it
 FLAGS=(-max_total_time="$SECONDS_TO_RUN" -timeout=1 -rss_limit_mb=2048 -max_len=65536
        -artifact_prefix="$ARTIFACTS" -print_final_stats=1)
 if [ -n "${FUZZ_RUNS-}" ]; then FLAGS+=(-runs="$FUZZ_RUNS"); fi
@@ -100,17 +101,17 @@ touch "$STAMP"
 set +e
 # shellcheck disable=SC2086  # FUZZ_ARGS is a list of flags
 if [ "$TARGET" = typescript-broadcast ]; then
-    "${RUN[@]}" ${FUZZ_ARGS-} 2>&1 | tee "$LOG" | grep -E '^(#[0-9]+.*(DONE|pulse)|==|SUMMARY|stat::)'
+    "${RUN[@]}" ${FUZZ_ARGS-} 2>&1 | tee "$LOG" | grep -E '^(#[0-9]+.*(DONE|pulse)|==|SUMMARY|stat::)' | tee "$SUMMARY"
 else
-    "${RUN[@]}" ${FUZZ_ARGS-} "$WORK" "${SEEDS[@]}" 2>&1 | tee "$LOG" | grep -E '^(#[0-9]+.*(DONE|pulse)|==|SUMMARY|stat::)'
+    "${RUN[@]}" ${FUZZ_ARGS-} "$WORK" "${SEEDS[@]}" 2>&1 | tee "$LOG" | grep -E '^(#[0-9]+.*(DONE|pulse)|==|SUMMARY|stat::)' | tee "$SUMMARY"
 fi
 STATUS=${PIPESTATUS[0]}
 set -e
 
-EXECS=$(sed -n 's/^stat::number_of_executed_units: *//p' "$LOG" | tail -1)
-RATE=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$LOG" | tail -1)
+EXECS=$(sed -n 's/^stat::number_of_executed_units: *//p' "$SUMMARY" | tail -1)
+RATE=$(sed -n 's/^stat::average_exec_per_sec: *//p' "$SUMMARY" | tail -1)
 FOUND=$(find "$ARTIFACTS" -maxdepth 1 -type f \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' -o -name 'leak-*' \) -newer "$STAMP" | sort)
-PEAK=$(sed -n 's/^stat::peak_rss_mb: *//p' "$LOG" | tail -1)
+PEAK=$(sed -n 's/^stat::peak_rss_mb: *//p' "$SUMMARY" | tail -1)
 echo "target $TARGET: ${EXECS:-?} executions in $(( $(date +%s) - $(stat -c %Y "$STAMP") )) s (${RATE:-?}/s), peak RSS ${PEAK:-?} MB, corpus $(find "$WORK" -type f | wc -l) inputs, exit $STATUS"
 if [ -n "$FOUND" ]; then
     echo "findings ($(echo "$FOUND" | wc -l)):"
