@@ -25,6 +25,7 @@
 #   FUZZ_RUNS      stop after this many executions too (libFuzzer -runs)  none
 #   FUZZ_JOBS      parallel fuzzing processes (libFuzzer -fork; Rust only) 1
 #   FUZZ_ARGS      more libFuzzer flags
+#   FUZZ_BUILD     0: run the Rust target as last built, without cargo     1
 #   EVICTD_TOOLS   where the clients' fuzzers are installed  /tmp/evictd-tools
 # Limits: a run over 1 s (-timeout=1) is a hang, over 2 GB (-rss_limit_mb)
 # out of memory; inputs up to 64 KiB (-max_len).
@@ -87,7 +88,8 @@ typescript-broadcast)
     fi
     LOCK="${FUZZ_LOCK-/tmp/evictd-cargo.lock}"
     BUILD=(cargo +nightly fuzz build --sanitizer none --debug-assertions "$TARGET")
-    if [ -n "$LOCK" ]; then flock "$LOCK" "${BUILD[@]}"; else "${BUILD[@]}"; fi
+    if [ "${FUZZ_BUILD-1}" = 0 ]; then :
+    elif [ -n "$LOCK" ]; then flock "$LOCK" "${BUILD[@]}"; else "${BUILD[@]}"; fi
     if [ "${FUZZ_JOBS-1}" -gt 1 ]; then FLAGS+=(-fork="$FUZZ_JOBS" -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1); fi
     # debezium_value has no seeds of its own: it starts from nothing.
     SEEDS=()

@@ -1,6 +1,12 @@
 //! Structure-aware Debezium values: a Connect schema (type, logical name,
 //! decimal scale) and a JSON value built from the fuzzer's bytes, decoded
 //! by `typed`; plus the decimal conversion on raw unscaled bytes.
+//!
+//! With `EVICTD_FUZZ_CASES=1` in the environment, each input's decoded case
+//! is also printed to stdout as one JSON line
+//! (`{"schema", "value", "unscaled" (hex), "scale"}`): how the committed
+//! seeds become `fuzz/replay/debezium_value.jsonl`, which the root test
+//! replays without the `arbitrary` crate (docs/fuzzing.md).
 #![no_main]
 use arbitrary::Arbitrary;
 use serde_json::{Value as Json, json};
@@ -116,6 +122,11 @@ libfuzzer_sys::fuzz_target!(|input: Input| {
     }
     let schema = Json::Object(schema);
     let value = value(&input.value);
+    static CASES: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    if *CASES.get_or_init(|| std::env::var_os("EVICTD_FUZZ_CASES").is_some()) {
+        let unscaled: String = input.unscaled.iter().map(|b| format!("{b:02x}")).collect();
+        println!("{}", json!({"schema": schema, "value": value, "unscaled": unscaled, "scale": input.raw_scale}));
+    }
     evictd::fuzzing::debezium_value(&value, Some(&schema));
     evictd::fuzzing::debezium_value(&value, None);
     evictd::fuzzing::debezium_decimal(&input.unscaled, i64::from(input.raw_scale));

@@ -3,8 +3,10 @@
 //! its fuzz target calls (`evictd::fuzzing`), as an ordinary test: each must
 //! return without panicking (an error is fine). No service needed.
 //!
-//! `debezium_value` is left out: its inputs are `arbitrary` bytes that only
-//! the fuzz crate can turn back into a value and a schema.
+//! `debezium_value`'s inputs are `arbitrary` bytes that only the fuzz crate
+//! can turn back into a value and a schema: its seeds are replayed from
+//! `fuzz/replay/debezium_value.jsonl`, the cases the fuzz target printed for
+//! them (`EVICTD_FUZZ_CASES=1`, docs/fuzzing.md).
 
 use std::path::Path;
 
@@ -62,5 +64,31 @@ fn pgoutput_seeds_decode_against_the_seeded_relations() {
     {
         let data = std::fs::read(corpus.join(seed)).unwrap();
         assert_eq!(evictd::fuzzing::pgoutput(&data), changes, "{seed}");
+    }
+}
+
+/// `debezium_value`'s seeds, as the cases its fuzz target decoded them to
+/// (a schema, a value, unscaled bytes in hex and a scale): one per seed
+/// file, each decoded with and without its schema, as the target does.
+#[test]
+fn every_debezium_value_seed_case_is_decoded_without_a_panic() {
+    let root = super::support::root().join("fuzz");
+    let seeds =
+        files(&root.join("corpus/debezium_value")).len() + files(&root.join("regressions/debezium_value")).len();
+    let cases = std::fs::read_to_string(root.join("replay/debezium_value.jsonl")).unwrap();
+    let cases: Vec<serde_json::Value> = cases.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(!cases.is_empty(), "fuzz/replay/debezium_value.jsonl has no case");
+    assert_eq!(cases.len(), seeds, "one case per seed and regression input: regenerate the file (docs/fuzzing.md)");
+    for case in &cases {
+        let hex = case["unscaled"].as_str().unwrap();
+        let unscaled: Vec<u8> =
+            (0..hex.len()).step_by(2).map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap()).collect();
+        let scale = case["scale"].as_i64().unwrap();
+        let outcome = std::panic::catch_unwind(|| {
+            evictd::fuzzing::debezium_value(&case["value"], Some(&case["schema"]));
+            evictd::fuzzing::debezium_value(&case["value"], None);
+            evictd::fuzzing::debezium_decimal(&unscaled, scale);
+        });
+        assert!(outcome.is_ok(), "debezium_value panicked on {case}");
     }
 }
