@@ -229,7 +229,14 @@ impl RawConfig {
                 LogFormat::Text
             }
         };
-        let level = self.log.level.unwrap_or_else(|| "info".to_owned());
+        // tracing-subscriber 0.3 reads each comma-separated directive trimmed
+        // but slices the untrimmed text with the trimmed offsets: after a
+        // space (`info, evictd=debug`) a target lost its first letters, and
+        // a non-ASCII one panicked. Trimmed here, the filter is what is written.
+        let level = self
+            .log
+            .level
+            .map_or_else(|| "info".to_owned(), |level| level.split(',').map(str::trim).collect::<Vec<_>>().join(","));
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
             issues.push("log.level", format!("not a log filter: {e}"));
         }
