@@ -231,8 +231,9 @@ impl RawConfig {
         };
         // tracing-subscriber 0.3 reads each comma-separated directive trimmed
         // but slices the untrimmed text with the trimmed offsets: after a
-        // space (`info, evictd=debug`) a target lost its first letters, and
-        // a non-ASCII one panicked. Trimmed here, the filter is what is written.
+        // space, `info, evictd=debug` was refused (target ` evict`, level
+        // `d=debug`) and a non-ASCII target panicked. Trimmed here, the
+        // filter is what is written.
         let level = self
             .log
             .level
