@@ -58,6 +58,7 @@ pub(crate) const KAFKA_MESSAGES_TOTAL: &str = "evictd_kafka_messages_total";
 pub(crate) const KAFKA_CONSUMER_LAG_MESSAGES: &str = "evictd_kafka_consumer_lag_messages";
 pub(crate) const KAFKA_DEAD_LETTERS_TOTAL: &str = "evictd_kafka_dead_letters_total";
 pub(crate) const KAFKA_REBALANCES_TOTAL: &str = "evictd_kafka_rebalances_total";
+pub(crate) const KAFKA_DEAD_LETTER_PRODUCER_RESETS_TOTAL: &str = "evictd_kafka_dead_letter_producer_resets_total";
 pub(crate) const UNGUARDED_KEYS_TOTAL: &str = "evictd_unguarded_keys_total";
 pub(crate) const REDELETES_SKIPPED_TOTAL: &str = "evictd_redeletes_skipped_total";
 pub(crate) const UNBUMPABLE_KEYS_TOTAL: &str = "evictd_unbumpable_keys_total";
@@ -283,6 +284,7 @@ pub struct Metrics {
     kafka_lag: Family<TopicPartition, Gauge>,
     kafka_dead_letters: Family<TopicReason, Counter>,
     kafka_rebalances: Family<KindLabel, Counter>,
+    kafka_dead_letter_producer_resets: Counter,
     unguarded_keys: Family<TargetCache, Counter>,
     redeletes_skipped: Family<TargetLabel, Counter>,
     unbumpable_keys: Family<TargetCache, Counter>,
@@ -325,6 +327,7 @@ impl Metrics {
             kafka_lag: Family::default(),
             kafka_dead_letters: Family::default(),
             kafka_rebalances: Family::default(),
+            kafka_dead_letter_producer_resets: Counter::default(),
             unguarded_keys: Family::default(),
             redeletes_skipped: Family::default(),
             unbumpable_keys: Family::default(),
@@ -378,6 +381,9 @@ impl Metrics {
         register(r, KAFKA_DEAD_LETTERS_TOTAL, help, m.kafka_dead_letters.clone());
         let help = "Consumer-group rebalances seen, by kind (assign, revoke, error)";
         register(r, KAFKA_REBALANCES_TOTAL, help, m.kafka_rebalances.clone());
+        let help =
+            "Dead-letter producers replaced because they could no longer send (fenced, or in librdkafka's fatal state)";
+        register(r, KAFKA_DEAD_LETTER_PRODUCER_RESETS_TOTAL, help, m.kafka_dead_letter_producer_resets.clone());
         let help = "Keys invalidated on a Redis Cluster without a fill-guard stamp, because no stamp name shares their hash slot (a key with braces but no hash tag), by target and cache";
         register(r, UNGUARDED_KEYS_TOTAL, help, m.unguarded_keys.clone());
         let help = "Delayed second deletes skipped because too many were already waiting on the target (their first delete was applied), by target";
@@ -415,6 +421,11 @@ impl Metrics {
     /// A message of `topic` went to the dead-letter topic.
     pub(crate) fn kafka_dead_lettered(&self, topic: &str, reason: &'static str) {
         self.kafka_dead_letters.get_or_create(&TopicReason { topic: topic.to_owned(), reason }).inc();
+    }
+
+    /// The dead-letter producer was replaced by a new one.
+    pub(crate) fn kafka_dead_letter_producer_reset(&self) {
+        self.kafka_dead_letter_producer_resets.inc();
     }
 
     /// A rebalance event: `assign`, `revoke` or `error`.

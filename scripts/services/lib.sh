@@ -42,7 +42,7 @@
 #   redis_ping PORT          a Redis on PORT answers PONG
 #   redis_ours PORT DIR      true if a Redis started with DIR answers on PORT,
 #                            false if nothing answers; dies if another one does
-#   redis_launch PORT DIR [ARG...]   a daemonized, non-persistent redis-server
+#   redis_launch PORT DIR [ARG...]   a daemonized redis-server, non-persistent unless ARGs say otherwise
 #                            with its pid file, log and working directory in DIR
 #   stop_pidfile PIDFILE NOT_RUNNING_NOTE   SIGTERM the live PID in PIDFILE,
 #                            or note NOT_RUNNING_NOTE; then await_stopped
@@ -103,9 +103,11 @@ redis_ours() {
 redis_launch() {
   local port="$1" dir="$2"
   shift 2
-  redis-server --bind 127.0.0.1 --port "$port" --protected-mode yes "$@" \
+  # The caller's arguments come last: they override these defaults (a
+  # later directive wins), e.g. --appendonly yes.
+  redis-server --bind 127.0.0.1 --port "$port" --protected-mode yes \
     --daemonize yes --pidfile "$dir/redis.pid" --logfile "$dir/redis.log" \
-    --dir "$dir" --save '' --appendonly no
+    --dir "$dir" --save '' --appendonly no "$@"
 }
 
 STOPPING_PIDS=() STOPPING_PIDFILES=()

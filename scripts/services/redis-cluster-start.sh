@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Start a 3-master Redis Cluster (no replicas, no persistence) for evictd's
+# Start a 3-master Redis Cluster (no replicas, no persistence by default) for evictd's
 # integration tests.
 #
 #   REDIS_CLUSTER_PORTS  node ports, 127.0.0.1 only             default "7101 7102 7103"
 #   REDIS_CLUSTER_DIR    one sub-directory per node             default /tmp/evictd-redis-cluster-<first port>
+#   REDIS_CLUSTER_AOF    1 = append-only file, fsync always     default 0 (no persistence)
 #
 # Idempotent: nodes this script started are reused; the cluster is created
 # only once. Progress goes to stderr; the last line of stdout is a
@@ -32,11 +33,15 @@ need_redis
 state() { redis-cli -h 127.0.0.1 -p "$1" cluster info 2>/dev/null | tr -d '\r' | sed -n "s/^$2://p"; }
 cluster_ok() { [ "$(state "$1" cluster_state)" = ok ]; }
 
+persistence=()
+if [ "${REDIS_CLUSTER_AOF:-0}" = 1 ]; then
+  persistence=(--appendonly yes --appendfsync always)
+fi
 for p in "${PORTS[@]}"; do
   mkdir -p "$DIR/$p"
   redis_ours "$p" "$DIR/$p" && continue
   redis_launch "$p" "$DIR/$p" --cluster-enabled yes \
-    --cluster-config-file "$DIR/$p/nodes.conf" --cluster-node-timeout 5000
+    --cluster-config-file "$DIR/$p/nodes.conf" --cluster-node-timeout 5000 "${persistence[@]}"
 done
 for p in "${PORTS[@]}"; do
   up_or_fail 100 "$DIR/$p/redis.log" "node $p did not come up" redis_ping "$p"

@@ -151,6 +151,7 @@ mod tests {
             status_interval: Duration::from_secs(1),
             require_full_replica_identity: true,
             standby_retry: Duration::from_secs(1),
+            lock_lease: Some(Duration::from_secs(10)),
             on_slot_loss: crate::config::OnSlotLoss::Refuse,
         }
     }

@@ -44,8 +44,8 @@ pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget, T
 pub(crate) use self::secrets::{hide_passwords, redact_url};
 pub use self::settings::HealthThresholds;
 pub(crate) use self::settings::{BatchLimits, MigrationMode, OnError};
+pub(crate) use self::source::{DEFAULT_LOCK_LEASE_MS, FullRowDeletes, LOCK_ROUND_TRIP, OnSlotLoss, PostgresSource};
 pub(crate) use self::source::{DEFAULT_MAX_VALUE_BYTES, KAFKA_OWN_PROPERTIES, SnapshotReads, SourceConfig};
-pub(crate) use self::source::{FullRowDeletes, OnSlotLoss, PostgresSource};
 pub use self::source::{KafkaSource, OnOffsetReset};
 
 /// The environment variable prefix: `EVICTD__BATCH__MAX_EFFECTS`.

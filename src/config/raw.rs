@@ -76,6 +76,12 @@ pub(crate) struct RawPostgres {
     pub(crate) require_full_replica_identity: Option<bool>,
     /// How often a standby tries to take the slot's lock, in ms. Default 1000.
     pub(crate) standby_retry_ms: Option<u64>,
+    /// The slot lock's lease, in ms: the server ends the lock's session
+    /// (`idle_session_timeout`, Postgres 14 and later) once it has idled
+    /// this long, so a frozen active replica loses the lock. At least
+    /// `standby_retry_ms` + 5000; 0 turns the lease off. Default 10000 (or
+    /// `standby_retry_ms` + 5000 when that is more).
+    pub(crate) lock_lease_ms: Option<u64>,
     /// What to do when the slot is gone although evictd streamed from it
     /// (recorded in Redis): `refuse` (default) or `flush` (bump every
     /// cache's namespace, then stream from a new slot).

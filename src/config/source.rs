@@ -27,6 +27,11 @@ pub(crate) struct PostgresSource {
     pub(crate) require_full_replica_identity: bool,
     /// How often a standby tries to become the slot's active consumer.
     pub(crate) standby_retry: Duration,
+    /// The slot lock's lease: how long the lock's session may idle before
+    /// the server ends it (`None`: no lease). Longer than `standby_retry`
+    /// plus the lock's round-trip bound, so a healthy active replica, which
+    /// checks its lock every `standby_retry`, never loses it.
+    pub(crate) lock_lease: Option<Duration>,
     /// What to do when the slot evictd streamed from is gone.
     pub(crate) on_slot_loss: OnSlotLoss,
 }
@@ -194,6 +199,7 @@ fn validate_postgres(pg: RawPostgres, issues: &mut Issues<'_>, base: &Path) -> O
             "must be between 100 and 10000 (keep it under half of wal_sender_timeout)",
         );
     }
+    let standby_retry_ms = positive(issues, "source.postgres.standby_retry_ms", pg.standby_retry_ms, 1000);
     let on_slot_loss = match pg.on_slot_loss.as_deref().unwrap_or("refuse") {
         "refuse" => OnSlotLoss::Refuse,
         "flush" => OnSlotLoss::Flush,
@@ -211,13 +217,42 @@ fn validate_postgres(pg: RawPostgres, issues: &mut Issues<'_>, base: &Path) -> O
         create_publication: pg.create_publication.unwrap_or(false),
         status_interval: Duration::from_millis(interval),
         require_full_replica_identity: pg.require_full_replica_identity.unwrap_or(true),
-        standby_retry: Duration::from_millis(positive(
-            issues,
-            "source.postgres.standby_retry_ms",
-            pg.standby_retry_ms,
-            1000,
-        )),
+        standby_retry: Duration::from_millis(standby_retry_ms),
+        lock_lease: lock_lease(issues, pg.lock_lease_ms, standby_retry_ms),
     }))
+}
+
+/// Default `source.postgres.lock_lease_ms` (when `standby_retry_ms` leaves
+/// room for it).
+pub(crate) const DEFAULT_LOCK_LEASE_MS: u64 = 10_000;
+
+/// The longest one round trip on the slot lock's session may take (the
+/// lock steps its holder down past it).
+pub(crate) const LOCK_ROUND_TRIP: Duration = Duration::from_secs(5);
+
+/// `source.postgres.lock_lease_ms`: the lease, `None` when turned off (0).
+/// A healthy active replica's lock session idles at most `standby_retry_ms`
+/// plus one round trip (bounded by [`LOCK_ROUND_TRIP`]) between checks; a
+/// shorter lease would end it.
+fn lock_lease(issues: &mut Issues<'_>, lease_ms: Option<u64>, standby_retry_ms: u64) -> Option<Duration> {
+    let least = standby_retry_ms.saturating_add(LOCK_ROUND_TRIP.as_millis() as u64);
+    match lease_ms {
+        None => Some(Duration::from_millis(DEFAULT_LOCK_LEASE_MS.max(least))),
+        Some(0) => None,
+        Some(ms) if ms < least => {
+            issues.push(
+                "source.postgres.lock_lease_ms",
+                format!(
+                    "must be at least {least} (standby_retry_ms + {} ms, the lock check's round-trip bound), \
+                     or 0 for no lease: a healthy active replica checks its lock every standby_retry_ms, \
+                     and a shorter lease would end its lock's session",
+                    LOCK_ROUND_TRIP.as_millis()
+                ),
+            );
+            None
+        }
+        Some(ms) => Some(Duration::from_millis(ms)),
+    }
 }
 
 /// `[source.kafka]`.

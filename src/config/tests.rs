@@ -411,6 +411,48 @@ fn kafka_offset_reset_and_size_caps_have_defaults_and_are_checked() {
     );
 }
 
+/// Issue 14: the slot lock's lease defaults to 10 s, or to
+/// `standby_retry_ms` + the 5 s round-trip bound when that is more.
+#[test]
+fn the_lock_lease_has_a_default_above_the_standby_retry() {
+    let pg = |text: &str| {
+        let (_dir, path) = write(text);
+        let c = load_with_env(&path, &env(&[])).unwrap();
+        let Some(SourceConfig::Postgres(pg)) = c.source else { panic!("postgres source expected") };
+        pg
+    };
+    assert_eq!(pg(REQUIRED).lock_lease, Some(Duration::from_secs(10)));
+    let slow = REQUIRED.replace("[source.postgres]\n", "[source.postgres]\nstandby_retry_ms = 8000\n");
+    assert_eq!(pg(&slow).lock_lease, Some(Duration::from_secs(13)), "a slow retry moves the default up");
+    let off = REQUIRED.replace("[source.postgres]\n", "[source.postgres]\nlock_lease_ms = 0\n");
+    assert_eq!(pg(&off).lock_lease, None, "0 turns the lease off");
+    let exact =
+        REQUIRED.replace("[source.postgres]\n", "[source.postgres]\nstandby_retry_ms = 200\nlock_lease_ms = 5200\n");
+    assert_eq!(pg(&exact).lock_lease, Some(Duration::from_millis(5200)));
+}
+
+/// A lease a healthy active replica could lose (its checks every
+/// `standby_retry_ms` may take up to 5 s) is refused at its line, from the
+/// file or the environment.
+#[test]
+fn a_lock_lease_shorter_than_the_retry_and_a_round_trip_is_refused_at_its_place() {
+    let text =
+        REQUIRED.replace("[source.postgres]\n", "[source.postgres]\nstandby_retry_ms = 1000\nlock_lease_ms = 3000\n");
+    let (_dir, path) = write(&text);
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    assert_eq!(e.0.len(), 1, "{e}");
+    assert_eq!(e.0[0].field, "source.postgres.lock_lease_ms");
+    assert!(e.0[0].place.ends_with("evictd.toml:6:17"), "file:line:col of the value: {}", e.0[0].place);
+    assert!(e.0[0].message.starts_with("must be at least 6000 (standby_retry_ms + 5000 ms"), "{}", e.0[0].message);
+
+    let (_dir, path) = write(REQUIRED);
+    let e = load_with_env(&path, &env(&[("EVICTD__SOURCE__POSTGRES__LOCK_LEASE_MS", "4000")])).unwrap_err();
+    assert_eq!(e.0[0].place, "EVICTD__SOURCE__POSTGRES__LOCK_LEASE_MS");
+    let c = load_with_env(&path, &env(&[("EVICTD__SOURCE__POSTGRES__LOCK_LEASE_MS", "20000")])).unwrap();
+    let Some(SourceConfig::Postgres(pg)) = c.source else { panic!("postgres source expected") };
+    assert_eq!(pg.lock_lease, Some(Duration::from_secs(20)));
+}
+
 /// tracing-subscriber 0.3 reads each comma-separated directive trimmed but
 /// slices the untrimmed text with the trimmed offsets: after a space, a
 /// non-ASCII target panicked (found by the `config` fuzz target,

@@ -15,7 +15,7 @@ use rdkafka::error::KafkaError;
 use tokio_util::sync::CancellationToken;
 
 use super::DaemonError;
-use super::supervisor::{self, Ended, Sessions, StartError};
+use super::supervisor::{self, Ended, Sessions, StartError, StepDown, SteppedDown};
 use super::wiring::{self, Shared};
 use crate::config::KafkaSource as KafkaConfig;
 use crate::metrics::Metrics;
@@ -106,6 +106,13 @@ impl Sessions for KafkaSessions {
         done.cancelled_owned()
     }
 
+    /// Never: every replica is a member and there is no standby to hand
+    /// over to; the group moves a failing member's partitions by itself
+    /// (its session timeout), and a failing consumer keeps retrying.
+    fn step_down(&self) -> Option<StepDown> {
+        None
+    }
+
     async fn start(&self) -> Result<KafkaSource, StartError> {
         KafkaSource::start(&self.config, self.table_keys.clone(), self.metrics.clone()).map_err(StartError::Consumer)
     }
@@ -120,7 +127,7 @@ impl Sessions for KafkaSessions {
         tracing::warn!(error = %error, "lost the consumer; rejoining the group from the committed offsets");
     }
 
-    fn log_stepped_down(&self) {}
+    fn log_stepped_down(&self, _: SteppedDown) {}
 }
 
 #[cfg(test)]

@@ -3,19 +3,29 @@
 //!
 //! Membership is the slot's advisory lock (`source::postgres::lock`): the
 //! replica holding it is active, the others wait as standbys; the lock's
-//! session is checked every `standby_retry` and its loss steps the replica
-//! down. Each session starts through `slot_history.rs`, which refuses or
+//! session is checked every `standby_retry` (which renews its lease) and its
+//! loss steps the replica down. A new holder first ends the walsender a
+//! previous (frozen) holder may still keep on the slot. Each session starts through `slot_history.rs`, which refuses or
 //! flushes when the slot was lost, and resumes from the slot.
+//!
+//! A holder whose sessions keep failing for the lock's lease (its
+//! replication connection is silent or refused while its lock's session
+//! works) gives the lock up and stands aside for two standby retries, so
+//! that a standby whose path works takes over ([`StepDown`]): the lease is
+//! already how long a standby waits for a frozen holder, and a holder that
+//! cannot stream is no more use than a frozen one.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
 use super::DaemonError;
 use super::slot_history;
-use super::supervisor::{self, Ended, Sessions, StartError};
+use super::supervisor::{self, Ended, Sessions, StartError, StepDown, SteppedDown};
 use super::wiring::{self, Shared};
+use crate::config::DEFAULT_LOCK_LEASE_MS;
 use crate::config::PostgresSource as PostgresConfig;
 use crate::graph::Graph;
 use crate::metrics::Metrics;
@@ -40,6 +50,7 @@ pub(super) async fn run(shared: Shared<'_>, source: &PostgresConfig) -> Result<(
         sink: sink.clone(),
         metrics: metrics.clone(),
         health: health.clone(),
+        lease_warned: AtomicBool::new(false),
     };
     let pipeline = wiring::pipeline(Some(config), graph, sink, lookups, Arc::new(dead_letters), metrics, health);
     supervisor::supervise(&sessions, &pipeline, shutdown).await
@@ -52,6 +63,8 @@ struct PostgresSessions {
     sink: Arc<MultiSink<RedisSink>>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
+    /// Whether the lock's missing lease was reported (once per process).
+    lease_warned: AtomicBool,
 }
 
 impl Sessions for PostgresSessions {
@@ -68,9 +81,10 @@ impl Sessions for PostgresSessions {
         let mut poll = Backoff::constant(source.standby_retry);
         loop {
             self.health.heartbeat();
-            match SlotLock::try_acquire(&source.url, &source.slot).await {
-                Ok(Some(lock)) => {
+            match SlotLock::try_acquire(&source.url, &source.slot, source.lock_lease).await {
+                Ok(Some(mut lock)) => {
                     tracing::info!(slot = %source.slot, "holding the slot's lock: active");
+                    self.take_over(&mut lock).await;
                     self.health.set_role(Role::Active);
                     self.metrics.set_role(Role::Active);
                     return Some(lock);
@@ -102,6 +116,14 @@ impl Sessions for PostgresSessions {
         watch_slot_lock(lock, self.config.standby_retry, stepped_down, done)
     }
 
+    /// After the lock's lease (the default lease when it is turned off):
+    /// as long as a standby waits for a frozen holder. Aside for two of a
+    /// standby's retries, so that a polling standby tries at least once.
+    fn step_down(&self) -> Option<StepDown> {
+        let after = self.config.lock_lease.unwrap_or(Duration::from_millis(DEFAULT_LOCK_LEASE_MS));
+        Some(StepDown { after, aside: self.config.standby_retry * 2 })
+    }
+
     async fn start(&self) -> Result<PostgresSource, StartError> {
         slot_history::start(&self.config, &self.graph, &self.sink).await
     }
@@ -110,7 +132,8 @@ impl Sessions for PostgresSessions {
         match ended {
             Ended::Stopped => source.shutdown().await,
             // The connection is gone: there is no acknowledgement to wait for.
-            Ended::Lost => drop(source),
+            // Aborted, not stopped: the connection may be silent.
+            Ended::Lost => source.abandon(),
         }
     }
 
@@ -118,8 +141,47 @@ impl Sessions for PostgresSessions {
         tracing::warn!(error = %error, "lost the source; reconnecting from the slot");
     }
 
-    fn log_stepped_down(&self) {
-        tracing::warn!(slot = %self.config.slot, "lost the slot's lock; stepped down to standby");
+    fn log_stepped_down(&self, why: SteppedDown) {
+        let slot = &self.config.slot;
+        match why {
+            SteppedDown::Lost => tracing::warn!(%slot, "lost the slot's lock; stepped down to standby"),
+            SteppedDown::GaveUp(failing) => tracing::warn!(
+                %slot,
+                failing_ms = failing.as_millis() as u64,
+                "the sessions kept failing for the lock's lease: giving the slot's lock up so that a replica that can stream takes over; standby"
+            ),
+        }
+    }
+}
+
+impl PostgresSessions {
+    /// What a new holder does before streaming: reports a lock without a
+    /// lease (once), and ends the walsender a previous holder may still
+    /// keep on the slot: safe only because this replica holds the lock.
+    async fn take_over(&self, lock: &mut SlotLock) {
+        let slot = &self.config.slot;
+        if let Some(why) = lock.lease_unavailable()
+            && !self.lease_warned.swap(true, Ordering::Relaxed)
+        {
+            tracing::warn!(
+                %slot,
+                reason = why,
+                "the slot's lock runs without a lease: a frozen active replica keeps it until its process or host is gone"
+            );
+        }
+        match lock.end_stale_walsender().await {
+            Ok(Some(pid)) => tracing::warn!(
+                %slot,
+                pid,
+                "ended the previous active replica's walsender, which still held the slot"
+            ),
+            Ok(None) => {}
+            // The session's start is refused and retried until the server
+            // ends that walsender itself (wal_sender_timeout).
+            Err(e) => {
+                tracing::warn!(%slot, error = %e, "cannot end the walsender holding the slot; retrying the session")
+            }
+        }
     }
 }
 

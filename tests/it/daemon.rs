@@ -181,6 +181,13 @@ level = "info,evictd=debug"
         Replica { child: Some(run_evictd(&self.config, log)), log_path }
     }
 
+    /// Sends `signal` to the running daemon (SIGSTOP freezes it with its
+    /// connections open; SIGCONT wakes it).
+    pub fn signal(&self, signal: rustix::process::Signal) {
+        let child = self.child.as_ref().expect("the daemon runs");
+        super::process::signal(child, signal).unwrap();
+    }
+
     /// SIGKILL: no flush, no acknowledgement.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

@@ -10,7 +10,10 @@
 //! - the same workload through the Postgres source and through Debezium
 //!   invalidates the same keys;
 //! - a message that cannot be decoded goes to the dead-letter topic and the
-//!   partition goes on; with `on_error = "stop"` the daemon stops before it.
+//!   partition goes on; with `on_error = "stop"` the daemon stops before it;
+//! - a dead-letter producer fenced after an outage longer than its send
+//!   timeout is replaced (a broker of the test's own behind
+//!   scripts/drill/kafka_proxy.py).
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -280,8 +283,15 @@ impl Drop for KafkaDaemon {
 /// Messages of `topic`, read from the start (every partition, no group)
 /// until `count` arrived or `limit` passed.
 fn read_topic(topic: &str, count: usize, limit: Duration) -> Vec<rdkafka::message::OwnedMessage> {
+    read_topic_at(&brokers(), topic, count, limit)
+}
+
+/// [`read_topic`] on the broker at `bootstrap`; its `client.id` lets it
+/// through the faults of scripts/drill/kafka_proxy.py.
+fn read_topic_at(bootstrap: &str, topic: &str, count: usize, limit: Duration) -> Vec<rdkafka::message::OwnedMessage> {
     let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", brokers())
+        .set("bootstrap.servers", bootstrap)
+        .set("client.id", DIRECT_CLIENT_ID)
         .set("group.id", unique("reader"))
         .set("enable.auto.commit", "false")
         .create()
@@ -495,6 +505,159 @@ async fn with_on_error_stop_a_message_that_cannot_be_decoded_stops_the_daemon_be
     assert!(d.committed(&topic, 1)[0] <= 1, "an offset past the bad message was committed");
     assert!(exists(&mut r, &after).await, "nothing after the bad message was applied");
     assert!(read_topic(&d.dead_letter_topic, 1, Duration::from_secs(3)).is_empty(), "stop mode writes no dead letter");
+}
+
+/// The `client.id` prefix scripts/drill/kafka_proxy.py never cuts: the
+/// test's own clients reach the broker whatever happens to evictd's.
+const DIRECT_CLIENT_ID: &str = "drill-direct-it";
+
+/// A free port on 127.0.0.1.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// A Tansu broker of the test's own (scripts/services/kafka-start.sh,
+/// memory storage) behind scripts/drill/kafka_proxy.py. The broker
+/// advertises the proxy's address, so every client's connections after
+/// bootstrap go through the proxy, which can cut evictd's producing
+/// connections (its dead-letter producer's) while its consumer's flow.
+/// Stopped, with its directory, when dropped.
+struct ProxiedBroker {
+    dir: tempfile::TempDir,
+    broker_port: u16,
+    proxy_port: u16,
+    proxy: Child,
+    control: std::io::BufReader<std::net::TcpStream>,
+}
+
+impl ProxiedBroker {
+    fn start(topics: &[&str]) -> ProxiedBroker {
+        let dir = tempfile::tempdir().unwrap();
+        let (broker_port, proxy_port, control_port) = (free_port(), free_port(), free_port());
+        let mut proxy = Command::new("python3")
+            .arg(root().join("scripts/drill/kafka_proxy.py"))
+            .args(["--listen", &format!("127.0.0.1:{proxy_port}")])
+            .args(["--upstream", &format!("127.0.0.1:{broker_port}")])
+            .args(["--control", &format!("127.0.0.1:{control_port}")])
+            .args(["--direct-client-id", DIRECT_CLIENT_ID])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("python3 runs kafka_proxy.py");
+        let mut ready = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(proxy.stdout.take().unwrap()), &mut ready).unwrap();
+        assert_eq!(ready.trim(), "ready", "kafka_proxy.py did not start");
+        let control = std::net::TcpStream::connect(("127.0.0.1", control_port)).unwrap();
+        let broker = ProxiedBroker { dir, broker_port, proxy_port, proxy, control: std::io::BufReader::new(control) };
+        let topics: Vec<String> = topics.iter().map(|t| format!("{t}:1")).collect();
+        let mut start = broker.script("kafka-start.sh");
+        start.env("KAFKA_TOPICS", topics.join(" ")).stdout(Stdio::null());
+        let status = super::process::status_within(&mut start, Duration::from_secs(120));
+        assert!(status.success(), "kafka-start.sh failed; broker log:\n{}", broker.log());
+        broker
+    }
+
+    fn script(&self, name: &str) -> Command {
+        let mut command = Command::new("bash");
+        command
+            .arg(root().join("scripts/services").join(name))
+            .env("KAFKA_HOST", "127.0.0.1")
+            .env("KAFKA_PORT", self.broker_port.to_string())
+            .env("KAFKA_ADVERTISED", format!("127.0.0.1:{}", self.proxy_port))
+            .env("KAFKA_DIR", self.dir.path().join("kafka"));
+        command
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kafka/broker.log")).unwrap_or_default()
+    }
+
+    fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.proxy_port)
+    }
+
+    /// A proxy command (`partition produce`, `heal produce`), answered `ok`.
+    fn command(&mut self, line: &str) {
+        use std::io::{BufRead as _, Write as _};
+        writeln!(self.control.get_mut(), "{line}").unwrap();
+        let mut answer = String::new();
+        self.control.read_line(&mut answer).unwrap();
+        assert!(answer.starts_with("ok"), "kafka proxy: {line:?} -> {answer:?}");
+    }
+
+    /// A producer of the test's own, never cut by the proxy.
+    fn producer(&self) -> FutureProducer {
+        ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .set("client.id", DIRECT_CLIENT_ID)
+            .create()
+            .unwrap()
+    }
+}
+
+impl Drop for ProxiedBroker {
+    fn drop(&mut self) {
+        super::process::kill(&mut self.proxy);
+        let mut stop = self.script("kafka-stop.sh");
+        stop.env("KAFKA_WIPE", "1").stdout(Stdio::null()).stderr(Stdio::null());
+        let _ = super::process::status_within(&mut stop, Duration::from_secs(60));
+    }
+}
+
+/// The fault drill's finding: with the dead-letter topic unreachable for
+/// longer than the dead-letter producer's send timeout (10 s), librdkafka's
+/// idempotent producer bumps its epoch after the timed-out in-flight
+/// request, and Tansu answers every later send with PRODUCER_FENCED. The
+/// producer must be replaced: once the destination is back, the bad
+/// message is dead-lettered and the change queued behind it applied.
+#[tokio::test]
+async fn a_dead_letter_producer_fenced_after_a_long_outage_is_replaced_and_the_partition_goes_on() {
+    let mut d = KafkaDaemon::new(graph, items_topic, "");
+    let topic = d.items_topic();
+    let mut broker = ProxiedBroker::start(&[&topic, &d.dead_letter_topic]);
+    let config = std::fs::read_to_string(&d.config).unwrap();
+    let config =
+        config.replace(&format!("brokers = \"{}\"", brokers()), &format!("brokers = \"{}\"", broker.bootstrap()));
+    std::fs::write(&d.config, config).unwrap();
+    let url = redis_url();
+    let mut r = redis(&url).await;
+    let after = format!("{}:item:2", d.prefix);
+    fill(&mut r, std::slice::from_ref(&after)).await;
+
+    d.start(0);
+    d.wait_assigned(0).await;
+    // The dead-letter producer's connections (it asked for a producer id
+    // at start) go silent; the consumer's flow.
+    broker.command("partition produce");
+    let producer = broker.producer();
+    let bad = FutureRecord::to(&topic).key("{\"id\": 1}").payload("not a Debezium event {");
+    producer.send(bad, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    let good = event("c", None, Some(item(2, 1)));
+    let good = FutureRecord::to(&topic).key("{\"id\": 2}").payload(&good);
+    producer.send(good, Duration::from_secs(10)).await.map_err(|(e, _)| e).unwrap();
+    // Past the send timeout, with the send in flight.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert!(exists(&mut r, &after).await, "the change behind the bad message waits for its dead letter");
+    broker.command("heal produce");
+    let healed = Instant::now();
+
+    d.wait_gone(&r, std::slice::from_ref(&after), Duration::from_secs(20)).await;
+    eprintln!("the change behind the bad message applied {:?} after the heal", healed.elapsed());
+    let bootstrap = broker.bootstrap();
+    let dead_letter_topic = d.dead_letter_topic.clone();
+    let letters =
+        tokio::task::spawn_blocking(move || read_topic_at(&bootstrap, &dead_letter_topic, 1, Duration::from_secs(10)))
+            .await
+            .unwrap();
+    assert!(!letters.is_empty(), "the bad message was dead-lettered; logs:\n{}", d.logs());
+    assert_eq!(letters[0].payload(), Some(&b"not a Debezium event {"[..]));
+    // This broker fences the bumped epoch: the way out was a new producer.
+    let log = d.log(0);
+    let replaced: Vec<&str> = log.lines().filter(|l| l.contains("replaced it with a new one")).collect();
+    eprintln!("{}", replaced.join("\n"));
+    assert!(!replaced.is_empty(), "{}", d.logs());
+    assert_eq!(d.terminate(0), Some(0), "{}", d.logs());
 }
 
 /// The real Debezium Postgres connector, streaming one database into the

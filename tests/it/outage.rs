@@ -11,7 +11,7 @@ use super::daemon::{Daemon, exists, fill, redis, wait_gone};
 use super::support::root;
 
 /// A free port on 127.0.0.1.
-fn free_port() -> u16 {
+pub(super) fn free_port() -> u16 {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     listener.local_addr().unwrap().port()
 }
@@ -123,9 +123,10 @@ async fn a_redis_outage_pauses_acknowledgement_and_loses_nothing() {
 }
 
 /// A Postgres cluster of this test's own, on its own port and data dir.
-struct OwnPostgres {
+pub(super) struct OwnPostgres {
     env: Vec<(String, String)>,
-    url: String,
+    pub(super) url: String,
+    pub(super) port: u16,
 }
 
 impl OwnPostgres {
@@ -140,15 +141,20 @@ impl OwnPostgres {
     }
 
     fn start() -> OwnPostgres {
+        OwnPostgres::with_wal_sender_timeout("10s")
+    }
+
+    /// A cluster whose `wal_sender_timeout` is `timeout` (`5s`, `500ms`).
+    pub(super) fn with_wal_sender_timeout(timeout: &str) -> OwnPostgres {
         let port = free_port();
         let data: PathBuf = std::env::temp_dir().join(format!("evictd-pg-restart-{port}")).join("data");
         let env = vec![
             ("PGPORT".to_owned(), port.to_string()),
             ("PGDATA".to_owned(), data.display().to_string()),
-            ("PG_WAL_SENDER_TIMEOUT".to_owned(), "10s".to_owned()),
+            ("PG_WAL_SENDER_TIMEOUT".to_owned(), timeout.to_owned()),
         ];
         let url = OwnPostgres::script(&env, "pg-start.sh");
-        OwnPostgres { env, url }
+        OwnPostgres { env, url, port }
     }
 
     fn restart(&self) {

@@ -63,6 +63,9 @@ struct Scripted<const CONNECTS: bool> {
     starts: Mutex<VecDeque<Start>>,
     log: Arc<Mutex<Vec<String>>>,
     start_times: Mutex<Vec<Instant>>,
+    acquire_times: Mutex<Vec<Instant>>,
+    /// [`Sessions::step_down`].
+    step_down: Option<StepDown>,
     /// Cancelled by the test to make the holder lose the membership.
     lose_membership: CancellationToken,
     /// Cancelled once the script is used up: the test's shutdown.
@@ -75,9 +78,22 @@ impl<const CONNECTS: bool> Scripted<CONNECTS> {
             starts: Mutex::new(starts.into()),
             log: Arc::default(),
             start_times: Mutex::default(),
+            acquire_times: Mutex::default(),
+            step_down: None,
             lose_membership: CancellationToken::new(),
             shutdown: shutdown.clone(),
         }
+    }
+    /// Gives membership up after `after` ms of failing sessions, standing
+    /// aside `aside` ms.
+    fn stepping_down(mut self, after: u64, aside: u64) -> Self {
+        self.step_down = Some(StepDown { after: Duration::from_millis(after), aside: Duration::from_millis(aside) });
+        self
+    }
+    /// When membership was acquired, in ms since the first time.
+    fn acquired_at(&self) -> Vec<u128> {
+        let times = self.acquire_times.lock().unwrap();
+        times.iter().map(|t| (*t - times[0]).as_millis()).collect()
     }
     fn note(&self, what: &str) {
         self.log.lock().unwrap().push(what.to_owned());
@@ -98,6 +114,7 @@ impl<const CONNECTS: bool> Sessions for Scripted<CONNECTS> {
     const START_CONNECTS: bool = CONNECTS;
 
     async fn acquire(&self, _: &CancellationToken) -> Option<()> {
+        self.acquire_times.lock().unwrap().push(Instant::now());
         self.note("acquired");
         Some(())
     }
@@ -119,6 +136,10 @@ impl<const CONNECTS: bool> Sessions for Scripted<CONNECTS> {
             }
             log.lock().unwrap().push("released".into());
         }
+    }
+
+    fn step_down(&self) -> Option<StepDown> {
+        self.step_down
     }
 
     async fn start(&self) -> Result<Fake, StartError> {
@@ -143,8 +164,11 @@ impl<const CONNECTS: bool> Sessions for Scripted<CONNECTS> {
 
     fn log_lost(&self, _: &str) {}
 
-    fn log_stepped_down(&self) {
-        self.note("stepped down");
+    fn log_stepped_down(&self, why: SteppedDown) {
+        match why {
+            SteppedDown::Lost => self.note("stepped down"),
+            SteppedDown::GaveUp(failing) => self.note(&format!("gave up after {} ms", failing.as_millis())),
+        }
     }
 }
 
@@ -258,4 +282,47 @@ async fn a_source_record_that_cannot_be_read_is_retried_or_stops_as_the_sink_pol
     let refused = DaemonError::Start(StartError::SourceRecord(SinkError::definite("eu", "NOPERM")));
     assert_eq!(refused.to_string(), "source record: eu: NOPERM");
     assert_eq!(refused.exit_code(), 1);
+}
+
+/// Issue 14: a replica whose replication connection is silent while its
+/// lock works kept the lock for ever; now its failing sessions give it up
+/// after the bound, it stands aside, then takes it again (no standby here)
+/// with its backoff kept.
+#[tokio::test(start_paused = true)]
+async fn sessions_failing_past_the_bound_give_membership_up_and_stand_aside_before_acquiring_again() {
+    let shutdown = CancellationToken::new();
+    let sessions = Scripted::<true>::new(vec![Start::Transient; 6], &shutdown).stepping_down(3000, 300);
+    supervise(&sessions, &pipeline(), &shutdown).await.unwrap();
+    // Starts at 0, 100, 300, 700, 1500; the wait after the fifth would end
+    // at 3100: the bound (3000 after the first failure) ends it. Aside
+    // 300 ms, the next membership's first start at once (3300), and its
+    // backoff goes on at 1600, not 100 (it was kept).
+    assert_eq!(
+        sessions.log(),
+        ["acquired", "released", "gave up after 3000 ms", "acquired", "closed Stopped", "released"],
+    );
+    assert_eq!(sessions.acquired_at(), [0, 3300]);
+    assert_eq!(sessions.pauses(), [100, 200, 400, 800, 1800, 1600]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_connects_stops_the_step_down_clock() {
+    let shutdown = CancellationToken::new();
+    // Failing 0..700, a session that connects (then is lost), failing
+    // again from 700: more than 1000 ms of failures in all, never 1000 in
+    // a row.
+    let starts =
+        vec![Start::Transient, Start::Transient, Start::Transient, Start::Lost, Start::Transient, Start::Transient];
+    let sessions = Scripted::<true>::new(starts, &shutdown).stepping_down(1000, 300);
+    supervise(&sessions, &pipeline(), &shutdown).await.unwrap();
+    assert_eq!(sessions.log(), ["acquired", "closed Lost", "closed Stopped", "released"]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_source_without_a_step_down_keeps_its_membership_however_long_sessions_fail() {
+    let shutdown = CancellationToken::new();
+    let sessions = Scripted::<false>::new(vec![Start::Transient; 12], &shutdown);
+    supervise(&sessions, &pipeline(), &shutdown).await.unwrap();
+    assert_eq!(sessions.log(), ["acquired", "closed Stopped", "released"]);
+    assert!(sessions.pauses().iter().sum::<u128>() > 10_000);
 }

@@ -17,13 +17,25 @@
 //! (`acks=all`, idempotent producer), and the run loop acknowledges a
 //! position only once its letters are sent, so the source's offset never
 //! moves past a message whose dead letter could still be lost.
+//!
+//! A producer that can no longer send is replaced. When a send times out
+//! with its request in flight (the topic unreachable for longer than
+//! [`SEND_TIMEOUT`]), librdkafka's idempotent producer bumps its epoch by
+//! itself; a broker that does not take the bump (Tansu) answers every later
+//! send with `PRODUCER_FENCED`, and a producer in librdkafka's fatal state
+//! fails every send too. Such a failure builds a new producer from the same
+//! settings (once per producer, whichever send saw it first) and is still
+//! returned as an error, so the run loop retries the letter as for any
+//! failed send, on the new producer. Letters stay at least once: the failed
+//! send may have reached the topic, and its retry then writes a duplicate.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
 use crate::change::Position;
 use crate::config::{KAFKA_OWN_PROPERTIES, KafkaSource as KafkaConfig};
@@ -110,9 +122,20 @@ pub(crate) struct SendError {
 
 /// A producer for the dead-letter topic.
 pub(crate) struct KafkaDeadLetters {
-    producer: FutureProducer,
+    /// What every producer is built from, a replacement included.
+    client: ClientConfig,
+    /// The producer sends use. Locked only to clone or swap it, never
+    /// across an await.
+    current: Mutex<Current>,
     topic: String,
     metrics: Arc<Metrics>,
+}
+
+/// The producer in use and how many were built before it: a send that saw
+/// its producer fail replaces it only if no other send did meanwhile.
+struct Current {
+    generation: u64,
+    producer: FutureProducer,
 }
 
 impl KafkaDeadLetters {
@@ -132,7 +155,18 @@ impl KafkaDeadLetters {
             .set("message.timeout.ms", SEND_TIMEOUT.as_millis().to_string());
         let producer: FutureProducer =
             client.create().map_err(|e| format!("cannot create the dead-letter producer: {e}"))?;
-        Ok(KafkaDeadLetters { producer, topic: topic.to_owned(), metrics })
+        Ok(KafkaDeadLetters {
+            client,
+            current: Mutex::new(Current { generation: 0, producer }),
+            topic: topic.to_owned(),
+            metrics,
+        })
+    }
+
+    /// The producer in use and its generation.
+    fn producer(&self) -> (u64, FutureProducer) {
+        let current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+        (current.generation, current.producer.clone())
     }
 
     /// Sends `letter`; `Ok` once the broker acknowledged it.
@@ -148,12 +182,77 @@ impl KafkaDeadLetters {
         if let Some(value) = &letter.value {
             record = record.payload(value.as_slice());
         }
-        self.producer
-            .send(record, SEND_TIMEOUT)
-            .await
-            .map(|_| ())
-            .map_err(|(e, _)| SendError { topic: self.topic.clone(), message: e.to_string() })
+        let (generation, producer) = self.producer();
+        match producer.send(record, SEND_TIMEOUT).await {
+            Ok(_) => Ok(()),
+            Err((error, _)) => {
+                let fatal = producer.client().fatal_error();
+                if fatal.is_some() || is_fenced(&error) {
+                    self.replace(generation, producer, &error, fatal);
+                }
+                Err(SendError { topic: self.topic.clone(), message: error.to_string() })
+            }
+        }
     }
+
+    /// Puts a new producer in place of `failed` (of `generation`), unless
+    /// another send did already. A new producer that cannot be built leaves
+    /// the old one, and the next failure tries again.
+    fn replace(
+        &self,
+        generation: u64,
+        failed: FutureProducer,
+        error: &KafkaError,
+        fatal: Option<(RDKafkaErrorCode, String)>,
+    ) {
+        let old = {
+            let mut current = self.current.lock().unwrap_or_else(PoisonError::into_inner);
+            if current.generation != generation {
+                // Another send replaced it already.
+                None
+            } else {
+                // Under the lock, so that concurrent failures build one:
+                // creating a producer starts its threads and awaits nothing.
+                match self.client.create() {
+                    Ok(fresh) => {
+                        current.generation += 1;
+                        Some(std::mem::replace(&mut current.producer, fresh))
+                    }
+                    Err(e) => {
+                        tracing::warn!(topic = %self.topic, error = %e, "cannot build a new dead-letter producer; keeping the failed one");
+                        None
+                    }
+                }
+            }
+        };
+        if old.is_some() {
+            let fatal = fatal.map(|(code, reason)| format!("{code:?}: {reason}"));
+            tracing::warn!(
+                topic = %self.topic,
+                %error,
+                fatal = fatal.as_deref().unwrap_or("none"),
+                "the dead-letter producer can no longer send; replaced it with a new one (the letter is retried on it)"
+            );
+            self.metrics.kafka_dead_letter_producer_reset();
+        }
+        // Dropping the last handle of a producer purges it and waits for
+        // the purge (up to 500 ms): off the runtime's threads.
+        let handles = (old, failed);
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(move || drop(handles))),
+            Err(_) => drop(handles),
+        }
+    }
+}
+
+/// Whether a send's error means its producer will fail every later send:
+/// fenced (another producer, or its own epoch bump, took its place) or in
+/// librdkafka's fatal state.
+fn is_fenced(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fatal)
+    )
 }
 
 /// Consumer settings a producer would warn about.
@@ -195,6 +294,41 @@ impl DeadLetterStore for KafkaDeadLetters {
 mod tests {
     use super::*;
     use crate::source::{RawMessage, UndecodableReason};
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    /// librdkafka's mock broker (in process, on loopback) answers one
+    /// produce with PRODUCER_FENCED: that send fails, the producer is
+    /// replaced once, and the retry goes through the new one.
+    #[tokio::test]
+    async fn a_fenced_producer_is_replaced_once_and_the_retry_is_sent_by_the_new_one() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("dead-letters", 1, 1).unwrap();
+        let config = KafkaConfig::new(&cluster.bootstrap_servers(), "g", vec!["t".into()]);
+        let metrics = Arc::new(Metrics::new());
+        let letters = KafkaDeadLetters::new(&config, "dead-letters", Arc::clone(&metrics)).unwrap();
+        let letter = DeadLetterMessage { key: None, value: Some(b"v".to_vec()), headers: Vec::new() };
+        letters.send(&letter).await.unwrap();
+        assert_eq!(letters.producer().0, 0, "a send that went through replaces nothing");
+
+        cluster.request_errors(RDKafkaApiKey::Produce, &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_PRODUCER_FENCED]);
+        let error = letters.send(&letter).await.unwrap_err();
+        assert_eq!(letters.producer().0, 1, "replaced after {error}");
+        letters.send(&letter).await.unwrap();
+        assert_eq!(letters.producer().0, 1, "the new producer sends");
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("evictd_kafka_dead_letter_producer_resets_total 1\n"), "{text}");
+    }
+
+    #[test]
+    fn fenced_epoch_and_fatal_errors_call_for_a_new_producer_and_a_timeout_does_not() {
+        let produce = |code| KafkaError::MessageProduction(code);
+        assert!(is_fenced(&produce(RDKafkaErrorCode::ProducerFenced)));
+        assert!(is_fenced(&produce(RDKafkaErrorCode::InvalidProducerEpoch)));
+        assert!(is_fenced(&produce(RDKafkaErrorCode::Fatal)));
+        assert!(!is_fenced(&produce(RDKafkaErrorCode::MessageTimedOut)));
+        assert!(!is_fenced(&produce(RDKafkaErrorCode::BrokerTransportFailure)));
+    }
 
     #[test]
     fn an_undecodable_message_keeps_its_key_value_and_headers_with_evictds_after_them() {

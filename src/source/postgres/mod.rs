@@ -16,12 +16,19 @@
 //! after `START_REPLICATION` we check that nobody moved the slot past it in
 //! between (changes would have been skipped).
 //!
+//! A silent stream (a network that drops the replication connection's
+//! packets) is found dead through a session connection once the server
+//! ended its walsender (`liveness.rs`); the start's replication connection
+//! is bounded ([`REPLICATION_START_TIMEOUT`]) and its client aborted, not
+//! left behind, when the start fails or is cancelled.
+//!
 //! Large transactions: protocol version 1 delivers a transaction only once
 //! it committed (the server spills it to disk, `logical_decoding_work_mem`),
 //! and we hand it on change by change: memory holds one change at a time
 //! here; the run loop bounds what it accumulates per transaction.
 
 pub(crate) mod identity;
+pub(crate) mod liveness;
 pub(crate) mod lock;
 pub(crate) mod pgoutput;
 pub(crate) mod publication;
@@ -37,6 +44,7 @@ use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent,
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
+use self::liveness::Liveness;
 use self::pgoutput::{Decoder, TxContext};
 use super::{Source, SourceError, SourceEvent};
 use crate::change::{Lsn, Position};
@@ -104,9 +112,45 @@ fn endpoint(url: &str) -> Result<Endpoint, SourceSetupError> {
     })
 }
 
+/// How long the replication connection may take to start streaming
+/// (connect, authenticate, `START_REPLICATION` accepted). A healthy server
+/// answers in milliseconds (the slot's decoding starts after the answer);
+/// a silent network would otherwise hold the start until TCP gives up.
+pub(crate) const REPLICATION_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A replication client that is aborted if dropped before it is
+/// [`Starting::started`]: a start that failed or was cancelled leaves no
+/// worker behind to finish its handshake (and take the slot) once a silent
+/// network heals.
+struct Starting(Option<ReplicationClient>);
+
+impl Starting {
+    fn client(&mut self) -> Result<&mut ReplicationClient, SourceSetupError> {
+        self.0.as_mut().ok_or_else(|| SourceSetupError::Transient("replication connection: already handed on".into()))
+    }
+
+    fn started(mut self) -> Result<ReplicationClient, SourceSetupError> {
+        self.0.take().ok_or_else(|| SourceSetupError::Transient("replication connection: already handed on".into()))
+    }
+}
+
+impl Drop for Starting {
+    fn drop(&mut self) {
+        if let Some(client) = self.0.as_mut() {
+            client.abort();
+        }
+    }
+}
+
 /// Logical replication from one slot.
 pub(crate) struct PostgresSource {
     client: ReplicationClient,
+    slot: String,
+    /// The walsender streaming to us (the slot's `active_pid` right after
+    /// the start), when it could be read.
+    walsender: Option<i32>,
+    /// When the stream was last heard from and the slot last checked.
+    liveness: Liveness,
     decoder: Decoder,
     /// The open transaction, between Begin and Commit.
     tx: Option<TxContext>,
@@ -121,8 +165,9 @@ pub(crate) struct PostgresSource {
     /// Relations described under a name the graph does not know, to look up
     /// (in order, before anything after them is decoded) as partitions.
     resolving: VecDeque<u32>,
-    /// Catalog queries while streaming (partitions attached later); connects
-    /// only when needed.
+    /// Catalog queries while streaming (partitions attached later, the slot
+    /// of a silent stream); connects only when needed, so an idle stream
+    /// keeps one session open (checked every `liveness::CHECK_EVERY`).
     catalog: PgPool,
 }
 
@@ -163,13 +208,21 @@ impl PostgresSource {
         .with_application_name("evictd")
         // Values print as a look-up session prints them (`session`).
         .with_options(session::replication_options());
-        let mut client = ReplicationClient::connect(replication).await.map_err(classify)?;
-        client.wait_started().await.map_err(classify)?;
+        let mut starting = Starting(Some(ReplicationClient::connect(replication).await.map_err(classify)?));
+        tokio::time::timeout(REPLICATION_START_TIMEOUT, starting.client()?.wait_started())
+            .await
+            .map_err(|_| {
+                SourceSetupError::Transient(format!(
+                    "replication connection: not streaming within {REPLICATION_START_TIMEOUT:?} (the server or the network is silent)"
+                ))
+            })?
+            .map_err(classify)?;
         // We hold the slot now. Had anyone advanced it since we read it,
         // what lies between would be skipped: refuse.
         let after = setup::read_slot(&pool, &config.slot).await?.ok_or_else(|| {
             SourceSetupError::Transient(format!("replication slot `{}` vanished while starting", config.slot))
         })?;
+        let walsender = liveness::slot_walsender(&pool, &config.slot).await.ok().flatten().flatten();
         pool.close().await;
         // Start again from where it is now (an acknowledgement of a
         // replica that just stepped down can land late).
@@ -187,7 +240,10 @@ impl PostgresSource {
             .connect_lazy(url)
             .map_err(|_| SourceSetupError::Definite("source URL: not a Postgres URL".into()))?;
         Ok(PostgresSource {
-            client,
+            client: starting.started()?,
+            slot: config.slot.clone(),
+            walsender,
+            liveness: Liveness::new(tokio::time::Instant::now()),
             decoder: Decoder::with_aliases(partitions.into_iter().map(|(leaf, table)| (leaf, Arc::from(table)))),
             graph_tables: graph.tables().iter().map(|t| t.name.clone()).collect(),
             resolving: VecDeque::new(),
@@ -218,6 +274,47 @@ impl PostgresSource {
             tracing::debug!(error = %e, "replication session ended with an error");
         }
         self.catalog.close().await;
+    }
+
+    /// Ends a lost session at once: no CopyDone into a connection that may
+    /// be silent, no worker left to finish anything.
+    pub(crate) fn abandon(mut self) {
+        self.client.abort();
+    }
+
+    /// Checks, after a silence, that the server still streams the slot to
+    /// this session (see `liveness.rs`); an error when it does not.
+    async fn check_stream(&mut self) -> Result<(), SourceError> {
+        let read = tokio::time::timeout(liveness::CHECK_TIMEOUT, liveness::slot_walsender(&self.catalog, &self.slot));
+        let observed = read.await;
+        let now = tokio::time::Instant::now();
+        self.liveness.checked(now);
+        match observed {
+            Ok(Ok(slot)) if liveness::alive(slot, self.walsender) => Ok(()),
+            Ok(Ok(slot)) => {
+                let now_held_by = match slot {
+                    None => "the slot is gone".to_owned(),
+                    Some(None) => "nobody streams it".to_owned(),
+                    Some(Some(pid)) => format!("walsender {pid} streams it"),
+                };
+                Err(SourceError::transient(format!(
+                    "the replication connection was silent for {:.1} s and the server no longer streams slot `{}` to it \
+                     ({now_held_by}; its walsender ended, e.g. after wal_sender_timeout): the connection is dead",
+                    self.liveness.silent_for(now).as_secs_f64(),
+                    self.slot
+                )))
+            }
+            // Cannot tell: the session path is down too, which the lock's
+            // own check acts on.
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "cannot check the silent replication stream's slot");
+                Ok(())
+            }
+            Err(_) => {
+                tracing::debug!("no answer checking the silent replication stream's slot");
+                Ok(())
+            }
+        }
     }
 
     fn on_event(&mut self, event: ReplicationEvent) -> Result<(), SourceError> {
@@ -342,10 +439,20 @@ impl Source for PostgresSource {
             if let Some(event) = self.pending.pop_front() {
                 return Ok(event);
             }
-            match self.client.recv().await {
-                Ok(Some(event)) => self.on_event(event)?,
-                Ok(None) => return Err(SourceError::transient("the replication stream ended")),
-                Err(e) => return Err(replication_error(e)),
+            // Cancel-safe: `recv` is a channel's; a check dropped halfway
+            // is simply made again.
+            let check_at = self.liveness.check_at();
+            tokio::select! {
+                biased;
+                received = self.client.recv() => {
+                    self.liveness.heard(tokio::time::Instant::now());
+                    match received {
+                        Ok(Some(event)) => self.on_event(event)?,
+                        Ok(None) => return Err(SourceError::transient("the replication stream ended")),
+                        Err(e) => return Err(replication_error(e)),
+                    }
+                }
+                () = tokio::time::sleep_until(check_at) => self.check_stream().await?,
             }
         }
     }
