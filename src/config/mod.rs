@@ -238,7 +238,7 @@ impl RawConfig {
             .log
             .level
             .map_or_else(|| "info".to_owned(), |level| level.split(',').map(str::trim).collect::<Vec<_>>().join(","));
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+        if let Err(e) = log_filter(&level) {
             issues.push("log.level", format!("not a log filter: {e}"));
         }
 
@@ -262,3 +262,12 @@ impl RawConfig {
 
 #[cfg(test)]
 mod tests;
+
+/// The daemon's log filter for a `log.level`. Field values in span filters
+/// (`[span{field=value}]`) are matched as text, not compiled as regular
+/// expressions: a 400-byte pattern built a regex automaton of gigabytes for
+/// minutes (found by the `config` fuzz target,
+/// `fuzz/regressions/config/log-level-field-pattern-regex-blowup.toml`).
+pub(crate) fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    tracing_subscriber::EnvFilter::builder().with_regex(false).parse(level)
+}

@@ -466,3 +466,23 @@ fn a_log_level_directive_after_a_space_is_read_as_written_not_a_panic() {
     let c = load_with_env(&path, &env(&[])).unwrap();
     assert_eq!(c.log.level, "info,evictd=debug");
 }
+
+/// A field pattern in a span filter is text, not a regular expression: as a
+/// regex, the one of `fuzz/regressions/config/log-level-field-pattern-regex-blowup.toml`
+/// (found by the `config` fuzz target) took minutes and gigabytes to compile.
+#[test]
+fn a_log_level_field_pattern_is_matched_as_text_not_compiled_as_a_regex() {
+    let regression = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions/config/log-level-field-pattern-regex-blowup.toml");
+    let text = std::fs::read_to_string(regression).unwrap();
+    let (_dir, path) = write(&format!("{text}{REQUIRED}"));
+    let started = std::time::Instant::now();
+    let result = load_with_env(&path, &env(&[]));
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    // Whatever the verdict on the rest of the filter, it is not about time.
+    if let Err(e) = result {
+        assert!(e.0.iter().all(|issue| issue.field == "log.level"), "{e:?}");
+    }
+    let (_dir, path) = write(&format!("[log]\nlevel = \"evictd[{{arg=a.*b}}]=debug\"\n{REQUIRED}"));
+    assert_eq!(load_with_env(&path, &env(&[])).unwrap().log.level, "evictd[{arg=a.*b}]=debug");
+}
