@@ -55,6 +55,9 @@ pub mod dead_letter;
 #[cfg(feature = "daemon")]
 pub mod diagnostic;
 #[cfg(feature = "daemon")]
+#[doc(hidden)]
+pub mod fuzzing;
+#[cfg(feature = "daemon")]
 pub mod graph;
 #[cfg(feature = "daemon")]
 pub mod lookup;

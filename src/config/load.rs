@@ -21,6 +21,13 @@ pub(crate) fn load_with_env(path: &Path, env: &HashMap<String, String>) -> Resul
             message: format!("cannot read the config file: {e}"),
         }])
     })?;
+    load_text(path, text, env)
+}
+
+/// Loads already-read config `text` (named `path` in errors and used as the
+/// base of relative paths) with overrides from `env`: everything
+/// [`load_with_env`] does after reading the file.
+pub(crate) fn load_text(path: &Path, text: String, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
     let source = SourceFile::new(path, text);
     // The file alone first: its errors get a line.
     if let Err(e) = toml::from_str::<RawConfig>(&source.text) {

@@ -38,7 +38,7 @@ use crate::diagnostic::SourceFile;
 
 pub(crate) use self::dead_letter::DeadLetterConfig;
 pub(crate) use self::issues::ConfigError;
-pub(crate) use self::load::load_with_env;
+pub(crate) use self::load::{load_text, load_with_env};
 pub(crate) use self::raw::RawConfig;
 pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget, Transport};
 pub(crate) use self::secrets::{hide_passwords, redact_url};
@@ -229,8 +229,16 @@ impl RawConfig {
                 LogFormat::Text
             }
         };
-        let level = self.log.level.unwrap_or_else(|| "info".to_owned());
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&level) {
+        // tracing-subscriber 0.3 reads each comma-separated directive trimmed
+        // but slices the untrimmed text with the trimmed offsets: after a
+        // space, `info, evictd=debug` was refused (target ` evict`, level
+        // `d=debug`) and a non-ASCII target panicked. Trimmed here, the
+        // filter is what is written.
+        let level = self
+            .log
+            .level
+            .map_or_else(|| "info".to_owned(), |level| level.split(',').map(str::trim).collect::<Vec<_>>().join(","));
+        if let Err(e) = log_filter(&level) {
             issues.push("log.level", format!("not a log filter: {e}"));
         }
 
@@ -254,3 +262,12 @@ impl RawConfig {
 
 #[cfg(test)]
 mod tests;
+
+/// The daemon's log filter for a `log.level`. Field values in span filters
+/// (`[span{field=value}]`) are matched as text, not compiled as regular
+/// expressions: a 400-byte pattern built a regex automaton of gigabytes for
+/// minutes (found by the `config` fuzz target,
+/// `fuzz/regressions/config/log-level-field-pattern-regex-blowup.toml`).
+pub(crate) fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
+    tracing_subscriber::EnvFilter::builder().with_regex(false).parse(level)
+}

@@ -452,3 +452,37 @@ fn a_lock_lease_shorter_than_the_retry_and_a_round_trip_is_refused_at_its_place(
     let Some(SourceConfig::Postgres(pg)) = c.source else { panic!("postgres source expected") };
     assert_eq!(pg.lock_lease, Some(Duration::from_secs(20)));
 }
+
+/// tracing-subscriber 0.3 reads each comma-separated directive trimmed but
+/// slices the untrimmed text with the trimmed offsets: after a space, a
+/// non-ASCII target panicked (found by the `config` fuzz target,
+/// `fuzz/regressions/config/`) and `info, evictd=debug` was refused.
+#[test]
+fn a_log_level_directive_after_a_space_is_read_as_written_not_a_panic() {
+    let (_dir, path) = write(&format!("[log]\nlevel = \" Գ=info\"\n{REQUIRED}"));
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    assert_eq!(c.log.level, "Գ=info");
+    let (_dir, path) = write(&format!("[log]\nlevel = \"info, evictd=debug \"\n{REQUIRED}"));
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    assert_eq!(c.log.level, "info,evictd=debug");
+}
+
+/// A field pattern in a span filter is text, not a regular expression: as a
+/// regex, the one of `fuzz/regressions/config/log-level-field-pattern-regex-blowup.toml`
+/// (found by the `config` fuzz target) took minutes and gigabytes to compile.
+#[test]
+fn a_log_level_field_pattern_is_matched_as_text_not_compiled_as_a_regex() {
+    let regression = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fuzz/regressions/config/log-level-field-pattern-regex-blowup.toml");
+    let text = std::fs::read_to_string(regression).unwrap();
+    let (_dir, path) = write(&format!("{text}{REQUIRED}"));
+    let started = std::time::Instant::now();
+    let result = load_with_env(&path, &env(&[]));
+    assert!(started.elapsed() < Duration::from_secs(5), "took {:?}", started.elapsed());
+    // Whatever the verdict on the rest of the filter, it is not about time.
+    if let Err(e) = result {
+        assert!(e.0.iter().all(|issue| issue.field == "log.level"), "{e:?}");
+    }
+    let (_dir, path) = write(&format!("[log]\nlevel = \"evictd[{{arg=a.*b}}]=debug\"\n{REQUIRED}"));
+    assert_eq!(load_with_env(&path, &env(&[])).unwrap().log.level, "evictd[{arg=a.*b}]=debug");
+}

@@ -196,7 +196,7 @@ pub(crate) fn run(config: Config, graph: Graph) -> Result<(), DaemonError> {
 }
 
 fn init_logging(config: &Config) -> Result<(), DaemonError> {
-    let filter = tracing_subscriber::EnvFilter::try_new(&config.log.level).map_err(DaemonError::LogLevel)?;
+    let filter = crate::config::log_filter(&config.log.level).map_err(DaemonError::LogLevel)?;
     use std::io::IsTerminal as _;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -13,6 +13,7 @@ mod clients;
 mod daemon;
 mod dead_letter;
 mod fill_guard;
+mod fuzz_corpora;
 mod kafka;
 mod key_vectors;
 mod lookup;

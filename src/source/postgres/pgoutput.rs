@@ -301,8 +301,13 @@ fn read_relation(r: &mut Reader<'_>) -> Result<Relation, DecodeError> {
     let name = r.string()?;
     let replica_identity = r.u8()?;
     let count = r.u16()?;
-    let mut columns = Vec::with_capacity(usize::from(count));
-    let mut names = HashSet::with_capacity(usize::from(count));
+    // Room for the columns the message can hold, not for the count it
+    // claims: a column takes at least 10 bytes (flags, a name's NUL, type
+    // OID, modifier), and a short message claiming 65 535 columns cost
+    // megabytes to allocate, clear and free before it failed.
+    let room = usize::from(count).min(r.bytes.len() / 10);
+    let mut columns = Vec::with_capacity(room);
+    let mut names = HashSet::with_capacity(room);
     for _ in 0..count {
         let flags = r.u8()?;
         let column = r.string()?;

@@ -102,6 +102,15 @@ class Unknown:
 Message = Union[Batch, Heartbeat, Unknown]
 
 
+def _millis(value: Any) -> Optional[int]:
+    """A time in ms since the epoch, as the Rust reader reads it (a JSON
+    integer that fits a ``u64``), else absent: an integer beyond a float's
+    range would raise ``OverflowError`` where the latency is measured."""
+    if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64:
+        return value
+    return None
+
+
 def _strings(value: Any) -> tuple[str, ...]:
     return tuple(str(v) for v in value) if isinstance(value, list) else ()
 
@@ -123,8 +132,7 @@ def parse_message(data: Bytes) -> Message:
     if not isinstance(epoch, str) or not isinstance(seq, int) or isinstance(seq, bool):
         raise ValueError(f"a version 2 {kind} needs a string epoch and an integer seq")
     applied = _applied_lsn(doc.get("applied"))
-    published = doc.get("published_at_ms")
-    published = published if isinstance(published, int) else None
+    published = _millis(doc.get("published_at_ms"))
     if kind == "heartbeat":
         return Heartbeat(epoch, seq, applied, published)
     return Batch(
@@ -139,7 +147,7 @@ def parse_message(data: Bytes) -> Message:
         flush=_strings(doc.get("flush")),
         truncated=bool(doc.get("truncated", False)),
         published_at_ms=published,
-        committed_at_ms=doc.get("committed_at_ms") if isinstance(doc.get("committed_at_ms"), int) else None,
+        committed_at_ms=_millis(doc.get("committed_at_ms")),
     )
 
 

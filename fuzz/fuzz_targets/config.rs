@@ -1,0 +1,7 @@
+//! The config loader on one TOML file (no environment overrides).
+#![no_main]
+libfuzzer_sys::fuzz_target!(|data: &[u8]| {
+    if let Ok(text) = std::str::from_utf8(data) {
+        evictd::fuzzing::config(text);
+    }
+});
