@@ -14,9 +14,10 @@ fn main() -> ExitCode {
     // `run` logs as its config says; the other commands warn on stderr
     // (stdout carries their output).
     if !matches!(cli.command, evictd::cli::Command::Run(_)) {
-        let filter = tracing_subscriber::EnvFilter::try_from_env("EVICTD_LOG")
-            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .with_env_filter(evictd::config::stderr_log_filter())
+            .with_writer(std::io::stderr)
+            .init();
     }
     match evictd::cli::run(cli) {
         Ok(()) => ExitCode::SUCCESS,

@@ -229,15 +229,7 @@ impl RawConfig {
                 LogFormat::Text
             }
         };
-        // tracing-subscriber 0.3 reads each comma-separated directive trimmed
-        // but slices the untrimmed text with the trimmed offsets: after a
-        // space, `info, evictd=debug` was refused (target ` evict`, level
-        // `d=debug`) and a non-ASCII target panicked. Trimmed here, the
-        // filter is what is written.
-        let level = self
-            .log
-            .level
-            .map_or_else(|| "info".to_owned(), |level| level.split(',').map(str::trim).collect::<Vec<_>>().join(","));
+        let level = self.log.level.map_or_else(|| "info".to_owned(), |level| trimmed_directives(&level));
         if let Err(e) = log_filter(&level) {
             issues.push("log.level", format!("not a log filter: {e}"));
         }
@@ -268,6 +260,27 @@ mod tests;
 /// expressions: a 400-byte pattern built a regex automaton of gigabytes for
 /// minutes (found by the `config` fuzz target,
 /// `fuzz/regressions/config/log-level-field-pattern-regex-blowup.toml`).
+///
+/// The one parser of log filters: `log.level`, and `EVICTD_LOG` for the
+/// commands other than `run` ([`stderr_log_filter`]).
 pub(crate) fn log_filter(level: &str) -> Result<tracing_subscriber::EnvFilter, tracing_subscriber::filter::ParseError> {
-    tracing_subscriber::EnvFilter::builder().with_regex(false).parse(level)
+    tracing_subscriber::EnvFilter::builder().with_regex(false).parse(trimmed_directives(level))
+}
+
+/// `level`'s comma-separated directives, each trimmed. tracing-subscriber
+/// 0.3 reads each directive trimmed but slices the untrimmed text with the
+/// trimmed offsets: after a space, `info, evictd=debug` was refused (target
+/// ` evict`, level `d=debug`) and a non-ASCII target panicked.
+fn trimmed_directives(level: &str) -> String {
+    level.split(',').map(str::trim).collect::<Vec<_>>().join(",")
+}
+
+/// The filter of the commands that log to stderr (all but `run`, which logs
+/// as its config says): `EVICTD_LOG`, read as `log.level` is, or `warn` when
+/// it is unset or not a filter.
+pub fn stderr_log_filter() -> tracing_subscriber::EnvFilter {
+    std::env::var("EVICTD_LOG")
+        .ok()
+        .and_then(|level| log_filter(&level).ok())
+        .unwrap_or_else(|| tracing_subscriber::EnvFilter::new("warn"))
 }

@@ -318,3 +318,27 @@ fn check_with_the_example_config_validates_config_and_graph() {
     let text = stdout(&out);
     assert!(text.contains("config: evictd.example.toml"), "{text}");
 }
+
+/// `EVICTD_LOG` goes through the same filter as `log.level`: a directive
+/// after a space is read as written (it panicked on a non-ASCII target and
+/// refused `info, evictd=debug`), and a span field value is text, not a
+/// regular expression (a long one ran for minutes until out of memory).
+#[test]
+fn evictd_log_is_read_as_log_level_is() {
+    let long_field = format!("[s{{f={}}}]=info", "(a|b)*c{1,100}".repeat(25));
+    for value in [" Գ=info", "warn, evictd=debug", long_field.as_str()] {
+        let started = std::time::Instant::now();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_evictd"))
+            .args(["check", "dependency-graphs/"])
+            .current_dir(root())
+            .env("EVICTD_LOG", value)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "EVICTD_LOG={value:?}: {}", stderr(&out));
+        assert!(
+            started.elapsed() < std::time::Duration::from_secs(20),
+            "EVICTD_LOG={value:?} took {:?}",
+            started.elapsed()
+        );
+    }
+}
