@@ -19,7 +19,7 @@
 # REDIS_URL the test Redis's database 11 (only the tutorial's keys are
 # deleted at the end), `evictd` on PATH. Three names are made unique so that
 # runs of other tests and sessions cannot collide with this one: the slot
-# (evictd_tutorial → evictd_tutorial_<pid>), the metrics address
+# (evictd_tutorial → evictd_t_tutorial_<pid>, a name scripts/test.sh cleans up after an interrupted run), the metrics address
 # (127.0.0.1:9187 → a free port) and the broadcast channel (through its
 # environment override; pub/sub channels are shared by every Redis database).
 #
@@ -39,7 +39,7 @@ for c in psql redis-cli curl python3; do command -v "$c" >/dev/null || die "$c i
 
 ID="$$"
 DB="evictd_tutorial_$ID"
-SLOT="evictd_tutorial_$ID"
+SLOT="evictd_t_tutorial_$ID"   # evictd_t_%: scripts/test.sh drops those an interrupted run left
 PORT="$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')"
 ADMIN_URL="$PG_URL"
 DB_URL="${PG_URL%/*}/$DB"
