@@ -19,9 +19,10 @@
 # REDIS_URL the test Redis's database 11 (only the tutorial's keys are
 # deleted at the end), `evictd` on PATH. Three names are made unique so that
 # runs of other tests and sessions cannot collide with this one: the slot
-# (evictd_tutorial → evictd_t_tutorial_<pid>, a name scripts/test.sh cleans up after an interrupted run), the metrics address
-# (127.0.0.1:9187 → a free port) and the broadcast channel (through its
-# environment override; pub/sub channels are shared by every Redis database).
+# (evictd_tutorial → evictd_t_tutorial_<pid>, a name scripts/test.sh drops
+# after an interrupted run), the metrics address (127.0.0.1:9187 → a free
+# port) and the broadcast channel (through its environment override: pub/sub
+# channels are shared by every Redis database).
 #
 # Exits non-zero on the first failing command or check, naming the block.
 set -euo pipefail
