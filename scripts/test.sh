@@ -368,6 +368,27 @@ if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
   fi
 fi
 
+# The deployment checks (issue 15): each a script that exits non-zero on a
+# failure and counts as one test in the closing line. They run after the drill,
+# each against the same servers (the image's `evictd run` too), and do not stop
+# the run at their first failure, so that every one of them reports.
+script_check() {
+  local name="$1"
+  shift
+  section "$name"
+  echo "+ $*" >&2
+  if "$@"; then
+    echo "test result: ok. 1 passed; 0 failed ($name)" >>"$TEST_LOG"
+  else
+    echo "test result: FAILED. 0 passed; 1 failed ($name)" >>"$TEST_LOG"
+  fi
+}
+if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
+  # docs/tutorial.md's blocks, run as a reader types them (a database, slot
+  # and Redis db of its own).
+  script_check tutorial env EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/tutorial-test.sh"
+fi
+
 # Sum cargo's "test result:" lines into the closing line CI reads.
 passed=0 failed=0
 while read -r p f; do

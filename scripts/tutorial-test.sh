@@ -36,6 +36,7 @@ REDIS_BASE="${EVICTD_TEST_REDIS_URL:-redis://127.0.0.1:6479}"
 EVICTD_BIN="${EVICTD_BIN:-$ROOT/target/debug/evictd}"
 DOC="$ROOT/docs/tutorial.md"
 [ -x "$EVICTD_BIN" ] || die "no evictd binary at $EVICTD_BIN (cargo build, or set EVICTD_BIN)"
+EVICTD_BIN="$(readlink -f -- "$EVICTD_BIN")"   # the symlink below must not depend on the working directory
 for c in psql redis-cli curl python3; do command -v "$c" >/dev/null || die "$c is missing"; done
 
 ID="$$"
