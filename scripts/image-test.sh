@@ -4,6 +4,8 @@
 #   scripts/image-test.sh                 builds the image (scripts/image.sh), then tests it
 #   scripts/image-test.sh --image DIR     tests an OCI image layout already built
 #                                         (scripts/image.sh writes target/image/oci)
+#   scripts/image-test.sh --binary PATH   builds the image around that evictd
+#                                         binary instead of a release build
 #
 # The image is unpacked into an OCI runtime bundle (umoci) and run with runc
 # (Debian's), as the image says: UID 65532, its entrypoint, with a read-only
@@ -29,7 +31,9 @@
 # evictd_image_test and Redis keys under evictd_image_test:, and removes them.
 # Metrics port 19287 (EVICTD_IMAGE_TEST_PORT).
 #
-# Installs runc, umoci, psql and redis-cli with apt-get when missing.
+# Installs runc, umoci, psql, redis-cli and curl with apt-get when missing.
+# (Debian's crun 1.8 was tried first and refuses hybrid cgroup hierarchies,
+# "cgroups in hybrid mode not supported", as on these machines; runc runs.)
 # Prints the image's sizes and "image-test: N passed, N failed"; exit 0 only
 # when every check passed.
 set -euo pipefail
@@ -40,9 +44,11 @@ LOG_PREFIX=image-test
 . "$ROOT/scripts/lib/common.sh"
 
 image=""
+binary=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --image) image="$2"; shift 2 ;;
+    --binary) binary=(--binary "$2"); shift 2 ;;
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed 's/^# \{0,1\}//; /^set -euo/d'; exit 0 ;;
     *) die "unknown argument: $1 (see --help)" ;;
   esac
@@ -57,7 +63,7 @@ ID="evictd-image-test-$$"
 version="$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/Cargo.toml" | head -n1)"
 
 missing=()
-for need in runc:runc umoci:umoci psql:postgresql-client-15 redis-cli:redis-tools; do
+for need in runc:runc umoci:umoci psql:postgresql-client-15 redis-cli:redis-tools curl:curl; do
   command -v "${need%%:*}" >/dev/null || missing+=("${need#*:}")
 done
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -98,7 +104,7 @@ trap cleanup EXIT
 
 if [ -z "$image" ]; then
   section "building the image (scripts/image.sh)"
-  bash "$ROOT/scripts/image.sh" --out "$WORK/image" >"$WORK/image.txt"
+  bash "$ROOT/scripts/image.sh" ${binary[@]+"${binary[@]}"} --out "$WORK/image" >"$WORK/image.txt"
   cat "$WORK/image.txt"
   image="$WORK/image/oci"
 fi
