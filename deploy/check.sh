@@ -82,8 +82,8 @@ EOF
 
 # Every graph file of the overlay's dependency-graphs/ must be deployed.
 if [ -d "$overlay/dependency-graphs" ]; then
-  missing="$(comm -23 <(cd "$overlay/dependency-graphs" && ls -1 -- *.toml 2>/dev/null | sort) \
-                      <(cd "$tmp/dependency-graphs" && ls -1 -- *.toml 2>/dev/null | sort))"
+  graphs() { find "$1" -maxdepth 1 -name '*.toml' -printf '%f\n' | sort; }
+  missing="$(comm -23 <(graphs "$overlay/dependency-graphs") <(graphs "$tmp/dependency-graphs"))"
   if [ -n "$missing" ]; then
     echo "check.sh: not in the configMapGenerator of $overlay/kustomization.yaml:" >&2
     echo "$missing" | sed 's/^/  dependency-graphs\//' >&2
@@ -95,7 +95,7 @@ fi
 # environment already sets wins.
 while IFS= read -r line; do
   name="${line%%=*}"
-  [ -n "${!name:-}" ] || export "$line"
+  [ -n "${!name:-}" ] || export "${line?}"
 done <"$tmp/secret.env"
 echo "check.sh: $(basename "$overlay"): evictd check --offline on the rendered evictd-config and evictd-dependency-graphs" >&2
 "$EVICTD_BIN" check --offline --config "$tmp/evictd.toml"

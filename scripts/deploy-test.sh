@@ -35,7 +35,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LOG_PREFIX=deploy-test
+LOG_PREFIX="deploy-test"
 # shellcheck source=scripts/lib/common.sh
 . "$ROOT/scripts/lib/common.sh"
 
@@ -80,6 +80,7 @@ export EVICTD_BIN
 passed=0
 failed=0
 pass() { passed=$((passed + 1)); echo "ok   $*"; }
+indent() { sed 's/^/  /'; }
 fail() { failed=$((failed + 1)); echo "FAIL $*"; }
 WORK="$(mktemp -d -t evictd-deploy-test.XXXXXX)"
 trap 'rm -rf "$WORK"' EXIT
@@ -106,7 +107,7 @@ render() {
 validate() {
   local rendered="$1" label="$2" v out rc
   if out="$("$PY" "$K/validate-crds.py" "$rendered" "$rendered.builtin" "$rendered.groups" 2>&1)"; then rc=0; else rc=$?; fi
-  [ -z "$out" ] || echo "$out" | sed 's/^/  /'
+  [ -z "$out" ] || indent <<<"$out"
   if [ "$rc" -eq 0 ]; then
     pass "$label: custom resources valid (own schemas)"
   else
@@ -114,7 +115,7 @@ validate() {
   fi
   for v in $K8S_VERSIONS; do
     if out="$("$VENV/bin/kubernetes-validate" --strict -k "$v" "$rendered.builtin" 2>&1)"; then rc=0; else rc=$?; fi
-    echo "$out" | sed "s#$rendered.builtin#$label#; s/^/  /"
+    indent <<<"${out//"$rendered.builtin"/$label}"
     if [ "$rc" -eq 0 ] && ! echo "$out" | grep -qv '^INFO'; then
       pass "$label: kubernetes-validate --strict -k $v: $(echo "$out" | grep -c passed) objects"
     else
@@ -125,10 +126,10 @@ validate() {
     if ! command -v promtool >/dev/null; then
       echo "  promtool not installed: the PrometheusRule's groups are not checked by promtool (Debian: prometheus)"
     elif out="$(promtool check rules "$rendered.groups" 2>&1)"; then
-      echo "$out" | sed "s#$rendered.groups#$label PrometheusRule#; s/^/  /"
+      indent <<<"${out//"$rendered.groups"/$label PrometheusRule}"
       pass "$label: promtool check rules on the PrometheusRule's groups"
     else
-      echo "$out" | sed 's/^/  /'
+      indent <<<"$out"
       fail "$label: promtool check rules"
     fi
   fi
@@ -157,10 +158,10 @@ for overlay in postgres kafka; do
   done
   section "4. deploy/check.sh overlays/$overlay"
   if out="$("$ROOT/deploy/check.sh" "$K/overlays/$overlay" 2>&1)"; then
-    echo "$out" | sed 's/^/  /'
+    indent <<<"$out"
     pass "deploy/check.sh overlays/$overlay"
   else
-    echo "$out" | sed 's/^/  /'
+    indent <<<"$out"
     fail "deploy/check.sh overlays/$overlay"
   fi
 done

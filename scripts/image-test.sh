@@ -39,7 +39,7 @@
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-LOG_PREFIX=image-test
+LOG_PREFIX="image-test"
 # shellcheck source=scripts/lib/common.sh
 . "$ROOT/scripts/lib/common.sh"
 
@@ -76,6 +76,7 @@ fi
 passed=0
 failed=0
 pass() { passed=$((passed + 1)); echo "ok   $*"; }
+indent() { sed "s/^/$1/"; }
 fail() { failed=$((failed + 1)); echo "FAIL $*"; }
 
 WORK="$(mktemp -d -t evictd-image-test.XXXXXX)"
@@ -111,6 +112,17 @@ fi
 [ -f "$image/index.json" ] || die "$image is not an OCI image layout (no index.json)"
 tag="$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"])' "$image/index.json")"
 
+archive="$(dirname "$image")/evictd-$tag.oci.tar"
+if [ -f "$archive" ]; then
+  mkdir -p "$WORK/archive"
+  tar -xf "$archive" -C "$WORK/archive"
+  if [ "$(umoci ls --layout "$WORK/archive")" = "$tag" ] && cmp -s "$WORK/archive/index.json" "$image/index.json"; then
+    pass "the oci-archive $(basename "$archive") is the same image (umoci reads reference $tag)"
+  else
+    fail "the oci-archive $(basename "$archive") is not the layout's image"
+  fi
+fi
+
 section "unpacking $image:$tag (umoci)"
 umoci unpack --image "$image:$tag" "$WORK/bundle" >/dev/null
 rootfs="$WORK/bundle/rootfs"
@@ -129,7 +141,11 @@ print(f"size: compressed layer {layer} bytes ({layer / 1048576:.1f} MiB)")
 EOF
 echo "size: unpacked $(du -sb "$rootfs" | cut -f1) bytes ($(du -sm "$rootfs" | cut -f1) MiB)"
 echo "files: $(cd "$rootfs" && find . -type f | sort | tr '\n' ' ')"
-[ ! -e "$rootfs/bin/sh" ] && [ ! -e "$rootfs/usr/bin/sh" ] && pass "the image has no shell" || fail "the image has a shell"
+if [ ! -e "$rootfs/bin/sh" ] && [ ! -e "$rootfs/usr/bin/sh" ]; then
+  pass "the image has no shell"
+else
+  fail "the image has a shell"
+fi
 
 # The config and graph, mounted read-only at /etc/evictd.
 mkdir -p "$WORK/etc-evictd/dependency-graphs"
@@ -216,7 +232,7 @@ if [ "${EVICTD_IMAGE_RUNTIME:-runc}" = runc ]; then
     note "runc $(runc --version | head -n1 | awk '{print $3}'): runs the bundle"
   else
     note "runc cannot run a container here; the evidence:"
-    echo "$out" | sed 's/^/  runc: /' >&2
+    indent "  runc: " <<<"$out" >&2
     for f in /proc/sys/user/max_user_namespaces /sys/fs/cgroup/cgroup.controllers; do
       [ -r "$f" ] && echo "  $f: $(cat "$f")" >&2
     done
@@ -234,7 +250,11 @@ echo "runtime: $runtime"
 
 section "1. evictd --version"
 out="$(run_once --version 2>&1)" || true
-[ "$out" = "evictd $version" ] && pass "--version prints 'evictd $version'" || fail "--version printed: $out"
+if [ "$out" = "evictd $version" ]; then
+  pass "--version prints 'evictd $version'"
+else
+  fail "--version printed: $out"
+fi
 
 section "2. evictd check on the mounted config and graph"
 if out="$(run_once check --config /etc/evictd/evictd.toml 2>&1)"; then
@@ -242,7 +262,7 @@ if out="$(run_once check --config /etc/evictd/evictd.toml 2>&1)"; then
 else
   fail "check exited non-zero"
 fi
-echo "$out" | sed 's/^/  | /'
+indent "  | " <<<"$out"
 
 section "3. evictd run: one change invalidates a key"
 log="$WORK/run.log"
@@ -267,8 +287,11 @@ else
 fi
 uids="$(awk '/^Uid:/ {print $2, $3, $4, $5}' "/proc/$pid/status" 2>/dev/null || echo gone)"
 gids="$(awk '/^Gid:/ {print $2, $3, $4, $5}' "/proc/$pid/status" 2>/dev/null || echo gone)"
-[ "$uids" = "65532 65532 65532 65532" ] && [ "$gids" = "65532 65532 65532 65532" ] \
-  && pass "the process runs as 65532:65532" || fail "the process's Uid: $uids, Gid: $gids"
+if [ "$uids" = "65532 65532 65532 65532" ] && [ "$gids" = "65532 65532 65532 65532" ]; then
+  pass "the process runs as 65532:65532"
+else
+  fail "the process's Uid: $uids, Gid: $gids"
+fi
 if [ "$runtime" = runc ]; then
   root_opts="$(awk '$5 == "/" {print $6}' "/proc/$pid/mountinfo" | tail -n1)"
   case ",$root_opts," in
@@ -276,7 +299,7 @@ if [ "$runtime" = runc ]; then
     *) fail "its root filesystem is mounted $root_opts" ;;
   esac
   caps="$(awk '/^CapEff:/ {print $2}' "/proc/$pid/status")"
-  [ "$caps" = 0000000000000000 ] && pass "it has no capabilities" || fail "CapEff $caps"
+  if [ "$caps" = 0000000000000000 ]; then pass "it has no capabilities"; else fail "CapEff $caps"; fi
 fi
 rcli SET "$NAME:item:1" cached >/dev/null
 psql -X -q "$db_url" -c "UPDATE app.items SET name = 'b' WHERE id = 1" >/dev/null
