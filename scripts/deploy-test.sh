@@ -45,6 +45,16 @@ VENV="$TOOLS/kubernetes-validate-venv"
 KV_VERSION=1.37.0
 K="$ROOT/deploy/kubernetes"
 
+# kubectl's built-in kustomize renders the overlays (no standalone kustomize is
+# packaged in Debian, PyPI or npm). This machine kind ships it; elsewhere the
+# `kubectl` package comes from the Google Cloud or Kubernetes apt repository
+# when one is configured (Debian's own kubernetes-client is 1.20: too old
+# for kustomize Components).
+if ! command -v kubectl >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ] \
+    && apt-cache policy kubectl 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+  note "installing kubectl with apt-get"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq -o DPkg::Lock::Timeout=300 kubectl >&2 || true
+fi
 command -v kubectl >/dev/null || die "kubectl not found: it renders the overlays (kubectl kustomize); install kubectl (e.g. Debian/Ubuntu's kubectl package from the Kubernetes or Google Cloud apt repository), no cluster is needed"
 kubectl kustomize --help >/dev/null 2>&1 || die "this kubectl has no built-in kustomize (kubectl 1.14 or later needed)"
 

@@ -387,6 +387,12 @@ if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
   # docs/tutorial.md's blocks, run as a reader types them (a database, slot
   # and Redis db of its own).
   script_check tutorial env EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/tutorial-test.sh"
+  # The container image, built around the debug binary this run tested (a
+  # release build would add minutes on 2 cores; the assembly and the runtime
+  # are the same), run with runc as UID 65532 on a read-only root.
+  script_check "container image" bash "$ROOT/scripts/image-test.sh" --binary "$ROOT/target/debug/evictd"
+  # Every overlay rendered and validated against three Kubernetes versions.
+  script_check "kubernetes manifests" env EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/deploy-test.sh"
 fi
 
 # Sum cargo's "test result:" lines into the closing line CI reads.
