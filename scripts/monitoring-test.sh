@@ -143,7 +143,7 @@ start_flaky() {
     --logfile "$WORK/redis-flaky.log" >/dev/null 2>&1 &
   FLAKY_PID=$!
   PIDS+=("$FLAKY_PID")
-  wait_until 50 0.1 redis-cli -p "$FLAKY_PORT" PING >/dev/null || die "own redis-server on $FLAKY_PORT did not start"
+  wait_until 50 0.1 redis-cli -p "$FLAKY_PORT" PING >/dev/null 2>&1 || die "own redis-server on $FLAKY_PORT did not start"
 }
 start_flaky
 
@@ -246,7 +246,7 @@ broadcast_channel = "$ID:kinvalidations"
 [server]
 listen = "127.0.0.1:$KAFKA_METRICS"
 [log]
-level = "info,librdkafka=warn"
+level = "info,librdkafka=warn,rdkafka=warn"
 EOF
   # The Kafka side's producer: topics first, then Debezium-shaped events
   # (no embedded schema, as tests/it/kafka.rs writes them) at a rate.
@@ -323,6 +323,9 @@ wait_until 150 0.2 http_get "http://127.0.0.1:$PG_METRICS/readyz" >/dev/null \
 if [ "$NO_KAFKA" != 1 ]; then
   wait_until 150 0.2 http_get "http://127.0.0.1:$KAFKA_METRICS/readyz" >/dev/null \
     || die "the Kafka evictd never became ready"
+  # Ready is not assigned: the group's first rebalance can take ~20 s.
+  kafka_assigned() { http_get "http://127.0.0.1:$KAFKA_METRICS/metrics" | grep -q '^evictd_kafka_rebalances_total{kind="assign"} [1-9]'; }
+  wait_until 300 0.2 kafka_assigned || die "the Kafka evictd was never assigned its partitions"
 fi
 
 section "load: ~300 changes/s for ${LOAD_SECS}s on each source; Redis :$FLAKY_PORT down for 3 s"
@@ -336,7 +339,7 @@ BEGIN
     UPDATE app.items SET name = 'item ' || id || ' v' || i WHERE id BETWEEN (i % 90) * 10 + 1 AND (i % 90) * 10 + 10;
     INSERT INTO app.items SELECT 1000000 + i * 100 + g, 100 + g % 50, 'new' FROM generate_series(1, 20) g;
     IF i = $((ticks / 2)) THEN
-      INSERT INTO app.items VALUES (999, 13, 'the owner whose look-up fails');
+      INSERT INTO app.items VALUES (5000000, 13, 'the owner whose look-up fails');
     END IF;
     COMMIT;
     PERFORM pg_sleep(0.1);
@@ -369,4 +372,25 @@ mkdir -p "$OUT"
 status=0
 python3 "$MON/check-queries.py" --prometheus "$PROM" --out "$OUT/results.json" | tee "$OUT/results.txt" || status=$?
 note "query results: $OUT/results.json, $OUT/results.txt"
+
+section "alerts in Prometheus: the dead letters fire, nothing else does"
+# The provoked dead letters fire at once (no `for`); every other alert needs
+# minutes of trouble, so none may be firing after this short, healthy run.
+expected="EvictdDeadLetters"
+[ "$NO_KAFKA" = 1 ] || expected+=" EvictdKafkaDeadLetters"
+http_get "$PROM/api/v1/alerts" >"$WORK/alerts.json" || die "cannot read $PROM/api/v1/alerts"
+python3 - "$WORK/alerts.json" "$expected" <<'EOF' | tee -a "$OUT/results.txt" || status=1
+import json, sys
+alerts = json.load(open(sys.argv[1]))["data"]["alerts"]
+firing = sorted({a["labels"]["alertname"] for a in alerts if a["state"] == "firing"})
+pending = sorted({a["labels"]["alertname"] for a in alerts if a["state"] == "pending"})
+expected = sorted(sys.argv[2].split())
+print(f"alerts firing: {', '.join(firing) or 'none'}; pending: {', '.join(pending) or 'none'}")
+missing, extra = sorted(set(expected) - set(firing)), sorted(set(firing) - set(expected))
+for name in missing:
+    print(f"FAIL  {name} is not firing")
+for name in extra:
+    print(f"FAIL  {name} fires on a healthy run")
+sys.exit(1 if missing or extra else 0)
+EOF
 exit "$status"
