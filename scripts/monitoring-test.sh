@@ -33,6 +33,9 @@
 #   LOAD_SECS           default 20
 #   MONITORING_NO_KAFKA=1   no Kafka replica: its panels and alerts then fail
 #                       as empty (for a machine without the broker)
+#   MONITORING_PNG=1    also render the panels over the run into
+#                       dashboard.png there (matplotlib, pip-installed once
+#                       into a venv under EVICTD_TOOLS, default /tmp/evictd-tools)
 # Ports: Prometheus and the own Redis in 9600-9649, evictd's metrics in
 # 9650-9699 (the first free ones). Everything it starts is stopped at exit,
 # its database, slot, keys and work directory removed.
@@ -51,6 +54,8 @@ LOAD_SECS="${LOAD_SECS:-20}"
 OUT="${EVICTD_MONITORING_OUT:-$ROOT/target/monitoring}"
 BIN="${EVICTD_BIN:-$ROOT/target/debug/evictd}"
 NO_KAFKA="${MONITORING_NO_KAFKA:-0}"
+PNG="${MONITORING_PNG:-0}"
+TOOLS="${EVICTD_TOOLS:-/tmp/evictd-tools}"
 
 section "prerequisites"
 ensure_packages promtool:prometheus prometheus:prometheus python3-yaml \
@@ -311,6 +316,7 @@ print(f"monitoring-test: Prometheus loaded {len(loaded)} rules of {len(want)}", 
 sys.exit(1 if bad or len(loaded) != len(want) else 0)
 EOF
 
+RUN_START="$(date +%s)"
 section "evictd run: Postgres on :$PG_METRICS$([ "$NO_KAFKA" = 1 ] || echo ", Kafka on :$KAFKA_METRICS")"
 "$BIN" run --config "$WORK/evictd-pg.toml" >"$WORK/evictd-pg.log" 2>&1 &
 PIDS+=($!)
@@ -372,6 +378,22 @@ mkdir -p "$OUT"
 status=0
 python3 "$MON/check-queries.py" --prometheus "$PROM" --out "$OUT/results.json" | tee "$OUT/results.txt" || status=$?
 note "query results: $OUT/results.json, $OUT/results.txt"
+
+if [ "$PNG" = 1 ]; then
+  section "the dashboard as a PNG"
+  venv="$TOOLS/monitoring-venv"
+  if ! "$venv/bin/python" -c 'import matplotlib, yaml' 2>/dev/null; then
+    python3 -m venv "$venv" >&2
+    "$venv/bin/python" -m pip install --quiet "matplotlib==3.*" "pyyaml==6.*" >&2
+  fi
+  if "$venv/bin/python" "$MON/render-dashboard.py" --prometheus "$PROM" --start "$RUN_START" \
+    --end "$(date +%s)" --out "$OUT/dashboard.png"; then
+    note "dashboard: $OUT/dashboard.png"
+  else
+    note "rendering the dashboard failed"
+    status=1
+  fi
+fi
 
 section "alerts in Prometheus: the dead letters fire, nothing else does"
 # The provoked dead letters fire at once (no `for`); every other alert needs
