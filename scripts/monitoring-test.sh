@@ -395,14 +395,20 @@ if [ "$PNG" = 1 ]; then
   fi
 fi
 
-section "alerts in Prometheus: the dead letters fire, nothing else does"
+section "alerts in Prometheus: every rule healthy, the dead letters fire, nothing else does"
 # The provoked dead letters fire at once (no `for`); every other alert needs
 # minutes of trouble, so none may be firing after this short, healthy run.
 expected="EvictdDeadLetters"
 [ "$NO_KAFKA" = 1 ] || expected+=" EvictdKafkaDeadLetters"
 http_get "$PROM/api/v1/alerts" >"$WORK/alerts.json" || die "cannot read $PROM/api/v1/alerts"
-python3 - "$WORK/alerts.json" "$expected" <<'EOF' | tee -a "$OUT/results.txt" || status=1
+http_get "$PROM/api/v1/rules" >"$WORK/rules.json" || die "cannot read $PROM/api/v1/rules"
+python3 - "$WORK/alerts.json" "$expected" "$WORK/rules.json" <<'EOF' | tee -a "$OUT/results.txt" || status=1
 import json, sys
+rules = [r for g in json.load(open(sys.argv[3]))["data"]["groups"] for r in g["rules"]]
+unhealthy = [f"{r['name']}: {r['health']} {r.get('lastError', '')}" for r in rules if r["health"] != "ok"]
+print(f"rules evaluated by Prometheus: {len(rules) - len(unhealthy)}/{len(rules)} healthy")
+for u in unhealthy:
+    print(f"FAIL  rule {u}")
 alerts = json.load(open(sys.argv[1]))["data"]["alerts"]
 firing = sorted({a["labels"]["alertname"] for a in alerts if a["state"] == "firing"})
 pending = sorted({a["labels"]["alertname"] for a in alerts if a["state"] == "pending"})
@@ -413,6 +419,6 @@ for name in missing:
     print(f"FAIL  {name} is not firing")
 for name in extra:
     print(f"FAIL  {name} fires on a healthy run")
-sys.exit(1 if missing or extra else 0)
+sys.exit(1 if missing or extra or unhealthy else 0)
 EOF
 exit "$status"
