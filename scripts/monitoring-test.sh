@@ -105,6 +105,7 @@ SLOT="evictd_$ID"
 PIDS=()          # processes to stop at exit, in start order
 DB_CREATED=0
 
+# shellcheck disable=SC2317  # called through the trap
 cleanup() {
   local status=$? i
   trap - EXIT INT TERM
@@ -330,7 +331,10 @@ if [ "$NO_KAFKA" != 1 ]; then
   wait_until 150 0.2 http_get "http://127.0.0.1:$KAFKA_METRICS/readyz" >/dev/null \
     || die "the Kafka evictd never became ready"
   # Ready is not assigned: the group's first rebalance can take ~20 s.
-  kafka_assigned() { http_get "http://127.0.0.1:$KAFKA_METRICS/metrics" | grep -q '^evictd_kafka_rebalances_total{kind="assign"} [1-9]'; }
+  # shellcheck disable=SC2317  # called through wait_until
+  kafka_assigned() {
+    grep -q '^evictd_kafka_rebalances_total{kind="assign"} [1-9]' <<<"$(http_get "http://127.0.0.1:$KAFKA_METRICS/metrics")"
+  }
   wait_until 300 0.2 kafka_assigned || die "the Kafka evictd was never assigned its partitions"
 fi
 
