@@ -14,6 +14,10 @@
 //!   `reason`) — never a key, a tag or a position;
 //! - record per batch, not per key: the methods take counts.
 //!
+//! The standard `process_*` metrics (CPU, memory, file descriptors, start
+//! time) are read from `/proc` at each scrape (`process.rs`); what cannot
+//! be read is left out of that scrape, never an error.
+//!
 //! The text is OpenMetrics 1.0 (what `prometheus-client` writes: counters
 //! typed under their name without `_total`, `# UNIT` lines, a closing
 //! `# EOF`), served with [`OPENMETRICS_CONTENT_TYPE`].
@@ -64,6 +68,15 @@ pub(crate) const REDELETES_SKIPPED_TOTAL: &str = "evictd_redeletes_skipped_total
 pub(crate) const UNBUMPABLE_KEYS_TOTAL: &str = "evictd_unbumpable_keys_total";
 pub(crate) const VERSIONS_BEHIND_TOTAL: &str = "evictd_versions_behind_total";
 pub(crate) const KAFKA_OFFSET_RESETS_TOTAL: &str = "evictd_kafka_offset_resets_total";
+pub(crate) const SINK_SECOND_DELETE_FAILURES_TOTAL: &str = "evictd_sink_second_delete_failures_total";
+pub(crate) const BROADCAST_PUBLISHES_TOTAL: &str = "evictd_broadcast_publishes_total";
+pub(crate) const SINK_UP: &str = "evictd_sink_up";
+pub(crate) const KAFKA_POSITION_OFFSET: &str = "evictd_kafka_position_offset";
+pub(crate) const KAFKA_COMMITTED_OFFSET: &str = "evictd_kafka_committed_offset";
+pub(crate) const KAFKA_HIGH_WATERMARK_OFFSET: &str = "evictd_kafka_high_watermark_offset";
+pub(crate) const LAST_PROGRESS_TIMESTAMP_SECONDS: &str = "evictd_last_progress_timestamp_seconds";
+pub(crate) const LAST_CHANGE_TIMESTAMP_SECONDS: &str = "evictd_last_change_timestamp_seconds";
+pub(crate) const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "evictd_http_connections_refused_total";
 
 /// Whether this replica consumes the source or waits to take over (the
 /// `evictd_active` gauge here, and `/readyz` in `server`, which imports it
@@ -76,7 +89,7 @@ pub enum Role {
 
 /// Every name above, for the tests.
 #[cfg(test)]
-pub(crate) const ALL: [&str; 29] = [
+pub(crate) const ALL: [&str; 38] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -106,6 +119,15 @@ pub(crate) const ALL: [&str; 29] = [
     UNBUMPABLE_KEYS_TOTAL,
     VERSIONS_BEHIND_TOTAL,
     KAFKA_OFFSET_RESETS_TOTAL,
+    SINK_SECOND_DELETE_FAILURES_TOTAL,
+    BROADCAST_PUBLISHES_TOTAL,
+    SINK_UP,
+    KAFKA_POSITION_OFFSET,
+    KAFKA_COMMITTED_OFFSET,
+    KAFKA_HIGH_WATERMARK_OFFSET,
+    LAST_PROGRESS_TIMESTAMP_SECONDS,
+    LAST_CHANGE_TIMESTAMP_SECONDS,
+    HTTP_CONNECTIONS_REFUSED_TOTAL,
 ];
 
 /// Latency buckets, 0.5 ms to 60 s: a healthy invalidation lands in
@@ -255,7 +277,54 @@ struct VersionLabel {
     version: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BroadcastLabels {
+    target: String,
+    transport: &'static str,
+    kind: &'static str,
+    outcome: &'static str,
+}
+
 type PositionGauge = Gauge<u64, std::sync::atomic::AtomicU64>;
+type TimestampGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
+
+/// What a broadcast publish carried, as the `kind` label of
+/// [`BROADCAST_PUBLISHES_TOTAL`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum BroadcastKind {
+    /// A batch's message.
+    Batch,
+    /// A heartbeat (pub/sub only).
+    Heartbeat,
+}
+
+impl BroadcastKind {
+    fn as_str(self) -> &'static str {
+        match self {
+            BroadcastKind::Batch => "batch",
+            BroadcastKind::Heartbeat => "heartbeat",
+        }
+    }
+}
+
+/// One assigned Kafka partition's offsets, as librdkafka last reported
+/// them (its statistics); `None` where it knows none yet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct KafkaOffsets {
+    /// The next offset the application consumes (the last delivered + 1).
+    pub(crate) position: Option<i64>,
+    /// The group's committed offset: where a new owner would resume.
+    pub(crate) committed: Option<i64>,
+    /// The broker's high watermark (the offset the next message will get).
+    pub(crate) high_watermark: Option<i64>,
+    /// Messages not yet acknowledged.
+    pub(crate) lag: Option<i64>,
+}
+
+/// Now as Unix seconds, to the microsecond (0 before 1970).
+fn unix_now_seconds() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
 
 /// All of evictd's metrics and the registry that exposes them.
 #[derive(Debug)]
@@ -290,6 +359,15 @@ pub struct Metrics {
     unbumpable_keys: Family<TargetCache, Counter>,
     versions_behind: Family<TargetLabel, Counter>,
     kafka_offset_resets: Family<ActionLabel, Counter>,
+    second_delete_failures: Family<TargetLabel, Counter>,
+    broadcast_publishes: Family<BroadcastLabels, Counter>,
+    sink_up: Family<TargetLabel, Gauge>,
+    kafka_position: Family<TopicPartition, Gauge>,
+    kafka_committed: Family<TopicPartition, Gauge>,
+    kafka_high_watermark: Family<TopicPartition, Gauge>,
+    last_progress: TimestampGauge,
+    last_change: TimestampGauge,
+    http_refused: Counter,
 }
 
 impl Default for Metrics {
@@ -333,6 +411,15 @@ impl Metrics {
             unbumpable_keys: Family::default(),
             versions_behind: Family::default(),
             kafka_offset_resets: Family::default(),
+            second_delete_failures: Family::default(),
+            broadcast_publishes: Family::default(),
+            sink_up: Family::default(),
+            kafka_position: Family::default(),
+            kafka_committed: Family::default(),
+            kafka_high_watermark: Family::default(),
+            last_progress: TimestampGauge::default(),
+            last_change: TimestampGauge::default(),
+            http_refused: Counter::default(),
         };
         let r = &mut m.registry;
         let help = "Row changes received from the source, by table and operation";
@@ -375,7 +462,7 @@ impl Metrics {
         register(r, ACTIVE, help, m.active.clone());
         let help = "Kafka messages consumed, by topic and op (c, u, d, t, r, tombstone, transaction, heartbeat, schema_change, invalid)";
         register(r, KAFKA_MESSAGES_TOTAL, help, m.kafka_messages.clone());
-        let help = "Messages of an assigned partition not yet acknowledged: high watermark minus stored offset, by topic and partition";
+        let help = "Messages of an assigned partition not yet acknowledged: evictd_kafka_high_watermark_offset minus evictd_kafka_committed_offset (before the group's first commit of the partition: minus the offset stored for it), by topic and partition";
         register(r, KAFKA_CONSUMER_LAG_MESSAGES, help, m.kafka_lag.clone());
         let help = "Kafka messages sent to the dead-letter topic, by source topic and reason (decode, lookup_failed, lookup_attempts_exhausted)";
         register(r, KAFKA_DEAD_LETTERS_TOTAL, help, m.kafka_dead_letters.clone());
@@ -394,6 +481,25 @@ impl Metrics {
         register(r, VERSIONS_BEHIND_TOTAL, help, m.versions_behind.clone());
         let help = "Kafka offsets that no longer existed (unread messages deleted by retention, a recreated topic), by what evictd did (stop, flush)";
         register(r, KAFKA_OFFSET_RESETS_TOTAL, help, m.kafka_offset_resets.clone());
+        let help = "Delayed second deletes (redelete_after_ms) that failed; best-effort, never retried, by target";
+        register(r, SINK_SECOND_DELETE_FAILURES_TOTAL, help, m.second_delete_failures.clone());
+        let help = "Broadcast messages published, by target, transport (pubsub, stream; both for transport = \"both\"), kind (batch, heartbeat) and outcome (ok, error)";
+        register(r, BROADCAST_PUBLISHES_TOTAL, help, m.broadcast_publishes.clone());
+        let help = "1 while the Redis target answered its last command (what /readyz reads), 0 once a batch failed on it, by target";
+        register(r, SINK_UP, help, m.sink_up.clone());
+        let help = "Next offset the consumer delivers to evictd (the last delivered + 1), by topic and partition (assigned partitions only)";
+        register(r, KAFKA_POSITION_OFFSET, help, m.kafka_position.clone());
+        let help = "The consumer group's committed offset: where a new owner resumes (only confirmed messages are committed), by topic and partition";
+        register(r, KAFKA_COMMITTED_OFFSET, help, m.kafka_committed.clone());
+        let help = "The broker's high watermark: the offset of the next message produced, by topic and partition";
+        register(r, KAFKA_HIGH_WATERMARK_OFFSET, help, m.kafka_high_watermark.clone());
+        let help = "Unix time the acknowledged source position last advanced (Postgres: LSN confirmed to the slot; Kafka: offsets stored for the next commit); 0 before the first";
+        register(r, LAST_PROGRESS_TIMESTAMP_SECONDS, help, m.last_progress.clone());
+        let help = "Unix time a row change was last received from the source; 0 before the first";
+        register(r, LAST_CHANGE_TIMESTAMP_SECONDS, help, m.last_change.clone());
+        let help = "HTTP connections refused because server.max_connections were open";
+        register(r, HTTP_CONNECTIONS_REFUSED_TOTAL, help, m.http_refused.clone());
+        r.register_collector(Box::new(process::ProcessCollector));
         m.active.set(1);
         m
     }
@@ -404,16 +510,24 @@ impl Metrics {
         self.kafka_messages.get_or_create(&TopicOp { topic: topic.to_owned(), op }).inc();
     }
 
-    /// The lag of one assigned partition, in messages; `None` forgets the
+    /// The offsets of one assigned partition (each series set when known,
+    /// left as it was otherwise); `None` forgets every series of the
     /// partition (revoked).
-    pub(crate) fn kafka_lag(&self, topic: &str, partition: i32, lag: Option<i64>) {
+    pub(crate) fn kafka_partition(&self, topic: &str, partition: i32, offsets: Option<&KafkaOffsets>) {
         let labels = TopicPartition { topic: topic.to_owned(), partition: partition.to_string() };
-        match lag {
-            Some(lag) => {
-                self.kafka_lag.get_or_create(&labels).set(lag);
+        let families = [&self.kafka_position, &self.kafka_committed, &self.kafka_high_watermark, &self.kafka_lag];
+        match offsets {
+            Some(o) => {
+                for (family, value) in families.into_iter().zip([o.position, o.committed, o.high_watermark, o.lag]) {
+                    if let Some(value) = value {
+                        family.get_or_create(&labels).set(value);
+                    }
+                }
             }
             None => {
-                self.kafka_lag.remove(&labels);
+                for family in families {
+                    family.remove(&labels);
+                }
             }
         }
     }
@@ -488,6 +602,10 @@ impl Metrics {
         }
         drop(self.sink_retries.get_or_create(&TargetLabel { target: target.to_owned() }));
         drop(self.versions_behind.get_or_create(&TargetLabel { target: target.to_owned() }));
+        drop(self.second_delete_failures.get_or_create(&TargetLabel { target: target.to_owned() }));
+        // Down until the start-up check or a batch says otherwise, as
+        // `/readyz` has it.
+        drop(self.sink_up.get_or_create(&TargetLabel { target: target.to_owned() }));
     }
 
     /// A sink failed to apply a batch to `target`.
@@ -554,6 +672,58 @@ impl Metrics {
         self.redeletes_skipped.get_or_create(&TargetLabel { target: target.to_owned() }).inc_by(count);
     }
 
+    /// A delayed second delete on `target` failed.
+    pub(crate) fn second_delete_failed(&self, target: &str) {
+        self.second_delete_failures.get_or_create(&TargetLabel { target: target.to_owned() }).inc();
+    }
+
+    /// Creates the broadcast series of `target` at zero for each transport
+    /// it publishes on, so that `rate()` sees the first error.
+    pub(crate) fn broadcast_target(&self, target: &str, transports: &[&'static str]) {
+        for &transport in transports {
+            for kind in [BroadcastKind::Batch, BroadcastKind::Heartbeat] {
+                if kind == BroadcastKind::Heartbeat && transport != "pubsub" {
+                    continue;
+                }
+                for outcome in ["ok", "error"] {
+                    let labels = BroadcastLabels { target: target.to_owned(), transport, kind: kind.as_str(), outcome };
+                    drop(self.broadcast_publishes.get_or_create(&labels));
+                }
+            }
+        }
+    }
+
+    /// One broadcast message of `kind` was published on `target` through
+    /// each of `transports` (one script call publishes on both), or failed.
+    pub(crate) fn broadcast_published(&self, target: &str, transports: &[&'static str], kind: BroadcastKind, ok: bool) {
+        let outcome = if ok { "ok" } else { "error" };
+        for &transport in transports {
+            let labels = BroadcastLabels { target: target.to_owned(), transport, kind: kind.as_str(), outcome };
+            self.broadcast_publishes.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Whether `target` answered its last command (the gauge `/readyz`'s
+    /// sink check mirrors).
+    pub(crate) fn set_sink_up(&self, target: &str, up: bool) {
+        self.sink_up.get_or_create(&TargetLabel { target: target.to_owned() }).set(i64::from(up));
+    }
+
+    /// The acknowledged source position advanced, now.
+    pub(crate) fn progressed(&self) {
+        self.last_progress.set(unix_now_seconds());
+    }
+
+    /// A row change was received from the source, now.
+    pub(crate) fn change_arrived(&self) {
+        self.last_change.set(unix_now_seconds());
+    }
+
+    /// The HTTP server refused a connection (too many open).
+    pub(crate) fn http_connection_refused(&self) {
+        self.http_refused.inc();
+    }
+
     /// Whether this replica is the active consumer or a standby.
     pub(crate) fn set_role(&self, role: Role) {
         self.active.set(i64::from(role == Role::Active));
@@ -573,6 +743,8 @@ fn register(registry: &mut Registry, name: &str, help: &str, metric: impl Metric
         registry.register(base, help, metric);
     }
 }
+
+mod process;
 
 #[cfg(test)]
 mod tests;

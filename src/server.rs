@@ -27,8 +27,8 @@
 //! as mini-redis's `server::run` does.
 
 use std::fmt;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -62,6 +62,9 @@ pub struct Health {
     sinks: Box<[(String, AtomicBool)]>,
     lag_bytes: AtomicU64,
     standby: AtomicBool,
+    /// Where the sinks' reachability is mirrored (`evictd_sink_up`), once
+    /// [`Health::export_to`] was called.
+    metrics: OnceLock<Arc<Metrics>>,
 }
 
 /// `/healthz`'s verdict.
@@ -119,6 +122,22 @@ impl Health {
             sinks: sinks.into_iter().map(|s| (s.into(), AtomicBool::new(false))).collect(),
             lag_bytes: AtomicU64::new(0),
             standby: AtomicBool::new(false),
+            metrics: OnceLock::new(),
+        }
+    }
+
+    /// Mirrors each sink's reachability in `metrics` (`evictd_sink_up`),
+    /// from its current value on; the first call wins.
+    pub fn export_to(&self, metrics: Arc<Metrics>) {
+        for (target, reachable) in self.sinks.iter() {
+            metrics.set_sink_up(target, reachable.load(Ordering::Relaxed));
+        }
+        let _ = self.metrics.set(metrics);
+    }
+
+    fn mirror(&self, target: &str, reachable: bool) {
+        if let Some(metrics) = self.metrics.get() {
+            metrics.set_sink_up(target, reachable);
         }
     }
 
@@ -137,15 +156,19 @@ impl Health {
     /// the caller; it is logged and ignored.
     pub fn set_sink_reachable(&self, target: &str, reachable: bool) {
         match self.sinks.iter().find(|(name, _)| name == target) {
-            Some((_, flag)) => flag.store(reachable, Ordering::Relaxed),
+            Some((_, flag)) => {
+                flag.store(reachable, Ordering::Relaxed);
+                self.mirror(target, reachable);
+            }
             None => tracing::warn!(target, "reachability reported for an unknown sink target"),
         }
     }
 
     /// Every sink confirmed a batch: all are reachable.
     pub(crate) fn set_all_sinks_reachable(&self) {
-        for (_, flag) in &self.sinks {
+        for (target, flag) in &self.sinks {
             flag.store(true, Ordering::Relaxed);
+            self.mirror(target, true);
         }
     }
 
@@ -330,6 +353,23 @@ mod tests {
         all_good(&h);
         h.set_sink_reachable("nowhere", false);
         assert_eq!(h.readiness(), Readiness::Ready);
+    }
+
+    #[test]
+    fn exported_reachability_is_the_sink_up_gauge_from_its_current_value_on() {
+        let h = health();
+        h.set_sink_reachable("primary", true);
+        let metrics = Arc::new(Metrics::new());
+        h.export_to(metrics.clone());
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("evictd_sink_up{target=\"primary\"} 1\n"), "{text}");
+        assert!(text.contains("evictd_sink_up{target=\"eu\"} 0\n"), "{text}");
+        h.set_sink_reachable("primary", false);
+        h.set_all_sinks_reachable();
+        h.set_sink_reachable("eu", false);
+        let text = metrics.encode().unwrap();
+        assert!(text.contains("evictd_sink_up{target=\"primary\"} 1\n"), "{text}");
+        assert!(text.contains("evictd_sink_up{target=\"eu\"} 0\n"), "{text}");
     }
 
     #[test]

@@ -249,6 +249,7 @@ async fn daemon(config: Config, graph: Graph) -> Result<(), DaemonError> {
     for target in &config.redis {
         metrics.sink_target(&target.name);
     }
+    health.export_to(metrics.clone());
     // The HTTP server stops last, so the probes answer while the loop flushes.
     let server_stop = CancellationToken::new();
     let listener = tokio::net::TcpListener::bind(config.server.listen)

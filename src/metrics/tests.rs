@@ -182,7 +182,14 @@ fn every_declared_name_is_exposed_as_written() {
     m.lookups("c", 1, 1);
     m.fanout_overflow("c");
     m.kafka_message("dbserver1.shop.products", "u");
-    m.kafka_lag("dbserver1.shop.products", 0, Some(3));
+    let offsets = KafkaOffsets { position: Some(9), committed: Some(7), high_watermark: Some(10), lag: Some(3) };
+    m.kafka_partition("dbserver1.shop.products", 0, Some(&offsets));
+    m.second_delete_failed("primary");
+    m.broadcast_published("primary", &["pubsub"], BroadcastKind::Batch, true);
+    m.set_sink_up("primary", true);
+    m.progressed();
+    m.change_arrived();
+    m.http_connection_refused();
     m.kafka_dead_lettered("dbserver1.shop.products", "decode");
     m.kafka_rebalance("assign");
     m.unguarded_keys("primary", "c", 1);
@@ -203,5 +210,218 @@ fn every_declared_name_is_exposed_as_written() {
         assert!(text.lines().any(|l| l.starts_with(&help) && l.len() > help.len() + 10), "{name}: no help");
         let is_counter = text.contains(&format!("# TYPE {family} counter\n"));
         assert_eq!(is_counter, name.ends_with("_total"), "{name}: counters, and only counters, end in _total");
+    }
+}
+
+#[test]
+fn second_delete_failures_start_at_zero_per_target_and_count() {
+    let m = Metrics::new();
+    m.sink_target("primary");
+    assert_lines(&encoded(&m), &[r#"evictd_sink_second_delete_failures_total{target="primary"} 0"#]);
+    m.second_delete_failed("primary");
+    m.second_delete_failed("primary");
+    assert_lines(
+        &encoded(&m),
+        &[
+            "# TYPE evictd_sink_second_delete_failures counter",
+            r#"evictd_sink_second_delete_failures_total{target="primary"} 2"#,
+        ],
+    );
+}
+
+#[test]
+fn a_publish_on_both_transports_counts_once_per_transport_with_its_outcome() {
+    let m = Metrics::new();
+    m.broadcast_target("primary", &["pubsub", "stream"]);
+    assert_lines(
+        &encoded(&m),
+        &[
+            r#"evictd_broadcast_publishes_total{target="primary",transport="stream",kind="batch",outcome="error"} 0"#,
+            r#"evictd_broadcast_publishes_total{target="primary",transport="pubsub",kind="heartbeat",outcome="ok"} 0"#,
+        ],
+    );
+    m.broadcast_published("primary", &["pubsub", "stream"], BroadcastKind::Batch, true);
+    m.broadcast_published("primary", &["pubsub", "stream"], BroadcastKind::Batch, false);
+    m.broadcast_published("primary", &["pubsub"], BroadcastKind::Heartbeat, true);
+    let text = encoded(&m);
+    assert_lines(
+        &text,
+        &[
+            "# TYPE evictd_broadcast_publishes counter",
+            r#"evictd_broadcast_publishes_total{target="primary",transport="pubsub",kind="batch",outcome="ok"} 1"#,
+            r#"evictd_broadcast_publishes_total{target="primary",transport="stream",kind="batch",outcome="ok"} 1"#,
+            r#"evictd_broadcast_publishes_total{target="primary",transport="pubsub",kind="batch",outcome="error"} 1"#,
+            r#"evictd_broadcast_publishes_total{target="primary",transport="stream",kind="batch",outcome="error"} 1"#,
+            r#"evictd_broadcast_publishes_total{target="primary",transport="pubsub",kind="heartbeat",outcome="ok"} 1"#,
+        ],
+    );
+    // The stream transport carries no heartbeats: no series for them.
+    assert!(!text.contains(r#"transport="stream",kind="heartbeat""#), "{text}");
+}
+
+#[test]
+fn sink_up_starts_down_with_its_target_and_follows_reachability() {
+    let m = Metrics::new();
+    m.sink_target("primary");
+    assert_lines(&encoded(&m), &["# TYPE evictd_sink_up gauge", r#"evictd_sink_up{target="primary"} 0"#]);
+    m.set_sink_up("primary", true);
+    assert_lines(&encoded(&m), &[r#"evictd_sink_up{target="primary"} 1"#]);
+    m.set_sink_up("primary", false);
+    assert_lines(&encoded(&m), &[r#"evictd_sink_up{target="primary"} 0"#]);
+}
+
+#[test]
+fn kafka_partition_offsets_are_set_together_and_forgotten_on_revocation() {
+    let m = Metrics::new();
+    let offsets = KafkaOffsets { position: Some(120), committed: Some(100), high_watermark: Some(130), lag: Some(30) };
+    m.kafka_partition("db.shop.products", 2, Some(&offsets));
+    m.kafka_partition("db.shop.skus", 0, Some(&KafkaOffsets { position: Some(4), ..KafkaOffsets::default() }));
+    assert_lines(
+        &encoded(&m),
+        &[
+            "# TYPE evictd_kafka_position_offset gauge",
+            r#"evictd_kafka_position_offset{topic="db.shop.products",partition="2"} 120"#,
+            r#"evictd_kafka_committed_offset{topic="db.shop.products",partition="2"} 100"#,
+            r#"evictd_kafka_high_watermark_offset{topic="db.shop.products",partition="2"} 130"#,
+            r#"evictd_kafka_consumer_lag_messages{topic="db.shop.products",partition="2"} 30"#,
+            r#"evictd_kafka_position_offset{topic="db.shop.skus",partition="0"} 4"#,
+        ],
+    );
+    m.kafka_partition("db.shop.products", 2, None);
+    let text = encoded(&m);
+    assert!(!text.contains(r#"topic="db.shop.products""#), "revoked partition still exposed:\n{text}");
+    // Unknown offsets were never exposed for the other partition either.
+    assert!(!text.contains(r#"evictd_kafka_committed_offset{topic="db.shop.skus""#), "{text}");
+    assert_lines(&text, &[r#"evictd_kafka_position_offset{topic="db.shop.skus",partition="0"} 4"#]);
+}
+
+/// The value of the one sample of `name` (no labels).
+fn sample(text: &str, name: &str) -> f64 {
+    let line = text.lines().find(|l| l.strip_prefix(name).is_some_and(|rest| rest.starts_with(' ')));
+    line.and_then(|l| l.split_whitespace().nth(1)).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN)
+}
+
+#[test]
+fn progress_and_change_timestamps_start_at_zero_and_take_the_current_unix_time() {
+    let m = Metrics::new();
+    let text = encoded(&m);
+    assert_lines(&text, &["# TYPE evictd_last_progress_timestamp_seconds gauge"]);
+    assert_lines(&text, &["# UNIT evictd_last_change_timestamp_seconds seconds"]);
+    assert_eq!(sample(&text, "evictd_last_progress_timestamp_seconds"), 0.0);
+    assert_eq!(sample(&text, "evictd_last_change_timestamp_seconds"), 0.0);
+    let before = unix_now_seconds();
+    m.change_arrived();
+    let between = unix_now_seconds();
+    m.progressed();
+    let after = unix_now_seconds();
+    let text = encoded(&m);
+    let change = sample(&text, "evictd_last_change_timestamp_seconds");
+    let progress = sample(&text, "evictd_last_progress_timestamp_seconds");
+    assert!(before <= change && change <= between, "{before} <= {change} <= {between}");
+    assert!(between <= progress && progress <= after, "{between} <= {progress} <= {after}");
+}
+
+#[test]
+fn refused_http_connections_are_counted() {
+    let m = Metrics::new();
+    assert_lines(&encoded(&m), &["evictd_http_connections_refused_total 0"]);
+    m.http_connection_refused();
+    assert_lines(&encoded(&m), &["evictd_http_connections_refused_total 1"]);
+}
+
+mod process_metrics {
+    use prometheus_client::collector::Collector;
+    use prometheus_client::encoding::DescriptorEncoder;
+    use prometheus_client::registry::Registry;
+
+    use super::super::process::{
+        ProcessSample, Stat, encode_sample, parse_boot_time, parse_max_fds, parse_stat, status_kib,
+    };
+    use super::{assert_lines, encoded, sample};
+    use crate::metrics::Metrics;
+
+    #[derive(Debug)]
+    struct Fixed(ProcessSample);
+
+    impl Collector for Fixed {
+        fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+            encode_sample(&self.0, &mut encoder)
+        }
+    }
+
+    fn text_of(sample: ProcessSample) -> String {
+        let mut registry = Registry::default();
+        registry.register_collector(Box::new(Fixed(sample)));
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
+        text
+    }
+
+    #[test]
+    fn each_read_value_is_exposed_under_its_standard_name() {
+        let text = text_of(ProcessSample {
+            cpu_seconds: Some(12.34),
+            resident_bytes: Some(25 << 20),
+            virtual_bytes: Some(900 << 20),
+            open_fds: Some(17),
+            max_fds: Some(1_048_576),
+            start_time_seconds: Some(1_764_000_000.25),
+        });
+        assert_lines(
+            &text,
+            &[
+                "# TYPE process_cpu_seconds counter",
+                "# UNIT process_cpu_seconds seconds",
+                "process_cpu_seconds_total 12.34",
+                "# TYPE process_resident_memory_bytes gauge",
+                "process_resident_memory_bytes 26214400",
+                "process_virtual_memory_bytes 943718400",
+                "process_open_fds 17",
+                "process_max_fds 1048576",
+                "# TYPE process_start_time_seconds gauge",
+                "process_start_time_seconds 1764000000.25",
+            ],
+        );
+    }
+
+    #[test]
+    fn what_could_not_be_read_is_left_out_and_the_scrape_still_succeeds() {
+        let text = text_of(ProcessSample { open_fds: Some(3), ..ProcessSample::default() });
+        assert_lines(&text, &["process_open_fds 3"]);
+        assert!(!text.contains("process_cpu") && !text.contains("process_max_fds"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "{text}");
+    }
+
+    #[test]
+    fn proc_files_parse_as_proc5_describes_them() {
+        // A comm with spaces and parentheses: fields count from the last `)`.
+        let stat = "4242 (evictd (x) y) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 0 0 20 0 9 0 98765 912345678 6400 18446744073709551615 1 1 0 0 0 0 0 4096 17664 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(parse_stat(stat), Some(Stat { utime: 250, stime: 75, starttime: 98765 }));
+        assert_eq!(parse_stat("4242 (evictd) S 1"), None, "too few fields");
+        assert_eq!(parse_boot_time("cpu  1 2 3\nbtime 1764000000\nprocesses 9\n"), Some(1_764_000_000));
+        let status = "Name:\tevictd\nVmSize:\t  921600 kB\nVmRSS:\t   25600 kB\n";
+        assert_eq!(status_kib(status, "VmRSS:"), Some(25600));
+        assert_eq!(status_kib(status, "VmSize:"), Some(921_600));
+        assert_eq!(status_kib(status, "VmSwap:"), None);
+        let limits = "Limit                     Soft Limit           Hard Limit           Units     \nMax open files            1024                 524288               files     \n";
+        assert_eq!(parse_max_fds(limits), Some(1024));
+        assert_eq!(parse_max_fds("Max open files            unlimited            unlimited            files\n"), None);
+    }
+
+    /// On Linux the real `/proc/self` is read at each scrape.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn a_scrape_reads_this_process_from_proc() {
+        let m = Metrics::new();
+        let text = encoded(&m);
+        for name in ["process_resident_memory_bytes", "process_virtual_memory_bytes", "process_open_fds"] {
+            assert!(sample(&text, name) > 0.0, "{name} in:\n{text}");
+        }
+        assert!(sample(&text, "process_max_fds") >= sample(&text, "process_open_fds"), "{text}");
+        assert!(sample(&text, "process_cpu_seconds_total") >= 0.0, "{text}");
+        let start = sample(&text, "process_start_time_seconds");
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
+        // Started before now, and not before this test binary could have (a day back).
+        assert!(start <= now + 1.0 && start > now - 86_400.0, "start {start}, now {now}");
     }
 }

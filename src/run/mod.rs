@@ -215,6 +215,7 @@ impl Assemble for Assembler<'_> {
 
     fn add(&mut self, transaction: &mut TransactionEffects, change: Change) {
         self.metrics.changes_received(&change.table, change.op, 1);
+        self.metrics.change_arrived();
         let span = tracing::trace_span!("change", position = %change.position, table = %change.table, op = %change.op);
         let resolution = span.in_scope(|| self.resolver.resolve(&change));
         transaction.add(self.graph, change, resolution);
@@ -277,6 +278,8 @@ where
                     Action::Acknowledge(position) => {
                         tracing::debug!(%position, "acknowledging");
                         source.acknowledge(&position).await.map_err(RunError::Source)?;
+                        // The session asks only for positions past the last.
+                        self.metrics.progressed();
                         // The broadcast's applied position (read your writes).
                         self.sink.acknowledged(&position);
                         if let Some(lsn) = position.lsn() {

@@ -39,7 +39,7 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::change::{Lsn, Position};
-use crate::config::BroadcastConfig;
+use crate::config::{BroadcastConfig, Transport};
 use crate::resolve::Effect;
 use crate::sink::SinkBatch;
 
@@ -110,6 +110,17 @@ impl<'a> PositionJson<'a> {
             }
             Position::File { line } => PositionJson::File { line: *line },
         }
+    }
+}
+
+/// The transports one publish goes out on, as the `transport` label of
+/// `evictd_broadcast_publishes_total` names them (`both`: one script call
+/// publishes on pub/sub and appends to the stream).
+pub(crate) fn transports(transport: Transport) -> &'static [&'static str] {
+    match transport {
+        Transport::Both => &["pubsub", "stream"],
+        Transport::PubSub => &["pubsub"],
+        Transport::Stream => &["stream"],
     }
 }
 

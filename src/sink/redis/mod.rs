@@ -74,7 +74,7 @@ use self::error::Errors;
 use self::layout::Scripts;
 use crate::change::{Lsn, Position};
 use crate::config::{BroadcastConfig, Durability, RedisTarget};
-use crate::metrics::Metrics;
+use crate::metrics::{BroadcastKind, Metrics};
 use crate::sink::{Sink, SinkBatch, SinkError};
 
 /// How a [`RedisSink`] behaves.
@@ -220,6 +220,9 @@ impl RedisSink {
     /// Records this sink's own counts (keys invalidated without a stamp)
     /// in `metrics`; the first call wins.
     pub(crate) fn observe(&self, metrics: Arc<Metrics>) {
+        if let Some(config) = &self.inner.broadcast {
+            metrics.broadcast_target(&self.inner.name, broadcast::transports(config.transport));
+        }
         let _ = self.inner.metrics.set(metrics);
     }
 
@@ -345,9 +348,18 @@ impl RedisSink {
         pipe.add_command(script);
         let what = format!("publishing on {}", config.channel);
         // No durability wait: a lost message is a gap subscribers repair.
-        let reply = inner.runner_without_wait().pipeline(&what, &mut pipe).await?;
-        tracing::debug!(channel = %config.channel, seq = ?reply.first(), "broadcast");
+        let reply = inner.runner_without_wait().pipeline(&what, &mut pipe).await;
+        self.count_publish(broadcast::transports(config.transport), BroadcastKind::Batch, reply.is_ok());
+        tracing::debug!(channel = %config.channel, seq = ?reply?.first(), "broadcast");
         Ok(())
+    }
+
+    /// Counts one publish (`evictd_broadcast_publishes_total`), once the
+    /// daemon attached its metrics.
+    fn count_publish(&self, transports: &[&'static str], kind: BroadcastKind, ok: bool) {
+        if let Some(metrics) = self.inner.metrics.get() {
+            metrics.broadcast_published(&self.inner.name, transports, kind, ok);
+        }
     }
 
     /// The publish script with its keys and arguments up to ARGV 9.
@@ -386,7 +398,11 @@ impl RedisSink {
         let mut pipe = redis::pipe();
         pipe.add_command(self.publish_cmd(config, "heartbeat", String::new(), tail, false));
         let what = format!("heartbeat on {}", config.channel);
-        let reply = inner.runner_without_wait().pipeline(&what, &mut pipe).await?;
+        let reply = inner.runner_without_wait().pipeline(&what, &mut pipe).await;
+        // On the stream-only transport a heartbeat publishes nothing.
+        let transports: &[&'static str] = if config.transport.pubsub() { &["pubsub"] } else { &[] };
+        self.count_publish(transports, BroadcastKind::Heartbeat, reply.is_ok());
+        let reply = reply?;
         Ok(match reply.first() {
             Some(redis::Value::Int(seq)) => u64::try_from(*seq).ok(),
             _ => None,

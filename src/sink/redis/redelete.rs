@@ -5,7 +5,8 @@
 //! **Invariants:** scheduled only after the batch was confirmed; never part
 //! of the acknowledgement (a crash loses pending second deletes, which is
 //! acceptable: they narrow a race, they do not carry an invalidation);
-//! failures are logged and counted, never retried. At most
+//! failures are logged and counted (`evictd_sink_second_delete_failures_total`),
+//! never retried. At most
 //! [`MAX_PENDING_KEYS`] keys wait at once per target: past that, further
 //! second deletes are skipped, counted and logged rather than held without
 //! bound (the first delete already happened; holding the stream back for a
@@ -68,6 +69,9 @@ pub(super) fn schedule(inner: &Arc<Inner>, batch_id: u64, after_ms: u64, mut key
                 Ok(()) => tracing::debug!("second delete done"),
                 Err(e) => {
                     inner.redelete_failures.fetch_add(1, Ordering::Relaxed);
+                    if let Some(metrics) = inner.metrics.get() {
+                        metrics.second_delete_failed(&inner.name);
+                    }
                     tracing::warn!(error = %e, "second delete failed (best-effort, not retried)");
                 }
             }

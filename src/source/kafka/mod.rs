@@ -58,7 +58,7 @@ use super::debezium::{self, DecodeOptions, Decoded, TableKeys};
 use super::{RawMessage, Source, SourceError, SourceEvent, Undecodable, UndecodableReason};
 use crate::change::{Change, Operation, Position};
 use crate::config::{KafkaSource as KafkaConfig, OnOffsetReset, SnapshotReads};
-use crate::metrics::Metrics;
+use crate::metrics::{KafkaOffsets, Metrics};
 
 /// librdkafka defaults evictd chooses (each can be overridden in
 /// `source.kafka.properties`).
@@ -128,6 +128,24 @@ fn gap_resume_offset(next: Option<i64>, low: i64, high: i64) -> Option<i64> {
     }
 }
 
+/// One partition's offsets from librdkafka's statistics, where negative
+/// means unknown (librdkafka's `-1001`, `-1`). All four come from the same
+/// report, so that the lag is exactly the high watermark minus the
+/// committed offset; before the group's first commit of the partition it
+/// is counted from the offset stored for it (acknowledged, not committed
+/// yet), and with neither it is unknown.
+pub(crate) fn partition_offsets(app: i64, committed: i64, high: i64, stored: i64) -> KafkaOffsets {
+    let known = |offset: i64| (offset >= 0).then_some(offset);
+    let high_watermark = known(high);
+    let acknowledged = known(committed).or(known(stored));
+    KafkaOffsets {
+        position: known(app),
+        committed: known(committed),
+        high_watermark,
+        lag: high_watermark.zip(acknowledged).map(|(high, acknowledged)| high.saturating_sub(acknowledged).max(0)),
+    }
+}
+
 /// Rebalances, statistics and librdkafka's logs.
 pub(crate) struct KafkaContext {
     metrics: Arc<Metrics>,
@@ -165,8 +183,9 @@ impl ClientContext for KafkaContext {
         let assigned = self.assigned();
         for (topic, t) in &statistics.topics {
             for (partition, p) in &t.partitions {
-                if *partition >= 0 && assigned.contains(&(topic.clone(), *partition)) && p.consumer_lag_stored >= 0 {
-                    self.metrics.kafka_lag(topic, *partition, Some(p.consumer_lag_stored));
+                if *partition >= 0 && assigned.contains(&(topic.clone(), *partition)) {
+                    let offsets = partition_offsets(p.app_offset, p.committed_offset, p.hi_offset, p.stored_offset);
+                    self.metrics.kafka_partition(topic, *partition, Some(&offsets));
                 }
             }
         }
@@ -222,7 +241,7 @@ impl ConsumerContext for KafkaContext {
                 let mut assigned = self.assigned();
                 for element in list.elements() {
                     assigned.remove(&(element.topic().to_owned(), element.partition()));
-                    self.metrics.kafka_lag(element.topic(), element.partition(), None);
+                    self.metrics.kafka_partition(element.topic(), element.partition(), None);
                 }
                 tracing::info!(partitions = %describe(list), "partitions revoked");
             }
@@ -734,5 +753,25 @@ mod tests {
         assert_eq!(client.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(client.get("auto.offset.reset"), Some("error"), "a gap is an error event, never a jump");
         assert_eq!(client.get("group.id"), Some("g"));
+    }
+
+    #[test]
+    fn the_lag_is_the_high_watermark_minus_the_committed_offset_of_the_same_report() {
+        let o = partition_offsets(120, 100, 130, 115);
+        assert_eq!(
+            o,
+            KafkaOffsets { position: Some(120), committed: Some(100), high_watermark: Some(130), lag: Some(30) }
+        );
+        assert_eq!(o.lag, o.high_watermark.zip(o.committed).map(|(h, c)| h - c));
+    }
+
+    #[test]
+    fn before_the_first_commit_the_lag_counts_from_the_stored_offset_and_unknowns_stay_unset() {
+        let o = partition_offsets(12, -1001, 40, 10);
+        assert_eq!(o, KafkaOffsets { position: Some(12), committed: None, high_watermark: Some(40), lag: Some(30) });
+        let none = partition_offsets(-1001, -1001, -1, -1001);
+        assert_eq!(none, KafkaOffsets::default());
+        // A high watermark behind the committed offset (a stale report) is no lag.
+        assert_eq!(partition_offsets(5, 50, 40, 50).lag, Some(0));
     }
 }
