@@ -156,6 +156,8 @@ fi
 mapfile -t extra < <(server_extras ${servers[@]+"${servers[@]}"})
 # The clients' own tests (clients/*/test.sh): Python's venv, Node and npm.
 extra+=(python3-venv node:nodejs npm:npm)
+# The monitoring check (scripts/monitoring-test.sh): Prometheus and promtool.
+extra+=(promtool:prometheus prometheus:prometheus python3-yaml)
 ensure_packages ${extra[@]+"${extra[@]}"}
 
 if command -v rustup >/dev/null; then
@@ -391,6 +393,10 @@ if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
   # release build would add minutes on 2 cores; the assembly and the runtime
   # are the same), run with runc as UID 65532 on a read-only root.
   script_check "container image" bash "$ROOT/scripts/image-test.sh" --binary "$ROOT/target/debug/evictd"
+  # promtool on the alert rules and their unit tests, then a live Prometheus
+  # scraping two evictd (Postgres and Kafka sources) under load: every
+  # dashboard query and alert signal must return values.
+  script_check "monitoring" env EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/monitoring-test.sh"
   # Every overlay rendered and validated against three Kubernetes versions.
   script_check "kubernetes manifests" env EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/deploy-test.sh"
 fi
