@@ -11,7 +11,7 @@ use evictd::sink::redis::Envelope;
 use futures_util::StreamExt as _;
 
 use super::redis_support::{Kind, Probe, unique, urls};
-use super::support::{evictd, pg_url, stderr, stdout};
+use super::support::{TestDb, evictd, pg_url, stderr, stdout};
 
 /// A graph whose names end in `_<s>`: `item` (delete), `page` embeds
 /// `item`, `listing` (tags `item:<s>:{id}`), `price` (bump).
@@ -56,6 +56,13 @@ struct Setup {
 
 impl Setup {
     fn new() -> Setup {
+        let redis = format!("url = \"{}\"", urls(Kind::Standalone)[0]);
+        Setup::with(graph, &pg_url(), &redis)
+    }
+
+    /// A config with `graph(suffix)`, the source (and look-up) database at
+    /// `pg`, and `redis` as the `[redis.primary]` connection lines.
+    fn with(graph: fn(&str) -> String, pg: &str, redis: &str) -> Setup {
         let s = unique();
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("graph.toml"), graph(&s)).unwrap();
@@ -71,11 +78,9 @@ url = "{pg}"
 slot = "unused_{s}"
 publication = "unused_{s}"
 [redis.primary]
-url = "{redis}"
+{redis}
 broadcast_channel = "{channel}"
-"#,
-            pg = pg_url(),
-            redis = urls(Kind::Standalone)[0],
+"#
         );
         std::fs::write(dir.path().join("evictd.toml"), config).unwrap();
         Setup { dir, s, channel }
@@ -272,4 +277,102 @@ async fn the_broadcast_carries_the_invalidation_and_the_audit_stream_records_it(
     assert!(ours["blast_radius"].contains(&t.key("page", "9")), "{ours:?}");
     assert!(stderr(&out).contains("operator action"), "{}", stderr(&out));
     assert!(Path::new(&t.config()).exists());
+}
+
+/// `author` (direct), `article` embeds `author` through a look-up.
+fn lookup_graph(s: &str) -> String {
+    format!(
+        r#"
+[tables."app.authors"]
+key = ["id"]
+columns = ["id"]
+
+[tables."app.articles"]
+key = ["id"]
+columns = ["id", "author_id"]
+
+[caches.author_{s}]
+key = "author:{s}:{{id}}"
+[[caches.author_{s}.depends]]
+table = "app.authors"
+
+[caches.article_{s}]
+key = "article:{s}:{{id}}"
+[[caches.article_{s}.depends]]
+table = "app.articles"
+[[caches.article_{s}.depends]]
+embeds = "author_{s}"
+lookup = {{ query = "SELECT id FROM app.articles WHERE author_id = ANY($1)", arg = "id" }}
+"#
+    )
+}
+
+#[tokio::test]
+async fn a_key_follows_embeds_through_look_ups_on_the_database() {
+    let db = TestDb::new("inv").await;
+    db.run_sql(
+        "CREATE SCHEMA app; CREATE TABLE app.articles (id int PRIMARY KEY, author_id int);
+         INSERT INTO app.articles VALUES (10, 1), (11, 1), (12, 2);",
+    )
+    .await;
+    let redis = format!("url = \"{}\"", urls(Kind::Standalone)[0]);
+    let t = Setup::with(lookup_graph, &db.url, &redis);
+    let probe = Probe::new(Kind::Standalone).await;
+    let key = |cache: &str, id: u32| format!("{cache}:{}:{id}", t.s);
+    let (author1, a10, a11, a12) = (key("author", 1), key("article", 10), key("article", 11), key("article", 12));
+    fill(&probe, &[&author1, &a10, &a11, &a12]).await;
+
+    let out = t.run(&["--key", &author1, "--dry-run"]);
+    ok(&out);
+    assert!(stdout(&out).contains(&a10) && stdout(&out).contains(&a11), "{}", stdout(&out));
+    assert!(probe.exists(&a10).await, "a dry run changes nothing");
+
+    ok(&t.run(&["--key", &author1]));
+    assert!(!probe.exists(&author1).await && !probe.exists(&a10).await && !probe.exists(&a11).await);
+    assert!(probe.exists(&a12).await, "another author's article is left alone");
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_key_and_a_tag_on_a_cluster() {
+    let redis = format!("url = \"{}\"\ncluster = true", urls(Kind::Cluster).join(","));
+    let t = Setup::with(graph, &pg_url(), &redis);
+    let probe = Probe::new(Kind::Cluster).await;
+    let (item1, page1, item2) = (t.key("item", "1"), t.key("page", "1"), t.key("item", "2"));
+    fill(&probe, &[&item1, &page1, &item2]).await;
+    ok(&t.run(&["--key", &item1]));
+    assert!(!probe.exists(&item1).await && !probe.exists(&page1).await);
+    assert!(probe.exists(&item2).await);
+
+    let tag = format!("item:{}:5", t.s);
+    let (a, b) = (t.key("listing", "a"), t.key("listing", "b"));
+    register(&probe, &tag, &a).await;
+    register(&probe, &tag, &b).await;
+    let out = t.run(&["--tag", &tag, "--dry-run"]);
+    ok(&out);
+    assert!(stdout(&out).contains("2 key(s) registered now"), "{}", stdout(&out));
+    ok(&t.run(&["--tag", &tag]));
+    assert!(!probe.exists(&a).await && !probe.exists(&b).await);
+}
+
+#[tokio::test]
+async fn the_audit_log_line_takes_the_daemons_json_format() {
+    let t = Setup::new();
+    let mut config = std::fs::read_to_string(t.config()).unwrap();
+    config.push_str("\n[log]\nformat = \"json\"\n");
+    std::fs::write(t.config(), config).unwrap();
+    let key = t.key("item", "4");
+    let out = t.run(&["--key", &key]);
+    ok(&out);
+    let line = stderr(&out)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|j| j["target"] == "evictd::audit")
+        .unwrap_or_else(|| panic!("no JSON audit line in:\n{}", stderr(&out)));
+    let fields = &line["fields"];
+    assert_eq!(fields["message"], "operator action");
+    assert_eq!(fields["value"], key.as_str());
+    assert_eq!(fields["outcome"], "applied");
+    assert!(fields["uid"].as_str().is_some_and(|u| !u.is_empty()), "{line}");
+    assert!(fields["blast_radius"].as_str().unwrap().contains(&t.key("page", "4")), "{line}");
 }
