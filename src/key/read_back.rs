@@ -58,7 +58,8 @@ impl KeyTemplate {
             }
         }
         let mut bound = vec![None; self.params.len()];
-        if !step(&items, 0, key, 0, false, &mut bound) {
+        let mut budget = STEP_BUDGET;
+        if !step(&items, 0, key, 0, false, &mut bound, &mut budget) {
             return None;
         }
         let out: Vec<ReadBack> = bound
@@ -86,6 +87,11 @@ impl KeyTemplate {
     }
 }
 
+/// Most matching steps one key may take: adjacent placeholders with no
+/// separator between them (`{a}{b}`) backtrack over every split, so a
+/// long key against such a template gives up rather than hang.
+const STEP_BUDGET: u32 = 100_000;
+
 /// An integer in canonical decimal reads back as one (it renders the same,
 /// and binds to a look-up's `$1` as the daemon binds it); text otherwise.
 fn typed(text: String) -> Value {
@@ -97,27 +103,42 @@ fn typed(text: String) -> Value {
 
 /// Matches `items[i..]` against `key[pos..]`, binding parameters; `started`:
 /// an entry of the current query section was written (the next needs `&`).
-fn step(items: &[Item<'_>], i: usize, key: &str, pos: usize, started: bool, bound: &mut Vec<Option<Bound>>) -> bool {
+fn step(
+    items: &[Item<'_>],
+    i: usize,
+    key: &str,
+    pos: usize,
+    started: bool,
+    bound: &mut Vec<Option<Bound>>,
+    budget: &mut u32,
+) -> bool {
+    if *budget == 0 {
+        return false;
+    }
+    *budget -= 1;
     let Some(item) = items.get(i) else {
         return pos == key.len();
     };
     let rest = &key[pos..];
     match item {
-        Item::Literal(text) => rest.starts_with(text) && step(items, i + 1, key, pos + text.len(), false, bound),
-        Item::Value(ph) => value(items, i, key, pos, ph, false, bound),
+        Item::Literal(text) => {
+            rest.starts_with(text) && step(items, i + 1, key, pos + text.len(), false, bound, budget)
+        }
+        Item::Value(ph) => value(items, i, key, pos, ph, false, bound, budget),
         Item::Entry { ph, name, first } => {
             let started = started && !first;
             // Left out: NULL or absent.
-            if step(items, i + 1, key, pos, started, bound) {
+            if step(items, i + 1, key, pos, started, bound, budget) {
                 return true;
             }
             let prefix = format!("{}{name}=", if started { "&" } else { "" });
-            rest.starts_with(&prefix) && value(items, i, key, pos + prefix.len(), ph, true, bound)
+            rest.starts_with(&prefix) && value(items, i, key, pos + prefix.len(), ph, true, bound, budget)
         }
     }
 }
 
 /// Tries every end of a value starting at `pos`, longest first.
+#[allow(clippy::too_many_arguments)]
 fn value(
     items: &[Item<'_>],
     i: usize,
@@ -126,6 +147,7 @@ fn value(
     ph: &Placeholder,
     in_query: bool,
     bound: &mut Vec<Option<Bound>>,
+    budget: &mut u32,
 ) -> bool {
     for end in value_ends(&key[pos..]).into_iter().rev() {
         let Some(text) = unescape(&key[pos..pos + end]) else { continue };
@@ -137,7 +159,7 @@ fn value(
             (Some(Bound::Normalised), _) | (Some(_), Bound::Normalised) => {}
             _ => continue,
         }
-        if step(items, i + 1, key, pos + end, in_query, bound) {
+        if step(items, i + 1, key, pos + end, in_query, bound, budget) {
             return true;
         }
         bound[ph.param] = before;
@@ -231,6 +253,16 @@ mod tests {
             read("search:{q}?{?page,lang}", "search:boots?lang=en&page=2"),
             Some(vec![text("boots"), ReadBack::Value(Value::Int(2)), text("en")])
         );
+    }
+
+    #[test]
+    fn adjacent_placeholders_on_a_long_key_give_up_in_bounded_time() {
+        let key = "x".repeat(5_000);
+        let started = std::time::Instant::now();
+        // Any split matches the first time; a key no split can match gives up.
+        assert!(read("{a}{b}{c}{d}", &key).is_some());
+        assert_eq!(read("{a}{b}{c}{d}:", &key), None);
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }
 
     #[test]
