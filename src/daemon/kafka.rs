@@ -61,11 +61,13 @@ pub(crate) struct ClientRejected {
 /// (the operator's `source.kafka.properties` with evictd's own settings,
 /// exactly as the source builds it): every property is set, which refuses
 /// unknown names and bad values, then a consumer is created and dropped at
-/// once, which refuses what only a client sees. `run` does this before it
+/// once, which refuses what only a client sees (TLS files it cannot read,
+/// say). The consumer gets no brokers, so it contacts nothing (`check
+/// --offline` must not resolve or connect). `run` does this before it
 /// creates any Kafka client and `check` does it too; config validation
 /// does not, since it creates no client.
 pub(crate) fn check_client(file: &Path, kafka: &KafkaConfig) -> Result<(), ClientRejected> {
-    client_config(kafka).create::<BaseConsumer>().map(drop).map_err(|source| {
+    checked_client_config(kafka).create::<BaseConsumer>().map(drop).map_err(|source| {
         let field = match &source {
             KafkaError::ClientConfig(_, _, key, _) if kafka.properties.contains_key(key) => {
                 format!("source.kafka.properties.\"{key}\"")
@@ -74,6 +76,14 @@ pub(crate) fn check_client(file: &Path, kafka: &KafkaConfig) -> Result<(), Clien
         };
         ClientRejected { file: file.display().to_string(), field, source: Box::new(source) }
     })
+}
+
+/// The consumer's configuration as [`check_client`] judges it: everything
+/// but the brokers, so that the judgement contacts nothing.
+fn checked_client_config(kafka: &KafkaConfig) -> rdkafka::ClientConfig {
+    let mut config = client_config(kafka);
+    config.remove("bootstrap.servers");
+    config
 }
 
 /// Consumers of the group, one after another.
@@ -160,5 +170,15 @@ mod tests {
     #[test]
     fn accepted_properties_pass() {
         check_client(Path::new("evictd.toml"), &with_property("session.timeout.ms", "6000")).unwrap();
+    }
+
+    /// `check --offline` must not resolve or connect to the brokers: the
+    /// judged consumer has none (with them, librdkafka resolved the names
+    /// of a Deployment's brokers on a CI machine and logged errors).
+    #[test]
+    fn the_judged_consumer_has_no_brokers_to_contact() {
+        let kafka = with_property("session.timeout.ms", "6000");
+        assert!(client_config(&kafka).get("bootstrap.servers").is_some());
+        assert_eq!(checked_client_config(&kafka).get("bootstrap.servers"), None);
     }
 }
