@@ -23,8 +23,21 @@
 //!   version=0.0.4`, Prometheus would parse it with the classic parser, which
 //!   would not match the counters' `# TYPE` lines to their samples.
 //!
-//! [`serve`] takes its listener (bound by the caller) and a shutdown token,
-//! as mini-redis's `server::run` does.
+//! The sinks' reachability in [`Health`] is also the `evictd_sink_up` gauge
+//! ([`Health::export_to`]), so that `/readyz` and the metric never disagree.
+//!
+//! [`serve_with`] takes its listener (bound by the caller), its
+//! [`ServerLimits`] and a shutdown token, as mini-redis's `server::run`
+//! does. Each connection is served by hyper's HTTP/1.1 with keep-alive.
+//! **Invariants:** a connection holds one of `max_connections` slots from
+//! accept to close, and one more is answered 503 and closed at once
+//! (refused, not queued: a flood then costs no memory or descriptors past
+//! the cap, and the client learns at once); no connection outlives its
+//! limits: a request head must arrive within `header_read_timeout` (an idle
+//! keep-alive connection waits for one too), and once it is read the answer
+//! must be produced and written within `request_timeout`, so a client that
+//! sends half a request, or stops reading, cannot hold a slot. The routes
+//! only read: nothing served changes any state.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
