@@ -74,7 +74,8 @@ async fn scrape(address: std::net::SocketAddr) -> String {
 async fn an_applied_change_is_counted_as_published_received_and_acknowledged() {
     let url = redis_url();
     let channel = format!("evictd-test-metrics:{}", std::process::id());
-    let extra = format!("[redis.primary]\nurl = \"{url}\"\nbroadcast_channel = \"{channel}\"\n");
+    let extra =
+        format!("[redis.primary]\nurl = \"{url}\"\nbroadcast_channel = \"{channel}\"\nbroadcast_heartbeat_ms = 200\n");
     let mut d = Daemon::custom(&super::support::pg_url(), &url, SCHEMA, graph, &extra).await;
     d.sql("INSERT INTO app.items VALUES (1, 'a')").await;
     d.start().await;
@@ -109,6 +110,9 @@ async fn an_applied_change_is_counted_as_published_received_and_acknowledged() {
         );
         assert!(sample(&text, &series).is_some_and(|n| n >= 1.0), "{series} in:\n{text}");
     }
+    let heartbeats =
+        r#"evictd_broadcast_publishes_total{target="primary",transport="pubsub",kind="heartbeat",outcome="ok"}"#;
+    assert!(sample(&text, heartbeats).is_some_and(|n| n >= 1.0), "{heartbeats} in:\n{text}");
     let change = sample(&text, "evictd_last_change_timestamp_seconds").unwrap();
     assert!((changed_at - 1.0..changed_at + 30.0).contains(&change), "change at {change}, committed at {changed_at}");
     assert_eq!(sample(&text, r#"evictd_sink_up{target="primary"}"#), Some(1.0), "{text}");
