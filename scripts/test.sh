@@ -156,6 +156,8 @@ fi
 mapfile -t extra < <(server_extras ${servers[@]+"${servers[@]}"})
 # The clients' own tests (clients/*/test.sh): Python's venv, Node and npm.
 extra+=(python3-venv node:nodejs npm:npm)
+# The monitoring check (scripts/monitoring-test.sh): Prometheus and promtool.
+extra+=(promtool:prometheus prometheus:prometheus python3-yaml)
 ensure_packages ${extra[@]+"${extra[@]}"}
 
 if command -v rustup >/dev/null; then
@@ -366,6 +368,37 @@ if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
   else
     echo "test result: FAILED. 0 passed; 1 failed (fault drill)" >>"$TEST_LOG"
   fi
+fi
+
+# The deployment checks (issue 15): each a script that exits non-zero on a
+# failure and counts as one test in the closing line. They run after the drill,
+# each against the same servers (the image's `evictd run` too), and do not stop
+# the run at their first failure, so that every one of them reports.
+script_check() {
+  local name="$1"
+  shift
+  section "$name"
+  echo "+ $*" >&2
+  if "$@"; then
+    echo "test result: ok. 1 passed; 0 failed ($name)" >>"$TEST_LOG"
+  else
+    echo "test result: FAILED. 0 passed; 1 failed ($name)" >>"$TEST_LOG"
+  fi
+}
+if [ "$#" -eq 0 ] && [ "$DRY_RUN" != 1 ]; then
+  # docs/tutorial.md's blocks, run as a reader types them (a database, slot
+  # and Redis db of its own).
+  script_check tutorial env EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/tutorial-test.sh"
+  # The container image, built around the debug binary this run tested (a
+  # release build would add minutes on 2 cores; the assembly and the runtime
+  # are the same), run with runc as UID 65532 on a read-only root.
+  script_check "container image" bash "$ROOT/scripts/image-test.sh" --binary "$ROOT/target/debug/evictd"
+  # promtool on the alert rules and their unit tests, then a live Prometheus
+  # scraping two evictd (Postgres and Kafka sources) under load: every
+  # dashboard query and alert signal must return values.
+  script_check "monitoring" env EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/monitoring-test.sh"
+  # Every overlay rendered and validated against three Kubernetes versions.
+  script_check "kubernetes manifests" env EVICTD_BIN="$ROOT/target/debug/evictd" bash "$ROOT/scripts/deploy-test.sh"
 fi
 
 # Sum cargo's "test result:" lines into the closing line CI reads.

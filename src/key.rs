@@ -24,6 +24,9 @@
 //! declared normaliser (`lower`, `trim`, `sha256`…) maps distinct values to
 //! one key, on purpose.
 
+#[cfg(feature = "daemon")]
+pub(crate) mod read_back;
+
 use std::collections::HashMap;
 use std::fmt::{self, Write as _};
 use std::sync::Arc;

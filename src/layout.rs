@@ -49,6 +49,13 @@ pub fn tag_key(tag: &str) -> String {
     format!("{TAG_PREFIX}{{{tag}}}")
 }
 
+/// The stream of operator actions (`evictd invalidate`): one entry per
+/// action and target, trimmed to about [`AUDIT_STREAM_MAX_LEN`] entries.
+pub const AUDIT_STREAM: &str = "evictd:audit";
+
+/// About how many entries [`AUDIT_STREAM`] keeps (`XADD MAXLEN ~`).
+pub const AUDIT_STREAM_MAX_LEN: u64 = 10_000;
+
 /// Prefix of fill-guard stamps.
 pub(crate) const GUARD_PREFIX: &str = "evictd:guard:";
 

@@ -2,7 +2,7 @@
 /healthz port, restarted when it dies, and killed by a liveness probe that
 fails three times in a row (Kubernetes' `failureThreshold`).
 
-The probe here is quicker than deploy/kubernetes/deployment.yaml's
+The probe here is quicker than deploy/kubernetes/base/deployment.yaml's
 (period 10 s, timeout 2 s, 3 failures): `probe_period` and `probe_timeout`
 set it, and the drill reports which of the lease and the probe ended a
 freeze. A replica that died is started again after `restart_delay` seconds

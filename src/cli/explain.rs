@@ -264,6 +264,8 @@ fn cause_text(cause: &Cause) -> String {
         }
         Cause::EmbeddedBump => "embedded cache's namespace bumped".to_owned(),
         Cause::LookupFailed => "look-up failed: the change was dead-lettered".to_owned(),
+        Cause::Operator => "operator".to_owned(),
+        Cause::OperatorUnknownParam { param } => format!("operator: `{param}` unknown (normalised in the key)"),
     }
 }
 

@@ -17,6 +17,12 @@
 //! - evictd's migrations not yet applied are a note, or an error when
 //!   `dead_letter.migrations = "verify"` (then `run` would refuse).
 //!
+//! - the server's settings `run` refuses: `wal_level` other than `logical`,
+//!   a role without `REPLICATION`, are errors;
+//! - tables whose caches read non-key columns of old rows without `REPLICA
+//!   IDENTITY FULL` are an error (`run` refuses them), or a warning under
+//!   `require_full_replica_identity = false`.
+//!
 //! Errors exit 2; a database that cannot be reached exits 1.
 
 use std::time::Duration;
@@ -30,6 +36,7 @@ use crate::daemon::wiring::dead_letter_store;
 use crate::dead_letter::{DeadLetterError, MIGRATE_COMMAND, MigrationMode};
 use crate::graph::Graph;
 use crate::source::postgres::publication::{self, PublicationReport};
+use crate::source::postgres::setup;
 
 /// How long connecting and each query may take.
 const TIMEOUT: Duration = Duration::from_secs(5);
@@ -103,18 +110,43 @@ async fn check_async(config: &Config, pg: &PostgresSource, graph: &Graph) -> Res
         .acquire_timeout(TIMEOUT)
         .connect_lazy(pg.url.expose_secret())
         .map_err(|_| CliError::Input("source.postgres.url: not a Postgres URL".into()))?;
+    let in_time = |what: &'static str| {
+        move |_| unreachable(format!("no answer within {} s ({what})", (TIMEOUT * 2).as_secs()))
+    };
+    let unmet = tokio::time::timeout(TIMEOUT * 2, setup::server_prerequisites(&pool))
+        .await
+        .map_err(in_time("server settings"))?
+        .map_err(|e| unreachable(e.to_string()))?;
     let report = tokio::time::timeout(TIMEOUT * 2, publication::publication_report(&pool, &pg.publication, graph))
         .await
-        .map_err(|_| unreachable(format!("no answer within {} s", (TIMEOUT * 2).as_secs())))?
+        .map_err(in_time("publication"))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let without_full_identity = tokio::time::timeout(TIMEOUT * 2, setup::relations_without_full_identity(&pool, graph))
+        .await
+        .map_err(in_time("replica identity"))?
         .map_err(|e| unreachable(e.to_string()))?;
     pool.close().await;
     let mut findings = LiveFindings {
         lines: vec![format!("database: {shown} (publication {})", pg.publication)],
         ..LiveFindings::default()
     };
+    // What `run` refuses to start on: the server's settings, ...
+    findings.errors.extend(unmet);
     let publication = publication_findings(pg, &report);
     findings.lines.extend(publication.lines);
     findings.errors.extend(publication.errors);
+    // ... and old rows without the columns the graph reads.
+    if let Some(refusal) = setup::replica_identity_refusal(&without_full_identity) {
+        if pg.require_full_replica_identity {
+            findings.errors.push(refusal);
+        } else {
+            findings.lines.push(format!(
+                "  warning: {} lack REPLICA IDENTITY FULL: updates that move their keys bump whole namespaces \
+                 (require_full_replica_identity = false)",
+                without_full_identity.join(", ")
+            ));
+        }
+    }
     let store = dead_letter_store(config)?;
     match store.pending().await {
         Ok(pending) if pending.is_empty() => {}

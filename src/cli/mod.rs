@@ -1,11 +1,14 @@
-//! The command line: `check`, `graph`, `explain`, `run`, `migrate`, `replay`.
+//! The command line: `check`, `graph`, `explain`, `run`, `migrate`, `replay`,
+//! `invalidate`.
 //!
 //! Each command returns `Result<(), CliError>`; `main` maps
 //! [`CliError::Input`] to exit code 2 (bad config, graph or arguments) and
 //! [`CliError::Runtime`] to 1. Everything a command needs is validated
 //! before it does any work, through the same [`prepare`] that `run` uses.
 
+mod check_json;
 mod explain;
+mod invalidate;
 mod live;
 mod live_redis;
 mod migrate;
@@ -42,6 +45,8 @@ pub enum Command {
     Migrate(migrate::MigrateArgs),
     /// Replay Debezium events from a JSON-lines file (--dry-run: print what would be invalidated).
     Replay(replay::ReplayArgs),
+    /// Invalidate a key, a cache's key, a tag or a whole cache (--dry-run: show the blast radius).
+    Invalidate(invalidate::InvalidateArgs),
 }
 
 /// Where the graph comes from: paths, else the config's `graph.paths`, else
@@ -65,6 +70,16 @@ pub struct CheckArgs {
     /// database (publication, migrations).
     #[arg(long)]
     pub(crate) offline: bool,
+    /// Output format: the text report, or one JSON object of the findings.
+    #[arg(long, value_enum, default_value = "text")]
+    pub(crate) format: OutputFormat,
+}
+
+/// The output of `check` and `invalidate`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum OutputFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -171,10 +186,14 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Run(args) => run::run(&args),
         Command::Migrate(args) => migrate::run(&args),
         Command::Replay(args) => replay::run(&args),
+        Command::Invalidate(args) => invalidate::run(&args),
     }
 }
 
 fn check(args: &CheckArgs) -> Result<(), CliError> {
+    if args.format == OutputFormat::Json {
+        return check_json::check(args);
+    }
     let prepared = prepare(args.source.config.as_ref(), &args.paths)?;
     // librdkafka's judgement of the properties, as `run` asks it at start.
     if let Some(config) = &prepared.config

@@ -29,8 +29,17 @@ pub(crate) fn load_with_env(path: &Path, env: &HashMap<String, String>) -> Resul
 /// [`load_with_env`] does after reading the file.
 pub(crate) fn load_text(path: &Path, text: String, env: &HashMap<String, String>) -> Result<Config, ConfigError> {
     let source = SourceFile::new(path, text);
-    // The file alone first: its errors get a line.
-    if let Err(e) = toml::from_str::<RawConfig>(&source.text) {
+    let overrides: HashMap<String, String> = env
+        .iter()
+        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    // The file alone first: its errors get a line. A file that only lacks
+    // what the environment gives (a required field such as the brokers, set
+    // per environment by a Deployment) is fine once they are layered.
+    if let Err(e) = toml::from_str::<RawConfig>(&source.text)
+        && (overrides.is_empty() || merge(&source.text, &overrides).is_err())
+    {
         let offset = e.span().map_or(0, |s| s.start);
         return Err(ConfigError(vec![ConfigIssue {
             place: source.location(offset).to_string(),
@@ -38,11 +47,6 @@ pub(crate) fn load_text(path: &Path, text: String, env: &HashMap<String, String>
             message: plain_message(e.message()),
         }]));
     }
-    let overrides: HashMap<String, String> = env
-        .iter()
-        .filter(|(k, _)| k.starts_with(&format!("{ENV_PREFIX}__")))
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
     let raw = match merge(&source.text, &overrides) {
         Ok(raw) => raw,
         Err(e) => {
@@ -92,4 +96,40 @@ fn merge(text: &str, overrides: &HashMap<String, String>) -> Result<RawConfig, c
 /// (a URL given where a table belongs is echoed back by serde).
 fn plain_message(message: &str) -> String {
     plain_serde_message(&hide_passwords(message))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    const KAFKA_WITHOUT_BROKERS: &str =
+        "[redis.primary]\nurl = \"redis://h:6379\"\n[source]\nkind = \"kafka\"\n[source.kafka]\ntopics = [\"t\"]\n";
+
+    /// A required field may come from the environment alone (a Deployment
+    /// gives the brokers or the URL per environment, the file the rest).
+    #[test]
+    fn a_required_field_missing_from_the_file_may_come_from_the_environment() {
+        let path = Path::new("evictd.toml");
+        let loaded = load_text(
+            path,
+            KAFKA_WITHOUT_BROKERS.into(),
+            &env(&[("EVICTD__SOURCE__KAFKA__BROKERS", "kafka-0:9092,kafka-1:9092")]),
+        );
+        assert!(loaded.is_ok(), "{:?}", loaded.err().map(|e| e.to_string()));
+    }
+
+    /// Without it, the file's own error is reported, with its line.
+    #[test]
+    fn a_required_field_missing_everywhere_is_reported_at_its_section() {
+        let path = Path::new("evictd.toml");
+        let Err(e) = load_text(path, KAFKA_WITHOUT_BROKERS.into(), &env(&[("EVICTD__BATCH__MAX_EFFECTS", "7")])) else {
+            panic!("a Kafka source without brokers loaded");
+        };
+        let text = e.to_string();
+        assert!(text.contains("evictd.toml:5:1") && text.contains("missing field `brokers`"), "{text}");
+    }
 }

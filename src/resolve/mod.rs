@@ -30,7 +30,7 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use crate::change::{Cell, Change, Operation, Value};
-use crate::graph::{CacheId, DepId, Graph, LookupArg, Mapping, TableId, Trigger};
+use crate::graph::{CacheId, DepId, Graph, Lookup, LookupArg, Mapping, TableId, Trigger};
 
 /// The path through the graph: dependencies from the changed table to the
 /// cache, in order.
@@ -90,6 +90,12 @@ pub(crate) enum Cause {
     /// The change's look-up could not be run (the change was dead-lettered):
     /// the keys it would have found are unknown.
     LookupFailed,
+    /// An operator asked for it (`evictd invalidate`).
+    Operator,
+    /// An operator invalidated a key whose parameter this embedder needs,
+    /// but the key shows it only normalised (`lower`, `sha256`, …): the
+    /// embedder's keys are unknown.
+    OperatorUnknownParam { param: Arc<str> },
 }
 
 /// One reason for an effect.
@@ -367,6 +373,53 @@ impl<'g> Resolver<'g> {
         out
     }
 
+    /// An operator's invalidation of `key`, a key of `cache` (`evictd
+    /// invalidate --key` or `--cache … --param …`), followed along `embeds`
+    /// as a row change's key is. `params[i]` is parameter `i` of the key:
+    /// `Some(None)` NULL or absent, `None` unknown (read back through a
+    /// normaliser): an embedder that needs an unknown parameter has its
+    /// namespace bumped, never skipped.
+    pub(crate) fn operator_key(&self, cache: CacheId, key: String, params: &[Option<Option<Value>>]) -> Resolution {
+        let mut out = Resolution::default();
+        out.add(Effect::Key { cache, key }, Reason { path: Path::new(), cause: Cause::Operator });
+        for &dep_id in &self.graph.cache(cache).embedded_by {
+            let dep = self.graph.dependency(dep_id);
+            let needed: SmallVec<[usize; 4]> = match &dep.mapping {
+                Mapping::Params(indexes) => indexes.iter().copied().collect(),
+                Mapping::Lookup(Lookup { arg: LookupArg::Param(i), .. }) => smallvec::smallvec![*i],
+                _ => SmallVec::new(),
+            };
+            if let Some(&i) = needed.iter().find(|&&i| params.get(i).is_none_or(Option::is_none)) {
+                let param = self.graph.cache(cache).template.params().get(i).cloned().unwrap_or_else(|| "?".into());
+                let path: Path = smallvec::smallvec![dep_id];
+                self.bump(dep.cache, path, Cause::OperatorUnknownParam { param }, &mut out);
+                continue;
+            }
+            let known: SmallVec<[Option<&Value>; 8]> =
+                params.iter().map(|p| p.as_ref().and_then(Option::as_ref)).collect();
+            self.follow_embedder(dep_id, &known, &Path::new(), Cause::Operator, Image::New, &mut out);
+        }
+        out
+    }
+
+    /// An operator's invalidation of every key of `cache` (`evictd
+    /// invalidate --cache … --all`): its namespace bump and, as every bump,
+    /// its embedders'.
+    pub(crate) fn operator_cache(&self, cache: CacheId) -> Resolution {
+        let mut out = Resolution::default();
+        self.bump(cache, Path::new(), Cause::Operator, &mut out);
+        out
+    }
+
+    /// An operator's invalidation of tag `tag`, named by `cache`'s tag
+    /// dependencies (`evictd invalidate --tag`): as a row change's tag is,
+    /// the keys are found by the sink in the tag's registry.
+    pub(crate) fn operator_tag(&self, cache: CacheId, tag: String) -> Resolution {
+        let mut out = Resolution::default();
+        out.add(Effect::Tag { cache, tag }, Reason { path: Path::new(), cause: Cause::Operator });
+        out
+    }
+
     /// Whether an update touches one of the dependency's filter columns, or
     /// one of the columns its keys, tags or look-up read: a key-column move
     /// always invalidates, whatever the filter says.
@@ -500,27 +553,40 @@ impl<'g> Resolver<'g> {
         out: &mut Resolution,
     ) {
         for &dep_id in &self.graph.cache(cache).embedded_by {
-            let dep = self.graph.dependency(dep_id);
-            let mut next_path = path.clone();
-            next_path.push(dep_id);
-            match &dep.mapping {
-                Mapping::Params(indexes) => {
-                    let next: SmallVec<[Option<&Value>; 8]> =
-                        indexes.iter().map(|&i| params.get(i).copied().flatten()).collect();
-                    self.key(dep.cache, &next, next_path, cause.clone(), dep_id, image, out);
-                }
-                Mapping::Lookup(lookup) => {
-                    if let LookupArg::Param(i) = lookup.arg {
-                        match params.get(i).copied().flatten() {
-                            Some(v) if !v.is_null() => {
-                                out.lookup(LookupRequest { dependency: dep_id, arg: v.clone(), path: next_path });
-                            }
-                            _ => {}
+            self.follow_embedder(dep_id, params, path, cause.clone(), image, out);
+        }
+    }
+
+    /// Follows one `embeds` dependency from a key of the cache it embeds.
+    fn follow_embedder(
+        &self,
+        dep_id: DepId,
+        params: &[Option<&Value>],
+        path: &Path,
+        cause: Cause,
+        image: Image,
+        out: &mut Resolution,
+    ) {
+        let dep = self.graph.dependency(dep_id);
+        let mut next_path = path.clone();
+        next_path.push(dep_id);
+        match &dep.mapping {
+            Mapping::Params(indexes) => {
+                let next: SmallVec<[Option<&Value>; 8]> =
+                    indexes.iter().map(|&i| params.get(i).copied().flatten()).collect();
+                self.key(dep.cache, &next, next_path, cause, dep_id, image, out);
+            }
+            Mapping::Lookup(lookup) => {
+                if let LookupArg::Param(i) = lookup.arg {
+                    match params.get(i).copied().flatten() {
+                        Some(v) if !v.is_null() => {
+                            out.lookup(LookupRequest { dependency: dep_id, arg: v.clone(), path: next_path });
                         }
+                        _ => {}
                     }
                 }
-                Mapping::Columns(_) | Mapping::Tags(_) => {}
             }
+            Mapping::Columns(_) | Mapping::Tags(_) => {}
         }
     }
 

@@ -382,3 +382,36 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn an_operator_key_follows_embeds_as_a_row_change_does() {
+    let g = graph();
+    let user = g.cache_id("user").unwrap();
+    let r = Resolver::new(&g).operator_key(user, "user:1".into(), &[Some(Some(Value::Int(1)))]);
+    assert_eq!(effects(&g, &r), ["user:user:1", "user_card:card:1", "user_page:page:1"]);
+    assert_eq!(r.lookups.len(), 1, "the article look-up through embeds is requested");
+    assert_eq!(r.lookups[0].arg, Value::Int(1));
+    let key = r.effects.iter().find(|e| matches!(&e.effect, Effect::Key { key, .. } if key == "user:1")).unwrap();
+    assert_eq!(key.reasons[0].cause, Cause::Operator);
+    assert!(key.reasons[0].path.is_empty());
+}
+
+#[test]
+fn an_operator_key_with_an_unknown_parameter_bumps_the_embedders_that_need_it() {
+    let g = graph();
+    let user = g.cache_id("user").unwrap();
+    let r = Resolver::new(&g).operator_key(user, "user:1".into(), &[None]);
+    assert_eq!(
+        effects(&g, &r),
+        ["ns:article", "ns:user_card", "ns:user_page", "user:user:1"],
+        "never a silent miss: every embedder that reads `id` is bumped whole"
+    );
+    assert!(r.lookups.is_empty());
+}
+
+#[test]
+fn an_operator_cache_bumps_it_and_its_embedders() {
+    let g = graph();
+    let r = Resolver::new(&g).operator_cache(g.cache_id("user_card").unwrap());
+    assert_eq!(effects(&g, &r), ["ns:user_card", "ns:user_page"]);
+}

@@ -7,6 +7,7 @@
 mod broadcast;
 mod broadcast_sink;
 mod broadcast_vectors;
+mod check_json;
 mod check_live;
 mod cli;
 mod clients;
@@ -14,6 +15,7 @@ mod daemon;
 mod dead_letter;
 mod fill_guard;
 mod fuzz_corpora;
+mod invalidate;
 mod kafka;
 mod key_vectors;
 mod lookup;

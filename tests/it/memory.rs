@@ -1,7 +1,7 @@
 //! Memory stays bounded in bytes, not only in items (issue 11, item 13):
 //! a transaction of wide rows whose look-ups hold their changes must not
 //! grow evictd past the memory limit of its pod (128 MiB in
-//! `deploy/kubernetes/deployment.yaml`).
+//! `deploy/kubernetes/base/deployment.yaml`).
 
 use std::time::Duration;
 

@@ -37,6 +37,7 @@ pub(crate) mod broadcast;
 mod conn;
 mod durability;
 mod error;
+mod operator;
 pub(crate) mod plan;
 pub(crate) mod record;
 mod redelete;
@@ -49,6 +50,8 @@ pub use broadcast::{Envelope, VERSION as BROADCAST_VERSION, WireApplied, WirePos
 /// The Redis layout, shared with the clients: it lives in [`crate::layout`]
 /// (compiled without the daemon), re-exported here for the sink's code.
 pub use crate::layout;
+
+pub use operator::TagRegistrations;
 
 /// Keys of delayed second deletes that may wait at once, per target.
 pub use redelete::MAX_PENDING_KEYS as REDELETE_MAX_PENDING_KEYS;

@@ -61,9 +61,10 @@ pub(crate) enum SourceSetupError {
     #[error("{0}")]
     Definite(String),
     /// The publication hides changes the graph needs (or lacks its
-    /// tables): the database's setup contradicts the graph, like bad input
-    /// (exit 2). The message names the publication, the table, what would
-    /// be missed and the SQL that fixes it.
+    /// tables), or tables lack the `REPLICA IDENTITY FULL` the graph needs:
+    /// the database's setup contradicts the graph, like bad input (exit 2).
+    /// The message names the publication or table, what would be missed
+    /// and the SQL that fixes it.
     #[error("{0}")]
     Publication(String),
 }

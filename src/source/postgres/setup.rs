@@ -42,11 +42,25 @@ pub(crate) async fn prepare(
     require_full_identity: bool,
     graph: &Graph,
 ) -> Result<SlotState, SourceSetupError> {
+    if let Some(refusal) = server_prerequisites(pool).await?.into_iter().next() {
+        return Err(SourceSetupError::Definite(refusal));
+    }
+    ensure_publication(pool, publication, create_publication, graph).await?;
+    let state = ensure_slot(pool, slot, create_slot).await?;
+    check_replica_identity(pool, graph, require_full_identity).await?;
+    Ok(state)
+}
+
+/// What the server must allow before evictd can stream, each unmet one as
+/// the message `run` refuses with: `wal_level = logical`, and a role that
+/// may replicate. `evictd check --config` reports the same.
+pub(crate) async fn server_prerequisites(pool: &PgPool) -> Result<Vec<String>, SourceSetupError> {
+    let mut unmet = Vec::new();
     let wal_level: String = sqlx::query_scalar("SHOW wal_level").fetch_one(pool).await.map_err(query)?;
     if wal_level != "logical" {
-        return Err(SourceSetupError::Definite(format!(
+        unmet.push(format!(
             "wal_level is `{wal_level}`: logical replication needs `wal_level = logical` in postgresql.conf (and a restart)"
-        )));
+        ));
     }
     let can_replicate: bool =
         sqlx::query_scalar("SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user")
@@ -54,14 +68,9 @@ pub(crate) async fn prepare(
             .await
             .map_err(query)?;
     if !can_replicate {
-        return Err(SourceSetupError::Definite(
-            "the role evictd connects as lacks the REPLICATION attribute: ALTER ROLE <role> REPLICATION".into(),
-        ));
+        unmet.push("the role evictd connects as lacks the REPLICATION attribute: ALTER ROLE <role> REPLICATION".into());
     }
-    ensure_publication(pool, publication, create_publication, graph).await?;
-    let state = ensure_slot(pool, slot, create_slot).await?;
-    check_replica_identity(pool, graph, require_full_identity).await?;
-    Ok(state)
+    Ok(unmet)
 }
 
 fn query(e: sqlx::Error) -> SourceSetupError {
@@ -188,6 +197,19 @@ WHERE c.relkind <> 'p' OR NOT EXISTS (SELECT 1 FROM pg_partition_tree(t.rel) WHE
 /// Tables whose caches read non-key columns of old rows need the whole old
 /// row: an error naming them (or a warning, when not required).
 async fn check_replica_identity(pool: &PgPool, graph: &Graph, required: bool) -> Result<(), SourceSetupError> {
+    let missing = relations_without_full_identity(pool, graph).await?;
+    match replica_identity_refusal(&missing) {
+        // The tables contradict the graph as a hiding publication does: bad
+        // setup, exit 2.
+        Some(refusal) if required => Err(SourceSetupError::Publication(refusal)),
+        _ => Ok(()),
+    }
+}
+
+/// The relations (tables, or leaf partitions) whose caches read non-key
+/// columns of old rows and that lack `REPLICA IDENTITY FULL`; each is
+/// logged as a warning.
+pub(crate) async fn relations_without_full_identity(pool: &PgPool, graph: &Graph) -> Result<Vec<String>, SourceSetupError> {
     let mut missing = Vec::new();
     for table in tables_needing_old_values(graph) {
         // A partitioned table's rows are written by its leaf partitions,
@@ -211,16 +233,23 @@ async fn check_replica_identity(pool: &PgPool, graph: &Graph, required: bool) ->
             }
         }
     }
-    if required && !missing.is_empty() {
+    Ok(missing)
+}
+
+/// Why `run` refuses relations lacking `REPLICA IDENTITY FULL` (when
+/// `require_full_replica_identity`), with the SQL that fixes it; `None`
+/// when there are none.
+pub(crate) fn replica_identity_refusal(missing: &[String]) -> Option<String> {
+    if !missing.is_empty() {
         let statements: Vec<String> =
             missing.iter().map(|t| format!("ALTER TABLE {} REPLICA IDENTITY FULL;", quote_table(t))).collect();
-        return Err(SourceSetupError::Definite(format!(
+        return Some(format!(
             "the caches of {} read non-key columns of old rows (column filters, keys that can move), which Postgres \
              sends only with REPLICA IDENTITY FULL: {} (or set source.postgres.require_full_replica_identity = false \
              to accept namespace bumps instead)",
             missing.join(", "),
             statements.join(" ")
-        )));
+        ));
     }
-    Ok(())
+    None
 }
