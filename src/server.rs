@@ -23,23 +23,48 @@
 //!   version=0.0.4`, Prometheus would parse it with the classic parser, which
 //!   would not match the counters' `# TYPE` lines to their samples.
 //!
-//! [`serve`] takes its listener (bound by the caller) and a shutdown token,
-//! as mini-redis's `server::run` does.
+//! The sinks' reachability in [`Health`] is also the `evictd_sink_up` gauge
+//! ([`Health::export_to`]), so that `/readyz` and the metric never disagree.
+//!
+//! [`serve_with`] takes its listener (bound by the caller), its
+//! [`ServerLimits`] and a shutdown token, as mini-redis's `server::run`
+//! does. Each connection is served by hyper's HTTP/1.1 with keep-alive.
+//! **Invariants:** a connection holds one of `max_connections` slots from
+//! accept to close, and one more is answered 503 and closed at once
+//! (refused, not queued: a flood then costs no memory or descriptors past
+//! the cap, and the client learns at once); no connection outlives its
+//! limits: a request head must arrive within `header_read_timeout` (an idle
+//! keep-alive connection waits for one too), and once it is read the answer
+//! must be produced and written within `request_timeout`, so a client that
+//! sends half a request, or stops reading, cannot hold a slot. The routes
+//! only read: nothing served changes any state.
 
 use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use axum::Router;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use tokio::net::TcpListener;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::{Service as _, service_fn};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-pub use crate::config::HealthThresholds;
+pub use crate::config::{HealthThresholds, ServerLimits};
 pub use crate::metrics::Role;
 use crate::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
 
@@ -227,23 +252,209 @@ pub(crate) fn router(state: ServerState) -> Router {
         .with_state(state)
 }
 
-/// Serves the routes on `listener` until `shutdown` is cancelled, then lets
-/// open requests finish for at most [`DRAIN_TIMEOUT`] and returns.
+/// Serves the routes on `listener` with the default [`ServerLimits`]
+/// until `shutdown` is cancelled (see [`serve_with`]).
+pub async fn serve(listener: TcpListener, state: ServerState, shutdown: CancellationToken) -> std::io::Result<()> {
+    serve_with(listener, state, ServerLimits::default(), shutdown).await
+}
+
+/// Serves the routes on `listener` until `shutdown` is cancelled, within
+/// `limits`; then stops accepting, closes idle connections, lets open
+/// requests finish for at most [`DRAIN_TIMEOUT`] and returns.
 ///
 /// Cancel `shutdown` last, once the run loop has flushed and acknowledged,
 /// so that the probes keep answering while it does.
-pub async fn serve(listener: TcpListener, state: ServerState, shutdown: CancellationToken) -> std::io::Result<()> {
-    let server = axum::serve(listener, router(state)).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let drained = async {
-        shutdown.cancelled().await;
-        tokio::time::sleep(DRAIN_TIMEOUT).await;
-    };
-    tokio::select! {
-        result = server => result,
-        () = drained => {
-            tracing::warn!(timeout = ?DRAIN_TIMEOUT, "HTTP connections still open at shutdown were dropped");
-            Ok(())
+pub async fn serve_with(
+    listener: TcpListener,
+    state: ServerState,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let metrics = state.metrics.clone();
+    let service = TowerToHyperService::new(router(state));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let connections = TaskTracker::new();
+    let mut last_refusal_logged: Option<Instant> = None;
+    loop {
+        let accepted = tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        let stream = match accepted {
+            Ok((stream, _peer)) => stream,
+            Err(error) => {
+                // Out of file descriptors, most likely: the listener stays,
+                // and accepting again at once would spin.
+                tracing::warn!(%error, "cannot accept an HTTP connection");
+                tokio::select! {
+                    () = shutdown.cancelled() => break,
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            metrics.http_connection_refused();
+            if last_refusal_logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(10)) {
+                last_refusal_logged = Some(Instant::now());
+                tracing::warn!(
+                    max = limits.max_connections,
+                    "HTTP connection refused: server.max_connections are open"
+                );
+            }
+            refuse(stream);
+            continue;
+        };
+        connections.spawn(connection(stream, service.clone(), limits, shutdown.clone(), slot));
+    }
+    drop(listener);
+    connections.close();
+    if tokio::time::timeout(DRAIN_TIMEOUT, connections.wait()).await.is_err() {
+        tracing::warn!(timeout = ?DRAIN_TIMEOUT, "HTTP connections still open at shutdown were dropped");
+    }
+    Ok(())
+}
+
+/// How long accepting pauses after an error (such as `EMFILE`).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// The answer to a connection past `max_connections`, written only if the
+/// socket takes it at once: a refusal must not wait on the client.
+const REFUSAL: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 26\r\nConnection: close\r\n\r\ntoo many HTTP connections\n";
+
+fn refuse(stream: TcpStream) {
+    let _ = stream.try_write(REFUSAL);
+    // Dropped: closed without reading the request.
+}
+
+/// One connection, HTTP/1.1 with keep-alive, holding its `slot` until it
+/// closes: when the client closes it, when a head does not arrive within
+/// the header timeout (an idle keep-alive connection too), when a request
+/// passes its timeout while its answer is written, or at shutdown (idle at
+/// once, busy after [`DRAIN_TIMEOUT`]).
+async fn connection(
+    stream: TcpStream,
+    router: TowerToHyperService<Router>,
+    limits: ServerLimits,
+    shutdown: CancellationToken,
+    slot: OwnedSemaphorePermit,
+) {
+    let deadline = RequestDeadline::default();
+    let io = TokioIo::new(Deadlined { inner: stream, deadline: deadline.clone(), sleep: None });
+    let service = service_fn(move |request: axum::http::Request<Incoming>| {
+        deadline.start(limits.request_timeout);
+        let answer = router.call(request);
+        async move {
+            match tokio::time::timeout(limits.request_timeout, answer).await {
+                Ok(answer) => answer,
+                Err(_) => Ok((StatusCode::SERVICE_UNAVAILABLE, "request timed out\n").into_response()),
+            }
         }
+    });
+    let mut builder = http1::Builder::new();
+    builder.timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    let conn = builder.serve_connection(io, service);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            tokio::time::timeout(DRAIN_TIMEOUT, conn).await.unwrap_or(Ok(()))
+        }
+    };
+    if let Err(error) = result {
+        // A client's problem (timeouts, resets, bad requests), not ours.
+        tracing::debug!(%error, "HTTP connection ended");
+    }
+    drop(slot);
+}
+
+/// When the request being answered on a connection must be written by:
+/// set as each request's head is read, read by [`Deadlined`]'s writes.
+#[derive(Debug, Clone, Default)]
+struct RequestDeadline(Arc<std::sync::Mutex<Option<tokio::time::Instant>>>);
+
+impl RequestDeadline {
+    fn start(&self, timeout: Duration) {
+        let at = tokio::time::Instant::now().checked_add(timeout);
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = at;
+    }
+
+    fn get(&self) -> Option<tokio::time::Instant> {
+        *self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A socket whose writes fail with `TimedOut` once they wait past the
+/// current request's deadline: a client that stops reading its answer
+/// cannot hold the connection (and its slot) beyond the request timeout.
+struct Deadlined {
+    inner: TcpStream,
+    deadline: RequestDeadline,
+    /// Armed while a write waits.
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl Deadlined {
+    /// `Pending` from the socket: waits on the deadline too.
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Error> {
+        let Some(at) = self.deadline.get() else { return Poll::Pending };
+        let sleep = self.sleep.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(at)));
+        if sleep.deadline() != at {
+            sleep.as_mut().reset(at);
+        }
+        match sleep.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client did not read its answer within the request timeout",
+            )),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn wrote<T>(&mut self, cx: &mut Context<'_>, polled: Poll<std::io::Result<T>>) -> Poll<std::io::Result<T>> {
+        match polled {
+            Poll::Pending => self.stalled(cx).map(Err),
+            ready => {
+                self.sleep = None;
+                ready
+            }
+        }
+    }
+}
+
+impl AsyncRead for Deadlined {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Deadlined {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.wrote(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.wrote(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.wrote(cx, polled)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

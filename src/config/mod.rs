@@ -42,8 +42,8 @@ pub(crate) use self::load::{load_text, load_with_env};
 pub(crate) use self::raw::RawConfig;
 pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget, Transport};
 pub(crate) use self::secrets::{hide_passwords, redact_url};
-pub use self::settings::HealthThresholds;
 pub(crate) use self::settings::{BatchLimits, MigrationMode, OnError};
+pub use self::settings::{HealthThresholds, ServerLimits};
 pub(crate) use self::source::{DEFAULT_LOCK_LEASE_MS, FullRowDeletes, LOCK_ROUND_TRIP, OnSlotLoss, PostgresSource};
 pub(crate) use self::source::{DEFAULT_MAX_VALUE_BYTES, KAFKA_OWN_PROPERTIES, SnapshotReads, SourceConfig};
 pub use self::source::{KafkaSource, OnOffsetReset};
@@ -85,10 +85,31 @@ pub(crate) struct LookupConfig {
     pub(crate) max_connections: u32,
 }
 
+/// The longest `server.*_timeout_ms` (an hour: past that a timeout no
+/// longer protects anything).
+const MAX_SERVER_TIMEOUT_MS: u64 = 3_600_000;
+
+/// The most `server.max_connections` (each is a task and a socket).
+const MAX_SERVER_CONNECTIONS: usize = 100_000;
+
+/// `value` (or `default`) when it is 1 to `max`; otherwise an issue, and
+/// the default.
+fn between(issues: &mut Issues<'_>, field: &str, value: Option<u64>, default: u64, max: u64) -> u64 {
+    match value {
+        Some(v) if v == 0 || v > max => {
+            issues.push(field, format!("must be between 1 and {max}"));
+            default
+        }
+        Some(v) => v,
+        None => default,
+    }
+}
+
 #[derive(Debug, Clone)]
 pub(crate) struct ServerConfig {
     pub(crate) listen: SocketAddr,
     pub(crate) health: HealthThresholds,
+    pub(crate) limits: ServerLimits,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -221,6 +242,31 @@ impl RawConfig {
                 defaults.max_lag_bytes,
             ),
         };
+        let defaults = ServerLimits::default();
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let limits = ServerLimits {
+            header_read_timeout: Duration::from_millis(between(
+                &mut issues,
+                "server.header_read_timeout_ms",
+                self.server.header_read_timeout_ms,
+                ms(defaults.header_read_timeout),
+                MAX_SERVER_TIMEOUT_MS,
+            )),
+            request_timeout: Duration::from_millis(between(
+                &mut issues,
+                "server.request_timeout_ms",
+                self.server.request_timeout_ms,
+                ms(defaults.request_timeout),
+                MAX_SERVER_TIMEOUT_MS,
+            )),
+            max_connections: between(
+                &mut issues,
+                "server.max_connections",
+                self.server.max_connections,
+                defaults.max_connections as u64,
+                MAX_SERVER_CONNECTIONS as u64,
+            ) as usize,
+        };
         let format = match self.log.format.as_deref().unwrap_or("text") {
             "text" => LogFormat::Text,
             "json" => LogFormat::Json,
@@ -246,7 +292,7 @@ impl RawConfig {
             run,
             dead_letter,
             redis,
-            server: ServerConfig { listen, health },
+            server: ServerConfig { listen, health, limits },
             log: LogConfig { format, level },
         })
     }

@@ -283,6 +283,14 @@ pub(crate) struct RawServer {
     /// `/readyz` fails while the source lag exceeds this many bytes.
     /// Default 1073741824 (1 GiB).
     pub(crate) ready_max_lag_bytes: Option<u64>,
+    /// Longest wait for a request's head (also how long an idle
+    /// connection stays open), in ms. Default 5000.
+    pub(crate) header_read_timeout_ms: Option<u64>,
+    /// Longest a request may take once its head is read, answer written
+    /// included, in ms. Default 10000.
+    pub(crate) request_timeout_ms: Option<u64>,
+    /// Connections open at once; more are refused (503). Default 64.
+    pub(crate) max_connections: Option<u64>,
 }
 
 /// `[log]`

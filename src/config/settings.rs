@@ -1,6 +1,6 @@
 //! Settings the runtime reads as they are: plain data, defined here so that
 //! `config` imports nothing above it (the modules that use them re-export
-//! them: `batch::BatchLimits`, `server::HealthThresholds`,
+//! them: `batch::BatchLimits`, `server::{HealthThresholds, ServerLimits}`,
 //! `dead_letter::{OnError, MigrationMode}`).
 
 use std::time::Duration;
@@ -34,6 +34,32 @@ pub struct HealthThresholds {
 impl Default for HealthThresholds {
     fn default() -> Self {
         HealthThresholds { heartbeat_timeout: Duration::from_secs(30), max_lag_bytes: 1 << 30 }
+    }
+}
+
+/// The HTTP server's limits (`[server]` `header_read_timeout_ms`,
+/// `request_timeout_ms` and `max_connections` in the config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    /// Longest wait for a request's head (request line and headers), from
+    /// the moment the server waits for it: a new connection, or one idle
+    /// after its previous answer. Past it the connection is closed.
+    pub header_read_timeout: Duration,
+    /// Longest a request may take once its head is read: producing the
+    /// answer (else 503) and writing it to a client that stopped reading
+    /// (else the connection is closed).
+    pub request_timeout: Duration,
+    /// Connections open at once; one more is answered 503 and closed.
+    pub max_connections: usize,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        ServerLimits {
+            header_read_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            max_connections: 64,
+        }
     }
 }
 

@@ -486,3 +486,35 @@ fn a_log_level_field_pattern_is_matched_as_text_not_compiled_as_a_regex() {
     let (_dir, path) = write(&format!("[log]\nlevel = \"evictd[{{arg=a.*b}}]=debug\"\n{REQUIRED}"));
     assert_eq!(load_with_env(&path, &env(&[])).unwrap().log.level, "evictd[{arg=a.*b}]=debug");
 }
+
+#[test]
+fn server_limits_default_and_come_from_the_server_section_or_the_environment() {
+    let (_dir, path) = write(REQUIRED);
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    assert_eq!(c.server.limits, crate::server::ServerLimits::default());
+    assert_eq!(c.server.limits.header_read_timeout, Duration::from_secs(5));
+    assert_eq!(c.server.limits.request_timeout, Duration::from_secs(10));
+    assert_eq!(c.server.limits.max_connections, 64);
+    let (_dir, path) = write(&format!("[server]\nheader_read_timeout_ms = 2000\nmax_connections = 8\n{REQUIRED}"));
+    let c = load_with_env(&path, &env(&[("EVICTD__SERVER__REQUEST_TIMEOUT_MS", "3000")])).unwrap();
+    assert_eq!(c.server.limits.header_read_timeout, Duration::from_secs(2));
+    assert_eq!(c.server.limits.request_timeout, Duration::from_secs(3));
+    assert_eq!(c.server.limits.max_connections, 8);
+}
+
+#[test]
+fn server_limits_of_zero_or_past_their_bounds_are_refused_by_name() {
+    let text = format!(
+        "[server]\nheader_read_timeout_ms = 0\nrequest_timeout_ms = 3600001\nmax_connections = 100001\n{REQUIRED}"
+    );
+    let (_dir, path) = write(&text);
+    let e = load_with_env(&path, &env(&[])).unwrap_err();
+    assert_eq!(
+        messages(e),
+        [
+            "PLACE: server.header_read_timeout_ms: must be between 1 and 3600000",
+            "PLACE: server.request_timeout_ms: must be between 1 and 3600000",
+            "PLACE: server.max_connections: must be between 1 and 100000",
+        ]
+    );
+}

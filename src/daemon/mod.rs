@@ -258,7 +258,7 @@ async fn daemon(config: Config, graph: Graph) -> Result<(), DaemonError> {
     let address = listener.local_addr().map_or_else(|_| config.server.listen.to_string(), |a| a.to_string());
     tracing::info!(%address, "serving /metrics, /healthz, /readyz");
     let state = ServerState { metrics: metrics.clone(), health: health.clone() };
-    let server = tokio::spawn(crate::server::serve(listener, state, server_stop.clone()));
+    let server = tokio::spawn(crate::server::serve_with(listener, state, config.server.limits, server_stop.clone()));
     let shared = wiring::Shared { config: &config, graph, metrics, health, shutdown: &shutdown };
     let result = match &config.source {
         Some(SourceConfig::Postgres(pg)) => postgres::run(shared, pg).await,

@@ -20,6 +20,7 @@ mod kafka;
 mod key_vectors;
 mod lookup;
 mod memory;
+mod metrics;
 mod outage;
 mod pipeline;
 mod process;

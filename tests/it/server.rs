@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use evictd::change::Operation;
 use evictd::metrics::{Metrics, OPENMETRICS_CONTENT_TYPE};
-use evictd::server::{DRAIN_TIMEOUT, Health, HealthThresholds, Role, ServerState, serve};
+use evictd::server::{DRAIN_TIMEOUT, Health, HealthThresholds, Role, ServerLimits, ServerState, serve, serve_with};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -226,4 +226,128 @@ async fn a_stalled_request_delays_shutdown_by_the_drain_timeout_at_most() {
     let result = tokio::time::timeout(DRAIN_TIMEOUT + STEP, server.task).await.expect("serve returns");
     result.unwrap().unwrap();
     assert!(started.elapsed() < DRAIN_TIMEOUT + Duration::from_secs(2), "took {:?}", started.elapsed());
+}
+
+async fn start_with(limits: ServerLimits) -> Running {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state =
+        ServerState { metrics: Arc::new(Metrics::new()), health: Arc::new(Health::new(relaxed(), ["primary"])) };
+    let shutdown = CancellationToken::new();
+    let task = tokio::spawn(serve_with(listener, state.clone(), limits, shutdown.clone()));
+    Running { addr, state, shutdown, task }
+}
+
+/// Reads until the server closes the connection (EOF or reset); how long
+/// that took.
+async fn until_closed(stream: &mut TcpStream, limit: Duration) -> Duration {
+    let started = Instant::now();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        match tokio::time::timeout(limit, stream.read(&mut chunk)).await.expect("the server closes the connection") {
+            Ok(0) | Err(_) => return started.elapsed(),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Issue 15, item 6: a client that sends half a request head (slowloris)
+/// is cut off once the header timeout passes, and its slot is free again:
+/// with one slot, `/healthz` answers right after.
+#[tokio::test]
+async fn a_client_sending_half_a_request_is_cut_off_after_the_header_timeout_and_frees_its_slot() {
+    let limits = ServerLimits {
+        header_read_timeout: Duration::from_millis(300),
+        request_timeout: Duration::from_secs(5),
+        max_connections: 1,
+    };
+    let server = start_with(limits).await;
+    let mut slow = TcpStream::connect(server.addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: evi").await.unwrap();
+    let closed_after = until_closed(&mut slow, STEP).await;
+    assert!(closed_after >= Duration::from_millis(250), "closed after {closed_after:?}, before the timeout");
+    assert!(closed_after < Duration::from_secs(3), "closed only after {closed_after:?}");
+    // The one slot is free again (once the connection's task ended).
+    wait_for_status(server.addr, "/healthz", 200).await;
+    // A connection that sends nothing at all is cut off the same way.
+    let mut silent = TcpStream::connect(server.addr).await.unwrap();
+    let closed_after = until_closed(&mut silent, STEP).await;
+    assert!(closed_after >= Duration::from_millis(250), "closed after {closed_after:?}");
+    wait_for_status(server.addr, "/healthz", 200).await;
+}
+
+/// Issue 15, item 6: with `max_connections` open, one more connection is
+/// answered 503 and closed (and counted); once one of them closes,
+/// `/healthz` answers again.
+#[tokio::test]
+async fn past_the_connection_cap_one_more_is_refused_and_healthz_answers_once_a_slot_frees() {
+    let limits = ServerLimits {
+        header_read_timeout: Duration::from_secs(60),
+        request_timeout: Duration::from_secs(5),
+        max_connections: 2,
+    };
+    let server = start_with(limits).await;
+    // Two keep-alive connections, each answered once (so both hold a slot), then idle.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(server.addr).await.unwrap();
+        stream.write_all(request("/healthz", false).as_bytes()).await.unwrap();
+        assert_eq!(tokio::time::timeout(STEP, read_reply(&mut stream)).await.unwrap().status, 200);
+        held.push(stream);
+    }
+    let mut third = TcpStream::connect(server.addr).await.unwrap();
+    let _ = third.write_all(request("/healthz", true).as_bytes()).await;
+    let reply = tokio::time::timeout(STEP, read_reply(&mut third)).await.unwrap();
+    assert_eq!((reply.status, reply.body.as_str()), (503, "too many HTTP connections\n"));
+    until_closed(&mut third, STEP).await;
+    let text = server.state.metrics.encode().unwrap();
+    assert!(text.contains("\nevictd_http_connections_refused_total 1\n"), "{text}");
+
+    drop(held.pop());
+    let reply = wait_for_status(server.addr, "/healthz", 200).await;
+    assert_eq!(reply.body, "ok\n");
+    // The connection still held keeps working.
+    let mut kept = held.pop().unwrap();
+    kept.write_all(request("/healthz", false).as_bytes()).await.unwrap();
+    assert_eq!(tokio::time::timeout(STEP, read_reply(&mut kept)).await.unwrap().status, 200);
+}
+
+/// Issue 15, item 6: a client that asks for an answer larger than the
+/// sockets' buffers and stops reading it is cut off once the request
+/// timeout passes, freeing its slot.
+#[tokio::test]
+async fn a_client_that_stops_reading_its_answer_is_cut_off_after_the_request_timeout() {
+    let limits = ServerLimits {
+        header_read_timeout: Duration::from_secs(5),
+        request_timeout: Duration::from_millis(1500),
+        max_connections: 1,
+    };
+    let server = start_with(limits).await;
+    // About 16 MB of metrics: more than loopback's socket buffers hold.
+    let long = "x".repeat(300);
+    for i in 0..50_000 {
+        server.state.metrics.changes_received(&format!("s.{long}{i}"), Operation::Insert, 1);
+    }
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let mut stalled = socket.connect(server.addr).await.unwrap();
+    stalled.write_all(request("/metrics", false).as_bytes()).await.unwrap();
+    // Never read: the server's writes stall, then the request times out.
+    let started = Instant::now();
+    let reply = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(started.elapsed() < Duration::from_secs(20), "the stalled client still holds the only slot");
+        let attempt = async {
+            let mut stream = TcpStream::connect(server.addr).await.ok()?;
+            stream.write_all(request("/healthz", true).as_bytes()).await.ok()?;
+            Some(read_reply(&mut stream).await)
+        };
+        match tokio::time::timeout(STEP, attempt).await {
+            Ok(Some(reply)) if reply.status == 200 => break reply,
+            _ => continue,
+        }
+    };
+    assert_eq!(reply.body, "ok\n");
+    assert!(started.elapsed() >= Duration::from_millis(1000), "freed after {:?}", started.elapsed());
+    drop(stalled);
 }
