@@ -110,9 +110,8 @@ async fn check_async(config: &Config, pg: &PostgresSource, graph: &Graph) -> Res
         .acquire_timeout(TIMEOUT)
         .connect_lazy(pg.url.expose_secret())
         .map_err(|_| CliError::Input("source.postgres.url: not a Postgres URL".into()))?;
-    let in_time = |what: &'static str| {
-        move |_| unreachable(format!("no answer within {} s ({what})", (TIMEOUT * 2).as_secs()))
-    };
+    let in_time =
+        |what: &'static str| move |_| unreachable(format!("no answer within {} s ({what})", (TIMEOUT * 2).as_secs()));
     let unmet = tokio::time::timeout(TIMEOUT * 2, setup::server_prerequisites(&pool))
         .await
         .map_err(in_time("server settings"))?

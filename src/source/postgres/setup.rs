@@ -209,7 +209,10 @@ async fn check_replica_identity(pool: &PgPool, graph: &Graph, required: bool) ->
 /// The relations (tables, or leaf partitions) whose caches read non-key
 /// columns of old rows and that lack `REPLICA IDENTITY FULL`; each is
 /// logged as a warning.
-pub(crate) async fn relations_without_full_identity(pool: &PgPool, graph: &Graph) -> Result<Vec<String>, SourceSetupError> {
+pub(crate) async fn relations_without_full_identity(
+    pool: &PgPool,
+    graph: &Graph,
+) -> Result<Vec<String>, SourceSetupError> {
     let mut missing = Vec::new();
     for table in tables_needing_old_values(graph) {
         // A partitioned table's rows are written by its leaf partitions,
