@@ -64,6 +64,8 @@ pub mod lookup;
 #[cfg(feature = "daemon")]
 pub mod metrics;
 #[cfg(feature = "daemon")]
+pub(crate) mod pgconn;
+#[cfg(feature = "daemon")]
 pub(crate) mod policy;
 #[cfg(feature = "daemon")]
 pub mod resolve;

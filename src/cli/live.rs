@@ -98,11 +98,11 @@ pub(crate) fn check(config: &Config, pg: &PostgresSource, graph: &Graph) -> Resu
 async fn check_async(config: &Config, pg: &PostgresSource, graph: &Graph) -> Result<LiveFindings, CliError> {
     let shown = config::redact_url(&pg.url);
     let unreachable = |e: String| CliError::Runtime(format!("cannot check the source database {shown}: {e}"));
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(TIMEOUT)
-        .connect_lazy(pg.url.expose_secret())
-        .map_err(|_| CliError::Input("source.postgres.url: not a Postgres URL".into()))?;
+    let pool = PgPoolOptions::new().max_connections(1).acquire_timeout(TIMEOUT).connect_lazy_with(
+        crate::pgconn::connect_options(pg.url.expose_secret())
+            .await
+            .map_err(|e| CliError::Input(format!("source.postgres.url: {e}")))?,
+    );
     let report = tokio::time::timeout(TIMEOUT * 2, publication::publication_report(&pool, &pg.publication, graph))
         .await
         .map_err(|_| unreachable(format!("no answer within {} s", (TIMEOUT * 2).as_secs())))?

@@ -15,6 +15,7 @@
 mod dead_letter;
 mod issues;
 mod load;
+pub(crate) mod pg_url;
 mod raw;
 mod redis;
 mod secrets;

@@ -2,8 +2,6 @@
 //! are redacted for logs and `check`, hidden in serde's messages, and a
 //! URL's own parse error is never allowed to echo it.
 
-use std::str::FromStr;
-
 use secrecy::{ExposeSecret, SecretString};
 
 use super::issues::Issues;
@@ -44,14 +42,10 @@ pub(crate) fn check_pg_url(issues: &mut Issues<'_>, field: &str, url: &SecretStr
         issues.push(field, format!("not a Postgres URL (scheme `{scheme}`; expected postgres:// or postgresql://)"));
         return;
     }
-    // The parse error never contains the URL itself.
-    if let Err(e) = sqlx::postgres::PgConnectOptions::from_str(url.expose_secret()) {
-        let reason = match e {
-            sqlx::Error::Configuration(inner) => inner.to_string(),
-            _ => "unreadable".to_owned(),
-        };
-        let reason = if reason.contains(url.expose_secret()) { "unreadable".to_owned() } else { reason };
-        issues.push(field, format!("not a Postgres URL ({reason})"));
+    // Read as libpq reads it (and as every connection will): the error
+    // never contains the URL itself.
+    if let Err(e) = super::pg_url::PgUrl::parse(url.expose_secret()) {
+        issues.push(field, format!("not a Postgres URL ({e})"));
     }
 }
 

@@ -1,0 +1,259 @@
+//! Connecting to Postgres as libpq would: the one place a source, look-up
+//! or dead-letter URL becomes sqlx's connect options and the replication
+//! stream's TLS settings, from one [`PgUrl`] (`config::pg_url`), so that
+//! the replication connection and every pool treat the same URL the same
+//! way (docs/tls.md).
+//!
+//! What libpq settles when connecting, settled here the same way:
+//! - the root certificate: `sslrootcert=FILE`; `sslrootcert=system`, the
+//!   system's bundle (`SSL_CERT_FILE`, else Debian's, Red Hat's or
+//!   Alpine's path); else `~/.postgresql/root.crt` when it exists;
+//! - `require` with a root certificate verifies the chain (`verify-ca`);
+//!   `verify-ca` and `verify-full` without one fail, naming the fix;
+//! - `prefer`: TLS when the server offers it, plain when it answers the
+//!   TLS request with "N"; `allow`: plain, then TLS if the server refused
+//!   the plain connection (for a pool, decided by one probe when it is
+//!   built; for the replication stream, at every start).
+//!
+//! Invariants: the sqlx options never read `~/.pgpass` (the replication
+//! client cannot), and every field they take is set from the [`PgUrl`],
+//! so sqlx's own reading of the environment cannot make the two differ.
+//! Under `prefer` and `allow` the certificate is never verified (sqlx
+//! cannot); verification needs `require` with a root certificate or a
+//! `verify-*` mode.
+
+use std::path::{Path, PathBuf};
+
+use pgwire_replication::TlsConfig;
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgConnectOptions, PgSslMode};
+
+use crate::config::pg_url::{PgUrl, PgUrlError, RootCert, SslMode};
+
+/// Why a URL cannot be connected with.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum PgConnError {
+    #[error("not a usable Postgres URL: {0}")]
+    Url(#[from] PgUrlError),
+    #[error(
+        "sslmode={0} verifies the server's certificate but no root certificate is given: set sslrootcert=FILE (your provider's CA bundle), or sslrootcert=system for the system's trusted roots, or use sslmode=require (no verification)"
+    )]
+    NoRootCert(&'static str),
+    #[error(
+        "sslrootcert=system: no system CA bundle found (SSL_CERT_FILE, /etc/ssl/certs/ca-certificates.crt, /etc/pki/tls/certs/ca-bundle.crt, /etc/ssl/cert.pem); install ca-certificates or give sslrootcert=FILE"
+    )]
+    NoSystemBundle,
+    #[error("sslrootcert file `{0}` does not exist")]
+    MissingRootCert(PathBuf),
+}
+
+impl From<PgConnError> for sqlx::Error {
+    fn from(e: PgConnError) -> sqlx::Error {
+        sqlx::Error::Configuration(Box::new(e))
+    }
+}
+
+/// A URL with its TLS settings settled: what both clients are given.
+#[derive(Debug, Clone)]
+pub(crate) struct Conn {
+    pub(crate) url: PgUrl,
+    /// `require` already turned into `verify-ca` when a root certificate applies.
+    pub(crate) mode: SslMode,
+    pub(crate) root: Option<PathBuf>,
+}
+
+impl Conn {
+    /// Parses `url` and settles its root certificate (reads the file system).
+    pub(crate) fn new(url: &str) -> Result<Conn, PgConnError> {
+        let url = PgUrl::parse(url)?;
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        Conn::settle(url, home.as_deref(), std::env::var_os("SSL_CERT_FILE").map(PathBuf::from))
+    }
+
+    fn settle(url: PgUrl, home: Option<&Path>, ssl_cert_file: Option<PathBuf>) -> Result<Conn, PgConnError> {
+        let root = match &url.root_cert {
+            Some(RootCert::File(path)) => {
+                if !path.exists() {
+                    return Err(PgConnError::MissingRootCert(path.clone()));
+                }
+                Some(path.clone())
+            }
+            Some(RootCert::System) => Some(system_bundle(ssl_cert_file)?),
+            // libpq's default root certificate file, when it exists.
+            None => home.map(|h| h.join(".postgresql/root.crt")).filter(|p| p.exists()),
+        };
+        let mode = url.effective_mode(root.is_some());
+        if mode.verifies() && root.is_none() {
+            return Err(PgConnError::NoRootCert(mode.as_str()));
+        }
+        Ok(Conn { url, mode, root })
+    }
+
+    /// sqlx's options for `mode` (the URL's, or `allow`'s second try).
+    fn sqlx_options(&self, mode: SslMode) -> PgConnectOptions {
+        let url = &self.url;
+        let mut options = PgConnectOptions::new_without_pgpass()
+            .host(&url.host)
+            .port(url.port)
+            .username(&url.user)
+            .database(&url.database)
+            .ssl_mode(match mode {
+                SslMode::Disable | SslMode::Allow => PgSslMode::Disable,
+                SslMode::Prefer => PgSslMode::Prefer,
+                SslMode::Require => PgSslMode::Require,
+                SslMode::VerifyCa => PgSslMode::VerifyCa,
+                SslMode::VerifyFull => PgSslMode::VerifyFull,
+            });
+        if let Some(password) = &url.password {
+            options = options.password(password.expose_secret());
+        }
+        if let Some(root) = &self.root {
+            options = options.ssl_root_cert(root);
+        }
+        if let Some((cert, key)) = &url.client_cert {
+            options = options.ssl_client_cert(cert).ssl_client_key(key);
+        }
+        if let Some(name) = &url.application_name {
+            options = options.application_name(name);
+        }
+        if let Some(extra) = &url.options {
+            // libpq's `options` is a command line of `-c name=value`.
+            let pairs: Vec<(&str, &str)> = extra
+                .split_whitespace()
+                .filter(|w| *w != "-c")
+                .filter_map(|w| w.strip_prefix("-c").unwrap_or(w).split_once('='))
+                .collect();
+            options = options.options(pairs);
+        }
+        options
+    }
+
+    /// The replication stream's TLS settings for `mode`.
+    pub(crate) fn replication_tls(&self, mode: SslMode) -> TlsConfig {
+        let mut tls = match mode {
+            SslMode::Disable | SslMode::Allow => TlsConfig::disabled(),
+            SslMode::Prefer => TlsConfig { mode: pgwire_replication::SslMode::Prefer, ..TlsConfig::default() },
+            SslMode::Require => TlsConfig::require(),
+            SslMode::VerifyCa => TlsConfig::verify_ca(self.root.clone()),
+            SslMode::VerifyFull => TlsConfig::verify_full(self.root.clone()),
+        };
+        if let Some((cert, key)) = &self.url.client_cert {
+            tls = tls.with_client_cert(cert, key);
+        }
+        // An IP address is checked against the certificate's IP
+        // addresses, as libpq does; pgwire-replication only does that when
+        // the name to check is given explicitly.
+        if self.url.host.parse::<std::net::IpAddr>().is_ok() {
+            tls = tls.with_sni_hostname(self.url.host.clone());
+        }
+        tls
+    }
+
+    /// The modes to try in turn: `allow` tries plain, then TLS.
+    pub(crate) fn attempts(&self) -> &'static [SslMode] {
+        match self.mode {
+            SslMode::Allow => &[SslMode::Allow, SslMode::Require],
+            SslMode::Disable => &[SslMode::Disable],
+            SslMode::Prefer => &[SslMode::Prefer],
+            SslMode::Require => &[SslMode::Require],
+            SslMode::VerifyCa => &[SslMode::VerifyCa],
+            SslMode::VerifyFull => &[SslMode::VerifyFull],
+        }
+    }
+
+    /// sqlx's options without a probe: `allow` is plain (for lazily
+    /// connected pools, built where nothing can be awaited).
+    pub(crate) fn options_now(&self) -> PgConnectOptions {
+        self.sqlx_options(self.mode)
+    }
+
+    /// sqlx's options; under `allow`, a plain connection is tried first and
+    /// TLS chosen when the server refuses it (an unreachable server keeps
+    /// plain: the pool's own retries meet the same server later).
+    pub(crate) async fn options(&self) -> PgConnectOptions {
+        use sqlx::Connection as _;
+        if self.mode != SslMode::Allow {
+            return self.sqlx_options(self.mode);
+        }
+        let plain = self.sqlx_options(SslMode::Allow);
+        let probe = tokio::time::timeout(std::time::Duration::from_secs(10), sqlx::PgConnection::connect_with(&plain));
+        match probe.await {
+            Ok(Ok(conn)) => {
+                let _ = conn.close().await;
+                plain
+            }
+            Ok(Err(sqlx::Error::Database(_))) => self.sqlx_options(SslMode::Require),
+            _ => plain,
+        }
+    }
+}
+
+/// sqlx's connect options for `url`, as libpq would connect.
+pub(crate) async fn connect_options(url: &str) -> Result<PgConnectOptions, PgConnError> {
+    Ok(Conn::new(url)?.options().await)
+}
+
+/// The system's CA bundle, where OpenSSL (libpq's) would find it.
+fn system_bundle(ssl_cert_file: Option<PathBuf>) -> Result<PathBuf, PgConnError> {
+    ssl_cert_file
+        .into_iter()
+        .chain(
+            ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
+                .map(PathBuf::from),
+        )
+        .find(|p| p.exists())
+        .ok_or(PgConnError::NoSystemBundle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settle(url: &str, home: Option<&Path>) -> Result<Conn, PgConnError> {
+        Conn::settle(PgUrl::parse_with_env(url, |_| None).unwrap(), home, None)
+    }
+
+    #[test]
+    fn verify_modes_without_a_root_certificate_name_the_fix() {
+        let e = settle("postgres://h/db?sslmode=verify-full", None).unwrap_err().to_string();
+        assert!(e.contains("sslrootcert=FILE") && e.contains("sslrootcert=system"), "{e}");
+    }
+
+    #[test]
+    fn a_missing_root_certificate_file_is_named() {
+        let e = settle("postgres://h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem", None).unwrap_err();
+        assert!(matches!(e, PgConnError::MissingRootCert(_)), "{e}");
+    }
+
+    #[test]
+    fn libpq_default_root_certificate_makes_require_verify() {
+        let home = std::env::temp_dir().join(format!("evictd-pgconn-{}", std::process::id()));
+        std::fs::create_dir_all(home.join(".postgresql")).unwrap();
+        std::fs::write(home.join(".postgresql/root.crt"), "").unwrap();
+        let conn = settle("postgres://h/db?sslmode=require", Some(&home)).unwrap();
+        assert_eq!(conn.mode, SslMode::VerifyCa);
+        let conn = settle("postgres://h/db?sslmode=require", None).unwrap();
+        assert_eq!(conn.mode, SslMode::Require);
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn both_clients_get_the_same_mode_and_files() {
+        let conn = settle("postgres://u:p%2Bw@127.0.0.1:5/db?sslmode=verify-full&sslrootcert=/dev/null", None).unwrap();
+        let tls = conn.replication_tls(conn.mode);
+        assert_eq!(tls.mode, pgwire_replication::SslMode::VerifyFull);
+        assert_eq!(tls.ca_pem_path.as_deref(), Some(Path::new("/dev/null")));
+        assert_eq!(tls.sni_hostname.as_deref(), Some("127.0.0.1"), "an IP host is checked as an IP");
+        let options = conn.sqlx_options(conn.mode);
+        assert!(matches!(options.get_ssl_mode(), PgSslMode::VerifyFull));
+        assert_eq!((options.get_host(), options.get_port(), options.get_username()), ("127.0.0.1", 5, "u"));
+    }
+
+    #[test]
+    fn allow_tries_plain_then_tls() {
+        let conn = settle("postgres://h/db?sslmode=allow", None).unwrap();
+        assert_eq!(conn.attempts(), &[SslMode::Allow, SslMode::Require]);
+        assert_eq!(conn.replication_tls(SslMode::Allow).mode, pgwire_replication::SslMode::Disable);
+        assert_eq!(conn.replication_tls(SslMode::Require).mode, pgwire_replication::SslMode::Require);
+    }
+}
