@@ -79,6 +79,9 @@ pub mod server;
 pub mod sink;
 #[cfg(feature = "daemon")]
 pub mod source;
+#[cfg(feature = "daemon")]
+#[doc(hidden)]
+pub mod tls_probe;
 
 // Shared by the daemon and the applications (`client`): what the daemon
 // alone uses of them is dead code without it.
@@ -89,5 +92,7 @@ pub mod key;
 #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
 pub mod layout;
 pub mod reader;
+#[cfg(feature = "subscriber")]
+pub mod redis_tls;
 #[cfg(feature = "subscriber")]
 pub mod subscriber;

@@ -149,6 +149,41 @@ impl Conn {
         tls
     }
 
+    /// The replication stream's TLS settings for `mode`, with
+    /// pgwire-replication 0.5's `verify-ca` worked around: its chain-only
+    /// verifier lets a host name mismatch through only as rustls'
+    /// `NotValidForName`, and rustls 0.23 reports `NotValidForNameContext`,
+    /// so every certificate whose names leave out the host was refused.
+    /// Around it, one handshake verifies the chain against the root
+    /// certificate and learns a DNS name the certificate carries; the
+    /// stream is then verified in full (chain and that name), which is
+    /// what `verify-ca` asks of it.
+    pub(crate) async fn replication_tls_for(
+        &self,
+        mode: SslMode,
+    ) -> Result<TlsConfig, pgwire_replication::PgWireError> {
+        let tls = self.replication_tls(mode);
+        if mode != SslMode::VerifyCa {
+            return Ok(tls);
+        }
+        let mut check = TlsConfig { mode: pgwire_replication::SslMode::VerifyFull, ..tls.clone() };
+        check.sni_hostname = Some(self.url.host.clone());
+        let tcp = tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port)).await?;
+        let name = match pgwire_replication::tls::rustls::maybe_upgrade_to_tls(tcp, &check, &self.url.host).await {
+            // The host is one of the certificate's names.
+            Ok(_) => self.url.host.clone(),
+            Err(pgwire_replication::PgWireError::Tls(message)) if message.contains("not valid for name") => {
+                presented_dns_name(&message).ok_or_else(|| {
+                    pgwire_replication::PgWireError::Tls(format!(
+                        "{message} (sslmode=verify-ca: the certificate names no DNS name to verify it against)"
+                    ))
+                })?
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(TlsConfig { mode: pgwire_replication::SslMode::VerifyFull, sni_hostname: Some(name), ..tls })
+    }
+
     /// The modes to try in turn: `allow` tries plain, then TLS.
     pub(crate) fn attempts(&self) -> &'static [SslMode] {
         match self.mode {
@@ -186,6 +221,14 @@ impl Conn {
             _ => plain,
         }
     }
+}
+
+/// The first `DnsName("…")` of rustls' "certificate is only valid for …".
+fn presented_dns_name(message: &str) -> Option<String> {
+    let (_, after) = message.split_once("only valid for")?;
+    let (_, name) = after.split_once("DnsName(\"")?;
+    let (name, _) = name.split_once('"')?;
+    (!name.is_empty() && !name.starts_with('*')).then(|| name.to_owned())
 }
 
 /// sqlx's connect options for `url`, as libpq would connect.
@@ -247,6 +290,14 @@ mod tests {
         let options = conn.sqlx_options(conn.mode);
         assert!(matches!(options.get_ssl_mode(), PgSslMode::VerifyFull));
         assert_eq!((options.get_host(), options.get_port(), options.get_username()), ("127.0.0.1", 5, "u"));
+    }
+
+    #[test]
+    fn a_dns_name_is_read_from_rustls_name_mismatch() {
+        let message = "TLS handshake failed: invalid peer certificate: certificate not valid for name \"127.0.0.1\"; certificate is only valid for DnsName(\"localhost\")";
+        assert_eq!(presented_dns_name(message).as_deref(), Some("localhost"));
+        assert_eq!(presented_dns_name("certificate is only valid for DnsName(\"*.example.com\")"), None);
+        assert_eq!(presented_dns_name("UnknownIssuer"), None);
     }
 
     #[test]

@@ -7,7 +7,7 @@
 #   PG_FAST                1 = fsync and full_page_writes off          default 1
 #   PG_WAL_SENDER_TIMEOUT  wal_sender_timeout (e.g. 60s, 5s, 500ms)    default 60s
 #   PGBIN                  PostgreSQL server binaries                  default /usr/lib/postgresql/15/bin
-#   PG_TLS_DIR             ssl=on with DIR/server.{crt,key}, CA DIR/ca.crt  default: no TLS
+#   PG_TLS_DIR             ssl=on with DIR/pg-server.{crt,key}, CA DIR/ca.crt  default: no TLS
 #                          (tls-certs.sh makes DIR; tls-start.sh uses this)
 #
 # Idempotent: a second run with the same PGPORT/PGDATA reuses the cluster,
@@ -75,7 +75,7 @@ CONF
     # The key is copied into the data directory: Postgres must own it (0600).
     cat <<CONF
 ssl = on
-ssl_cert_file = '$PG_TLS_DIR/server.crt'
+ssl_cert_file = '$PG_TLS_DIR/pg-server.crt'
 ssl_key_file = 'server.key'
 ssl_ca_file = '$PG_TLS_DIR/ca.crt'
 CONF
@@ -120,7 +120,7 @@ else
 fi
 
 if [ -n "${PG_TLS_DIR:-}" ]; then
-  as_pg sh -c 'umask 077 && cat >"$1"' sh "$PGDATA/server.key" <"$PG_TLS_DIR/server.key"
+  as_pg sh -c 'umask 077 && cat >"$1"' sh "$PGDATA/server.key" <"$PG_TLS_DIR/pg-server.key"
 fi
 
 PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h "$PGHOST" -p "$PGPORT" -U postgres)

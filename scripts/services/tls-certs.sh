@@ -6,7 +6,10 @@
 #   tls-certs.sh DIR
 #
 # DIR/ca.crt ca.key              the test CA (10 years)
-# DIR/server.crt server.key      CN=localhost, SAN DNS:localhost, IP:127.0.0.1
+# DIR/server.crt server.key      CN=localhost, SAN DNS:localhost, IP:127.0.0.1 (Redis)
+# DIR/pg-server.crt pg-server.key  CN=localhost, SAN DNS:localhost only (Postgres:
+#                                so that verify-full to 127.0.0.1 is a host name
+#                                mismatch, and to localhost a match)
 # DIR/client.crt client.key      CN=evictd (a client certificate for mTLS)
 # DIR/other-ca.crt other-ca.key  a CA that signed nothing here
 #
@@ -47,6 +50,8 @@ ca ca "evictd test CA"
 ca other-ca "evictd other CA"
 leaf server localhost "$(printf '%s\n' 'subjectAltName=DNS:localhost,IP:127.0.0.1' \
   'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth,clientAuth')"
+leaf pg-server localhost "$(printf '%s\n' 'subjectAltName=DNS:localhost' \
+  'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' 'extendedKeyUsage=serverAuth')"
 leaf client evictd "$(printf '%s\n' 'basicConstraints=CA:FALSE' 'keyUsage=digitalSignature,keyEncipherment' \
   'extendedKeyUsage=clientAuth')"
 chmod 0644 ./*.crt

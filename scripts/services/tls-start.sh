@@ -20,6 +20,8 @@
 #                       which only form-decoding turns into a space)
 #   evictd_tls_only     trust over TLS, rejected without (hostnossl reject):
 #                       what sslmode=allow retries with TLS
+#   evictd              TLS and a client certificate only (hostssl ... cert:
+#                       the certificate's CN is the user, DIR/client.crt)
 #
 # Idempotent, like the other start scripts. Last stdout line: the PKI
 # directory (EVICTD_TEST_TLS_DIR of the tests). Stop: tls-stop.sh.
@@ -40,6 +42,10 @@ PG_TLS_DIR="$TLS_DIR" PGPORT="$TLS_PG_PORT" PGDATA="$TLS_PG_DATA" "$here/pg-star
 hba="$(cat <<HBA
 local     all         all                              trust
 local     replication all                              trust
+hostssl   all         evictd           127.0.0.1/32    cert
+hostssl   replication evictd           127.0.0.1/32    cert
+host      all         evictd           127.0.0.1/32    reject
+host      replication evictd           127.0.0.1/32    reject
 hostnossl all         evictd_tls_only  127.0.0.1/32    reject
 hostnossl replication evictd_tls_only  127.0.0.1/32    reject
 host      all         evictd_pw        127.0.0.1/32    scram-sha-256
@@ -59,6 +65,8 @@ SELECT 'CREATE ROLE evictd_pw' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE ro
 SELECT 'CREATE ROLE evictd_tls_only' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'evictd_tls_only') \gexec
 ALTER ROLE evictd_pw WITH LOGIN SUPERUSER REPLICATION PASSWORD 'p+w%d@x/y z';
 ALTER ROLE evictd_tls_only WITH LOGIN SUPERUSER REPLICATION;
+SELECT 'CREATE ROLE evictd' WHERE NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'evictd') \gexec
+ALTER ROLE evictd WITH LOGIN SUPERUSER REPLICATION;
 SQL
 note "postgres with TLS on 127.0.0.1:$TLS_PG_PORT"
 

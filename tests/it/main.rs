@@ -31,4 +31,5 @@ mod standby;
 mod subscriber;
 mod support;
 mod tag_race;
+mod tls;
 mod value_format;

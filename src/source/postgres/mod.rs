@@ -94,7 +94,7 @@ pub(crate) const REPLICATION_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`Starting::started`]: a start that failed or was cancelled leaves no
 /// worker behind to finish its handshake (and take the slot) once a silent
 /// network heals.
-struct Starting(Option<ReplicationClient>);
+pub(crate) struct Starting(Option<ReplicationClient>);
 
 impl Starting {
     fn client(&mut self) -> Result<&mut ReplicationClient, SourceSetupError> {
@@ -163,11 +163,8 @@ impl PostgresSource {
         // Read after `prepare`, which may have created or completed the
         // publication: the partitions whose changes belong to graph tables.
         let partitions = publication::publication_report(&pool, &config.publication, graph).await?.partitions;
-        // `allow` tries plain first and TLS once the server refused it;
-        // every other mode is one attempt.
-        let mut starting = None;
-        for (i, mode) in endpoint.attempts().iter().enumerate() {
-            let replication = ReplicationConfig::new(
+        let starting = connect_replication(&endpoint, |tls| {
+            ReplicationConfig::new(
                 endpoint.url.host.clone(),
                 endpoint.url.user.clone(),
                 endpoint.url.password.as_ref().map(|p| p.expose_secret().to_owned()).unwrap_or_default(),
@@ -176,28 +173,16 @@ impl PostgresSource {
                 config.publication.clone(),
             )
             .with_port(endpoint.url.port)
-            .with_tls(endpoint.replication_tls(*mode))
+            .with_tls(tls)
             .with_start_lsn(pgwire_replication::Lsn(state.confirmed_flush.0))
             .with_status_interval(config.status_interval)
             .with_wakeup_interval(config.status_interval)
             .with_buffer_size(4096)
             .with_application_name("evictd")
             // Values print as a look-up session prints them (`session`).
-            .with_options(session::replication_options());
-            let last = i + 1 == endpoint.attempts().len();
-            match start_replication(replication).await {
-                Ok(started) => {
-                    starting = Some(started);
-                    break;
-                }
-                Err((e, refused)) if refused && !last => {
-                    tracing::info!(error = %e, "the server refused a plain replication connection (sslmode=allow): trying TLS");
-                }
-                Err((e, _)) => return Err(e),
-            }
-        }
-        let starting = starting
-            .ok_or_else(|| SourceSetupError::Transient("replication connection: no connection attempt".into()))?;
+            .with_options(session::replication_options())
+        })
+        .await?;
         // We hold the slot now. Had anyone advanced it since we read it,
         // what lies between would be skipped: refuse.
         let after = setup::read_slot(&pool, &config.slot).await?.ok_or_else(|| {
@@ -389,6 +374,28 @@ fn replication_error(e: pgwire_replication::PgWireError) -> SourceError {
     } else {
         SourceError::transient_from("replication connection", e)
     }
+}
+
+/// Starts the replication stream with `endpoint`'s TLS settings (`build`
+/// makes the rest of the configuration): `allow` tries plain first and TLS
+/// once the server refused the plain connection; every other mode is one
+/// attempt.
+pub(crate) async fn connect_replication(
+    endpoint: &Conn,
+    build: impl Fn(pgwire_replication::TlsConfig) -> ReplicationConfig,
+) -> Result<Starting, SourceSetupError> {
+    let attempts = endpoint.attempts();
+    for (i, mode) in attempts.iter().enumerate() {
+        let tls = endpoint.replication_tls_for(*mode).await.map_err(classify)?;
+        match start_replication(build(tls)).await {
+            Ok(started) => return Ok(started),
+            Err((e, refused)) if refused && i + 1 < attempts.len() => {
+                tracing::info!(error = %e, "the server refused a plain replication connection (sslmode=allow): trying TLS");
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+    Err(SourceSetupError::Transient("replication connection: no connection attempt".into()))
 }
 
 /// Connects and waits until the replication stream started; on failure,
