@@ -215,7 +215,7 @@ impl DeadLetters {
     /// A store over a lazily connected pool; every statement is bounded by
     /// `timeout`. `schema` holds evictd's own tables.
     pub fn connect_lazy(url: &SecretString, schema: &str, timeout: Duration) -> Result<DeadLetters, DeadLetterError> {
-        // Connected lazily, so `sslmode=allow` stays plain here (no probe).
+        // Connected lazily: `sslmode=allow` takes prefer's rule here (`pgconn`).
         let options = crate::pgconn::Conn::new(url.expose_secret())
             .map_err(|e| DeadLetterError::Migrate {
                 schema: schema.to_owned(),

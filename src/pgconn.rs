@@ -12,8 +12,10 @@
 //!   `verify-ca` and `verify-full` without one fail, naming the fix;
 //! - `prefer`: TLS when the server offers it, plain when it answers the
 //!   TLS request with "N"; `allow`: plain, then TLS if the server refused
-//!   the plain connection (for a pool, decided by one probe when it is
-//!   built; for the replication stream, at every start).
+//!   the plain connection (for the replication stream at every start; for
+//!   a pool connected at once, by one probe when it is built; the pools
+//!   connected lazily, look-ups and dead letters, take `prefer`'s rule,
+//!   which connects wherever `allow` does).
 //!
 //! Invariants: the sqlx options never read `~/.pgpass` (the replication
 //! client cannot), and every field they take is set from the [`PgUrl`],
@@ -196,10 +198,13 @@ impl Conn {
         }
     }
 
-    /// sqlx's options without a probe: `allow` is plain (for lazily
-    /// connected pools, built where nothing can be awaited).
+    /// sqlx's options without a probe, for the pools connected lazily
+    /// (look-ups, dead letters), built where nothing can be awaited: there
+    /// `allow` takes `prefer`'s rule, the one that connects wherever
+    /// `allow` would (TLS when offered, else plain), rather than plain,
+    /// which a server requiring TLS refuses.
     pub(crate) fn options_now(&self) -> PgConnectOptions {
-        self.sqlx_options(self.mode)
+        self.sqlx_options(if self.mode == SslMode::Allow { SslMode::Prefer } else { self.mode })
     }
 
     /// sqlx's options; under `allow`, a plain connection is tried first and

@@ -31,6 +31,26 @@ pub(crate) fn hide_passwords(text: &str) -> String {
         rest = &tail[end..];
     }
     out.push_str(rest);
+    hide_query_passwords(&out)
+}
+
+/// Replaces the value of every `password=` (a libpq URL's query may carry
+/// the password there) up to the next `&`, space, quote or comma.
+fn hide_query_passwords(text: &str) -> String {
+    const KEY: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(KEY) {
+        out.push_str(&rest[..i + KEY.len()]);
+        let tail = &rest[i + KEY.len()..];
+        let end =
+            tail.find(|c: char| c.is_whitespace() || matches!(c, '&' | '"' | '\'' | '`' | ',')).unwrap_or(tail.len());
+        if end > 0 {
+            out.push_str("****");
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
     out
 }
 

@@ -230,6 +230,14 @@ fn passwords_are_hidden_in_free_text() {
 }
 
 #[test]
+fn query_string_passwords_are_hidden_in_free_text() {
+    assert_eq!(
+        hide_passwords("cannot use postgres://u@db/x?sslmode=require&password=se+cret&user=u, retrying"),
+        "cannot use postgres://u@db/x?sslmode=require&password=****&user=u, retrying"
+    );
+}
+
+#[test]
 fn redacted_urls_hide_the_password_only() {
     let url = |s: &str| redact_url(&SecretString::from(s.to_owned()));
     assert_eq!(url("postgres://u:pw@h:5432/db?sslmode=require&password=x"), "postgres://u:****@h:5432/db");

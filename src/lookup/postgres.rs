@@ -47,7 +47,7 @@ impl PgLookupExecutor {
     /// session ([`session`](crate::source::postgres::session)), so a key
     /// parameter read here renders as the same value from pgoutput does.
     /// Read as every connection reads the URL (`crate::pgconn`); the pool
-    /// is connected lazily, so `sslmode=allow` stays plain (no probe).
+    /// is connected lazily, so `sslmode=allow` takes prefer's rule.
     pub(crate) fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
         Ok(crate::source::postgres::session::pin_lookup(crate::pgconn::Conn::new(url)?.options_now()))
     }
