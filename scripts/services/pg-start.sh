@@ -120,6 +120,7 @@ else
 fi
 
 if [ -n "${PG_TLS_DIR:-}" ]; then
+  # shellcheck disable=SC2016 # $1 is expanded by the inner sh
   as_pg sh -c 'umask 077 && cat >"$1"' sh "$PGDATA/server.key" <"$PG_TLS_DIR/pg-server.key"
 fi
 

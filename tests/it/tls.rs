@@ -250,7 +250,9 @@ async fn rediss_is_verified_against_the_ca_file() {
 }
 
 /// `evictd run` from the TLS Postgres (verify-full, the password user)
-/// into a TLS Redis target: a committed change removes its key.
+/// into a TLS Redis target: a committed change removes its key, and its
+/// broadcast reaches a subscriber connected with the same TLS settings,
+/// which drops its local copy.
 async fn run_over_tls(cluster: bool) {
     crypto();
     let ca = file("ca.crt");
@@ -305,6 +307,21 @@ async fn run_over_tls(cluster: bool) {
     };
     set.await;
     assert!(exists(key.clone()).await);
+    let servers = if cluster {
+        evictd::subscriber::Servers::Cluster(redis_urls.clone())
+    } else {
+        evictd::subscriber::Servers::Standalone(redis_urls[0].clone())
+    };
+    let mut sub_config = evictd::subscriber::SubscriberConfig::new(servers, evictd::subscriber::Transport::PubSub);
+    sub_config.tls = Some(tls.clone());
+    let local: evictd::subscriber::LocalCache<String> = evictd::subscriber::LocalCache::builder()
+        .ttl(Duration::from_secs(30), Duration::from_secs(5))
+        .redis_ttl(Duration::from_secs(60))
+        .build();
+    let subscriber = evictd::subscriber::Subscriber::start(sub_config, local.clone()).await.unwrap();
+    let load = evictd::subscriber::Load::new(format!("{}_item", d.prefix), key.clone());
+    local.get_or_load(&load, || async { Ok::<_, std::convert::Infallible>("cached".to_owned()) }).await.unwrap();
+    assert!(local.get(&key).await.is_some());
     d.sql("INSERT INTO app.items VALUES (1, 1, 'boots', NULL)").await;
     d.wait_for("the key to be invalidated over TLS", Duration::from_secs(30), || {
         let key = key.clone();
@@ -312,6 +329,12 @@ async fn run_over_tls(cluster: bool) {
         async move { (!exists(key).await).then_some(()) }
     })
     .await;
+    d.wait_for("the subscriber to drop its local copy", Duration::from_secs(30), || {
+        let (local, key) = (local.clone(), key.clone());
+        async move { local.get(&key).await.is_none().then_some(()) }
+    })
+    .await;
+    subscriber.stop().await;
     let log = d.log();
     assert!(!log.contains(PASSWORD) && !log.contains(PASSWORD_ENCODED), "the log shows the password:\n{log}");
     d.finish().await;
