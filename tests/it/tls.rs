@@ -7,7 +7,7 @@
 //! Every Postgres case runs on both of evictd's connections: a sqlx
 //! connection made as the pools make theirs and the replication stream as
 //! the source starts it (`evictd::tls_probe`); each must reach the outcome
-//! libpq reaches for the same URL.
+//! libpq reaches for the same URL, which `psql` checks in the same test.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -109,8 +109,29 @@ enum Expect {
     Fails(&'static [&'static str]),
 }
 
+/// What libpq itself (psql) makes of `url`: `Ok(tls?)` or its error.
+fn libpq(url: &str) -> Result<bool, String> {
+    let out = std::process::Command::new("psql")
+        .args(["-X", "-A", "-t", "-w", "-d", url, "-c"])
+        .arg("SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)")
+        .output()
+        .expect("psql runs (postgresql-client, installed with the test Postgres)");
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).trim() == "t")
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
+/// Checks both of evictd's connections, and libpq as the reference: all
+/// three reach `expect`.
 async fn check(case: &str, url: &str, hostport: &str, expect: Expect) {
     let (pool, replication) = both(url, hostport).await;
+    let reference = libpq(url);
+    match (&expect, &reference) {
+        (Expect::Tls, Ok(true)) | (Expect::Plain, Ok(false)) | (Expect::Fails(_), Err(_)) => {}
+        _ => panic!("{case}: libpq (psql) gives {reference:?}: the expectation is not libpq's"),
+    }
     for (which, got) in [("pool", pool), ("replication", replication)] {
         match (&expect, &got) {
             (Expect::Tls, Ok(true)) | (Expect::Plain, Ok(false)) => {}
