@@ -494,3 +494,33 @@ fn a_log_level_field_pattern_is_matched_as_text_not_compiled_as_a_regex() {
     let (_dir, path) = write(&format!("[log]\nlevel = \"evictd[{{arg=a.*b}}]=debug\"\n{REQUIRED}"));
     assert_eq!(load_with_env(&path, &env(&[])).unwrap().log.level, "evictd[{arg=a.*b}]=debug");
 }
+
+#[test]
+fn redis_tls_files_are_relative_to_the_config_and_need_rediss() {
+    let base = "\n[source]\nkind = \"postgres\"\n[source.postgres]\nurl = \"postgres://u@h/db\"\n";
+    let (dir, path) = write(&format!(
+        "{base}[redis.primary]\nurl = \"rediss://h:6380\"\ntls_ca_file = \"ca.pem\"\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n"
+    ));
+    for f in ["ca.pem", "c.pem", "k.pem"] {
+        std::fs::write(dir.path().join(f), "").unwrap();
+    }
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    let tls = c.redis[0].tls.clone().unwrap();
+    assert_eq!(tls.ca_file, Some(dir.path().join("ca.pem")));
+    assert_eq!(tls.client_cert, Some((dir.path().join("c.pem"), dir.path().join("k.pem"))));
+
+    let (_dir, path) =
+        write(&format!("{base}[redis.primary]\nurl = \"redis://h:6379\"\ntls_ca_file = \"missing.pem\"\n"));
+    let m = messages(load_with_env(&path, &env(&[])).unwrap_err());
+    assert!(m.iter().any(|m| m.contains("need rediss:// URLs")), "{m:?}");
+    assert!(m.iter().any(|m| m.contains("no such file") && m.contains("missing.pem")), "{m:?}");
+}
+
+#[test]
+fn a_postgres_url_is_checked_as_libpq_reads_it() {
+    let (_dir, path) = write(
+        "\n[source]\nkind = \"postgres\"\n[source.postgres]\nurl = \"postgres://u@h/db?sslmod=require\"\n[redis.primary]\nurl = \"redis://h:6379\"\n",
+    );
+    let m = messages(load_with_env(&path, &env(&[])).unwrap_err());
+    assert!(m.iter().any(|m| m.contains("`sslmod` is not a connection parameter libpq knows")), "{m:?}");
+}
