@@ -306,6 +306,13 @@ mod tests {
     }
 
     #[test]
+    fn sslrootcert_system_is_the_ssl_cert_file_first_as_in_openssl() {
+        let url = PgUrl::parse_with_env("postgres://h/db?sslrootcert=system", |_| None).unwrap();
+        let conn = Conn::settle(url, None, Some(PathBuf::from("/dev/null"))).unwrap();
+        assert_eq!((conn.mode, conn.root.as_deref()), (SslMode::VerifyFull, Some(Path::new("/dev/null"))));
+    }
+
+    #[test]
     fn allow_tries_plain_then_tls() {
         let conn = settle("postgres://h/db?sslmode=allow", None).unwrap();
         assert_eq!(conn.attempts(), &[SslMode::Allow, SslMode::Require]);
