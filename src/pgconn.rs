@@ -24,29 +24,19 @@
 //! cannot); verification needs `require` with a root certificate or a
 //! `verify-*` mode.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use pgwire_replication::TlsConfig;
 use secrecy::ExposeSecret;
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
-use crate::config::pg_url::{PgUrl, PgUrlError, RootCert, SslMode};
+use crate::config::pg_url::{PgUrl, PgUrlError, Settled, SslMode};
 
 /// Why a URL cannot be connected with.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum PgConnError {
     #[error("not a usable Postgres URL: {0}")]
     Url(#[from] PgUrlError),
-    #[error(
-        "sslmode={0} verifies the server's certificate but no root certificate is given: set sslrootcert=FILE (your provider's CA bundle), or sslrootcert=system for the system's trusted roots, or use sslmode=require (no verification)"
-    )]
-    NoRootCert(&'static str),
-    #[error(
-        "sslrootcert=system: no system CA bundle found (SSL_CERT_FILE, /etc/ssl/certs/ca-certificates.crt, /etc/pki/tls/certs/ca-bundle.crt, /etc/ssl/cert.pem); install ca-certificates or give sslrootcert=FILE"
-    )]
-    NoSystemBundle,
-    #[error("sslrootcert file `{0}` does not exist")]
-    MissingRootCert(PathBuf),
 }
 
 impl From<PgConnError> for sqlx::Error {
@@ -65,29 +55,10 @@ pub(crate) struct Conn {
 }
 
 impl Conn {
-    /// Parses `url` and settles its root certificate (reads the file system).
+    /// Parses `url` and settles its TLS files (reads the file system).
     pub(crate) fn new(url: &str) -> Result<Conn, PgConnError> {
         let url = PgUrl::parse(url)?;
-        let home = std::env::var_os("HOME").map(PathBuf::from);
-        Conn::settle(url, home.as_deref(), std::env::var_os("SSL_CERT_FILE").map(PathBuf::from))
-    }
-
-    fn settle(url: PgUrl, home: Option<&Path>, ssl_cert_file: Option<PathBuf>) -> Result<Conn, PgConnError> {
-        let root = match &url.root_cert {
-            Some(RootCert::File(path)) => {
-                if !path.exists() {
-                    return Err(PgConnError::MissingRootCert(path.clone()));
-                }
-                Some(path.clone())
-            }
-            Some(RootCert::System) => Some(system_bundle(ssl_cert_file)?),
-            // libpq's default root certificate file, when it exists.
-            None => home.map(|h| h.join(".postgresql/root.crt")).filter(|p| p.exists()),
-        };
-        let mode = url.effective_mode(root.is_some());
-        if mode.verifies() && root.is_none() {
-            return Err(PgConnError::NoRootCert(mode.as_str()));
-        }
+        let Settled { mode, root } = url.settle()?;
         Ok(Conn { url, mode, root })
     }
 
@@ -241,53 +212,21 @@ pub(crate) async fn connect_options(url: &str) -> Result<PgConnectOptions, PgCon
     Ok(Conn::new(url)?.options().await)
 }
 
-/// The system's CA bundle, where OpenSSL (libpq's) would find it.
-fn system_bundle(ssl_cert_file: Option<PathBuf>) -> Result<PathBuf, PgConnError> {
-    ssl_cert_file
-        .into_iter()
-        .chain(
-            ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
-                .map(PathBuf::from),
-        )
-        .find(|p| p.exists())
-        .ok_or(PgConnError::NoSystemBundle)
-}
-
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
-    fn settle(url: &str, home: Option<&Path>) -> Result<Conn, PgConnError> {
-        Conn::settle(PgUrl::parse_with_env(url, |_| None).unwrap(), home, None)
-    }
-
-    #[test]
-    fn verify_modes_without_a_root_certificate_name_the_fix() {
-        let e = settle("postgres://h/db?sslmode=verify-full", None).unwrap_err().to_string();
-        assert!(e.contains("sslrootcert=FILE") && e.contains("sslrootcert=system"), "{e}");
-    }
-
-    #[test]
-    fn a_missing_root_certificate_file_is_named() {
-        let e = settle("postgres://h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem", None).unwrap_err();
-        assert!(matches!(e, PgConnError::MissingRootCert(_)), "{e}");
-    }
-
-    #[test]
-    fn libpq_default_root_certificate_makes_require_verify() {
-        let home = std::env::temp_dir().join(format!("evictd-pgconn-{}", std::process::id()));
-        std::fs::create_dir_all(home.join(".postgresql")).unwrap();
-        std::fs::write(home.join(".postgresql/root.crt"), "").unwrap();
-        let conn = settle("postgres://h/db?sslmode=require", Some(&home)).unwrap();
-        assert_eq!(conn.mode, SslMode::VerifyCa);
-        let conn = settle("postgres://h/db?sslmode=require", None).unwrap();
-        assert_eq!(conn.mode, SslMode::Require);
-        std::fs::remove_dir_all(&home).unwrap();
+    fn settle(url: &str) -> Conn {
+        let url = PgUrl::parse_with_env(url, |_| None).unwrap();
+        let Settled { mode, root } = url.settle_in(None, None).unwrap();
+        Conn { url, mode, root }
     }
 
     #[test]
     fn both_clients_get_the_same_mode_and_files() {
-        let conn = settle("postgres://u:p%2Bw@127.0.0.1:5/db?sslmode=verify-full&sslrootcert=/dev/null", None).unwrap();
+        let conn = settle("postgres://u:p%2Bw@127.0.0.1:5/db?sslmode=verify-full&sslrootcert=/dev/null");
         let tls = conn.replication_tls(conn.mode);
         assert_eq!(tls.mode, pgwire_replication::SslMode::VerifyFull);
         assert_eq!(tls.ca_pem_path.as_deref(), Some(Path::new("/dev/null")));
@@ -306,15 +245,8 @@ mod tests {
     }
 
     #[test]
-    fn sslrootcert_system_is_the_ssl_cert_file_first_as_in_openssl() {
-        let url = PgUrl::parse_with_env("postgres://h/db?sslrootcert=system", |_| None).unwrap();
-        let conn = Conn::settle(url, None, Some(PathBuf::from("/dev/null"))).unwrap();
-        assert_eq!((conn.mode, conn.root.as_deref()), (SslMode::VerifyFull, Some(Path::new("/dev/null"))));
-    }
-
-    #[test]
     fn allow_tries_plain_then_tls() {
-        let conn = settle("postgres://h/db?sslmode=allow", None).unwrap();
+        let conn = settle("postgres://h/db?sslmode=allow");
         assert_eq!(conn.attempts(), &[SslMode::Allow, SslMode::Require]);
         assert_eq!(conn.replication_tls(SslMode::Allow).mode, pgwire_replication::SslMode::Disable);
         assert_eq!(conn.replication_tls(SslMode::Require).mode, pgwire_replication::SslMode::Require);

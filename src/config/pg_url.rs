@@ -18,10 +18,13 @@
 //! - `sslrootcert=system` makes `verify-full` the default and refuses a
 //!   weaker `sslmode`; `ssl=true` is `sslmode=require`.
 //!
-//! Parsing does no I/O: which root certificate file applies (the default
-//! `~/.postgresql/root.crt`, the system bundle) is settled when connecting
-//! (`crate::pgconn`). The password is a [`SecretString`], and no error
-//! here quotes the URL.
+//! Parsing reads no file; [`PgUrl::settle`] then finds the root
+//! certificate that applies (`sslrootcert=FILE`, the system bundle for
+//! `system`, else libpq's `~/.postgresql/root.crt` when it exists) and the
+//! mode it makes, checking that the files named exist: validation calls it
+//! so that `check` names the field, and every connection (`crate::pgconn`)
+//! connects with its result. The password is a [`SecretString`], and no
+//! error here quotes the URL.
 
 use std::path::PathBuf;
 
@@ -133,6 +136,24 @@ pub enum PgUrlError {
         "weak sslmode `{0}` may not be used with sslrootcert=system (use verify-full, the default with sslrootcert=system)"
     )]
     WeakWithSystem(&'static str),
+    #[error(
+        "sslmode={0} verifies the server's certificate but no root certificate is given: set sslrootcert=FILE (your provider's CA bundle), or sslrootcert=system for the system's trusted roots, or use sslmode=require (no verification)"
+    )]
+    NoRootCert(&'static str),
+    #[error(
+        "sslrootcert=system: no system CA bundle found (SSL_CERT_FILE, /etc/ssl/certs/ca-certificates.crt, /etc/pki/tls/certs/ca-bundle.crt, /etc/ssl/cert.pem); install ca-certificates or give sslrootcert=FILE"
+    )]
+    NoSystemBundle,
+    #[error("{0} file `{1}` does not exist")]
+    MissingFile(&'static str, PathBuf),
+}
+
+/// The TLS settings a [`PgUrl`] connects with once its files are found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settled {
+    /// `require` already turned into `verify-ca` when a root certificate applies.
+    pub mode: SslMode,
+    pub root: Option<PathBuf>,
 }
 
 /// libpq keywords evictd accepts in a URL's query and does not use (its own
@@ -270,6 +291,44 @@ impl PgUrl {
         Ok(PgUrl { host, port, user, password, database, sslmode, root_cert, client_cert, application_name, options })
     }
 
+    /// Finds the files the URL's TLS uses, as libpq does, in the process's
+    /// environment (`HOME`, `SSL_CERT_FILE`).
+    pub fn settle(&self) -> Result<Settled, PgUrlError> {
+        let home = std::env::var_os("HOME").map(PathBuf::from);
+        self.settle_in(home.as_deref(), std::env::var_os("SSL_CERT_FILE").map(PathBuf::from))
+    }
+
+    /// [`PgUrl::settle`] with the home directory and `SSL_CERT_FILE` given.
+    pub fn settle_in(
+        &self,
+        home: Option<&std::path::Path>,
+        ssl_cert_file: Option<PathBuf>,
+    ) -> Result<Settled, PgUrlError> {
+        let root = match &self.root_cert {
+            Some(RootCert::File(path)) => {
+                if !path.exists() {
+                    return Err(PgUrlError::MissingFile("sslrootcert", path.clone()));
+                }
+                Some(path.clone())
+            }
+            Some(RootCert::System) => Some(system_bundle(ssl_cert_file)?),
+            // libpq's default root certificate file, when it exists.
+            None => home.map(|h| h.join(".postgresql/root.crt")).filter(|p| p.exists()),
+        };
+        if let Some((cert, key)) = &self.client_cert {
+            for (what, path) in [("sslcert", cert), ("sslkey", key)] {
+                if !path.exists() {
+                    return Err(PgUrlError::MissingFile(what, path.clone()));
+                }
+            }
+        }
+        let mode = self.effective_mode(root.is_some());
+        if mode.verifies() && root.is_none() {
+            return Err(PgUrlError::NoRootCert(mode.as_str()));
+        }
+        Ok(Settled { mode, root })
+    }
+
     /// The mode connections use given the root certificate that applies
     /// (`has_root`: given, or libpq's default file exists): libpq treats
     /// `require` with a root certificate as `verify-ca`.
@@ -279,6 +338,18 @@ impl PgUrl {
             mode => mode,
         }
     }
+}
+
+/// The system's CA bundle, where OpenSSL (libpq's) would find it.
+fn system_bundle(ssl_cert_file: Option<PathBuf>) -> Result<PathBuf, PgUrlError> {
+    ssl_cert_file
+        .into_iter()
+        .chain(
+            ["/etc/ssl/certs/ca-certificates.crt", "/etc/pki/tls/certs/ca-bundle.crt", "/etc/ssl/cert.pem"]
+                .map(PathBuf::from),
+        )
+        .find(|p| p.exists())
+        .ok_or(PgUrlError::NoSystemBundle)
 }
 
 /// `host[:port]` or `[v6][:port]`, each possibly empty.
@@ -422,6 +493,43 @@ mod tests {
         assert!(parse("postgres://h/db?connect_timeout=10&application_name=x").is_ok());
         assert_eq!(parse("postgres://h1,h2/db").unwrap_err(), PgUrlError::SeveralHosts);
         assert_eq!(parse("mysql://h/db").unwrap_err(), PgUrlError::Scheme);
+    }
+
+    fn settle(url: &str, home: Option<&std::path::Path>) -> Result<Settled, PgUrlError> {
+        parse(url).unwrap().settle_in(home, None)
+    }
+
+    #[test]
+    fn verify_modes_without_a_root_certificate_name_the_fix() {
+        let e = settle("postgres://h/db?sslmode=verify-full", None).unwrap_err().to_string();
+        assert!(e.contains("sslrootcert=FILE") && e.contains("sslrootcert=system"), "{e}");
+    }
+
+    #[test]
+    fn missing_tls_files_are_named() {
+        let e = settle("postgres://h/db?sslmode=verify-ca&sslrootcert=/nonexistent/ca.pem", None).unwrap_err();
+        assert_eq!(e, PgUrlError::MissingFile("sslrootcert", "/nonexistent/ca.pem".into()));
+        let e = settle("postgres://h/db?sslcert=/nonexistent/c.pem&sslkey=/dev/null", None).unwrap_err();
+        assert_eq!(e, PgUrlError::MissingFile("sslcert", "/nonexistent/c.pem".into()));
+    }
+
+    #[test]
+    fn libpq_default_root_certificate_makes_require_verify() {
+        let home = std::env::temp_dir().join(format!("evictd-pg-url-{}", std::process::id()));
+        std::fs::create_dir_all(home.join(".postgresql")).unwrap();
+        std::fs::write(home.join(".postgresql/root.crt"), "").unwrap();
+        let settled = settle("postgres://h/db?sslmode=require", Some(&home)).unwrap();
+        assert_eq!(settled.mode, SslMode::VerifyCa);
+        assert_eq!(settled.root, Some(home.join(".postgresql/root.crt")));
+        assert_eq!(settle("postgres://h/db?sslmode=require", None).unwrap().mode, SslMode::Require);
+        std::fs::remove_dir_all(&home).unwrap();
+    }
+
+    #[test]
+    fn sslrootcert_system_is_the_ssl_cert_file_first_as_in_openssl() {
+        let settled =
+            parse("postgres://h/db?sslrootcert=system").unwrap().settle_in(None, Some("/dev/null".into())).unwrap();
+        assert_eq!(settled, Settled { mode: SslMode::VerifyFull, root: Some("/dev/null".into()) });
     }
 
     #[test]

@@ -64,8 +64,14 @@ pub(crate) fn check_pg_url(issues: &mut Issues<'_>, field: &str, url: &SecretStr
     }
     // Read as libpq reads it (and as every connection will): the error
     // never contains the URL itself.
-    if let Err(e) = super::pg_url::PgUrl::parse(url.expose_secret()) {
-        issues.push(field, format!("not a Postgres URL ({e})"));
+    match super::pg_url::PgUrl::parse(url.expose_secret()) {
+        Err(e) => issues.push(field, format!("not a Postgres URL ({e})")),
+        // The TLS files it names (or needs) exist, as libpq finds them.
+        Ok(parsed) => {
+            if let Err(e) = parsed.settle() {
+                issues.push(field, e.to_string());
+            }
+        }
     }
 }
 

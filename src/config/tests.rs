@@ -524,3 +524,12 @@ fn a_postgres_url_is_checked_as_libpq_reads_it() {
     let m = messages(load_with_env(&path, &env(&[])).unwrap_err());
     assert!(m.iter().any(|m| m.contains("`sslmod` is not a connection parameter libpq knows")), "{m:?}");
 }
+
+#[test]
+fn a_postgres_url_needing_tls_files_it_lacks_is_refused_by_check() {
+    let (_dir, path) = write(
+        "\n[source]\nkind = \"postgres\"\n[source.postgres]\nurl = \"postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"\n[redis.primary]\nurl = \"redis://h:6379\"\n",
+    );
+    let m = messages(load_with_env(&path, &env(&[])).unwrap_err());
+    assert!(m.iter().any(|m| m.contains("sslrootcert file `/nonexistent/ca.pem` does not exist")), "{m:?}");
+}

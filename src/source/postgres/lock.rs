@@ -72,8 +72,9 @@ impl SlotLock {
         slot: &str,
         lease: Option<Duration>,
     ) -> Result<Option<SlotLock>, LockError> {
-        let options = crate::pgconn::connect_options(url.expose_secret())
-            .await
+        // Bounded too: under sslmode=allow it probes the server.
+        let options = bounded(crate::pgconn::connect_options(url.expose_secret()))
+            .await?
             .map_err(|e| error("cannot connect", &sqlx::Error::from(e)))?;
         let connect = PgConnection::connect_with(&options);
         let mut conn = bounded(connect).await?.map_err(|e| error("cannot connect", &e))?;
