@@ -4,12 +4,9 @@
 //! the replication connection and every pool treat the same URL the same
 //! way (docs/tls.md).
 //!
-//! What libpq settles when connecting, settled here the same way:
-//! - the root certificate: `sslrootcert=FILE`; `sslrootcert=system`, the
-//!   system's bundle (`SSL_CERT_FILE`, else Debian's, Red Hat's or
-//!   Alpine's path); else `~/.postgresql/root.crt` when it exists;
-//! - `require` with a root certificate verifies the chain (`verify-ca`);
-//!   `verify-ca` and `verify-full` without one fail, naming the fix;
+//! The root certificate and the mode it makes (libpq's file rules) come
+//! from [`PgUrl::settle`]; what libpq decides while connecting is decided
+//! here the same way:
 //! - `prefer`: TLS when the server offers it, plain when it answers the
 //!   TLS request with "N"; `allow`: plain, then TLS if the server refused
 //!   the plain connection (for the replication stream at every start; for
