@@ -103,6 +103,7 @@ async fn main() -> Result<()> {
         broadcast: None,
         durability: None,
         eviction_check: evictd::config::EvictionCheck::Refuse,
+        tls: None,
     };
     let with = RedisSink::connect(&target(true)).await?;
     let without = RedisSink::connect(&target(false)).await?;

@@ -25,13 +25,12 @@
 //! there, never in the application's `public`.
 
 use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use sqlx::migrate::{Migration, Migrator};
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use crate::change::{Change, Lsn, Position, Row};
 use crate::change::{RawMessage, Undecodable, UndecodableReason};
@@ -216,12 +215,14 @@ impl DeadLetters {
     /// A store over a lazily connected pool; every statement is bounded by
     /// `timeout`. `schema` holds evictd's own tables.
     pub fn connect_lazy(url: &SecretString, schema: &str, timeout: Duration) -> Result<DeadLetters, DeadLetterError> {
-        let options = PgConnectOptions::from_str(url.expose_secret())
-            .map_err(|_| DeadLetterError::Migrate {
+        // Connected lazily: `sslmode=allow` takes prefer's rule here (`pgconn`).
+        let options = crate::pgconn::Conn::new(url.expose_secret())
+            .map_err(|e| DeadLetterError::Migrate {
                 schema: schema.to_owned(),
-                message: "dead_letter.url: not a Postgres URL".into(),
+                message: format!("dead_letter.url: {e}"),
                 transient: false,
             })?
+            .options_now()
             .application_name("evictd")
             .options([("search_path", schema)]);
         let pool = PgPoolOptions::new().max_connections(2).acquire_timeout(timeout).connect_lazy_with(options);

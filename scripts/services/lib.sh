@@ -16,6 +16,8 @@
 #   kafka          KAFKA_PORT KAFKA_DIR, pidfile
 #   debezium       PGHOST PGPORT PGDATABASE PGUSER KAFKA_BOOTSTRAP DBZ_STATE_DIR
 #                  (exported: the runner reads them), DBZ_SLOT DBZ_VENV, pidfile
+#   tls            TLS_DIR (the test PKI, tls-certs.sh), TLS_PG_PORT TLS_PG_DATA,
+#                  TLS_REDIS_PORT TLS_REDIS_DIR, TLS_CLUSTER_PORTS (array) TLS_CLUSTER_DIR
 #   all            EVICTD_TOOLS (downloaded broker binary, Debezium venv)
 #
 # Only defaults live here: validating a value (a port that is not a number)
@@ -166,6 +168,15 @@ case "$LOG_PREFIX" in
     DBZ_SLOT="${DBZ_SLOT:-debezium_evictd}"
     DBZ_VENV="${DBZ_VENV:-$EVICTD_TOOLS/debezium-venv}"
     pidfile="$DBZ_STATE_DIR/runner.pid"
+    ;;
+  tls-*)
+    TLS_DIR="${EVICTD_TLS_DIR:-/tmp/evictd-tls}"
+    TLS_PG_PORT="${TLS_PG_PORT:-56600}"
+    TLS_PG_DATA="${TLS_PG_DATA:-/tmp/evictd-pg-tls-$TLS_PG_PORT/data}"
+    TLS_REDIS_PORT="${TLS_REDIS_PORT:-6600}"
+    TLS_REDIS_DIR="${TLS_REDIS_DIR:-/tmp/evictd-redis-tls-$TLS_REDIS_PORT}"
+    read -r -a TLS_CLUSTER_PORTS <<<"${TLS_CLUSTER_PORTS:-6610 6611 6612}"
+    TLS_CLUSTER_DIR="${TLS_CLUSTER_DIR:-/tmp/evictd-redis-tls-cluster-${TLS_CLUSTER_PORTS[0]}}"
     ;;
   *) die "lib.sh: unknown service script '$LOG_PREFIX'" ;;
 esac

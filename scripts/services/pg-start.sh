@@ -7,6 +7,8 @@
 #   PG_FAST                1 = fsync and full_page_writes off          default 1
 #   PG_WAL_SENDER_TIMEOUT  wal_sender_timeout (e.g. 60s, 5s, 500ms)    default 60s
 #   PGBIN                  PostgreSQL server binaries                  default /usr/lib/postgresql/15/bin
+#   PG_TLS_DIR             ssl=on with DIR/pg-server.{crt,key}, CA DIR/ca.crt  default: no TLS
+#                          (tls-certs.sh makes DIR; tls-start.sh uses this)
 #
 # Idempotent: a second run with the same PGPORT/PGDATA reuses the cluster,
 # running or stopped. Progress goes to stderr; the last line of stdout is the
@@ -69,6 +71,15 @@ wal_sender_timeout = '$PG_WAL_SENDER_TIMEOUT'
 log_min_messages = warning
 log_connections = off
 CONF
+  if [ -n "${PG_TLS_DIR:-}" ]; then
+    # The key is copied into the data directory: Postgres must own it (0600).
+    cat <<CONF
+ssl = on
+ssl_cert_file = '$PG_TLS_DIR/pg-server.crt'
+ssl_key_file = 'server.key'
+ssl_ca_file = '$PG_TLS_DIR/ca.crt'
+CONF
+  fi
   if [ "$PG_FAST" = 1 ]; then
     cat <<CONF
 # Test-only shortcuts: a crash of this machine may corrupt the cluster.
@@ -106,6 +117,11 @@ elif [ "$(conf)" != "$(cat "$PGDATA/evictd.conf")" ]; then
   conf | as_pg tee "$PGDATA/evictd.conf" >/dev/null
 else
   changed=0
+fi
+
+if [ -n "${PG_TLS_DIR:-}" ]; then
+  # shellcheck disable=SC2016 # $1 is expanded by the inner sh
+  as_pg sh -c 'umask 077 && cat >"$1"' sh "$PGDATA/server.key" <"$PG_TLS_DIR/pg-server.key"
 fi
 
 PSQL=(psql -X -q -v ON_ERROR_STOP=1 -h "$PGHOST" -p "$PGPORT" -U postgres)

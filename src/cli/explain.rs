@@ -115,7 +115,7 @@ fn run_lookups(
         .map_err(|e| CliError::Runtime(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async {
         let options = PgLookupExecutor::connect_options(url.expose_secret())
-            .map_err(|_| CliError::Input("lookup.url: not a Postgres URL".into()))?;
+            .map_err(|e| CliError::Input(format!("lookup.url: {e}")))?;
         let pool = sqlx::postgres::PgPoolOptions::new()
             .max_connections(2)
             .acquire_timeout(timeout)

@@ -105,11 +105,11 @@ pub(crate) fn check(config: &Config, pg: &PostgresSource, graph: &Graph) -> Resu
 async fn check_async(config: &Config, pg: &PostgresSource, graph: &Graph) -> Result<LiveFindings, CliError> {
     let shown = config::redact_url(&pg.url);
     let unreachable = |e: String| CliError::Runtime(format!("cannot check the source database {shown}: {e}"));
-    let pool = PgPoolOptions::new()
-        .max_connections(1)
-        .acquire_timeout(TIMEOUT)
-        .connect_lazy(pg.url.expose_secret())
-        .map_err(|_| CliError::Input("source.postgres.url: not a Postgres URL".into()))?;
+    let pool = PgPoolOptions::new().max_connections(1).acquire_timeout(TIMEOUT).connect_lazy_with(
+        crate::pgconn::connect_options(pg.url.expose_secret())
+            .await
+            .map_err(|e| CliError::Input(format!("source.postgres.url: {e}")))?,
+    );
     let in_time =
         |what: &'static str| move |_| unreachable(format!("no answer within {} s ({what})", (TIMEOUT * 2).as_secs()));
     let unmet = tokio::time::timeout(TIMEOUT * 2, setup::server_prerequisites(&pool))

@@ -15,6 +15,7 @@
 mod dead_letter;
 mod issues;
 mod load;
+pub(crate) mod pg_url;
 mod raw;
 mod redis;
 mod secrets;
@@ -40,7 +41,7 @@ pub(crate) use self::dead_letter::DeadLetterConfig;
 pub(crate) use self::issues::ConfigError;
 pub(crate) use self::load::{load_text, load_with_env};
 pub(crate) use self::raw::RawConfig;
-pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget, Transport};
+pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget, RedisTls, Transport};
 pub(crate) use self::secrets::{hide_passwords, redact_url};
 pub(crate) use self::settings::{BatchLimits, MigrationMode, OnError};
 pub use self::settings::{HealthThresholds, ServerLimits};

@@ -269,6 +269,15 @@ pub(crate) struct RawRedis {
     /// What start-up does when the target's `maxmemory-policy` can evict
     /// evictd's own keys: `refuse` (default) or `warn`.
     pub(crate) eviction_check: Option<String>,
+    /// A PEM file of the CAs that sign the servers' certificates, for
+    /// `rediss://` URLs (a managed service's bundle, a private CA); only
+    /// these CAs are trusted. Default: the public (Mozilla) roots.
+    pub(crate) tls_ca_file: Option<String>,
+    /// A client certificate (PEM) for servers that ask for one; with
+    /// `tls_key_file`.
+    pub(crate) tls_cert_file: Option<String>,
+    /// The client certificate's private key (PEM); with `tls_cert_file`.
+    pub(crate) tls_key_file: Option<String>,
 }
 
 /// `[server]`: the HTTP server for `/metrics`, `/healthz`, `/readyz`.

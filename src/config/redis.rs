@@ -7,6 +7,7 @@ use secrecy::{ExposeSecret, SecretString};
 
 use super::issues::{Issues, is_identifier, positive};
 use super::raw::RawRedis;
+pub use crate::redis_tls::RedisTls;
 
 #[derive(Debug, Clone)]
 pub struct RedisTarget {
@@ -22,6 +23,8 @@ pub struct RedisTarget {
     pub durability: Option<Durability>,
     /// Whether an eviction policy that can evict evictd's keys stops start-up.
     pub eviction_check: EvictionCheck,
+    /// `tls_ca_file`, `tls_cert_file`, `tls_key_file`: for `rediss://` URLs.
+    pub tls: Option<RedisTls>,
 }
 
 /// What a pipeline waits for before its replies count as confirmed.
@@ -186,5 +189,42 @@ pub(crate) fn validate_redis(
             EvictionCheck::Refuse
         }
     };
-    Some(RedisTarget { name, urls, cluster, fill_guard_ttl, broadcast, durability, eviction_check })
+    let tls = validate_tls(&field, &urls, target.tls_ca_file, target.tls_cert_file, target.tls_key_file, issues, base);
+    Some(RedisTarget { name, urls, cluster, fill_guard_ttl, broadcast, durability, eviction_check, tls })
+}
+
+/// `tls_ca_file`, `tls_cert_file` and `tls_key_file`, relative to the
+/// config file's directory; they only make sense for `rediss://` URLs.
+fn validate_tls(
+    field: &str,
+    urls: &[SecretString],
+    ca: Option<String>,
+    cert: Option<String>,
+    key: Option<String>,
+    issues: &mut Issues<'_>,
+    base: &Path,
+) -> Option<RedisTls> {
+    if ca.is_none() && cert.is_none() && key.is_none() {
+        return None;
+    }
+    if urls.iter().any(|u| !u.expose_secret().starts_with("rediss://")) {
+        issues.push(&format!("{field}.url"), "tls_ca_file, tls_cert_file and tls_key_file need rediss:// URLs (TLS)");
+    }
+    let mut file = |name: &str, path: Option<String>| {
+        let path = base.join(path?);
+        if !path.is_file() {
+            issues.push(&format!("{field}.{name}"), format!("no such file: {}", path.display()));
+        }
+        Some(path)
+    };
+    let ca_file = file("tls_ca_file", ca);
+    let client_cert = match (file("tls_cert_file", cert), file("tls_key_file", key)) {
+        (Some(c), Some(k)) => Some((c, k)),
+        (None, None) => None,
+        _ => {
+            issues.push(&format!("{field}.tls_cert_file"), "tls_cert_file and tls_key_file go together");
+            None
+        }
+    };
+    Some(RedisTls { ca_file, client_cert })
 }

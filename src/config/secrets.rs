@@ -2,8 +2,6 @@
 //! are redacted for logs and `check`, hidden in serde's messages, and a
 //! URL's own parse error is never allowed to echo it.
 
-use std::str::FromStr;
-
 use secrecy::{ExposeSecret, SecretString};
 
 use super::issues::Issues;
@@ -33,6 +31,26 @@ pub(crate) fn hide_passwords(text: &str) -> String {
         rest = &tail[end..];
     }
     out.push_str(rest);
+    hide_query_passwords(&out)
+}
+
+/// Replaces the value of every `password=` (a libpq URL's query may carry
+/// the password there) up to the next `&`, space, quote or comma.
+fn hide_query_passwords(text: &str) -> String {
+    const KEY: &str = "password=";
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(i) = rest.find(KEY) {
+        out.push_str(&rest[..i + KEY.len()]);
+        let tail = &rest[i + KEY.len()..];
+        let end =
+            tail.find(|c: char| c.is_whitespace() || matches!(c, '&' | '"' | '\'' | '`' | ',')).unwrap_or(tail.len());
+        if end > 0 {
+            out.push_str("****");
+        }
+        rest = &tail[end..];
+    }
+    out.push_str(rest);
     out
 }
 
@@ -44,14 +62,16 @@ pub(crate) fn check_pg_url(issues: &mut Issues<'_>, field: &str, url: &SecretStr
         issues.push(field, format!("not a Postgres URL (scheme `{scheme}`; expected postgres:// or postgresql://)"));
         return;
     }
-    // The parse error never contains the URL itself.
-    if let Err(e) = sqlx::postgres::PgConnectOptions::from_str(url.expose_secret()) {
-        let reason = match e {
-            sqlx::Error::Configuration(inner) => inner.to_string(),
-            _ => "unreadable".to_owned(),
-        };
-        let reason = if reason.contains(url.expose_secret()) { "unreadable".to_owned() } else { reason };
-        issues.push(field, format!("not a Postgres URL ({reason})"));
+    // Read as libpq reads it (and as every connection will): the error
+    // never contains the URL itself.
+    match super::pg_url::PgUrl::parse(url.expose_secret()) {
+        Err(e) => issues.push(field, format!("not a Postgres URL ({e})")),
+        // The TLS files it names (or needs) exist, as libpq finds them.
+        Ok(parsed) => {
+            if let Err(e) = parsed.settle() {
+                issues.push(field, e.to_string());
+            }
+        }
     }
 }
 

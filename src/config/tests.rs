@@ -230,6 +230,14 @@ fn passwords_are_hidden_in_free_text() {
 }
 
 #[test]
+fn query_string_passwords_are_hidden_in_free_text() {
+    assert_eq!(
+        hide_passwords("cannot use postgres://u@db/x?sslmode=require&password=se+cret&user=u, retrying"),
+        "cannot use postgres://u@db/x?sslmode=require&password=****&user=u, retrying"
+    );
+}
+
+#[test]
 fn redacted_urls_hide_the_password_only() {
     let url = |s: &str| redact_url(&SecretString::from(s.to_owned()));
     assert_eq!(url("postgres://u:pw@h:5432/db?sslmode=require&password=x"), "postgres://u:****@h:5432/db");
@@ -517,4 +525,43 @@ fn server_limits_of_zero_or_past_their_bounds_are_refused_by_name() {
             "PLACE: server.max_connections: must be between 1 and 100000",
         ]
     );
+}
+
+#[test]
+fn redis_tls_files_are_relative_to_the_config_and_need_rediss() {
+    let base = "\n[source]\nkind = \"postgres\"\n[source.postgres]\nurl = \"postgres://u@h/db\"\n";
+    let (dir, path) = write(&format!(
+        "{base}[redis.primary]\nurl = \"rediss://h:6380\"\ntls_ca_file = \"ca.pem\"\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n"
+    ));
+    for f in ["ca.pem", "c.pem", "k.pem"] {
+        std::fs::write(dir.path().join(f), "").unwrap();
+    }
+    let c = load_with_env(&path, &env(&[])).unwrap();
+    let tls = c.redis[0].tls.clone().unwrap();
+    assert_eq!(tls.ca_file, Some(dir.path().join("ca.pem")));
+    assert_eq!(tls.client_cert, Some((dir.path().join("c.pem"), dir.path().join("k.pem"))));
+
+    let (_dir, path) =
+        write(&format!("{base}[redis.primary]\nurl = \"redis://h:6379\"\ntls_ca_file = \"missing.pem\"\n"));
+    let m = messages(load_with_env(&path, &env(&[])).unwrap_err());
+    assert!(m.iter().any(|m| m.contains("need rediss:// URLs")), "{m:?}");
+    assert!(m.iter().any(|m| m.contains("no such file") && m.contains("missing.pem")), "{m:?}");
+}
+
+#[test]
+fn a_postgres_url_is_checked_as_libpq_reads_it() {
+    let (_dir, path) = write(
+        "\n[source]\nkind = \"postgres\"\n[source.postgres]\nurl = \"postgres://u@h/db?sslmod=require\"\n[redis.primary]\nurl = \"redis://h:6379\"\n",
+    );
+    let m = messages(load_with_env(&path, &env(&[])).unwrap_err());
+    assert!(m.iter().any(|m| m.contains("`sslmod` is not a connection parameter libpq knows")), "{m:?}");
+}
+
+#[test]
+fn a_postgres_url_needing_tls_files_it_lacks_is_refused_by_check() {
+    let (_dir, path) = write(
+        "\n[source]\nkind = \"postgres\"\n[source.postgres]\nurl = \"postgres://u@h/db?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem\"\n[redis.primary]\nurl = \"redis://h:6379\"\n",
+    );
+    let m = messages(load_with_env(&path, &env(&[])).unwrap_err());
+    assert!(m.iter().any(|m| m.contains("sslrootcert file `/nonexistent/ca.pem` does not exist")), "{m:?}");
 }

@@ -17,7 +17,6 @@
 //! timed query, so a database that cannot be reached shows as a connection
 //! error, never as a query timeout.
 
-use std::str::FromStr as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,8 +46,10 @@ impl PgLookupExecutor {
     /// that decide how values print are pinned as on the replication
     /// session ([`session`](crate::source::postgres::session)), so a key
     /// parameter read here renders as the same value from pgoutput does.
+    /// Read as every connection reads the URL (`crate::pgconn`); the pool
+    /// is connected lazily, so `sslmode=allow` takes prefer's rule.
     pub(crate) fn connect_options(url: &str) -> Result<PgConnectOptions, sqlx::Error> {
-        Ok(crate::source::postgres::session::pin_lookup(PgConnectOptions::from_str(url)?))
+        Ok(crate::source::postgres::session::pin_lookup(crate::pgconn::Conn::new(url)?.options_now()))
     }
 }
 

@@ -77,6 +77,9 @@ pub struct SubscriberConfig {
     pub heartbeat: Duration,
     /// Longest wait for a connection or a reply.
     pub timeout: Duration,
+    /// The CA bundle (and client certificate) of `rediss://` servers: the
+    /// same as evictd's `tls_ca_file` … for the target (`crate::redis_tls`).
+    pub tls: Option<crate::redis_tls::RedisTls>,
 }
 
 impl SubscriberConfig {
@@ -87,6 +90,7 @@ impl SubscriberConfig {
             transport,
             heartbeat: Duration::from_millis(1000),
             timeout: Duration::from_secs(2),
+            tls: None,
         }
     }
 }
@@ -142,18 +146,23 @@ enum Conn {
 }
 
 impl Conn {
-    async fn connect(servers: &Servers, response_timeout: Duration, timeout: Duration) -> RedisResult<Conn> {
+    async fn connect(
+        servers: &Servers,
+        tls: Option<&crate::redis_tls::RedisTls>,
+        response_timeout: Duration,
+        timeout: Duration,
+    ) -> RedisResult<Conn> {
         match servers {
             Servers::Standalone(url) => {
                 let config = ConnectionManagerConfig::new()
                     .set_response_timeout(Some(response_timeout))
                     .set_connection_timeout(Some(timeout))
                     .set_number_of_retries(1);
-                let client = redis::Client::open(url.as_str())?;
+                let client = crate::redis_tls::client(url, tls)?;
                 Ok(Conn::One(client.get_connection_manager_with_config(config).await?))
             }
             Servers::Cluster(urls) => {
-                let client = redis::cluster::ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                let client = crate::redis_tls::cluster(urls.iter().map(String::as_str), tls)?
                     .response_timeout(response_timeout)
                     .connection_timeout(timeout)
                     .build()?;
@@ -209,7 +218,7 @@ impl Subscriber {
         if config.channel.contains('}') {
             return Err(SubscriberError::BadChannel(config.channel));
         }
-        let conn = Conn::connect(&config.servers, config.timeout, config.timeout)
+        let conn = Conn::connect(&config.servers, config.tls.as_ref(), config.timeout, config.timeout)
             .await
             .map_err(|source| SubscriberError::Redis { what: "connecting to the channel's Redis", source })?;
         let keys = ChannelKeys::of(&config.channel);

@@ -146,7 +146,7 @@ impl<V: Clone + Send + Sync + 'static> Worker<V> {
         let mut last = None;
         for url in urls {
             let attempt = async {
-                let mut pubsub = redis::Client::open(url.as_str())?.get_async_pubsub().await?;
+                let mut pubsub = crate::redis_tls::client(url, self.config.tls.as_ref())?.get_async_pubsub().await?;
                 pubsub.subscribe(&self.keys.channel).await?;
                 Ok::<_, redis::RedisError>(pubsub)
             };
@@ -241,11 +241,11 @@ impl<V: Clone + Send + Sync + 'static> Worker<V> {
                     let config = AsyncConnectionConfig::new()
                         .set_response_timeout(Some(response))
                         .set_connection_timeout(Some(self.config.timeout));
-                    let client = redis::Client::open(url.as_str())?;
+                    let client = crate::redis_tls::client(url, self.config.tls.as_ref())?;
                     Ok(Reader::One(client.get_multiplexed_async_connection_with_config(&config).await?))
                 }
                 Servers::Cluster(urls) => {
-                    let client = redis::cluster::ClusterClientBuilder::new(urls.iter().map(String::as_str))
+                    let client = crate::redis_tls::cluster(urls.iter().map(String::as_str), self.config.tls.as_ref())?
                         .response_timeout(response)
                         .connection_timeout(self.config.timeout)
                         .build()?;

@@ -34,4 +34,5 @@ mod standby;
 mod subscriber;
 mod support;
 mod tag_race;
+mod tls;
 mod value_format;

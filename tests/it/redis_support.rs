@@ -44,6 +44,7 @@ pub fn target(name: &str, urls: &[String], cluster: bool) -> RedisTarget {
         broadcast: None,
         durability: None,
         eviction_check: evictd::config::EvictionCheck::Refuse,
+        tls: None,
     }
 }
 

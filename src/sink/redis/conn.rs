@@ -12,7 +12,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use redis::cluster::ClusterClientBuilder;
 use redis::cluster_async::ClusterConnection;
 use redis::{Pipeline, RedisResult, ServerErrorKind, Value};
 use secrecy::ExposeSecret;
@@ -42,7 +41,8 @@ impl Conn {
         let urls: Vec<&str> = target.urls.iter().map(|u| u.expose_secret()).collect();
         let connecting = async {
             if target.cluster {
-                let client = ClusterClientBuilder::new(urls.clone())
+                let client = crate::redis_tls::cluster(urls.iter().copied(), target.tls.as_ref())
+                    .map_err(|e| errors.redis("TLS configuration", e))?
                     .connection_timeout(timeout)
                     .response_timeout(round_trip)
                     .retries(2)
@@ -54,7 +54,8 @@ impl Conn {
                 let [url] = urls.as_slice() else {
                     return Err(errors.make(Class::Definite, RedisCause::StandaloneUrls(urls.len())));
                 };
-                let client = redis::Client::open(*url).map_err(|e| errors.redis("configuration", e))?;
+                let client =
+                    crate::redis_tls::client(url, target.tls.as_ref()).map_err(|e| errors.redis("configuration", e))?;
                 let config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(round_trip))

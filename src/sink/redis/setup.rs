@@ -195,6 +195,7 @@ mod tests {
             broadcast: None,
             durability,
             eviction_check: check,
+            tls: None,
         }
     }
 

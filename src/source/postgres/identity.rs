@@ -50,10 +50,13 @@ pub(crate) struct ServerIdentity {
 /// The server's identity, and whether `config.slot` exists on it.
 pub(crate) async fn inspect(config: &PostgresConfig) -> Result<(ServerIdentity, bool), SourceSetupError> {
     use secrecy::ExposeSecret as _;
+    let options = crate::pgconn::connect_options(config.url.expose_secret())
+        .await
+        .map_err(|e| SourceSetupError::Definite(format!("source URL: {e}")))?;
     let pool = sqlx::postgres::PgPoolOptions::new()
         .max_connections(1)
         .acquire_timeout(Duration::from_secs(10))
-        .connect(config.url.expose_secret())
+        .connect_with(options)
         .await
         .map_err(|e| {
             SourceSetupError::Transient(format!(

@@ -72,7 +72,11 @@ impl SlotLock {
         slot: &str,
         lease: Option<Duration>,
     ) -> Result<Option<SlotLock>, LockError> {
-        let connect = PgConnection::connect(url.expose_secret());
+        // Bounded too: under sslmode=allow it probes the server.
+        let options = bounded(crate::pgconn::connect_options(url.expose_secret()))
+            .await?
+            .map_err(|e| error("cannot connect", &sqlx::Error::from(e)))?;
+        let connect = PgConnection::connect_with(&options);
         let mut conn = bounded(connect).await?.map_err(|e| error("cannot connect", &e))?;
         let query =
             sqlx::query_scalar::<_, bool>("SELECT pg_try_advisory_lock(hashtextextended('evictd slot ' || $1, 0))")

@@ -36,13 +36,12 @@ pub(crate) mod session;
 pub(crate) mod setup;
 
 use std::collections::{BTreeSet, VecDeque};
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent, TlsConfig};
+use pgwire_replication::{ReplicationClient, ReplicationConfig, ReplicationEvent};
 use secrecy::ExposeSecret;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgPool, PgPoolOptions};
 
 use self::liveness::Liveness;
 use self::pgoutput::{Decoder, TxContext};
@@ -50,6 +49,7 @@ use super::{Source, SourceError, SourceEvent};
 use crate::change::{Lsn, Position};
 use crate::config::PostgresSource as PostgresConfig;
 use crate::graph::Graph;
+use crate::pgconn::Conn;
 
 /// Why the source could not start.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -78,39 +78,11 @@ impl From<SourceSetupError> for SourceError {
     }
 }
 
-/// Connection parameters read from the URL (the URL itself is a secret).
-struct Endpoint {
-    host: String,
-    port: u16,
-    user: String,
-    password: String,
-    database: String,
-    tls: TlsConfig,
-}
-
-fn endpoint(url: &str) -> Result<Endpoint, SourceSetupError> {
-    let parsed = url::Url::parse(url).map_err(|e| SourceSetupError::Definite(format!("source URL: {e}")))?;
-    let options = PgConnectOptions::from_str(url)
-        .map_err(|_| SourceSetupError::Definite("source URL: not a Postgres URL".into()))?;
-    let decode = |s: &str| {
-        url::form_urlencoded::parse(format!("x={s}").as_bytes()).next().map(|(_, v)| v.into_owned()).unwrap_or_default()
-    };
-    let sslmode = parsed.query_pairs().find(|(k, _)| k == "sslmode").map(|(_, v)| v.into_owned());
-    let tls = match sslmode.as_deref() {
-        None | Some("disable") | Some("allow") | Some("prefer") => TlsConfig::disabled(),
-        Some("require") => TlsConfig::require(),
-        Some("verify-ca") => TlsConfig::verify_ca(None),
-        Some("verify-full") => TlsConfig::verify_full(None),
-        Some(other) => return Err(SourceSetupError::Definite(format!("source URL: unknown sslmode `{other}`"))),
-    };
-    Ok(Endpoint {
-        host: options.get_host().to_owned(),
-        port: options.get_port(),
-        user: options.get_username().to_owned(),
-        password: parsed.password().map(decode).unwrap_or_default(),
-        database: options.get_database().unwrap_or("postgres").to_owned(),
-        tls,
-    })
+/// The source URL read as libpq reads it, with its TLS settings settled:
+/// the replication connection and the setup pools take it from here
+/// (`crate::pgconn`), so both treat the URL alike.
+fn endpoint(url: &str) -> Result<Conn, SourceSetupError> {
+    Conn::new(url).map_err(|e| SourceSetupError::Definite(format!("source URL: {e}")))
 }
 
 /// How long the replication connection may take to start streaming
@@ -123,7 +95,7 @@ pub(crate) const REPLICATION_START_TIMEOUT: Duration = Duration::from_secs(10);
 /// [`Starting::started`]: a start that failed or was cancelled leaves no
 /// worker behind to finish its handshake (and take the slot) once a silent
 /// network heals.
-struct Starting(Option<ReplicationClient>);
+pub(crate) struct Starting(Option<ReplicationClient>);
 
 impl Starting {
     fn client(&mut self) -> Result<&mut ReplicationClient, SourceSetupError> {
@@ -178,7 +150,7 @@ impl PostgresSource {
     pub(crate) async fn start(config: &PostgresConfig, graph: &Graph) -> Result<PostgresSource, SourceSetupError> {
         let url = config.url.expose_secret();
         let endpoint = endpoint(url)?;
-        let pool = admin_pool(url).await?;
+        let pool = admin_pool(&endpoint).await?;
         let state = setup::prepare(
             &pool,
             &config.slot,
@@ -192,32 +164,26 @@ impl PostgresSource {
         // Read after `prepare`, which may have created or completed the
         // publication: the partitions whose changes belong to graph tables.
         let partitions = publication::publication_report(&pool, &config.publication, graph).await?.partitions;
-        let replication = ReplicationConfig::new(
-            endpoint.host,
-            endpoint.user,
-            endpoint.password,
-            endpoint.database,
-            config.slot.clone(),
-            config.publication.clone(),
-        )
-        .with_port(endpoint.port)
-        .with_tls(endpoint.tls)
-        .with_start_lsn(pgwire_replication::Lsn(state.confirmed_flush.0))
-        .with_status_interval(config.status_interval)
-        .with_wakeup_interval(config.status_interval)
-        .with_buffer_size(4096)
-        .with_application_name("evictd")
-        // Values print as a look-up session prints them (`session`).
-        .with_options(session::replication_options());
-        let mut starting = Starting(Some(ReplicationClient::connect(replication).await.map_err(classify)?));
-        tokio::time::timeout(REPLICATION_START_TIMEOUT, starting.client()?.wait_started())
-            .await
-            .map_err(|_| {
-                SourceSetupError::Transient(format!(
-                    "replication connection: not streaming within {REPLICATION_START_TIMEOUT:?} (the server or the network is silent)"
-                ))
-            })?
-            .map_err(classify)?;
+        let starting = connect_replication(&endpoint, |tls| {
+            ReplicationConfig::new(
+                endpoint.url.host.clone(),
+                endpoint.url.user.clone(),
+                endpoint.url.password.as_ref().map(|p| p.expose_secret().to_owned()).unwrap_or_default(),
+                endpoint.url.database.clone(),
+                config.slot.clone(),
+                config.publication.clone(),
+            )
+            .with_port(endpoint.url.port)
+            .with_tls(tls)
+            .with_start_lsn(pgwire_replication::Lsn(state.confirmed_flush.0))
+            .with_status_interval(config.status_interval)
+            .with_wakeup_interval(config.status_interval)
+            .with_buffer_size(4096)
+            .with_application_name("evictd")
+            // Values print as a look-up session prints them (`session`).
+            .with_options(session::replication_options())
+        })
+        .await?;
         // We hold the slot now. Had anyone advanced it since we read it,
         // what lies between would be skipped: refuse.
         let after = setup::read_slot(&pool, &config.slot).await?.ok_or_else(|| {
@@ -238,8 +204,7 @@ impl PostgresSource {
             .max_connections(1)
             .acquire_timeout(Duration::from_secs(10))
             .idle_timeout(Duration::from_secs(60))
-            .connect_lazy(url)
-            .map_err(|_| SourceSetupError::Definite("source URL: not a Postgres URL".into()))?;
+            .connect_lazy_with(endpoint.options().await);
         Ok(PostgresSource {
             client: starting.started()?,
             slot: config.slot.clone(),
@@ -412,14 +377,72 @@ fn replication_error(e: pgwire_replication::PgWireError) -> SourceError {
     }
 }
 
+/// Starts the replication stream with `endpoint`'s TLS settings (`build`
+/// makes the rest of the configuration): `allow` tries plain first and TLS
+/// once the server refused the plain connection; every other mode is one
+/// attempt.
+pub(crate) async fn connect_replication(
+    endpoint: &Conn,
+    build: impl Fn(pgwire_replication::TlsConfig) -> ReplicationConfig,
+) -> Result<Starting, SourceSetupError> {
+    let attempts = endpoint.attempts();
+    for (i, mode) in attempts.iter().enumerate() {
+        let tls = endpoint.replication_tls_for(*mode).await.map_err(classify)?;
+        match start_replication(build(tls)).await {
+            Ok(started) => return Ok(started),
+            Err((e, refused)) if refused && i + 1 < attempts.len() => {
+                tracing::info!(error = %e, "the server refused a plain replication connection (sslmode=allow): trying TLS");
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
+    Err(SourceSetupError::Transient("replication connection: no connection attempt".into()))
+}
+
+/// Connects and waits until the replication stream started; on failure,
+/// also whether the server itself refused the connection (what `allow`
+/// retries with TLS).
+async fn start_replication(replication: ReplicationConfig) -> Result<Starting, (SourceSetupError, bool)> {
+    let refused = |e: &pgwire_replication::PgWireError| {
+        matches!(e, pgwire_replication::PgWireError::Server(_) | pgwire_replication::PgWireError::Auth(_))
+    };
+    let client = ReplicationClient::connect(replication).await.map_err(|e| {
+        let r = refused(&e);
+        (classify(e), r)
+    })?;
+    let mut starting = Starting(Some(client));
+    let client = starting.client().map_err(|e| (e, false))?;
+    tokio::time::timeout(REPLICATION_START_TIMEOUT, client.wait_started())
+        .await
+        .map_err(|_| {
+            (
+                SourceSetupError::Transient(format!(
+                    "replication connection: not streaming within {REPLICATION_START_TIMEOUT:?} (the server or the network is silent)"
+                )),
+                false,
+            )
+        })?
+        .map_err(|e| {
+            let r = refused(&e);
+            (classify(e), r)
+        })?;
+    Ok(starting)
+}
+
 /// A small pool for setup queries.
-async fn admin_pool(url: &str) -> Result<PgPool, SourceSetupError> {
-    PgPoolOptions::new().max_connections(1).acquire_timeout(Duration::from_secs(10)).connect(url).await.map_err(|e| {
-        SourceSetupError::Transient(format!(
-            "cannot connect to the source database: {}",
-            crate::config::hide_passwords(&e.to_string())
-        ))
-    })
+async fn admin_pool(endpoint: &Conn) -> Result<PgPool, SourceSetupError> {
+    let options = endpoint.options().await;
+    PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_with(options)
+        .await
+        .map_err(|e| {
+            SourceSetupError::Transient(format!(
+                "cannot connect to the source database: {}",
+                crate::config::hide_passwords(&e.to_string())
+            ))
+        })
 }
 
 impl Source for PostgresSource {
@@ -472,5 +495,16 @@ impl Source for PostgresSource {
             }
             other => Err(SourceError::definite(format!("a Postgres source cannot acknowledge {other}"))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replication_password_plus_stays_a_plus_as_in_libpq() {
+        let endpoint = endpoint("postgres://u:a+b@h/db").unwrap();
+        assert_eq!(endpoint.url.password.as_ref().map(|p| p.expose_secret()), Some("a+b"));
     }
 }
