@@ -15,6 +15,7 @@ mod dead_letter;
 mod fill_guard;
 mod fuzz_corpora;
 mod kafka;
+mod kafka_tls;
 mod key_vectors;
 mod lookup;
 mod memory;
