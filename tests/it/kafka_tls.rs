@@ -234,7 +234,11 @@ async fn over_ssl_a_ca_that_did_not_sign_the_broker_fails_the_handshake_clearly_
     let topic = format!("{}.app.items", unique("tlsca"));
     create_topics(std::slice::from_ref(&topic)).await;
     let other = b.other_ca.to_str().unwrap();
-    let mut d = TlsDaemon::start(&b.ssl, &[topic.clone()], &[("security.protocol", "SSL"), ("ssl.ca.location", other)]);
+    let mut d = TlsDaemon::start(
+        &b.ssl,
+        std::slice::from_ref(&topic),
+        &[("security.protocol", "SSL"), ("ssl.ca.location", other)],
+    );
     let mut r = redis(&redis_url()).await;
     let key = format!("{}:item:1", d.prefix);
     fill(&mut r, std::slice::from_ref(&key)).await;
