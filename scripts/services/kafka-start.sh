@@ -13,6 +13,8 @@
 #                  AWS_CONDITIONAL_PUT=etag in the environment: the broker
 #                  then keeps its state across restarts)   default memory://tansu/
 #   KAFKA_TOPICS   optional "name[:partitions] ..." created after start (1 partition by default)
+#   KAFKA_AUTHENTICATION  1 = Tansu's --authentication (SASL required; see
+#                  kafka-tls-start.sh for what this build can and cannot do)  default 0
 #   TANSU_BIN      use this tansu binary instead of the one fetched below
 #   EVICTD_TOOLS   cache for downloaded tools                           default /tmp/evictd-tools
 #
@@ -88,11 +90,14 @@ if broker_up; then
   pid="$(our_pid "$pidfile" "$KAFKA_PORT" "a process")"
   note "already running on $KAFKA_HOST:$KAFKA_PORT (pid $pid)"
 else
+  auth=()
+  [ "${KAFKA_AUTHENTICATION:-0}" = 1 ] && auth=(--authentication)
   setsid "$TANSU_BIN" broker \
       --cluster-id evictd-test \
       --listener-url "tcp://$KAFKA_HOST:$KAFKA_PORT" \
       --advertised-listener-url "tcp://$KAFKA_ADVERTISED" \
       --storage-engine "${KAFKA_STORAGE:-memory://tansu/}" \
+      ${auth[@]+"${auth[@]}"} \
       </dev/null >>"$KAFKA_DIR/broker.log" 2>&1 &
   echo $! >"$pidfile"
   up_or_fail 200 "$KAFKA_DIR/broker.log" "broker did not open its port" broker_up

@@ -223,10 +223,20 @@ fn check(args: &CheckArgs) -> Result<(), CliError> {
                 pg.slot,
                 pg.publication
             )),
-            Some(config::SourceConfig::Kafka(k)) => out.push_str(&format!(
-                "  source: kafka {} (group {}, dead letters to topic {})\n",
-                k.brokers, k.group_id, config.dead_letter.topic
-            )),
+            Some(config::SourceConfig::Kafka(k)) => {
+                out.push_str(&format!(
+                    "  source: kafka {} (group {}, dead letters to topic {})\n",
+                    k.brokers, k.group_id, config.dead_letter.topic
+                ));
+                // Secrets (`sasl.password`, ...) are shown as `****`.
+                let properties: Vec<String> = config::redact_properties(&k.properties)
+                    .iter()
+                    .map(|(key, value)| format!("{key}={value}"))
+                    .collect();
+                if !properties.is_empty() {
+                    out.push_str(&format!("  kafka properties: {}\n", properties.join(", ")));
+                }
+            }
             None => out.push_str("  source: none\n"),
         }
         for target in &config.redis {

@@ -43,6 +43,7 @@ pub(crate) use self::load::{load_text, load_with_env};
 pub(crate) use self::raw::RawConfig;
 pub use self::redis::{BroadcastConfig, Durability, EvictionCheck, RedisTarget, RedisTls, Transport};
 pub(crate) use self::secrets::{hide_passwords, redact_url};
+pub(crate) use self::secrets::{hide_property_secrets, is_secret_property, redact_properties};
 pub(crate) use self::settings::{BatchLimits, MigrationMode, OnError};
 pub use self::settings::{HealthThresholds, ServerLimits};
 pub(crate) use self::source::{DEFAULT_LOCK_LEASE_MS, FullRowDeletes, LOCK_ROUND_TRIP, OnSlotLoss, PostgresSource};

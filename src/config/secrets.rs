@@ -1,6 +1,13 @@
 //! Secrets in messages: database and Redis URLs carry passwords, so they
 //! are redacted for logs and `check`, hidden in serde's messages, and a
-//! URL's own parse error is never allowed to echo it.
+//! URL's own parse error is never allowed to echo it. librdkafka
+//! properties (`source.kafka.properties`) that hold a secret (a SASL
+//! password, a key's passphrase, PEM key material, an OAuth client secret)
+//! are shown as `****` wherever the config is printed, and their values are
+//! cut out of librdkafka's messages ([`hide_property_secrets`]).
+
+use std::collections::BTreeMap;
+use std::str::FromStr;
 
 use secrecy::{ExposeSecret, SecretString};
 
@@ -94,4 +101,53 @@ pub(crate) fn redact_url(url: &SecretString) -> String {
         }
         None => format!("{scheme}://{authority}{}", tail.split('?').next().unwrap_or("")),
     }
+}
+
+/// What a secret property's value is shown as.
+pub(crate) const HIDDEN: &str = "****";
+
+/// Whether the librdkafka property `key` holds a secret: a password or
+/// passphrase (`sasl.password`, `ssl.key.password`,
+/// `ssl.keystore.password`, ...), a secret (`sasl.oauthbearer.client.secret`),
+/// key material in PEM (`ssl.key.pem`, or any `*.pem` naming a key), a
+/// token, or `sasl.oauthbearer.config`, which carries credentials as text.
+/// Matched on the lower-cased name, so a property librdkafka adds later
+/// under the same words is hidden too; a certificate (`ssl.ca.pem`,
+/// `ssl.certificate.pem`) and a file location are not secrets.
+pub(crate) fn is_secret_property(key: &str) -> bool {
+    let key = key.to_ascii_lowercase();
+    ["password", "passphrase", "secret", "token"].iter().any(|word| key.contains(word))
+        || (key.ends_with(".pem") && key.contains("key"))
+        || key == "sasl.oauthbearer.config"
+        || key == "sasl.jaas.config"
+}
+
+/// `properties` with every secret value replaced by `****`, for printing.
+pub(crate) fn redact_properties(properties: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+    properties
+        .iter()
+        .map(|(key, value)| {
+            let shown = if is_secret_property(key) { HIDDEN.to_owned() } else { value.clone() };
+            (key.clone(), shown)
+        })
+        .collect()
+}
+
+/// `text` (a librdkafka message) with the value of every secret property
+/// in `properties` replaced by `****`. librdkafka's own configuration
+/// errors quote the value they refused ("Client config error: ... KEY
+/// VALUE"), so a message about a secret property would echo it.
+pub(crate) fn hide_property_secrets(text: &str, properties: &BTreeMap<String, String>) -> String {
+    let mut out = text.to_owned();
+    // Longest first, so that a secret containing another is replaced whole.
+    let mut secrets: Vec<&str> = properties
+        .iter()
+        .filter(|(key, value)| is_secret_property(key) && !value.is_empty())
+        .map(|(_, value)| value.as_str())
+        .collect();
+    secrets.sort_by_key(|value| std::cmp::Reverse(value.len()));
+    for secret in secrets {
+        out = out.replace(secret, HIDDEN);
+    }
+    out
 }

@@ -71,7 +71,9 @@ impl FullRowDeletes {
     }
 }
 
-#[derive(Debug, Clone)]
+/// `Debug` is written by hand: `properties` may hold secrets
+/// (`sasl.password`, ...), which it shows as `****`.
+#[derive(Clone)]
 pub struct KafkaSource {
     pub(crate) brokers: String,
     pub(crate) group_id: String,
@@ -86,6 +88,39 @@ pub struct KafkaSource {
     pub(crate) max_value_bytes: usize,
     pub(crate) max_decode: Duration,
     pub properties: BTreeMap<String, String>,
+}
+
+impl std::fmt::Debug for KafkaSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let KafkaSource {
+            brokers,
+            group_id,
+            topics,
+            topic_pattern,
+            snapshot_reads,
+            full_row_deletes,
+            tables,
+            on_offset_reset,
+            max_message_bytes,
+            max_value_bytes,
+            max_decode,
+            properties,
+        } = self;
+        f.debug_struct("KafkaSource")
+            .field("brokers", brokers)
+            .field("group_id", group_id)
+            .field("topics", topics)
+            .field("topic_pattern", topic_pattern)
+            .field("snapshot_reads", snapshot_reads)
+            .field("full_row_deletes", full_row_deletes)
+            .field("tables", tables)
+            .field("on_offset_reset", on_offset_reset)
+            .field("max_message_bytes", max_message_bytes)
+            .field("max_value_bytes", max_value_bytes)
+            .field("max_decode", max_decode)
+            .field("properties", &super::secrets::redact_properties(properties))
+            .finish()
+    }
 }
 
 /// What a partition whose next offset no longer exists does.

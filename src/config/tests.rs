@@ -565,3 +565,42 @@ fn a_postgres_url_needing_tls_files_it_lacks_is_refused_by_check() {
     let m = messages(load_with_env(&path, &env(&[])).unwrap_err());
     assert!(m.iter().any(|m| m.contains("sslrootcert file `/nonexistent/ca.pem` does not exist")), "{m:?}");
 }
+
+#[test]
+fn kafka_properties_holding_secrets_are_redacted_and_cut_out_of_messages() {
+    for secret in [
+        "sasl.password",
+        "ssl.key.password",
+        "ssl.keystore.password",
+        "ssl.key.pem",
+        "sasl.oauthbearer.client.secret",
+        "sasl.oauthbearer.config",
+        "sasl.oauthbearer.assertion.private.key.passphrase",
+        "SASL.PASSWORD",
+    ] {
+        assert!(is_secret_property(secret), "{secret} is a secret");
+    }
+    for plain in
+        ["sasl.username", "sasl.mechanism", "security.protocol", "ssl.ca.location", "ssl.ca.pem", "ssl.certificate.pem"]
+    {
+        assert!(!is_secret_property(plain), "{plain} is not a secret");
+    }
+    let text = "[redis.primary]\nurl = \"redis://h:6379\"\n[source]\nkind = \"kafka\"\n[source.kafka]\nbrokers = \"b:9096\"\ntopics = [\"t\"]\n[source.kafka.properties]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanism\" = \"SCRAM-SHA-512\"\n\"sasl.username\" = \"evictd\"\n\"sasl.password\" = \"hunter2\"\n\"ssl.key.pem\" = \"-----BEGIN PRIVATE KEY-----\\nMIIE\\n-----END PRIVATE KEY-----\"\n";
+    let (_dir, path) = write(text);
+    let config = load_with_env(&path, &env(&[])).unwrap();
+    let Some(SourceConfig::Kafka(kafka)) = &config.source else { panic!("a Kafka source") };
+    // Debug (what a `{:?}` of the config would log) shows no secret.
+    let debug = format!("{config:?}");
+    assert!(!debug.contains("hunter2") && !debug.contains("PRIVATE KEY"), "{debug}");
+    assert!(debug.contains("\"sasl.password\": \"****\"") && debug.contains("SCRAM-SHA-512"), "{debug}");
+    let shown = redact_properties(&kafka.properties);
+    assert_eq!(shown["sasl.password"], "****");
+    assert_eq!(shown["ssl.key.pem"], "****");
+    assert_eq!(shown["sasl.username"], "evictd");
+    // The values themselves are used as given.
+    assert_eq!(kafka.properties["sasl.password"], "hunter2");
+    assert_eq!(
+        hide_property_secrets("Invalid value \"hunter2\" for sasl.password (user evictd)", &kafka.properties),
+        "Invalid value \"****\" for sasl.password (user evictd)"
+    );
+}

@@ -21,7 +21,7 @@ use crate::config::KafkaSource as KafkaConfig;
 use crate::metrics::Metrics;
 use crate::server::{Health, Role};
 use crate::source::debezium::TableKeys;
-use crate::source::kafka::{KafkaDeadLetters, KafkaSource, client_config};
+use crate::source::kafka::{KafkaDeadLetters, KafkaSource, client_config, without_secrets};
 
 pub(super) async fn run(shared: Shared<'_>, kafka: &KafkaConfig) -> Result<(), DaemonError> {
     let Shared { config, graph, metrics, health, shutdown } = shared;
@@ -68,6 +68,7 @@ pub(crate) struct ClientRejected {
 /// does not, since it creates no client.
 pub(crate) fn check_client(file: &Path, kafka: &KafkaConfig) -> Result<(), ClientRejected> {
     checked_client_config(kafka).create::<BaseConsumer>().map(drop).map_err(|source| {
+        let source = without_secrets(source, &kafka.properties);
         let field = match &source {
             KafkaError::ClientConfig(_, _, key, _) if kafka.properties.contains_key(key) => {
                 format!("source.kafka.properties.\"{key}\"")
@@ -165,6 +166,32 @@ mod tests {
     fn a_bad_value_is_refused_with_its_field() {
         let e = check_client(Path::new("evictd.toml"), &with_property("session.timeout.ms", "soon")).unwrap_err();
         assert_eq!(e.field, "source.kafka.properties.\"session.timeout.ms\"", "{e}");
+    }
+
+    #[test]
+    fn a_refused_property_is_named_without_its_value_when_it_may_be_a_secret() {
+        // A misspelt `sasl.password`: librdkafka quotes the value it refused.
+        let e = check_client(Path::new("evictd.toml"), &with_property("sasl.passwrd", "hunter2")).unwrap_err();
+        let text = chain(&e);
+        assert!(text.contains("sasl.passwrd") && text.contains("****"), "{text}");
+        assert!(!text.contains("hunter2"), "{text}");
+        // A bad value of a plain property is shown, but never a secret's
+        // value, wherever it appears.
+        let mut kafka = with_property("security.protocol", "sasl_tls");
+        kafka.properties.insert("sasl.password".to_owned(), "sasl_tls".to_owned());
+        let text = chain(&check_client(Path::new("evictd.toml"), &kafka).unwrap_err());
+        assert!(text.contains("security.protocol") && !text.contains("sasl_tls"), "{text}");
+    }
+
+    /// The message and every cause, as main prints them.
+    fn chain(e: &ClientRejected) -> String {
+        let mut text = e.to_string();
+        let mut source = std::error::Error::source(e);
+        while let Some(s) = source {
+            text.push_str(&format!(": {s}"));
+            source = s.source();
+        }
+        text
     }
 
     #[test]

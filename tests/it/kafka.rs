@@ -39,7 +39,7 @@ pub fn brokers() -> String {
 
 static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
-fn unique(prefix: &str) -> String {
+pub(super) fn unique(prefix: &str) -> String {
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 1_000_000;
     format!("{prefix}{}x{n}x{nanos}", std::process::id())
@@ -61,7 +61,7 @@ fn producer() -> FutureProducer {
 
 /// A Debezium insert/update/delete event (no embedded schema) of
 /// `app.items`, as the connector writes it.
-fn event(op: &str, before: Option<serde_json::Value>, after: Option<serde_json::Value>) -> String {
+pub(super) fn event(op: &str, before: Option<serde_json::Value>, after: Option<serde_json::Value>) -> String {
     let now_us = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as i64;
     serde_json::json!({
         "before": before, "after": after, "op": op,
@@ -71,7 +71,7 @@ fn event(op: &str, before: Option<serde_json::Value>, after: Option<serde_json::
     .to_string()
 }
 
-fn item(id: i64, owner: i64) -> serde_json::Value {
+pub(super) fn item(id: i64, owner: i64) -> serde_json::Value {
     serde_json::json!({"id": id, "owner_id": owner, "name": format!("item {id}")})
 }
 
@@ -95,7 +95,7 @@ fn items_topic(prefix: &str) -> String {
     format!("topics = [\"{prefix}.app.items\"]")
 }
 
-fn graph(prefix: &str) -> String {
+pub(super) fn graph(prefix: &str) -> String {
     format!(
         r#"
 [tables."app.items"]

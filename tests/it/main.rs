@@ -17,6 +17,7 @@ mod fill_guard;
 mod fuzz_corpora;
 mod invalidate;
 mod kafka;
+mod kafka_tls;
 mod key_vectors;
 mod lookup;
 mod memory;

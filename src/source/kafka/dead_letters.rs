@@ -29,6 +29,7 @@
 //! failed send, on the new producer. Letters stay at least once: the failed
 //! send may have reached the topic, and its retry then writes a duplicate.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -37,6 +38,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 
+use super::without_secrets;
 use crate::change::Position;
 use crate::config::{KAFKA_OWN_PROPERTIES, KafkaSource as KafkaConfig};
 use crate::dead_letter::{DeadLetter, DeadLetterError, DeadLetterStore, row_json};
@@ -124,6 +126,8 @@ pub(crate) struct SendError {
 pub(crate) struct KafkaDeadLetters {
     /// What every producer is built from, a replacement included.
     client: ClientConfig,
+    /// The source's properties, whose secrets are cut out of messages.
+    properties: BTreeMap<String, String>,
     /// The producer sends use. Locked only to clone or swap it, never
     /// across an await.
     current: Mutex<Current>,
@@ -140,22 +144,14 @@ struct Current {
 
 impl KafkaDeadLetters {
     /// A producer with the source's brokers and client properties (TLS,
-    /// SASL), minus the consumer's own.
+    /// SASL), minus the consumer's own ([`producer_config`]).
     pub(crate) fn new(config: &KafkaConfig, topic: &str, metrics: Arc<Metrics>) -> Result<KafkaDeadLetters, String> {
-        let mut client = ClientConfig::new();
-        for (key, value) in &config.properties {
-            if !KAFKA_OWN_PROPERTIES.contains(&key.as_str()) && !is_consumer_only(key) {
-                client.set(key, value);
-            }
-        }
-        client
-            .set("bootstrap.servers", &config.brokers)
-            .set("acks", "all")
-            .set("enable.idempotence", "true")
-            .set("message.timeout.ms", SEND_TIMEOUT.as_millis().to_string());
-        let producer: FutureProducer =
-            client.create().map_err(|e| format!("cannot create the dead-letter producer: {e}"))?;
+        let client = producer_config(config);
+        let producer: FutureProducer = client.create().map_err(|e| {
+            format!("cannot create the dead-letter producer: {}", without_secrets(e, &config.properties))
+        })?;
         Ok(KafkaDeadLetters {
+            properties: config.properties.clone(),
             client,
             current: Mutex::new(Current { generation: 0, producer }),
             topic: topic.to_owned(),
@@ -219,6 +215,7 @@ impl KafkaDeadLetters {
                         Some(std::mem::replace(&mut current.producer, fresh))
                     }
                     Err(e) => {
+                        let e = without_secrets(e, &self.properties);
                         tracing::warn!(topic = %self.topic, error = %e, "cannot build a new dead-letter producer; keeping the failed one");
                         None
                     }
@@ -256,6 +253,25 @@ fn is_fenced(error: &KafkaError) -> bool {
 }
 
 /// Consumer settings a producer would warn about.
+/// The dead-letter producer's client configuration: every property of
+/// the source that is not the consumer's (so the same `security.protocol`,
+/// `sasl.*` and `ssl.*` as the consumer: it reaches the same brokers with
+/// the same credentials), and the producer's own delivery settings.
+fn producer_config(config: &KafkaConfig) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (key, value) in &config.properties {
+        if !KAFKA_OWN_PROPERTIES.contains(&key.as_str()) && !is_consumer_only(key) {
+            client.set(key, value);
+        }
+    }
+    client
+        .set("bootstrap.servers", &config.brokers)
+        .set("acks", "all")
+        .set("enable.idempotence", "true")
+        .set("message.timeout.ms", SEND_TIMEOUT.as_millis().to_string());
+    client
+}
+
 fn is_consumer_only(key: &str) -> bool {
     key.starts_with("auto.offset")
         || key.starts_with("auto.commit")
@@ -318,6 +334,32 @@ mod tests {
         assert_eq!(letters.producer().0, 1, "the new producer sends");
         let text = metrics.encode().unwrap();
         assert!(text.contains("evictd_kafka_dead_letter_producer_resets_total 1\n"), "{text}");
+    }
+
+    #[test]
+    fn the_producer_uses_the_consumers_security_properties_and_none_of_its_own() {
+        let mut config = KafkaConfig::new("b:9093", "g", vec!["t".into()]);
+        let security = [
+            ("security.protocol", "SASL_SSL"),
+            ("sasl.mechanism", "SCRAM-SHA-512"),
+            ("sasl.username", "evictd"),
+            ("sasl.password", "hunter2"),
+            ("ssl.ca.location", "/etc/ssl/ca.pem"),
+            ("ssl.endpoint.identification.algorithm", "https"),
+        ];
+        for (key, value) in security {
+            config.properties.insert(key.into(), value.into());
+        }
+        config.properties.insert("session.timeout.ms".into(), "6000".into());
+        config.properties.insert("fetch.wait.max.ms".into(), "10".into());
+        let client = producer_config(&config);
+        for (key, value) in security {
+            assert_eq!(client.get(key), Some(value), "{key}");
+        }
+        assert_eq!(client.get("bootstrap.servers"), Some("b:9093"));
+        assert_eq!(client.get("session.timeout.ms"), None, "consumer-only");
+        assert_eq!(client.get("fetch.wait.max.ms"), None, "consumer-only");
+        assert_eq!(client.get("group.id"), None);
     }
 
     #[test]

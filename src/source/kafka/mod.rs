@@ -37,7 +37,7 @@
 
 mod dead_letters;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -86,6 +86,25 @@ pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
         // only when a committed or consumed offset no longer exists.
         .set("auto.offset.reset", "error");
     client
+}
+
+/// `error` with the values of the secret properties among `properties`
+/// cut out (`****`): librdkafka's configuration errors quote the value they
+/// refused, and a client's creation error may quote what it read.
+pub(crate) fn without_secrets(error: KafkaError, properties: &BTreeMap<String, String>) -> KafkaError {
+    let hide = |text: &str| crate::config::hide_property_secrets(text, properties);
+    match error {
+        KafkaError::ClientConfig(code, description, key, value) => {
+            // An unknown name may be a misspelt secret (`sasl.passwrd`):
+            // its value is not needed to fix it.
+            let unknown = code == rdkafka::types::RDKafkaConfRes::RD_KAFKA_CONF_UNKNOWN;
+            let value =
+                if unknown || crate::config::is_secret_property(&key) { "****".to_owned() } else { hide(&value) };
+            KafkaError::ClientConfig(code, hide(&description), key, value)
+        }
+        KafkaError::ClientCreation(text) => KafkaError::ClientCreation(hide(&text)),
+        other => other,
+    }
 }
 
 /// How long a metadata request (committed offsets, watermarks, a seek) may
