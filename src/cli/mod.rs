@@ -11,6 +11,9 @@ mod live_redis;
 mod migrate;
 mod replay;
 mod run;
+mod slot;
+mod dead_letters;
+mod dead_letters_kafka;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -42,6 +45,12 @@ pub enum Command {
     Migrate(migrate::MigrateArgs),
     /// Replay Debezium events from a JSON-lines file (--dry-run: print what would be invalidated).
     Replay(replay::ReplayArgs),
+    /// The Postgres source's replication slot: status, drop.
+    Slot(slot::SlotArgs),
+    /// Retire evictd: drop its slot (Postgres) or group (Kafka, --delete-group).
+    Retire(slot::RetireArgs),
+    /// The dead letters: list, replay, purge.
+    DeadLetters(dead_letters::DeadLettersArgs),
 }
 
 /// Where the graph comes from: paths, else the config's `graph.paths`, else
@@ -171,6 +180,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Run(args) => run::run(&args),
         Command::Migrate(args) => migrate::run(&args),
         Command::Replay(args) => replay::run(&args),
+        Command::Slot(args) => slot::run(&args),
+        Command::Retire(args) => slot::retire(&args),
+        Command::DeadLetters(args) => dead_letters::run(&args),
     }
 }
 
