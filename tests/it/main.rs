@@ -18,6 +18,7 @@ mod kafka;
 mod key_vectors;
 mod lookup;
 mod memory;
+mod ops;
 mod outage;
 mod pipeline;
 mod process;
