@@ -4,7 +4,8 @@
 //! The Postgres table (`dead_letter.schema`.dead_letters, [`crate::dead_letter`])
 //! is the store of a Postgres source; the Kafka source's letters go to its
 //! dead-letter topic ([`crate::source::kafka::dead_letters`]), which `list`
-//! reads and `purge --all` truncates (DeleteRecords); see `docs/dead-letters.md`.
+//! reads, replays (`replay --all`, tracked by a replay group's offsets) and
+//! `purge --all` truncates (DeleteRecords); see `docs/dead-letters.md`.
 //!
 //! **Replay** runs each letter's change through the daemon's own pipeline,
 //! assembled by [`wiring::pipeline`] as `run` and `replay` assemble theirs:
@@ -137,9 +138,9 @@ pub(crate) fn run(args: &DeadLettersArgs) -> Result<(), CliError> {
             match &args.command {
                 DeadLettersCommand::List(a) => super::dead_letters_kafka::list(kafka, &topic, a).await,
                 DeadLettersCommand::Purge(a) => super::dead_letters_kafka::purge(kafka, &topic, a).await,
-                DeadLettersCommand::Replay(_) => Err(CliError::Input(format!(
-                    "the dead-letter topic `{topic}` cannot be replayed by this command yet: read it with `evictd dead-letters list`, fix the cause, and feed the messages to `evictd replay FILE` (docs/dead-letters.md)"
-                ))),
+                DeadLettersCommand::Replay(a) => {
+                    super::dead_letters_kafka::replay(&config, kafka, &topic, prepared.graph, a).await
+                }
             }
         });
     }
@@ -223,7 +224,10 @@ impl Table {
         );
         let rows: Vec<Listed> = bounded(
             "cannot read the dead letters",
-            sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(i64::from(args.limit)).bind(&args.since).fetch_all(&self.pool),
+            sqlx::query_as(sqlx::AssertSqlSafe(sql))
+                .bind(i64::from(args.limit))
+                .bind(&args.since)
+                .fetch_all(&self.pool),
         )
         .await?;
         let text = match args.format {
@@ -270,7 +274,9 @@ impl Table {
                 sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(&bind).fetch_one(&self.pool),
             )
             .await?;
-            return Err(CliError::Input(format!("{n} dead letter(s) ({what}) would be deleted: add --yes to delete them")));
+            return Err(CliError::Input(format!(
+                "{n} dead letter(s) ({what}) would be deleted: add --yes to delete them"
+            )));
         }
         let sql = format!("DELETE FROM {} WHERE {condition} RETURNING id", self.name);
         let deleted: Vec<i64> = bounded(
@@ -298,7 +304,7 @@ struct Stored {
 /// A stored row image back as a row: `{"unknown": true}` is a value the
 /// source did not send (`dead_letter::row_json`), anything else is read as
 /// `explain` reads JSON values (bytea comes back as its hex text).
-fn row_of(json: Option<&serde_json::Value>) -> Option<Row> {
+pub(super) fn row_of(json: Option<&serde_json::Value>) -> Option<Row> {
     let object = json?.as_object()?;
     let mut row = Row::new();
     for (column, value) in object {
@@ -356,21 +362,30 @@ impl Source for LetterSource {
 /// The replay's dead-letter store: remembers which letters failed again.
 #[derive(Default)]
 struct Failures {
-    by_id: Mutex<BTreeMap<u64, (String, &'static str, u32)>>,
+    by_id: Mutex<BTreeMap<u64, Failure>>,
+}
+
+impl Failures {
+    fn insert(&self, position: &Position, failure: Failure) {
+        if let Position::File { line } = position {
+            self.by_id.lock().unwrap_or_else(PoisonError::into_inner).insert(*line, failure);
+        }
+    }
 }
 
 impl DeadLetterStore for Failures {
     async fn record(&self, letter: &DeadLetter) -> Result<(), DeadLetterError> {
-        if let Position::File { line } = letter.change.position {
-            let mut by_id = self.by_id.lock().unwrap_or_else(PoisonError::into_inner);
-            by_id.insert(line, (letter.error.clone(), letter.reason.as_str(), letter.attempts));
-        }
+        let failure =
+            Failure { error: letter.error.clone(), reason: letter.reason.as_str(), attempts: letter.attempts };
+        self.insert(&letter.change.position, failure);
         Ok(())
     }
 
+    /// A letter of the topic that still cannot be decoded.
     async fn record_undecodable(&self, message: &Undecodable) -> Result<(), DeadLetterError> {
-        // The letter source yields changes only.
-        Err(DeadLetterError::Write { message: format!("unexpected message at {}", message.position), transient: false })
+        let failure = Failure { error: message.error.clone(), reason: message.reason.as_str(), attempts: 0 };
+        self.insert(&message.position, failure);
+        Ok(())
     }
 }
 
@@ -390,7 +405,9 @@ impl Sink for DrySink {
         for effect in batch.effects {
             let cache = batch.graph.cache(effect.cache());
             seen.insert(match effect {
-                Effect::Key { key, .. } => (cache.options.action.as_str().to_owned(), cache.name.to_string(), key.clone()),
+                Effect::Key { key, .. } => {
+                    (cache.options.action.as_str().to_owned(), cache.name.to_string(), key.clone())
+                }
                 Effect::Tag { tag, .. } => ("tag".to_owned(), cache.name.to_string(), tag.clone()),
                 Effect::NamespaceBump { .. } => ("namespace".to_owned(), cache.name.to_string(), "*".to_owned()),
             });
@@ -399,41 +416,44 @@ impl Sink for DrySink {
     }
 }
 
-async fn replay(table: &Table, config: &Config, graph: Graph, args: &ReplayArgs) -> Result<(), CliError> {
-    let sql = format!(
-        "SELECT id, position, table_name, op, before, after FROM {} WHERE $1::bigint IS NULL OR id = $1 ORDER BY id",
-        table.name
-    );
-    let stored: Vec<Stored> = bounded(
-        "cannot read the dead letters",
-        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(args.id).fetch_all(&table.pool),
-    )
-    .await?;
-    if let (Some(id), true) = (args.id, stored.is_empty()) {
-        return Err(CliError::Input(format!("no dead letter with id {id} in {}", table.name)));
-    }
-    let mut queue = VecDeque::new();
-    let mut skipped = Vec::new();
-    for letter in &stored {
-        match letter.change() {
-            Ok(change) => {
-                let position = change.position.clone();
-                queue.push_back(SourceEvent::Begin);
-                queue.push_back(SourceEvent::Change(change));
-                queue.push_back(SourceEvent::Commit { position, commit_time_micros: None });
-            }
-            Err(why) => skipped.push((letter.id, why)),
-        }
-    }
+/// What a replay of letters came to: the highest letter acknowledged
+/// (every one up to it went through the sinks), the letters that failed
+/// again (by position line: error, reason, attempts), and for a dry run
+/// the invalidations, sorted (`ACTION<TAB>CACHE<TAB>KEY`).
+pub(super) struct Replayed {
+    pub(super) acknowledged: u64,
+    pub(super) failed: BTreeMap<u64, Failure>,
+    pub(super) dry: Vec<String>,
+}
+
+/// A letter that failed again.
+#[derive(Debug, Clone)]
+pub(super) struct Failure {
+    pub(super) error: String,
+    pub(super) reason: &'static str,
+    pub(super) attempts: u32,
+}
+
+/// Runs `events` (letters at `line:<n>` positions, one transaction each)
+/// through the daemon's pipeline, as `run` wires it: look-ups against the
+/// configured database, then the Redis targets and their broadcast (or,
+/// with `dry_run`, a sink that only remembers). Changes that still fail
+/// are collected, never written anywhere: the caller decides.
+pub(super) async fn replay_events(
+    config: &Config,
+    graph: Graph,
+    events: VecDeque<SourceEvent>,
+    dry_run: bool,
+) -> Result<Replayed, CliError> {
     let done = CancellationToken::new();
     let acknowledged = Arc::new(AtomicU64::new(0));
-    let mut source = LetterSource { queue, done: done.clone(), acknowledged: acknowledged.clone() };
+    let mut source = LetterSource { queue: events, done: done.clone(), acknowledged: acknowledged.clone() };
     let graph = Arc::new(graph);
     let lookups = wiring::lookup_executor(config)?;
     let failures = Arc::new(Failures::default());
     let metrics = Arc::new(Metrics::new());
     let health = Arc::new(Health::new(Default::default(), std::iter::empty::<String>()));
-    let (end, dry) = if args.dry_run {
+    let (end, dry) = if dry_run {
         let sink = Arc::new(DrySink::default());
         let mut pipeline =
             wiring::pipeline(Some(config), graph, sink.clone(), lookups, failures.clone(), metrics, health);
@@ -464,15 +484,45 @@ async fn replay(table: &Table, config: &Config, graph: Graph, args: &ReplayArgs)
         Ok(SessionEnd::SourceLost(e)) => return Err(CliError::Runtime(e.to_string())),
         Err(e) => return Err(CliError::Runtime(e.to_string())),
     }
-    let acknowledged = acknowledged.load(Ordering::Relaxed);
     let failed = std::mem::take(&mut *failures.by_id.lock().unwrap_or_else(PoisonError::into_inner));
-    let mut out = String::new();
-    if let Some(sink) = dry {
-        let seen = sink.seen.lock().unwrap_or_else(PoisonError::into_inner);
-        for (action, cache, key) in seen.iter() {
-            out.push_str(&format!("{action}\t{cache}\t{key}\n"));
+    let dry = match dry {
+        Some(sink) => {
+            let seen = sink.seen.lock().unwrap_or_else(PoisonError::into_inner);
+            seen.iter().map(|(action, cache, key)| format!("{action}\t{cache}\t{key}\n")).collect()
+        }
+        None => Vec::new(),
+    };
+    Ok(Replayed { acknowledged: acknowledged.load(Ordering::Relaxed), failed, dry })
+}
+
+async fn replay(table: &Table, config: &Config, graph: Graph, args: &ReplayArgs) -> Result<(), CliError> {
+    let sql = format!(
+        "SELECT id, position, table_name, op, before, after FROM {} WHERE $1::bigint IS NULL OR id = $1 ORDER BY id",
+        table.name
+    );
+    let stored: Vec<Stored> = bounded(
+        "cannot read the dead letters",
+        sqlx::query_as(sqlx::AssertSqlSafe(sql)).bind(args.id).fetch_all(&table.pool),
+    )
+    .await?;
+    if let (Some(id), true) = (args.id, stored.is_empty()) {
+        return Err(CliError::Input(format!("no dead letter with id {id} in {}", table.name)));
+    }
+    let mut queue = VecDeque::new();
+    let mut skipped = Vec::new();
+    for letter in &stored {
+        match letter.change() {
+            Ok(change) => {
+                let position = change.position.clone();
+                queue.push_back(SourceEvent::Begin);
+                queue.push_back(SourceEvent::Change(change));
+                queue.push_back(SourceEvent::Commit { position, commit_time_micros: None });
+            }
+            Err(why) => skipped.push((letter.id, why)),
         }
     }
+    let Replayed { acknowledged, failed, dry } = replay_events(config, graph, queue, args.dry_run).await?;
+    let mut out: String = dry.concat();
     let (mut resolved, mut still, mut unapplied) = (0, 0, 0);
     for letter in &stored {
         let id = letter.id.unsigned_abs();
@@ -486,7 +536,7 @@ async fn replay(table: &Table, config: &Config, graph: Graph, args: &ReplayArgs)
             continue;
         }
         match failed.get(&id) {
-            Some((error, kind, attempts)) => {
+            Some(Failure { error, reason: kind, attempts }) => {
                 still += 1;
                 out.push_str(&format!("#{} {}: still fails: {error}\n", letter.id, letter.position));
                 if !args.dry_run {

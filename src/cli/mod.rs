@@ -5,6 +5,8 @@
 //! [`CliError::Runtime`] to 1. Everything a command needs is validated
 //! before it does any work, through the same [`prepare`] that `run` uses.
 
+mod dead_letters;
+mod dead_letters_kafka;
 mod explain;
 mod live;
 mod live_redis;
@@ -12,8 +14,6 @@ mod migrate;
 mod replay;
 mod run;
 mod slot;
-mod dead_letters;
-mod dead_letters_kafka;
 
 use std::io::Write;
 use std::path::PathBuf;

@@ -224,8 +224,7 @@ pub(crate) async fn connect(pg: &PostgresSource) -> Result<PgConnection, CliErro
 /// The status of `slot` (and with `all`, of every logical slot of the database).
 pub(crate) async fn status(conn: &mut PgConnection, slot: &str, all: bool) -> Result<Vec<SlotStatus>, CliError> {
     let rows: Vec<StatusRow> =
-        bounded("cannot read the slots", sqlx::query_as(STATUS_SQL).bind(slot).bind(all).fetch_all(&mut *conn))
-            .await?;
+        bounded("cannot read the slots", sqlx::query_as(STATUS_SQL).bind(slot).bind(all).fetch_all(&mut *conn)).await?;
     let mut out = Vec::with_capacity(rows.len() + 1);
     for row in rows {
         let (name, plugin, active, active_pid, app, state, addr, restart, confirmed, current, retained, lag, ws, safe) =
