@@ -130,6 +130,19 @@ async fn slot_status_shows_the_streaming_evictd_then_an_inactive_slot_whose_reta
     d.sql("INSERT INTO app.items SELECT g, g, repeat('x', 200) FROM generate_series(1, 2000) g").await;
     let grown = status_json(&d)["wal_retained_bytes"].as_i64().unwrap();
     assert!(grown > retained + 200 * 2000, "an inactive slot holds the new WAL: {retained} -> {grown}");
+
+    // --all lists the database's other logical slots too: a forgotten one holds WAL as well.
+    let other = format!("{}_forgotten", d.slot);
+    d.sql(&format!("SELECT pg_create_logical_replication_slot('{other}', 'pgoutput')")).await;
+    let (code, out, err) = run(&d, &["slot", "status", "--all", "--format", "json"]);
+    assert_eq!(code, Some(0), "{err}");
+    let all: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let slots = all["slots"].as_array().unwrap();
+    assert_eq!(slots.len(), 2, "{out}");
+    assert_eq!((slots[0]["slot"].as_str(), slots[0]["configured"].as_bool()), (Some(d.slot.as_str()), Some(true)));
+    assert_eq!((slots[1]["slot"].as_str(), slots[1]["configured"].as_bool()), (Some(other.as_str()), Some(false)));
+    assert_eq!(slots[1]["active"], false);
+    d.sql(&format!("SELECT pg_drop_replication_slot('{other}')")).await;
     d.finish().await;
 }
 
