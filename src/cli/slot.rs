@@ -89,6 +89,11 @@ pub struct RetireArgs {
     /// evictd create it: `create_publication = true`).
     #[arg(long)]
     pub(crate) drop_publication: bool,
+    /// Postgres: also delete the slot's source record on every Redis target
+    /// (`evictd:source:<slot>`). Kept by default: an evictd started on this
+    /// slot name later then knows the changes in between were missed.
+    #[arg(long)]
+    pub(crate) forget_history: bool,
     /// Kafka: delete the consumer group (its committed offsets).
     #[arg(long)]
     pub(crate) delete_group: bool,
@@ -541,12 +546,17 @@ pub(crate) fn retire(args: &RetireArgs) -> Result<(), CliError> {
                 if args.drop_publication {
                     write_stdout(&drop_publication(&mut conn, pg).await?)?;
                 }
-                write_stdout(&retire_note(&config.file, pg))
+                if args.forget_history {
+                    write_stdout(&forget_history(&config, &pg.slot).await?)?;
+                }
+                write_stdout(&retire_note(&config.file, pg, args.forget_history))
             })
         }
         Some(SourceConfig::Kafka(kafka)) => {
-            if args.drop_publication || args.force {
-                return Err(CliError::Input("--drop-publication and --force are for a Postgres source".into()));
+            if args.drop_publication || args.force || args.forget_history {
+                return Err(CliError::Input(
+                    "--drop-publication, --force and --forget-history are for a Postgres source".into(),
+                ));
             }
             if !args.delete_group {
                 return write_stdout(&format!(
@@ -560,13 +570,52 @@ pub(crate) fn retire(args: &RetireArgs) -> Result<(), CliError> {
     }
 }
 
-fn retire_note(file: &Path, pg: &PostgresSource) -> String {
+fn retire_note(file: &Path, pg: &PostgresSource, forgot: bool) -> String {
+    let records = if forgot {
+        String::new()
+    } else {
+        format!(
+            " and the Redis source records (evictd:source:{}: an evictd started again on this slot name knows it lost it, and refuses or flushes; --forget-history deletes them)",
+            pg.slot
+        )
+    };
     format!(
-        "retired: nothing of evictd holds WAL on the source any more. Kept: evictd's schema (dead letters: `evictd dead-letters list --config {}`), {}and the Redis source records (evictd:source:{}), so that an evictd started again on this slot knows it lost it.\n",
+        "retired: nothing of evictd holds WAL on the source any more. Kept: evictd's schema (dead letters: `evictd dead-letters list --config {}`){}{records}.\n",
         file.display(),
-        if pg.create_publication { "" } else { "the publication (not evictd's), " },
-        pg.slot
+        if pg.create_publication { "" } else { ", the publication (not evictd's)" },
     )
+}
+
+/// Deletes the slot's source record on every Redis target.
+async fn forget_history(config: &Config, slot: &str) -> Result<String, CliError> {
+    let mut out = String::new();
+    for target in &config.redis {
+        let result = match tokio::time::timeout(TIMEOUT, async {
+            let sink = crate::sink::redis::RedisSink::connect(target).await?;
+            sink.delete_source_record(slot).await
+        })
+        .await
+        {
+            Ok(result) => result.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {TIMEOUT:?}")),
+        };
+        let object = format!("redis.{} evictd:source:{slot}", target.name);
+        match result {
+            Ok(deleted) => {
+                audit("retire", &object, if deleted { "deleted" } else { "absent" }, "source record");
+                out.push_str(&format!(
+                    "redis.{}: source record of {slot} {}\n",
+                    target.name,
+                    if deleted { "deleted" } else { "absent" }
+                ));
+            }
+            Err(e) => {
+                audit("retire", &object, "failed", &e);
+                return Err(CliError::Runtime(format!("redis.{}: cannot delete the source record: {e}", target.name)));
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Deletes the Kafka source's consumer group (it must have no members).

@@ -222,9 +222,17 @@ async fn retire_drops_the_slot_and_the_publication_evictd_created() {
         .await
         .unwrap();
     assert_eq!(publications, 0);
-    // Retiring again finds nothing left, and says so.
-    let (code, out, _) = run(&d, &["retire"]);
-    assert_eq!((code, out.contains("does not exist")), (Some(0), true), "{out}");
+    // The Redis source record is kept, so that a later start on this slot
+    // name knows the slot was lost; --forget-history deletes it.
+    let mut r = redis(&redis_url()).await;
+    let record = format!("evictd:source:{}", d.slot);
+    assert!(exists(&mut r, &record).await, "the source record is kept by default");
+    assert!(out.contains("--forget-history"), "{out}");
+    // Retiring again finds no slot left, and says so.
+    let (code, out, err) = run(&d, &["retire", "--forget-history"]);
+    assert_eq!(code, Some(0), "{out}{err}");
+    assert!(out.contains("does not exist") && out.contains("source record of") && out.contains("deleted"), "{out}");
+    assert!(!exists(&mut r, &record).await, "the source record is gone");
     d.finish().await;
 }
 
