@@ -127,6 +127,7 @@ pub(crate) fn run(args: &DeadLettersArgs) -> Result<(), CliError> {
     };
     let prepared = prepare(Some(config_path), &[])?;
     let config = prepared.config.ok_or_else(|| CliError::Input("--config is required".into()))?;
+    super::slot::audit_as(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

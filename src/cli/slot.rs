@@ -12,8 +12,8 @@
 //! exits 1.
 //!
 //! `slot drop` and `retire` change things, and every change is audited: one
-//! structured `warn` line on stderr (target `evictd::audit`) with who
-//! (`$USER`/uid, host), what, and the outcome.
+//! structured line on stderr ([`audit`]: target `evictd::audit`, in the
+//! config's log format) with who (`$USER`, uid, host), what, and the outcome.
 //!
 //! **Invariants:** a slot that a walsender streams is never dropped without
 //! `--force`, and with it only after that walsender was ended (Postgres
@@ -30,7 +30,7 @@ use sqlx::Connection as _;
 use sqlx::postgres::PgConnection;
 
 use super::{CliError, prepare, write_stdout};
-use crate::config::{self, Config, PostgresSource, SourceConfig};
+use crate::config::{self, Config, LogFormat, PostgresSource, SourceConfig};
 use crate::graph::Graph;
 
 #[derive(Debug, Args)]
@@ -349,6 +349,7 @@ pub(crate) fn run(args: &SlotArgs) -> Result<(), CliError> {
         SlotCommand::Drop(a) => {
             let prepared = prepare(Some(&a.config), &[])?;
             let config = prepared.config.ok_or_else(|| CliError::Input("--config is required".into()))?;
+            audit_as(&config);
             let pg = postgres_source(&config, "slot drop")?.clone();
             runtime()?.block_on(async {
                 let mut conn = connect(&pg).await?;
@@ -384,22 +385,51 @@ fn run_status(args: &StatusArgs) -> Result<(), CliError> {
     write_stdout(&text)
 }
 
-/// Who runs the command, for the audit line: `$USER` (or `uid N`) on the host.
-pub(crate) fn who() -> String {
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| {
-        std::fs::read_to_string("/proc/self/status")
-            .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("Uid:")).map(|l| l.to_owned()))
-            .and_then(|l| l.split_whitespace().nth(1).map(|uid| format!("uid {uid}")))
-            .unwrap_or_else(|| "unknown".into())
-    });
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").map(|h| h.trim().to_owned()).unwrap_or_default();
-    if host.is_empty() { user } else { format!("{user}@{host}") }
+/// The log format of the audit lines: the config's `log.format`, set once
+/// by the command that loaded it (text until then).
+static AUDIT_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
+
+/// Audit lines from now on follow `config`'s `log.format`.
+pub(crate) fn audit_as(config: &Config) {
+    let _ = AUDIT_FORMAT.set(config.log.format);
 }
 
-/// The audit line of an operator action: who, what, on which object, and the outcome.
+/// Who runs the command: `$USER` (or `$LOGNAME`), the uid, the host name.
+fn who() -> (String, String, String) {
+    use std::os::unix::fs::MetadataExt as _;
+    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_default();
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    (user, uid, host)
+}
+
+/// The audit line of an operator action, on stderr: who (`user`, `uid`,
+/// `host`), the `action`, its `object` (slot, publication, group, table or
+/// topic), the `outcome` and a `detail`. Always written (at `info`, target
+/// `evictd::audit`, whatever `EVICTD_LOG` says), in the daemon's log format,
+/// as `evictd invalidate` writes its own.
 pub(crate) fn audit(action: &str, object: &str, outcome: &str, detail: &str) {
-    tracing::warn!(target: "evictd::audit", who = %who(), action, object, outcome, detail, "operator action");
+    use std::io::IsTerminal as _;
+    let (user, uid, host) = who();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("evictd::audit=info"))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
+    let emit = || {
+        tracing::info!(
+            target: "evictd::audit",
+            action, object, outcome, detail,
+            user = %user, uid = %uid, host = %host,
+            "operator action"
+        );
+    };
+    match AUDIT_FORMAT.get().copied().unwrap_or(LogFormat::Text) {
+        LogFormat::Json => tracing::subscriber::with_default(builder.json().finish(), emit),
+        LogFormat::Text => tracing::subscriber::with_default(builder.finish(), emit),
+    }
 }
 
 /// Drops `slot`: refused while active unless `force`, which ends the
@@ -534,6 +564,7 @@ async fn drop_publication(conn: &mut PgConnection, pg: &PostgresSource) -> Resul
 pub(crate) fn retire(args: &RetireArgs) -> Result<(), CliError> {
     let prepared = prepare(Some(&args.config), &[])?;
     let config = prepared.config.ok_or_else(|| CliError::Input("--config is required".into()))?;
+    audit_as(&config);
     match &config.source {
         Some(SourceConfig::Postgres(pg)) => {
             if args.delete_group {
