@@ -211,8 +211,22 @@ async fn retire_drops_the_slot_and_the_publication_evictd_created() {
         (!slot_active(&d).await).then_some(())
     })
     .await;
+    // With `log.format = "json"`, the audit lines are JSON, as the daemon's log.
+    let text = std::fs::read_to_string(&d.config).unwrap().replace("[log]\n", "[log]\nformat = \"json\"\n");
+    std::fs::write(&d.config, text).unwrap();
     let (code, out, err) = run(&d, &["retire", "--drop-publication"]);
     assert_eq!(code, Some(0), "{out}{err}");
+    let audits: Vec<serde_json::Value> =
+        err.lines().filter(|l| l.contains("evictd::audit")).map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(audits.len(), 2, "the slot and the publication: {err}");
+    let fields = &audits[0]["fields"];
+    assert_eq!(
+        (fields["action"].as_str(), fields["object"].as_str()),
+        (Some("retire"), Some(d.slot.as_str())),
+        "{err}"
+    );
+    assert_eq!(fields["outcome"], "dropped", "{err}");
+    assert!(fields["uid"].is_string() && fields["host"].is_string(), "{err}");
     assert!(out.contains(": dropped") && out.contains(&format!("publication {}: dropped", d.slot)), "{out}");
     assert!(!slot_exists(&d).await);
     let mut conn = sqlx::PgConnection::connect(&d.db.url).await.unwrap();
