@@ -38,6 +38,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 use rdkafka::consumer::CommitMode;
+use rdkafka::error::KafkaError;
 
 use super::dead_letters::{Failure, ListArgs, PurgeArgs, ReplayArgs, Replayed, replay_events, row_of};
 use super::slot::{Format, audit};
@@ -107,6 +108,9 @@ fn consumer(kafka: &KafkaSource) -> Result<BaseConsumer, CliError> {
         .set("group.id", "evictd-dead-letters-list")
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
+        // The end of a partition is an event: a compacted or truncated
+        // partition whose last offset is gone still ends the read.
+        .set("enable.partition.eof", "true")
         .create()
         .map_err(|e| CliError::Input(format!("cannot create a Kafka consumer: {e}")))
 }
@@ -169,8 +173,15 @@ fn read(kafka: &KafkaSource, topic: &str, limit: usize) -> Result<Vec<Listed>, C
         if Instant::now() > deadline {
             return Err(CliError::Runtime(format!("`{topic}`: not read to its end within {:?}", TIMEOUT * 3)));
         }
-        let Some(polled) = consumer.poll(Duration::from_millis(200)) else { continue };
-        let message = polled.map_err(|e| CliError::Runtime(format!("cannot read `{topic}`: {e}")))?;
+        let message = match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                done.insert(partition);
+                continue;
+            }
+            Some(Err(e)) => return Err(CliError::Runtime(format!("cannot read `{topic}`: {e}"))),
+            Some(Ok(message)) => message,
+        };
         let (partition, offset) = (message.partition(), message.offset());
         let high = partitions.iter().find(|p| p.0 == partition).map_or(0, |p| p.2);
         if offset + 1 >= high {
@@ -269,6 +280,9 @@ fn replay_consumer(kafka: &KafkaSource) -> Result<BaseConsumer, CliError> {
         .set("group.id", format!("{}{REPLAY_GROUP_SUFFIX}", kafka.group_id))
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
+        // The end of a partition is an event: a compacted or truncated
+        // partition whose last offset is gone still ends the read.
+        .set("enable.partition.eof", "true")
         .create()
         .map_err(|e| CliError::Input(format!("cannot create a Kafka consumer: {e}")))
 }
@@ -309,8 +323,15 @@ fn fetch(consumer: &BaseConsumer, topic: &str) -> Result<Vec<Letter>, CliError> 
         if Instant::now() > deadline {
             return Err(CliError::Runtime(format!("`{topic}`: not read to its end within {:?}", TIMEOUT * 3)));
         }
-        let Some(polled) = consumer.poll(Duration::from_millis(200)) else { continue };
-        let message = polled.map_err(|e| CliError::Runtime(format!("cannot read `{topic}`: {e}")))?;
+        let message = match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(KafkaError::PartitionEOF(partition))) => {
+                ends.remove(&partition);
+                continue;
+            }
+            Some(Err(e)) => return Err(CliError::Runtime(format!("cannot read `{topic}`: {e}"))),
+            Some(Ok(message)) => message,
+        };
         let (partition, offset) = (message.partition(), message.offset());
         let Some(high) = ends.get(&partition).copied() else { continue };
         if offset >= high {

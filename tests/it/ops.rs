@@ -293,11 +293,20 @@ async fn dead_letters_are_listed_replayed_once_the_cause_is_fixed_and_purged() {
     let (code, _, err) = run(&d, &["dead-letters", "list", "--since", "yesterday-ish"]);
     assert_eq!(code, Some(2), "a time Postgres cannot read is bad input: {err}");
 
+    let (code, _, err) = run(&d, &["dead-letters", "replay", "--id", "999999"]);
+    assert_eq!(code, Some(2), "an unknown id is bad input: {err}");
+    assert!(err.contains("no dead letter with id 999999"), "{err}");
+    let (code, _, err) = run(&d, &["dead-letters", "replay"]);
+    assert_eq!(code, Some(2), "--id or --all is required: {err}");
+
     // Replayed before the fix: both still fail, and stay, with their error.
     let (code, out, err) = run(&d, &["dead-letters", "replay", "--all"]);
     assert_eq!(code, Some(0), "{out}{err}");
     assert!(out.contains("0 replayed, 2 still failing"), "{out}");
-    assert_eq!(listed(&d).len(), 2);
+    let again = listed(&d);
+    assert_eq!(again.len(), 2);
+    assert_eq!(again[0]["attempts"].as_i64(), Some(first["attempts"].as_i64().unwrap() + 1), "attempts add up");
+    assert!(again[0]["error"].as_str().unwrap().contains("division by zero"), "{}", again[0]);
 
     // Fix the cause (the graph's look-up), then replay one: its keys go,
     // and it is deleted.
