@@ -6,7 +6,10 @@
 //! slot: whether it exists, who streams it (and whether that walsender is
 //! an evictd: `application_name`), its positions, the WAL it holds back,
 //! `wal_status`/`safe_wal_size` (Postgres 13+) and the replica holding the
-//! slot's advisory lock (`source::postgres::lock`). A slot that does not
+//! slot's advisory lock (`source::postgres::lock`), and each Redis target's
+//! record of evictd streaming it (the slot's history,
+//! `daemon::slot_history`: a target that cannot be read says so in its
+//! field and fails nothing). A slot that does not
 //! exist is not an error: the output says `exists: false` (exit 0), so a
 //! script reads the field rather than an exit code; an unreachable database
 //! exits 1.
@@ -132,7 +135,75 @@ pub(crate) struct SlotStatus {
     pub(crate) safe_wal_size_bytes: Option<i64>,
     /// The session holding evictd's advisory lock for the slot (the active replica).
     pub(crate) lock_holder: Option<LockHolder>,
+    /// What each Redis target records about evictd streaming this slot
+    /// (`evictd:source:<slot>`, the slot's history): whether a later start
+    /// on this name counts as a first run or as a lost slot.
+    pub(crate) history: Vec<History>,
 }
+
+/// One Redis target's record of a slot.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct History {
+    pub(crate) target: String,
+    /// Whether the target has a record (`None`: it could not be read).
+    pub(crate) recorded: Option<bool>,
+    pub(crate) first_streamed_ms: Option<u64>,
+    pub(crate) last_streamed_ms: Option<u64>,
+    pub(crate) system_identifier: Option<String>,
+    pub(crate) timeline: Option<u32>,
+    pub(crate) flush_pending: Option<bool>,
+    /// Why the record could not be read (the target unreachable).
+    pub(crate) error: Option<String>,
+}
+
+/// Each slot's record on every Redis target; a target that cannot be
+/// reached within [`REDIS_TIMEOUT`] is reported in the field, never fails
+/// the status.
+async fn read_history(config: &Config, slots: &mut [SlotStatus]) {
+    for target in &config.redis {
+        let sink = match tokio::time::timeout(REDIS_TIMEOUT, crate::sink::redis::RedisSink::connect(target)).await {
+            Ok(Ok(sink)) => Ok(sink),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {REDIS_TIMEOUT:?}")),
+        };
+        for slot in slots.iter_mut() {
+            let read = match &sink {
+                Ok(sink) => match tokio::time::timeout(REDIS_TIMEOUT, sink.read_source_record(&slot.slot)).await {
+                    Ok(Ok(record)) => Ok(record),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(_) => Err(format!("no answer within {REDIS_TIMEOUT:?}")),
+                },
+                Err(e) => Err(e.clone()),
+            };
+            let mut history = History {
+                target: target.name.to_string(),
+                recorded: None,
+                first_streamed_ms: None,
+                last_streamed_ms: None,
+                system_identifier: None,
+                timeline: None,
+                flush_pending: None,
+                error: None,
+            };
+            match read {
+                Ok(Some(r)) => {
+                    history.recorded = Some(true);
+                    history.first_streamed_ms = Some(r.first_streamed_ms);
+                    history.last_streamed_ms = Some(r.last_streamed_ms);
+                    history.system_identifier = Some(r.system_identifier);
+                    history.timeline = Some(r.timeline);
+                    history.flush_pending = Some(r.flush_pending);
+                }
+                Ok(None) => history.recorded = Some(false),
+                Err(e) => history.error = Some(e),
+            }
+            slot.history.push(history);
+        }
+    }
+}
+
+/// How long `slot status` waits for a Redis target's record.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub(crate) struct LockHolder {
@@ -261,6 +332,7 @@ pub(crate) async fn status(conn: &mut PgConnection, slot: &str, all: bool) -> Re
                 application_name,
                 client_addr,
             }),
+            history: Vec::new(),
         });
     }
     if !out.iter().any(|s| s.configured) {
@@ -286,6 +358,7 @@ pub(crate) async fn status(conn: &mut PgConnection, slot: &str, all: bool) -> Re
                 wal_status: None,
                 safe_wal_size_bytes: None,
                 lock_holder: None,
+                history: Vec::new(),
             },
         );
     }
@@ -297,6 +370,7 @@ fn text_of(s: &SlotStatus) -> String {
     let mut t = format!("slot {}{}\n", s.slot, if s.configured { " (the config's)" } else { "" });
     if !s.exists {
         t.push_str("  exists: false\n");
+        t.push_str(&history_text(s));
         return t;
     }
     t.push_str("  exists: true\n");
@@ -333,6 +407,27 @@ fn text_of(s: &SlotStatus) -> String {
         )),
         None => t.push_str("  lock holder: none\n"),
     }
+    t.push_str(&history_text(s));
+    t
+}
+
+fn history_text(s: &SlotStatus) -> String {
+    let mut t = String::new();
+    for h in &s.history {
+        let line = match (&h.error, h.recorded) {
+            (Some(e), _) => format!("cannot read: {e}"),
+            (None, Some(true)) => format!(
+                "streamed by evictd (first {} ms, last {} ms since the epoch; system {}, timeline {}{})",
+                h.first_streamed_ms.unwrap_or_default(),
+                h.last_streamed_ms.unwrap_or_default(),
+                h.system_identifier.as_deref().unwrap_or("-"),
+                h.timeline.unwrap_or_default(),
+                if h.flush_pending == Some(true) { ", a flush pending" } else { "" }
+            ),
+            (None, _) => "no record (a start on this slot name is a first run)".to_owned(),
+        };
+        t.push_str(&format!("  history on redis.{}: {line}\n", h.target));
+    }
     t
 }
 
@@ -367,7 +462,9 @@ fn run_status(args: &StatusArgs) -> Result<(), CliError> {
     let pg = postgres_source(&config, "slot status")?;
     let slots = runtime()?.block_on(async {
         let mut conn = connect(pg).await?;
-        status(&mut conn, &pg.slot, args.all).await
+        let mut slots = status(&mut conn, &pg.slot, args.all).await?;
+        read_history(&config, &mut slots).await;
+        Ok::<_, CliError>(slots)
     })?;
     let text = match args.format {
         Format::Json => {

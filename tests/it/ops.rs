@@ -113,6 +113,9 @@ async fn slot_status_shows_the_streaming_evictd_then_an_inactive_slot_whose_reta
     let holder = &s["lock_holder"];
     assert!(holder["pid"].as_i64().is_some(), "the active replica holds the slot's lock: {s}");
     assert_ne!(holder["pid"], s["active_pid"], "the lock has its own session: {s}");
+    let history = &s["history"][0];
+    assert_eq!((history["target"].as_str(), history["recorded"].as_bool()), (Some("primary"), Some(true)), "{s}");
+    assert!(history["first_streamed_ms"].as_u64().is_some_and(|t| t > 0), "{s}");
     // The text form says the same for people.
     let (code, text, _) = run(&d, &["slot", "status"]);
     assert_eq!(code, Some(0));
@@ -155,8 +158,14 @@ async fn slot_status_of_a_missing_slot_says_so_and_exits_0() {
     let d = Daemon::custom(&pg_url(), &redis_url(), SCHEMA, graph_ok, "").await;
     let s = status_json(&d);
     assert_eq!((s["slot"].as_str(), s["exists"].as_bool()), (Some(d.slot.as_str()), Some(false)), "{s}");
+    assert_eq!(s["history"][0]["recorded"], false, "never streamed: {s}");
     let (code, text, _) = run(&d, &["slot", "status"]);
     assert_eq!((code, text.contains("exists: false")), (Some(0), true), "{text}");
+    // An unreachable Redis target is reported in the history, not a failure.
+    let config = std::fs::read_to_string(&d.config).unwrap().replace(&redis_url(), "redis://127.0.0.1:1");
+    std::fs::write(&d.config, config).unwrap();
+    let s = status_json(&d);
+    assert!(s["history"][0]["error"].is_string() && s["history"][0]["recorded"].is_null(), "{s}");
     d.finish().await;
 }
 
