@@ -233,6 +233,12 @@ impl DeadLetters {
         &self.schema
     }
 
+    /// The pool, for `evictd dead-letters` (its statements run with
+    /// `search_path` set to the schema).
+    pub(crate) fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     /// Applies the pending migrations (`Apply`), or refuses with
     /// [`DeadLetterError::Pending`] when there are any (`Verify`).
     pub(crate) async fn migrate(&self, mode: MigrationMode) -> Result<MigrationReport, DeadLetterError> {

@@ -7,6 +7,8 @@
 //! before it does any work, through the same [`prepare`] that `run` uses.
 
 mod check_json;
+mod dead_letters;
+mod dead_letters_kafka;
 mod explain;
 mod invalidate;
 mod live;
@@ -14,6 +16,7 @@ mod live_redis;
 mod migrate;
 mod replay;
 mod run;
+mod slot;
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -47,6 +50,12 @@ pub enum Command {
     Replay(replay::ReplayArgs),
     /// Invalidate a key, a cache's key, a tag or a whole cache (--dry-run: show the blast radius).
     Invalidate(invalidate::InvalidateArgs),
+    /// The Postgres source's replication slot: status, drop.
+    Slot(slot::SlotArgs),
+    /// Retire evictd: drop its slot (Postgres) or group (Kafka, --delete-group).
+    Retire(slot::RetireArgs),
+    /// The dead letters: list, replay, purge.
+    DeadLetters(dead_letters::DeadLettersArgs),
 }
 
 /// Where the graph comes from: paths, else the config's `graph.paths`, else
@@ -187,6 +196,9 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Migrate(args) => migrate::run(&args),
         Command::Replay(args) => replay::run(&args),
         Command::Invalidate(args) => invalidate::run(&args),
+        Command::Slot(args) => slot::run(&args),
+        Command::Retire(args) => slot::retire(&args),
+        Command::DeadLetters(args) => dead_letters::run(&args),
     }
 }
 

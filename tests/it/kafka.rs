@@ -45,7 +45,7 @@ pub(super) fn unique(prefix: &str) -> String {
     format!("{prefix}{}x{n}x{nanos}", std::process::id())
 }
 
-async fn create_topic(name: &str, partitions: i32) {
+pub async fn create_topic(name: &str, partitions: i32) {
     let admin: AdminClient<DefaultClientContext> =
         ClientConfig::new().set("bootstrap.servers", brokers()).create().unwrap();
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));

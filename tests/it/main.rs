@@ -22,6 +22,7 @@ mod key_vectors;
 mod lookup;
 mod memory;
 mod metrics;
+mod ops;
 mod outage;
 mod pipeline;
 mod process;

@@ -120,6 +120,19 @@ impl RedisSink {
         Ok(())
     }
 
+    /// Deletes the record of `slot` (`evictd retire --forget-history`):
+    /// whether there was one.
+    pub(crate) async fn delete_source_record(&self, slot: &str) -> Result<bool, SinkError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("DEL").arg(source_key(slot));
+        let replies = self.inner.runner().pipeline("deleting the source record", &mut pipe).await?;
+        let deleted: i64 = match replies.into_iter().next() {
+            Some(reply) => redis::from_redis_value(reply).unwrap_or(0),
+            None => 0,
+        };
+        Ok(deleted > 0)
+    }
+
     /// From now on, batches of exact versions (Postgres) keep the record of
     /// `slot` up to date: `highest` is its highest version as written.
     pub(crate) fn track_source(&self, slot: &str, highest: u64) {

@@ -53,7 +53,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaRespErr;
 use serde_json::Value as Json;
 
-pub(crate) use self::dead_letters::KafkaDeadLetters;
+pub(crate) use self::dead_letters::{DeadLetterMessage, KafkaDeadLetters};
 use super::debezium::{self, DecodeOptions, Decoded, TableKeys};
 use super::{RawMessage, Source, SourceError, SourceEvent, Undecodable, UndecodableReason};
 use crate::change::{Change, Operation, Position};
@@ -618,14 +618,15 @@ fn next_version(last: u64, commit_time_micros: Option<i64>) -> u64 {
 /// Why a message cannot become a change: the dead-letter reason and the
 /// error.
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct DecodeFailure {
-    reason: UndecodableReason,
-    error: String,
+pub(crate) struct DecodeFailure {
+    pub(crate) reason: UndecodableReason,
+    pub(crate) error: String,
 }
 
 /// Decodes a message's key and value, within the size caps and the time
-/// budget of `config`.
-fn decode_message(
+/// budget of `config` (also `evictd dead-letters replay`'s, for the
+/// letters of the dead-letter topic).
+pub(crate) fn decode_message(
     topic: &str,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
