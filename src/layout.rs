@@ -17,9 +17,11 @@
 //!   evictd replaces an existing one with [`guard_stamp`] (the batch version
 //!   and a value unique to the batch's application) before it invalidates `K`.
 //! - Broadcast of channel `C` ([`BroadcastKeys`]): `evictd:bc:{C}:seq`,
-//!   `:epoch`, `:stream`, `:applied` and `:touched`, all in the hash slot of
-//!   `{C}`, written together by [`PUBLISH_LUA`] (format v2,
+//!   `:epoch`, `:stream`, `:applied`, `:touched` and `:server`, all in the
+//!   hash slot of `{C}`, written together by [`PUBLISH_LUA`] (format v2,
 //!   `docs/broadcast.md`).
+//! - Source record of a Postgres slot: the hash `evictd:source:<slot>`
+//!   (`sink::redis::record`), kept by [`RECORD_LUA`].
 //!
 //! - Values of caches read under a namespace carry the namespace version
 //!   their writer read *before* reading the database: `<ns>|<payload>`
@@ -29,6 +31,11 @@
 //! (never lowers it, never leaves it) and compares exactly for every u64 (digit strings, never Lua numbers, which
 //! are doubles); [`FORGET`] removes a registration only if its score is still
 //! the one evictd read, so a registration refreshed after the read survives.
+//! [`PUBLISH_LUA`] never publishes a `(epoch, seq)` at or below one a
+//! subscriber may have seen under the same epoch: when Redis lost the
+//! sequence, restarted or was replaced since the last publish, or holds a
+//! sequence below the highest the publishing process saw, it starts a new
+//! epoch above every number that process knows of.
 
 use redis::Script;
 
@@ -132,6 +139,10 @@ pub struct BroadcastKeys {
     /// Per cache name, the `seq` of the last message that invalidated
     /// anything of it; field `*tags`: the last message with tags.
     pub touched: String,
+    /// The `run_id` of the Redis server that ran the last publish: another
+    /// one means Redis restarted (maybe on an older snapshot) or was
+    /// replaced (a failover), so the sequence may have gone back.
+    pub server: String,
 }
 
 impl BroadcastKeys {
@@ -143,12 +154,13 @@ impl BroadcastKeys {
             stream: key("stream"),
             applied: key("applied"),
             touched: key("touched"),
+            server: key("server"),
         }
     }
 
     /// In the order [`PUBLISH_LUA`] takes them as `KEYS`.
-    pub(crate) fn script_keys(&self) -> [&str; 5] {
-        [&self.seq, &self.epoch, &self.stream, &self.applied, &self.touched]
+    pub(crate) fn script_keys(&self) -> [&str; 6] {
+        [&self.seq, &self.epoch, &self.stream, &self.applied, &self.touched, &self.server]
     }
 }
 
@@ -342,7 +354,7 @@ return 1
 /// a batch's or a heartbeat (format v2, `docs/broadcast.md`).
 ///
 /// `KEYS`: the channel's [`BroadcastKeys`] in order: seq, epoch, stream,
-/// applied, touched. `ARGV`:
+/// applied, touched, server. `ARGV`:
 /// 1. the channel;
 /// 2. `batch` or `heartbeat`;
 /// 3. the transport: `both`, `pubsub` or `stream`;
@@ -353,16 +365,35 @@ return 1
 ///    or empty);
 /// 8. the JSON after `applied`, to the closing `}`;
 /// 9. `1` if the message has tags, else `0`;
-/// 10. and on: the caches the message touches (`caches` ∪ `flush`).
+/// 10. the highest epoch this process saw on the channel (any script's
+///     reply), or empty: none yet;
+/// 11. the highest `seq` it saw in that epoch, or empty;
+/// 12. and on: the caches the message touches (`caches` ∪ `flush`).
 ///
-/// A missing `seq` or `epoch` (first use, or Redis lost them) starts a new
-/// sequence at the server clock in µs and sets the epoch to that same
-/// value. A batch `INCR`s `seq`, writes its number into `touched` for each
-/// cache (and `*tags`), then publishes and/or adds to the stream; a
-/// heartbeat leaves `seq` as it is and only publishes (pub/sub transports).
-/// Both raise `applied` to ARGV 6 (compared as hexadecimal digit strings,
-/// never Lua numbers) and carry the hash's value, the highest any process
-/// wrote. Returns the message's `seq` (a heartbeat: the current one).
+/// A **new sequence** starts (a new epoch, `seq` set to it) when:
+/// - `lost`: `seq` or `epoch` is missing (first use, or Redis lost them);
+/// - `server`: the server's `run_id` (`INFO server`) is not the one that
+///   ran the last publish (the `server` key): Redis restarted, maybe on an
+///   older snapshot, or another server took over; a missing `server` key
+///   with a sequence there counts too (a snapshot from before it existed);
+/// - `behind`: the stored `(epoch, seq)` is below ARGV 10/11: Redis went
+///   back in time without a restart.
+///
+/// The new epoch is the server clock in µs, or one above the highest
+/// sequence number stored or passed in ARGV 11 when that is higher (a
+/// server whose clock is behind), so it is never one a subscriber saw and
+/// never starts a second time on its own account. Digit strings are
+/// compared as such, never as Lua numbers. When `INFO` is refused (an ACL),
+/// the `server` rule is off.
+///
+/// A batch `INCR`s `seq`, writes its number into `touched` for each cache
+/// (and `*tags`), then publishes and/or adds to the stream; a heartbeat
+/// leaves `seq` as it is and only publishes (pub/sub transports). Both raise
+/// `applied` to ARGV 6 (compared as hexadecimal digit strings, never Lua
+/// numbers) and carry the hash's value, the highest any process wrote.
+/// Returns `{seq, epoch, why}`: the message's `seq` (a heartbeat: the
+/// current one), its epoch, and why a new sequence started (`lost`,
+/// `server`, `behind`), or empty.
 pub(crate) const PUBLISH_LUA: &str = r#"
 local function hex_greater(a, b)
   a = string.gsub(a, '^0+', '')
@@ -380,19 +411,49 @@ local function lsn_greater(a, b)
   if hex_greater(bh, ah) then return false end
   return hex_greater(al, bl)
 end
+local function digits(s)
+  return type(s) == 'string' and string.match(s, '^[1-9]%d*$') ~= nil
+end
+local function greater(a, b)
+  if #a ~= #b then return #a > #b end
+  return a > b
+end
+local function succ(s)
+  local i = #s
+  while i > 0 and string.byte(s, i) == 57 do i = i - 1 end
+  if i == 0 then return '1' .. string.rep('0', #s) end
+  return string.sub(s, 1, i - 1) .. string.char(string.byte(s, i) + 1) .. string.rep('0', #s - i)
+end
 local seq = redis.call('GET', KEYS[1])
 local epoch = redis.call('GET', KEYS[2])
-if not seq or not epoch or not string.match(seq, '^%d+$') then
-  local now = redis.call('TIME')
-  epoch = now[1] .. string.format('%06d', tonumber(now[2]))
-  redis.call('SET', KEYS[1], epoch)
-  redis.call('SET', KEYS[2], epoch)
-  seq = epoch
+local server = ''
+local ok, info = pcall(redis.call, 'INFO', 'server')
+if ok and type(info) == 'string' then server = string.match(info, 'run_id:(%x+)') or '' end
+local marker = redis.call('GET', KEYS[6])
+local why = ''
+if not digits(seq) or not digits(epoch) then
+  why = 'lost'
+elseif server ~= '' and marker ~= server then
+  why = 'server'
+elseif digits(ARGV[10]) and digits(ARGV[11])
+  and (greater(ARGV[10], epoch) or (ARGV[10] == epoch and greater(ARGV[11], seq))) then
+  why = 'behind'
 end
+if why ~= '' then
+  local now = redis.call('TIME')
+  local start = now[1] .. string.format('%06d', tonumber(now[2]))
+  for _, floor in ipairs({seq or '', ARGV[11]}) do
+    if digits(floor) and not greater(start, floor) then start = succ(floor) end
+  end
+  redis.call('SET', KEYS[1], start)
+  redis.call('SET', KEYS[2], start)
+  epoch, seq = start, start
+end
+if server ~= '' and marker ~= server then redis.call('SET', KEYS[6], server) end
 local batch = ARGV[2] == 'batch'
 if batch then
   seq = string.format('%d', redis.call('INCR', KEYS[1]))
-  for i = 10, #ARGV do
+  for i = 12, #ARGV do
     redis.call('HSET', KEYS[5], ARGV[i], seq)
   end
   if ARGV[9] == '1' then redis.call('HSET', KEYS[5], '*tags', seq) end
@@ -414,7 +475,28 @@ if ARGV[3] ~= 'stream' then redis.call('PUBLISH', ARGV[1], message) end
 if batch and ARGV[3] ~= 'pubsub' then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[4], '*', 'm', message)
 end
-return tonumber(seq)
+return {tonumber(seq), epoch, why}
+"#;
+
+/// Lua source of the source record's upkeep, before the acknowledgement of
+/// every batch of a Postgres session (`sink::redis::record`).
+///
+/// `KEYS[1]` is the record (`evictd:source:<slot>`); `ARGV[1]` the batch
+/// version to record as `highest_version`, or empty: none; `ARGV[2]` now in
+/// Unix ms (`last_streamed_ms` with it); `ARGV[3]` and on: every field of
+/// the record as the session wrote it, `name, value` pairs. A record that
+/// is not there (Redis restarted empty, was flushed, evicted it) is written
+/// again whole from those pairs first, and the script returns 1; else 0.
+pub(crate) const RECORD_LUA: &str = r#"
+local restored = 0
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('HSET', KEYS[1], unpack(ARGV, 3))
+  restored = 1
+end
+if ARGV[1] ~= '' then
+  redis.call('HSET', KEYS[1], 'highest_version', ARGV[1], 'last_streamed_ms', ARGV[2])
+end
+return restored
 "#;
 
 /// The scripts evictd runs, built once per sink.
@@ -423,15 +505,21 @@ pub(crate) struct Scripts {
     pub(crate) bump: Script,
     pub(crate) forget: Script,
     pub(crate) publish: Script,
+    pub(crate) record: Script,
 }
 
 impl Scripts {
     pub(crate) fn new() -> Scripts {
-        Scripts { bump: Script::new(BUMP_LUA), forget: Script::new(FORGET_LUA), publish: Script::new(PUBLISH_LUA) }
+        Scripts {
+            bump: Script::new(BUMP_LUA),
+            forget: Script::new(FORGET_LUA),
+            publish: Script::new(PUBLISH_LUA),
+            record: Script::new(RECORD_LUA),
+        }
     }
 
-    pub(crate) fn all(&self) -> [&Script; 3] {
-        [&self.bump, &self.forget, &self.publish]
+    pub(crate) fn all(&self) -> [&Script; 4] {
+        [&self.bump, &self.forget, &self.publish, &self.record]
     }
 }
 
@@ -499,6 +587,7 @@ mod tests {
         let keys = BroadcastKeys::of("evictd:invalidations");
         assert_eq!(keys.seq, "evictd:bc:{evictd:invalidations}:seq");
         assert_eq!(keys.touched, "evictd:bc:{evictd:invalidations}:touched");
+        assert_eq!(keys.server, "evictd:bc:{evictd:invalidations}:server");
         for key in keys.script_keys() {
             assert_eq!(Slot::for_key(key), Slot::for_key("evictd:invalidations"), "{key}");
         }

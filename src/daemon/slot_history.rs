@@ -108,7 +108,7 @@ async fn begin(
     for (target, record) in sink.targets().iter().zip(records) {
         let record = identity::session_record(slot, record.as_ref(), server, now_ms(), fresh);
         target.write_source_record(&record).await.map_err(StartError::SourceRecord)?;
-        target.track_source(slot, record.highest_version);
+        target.track_source(&record);
     }
     Ok(())
 }

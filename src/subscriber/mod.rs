@@ -132,7 +132,7 @@ pub use crate::layout::TOUCHED_TAGS;
 impl ChannelKeys {
     /// The names the daemon publishes under ([`crate::layout::BroadcastKeys`]).
     pub fn of(channel: &str) -> ChannelKeys {
-        let crate::layout::BroadcastKeys { seq, epoch, stream, applied, touched } =
+        let crate::layout::BroadcastKeys { seq, epoch, stream, applied, touched, .. } =
             crate::layout::BroadcastKeys::of(channel);
         ChannelKeys { channel: channel.to_owned(), seq, epoch, stream, applied, touched }
     }

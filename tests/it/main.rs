@@ -30,6 +30,7 @@ mod publication;
 mod redis_durability;
 mod redis_sink;
 mod redis_support;
+mod restore;
 mod server;
 mod slot_loss;
 mod standby;

@@ -26,7 +26,11 @@
 //! acknowledged, so it is replayed and published again). `seq` grows by
 //! one per message on a channel, across restarts of evictd and
 //! active/standby takeovers (it lives in Redis); it restarts, with a new
-//! `epoch`, only when Redis lost it. `applied` is a position up to which
+//! `epoch` above every `seq` the publishing process saw, only when it may
+//! have gone back: Redis lost it, restarted or was replaced since the last
+//! publish (its `run_id`), or holds one below what the process saw
+//! ([`Seen`]). A subscriber never takes a message for a repeat because
+//! Redis went back in time (the limits: `docs/broadcast.md`). `applied` is a position up to which
 //! every change is confirmed on the target: the batch's own last position
 //! (its effects on this target are confirmed when the message goes out, and
 //! every earlier batch was), or the last one the run loop acknowledged; it
@@ -207,6 +211,64 @@ impl BatchMessage<'_> {
     /// Whether the message has tags (the `*tags` field of `touched`).
     pub(crate) fn has_tags(&self) -> bool {
         !self.tail.tags.is_empty()
+    }
+}
+
+/// What the publish script answered: `{seq, epoch, why}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Reply {
+    pub(crate) seq: u64,
+    pub(crate) epoch: String,
+    /// Why a new sequence started (`lost`, `server`, `behind`), or empty.
+    pub(crate) why: String,
+}
+
+impl Reply {
+    /// `None` for anything but the script's three values.
+    pub(crate) fn read(value: &redis::Value) -> Option<Reply> {
+        let (seq, epoch, why): (u64, String, String) = redis::from_redis_value_ref(value).ok()?;
+        Some(Reply { seq, epoch, why })
+    }
+}
+
+/// The highest `(epoch, seq)` a process saw on a channel: epochs compared
+/// as numbers (a new one always starts above every number its starter
+/// knew of), then `seq`. What the publish script compares the stored
+/// sequence with (ARGV 10 and 11 of `PUBLISH_LUA`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Seen {
+    pub(crate) epoch: String,
+    pub(crate) seq: u64,
+}
+
+impl Seen {
+    /// Raises `seen` to `reply`'s position if that is higher. A reply of a
+    /// lower epoch (one that arrived late, or a Redis that went back) is
+    /// not taken: the next publish starts a new epoch above `seen` then.
+    pub(crate) fn raise(seen: &mut Option<Seen>, reply: &Reply) {
+        let Ok(epoch) = reply.epoch.parse::<u64>() else { return };
+        let higher = match seen.as_ref().map(|s| (s.epoch.parse::<u64>().unwrap_or(0), s.seq)) {
+            None => true,
+            Some(current) => (epoch, reply.seq) > current,
+        };
+        if higher {
+            *seen = Some(Seen { epoch: reply.epoch.clone(), seq: reply.seq });
+        }
+    }
+}
+
+/// The warning for a new sequence started for `why` (`server`, `behind`).
+pub(crate) fn new_epoch_reason(why: &str) -> &'static str {
+    match why {
+        "server" => {
+            "Redis restarted or another server took over since the last publish (its run_id changed): it may hold an \
+             older snapshot, so evictd started a new broadcast epoch; subscribers flush their local caches once"
+        }
+        "behind" => {
+            "the broadcast's sequence in Redis is below one evictd already saw (Redis went back in time): evictd \
+             started a new broadcast epoch; subscribers flush their local caches once"
+        }
+        _ => "evictd started a new broadcast epoch; subscribers flush their local caches once",
     }
 }
 
@@ -435,6 +497,29 @@ table = "app.users"
         let batch =
             SinkBatch { id: 1, graph: &g, effects: &quiet, version: 1, position: None, commit_time_micros: None };
         assert_eq!(message(&batch, &config, 0), None);
+    }
+
+    #[test]
+    fn the_highest_position_seen_only_rises_epochs_compared_as_numbers() {
+        let reply = |epoch: &str, seq| Reply { seq, epoch: epoch.into(), why: String::new() };
+        let mut seen = None;
+        Seen::raise(&mut seen, &reply("100", 105));
+        Seen::raise(&mut seen, &reply("100", 103));
+        assert_eq!(seen, Some(Seen { epoch: "100".into(), seq: 105 }), "a late reply");
+        // "99" > "100" as text; as numbers it is an older epoch.
+        Seen::raise(&mut seen, &reply("99", 200));
+        assert_eq!(seen, Some(Seen { epoch: "100".into(), seq: 105 }));
+        Seen::raise(&mut seen, &reply("106", 107));
+        assert_eq!(seen, Some(Seen { epoch: "106".into(), seq: 107 }), "a new epoch");
+        Seen::raise(&mut seen, &reply("not a number", 1_000));
+        assert_eq!(seen.map(|s| s.seq), Some(107));
+        let value = redis::Value::Array(vec![
+            redis::Value::Int(42),
+            redis::Value::BulkString(b"41".to_vec()),
+            redis::Value::BulkString(b"server".to_vec()),
+        ]);
+        assert_eq!(Reply::read(&value), Some(Reply { seq: 42, epoch: "41".into(), why: "server".into() }));
+        assert_eq!(Reply::read(&redis::Value::Int(42)), None);
     }
 
     #[test]

@@ -31,7 +31,8 @@
 //! version is not a replay, so behind bumps in it mean versions went
 //! backwards (a restore, another source) and are logged as a warning. The
 //! record's highest version is written *before* such a batch's bumps, so a
-//! batch replayed after a crash is always recognised as one.
+//! batch replayed after a crash is always recognised as one; every batch
+//! of a tracked session writes the record again if Redis lost it.
 
 pub(crate) mod broadcast;
 mod conn;
@@ -138,6 +139,11 @@ struct Inner {
     /// The `applied` field's kind, set by the first acknowledged position
     /// of a source that publishes one (Postgres).
     applied_kind: OnceLock<&'static str>,
+    /// The highest `(epoch, seq)` any publish script's reply showed on the
+    /// channel (batches and heartbeats, this process's and, through the
+    /// heartbeats, other replicas'): a stored sequence below it means Redis
+    /// went back in time (see [`layout::PUBLISH_LUA`]).
+    seen: Mutex<Option<broadcast::Seen>>,
 }
 
 impl Inner {
@@ -202,6 +208,7 @@ impl RedisSink {
                 source: Mutex::new(None),
                 applied: AtomicU64::new(0),
                 applied_kind: OnceLock::new(),
+                seen: Mutex::new(None),
             }),
         })
     }
@@ -279,7 +286,16 @@ impl RedisSink {
         // Before the bumps: a replay of this batch must find its version recorded.
         let exact = batch.position.is_some_and(Position::exact_versions);
         let has_bumps = plan.groups.iter().flat_map(|g| &g.commands).any(|c| matches!(c, Command::Bump(_)));
-        let replay = if exact && has_bumps { self.note_version(&runner, batch.version).await? } else { None };
+        let noted = exact && has_bumps;
+        let replay = if noted { self.keep_record(&runner, Some(batch.version)).await? } else { None };
+        // Otherwise the record is only checked (written again if missing):
+        // it need not precede any effect, only the confirmation.
+        let record = async {
+            if !noted {
+                self.keep_record(&runner, None).await?;
+            }
+            Ok(())
+        };
         let behind = Behind::default();
         let unbumpable = Mutex::new(Vec::new());
         let bump = Bump { version: &plan.version, behind: Some(&behind), unbumpable: Some(&unbumpable) };
@@ -295,7 +311,7 @@ impl RedisSink {
             unguarded || redelete
         };
         let tags = tags::invalidate_all(&runner, &plan.tags, now, topology, max, stamp, &mut keep);
-        let ((), tag_keys) = futures_util::try_join!(keys, tags)?;
+        let ((), tag_keys, ()) = futures_util::try_join!(keys, tags, record)?;
         let unbumpable = unbumpable.into_inner().unwrap_or_else(std::sync::PoisonError::into_inner);
         if !unbumpable.is_empty() {
             self.bump_namespaces_instead(&runner, &batch, &plan, unbumpable, &behind).await?;
@@ -353,8 +369,38 @@ impl RedisSink {
         // No durability wait: a lost message is a gap subscribers repair.
         let reply = inner.runner_without_wait().pipeline(&what, &mut pipe).await;
         self.count_publish(broadcast::transports(config.transport), BroadcastKind::Batch, reply.is_ok());
-        tracing::debug!(channel = %config.channel, seq = ?reply?.first(), "broadcast");
+        let seq = self.published(config, &reply?);
+        tracing::debug!(channel = %config.channel, seq = ?seq, "broadcast");
         Ok(())
+    }
+
+    /// Reads the publish script's reply: keeps the highest `(epoch, seq)`
+    /// seen, and logs a new sequence that started. The message's `seq`.
+    fn published(&self, config: &BroadcastConfig, replies: &[redis::Value]) -> Option<u64> {
+        let reply = replies.first().and_then(broadcast::Reply::read)?;
+        if let Ok(mut seen) = self.inner.seen.lock() {
+            broadcast::Seen::raise(&mut seen, &reply);
+        }
+        match reply.why.as_str() {
+            "" => {}
+            // Also every first use of a channel: nothing to warn about.
+            "lost" => tracing::info!(
+                target = %self.inner.name,
+                channel = %config.channel,
+                epoch = %reply.epoch,
+                "the broadcast's sequence was not in Redis (a first use, or Redis lost it): started a new epoch; \
+                 subscribers that saw the old one flush their local caches"
+            ),
+            why => tracing::warn!(
+                target = %self.inner.name,
+                channel = %config.channel,
+                epoch = %reply.epoch,
+                reason = why,
+                "{}",
+                broadcast::new_epoch_reason(why)
+            ),
+        }
+        Some(reply.seq)
     }
 
     /// Counts one publish (`evictd_broadcast_publishes_total`), once the
@@ -365,9 +411,11 @@ impl RedisSink {
         }
     }
 
-    /// The publish script with its keys and arguments up to ARGV 9.
+    /// The publish script with its keys and arguments up to ARGV 11.
     fn publish_cmd(&self, config: &BroadcastConfig, kind: &str, head: String, tail: String, tags: bool) -> redis::Cmd {
         let keys = layout::BroadcastKeys::of(&config.channel);
+        let seen = self.inner.seen.lock().ok().and_then(|seen| seen.clone());
+        let (seen_epoch, seen_seq) = seen.map_or((String::new(), String::new()), |s| (s.epoch, s.seq.to_string()));
         let applied = self.inner.applied.load(Ordering::Relaxed);
         let (applied_kind, applied) = match self.inner.applied_kind.get() {
             Some(kind) if applied > 0 => (*kind, Lsn(applied).to_string()),
@@ -376,7 +424,7 @@ impl RedisSink {
         };
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.inner.scripts.publish.get_hash())
-            .arg(5)
+            .arg(6)
             .arg(&keys.script_keys()[..])
             .arg(&config.channel)
             .arg(kind)
@@ -386,7 +434,9 @@ impl RedisSink {
             .arg(applied)
             .arg(head)
             .arg(tail)
-            .arg(if tags { "1" } else { "0" });
+            .arg(if tags { "1" } else { "0" })
+            .arg(seen_epoch)
+            .arg(seen_seq);
         cmd
     }
 
@@ -405,11 +455,7 @@ impl RedisSink {
         // On the stream-only transport a heartbeat publishes nothing.
         let transports: &[&'static str] = if config.transport.pubsub() { &["pubsub"] } else { &[] };
         self.count_publish(transports, BroadcastKind::Heartbeat, reply.is_ok());
-        let reply = reply?;
-        Ok(match reply.first() {
-            Some(redis::Value::Int(seq)) => u64::try_from(*seq).ok(),
-            _ => None,
-        })
+        Ok(self.published(config, &reply?))
     }
 
     /// Publishes a heartbeat every `broadcast_heartbeat_ms` until `stop`,

@@ -10,11 +10,20 @@
 //! tells a replayed batch (at or below the highest version) from versions
 //! that went backwards (above it, yet behind what is stored).
 //!
+//! The record must outlive Redis's own losses while evictd runs: a Redis
+//! that restarted empty, was flushed, or evicted the key would otherwise
+//! hold no record until the next session, and a slot lost meanwhile would
+//! look like a first run. So every batch of a tracked session runs
+//! [`RECORD_LUA`](super::layout::RECORD_LUA), which writes the session's
+//! record again, whole, when it is missing.
+//!
 //! **Invariants:** the highest version is written before the bumps of the
 //! batch that raises it, and never lowered except by a flush after a lost
-//! slot (which starts a new stream); a record's fields are only ever set
-//! with `HSET`, never deleted and rewritten, so a crash never leaves a
-//! half-written record that reads as "never streamed".
+//! slot (which starts a new stream); the record of a tracked session is in
+//! Redis when a batch is confirmed (written again if it went missing), so
+//! before the acknowledgement of every batch; a record's fields are only
+//! ever set with `HSET`, never deleted and rewritten, so a crash never
+//! leaves a half-written record that reads as "never streamed".
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -88,11 +97,12 @@ impl SourceRecord {
     }
 }
 
-/// The record a sink keeps up to date while a source streams.
+/// The record a sink keeps up to date while a source streams: the one
+/// the session wrote, with its highest version as it rose since.
 #[derive(Debug, Clone)]
 pub(super) struct Tracked {
     key: String,
-    highest: u64,
+    record: SourceRecord,
 }
 
 impl RedisSink {
@@ -133,37 +143,60 @@ impl RedisSink {
         Ok(deleted > 0)
     }
 
-    /// From now on, batches of exact versions (Postgres) keep the record of
-    /// `slot` up to date: `highest` is its highest version as written.
-    pub(crate) fn track_source(&self, slot: &str, highest: u64) {
+    /// From now on, every batch keeps `record` (as the session just wrote
+    /// it) in this target: written again when missing, its highest version
+    /// raised by batches of exact versions (Postgres).
+    pub(crate) fn track_source(&self, record: &SourceRecord) {
         if let Ok(mut source) = self.inner.source.lock() {
-            *source = Some(Tracked { key: source_key(slot), highest });
+            *source = Some(Tracked { key: source_key(&record.slot), record: record.clone() });
         }
     }
 
-    /// Before the bumps of a batch of `version`: `Some(true)` if it is a
-    /// replay (at or below the recorded highest version), `Some(false)` if
-    /// not (the record now says `version`), `None` without a record.
-    pub(super) async fn note_version(&self, runner: &Runner<'_>, version: u64) -> Result<Option<bool>, SinkError> {
+    /// One round trip of [`RECORD_LUA`](super::layout::RECORD_LUA) for a
+    /// batch: the tracked record is written again if it is missing, and
+    /// with `version` (before the bumps of a batch of that version) its
+    /// highest version is raised to it when above. `Some(true)` if such a
+    /// batch is a replay (at or below the recorded highest version),
+    /// `Some(false)` if not or without `version`, `None` without a
+    /// tracked record (no round trip then).
+    pub(super) async fn keep_record(
+        &self,
+        runner: &Runner<'_>,
+        version: Option<u64>,
+    ) -> Result<Option<bool>, SinkError> {
         let tracked = self.inner.source.lock().ok().and_then(|source| source.clone());
-        let Some(Tracked { key, highest }) = tracked else { return Ok(None) };
-        if version <= highest {
-            return Ok(Some(true));
+        let Some(Tracked { key, record }) = tracked else { return Ok(None) };
+        let raise = version.filter(|v| *v > record.highest_version);
+        let now = super::now_ms();
+        let whole = SourceRecord { last_streamed_ms: now, highest_version: record.highest_version, ..record };
+        let mut script = redis::cmd("EVALSHA");
+        script
+            .arg(runner.scripts.record.get_hash())
+            .arg(1)
+            .arg(&key)
+            .arg(raise.map(|v| v.to_string()).unwrap_or_default())
+            .arg(now.to_string());
+        for (name, value) in whole.fields() {
+            script.arg(name).arg(value);
         }
         let mut pipe = redis::pipe();
-        pipe.cmd("HSET")
-            .arg(&key)
-            .arg("highest_version")
-            .arg(version.to_string())
-            .arg("last_streamed_ms")
-            .arg(super::now_ms().to_string());
-        runner.pipeline("recording the batch version", &mut pipe).await?;
-        if let Ok(mut source) = self.inner.source.lock()
+        pipe.add_command(script);
+        let replies = runner.pipeline("keeping the source record", &mut pipe).await?;
+        if let Some(redis::Value::Int(1)) = replies.first() {
+            tracing::warn!(
+                target = %self.inner.name,
+                key = %key,
+                "the source record was missing from Redis (a restart without persistence, a flush, an eviction): \
+                 wrote it again, so that a later loss of the slot is still recognised"
+            );
+        }
+        if let Some(version) = raise
+            && let Ok(mut source) = self.inner.source.lock()
             && let Some(tracked) = source.as_mut()
         {
-            tracked.highest = tracked.highest.max(version);
+            tracked.record.highest_version = tracked.record.highest_version.max(version);
         }
-        Ok(Some(false))
+        Ok(Some(version.is_some() && raise.is_none()))
     }
 
     /// Counts a batch's behind bumps and, outside a replay of a source of
