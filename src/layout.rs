@@ -56,9 +56,15 @@ pub fn tag_key(tag: &str) -> String {
     format!("{TAG_PREFIX}{{{tag}}}")
 }
 
-/// The stream of operator actions (`evictd invalidate`): one entry per
+/// The stream of operator actions (`evictd invalidate`, `slot drop`,
+/// `retire`, `dead-letters replay|purge`): one entry per
 /// action and target, trimmed to about [`AUDIT_STREAM_MAX_LEN`] entries.
 pub const AUDIT_STREAM: &str = "evictd:audit";
+
+/// How many operator actions were audited, by action and outcome: a hash
+/// of fields `<action>|<outcome>` to counts (`HINCRBY`), exported by every
+/// running daemon as `evictd_operator_actions_total`.
+pub const AUDIT_ACTIONS: &str = "evictd:audit:actions";
 
 /// About how many entries [`AUDIT_STREAM`] keeps (`XADD MAXLEN ~`).
 pub const AUDIT_STREAM_MAX_LEN: u64 = 10_000;

@@ -77,6 +77,7 @@ pub(crate) const KAFKA_HIGH_WATERMARK_OFFSET: &str = "evictd_kafka_high_watermar
 pub(crate) const LAST_PROGRESS_TIMESTAMP_SECONDS: &str = "evictd_last_progress_timestamp_seconds";
 pub(crate) const LAST_CHANGE_TIMESTAMP_SECONDS: &str = "evictd_last_change_timestamp_seconds";
 pub(crate) const HTTP_CONNECTIONS_REFUSED_TOTAL: &str = "evictd_http_connections_refused_total";
+pub(crate) const OPERATOR_ACTIONS_TOTAL: &str = "evictd_operator_actions_total";
 
 /// Whether this replica consumes the source or waits to take over (the
 /// `evictd_active` gauge here, and `/readyz` in `server`, which imports it
@@ -128,6 +129,7 @@ pub(crate) const ALL: [&str; 38] = [
     LAST_PROGRESS_TIMESTAMP_SECONDS,
     LAST_CHANGE_TIMESTAMP_SECONDS,
     HTTP_CONNECTIONS_REFUSED_TOTAL,
+    OPERATOR_ACTIONS_TOTAL,
 ];
 
 /// Latency buckets, 0.5 ms to 60 s: a healthy invalidation lands in
@@ -285,6 +287,17 @@ struct BroadcastLabels {
     outcome: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OperatorLabels {
+    target: String,
+    action: String,
+    outcome: String,
+}
+
+/// At most this many `evictd_operator_actions_total` series: their labels
+/// come from Redis, whose hash anyone can write to.
+const OPERATOR_ACTION_SERIES_MAX: usize = 200;
+
 type PositionGauge = Gauge<u64, std::sync::atomic::AtomicU64>;
 type TimestampGauge = Gauge<f64, std::sync::atomic::AtomicU64>;
 
@@ -368,6 +381,8 @@ pub struct Metrics {
     last_progress: TimestampGauge,
     last_change: TimestampGauge,
     http_refused: Counter,
+    operator_actions: Family<OperatorLabels, Counter>,
+    operator_action_series: std::sync::atomic::AtomicUsize,
 }
 
 impl Default for Metrics {
@@ -420,6 +435,8 @@ impl Metrics {
             last_progress: TimestampGauge::default(),
             last_change: TimestampGauge::default(),
             http_refused: Counter::default(),
+            operator_actions: Family::default(),
+            operator_action_series: std::sync::atomic::AtomicUsize::new(0),
         };
         let r = &mut m.registry;
         let help = "Row changes received from the source, by table and operation";
@@ -499,6 +516,8 @@ impl Metrics {
         register(r, LAST_CHANGE_TIMESTAMP_SECONDS, help, m.last_change.clone());
         let help = "HTTP connections refused because server.max_connections were open";
         register(r, HTTP_CONNECTIONS_REFUSED_TOTAL, help, m.http_refused.clone());
+        let help = "Operator actions audited (evictd invalidate, slot drop, retire, dead-letters replay|purge), by target, action and outcome: read from the target's evictd:audit:actions every 15 s, so every replica shows every action";
+        register(r, OPERATOR_ACTIONS_TOTAL, help, m.operator_actions.clone());
         r.register_collector(Box::new(process::ProcessCollector));
         m.active.set(1);
         m
@@ -717,6 +736,27 @@ impl Metrics {
     /// A row change was received from the source, now.
     pub(crate) fn change_arrived(&self) {
         self.last_change.set(unix_now_seconds());
+    }
+
+    /// The count of an operator action as `target` records it (its
+    /// `evictd:audit:actions`): the counter rises to it. A lower count (the
+    /// hash was lost) is taken as a reset: the counter keeps its value and
+    /// the next rise counts from the lower count on, as a Prometheus
+    /// counter reset would.
+    pub(crate) fn operator_actions(&self, target: &str, action: &str, outcome: &str, recorded: u64, last: &mut u64) {
+        use std::sync::atomic::Ordering;
+        let labels = OperatorLabels { target: target.to_owned(), action: action.to_owned(), outcome: outcome.to_owned() };
+        if self.operator_actions.get(&labels).is_none() {
+            if self.operator_action_series.load(Ordering::Relaxed) >= OPERATOR_ACTION_SERIES_MAX {
+                return;
+            }
+            self.operator_action_series.fetch_add(1, Ordering::Relaxed);
+        }
+        let counter = self.operator_actions.get_or_create(&labels);
+        if recorded > *last {
+            counter.inc_by(recorded - *last);
+        }
+        *last = recorded;
     }
 
     /// The HTTP server refused a connection (too many open).

@@ -35,7 +35,8 @@ use clap::{Args, Subcommand};
 use sqlx::postgres::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use super::slot::{Format, audit};
+use super::audit;
+use super::slot::Format;
 use super::{CliError, prepare, write_stdout};
 use crate::change::{Cell, Change, Operation, Position, Row, Value};
 use crate::config::{Config, SourceConfig};
@@ -127,7 +128,7 @@ pub(crate) fn run(args: &DeadLettersArgs) -> Result<(), CliError> {
     };
     let prepared = prepare(Some(config_path), &[])?;
     let config = prepared.config.ok_or_else(|| CliError::Input("--config is required".into()))?;
-    super::slot::audit_as(&config);
+    audit::audit_as(&config);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -285,8 +286,8 @@ impl Table {
             sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(&bind).fetch_all(&self.pool),
         )
         .await
-        .inspect_err(|e| audit("dead-letters purge", &self.name, "failed", &e.to_string()))?;
-        audit("dead-letters purge", &self.name, "deleted", &format!("{} letter(s), {what}", deleted.len()));
+        .inspect_err(|e| audit::record("dead-letters purge", &self.name, "failed", &e.to_string()))?;
+        audit::record("dead-letters purge", &self.name, "deleted", &format!("{} letter(s), {what}", deleted.len()));
         write_stdout(&format!("purged {} dead letter(s) ({what})\n", deleted.len()))
     }
 }
@@ -555,7 +556,7 @@ async fn replay(table: &Table, config: &Config, graph: Graph, args: &ReplayArgs)
                             .execute(&table.pool),
                     )
                     .await?;
-                    audit("dead-letters replay", &format!("{}#{}", table.name, letter.id), "still fails", error);
+                    audit::record("dead-letters replay", &format!("{}#{}", table.name, letter.id), "still fails", error);
                 }
             }
             None => {
@@ -569,7 +570,7 @@ async fn replay(table: &Table, config: &Config, graph: Graph, args: &ReplayArgs)
                         sqlx::query(sqlx::AssertSqlSafe(sql)).bind(letter.id).execute(&table.pool),
                     )
                     .await?;
-                    audit(
+                    audit::record(
                         "dead-letters replay",
                         &format!("{}#{}", table.name, letter.id),
                         "replayed and deleted",

@@ -41,7 +41,8 @@ use rdkafka::consumer::CommitMode;
 use rdkafka::error::KafkaError;
 
 use super::dead_letters::{Failure, ListArgs, PurgeArgs, ReplayArgs, Replayed, replay_events, row_of};
-use super::slot::{Format, audit};
+use super::audit;
+use super::slot::Format;
 use super::{CliError, write_stdout};
 use crate::change::{Change, Operation, Position};
 use crate::config::{Config, KAFKA_OWN_PROPERTIES, KafkaSource, SnapshotReads};
@@ -242,12 +243,12 @@ pub(crate) async fn purge(kafka: &KafkaSource, topic: &str, args: &PurgeArgs) ->
             .find_map(|e| e.error().err().map(|err| format!("partition {}: {err}", e.partition()))),
     };
     if let Some(why) = failure {
-        audit("dead-letters purge", topic, "failed", &why);
+        audit::record("dead-letters purge", topic, "failed", &why);
         return Err(CliError::Runtime(format!(
             "`{topic}`: DeleteRecords failed: {why} (the broker may not support it: set the topic's retention.ms to age letters out instead)"
         )));
     }
-    audit("dead-letters purge", topic, "deleted", &format!("{count} letter(s), all"));
+    audit::record("dead-letters purge", topic, "deleted", &format!("{count} letter(s), all"));
     write_stdout(&format!("purged {count} dead letter(s) from `{topic}`\n"))
 }
 
@@ -497,14 +498,14 @@ pub(crate) async fn replay(
             .map_err(|e| CliError::Runtime(format!("internal: {e}")))?;
         let group = format!("{}{REPLAY_GROUP_SUFFIX}", kafka.group_id);
         if let Err(e) = committed {
-            audit("dead-letters replay", topic, "failed", &format!("committing group {group}: {e}"));
+            audit::record("dead-letters replay", topic, "failed", &format!("committing group {group}: {e}"));
             write_stdout(&out)?;
             return Err(CliError::Runtime(format!(
                 "`{topic}`: replayed, but the offsets of group {group} could not be committed ({e}): the next replay repeats these letters"
             )));
         }
         let summary = commit.iter().map(|(p, o)| format!("{p}@{o}")).collect::<Vec<_>>().join(",");
-        audit(
+        audit::record(
             "dead-letters replay",
             topic,
             "replayed",

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use clap::{ArgGroup, Args};
 use serde_json::{Value as Json, json};
 
-use super::{CliError, OutputFormat, prepare, write_stdout};
+use super::{CliError, OutputFormat, audit, prepare, write_stdout};
 use crate::change::Value;
 use crate::config::{Config, LogFormat};
 use crate::daemon::wiring;
@@ -431,7 +431,7 @@ async fn invalidate(
     let result = sink.apply(batch).await;
     report.applied = result.is_ok();
     report.error = result.as_ref().err().map(ToString::to_string);
-    audit(config, &sink, &report).await;
+    audit_action(config, &sink, &report).await;
     match result {
         Ok(()) => print(args, &report),
         Err(e) => {
@@ -528,36 +528,18 @@ fn print(args: &InvalidateArgs, report: &Report) -> Result<(), CliError> {
     write_stdout(&out)
 }
 
-/// Who ran the command: `$USER` (or `$LOGNAME`), the uid, the host.
-fn who() -> (String, String, String) {
-    use std::os::unix::fs::MetadataExt as _;
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_default();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
-    (user, uid, host)
-}
-
 /// The audit of an applied action: one log line, always written (at
 /// `info`, whatever `EVICTD_LOG` says), in the daemon's format, and one
 /// entry of `evictd:audit` on each target. The entry is best-effort: a
 /// target that cannot take it is reported on stderr, and the action's own
 /// outcome stands.
-async fn audit(config: &Config, sink: &MultiSink<RedisSink>, report: &Report) {
-    let (user, uid, host) = who();
+async fn audit_action(config: &Config, sink: &MultiSink<RedisSink>, report: &Report) {
+    let (user, uid, host) = audit::who();
     let outcome = if report.applied { "applied" } else { "failed" };
     let radius = to_json(report).to_string();
     let keys = report.effects.iter().filter(|e| e.0 != "tag" && e.0 != "namespace").count();
     let tag_keys: u64 = report.tags.iter().map(|t| t.2.count).sum();
-    {
-        use std::io::IsTerminal as _;
-        let builder = tracing_subscriber::fmt()
-            .with_env_filter(tracing_subscriber::EnvFilter::new("evictd::audit=info"))
-            .with_writer(std::io::stderr)
-            .with_ansi(std::io::stderr().is_terminal());
-        let emit = || {
+    audit::line(config.log.format, || {
             tracing::info!(
                 target: "evictd::audit",
                 action = "invalidate",
@@ -574,12 +556,7 @@ async fn audit(config: &Config, sink: &MultiSink<RedisSink>, report: &Report) {
                 blast_radius = %radius,
                 "operator action"
             );
-        };
-        match config.log.format {
-            LogFormat::Json => tracing::subscriber::with_default(builder.json().finish(), emit),
-            LogFormat::Text => tracing::subscriber::with_default(builder.finish(), emit),
-        }
-    }
+    });
     let fields = [
         ("action", "invalidate".to_owned()),
         ("kind", report.target.kind().to_owned()),

@@ -6,6 +6,7 @@
 //! [`CliError::Runtime`] to 1. Everything a command needs is validated
 //! before it does any work, through the same [`prepare`] that `run` uses.
 
+mod audit;
 mod check_json;
 mod dead_letters;
 mod dead_letters_kafka;
@@ -188,7 +189,7 @@ fn cross_check(config: &Config, graph: &Graph) -> Result<(), CliError> {
 
 /// Runs the parsed command line.
 pub fn run(cli: Cli) -> Result<(), CliError> {
-    match cli.command {
+    let result = match cli.command {
         Command::Check(args) => check(&args),
         Command::Graph(args) => print_graph(&args),
         Command::Explain(args) => explain::run(&args),
@@ -199,7 +200,10 @@ pub fn run(cli: Cli) -> Result<(), CliError> {
         Command::Slot(args) => slot::run(&args),
         Command::Retire(args) => slot::retire(&args),
         Command::DeadLetters(args) => dead_letters::run(&args),
-    }
+    };
+    // The actions audited on the way, whatever the outcome (`audit`).
+    audit::flush();
+    result
 }
 
 fn check(args: &CheckArgs) -> Result<(), CliError> {

@@ -32,7 +32,7 @@ use secrecy::ExposeSecret;
 use sqlx::Connection as _;
 use sqlx::postgres::PgConnection;
 
-use super::{CliError, prepare, write_stdout};
+use super::{CliError, audit, prepare, write_stdout};
 use crate::config::{self, Config, LogFormat, PostgresSource, SourceConfig};
 use crate::graph::Graph;
 
@@ -444,7 +444,7 @@ pub(crate) fn run(args: &SlotArgs) -> Result<(), CliError> {
         SlotCommand::Drop(a) => {
             let prepared = prepare(Some(&a.config), &[])?;
             let config = prepared.config.ok_or_else(|| CliError::Input("--config is required".into()))?;
-            audit_as(&config);
+            audit::audit_as(&config);
             let pg = postgres_source(&config, "slot drop")?.clone();
             runtime()?.block_on(async {
                 let mut conn = connect(&pg).await?;
@@ -482,53 +482,6 @@ fn run_status(args: &StatusArgs) -> Result<(), CliError> {
     write_stdout(&text)
 }
 
-/// The log format of the audit lines: the config's `log.format`, set once
-/// by the command that loaded it (text until then).
-static AUDIT_FORMAT: std::sync::OnceLock<LogFormat> = std::sync::OnceLock::new();
-
-/// Audit lines from now on follow `config`'s `log.format`.
-pub(crate) fn audit_as(config: &Config) {
-    let _ = AUDIT_FORMAT.set(config.log.format);
-}
-
-/// Who runs the command: `$USER` (or `$LOGNAME`), the uid, the host name.
-fn who() -> (String, String, String) {
-    use std::os::unix::fs::MetadataExt as _;
-    let user = std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_default();
-    let uid = std::fs::metadata("/proc/self").map(|m| m.uid().to_string()).unwrap_or_default();
-    let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
-        .map(|h| h.trim().to_owned())
-        .unwrap_or_default();
-    (user, uid, host)
-}
-
-/// The audit line of an operator action, on stderr: who (`user`, `uid`,
-/// `host`), the `action`, its `object` (slot, publication, group, table or
-/// topic), the `outcome` and a `detail`. Always written (at `info`, target
-/// `evictd::audit`, whatever `EVICTD_LOG` says), in the daemon's log format,
-/// as `evictd invalidate` writes its own.
-pub(crate) fn audit(action: &str, object: &str, outcome: &str, detail: &str) {
-    use std::io::IsTerminal as _;
-    let (user, uid, host) = who();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("evictd::audit=info"))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal());
-    let emit = || {
-        tracing::info!(
-            target: "evictd::audit",
-            action, object, outcome, detail,
-            user = %user, uid = %uid, host = %host,
-            "operator action"
-        );
-    };
-    match AUDIT_FORMAT.get().copied().unwrap_or(LogFormat::Text) {
-        LogFormat::Json => tracing::subscriber::with_default(builder.json().finish(), emit),
-        LogFormat::Text => tracing::subscriber::with_default(builder.finish(), emit),
-    }
-}
-
 /// Drops `slot`: refused while active unless `force`, which ends the
 /// walsender first. The text says what happened.
 pub(crate) async fn drop_slot(
@@ -539,7 +492,7 @@ pub(crate) async fn drop_slot(
 ) -> Result<String, CliError> {
     let before = status(conn, slot, false).await?.remove(0);
     if !before.exists {
-        audit(action, slot, "absent", "no slot of that name");
+        audit::record(action, slot, "absent", "no slot of that name");
         return Ok(format!("slot {slot}: does not exist; nothing to drop\n"));
     }
     let mut out = String::new();
@@ -547,7 +500,7 @@ pub(crate) async fn drop_slot(
         let pid = before.active_pid.unwrap_or_default();
         let who = if before.evictd_walsender { "an evictd" } else { "a client that is not evictd" };
         if !force {
-            audit(action, slot, "refused", &format!("active: walsender pid {pid} ({who})"));
+            audit::record(action, slot, "refused", &format!("active: walsender pid {pid} ({who})"));
             return Err(CliError::Runtime(format!(
                 "slot {slot} is active: walsender pid {pid} ({who}) streams it; stop that evictd first, or --force to end the walsender and drop the slot anyway (a running evictd then finds its slot gone: see source.postgres.on_slot_loss)"
             )));
@@ -588,23 +541,23 @@ pub(crate) async fn drop_slot(
             // 55006: object in use (active again, or not yet released).
             Ok(Err(sqlx::Error::Database(db))) if db.code().as_deref() == Some("55006") => {
                 if tokio::time::Instant::now() >= deadline || !force {
-                    audit(action, slot, "failed", &db.to_string());
+                    audit::record(action, slot, "failed", &db.to_string());
                     return Err(CliError::Runtime(format!("cannot drop slot {slot}: {db}")));
                 }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             Ok(Err(e)) => {
-                audit(action, slot, "failed", &config::hide_passwords(&e.to_string()));
+                audit::record(action, slot, "failed", &config::hide_passwords(&e.to_string()));
                 return Err(db_error(&format!("cannot drop slot {slot}"), &e));
             }
             Err(_) => {
-                audit(action, slot, "failed", "timed out");
+                audit::record(action, slot, "failed", "timed out");
                 return Err(CliError::Runtime(format!("cannot drop slot {slot}: no answer within {TIMEOUT:?}")));
             }
         }
     }
     let confirmed = before.confirmed_flush_lsn.clone().unwrap_or_else(|| "-".into());
-    audit(
+    audit::record(
         action,
         slot,
         "dropped",
@@ -645,7 +598,7 @@ fn flush_advice(config: &Config, graph: &Graph, dropped: &str) -> String {
 async fn drop_publication(conn: &mut PgConnection, pg: &PostgresSource) -> Result<String, CliError> {
     let name = &pg.publication;
     if !pg.create_publication {
-        audit("retire", name, "refused", "create_publication = false");
+        audit::record("retire", name, "refused", "create_publication = false");
         return Err(CliError::Input(format!(
             "publication {name}: not dropped: the config does not let evictd create it (create_publication = false), so it is someone else's; drop it by hand if it is not"
         )));
@@ -653,15 +606,15 @@ async fn drop_publication(conn: &mut PgConnection, pg: &PostgresSource) -> Resul
     let sql = format!("DROP PUBLICATION IF EXISTS \"{}\"", name.replace('"', "\"\""));
     bounded(&format!("cannot drop publication {name}"), sqlx::raw_sql(sqlx::AssertSqlSafe(sql)).execute(&mut *conn))
         .await
-        .inspect_err(|e| audit("retire", name, "failed", &e.to_string()))?;
-    audit("retire", name, "dropped", "publication");
+        .inspect_err(|e| audit::record("retire", name, "failed", &e.to_string()))?;
+    audit::record("retire", name, "dropped", "publication");
     Ok(format!("publication {name}: dropped\n"))
 }
 
 pub(crate) fn retire(args: &RetireArgs) -> Result<(), CliError> {
     let prepared = prepare(Some(&args.config), &[])?;
     let config = prepared.config.ok_or_else(|| CliError::Input("--config is required".into()))?;
-    audit_as(&config);
+    audit::audit_as(&config);
     match &config.source {
         Some(SourceConfig::Postgres(pg)) => {
             if args.delete_group {
@@ -730,7 +683,7 @@ async fn forget_history(config: &Config, slot: &str) -> Result<String, CliError>
         let object = format!("redis.{} evictd:source:{slot}", target.name);
         match result {
             Ok(deleted) => {
-                audit("retire", &object, if deleted { "deleted" } else { "absent" }, "source record");
+                audit::record("retire", &object, if deleted { "deleted" } else { "absent" }, "source record");
                 out.push_str(&format!(
                     "redis.{}: source record of {slot} {}\n",
                     target.name,
@@ -738,7 +691,7 @@ async fn forget_history(config: &Config, slot: &str) -> Result<String, CliError>
                 ));
             }
             Err(e) => {
-                audit("retire", &object, "failed", &e);
+                audit::record("retire", &object, "failed", &e);
                 return Err(CliError::Runtime(format!("redis.{}: cannot delete the source record: {e}", target.name)));
             }
         }
@@ -762,21 +715,21 @@ async fn delete_group(kafka: &config::KafkaSource) -> Result<(), CliError> {
     let options = AdminOptions::new().request_timeout(Some(TIMEOUT));
     let group = kafka.group_id.as_str();
     let results = admin.delete_groups(&[group], &options).await.map_err(|e| {
-        audit("retire", group, "failed", &e.to_string());
+        audit::record("retire", group, "failed", &e.to_string());
         CliError::Runtime(format!("kafka group {group}: cannot delete: {e}"))
     })?;
     for result in results {
         match result {
             Ok(_) => {}
             Err((name, code)) => {
-                audit("retire", &name, "failed", &code.to_string());
+                audit::record("retire", &name, "failed", &code.to_string());
                 return Err(CliError::Runtime(format!(
                     "kafka group {name}: cannot delete: {code} (a group with live members cannot be deleted: stop every evictd of it first)"
                 )));
             }
         }
     }
-    audit("retire", group, "deleted", "kafka consumer group");
+    audit::record("retire", group, "deleted", "kafka consumer group");
     write_stdout(&format!("kafka group {group}: deleted\n"))
 }
 

@@ -35,6 +35,7 @@ pub(super) async fn run(shared: Shared<'_>, kafka: &KafkaConfig) -> Result<(), D
     let Some(sink) = wiring::connect_sinks(config, &graph, &metrics, shutdown).await? else { return Ok(()) };
     wiring::sinks_connected(&sink, &metrics, &health);
     let _heartbeats = wiring::start_heartbeats(&sink, false);
+    let _operator_actions = wiring::export_operator_actions(&sink, &metrics);
     let sessions = KafkaSessions {
         config: kafka.clone(),
         table_keys: Arc::new(crate::source::debezium::table_keys(&graph)),

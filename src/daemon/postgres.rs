@@ -43,6 +43,7 @@ pub(super) async fn run(shared: Shared<'_>, source: &PostgresConfig) -> Result<(
     let Some(sink) = wiring::connect_sinks(config, &graph, &metrics, shutdown).await? else { return Ok(()) };
     wiring::sinks_connected(&sink, &metrics, &health);
     let _heartbeats = wiring::start_heartbeats(&sink, true);
+    let _operator_actions = wiring::export_operator_actions(&sink, &metrics);
     let sink = Arc::new(sink);
     let sessions = PostgresSessions {
         config: source.clone(),

@@ -130,6 +130,43 @@ pub(super) fn start_heartbeats(sink: &MultiSink<RedisSink>, postgres: bool) -> t
     stop.drop_guard()
 }
 
+/// How often each target's count of operator actions is read into
+/// `evictd_operator_actions_total`.
+const OPERATOR_ACTIONS_EVERY: Duration = Duration::from_secs(15);
+
+/// Exports each target's count of audited operator actions
+/// (`evictd:audit:actions`, written by `evictd invalidate`, `slot drop`,
+/// `retire`, `dead-letters`) as `evictd_operator_actions_total`, read every
+/// [`OPERATOR_ACTIONS_EVERY`]; it stops when the guard is dropped. A read
+/// that fails is skipped (the sink's own batches report the target's
+/// health).
+pub(super) fn export_operator_actions(sink: &MultiSink<RedisSink>, metrics: &Arc<Metrics>) -> tokio_util::sync::DropGuard {
+    let stop = CancellationToken::new();
+    for target in sink.targets() {
+        let (target, metrics, stop) = (target.clone(), metrics.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut last = std::collections::HashMap::<(String, String), u64>::new();
+            let mut tick = tokio::time::interval(OPERATOR_ACTIONS_EVERY);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    biased;
+                    () = stop.cancelled() => break,
+                    _ = tick.tick() => {}
+                }
+                let Ok(Ok(counts)) = tokio::time::timeout(OPERATOR_ACTIONS_EVERY, target.operator_actions()).await else {
+                    continue;
+                };
+                for (action, outcome, count) in counts {
+                    let seen = last.entry((action.clone(), outcome.clone())).or_default();
+                    metrics.operator_actions(target.name(), &action, &outcome, count, seen);
+                }
+            }
+        });
+    }
+    stop.drop_guard()
+}
+
 /// How long one statement against the dead-letter database may take.
 pub(crate) const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(5);
 

@@ -425,3 +425,33 @@ mod process_metrics {
         assert!(start <= now + 1.0 && start > now - 86_400.0, "start {start}, now {now}");
     }
 }
+
+#[test]
+fn operator_actions_follow_the_recorded_counts_and_a_lower_count_is_a_reset() {
+    let m = Metrics::new();
+    let series = r#"evictd_operator_actions_total{target="primary",action="slot drop",outcome="refused"}"#;
+    let mut last = 0;
+    m.operator_actions("primary", "slot drop", "refused", 2, &mut last);
+    assert_lines(&encoded(&m), &["# TYPE evictd_operator_actions counter", &format!("{series} 2")]);
+    m.operator_actions("primary", "slot drop", "refused", 2, &mut last);
+    assert_lines(&encoded(&m), &[&format!("{series} 2")]);
+    // The hash was lost: the counter stays, and counts from the new value on.
+    m.operator_actions("primary", "slot drop", "refused", 1, &mut last);
+    assert_lines(&encoded(&m), &[&format!("{series} 2")]);
+    m.operator_actions("primary", "slot drop", "refused", 3, &mut last);
+    assert_lines(&encoded(&m), &[&format!("{series} 4")]);
+}
+
+#[test]
+fn operator_action_series_are_capped() {
+    let m = Metrics::new();
+    for i in 0..OPERATOR_ACTION_SERIES_MAX + 10 {
+        m.operator_actions("primary", &format!("action {i}"), "ok", 1, &mut 0);
+    }
+    let text = encoded(&m);
+    assert_eq!(text.lines().filter(|l| l.starts_with("evictd_operator_actions_total{")).count(), OPERATOR_ACTION_SERIES_MAX);
+    // A series already there still counts.
+    let mut last = 1;
+    m.operator_actions("primary", "action 0", "ok", 5, &mut last);
+    assert_lines(&encoded(&m), &[r#"evictd_operator_actions_total{target="primary",action="action 0",outcome="ok"} 5"#]);
+}

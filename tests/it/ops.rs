@@ -190,6 +190,35 @@ async fn slot_drop_refuses_while_an_evictd_streams_and_force_ends_it_and_drops()
     assert!(err.contains("is active") && err.contains("an evictd") && err.contains("--force"), "{err}");
     assert!(err.contains("evictd::audit") && err.contains("outcome=\"refused\""), "audited: {err}");
     assert!(slot_exists(&d).await, "a refused drop leaves the slot");
+    // Audited in Redis too: an entry of the stream and a count, which the
+    // running daemon exports as evictd_operator_actions_total.
+    let mut r = redis(&redis_url()).await;
+    let entries: Vec<(String, Vec<(String, String)>)> = redis::cmd("XREVRANGE")
+        .arg("evictd:audit")
+        .arg("+")
+        .arg("-")
+        .arg("COUNT")
+        .arg(200)
+        .query_async(&mut r)
+        .await
+        .unwrap();
+    let field = |fields: &[(String, String)], name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    assert!(
+        entries.iter().any(|(_, f)| field(f, "action").as_deref() == Some("slot drop")
+            && field(f, "object").as_deref() == Some(d.slot.as_str())
+            && field(f, "outcome").as_deref() == Some("refused")),
+        "the audit stream has the refused drop: {entries:?}"
+    );
+    let counted: Option<u64> =
+        redis::cmd("HGET").arg("evictd:audit:actions").arg("slot drop|refused").query_async(&mut r).await.unwrap();
+    assert!(counted.is_some_and(|n| n >= 1), "{counted:?}");
+    let address = d.http_address().await;
+    let series = r#"evictd_operator_actions_total{target="primary",action="slot drop",outcome="refused"}"#;
+    d.wait_for("the refused drop in the daemon's /metrics", Duration::from_secs(30), || async {
+        let reply = super::server::get(address, "/metrics").await;
+        reply.body.lines().any(|l| l.strip_prefix(series).is_some_and(|v| v.trim().parse::<f64>().is_ok_and(|n| n >= 1.0))).then_some(())
+    })
+    .await;
 
     let (code, out, err) = run(&d, &["slot", "drop", "--force"]);
     assert_eq!(code, Some(0), "{out}{err}");

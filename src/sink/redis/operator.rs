@@ -7,7 +7,7 @@
 //! registrations whose score is at or after now − [`GRACE_MS`](super::tags::GRACE_MS);
 //! the audit stream is capped (`MAXLEN ~`), so it never grows without bound.
 
-use super::layout::{AUDIT_STREAM, AUDIT_STREAM_MAX_LEN, tag_key};
+use super::layout::{AUDIT_ACTIONS, AUDIT_STREAM, AUDIT_STREAM_MAX_LEN, tag_key};
 use super::{RedisSink, now_ms, tags};
 use crate::sink::SinkError;
 
@@ -47,14 +47,43 @@ impl RedisSink {
     }
 
     /// Appends one entry (field, value pairs) to the audit stream
-    /// [`AUDIT_STREAM`], capped at about [`AUDIT_STREAM_MAX_LEN`] entries.
+    /// [`AUDIT_STREAM`], capped at about [`AUDIT_STREAM_MAX_LEN`] entries,
+    /// and counts it in [`AUDIT_ACTIONS`] under its `action` and `outcome`
+    /// fields.
     pub async fn audit(&self, fields: &[(&str, String)]) -> Result<(), SinkError> {
+        let field = |name: &str| fields.iter().find(|(f, _)| *f == name).map_or("", |(_, v)| v.as_str());
         let mut pipe = redis::pipe();
         let cmd = pipe.cmd("XADD").arg(AUDIT_STREAM).arg("MAXLEN").arg("~").arg(AUDIT_STREAM_MAX_LEN).arg("*");
         for (field, value) in fields {
             cmd.arg(*field).arg(value);
         }
+        pipe.cmd("HINCRBY").arg(AUDIT_ACTIONS).arg(action_field(field("action"), field("outcome"))).arg(1);
         self.inner.runner_without_wait().pipeline(&format!("XADD {AUDIT_STREAM}"), &mut pipe).await?;
         Ok(())
     }
+
+    /// The counts of [`AUDIT_ACTIONS`]: `(action, outcome, count)`, for
+    /// `evictd_operator_actions_total`. Read-only.
+    pub(crate) async fn operator_actions(&self) -> Result<Vec<(String, String, u64)>, SinkError> {
+        let mut pipe = redis::pipe();
+        pipe.cmd("HGETALL").arg(AUDIT_ACTIONS);
+        let replies = self.inner.runner_without_wait().pipeline(&format!("HGETALL {AUDIT_ACTIONS}"), &mut pipe).await?;
+        let reply = replies.into_iter().next().unwrap_or(redis::Value::Nil);
+        let counts: Vec<(String, String)> = match redis::from_redis_value(reply.clone()) {
+            Ok(counts) => counts,
+            Err(_) => return Err(self.inner.errors.unexpected(&format!("HGETALL {AUDIT_ACTIONS}"), &reply)),
+        };
+        Ok(counts
+            .into_iter()
+            .filter_map(|(field, count)| {
+                let (action, outcome) = field.split_once('|')?;
+                Some((action.to_owned(), outcome.to_owned(), count.parse().ok()?))
+            })
+            .collect())
+    }
+}
+
+/// The field of [`AUDIT_ACTIONS`] counting `action` with `outcome`.
+fn action_field(action: &str, outcome: &str) -> String {
+    format!("{action}|{outcome}")
 }
