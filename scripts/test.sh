@@ -41,6 +41,9 @@
 #   EVICTD_TEST_REDIS_URL           redis://127.0.0.1:6479
 #   EVICTD_TEST_REDIS_CLUSTER_URLS  redis://127.0.0.1:7101,redis://127.0.0.1:7102,...
 #   EVICTD_TEST_KAFKA_BROKERS       127.0.0.1:19092  (bootstrap host:port)
+#   EVICTD_TEST_TLS_DIR             /tmp/evictd-tls  (the PKI of tls-start.sh's TLS
+#       Postgres on 56600, TLS Redis on 6600 and TLS Cluster on 6610-6612;
+#       tests/it/kafka_tls.rs starts its SSL/SASL_SSL brokers on 19200-19204)
 #   EVICTD_TEST_DEBEZIUM_VENV       /tmp/evictd-tools/debezium-venv  (Debezium is
 #       installed there and ready: tests run scripts/services/debezium-run.sh
 #       with DBZ_VENV=<it>, DBZ_BACKGROUND=1 and DBZ_STATE_DIR=/tmp/evictd-debezium-t-*)
@@ -153,11 +156,15 @@ if [ -z "${EVICTD_TEST_REDIS_URL:-}" ] || [ -z "${EVICTD_TEST_REDIS_CLUSTER_URLS
   servers+=(redis)
 fi
 [ -n "${EVICTD_TEST_KAFKA_BROKERS:-}" ] || servers+=(kafka)
+# The TLS tests' servers (tls-start.sh) and the Kafka TLS brokers' stunnel4.
+[ -n "${EVICTD_TEST_TLS_DIR:-}" ] || servers+=(tls)
 mapfile -t extra < <(server_extras ${servers[@]+"${servers[@]}"})
 # The clients' own tests (clients/*/test.sh): Python's venv, Node and npm.
 extra+=(python3-venv node:nodejs npm:npm)
 # The monitoring check (scripts/monitoring-test.sh): Prometheus and promtool.
 extra+=(promtool:prometheus prometheus:prometheus python3-yaml)
+# The Kafka TLS tests' brokers (kafka-tls-start.sh): TLS in front of Tansu.
+extra+=(stunnel4:stunnel4)
 ensure_packages ${extra[@]+"${extra[@]}"}
 
 if command -v rustup >/dev/null; then
@@ -221,6 +228,24 @@ case "$EVICTD_TEST_KAFKA_BROKERS" in
   *://*) die "EVICTD_TEST_KAFKA_BROKERS must be host:port[,host:port...], got $EVICTD_TEST_KAFKA_BROKERS" ;;
 esac
 stop_test_runners   # left by an interrupted earlier run
+
+section "starting the TLS servers (Postgres, Redis, Redis Cluster)"
+# tests/it/tls.rs: servers with a CA the script makes; the last line is the
+# PKI's directory. tests/it/kafka_tls.rs starts its brokers itself
+# (kafka-tls-start.sh, idempotent); this run stops them if it was first.
+if [ -n "${EVICTD_TEST_TLS_DIR:-}" ]; then
+  note "EVICTD_TEST_TLS_DIR already set, using it: $EVICTD_TEST_TLS_DIR"
+else
+  tls_up=0
+  for p in "${TLS_PG_PORT:-56600}" "${TLS_REDIS_PORT:-6600}"; do port_open "$p" && tls_up=1; done
+  [ "$tls_up" = 1 ] && note "TLS servers already up before this run: will be left running" || STARTED+=(tls-stop.sh)
+  echo "+ scripts/services/tls-start.sh" >&2
+  EVICTD_TEST_TLS_DIR="$(bash "$SERVICES/tls-start.sh" | tail -n 1)"
+  [ -n "$EVICTD_TEST_TLS_DIR" ] || die "tls-start.sh printed no directory"
+  export EVICTD_TEST_TLS_DIR
+  note "EVICTD_TEST_TLS_DIR=$EVICTD_TEST_TLS_DIR"
+fi
+port_open "${KAFKA_TLS_PORT:-19200}" || STARTED+=(kafka-tls-stop.sh)
 
 # --- Debezium's prerequisites, in the background -----------------------------------
 # Java 17 and the venv take minutes on a fresh machine (apt-get, ~250 MB from

@@ -90,7 +90,7 @@ pub enum Role {
 
 /// Every name above, for the tests.
 #[cfg(test)]
-pub(crate) const ALL: [&str; 38] = [
+pub(crate) const ALL: [&str; 39] = [
     CHANGES_RECEIVED_TOTAL,
     EFFECTS_RESOLVED_TOTAL,
     BATCH_EFFECTS,
@@ -745,7 +745,8 @@ impl Metrics {
     /// counter reset would.
     pub(crate) fn operator_actions(&self, target: &str, action: &str, outcome: &str, recorded: u64, last: &mut u64) {
         use std::sync::atomic::Ordering;
-        let labels = OperatorLabels { target: target.to_owned(), action: action.to_owned(), outcome: outcome.to_owned() };
+        let labels =
+            OperatorLabels { target: target.to_owned(), action: action.to_owned(), outcome: outcome.to_owned() };
         if self.operator_actions.get(&labels).is_none() {
             if self.operator_action_series.load(Ordering::Relaxed) >= OPERATOR_ACTION_SERIES_MAX {
                 return;

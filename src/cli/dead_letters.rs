@@ -556,7 +556,12 @@ async fn replay(table: &Table, config: &Config, graph: Graph, args: &ReplayArgs)
                             .execute(&table.pool),
                     )
                     .await?;
-                    audit::record("dead-letters replay", &format!("{}#{}", table.name, letter.id), "still fails", error);
+                    audit::record(
+                        "dead-letters replay",
+                        &format!("{}#{}", table.name, letter.id),
+                        "still fails",
+                        error,
+                    );
                 }
             }
             None => {

@@ -40,8 +40,8 @@ use std::sync::Arc;
 use rdkafka::consumer::CommitMode;
 use rdkafka::error::KafkaError;
 
-use super::dead_letters::{Failure, ListArgs, PurgeArgs, ReplayArgs, Replayed, replay_events, row_of};
 use super::audit;
+use super::dead_letters::{Failure, ListArgs, PurgeArgs, ReplayArgs, Replayed, replay_events, row_of};
 use super::slot::Format;
 use super::{CliError, write_stdout};
 use crate::change::{Change, Operation, Position};

@@ -26,7 +26,7 @@ use serde_json::{Value as Json, json};
 
 use super::{CliError, OutputFormat, audit, prepare, write_stdout};
 use crate::change::Value;
-use crate::config::{Config, LogFormat};
+use crate::config::Config;
 use crate::daemon::wiring;
 use crate::diagnostic::SourceFile;
 use crate::graph::{CacheId, Graph, Mapping};
@@ -540,22 +540,22 @@ async fn audit_action(config: &Config, sink: &MultiSink<RedisSink>, report: &Rep
     let keys = report.effects.iter().filter(|e| e.0 != "tag" && e.0 != "namespace").count();
     let tag_keys: u64 = report.tags.iter().map(|t| t.2.count).sum();
     audit::line(config.log.format, || {
-            tracing::info!(
-                target: "evictd::audit",
-                action = "invalidate",
-                kind = report.target.kind(),
-                value = report.target.value(),
-                user = %user,
-                uid = %uid,
-                host = %host,
-                effects = report.effects.len(),
-                keys,
-                tag_keys,
-                outcome,
-                error = report.error.as_deref().unwrap_or(""),
-                blast_radius = %radius,
-                "operator action"
-            );
+        tracing::info!(
+            target: "evictd::audit",
+            action = "invalidate",
+            kind = report.target.kind(),
+            value = report.target.value(),
+            user = %user,
+            uid = %uid,
+            host = %host,
+            effects = report.effects.len(),
+            keys,
+            tag_keys,
+            outcome,
+            error = report.error.as_deref().unwrap_or(""),
+            blast_radius = %radius,
+            "operator action"
+        );
     });
     let fields = [
         ("action", "invalidate".to_owned()),

@@ -33,7 +33,7 @@ use sqlx::Connection as _;
 use sqlx::postgres::PgConnection;
 
 use super::{CliError, audit, prepare, write_stdout};
-use crate::config::{self, Config, LogFormat, PostgresSource, SourceConfig};
+use crate::config::{self, Config, PostgresSource, SourceConfig};
 use crate::graph::Graph;
 
 #[derive(Debug, Args)]

@@ -7,7 +7,6 @@
 //! cut out of librdkafka's messages ([`hide_property_secrets`]).
 
 use std::collections::BTreeMap;
-use std::str::FromStr;
 
 use secrecy::{ExposeSecret, SecretString};
 

@@ -140,7 +140,10 @@ const OPERATOR_ACTIONS_EVERY: Duration = Duration::from_secs(15);
 /// [`OPERATOR_ACTIONS_EVERY`]; it stops when the guard is dropped. A read
 /// that fails is skipped (the sink's own batches report the target's
 /// health).
-pub(super) fn export_operator_actions(sink: &MultiSink<RedisSink>, metrics: &Arc<Metrics>) -> tokio_util::sync::DropGuard {
+pub(super) fn export_operator_actions(
+    sink: &MultiSink<RedisSink>,
+    metrics: &Arc<Metrics>,
+) -> tokio_util::sync::DropGuard {
     let stop = CancellationToken::new();
     for target in sink.targets() {
         let (target, metrics, stop) = (target.clone(), metrics.clone(), stop.clone());
@@ -154,7 +157,8 @@ pub(super) fn export_operator_actions(sink: &MultiSink<RedisSink>, metrics: &Arc
                     () = stop.cancelled() => break,
                     _ = tick.tick() => {}
                 }
-                let Ok(Ok(counts)) = tokio::time::timeout(OPERATOR_ACTIONS_EVERY, target.operator_actions()).await else {
+                let Ok(Ok(counts)) = tokio::time::timeout(OPERATOR_ACTIONS_EVERY, target.operator_actions()).await
+                else {
                     continue;
                 };
                 for (action, outcome, count) in counts {

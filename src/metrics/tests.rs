@@ -196,6 +196,7 @@ fn every_declared_name_is_exposed_as_written() {
     m.kafka_offset_reset("stop");
     m.redeletes_skipped("primary", 1);
     m.unbumpable_keys("primary", "c", 1);
+    m.operator_actions("primary", "invalidate", "applied", 1, &mut 0);
     let text = encoded(&m);
     assert!(text.ends_with("# EOF\n"), "{text}");
     for name in ALL {
@@ -449,9 +450,15 @@ fn operator_action_series_are_capped() {
         m.operator_actions("primary", &format!("action {i}"), "ok", 1, &mut 0);
     }
     let text = encoded(&m);
-    assert_eq!(text.lines().filter(|l| l.starts_with("evictd_operator_actions_total{")).count(), OPERATOR_ACTION_SERIES_MAX);
+    assert_eq!(
+        text.lines().filter(|l| l.starts_with("evictd_operator_actions_total{")).count(),
+        OPERATOR_ACTION_SERIES_MAX
+    );
     // A series already there still counts.
     let mut last = 1;
     m.operator_actions("primary", "action 0", "ok", 5, &mut last);
-    assert_lines(&encoded(&m), &[r#"evictd_operator_actions_total{target="primary",action="action 0",outcome="ok"} 5"#]);
+    assert_lines(
+        &encoded(&m),
+        &[r#"evictd_operator_actions_total{target="primary",action="action 0",outcome="ok"} 5"#],
+    );
 }

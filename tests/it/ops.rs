@@ -202,7 +202,8 @@ async fn slot_drop_refuses_while_an_evictd_streams_and_force_ends_it_and_drops()
         .query_async(&mut r)
         .await
         .unwrap();
-    let field = |fields: &[(String, String)], name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    let field =
+        |fields: &[(String, String)], name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
     assert!(
         entries.iter().any(|(_, f)| field(f, "action").as_deref() == Some("slot drop")
             && field(f, "object").as_deref() == Some(d.slot.as_str())
@@ -216,7 +217,11 @@ async fn slot_drop_refuses_while_an_evictd_streams_and_force_ends_it_and_drops()
     let series = r#"evictd_operator_actions_total{target="primary",action="slot drop",outcome="refused"}"#;
     d.wait_for("the refused drop in the daemon's /metrics", Duration::from_secs(30), || async {
         let reply = super::server::get(address, "/metrics").await;
-        reply.body.lines().any(|l| l.strip_prefix(series).is_some_and(|v| v.trim().parse::<f64>().is_ok_and(|n| n >= 1.0))).then_some(())
+        reply
+            .body
+            .lines()
+            .any(|l| l.strip_prefix(series).is_some_and(|v| v.trim().parse::<f64>().is_ok_and(|n| n >= 1.0)))
+            .then_some(())
     })
     .await;
 
