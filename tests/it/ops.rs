@@ -249,6 +249,15 @@ async fn slot_drop_refuses_while_an_evictd_streams_and_force_ends_it_and_drops()
 async fn retire_drops_the_slot_and_the_publication_evictd_created() {
     let mut d = Daemon::custom(&pg_url(), &redis_url(), SCHEMA, graph_ok, "").await;
     d.start().await;
+    // The session writes its source record once the slot streams: wait for
+    // it, or a loaded machine kills evictd before there is one to keep.
+    let mut r = redis(&redis_url()).await;
+    let record = format!("evictd:source:{}", d.slot);
+    d.wait_for("the session's source record", Duration::from_secs(30), || {
+        let (mut r, record) = (r.clone(), record.clone());
+        async move { exists(&mut r, &record).await.then_some(()) }
+    })
+    .await;
     d.kill();
     d.wait_for("the slot to become inactive", Duration::from_secs(30), || async {
         (!slot_active(&d).await).then_some(())
@@ -281,8 +290,6 @@ async fn retire_drops_the_slot_and_the_publication_evictd_created() {
     assert_eq!(publications, 0);
     // The Redis source record is kept, so that a later start on this slot
     // name knows the slot was lost; --forget-history deletes it.
-    let mut r = redis(&redis_url()).await;
-    let record = format!("evictd:source:{}", d.slot);
     assert!(exists(&mut r, &record).await, "the source record is kept by default");
     assert!(out.contains("--forget-history"), "{out}");
     // Retiring again finds no slot left, and says so.
