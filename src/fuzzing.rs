@@ -154,6 +154,40 @@ pub fn debezium(data: &[u8]) {
 /// One Debezium column value decoded by its Connect `schema` (the
 /// structure-aware target builds both): decimals, dates, times, bytes,
 /// extended JSON.
+/// Each JSON line of `data` (a Kafka record or a bare event) parsed whole
+/// and decoded once with default options: how the Kafka source decoded a
+/// value before it split the envelope (`benches/kafka_decode.rs`).
+pub fn debezium_once(data: &[u8]) -> usize {
+    let mut changes = 0;
+    for line in data.split(|b| *b == b'\n') {
+        let Ok(json) = serde_json::from_slice::<Json>(line) else { continue };
+        let record = Record::from_json(&json);
+        let decoded = debezium::decode(record.value, record.key, Position::File { line: 1 }, &DecodeOptions::default());
+        if matches!(decoded, Ok(debezium::Decoded::Change(_) | debezium::Decoded::SnapshotRead(_))) {
+            changes += 1;
+        }
+    }
+    changes
+}
+
+/// The Kafka source's decoding of message values (`source::kafka`): each
+/// line of `data` is one value of the same topic, decoded in order by one
+/// decoder, so that the schema each envelope carries is reused or replaced
+/// as the source does. Returns how many decoded to a change.
+pub fn kafka_messages(data: &[u8]) -> usize {
+    let config = crate::config::KafkaSource::new("localhost:9092", "fuzz", vec!["t".to_owned()]);
+    let keys: TableKeys = HashMap::from([("inventory.products".to_owned(), HashSet::from(["id".to_owned()]))]);
+    let mut envelopes = crate::source::kafka::Envelopes::default();
+    let mut changes = 0;
+    for line in data.split(|b| *b == b'\n') {
+        let decoded = crate::source::kafka::decode_message_with(&mut envelopes, "t", None, Some(line), &config, &keys);
+        if matches!(decoded, Ok(debezium::Decoded::Change(_) | debezium::Decoded::SnapshotRead(_))) {
+            changes += 1;
+        }
+    }
+    changes
+}
+
 pub fn debezium_value(value: &Json, schema: Option<&Json>) {
     let _ = debezium::typed(value, schema);
 }

@@ -523,10 +523,11 @@ impl Metrics {
         m
     }
 
-    /// A Kafka message of `topic` was consumed; `op` is Debezium's op or
-    /// what the message was instead.
-    pub(crate) fn kafka_message(&self, topic: &str, op: &'static str) {
-        self.kafka_messages.get_or_create(&TopicOp { topic: topic.to_owned(), op }).inc();
+    /// The counter of Kafka messages of `topic` read as `op` (`c`, `u`, `d`,
+    /// `r`, `t`, an ignored kind, or `invalid`): the source keeps it and
+    /// raises it per message.
+    pub(crate) fn kafka_message_counter(&self, topic: &str, op: &'static str) -> Counter {
+        self.kafka_messages.get_or_create(&TopicOp { topic: topic.to_owned(), op }).clone()
     }
 
     /// The offsets of one assigned partition (each series set when known,

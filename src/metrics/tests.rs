@@ -181,7 +181,7 @@ fn every_declared_name_is_exposed_as_written() {
     m.dead_letter_store();
     m.lookups("c", 1, 1);
     m.fanout_overflow("c");
-    m.kafka_message("dbserver1.shop.products", "u");
+    m.kafka_message_counter("dbserver1.shop.products", "u").inc();
     let offsets = KafkaOffsets { position: Some(9), committed: Some(7), high_watermark: Some(10), lag: Some(3) };
     m.kafka_partition("dbserver1.shop.products", 0, Some(&offsets));
     m.second_delete_failed("primary");

@@ -165,6 +165,20 @@ pub(crate) fn decode(
         return Ok(Decoded::Ignored(Ignored::Tombstone));
     };
     let (payload, schema) = split_envelope(event);
+    decode_payload(payload, schema, key, position, options)
+}
+
+/// Decodes one event given as its payload and, with the `{schema, payload}`
+/// envelope, its value schema (what [`decode`] does after splitting the
+/// envelope; the Kafka source splits it without building the schema's
+/// tree when it saw the same schema before).
+pub(crate) fn decode_payload(
+    payload: &Json,
+    schema: Option<&Json>,
+    key: Option<&Json>,
+    position: Position,
+    options: &DecodeOptions<'_>,
+) -> Result<Decoded, DebeziumError> {
     if payload.is_null() {
         return Ok(Decoded::Ignored(Ignored::Tombstone));
     }

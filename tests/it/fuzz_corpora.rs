@@ -19,6 +19,9 @@ const TARGETS: &[(&str, Entry)] = &[
         evictd::fuzzing::pgoutput(b);
     }),
     ("debezium", evictd::fuzzing::debezium),
+    ("kafka_message", |b| {
+        evictd::fuzzing::kafka_messages(b);
+    }),
     ("broadcast", evictd::fuzzing::broadcast),
     ("key_template", |b| text(b, evictd::fuzzing::key_template)),
     ("graph", |b| text(b, evictd::fuzzing::graph)),

@@ -36,6 +36,7 @@
 //! without an await in between.
 
 mod dead_letters;
+mod envelope;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -54,6 +55,8 @@ use rdkafka::types::RDKafkaRespErr;
 use serde_json::Value as Json;
 
 pub(crate) use self::dead_letters::{DeadLetterMessage, KafkaDeadLetters};
+pub(crate) use self::envelope::Envelopes;
+use self::envelope::Parsed;
 use super::debezium::{self, DecodeOptions, Decoded, TableKeys};
 use super::{RawMessage, Source, SourceError, SourceEvent, Undecodable, UndecodableReason};
 use crate::change::{Change, Operation, Position};
@@ -64,12 +67,22 @@ use crate::metrics::{KafkaOffsets, Metrics};
 /// `source.kafka.properties`).
 const DEFAULT_PROPERTIES: &[(&str, &str)] = &[("auto.commit.interval.ms", "1000"), ("statistics.interval.ms", "5000")];
 
+/// `topic.metadata.refresh.interval.ms` with a `topic_pattern`: how soon a
+/// new matching topic is seen. One metadata request per interval, which
+/// brokers answer from memory.
+const PATTERN_METADATA_REFRESH_MS: &str = "1000";
+
 /// The client configuration of the consumer (and, with `group.id` and the
 /// consumer-only settings left out, of the dead-letter producer).
 pub(crate) fn client_config(config: &KafkaConfig) -> ClientConfig {
     let mut client = ClientConfig::new();
     for (key, value) in DEFAULT_PROPERTIES {
         client.set(*key, *value);
+    }
+    if config.topic_pattern.is_some() {
+        // A new topic under the pattern (a table's first change) is found
+        // at the next metadata refresh: librdkafka's default waits 5 min.
+        client.set("topic.metadata.refresh.interval.ms", PATTERN_METADATA_REFRESH_MS);
     }
     for (key, value) in &config.properties {
         client.set(key, value);
@@ -316,6 +329,11 @@ pub struct KafkaSource {
     /// Set once a gap's flush is acknowledged and its resume offset
     /// committed: the session ends, and the next consumer starts there.
     restart: Option<String>,
+    /// The Debezium schemas seen per topic (`envelope`).
+    envelopes: Envelopes,
+    /// `evictd_kafka_messages_total`'s counter per topic and op, looked up
+    /// once rather than per message.
+    message_counters: HashMap<(Arc<str>, &'static str), prometheus_client::metrics::counter::Counter>,
 }
 
 /// A partition whose next offset no longer exists (`on_offset_reset =
@@ -365,6 +383,8 @@ impl KafkaSource {
             topics: HashMap::new(),
             gaps: Vec::new(),
             restart: None,
+            envelopes: Envelopes::default(),
+            message_counters: HashMap::new(),
         })
     }
 
@@ -390,6 +410,15 @@ impl KafkaSource {
         t
     }
 
+    /// Counts one message of `topic` (`evictd_kafka_messages_total`).
+    fn count_message(&mut self, topic: &Arc<str>, op: &'static str) {
+        let metrics = &self.metrics;
+        self.message_counters
+            .entry((topic.clone(), op))
+            .or_insert_with(|| metrics.kafka_message_counter(topic, op))
+            .inc();
+    }
+
     /// Turns one message into the events of its transaction (or into one
     /// `Undecodable` event), all queued at once with its place in the
     /// delivered queue. Nothing here awaits, so a dropped `next()` can
@@ -400,7 +429,14 @@ impl KafkaSource {
         let seq = self.next_seq;
         self.next_seq += 1;
         self.delivered.push_back(Delivered { seq, topic: topic.clone(), partition, offset });
-        let decoded = decode_message(message.topic(), message.key(), message.payload(), &self.config, &self.table_keys);
+        let decoded = decode_message_with(
+            &mut self.envelopes,
+            message.topic(),
+            message.key(),
+            message.payload(),
+            &self.config,
+            &self.table_keys,
+        );
         let commit_time_micros = match &decoded {
             Ok(Decoded::Change(c) | Decoded::SnapshotRead(c)) => c.commit_time_micros,
             _ => None,
@@ -410,19 +446,19 @@ impl KafkaSource {
         let position = Position::Kafka { topic: topic.clone(), partition, offset, seq, version };
         let change = match decoded {
             Ok(Decoded::Change(change)) => {
-                self.metrics.kafka_message(&topic, op_label(change.op));
+                self.count_message(&topic, op_label(change.op));
                 Some(change)
             }
             Ok(Decoded::SnapshotRead(change)) => {
-                self.metrics.kafka_message(&topic, "r");
+                self.count_message(&topic, "r");
                 (self.config.snapshot_reads == SnapshotReads::Invalidate).then_some(change)
             }
             Ok(Decoded::Ignored(what)) => {
-                self.metrics.kafka_message(&topic, what.as_str());
+                self.count_message(&topic, what.as_str());
                 None
             }
             Err(DecodeFailure { reason, error }) => {
-                self.metrics.kafka_message(&topic, "invalid");
+                self.count_message(&topic, "invalid");
                 let raw = raw_message(message);
                 self.queue.push_back(SourceEvent::Undecodable(Undecodable { position, reason, error, raw }));
                 return;
@@ -633,6 +669,19 @@ pub(crate) fn decode_message(
     config: &KafkaConfig,
     table_keys: &TableKeys,
 ) -> Result<Decoded, DecodeFailure> {
+    decode_message_with(&mut Envelopes::default(), topic, key, payload, config, table_keys)
+}
+
+/// [`decode_message`], reusing the schemas `envelopes` saw on the topic
+/// (the source's own, across its messages).
+pub(crate) fn decode_message_with(
+    envelopes: &mut Envelopes,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+    config: &KafkaConfig,
+    table_keys: &TableKeys,
+) -> Result<Decoded, DecodeFailure> {
     let size = key.map_or(0, <[u8]>::len) + payload.map_or(0, <[u8]>::len);
     if size > config.max_message_bytes {
         return Err(DecodeFailure {
@@ -644,9 +693,9 @@ pub(crate) fn decode_message(
         });
     }
     let deadline = std::time::Instant::now() + config.max_decode;
-    let value: Option<Json> = match payload {
+    let value = match payload {
         None | Some(b"") => None,
-        Some(bytes) => Some(serde_json::from_slice(bytes).map_err(|e| DecodeFailure {
+        Some(bytes) => Some(envelopes.parse(topic, bytes).map_err(|e| DecodeFailure {
             reason: UndecodableReason::Decode,
             error: format!("the value is not JSON: {e}"),
         })?),
@@ -661,8 +710,14 @@ pub(crate) fn decode_message(
         deadline: Some(deadline),
     };
     let placeholder = Position::File { line: 0 };
-    debezium::decode(value.as_ref(), key.as_ref(), placeholder, &options)
-        .map_err(|e| DecodeFailure { reason: e.reason(), error: e.to_string() })
+    let decoded = match &value {
+        None => debezium::decode(None, key.as_ref(), placeholder, &options),
+        Some(Parsed::Whole(json)) => debezium::decode(Some(json), key.as_ref(), placeholder, &options),
+        Some(Parsed::Envelope { payload, schema }) => {
+            debezium::decode_payload(payload, Some(schema), key.as_ref(), placeholder, &options)
+        }
+    };
+    decoded.map_err(|e| DecodeFailure { reason: e.reason(), error: e.to_string() })
 }
 
 impl Source for KafkaSource {
@@ -773,6 +828,16 @@ mod tests {
         assert_eq!(client.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(client.get("auto.offset.reset"), Some("error"), "a gap is an error event, never a jump");
         assert_eq!(client.get("group.id"), Some("g"));
+    }
+
+    #[test]
+    fn a_topic_pattern_refreshes_metadata_every_second_unless_the_properties_say_otherwise() {
+        let mut config = KafkaConfig::new("b:9092", "g", vec!["t".into()]);
+        assert_eq!(client_config(&config).get("topic.metadata.refresh.interval.ms"), None, "librdkafka's default");
+        config.topic_pattern = Some("^db\\.app\\..*".into());
+        assert_eq!(client_config(&config).get("topic.metadata.refresh.interval.ms"), Some("1000"));
+        config.properties.insert("topic.metadata.refresh.interval.ms".into(), "30000".into());
+        assert_eq!(client_config(&config).get("topic.metadata.refresh.interval.ms"), Some("30000"));
     }
 
     #[test]
