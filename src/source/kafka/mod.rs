@@ -64,8 +64,13 @@ use crate::config::{KafkaSource as KafkaConfig, OnOffsetReset, SnapshotReads};
 use crate::metrics::{KafkaOffsets, Metrics};
 
 /// librdkafka defaults evictd chooses (each can be overridden in
-/// `source.kafka.properties`).
-const DEFAULT_PROPERTIES: &[(&str, &str)] = &[("auto.commit.interval.ms", "1000"), ("statistics.interval.ms", "5000")];
+/// `source.kafka.properties`). `session.timeout.ms`: 10 s (Kafka's default
+/// before 3.0) rather than librdkafka's 45 s, so that a replica that died
+/// hands its partitions over sooner, and so that a rebalance on a broker
+/// that waits on the session timeout (Tansu: half of it) does not hold a
+/// new topic back for 23 s.
+const DEFAULT_PROPERTIES: &[(&str, &str)] =
+    &[("auto.commit.interval.ms", "1000"), ("statistics.interval.ms", "5000"), ("session.timeout.ms", "10000")];
 
 /// `topic.metadata.refresh.interval.ms` with a `topic_pattern`: how soon a
 /// new matching topic is seen. One metadata request per interval, which
@@ -828,6 +833,14 @@ mod tests {
         assert_eq!(client.get("enable.auto.offset.store"), Some("false"));
         assert_eq!(client.get("auto.offset.reset"), Some("error"), "a gap is an error event, never a jump");
         assert_eq!(client.get("group.id"), Some("g"));
+    }
+
+    #[test]
+    fn the_session_timeout_defaults_to_ten_seconds_unless_the_properties_say_otherwise() {
+        let mut config = KafkaConfig::new("b:9092", "g", vec!["t".into()]);
+        assert_eq!(client_config(&config).get("session.timeout.ms"), Some("10000"));
+        config.properties.insert("session.timeout.ms".into(), "45000".into());
+        assert_eq!(client_config(&config).get("session.timeout.ms"), Some("45000"));
     }
 
     #[test]
