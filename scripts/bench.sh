@@ -4,6 +4,7 @@
 #   scripts/bench.sh                 the Postgres sections, ≈ 6-8 minutes on 2 cores
 #   BENCH_SECTIONS="drain restart" scripts/bench.sh
 #   BENCH_SECTIONS=kafka scripts/bench.sh   the Kafka path next to the Postgres one, ≈ 3 minutes
+#   BENCH_SECTIONS="kafka newtopic" scripts/bench.sh   ... and a new topic under topic_pattern
 #
 # Starts its own Postgres and Redis (scripts/services/, ports below), loads
 # the e-commerce example into a fresh database and prints, at the end, a
@@ -40,6 +41,11 @@
 #             rounds, alternating; Debezium stays up throughout, and the
 #             Kafka path's latency includes its delay (poll interval 100 ms),
 #             which is reported on its own too (record CreateTime − commit).
+#   newtopic  (only when named) evictd subscribed with topic_pattern at its
+#             default client settings; RUNS times, a new table (in
+#             Debezium's publication) gets its first row: commit → key gone,
+#             Debezium creating the topic, evictd finding it and being
+#             assigned it included.
 #
 # Knobs (environment):
 #   BENCH_SECTIONS        sections to run                  drain sink latency writes restart
@@ -53,6 +59,9 @@
 #   BENCH_ROWS            rows updated at random           100000
 #   BENCH_KAFKA_CHANGES   kafka: row changes in the change set   100000
 #   BENCH_KAFKA_RATE      kafka: changes/s in the latency runs   1000
+#   BENCH_KAFKA_PROPERTIES  kafka: more of evictd's librdkafka properties, lines
+#                         of `"name" = "value"` (to compare settings)    none
+#   BENCH_NEWTOPIC_PROPERTIES  newtopic: the same for its evictd           none
 #   BENCH_KAFKA_FETCH_WAIT_MS  kafka: evictd's fetch.wait.max.ms; the test
 #                         broker sleeps through it (scripts/lib/bench-stack.sh)  10
 #   BENCH_EVICTD          evictd binary to measure         the release build
@@ -105,7 +114,7 @@ record() { local IFS=$'\t'; echo "$*" >>"$RESULTS"; }
 # shellcheck source=scripts/lib/prerequisites.sh
 . "$ROOT/scripts/lib/prerequisites.sh"
 servers=(pg redis)
-[[ " $SECTIONS " != *" kafka "* ]] || servers+=(kafka)
+[[ " $SECTIONS " != *" kafka "* && " $SECTIONS " != *" newtopic "* ]] || servers+=(kafka)
 mapfile -t extra < <(server_extras "${servers[@]}")
 ensure_packages "${extra[@]}" pg_recvlogical:postgresql-client-15 pgbench:postgresql-15 redis-benchmark:redis-tools
 # shellcheck source=scripts/lib/demo-stack.sh
@@ -344,6 +353,71 @@ section_kafka() {
   # Debezium's share of the Kafka path's latency, from the records themselves.
   record kafka_debezium_delay "$(kafka_tool delay "$DBZ_TOPIC" "${windows[@]}")"
 }
+# newtopic: a table's first change, on a topic that did not exist when
+# evictd subscribed with topic_pattern, at evictd's default client
+# settings: Debezium creates the topic with the table's first event, evictd
+# has to discover it (a metadata refresh) and be assigned it (a rebalance).
+# Each round creates a new table in Debezium's publication (FOR ALL TABLES),
+# fills its row's key in Redis and inserts the row; the figure is commit →
+# key gone. BENCH_NEWTOPIC_PROPERTIES adds librdkafka properties (lines of
+# `"name" = "value"`) to compare settings.
+section_newtopic() {
+  local r pid t0 key graph="$WORK/newtopic-graph.toml" name="evictd_bench_newtopic" gone
+  [ -n "${kafka_brokers:-}" ] || kafka_stack
+  : >"$graph"
+  for r in $(seq 1 "$RUNS"); do
+    psql -X -q -v ON_ERROR_STOP=1 "$url" -c "DROP TABLE IF EXISTS shop.bench_newtopic_$r" 9>&- 2>/dev/null
+    cat >>"$graph" <<TOML
+[tables."shop.bench_newtopic_$r"]
+key = ["id"]
+columns = ["id", "v"]
+[caches.bench_newtopic_$r]
+key = "bench:newtopic:$r:{id}"
+[[caches.bench_newtopic_$r.depends]]
+table = "shop.bench_newtopic_$r"
+TOML
+  done
+  # A topic under the pattern exists before evictd starts: it joins and is assigned.
+  q "UPDATE shop.products SET name = name WHERE id = 1 RETURNING 1" >/dev/null
+  kafka_tool count "$DBZ_TOPIC" --at-least 1 --timeout-s 120 >/dev/null || die "no event on $DBZ_TOPIC"
+  BENCH_GRAPH="$graph" write_evictd_toml "$WORK/$name.toml" <<TOML
+[source]
+kind = "kafka"
+[source.kafka]
+brokers = "$kafka_brokers"
+group_id = "$name"
+topic_pattern = '^$DBZ_PREFIX\.shop\..*'
+[source.kafka.properties]
+"fetch.wait.max.ms" = "${BENCH_KAFKA_FETCH_WAIT_MS:-10}"
+${BENCH_NEWTOPIC_PROPERTIES:-}
+[dead_letter]
+topic = "$DBZ_PREFIX.dead-letters"
+TOML
+  kafka_tool commit-end "$name" "$DBZ_TOPIC" >/dev/null || die "cannot commit $name at the end of $DBZ_TOPIC"
+  launch_evictd "$EVICTD" "$name"; pid=$EPID
+  wait_kafka_settled "$pid" "$WORK/$name.log"
+  lock
+  for r in $(seq 1 "$RUNS"); do
+    key="bench:newtopic:$r:1"
+    psql -X -q -v ON_ERROR_STOP=1 "$url" 9>&- \
+      -c "CREATE TABLE shop.bench_newtopic_$r (id bigint PRIMARY KEY, v text)" \
+      -c "ALTER TABLE shop.bench_newtopic_$r REPLICA IDENTITY FULL"
+    redis-cli -p "$REDIS_PORT" SET "$key" filled >/dev/null
+    t0=$(now_ns)
+    q "INSERT INTO shop.bench_newtopic_$r VALUES (1, 'first') RETURNING 1" >/dev/null
+    gone=""
+    for _ in $(seq 1 12000); do
+      [ "$(redis-cli -p "$REDIS_PORT" EXISTS "$key")" = 0 ] && { gone=$(ms_since "$t0"); break; }
+      kill -0 "$pid" 2>/dev/null || { cat "$WORK/$name.log" >&2; die "evictd (kafka) exited"; }
+      sleep 0.01
+    done
+    [ -n "$gone" ] || die "the first change of shop.bench_newtopic_$r was not invalidated within 120 s (log: $WORK/$name.log)"
+    record newtopic "$r" "$gone"
+    note "newtopic: round $r: a new table's first change invalidated $gone ms after its commit"
+  done
+  unlock
+  stop_pid "$pid"
+}
 # wait_kafka_settled PID LOG: partitions assigned, and nothing read for 0.5 s
 # ("latest" is the broker's high watermark, which can be short of the end).
 wait_kafka_settled() {
@@ -362,8 +436,8 @@ wait_kafka_settled() {
 
 for s in $SECTIONS; do
   case "$s" in
-    drain|sink|latency|writes|restart|kafka) "section_$s" ;;
-    *) die "unknown section $s (drain sink latency writes restart kafka)" ;;
+    drain|sink|latency|writes|restart|kafka|newtopic) "section_$s" ;;
+    *) die "unknown section $s (drain sink latency writes restart kafka newtopic)" ;;
   esac
   psql -X -q "$url" -c "VACUUM shop.products" 9>&-
 done

@@ -193,11 +193,11 @@ brokers = "$kafka_brokers"
 group_id = "$1"
 topics = ["$DBZ_TOPIC"]
 [source.kafka.properties]
-"auto.offset.reset" = "$3"
 "session.timeout.ms" = "2000"
 "heartbeat.interval.ms" = "500"
 "fetch.wait.max.ms" = "${BENCH_KAFKA_FETCH_WAIT_MS:-10}"
 $commit
+${BENCH_KAFKA_PROPERTIES:-}
 [lookup]
 url = "$url"
 [dead_letter]
@@ -210,7 +210,11 @@ start_evictd() {
   launch_evictd "$1" "$2"
 }
 # start_evictd_kafka BIN GROUP RESET [COMMIT_MS]: sets EPID (and EPID_START, ns).
+# RESET: earliest (a new group: evictd starts at the beginning) or latest
+# (the group's offsets committed at the topic's end first; evictd refuses
+# auto.offset.reset).
 start_evictd_kafka() {
+  [ "$3" = earliest ] || kafka_tool commit-end "$2" "$DBZ_TOPIC" >/dev/null || die "cannot commit $2 at the end of $DBZ_TOPIC"
   config_kafka "$2" "$WORK/$2.toml" "$3" "${4:-}"
   launch_evictd "$1" "$2"
 }

@@ -23,6 +23,9 @@ no use against the test broker. Usage, with the venv debezium-run.sh creates
         # prints "watching", then polls GROUP's committed offsets of TOPIC (summed
         # over partitions) until they reach N and prints the Unix time in ns at
         # which they did (time.time_ns()); does not join the group
+  kafka_tool.py -b ... commit-end GROUP TOPIC...   # commits GROUP's offsets at the end of
+        # every partition of the topics (without joining it): a consumer of the
+        # group starts after what is there now
   kafka_tool.py -b ... delay TOPIC --window FROM_MS:TO_MS [--window ...]
         # for the Debezium events of TOPIC produced (CreateTime) within the windows
         # (Unix ms): CreateTime - source.ts_us, i.e. commit -> handed to the
@@ -73,6 +76,9 @@ def main() -> int:
     g.add_argument("--at-least", type=int, required=True)
     g.add_argument("--timeout-s", type=float, default=300.0)
     g.add_argument("--interval-ms", type=float, default=20.0)
+    e = sub.add_parser("commit-end")
+    e.add_argument("group")
+    e.add_argument("topics", nargs="+")
     y = sub.add_parser("delay")
     y.add_argument("topic")
     y.add_argument("--window", action="append", required=True)
@@ -134,6 +140,8 @@ def main() -> int:
         return count(a.bootstrap, a.topic, a.at_least, a.timeout_s, a.idle_s)
     elif a.cmd == "committed":
         return committed(a.bootstrap, a.group, a.topic, a.at_least, a.timeout_s, a.interval_ms)
+    elif a.cmd == "commit-end":
+        return commit_end(a.bootstrap, a.group, a.topics)
     elif a.cmd == "delay":
         windows = [tuple(int(x) for x in w.split(":")) for w in a.window]
         return delay(a.bootstrap, a.topic, windows, a.idle_s)
@@ -235,6 +243,34 @@ def count(bootstrap: str, topic: str, at_least: int, timeout_s: float, idle_s: f
     if at_least and n < at_least:
         print(f"count: {n} of {at_least} messages in {topic} after {timeout_s} s", file=sys.stderr)
         return 1
+    return 0
+
+
+def commit_end(bootstrap: str, group: str, topics: list[str]) -> int:
+    """Commits, for GROUP, the end (high watermark) of every partition of
+    TOPICS: a consumer of the group then starts after everything already
+    there (evictd refuses `auto.offset.reset`: a group with no committed
+    offset starts from the beginning). Does not join the group."""
+    cons = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "enable.auto.commit": False})
+    ends = {}
+    for topic in topics:
+        md = cons.list_topics(topic, timeout=10).topics[topic]
+        for pid in md.partitions:
+            _, high = cons.get_watermark_offsets(TopicPartition(topic, pid), timeout=10)
+            ends[(topic, pid)] = max(high, 0)
+    # The test broker's high watermark can be short of the end (Tansu 0.6):
+    # read on from it until nothing more comes.
+    cons.assign([TopicPartition(t, p, end) for (t, p), end in ends.items()])
+    last = time.time()
+    while time.time() - last < 1.0:
+        m = cons.poll(0.2)
+        if m is None or m.error():
+            continue
+        last = time.time()
+        key = (m.topic(), m.partition())
+        ends[key] = max(ends[key], m.offset() + 1)
+    cons.commit(offsets=[TopicPartition(t, p, end) for (t, p), end in ends.items()], asynchronous=False)
+    cons.close()
     return 0
 
 
