@@ -348,8 +348,9 @@ impl<V: Clone + Send + Sync + 'static> Worker<V> {
             }
             Decision::Ignore => {}
             Decision::Gap { last, apply } => {
-                self.stats.gap();
                 self.repair(last).await;
+                // Counted once repaired: whoever sees the gap sees its caches dropped.
+                self.stats.gap();
                 if let (true, Some(batch)) = (apply, batch) {
                     self.apply(batch).await;
                 }
