@@ -57,7 +57,7 @@ table = "app.items"
 
 /// The value of the sample whose name and labels are exactly `series`
 /// (`name` or `name{labels}`).
-fn sample(text: &str, series: &str) -> Option<f64> {
+pub(super) fn sample(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 

@@ -217,11 +217,7 @@ async fn slot_drop_refuses_while_an_evictd_streams_and_force_ends_it_and_drops()
     let series = r#"evictd_operator_actions_total{target="primary",action="slot drop",outcome="refused"}"#;
     d.wait_for("the refused drop in the daemon's /metrics", Duration::from_secs(30), || async {
         let reply = super::server::get(address, "/metrics").await;
-        reply
-            .body
-            .lines()
-            .any(|l| l.strip_prefix(series).is_some_and(|v| v.trim().parse::<f64>().is_ok_and(|n| n >= 1.0)))
-            .then_some(())
+        super::metrics::sample(&reply.body, series).is_some_and(|n| n >= 1.0).then_some(())
     })
     .await;
 

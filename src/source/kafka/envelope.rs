@@ -7,8 +7,9 @@
 //! of a table until its DDL changes, so [`Envelopes`] keeps, per topic, the
 //! last schema's text and its parsed tree: a message whose schema text is
 //! byte-for-byte the one seen before reuses the tree, and only the payload
-//! is parsed. Anything else (no envelope, a value that is not an object,
-//! `null`) is parsed whole, as before.
+//! is parsed. Anything else (no envelope, an envelope whose first member is
+//! not `schema`, a value that is not an object, `null`) is parsed whole, as
+//! before.
 //!
 //! **Invariant:** the result is exactly what parsing the whole value and
 //! splitting it (`debezium::decode`) gives; the cache only saves work.
@@ -52,9 +53,12 @@ const TOPICS_MAX: usize = 4096;
 impl Envelopes {
     /// Parses `bytes`, the value of a message of `topic`.
     pub(crate) fn parse(&mut self, topic: &str, bytes: &[u8]) -> Result<Parsed, serde_json::Error> {
-        // Only an object is an envelope: serde would also read `[schema, payload]`.
-        let object = bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{');
-        if object
+        // The JSON converter writes `schema` first: only such a value is
+        // tried as an envelope, so a schema-less topic's values are scanned
+        // once, not twice (any other order is parsed whole, with the same
+        // result). Only an object: serde would also read `[schema, payload]`.
+        let envelope = bytes.trim_ascii_start().starts_with(br#"{"schema""#);
+        if envelope
             && let Ok(Split { schema: Some(schema), payload: Some(payload) }) =
                 serde_json::from_slice::<Split<'_>>(bytes)
         {
