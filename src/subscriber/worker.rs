@@ -348,9 +348,8 @@ impl<V: Clone + Send + Sync + 'static> Worker<V> {
             }
             Decision::Ignore => {}
             Decision::Gap { last, apply } => {
-                self.repair(last).await;
-                // Counted once repaired: whoever sees the gap sees its caches dropped.
                 self.stats.gap();
+                self.repair(last).await;
                 if let (true, Some(batch)) = (apply, batch) {
                     self.apply(batch).await;
                 }

@@ -283,14 +283,13 @@ export class Subscriber {
   /** Drops the caches invalidated after `after` (the `touched` hash), and every tagged entry if tags were. */
   private async repair(after: bigint): Promise<void> {
     const m = this.cache.metrics;
+    m.gaps += 1;
     const plan = repairPlan(await this.redis.hgetall(this.keys.touched), after);
     if (plan.allTags) m.entriesDropped += this.cache.dropTagged();
     for (const name of plan.caches) {
       m.entriesDropped += this.cache.dropCache(name);
       m.cacheFlushes += 1;
     }
-    // Counted once repaired: whoever sees the gap also sees its caches dropped.
-    m.gaps += 1;
   }
 
   private flushAll(): void {
