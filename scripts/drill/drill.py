@@ -107,6 +107,9 @@ def schedule(seed, profile):
     return plan
 
 
+SLOT = "evictd_drill"
+
+
 class Drill:
     def __init__(self, args):
         self.args = args
@@ -137,7 +140,7 @@ kind = "postgres"
 
 [source.postgres]
 url = "{env.evictd_pg_url(0)}"
-slot = "evictd_drill"
+slot = "{SLOT}"
 publication = "evictd_drill"
 status_interval_ms = 1000
 standby_retry_ms = 500
@@ -266,7 +269,34 @@ heartbeat_timeout_ms = 10000
         alive = [r for r in self.deployment.replicas if r.alive()]
         return random.Random(len(self.windows)).choice(alive) if alive else None
 
+    async def slot_walsender(self):
+        """The pid of the walsender holding the drill's slot, read on the
+        server (not through a replica's proxy); None when none holds it or
+        the server cannot be reached."""
+        try:
+            async with await psycopg.AsyncConnection.connect(
+                    self.env.pg_url(), autocommit=True, connect_timeout=2) as conn:
+                row = await (await conn.execute(
+                    "SELECT active_pid FROM pg_replication_slots WHERE slot_name = %s",
+                    (SLOT,))).fetchone()
+                return row[0] if row else None
+        except psycopg.Error:
+            return None
+
     async def freeze(self, kind, seconds):
+        """Freezes the active replica (SIGSTOP) for `seconds`, then wakes it.
+
+        What a takeover must guarantee is judged on the server: once another
+        replica holds the slot, the woken one must not stream or acknowledge
+        on it again, so the slot's walsender after the wake must be the one
+        the new holder started. The woken process may still read what its
+        walsender had sent into the socket before the new holder ended it,
+        apply those changes (again: the new holder applies them too, and the
+        effects are idempotent) and count them as acknowledged locally
+        (`evictd_position_acknowledged_bytes`); that status update goes to
+        the ended walsender's closed connection, so it never reaches the
+        server. The note reports that local figure; it is not the
+        criterion."""
         probe = kind == "freeze (probe)"
         active = await self.deployment.active(limit=20)
         if active is None:
@@ -278,12 +308,17 @@ heartbeat_timeout_ms = 10000
         frozen_at = time.monotonic()
         active.freeze()
         takeover = None
+        holder = None
         while time.monotonic() - frozen_at < seconds:
             await asyncio.sleep(0.2)
             if takeover is None:
                 roles = await self.deployment.roles()
                 if any(role == "active" for i, role in roles.items() if i != active.index):
                     takeover = time.monotonic() - frozen_at
+            else:
+                # The last holder seen before the wake: the new active's
+                # walsender, once it has ended the frozen one's.
+                holder = await self.slot_walsender() or holder
         # The same process wakes up, unless the probe (or, in the combined
         # phase, another fault) killed it meanwhile.
         woke = self.deployment.liveness_kills == probe_kills and active.proc is process and active.alive()
@@ -291,11 +326,13 @@ heartbeat_timeout_ms = 10000
         self.deployment.probing = True
         role_after = None
         acknowledged_after = None
+        holder_after = None
         if woke:
             await asyncio.sleep(3)
             if active.proc is process:
                 role_after = (await self.deployment.roles()).get(active.index)
                 acknowledged_after = await metric(active.port, "evictd_position_acknowledged_bytes")
+                holder_after = await self.slot_walsender()
         how = ("the liveness probe killed it" if self.deployment.liveness_kills != probe_kills
                else "another fault killed it") if not woke else (
             "another replica took over (the lock's lease)" if takeover else "nothing until SIGCONT")
@@ -306,10 +343,16 @@ heartbeat_timeout_ms = 10000
             note += f"; 3 s after SIGCONT it reports {role_after or 'nothing (restarting)'}"
             if acknowledged is not None and acknowledged_after is not None:
                 moved = acknowledged_after - acknowledged
-                note += (", and acknowledged nothing since the freeze" if moved == 0 else
-                         f", and its acknowledged position moved {moved:.0f} bytes")
-                if takeover and moved:
-                    self.failures.append(f"{kind}: the woken replica acknowledged {moved:.0f} bytes after a takeover")
+                note += (", acknowledged nothing since the freeze" if moved == 0 else
+                         f", counted {moved:.0f} bytes more as acknowledged locally (what its walsender sent before it was ended)")
+            if takeover:
+                note += f"; the slot's walsender: pid {holder} after the takeover, pid {holder_after} after the wake"
+                if role_after == "active":
+                    self.failures.append(f"{kind}: the woken replica reports active after a takeover")
+                if holder is not None and holder_after != holder:
+                    self.failures.append(
+                        f"{kind}: the slot's walsender changed after the woken replica resumed "
+                        f"(pid {holder} -> {holder_after}): the woken replica streamed on the slot again")
         self.notes.append(note)
         return note
 
