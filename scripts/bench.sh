@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # evictd against the machine's limits, in one run, side by side.
 #
-#   scripts/bench.sh                 the Postgres sections, ≈ 6-8 minutes on 2 cores
+#   scripts/bench.sh                 every section, every target row, ≈ 25 minutes on 2 cores
 #   BENCH_SECTIONS="drain restart" scripts/bench.sh
-#   BENCH_SECTIONS=kafka scripts/bench.sh   the Kafka path next to the Postgres one, ≈ 3 minutes
-#   BENCH_SECTIONS="kafka newtopic" scripts/bench.sh   ... and a new topic under topic_pattern
+#   BENCH_SECTIONS="drain callgrind sink latency writes restart" scripts/bench.sh   the Postgres path
+#   BENCH_SECTIONS="kafka newtopic" scripts/bench.sh   the Kafka path next to the Postgres one
 #
 # Starts its own Postgres and Redis (scripts/services/, ports below), loads
 # the e-commerce example into a fresh database and prints, at the end, a
@@ -15,18 +15,24 @@
 #             backlog of BENCH_BACKLOG single-row UPDATE transactions is
 #             written with no consumer running, then each slot is drained,
 #             interleaved and in rotating order: pg_recvlogical --endpos
-#             (pgoutput, the same publication) against `evictd run` until
-#             its slot's confirmed_flush_lsn reaches the backlog's end;
+#             (pgoutput, the same publication and protocol version as
+#             evictd's), pg_recvlogical with its defaults (test_decoding,
+#             every table) and `evictd run` (fill guard and broadcast on, as
+#             by default) until its slot's confirmed_flush_lsn reaches the
+#             backlog's end;
+#   callgrind evictd's instructions per change under valgrind: a small and a
+#             large drain, the slope between them;
 #   sink      the sink's limit: redis-benchmark, pipelined UNLINK;
 #   latency   commit → key gone (evictd-load) at BENCH_RATES, RUNS rounds,
-#             with evictd's CPU time and peak RSS (VmHWM);
+#             with evictd's CPU time and peak RSS (VmHWM), and the same for a
+#             hand-written reference (pg_recvlogical | sed | redis-cli);
 #   writes    Postgres write throughput (pgbench, the same single-row
 #             UPDATE, BENCH_WRITE_SECONDS each) with evictd consuming a
 #             slot, with only pg_recvlogical consuming one, and with no
 #             slot; interleaved, RUNS rounds;
 #   restart   SIGTERM evictd, start it again, commit one change at once:
 #             process start → key gone and commit → key gone.
-#   kafka     (only when named) the Kafka source against the Postgres one on
+#   kafka     the Kafka source against the Postgres one on
 #             one change set: RUNS slots for evictd and Debezium's own slot
 #             (Debezium 3.6 Postgres connector → a Tansu broker, topic
 #             <prefix>.shop.products, 1 partition) exist before
@@ -41,17 +47,18 @@
 #             rounds, alternating; Debezium stays up throughout, and the
 #             Kafka path's latency includes its delay (poll interval 100 ms),
 #             which is reported on its own too (record CreateTime − commit).
-#   newtopic  (only when named) evictd subscribed with topic_pattern at its
+#   newtopic  evictd subscribed with topic_pattern at its
 #             default client settings; RUNS times, a new table (in
 #             Debezium's publication) gets its first row: commit → key gone,
 #             Debezium creating the topic, evictd finding it and being
 #             assigned it included.
 #
 # Knobs (environment):
-#   BENCH_SECTIONS        sections to run                  drain sink latency writes restart
+#   BENCH_SECTIONS        sections to run                  drain callgrind sink latency writes restart kafka newtopic
 #   BENCH_RUNS            runs per measurement (medians)   3
 #   BENCH_BACKLOG         row changes in the backlog       200000
-#   BENCH_RATES           changes/s, 0 = unthrottled       "1000 10000 0"
+#   BENCH_RATES           changes/s, 0 = unthrottled       "1000 2000 10000 0"
+#   BENCH_CALLGRIND_SMALL, BENCH_CALLGRIND_CHANGES  the two callgrind drains   2000, 20000
 #   BENCH_LOAD_SECONDS    seconds per latency run          10
 #   BENCH_WRITERS         writer connections (load, pgbench)  4
 #   BENCH_PER_TX          rows per transaction in the latency runs  1
@@ -87,12 +94,12 @@ LOG_PREFIX=bench
 # shellcheck source=scripts/lib/common.sh
 . "$ROOT/scripts/lib/common.sh"
 
-SECTIONS="${BENCH_SECTIONS:-drain sink latency writes restart}"
+SECTIONS="${BENCH_SECTIONS:-drain callgrind sink latency writes restart kafka newtopic}"
 KAFKA_CHANGES="${BENCH_KAFKA_CHANGES:-100000}"
 KAFKA_RATE="${BENCH_KAFKA_RATE:-1000}"
 RUNS="${BENCH_RUNS:-3}"
 BACKLOG="${BENCH_BACKLOG:-200000}"
-read -r -a RATES <<<"${BENCH_RATES:-1000 10000 0}"
+read -r -a RATES <<<"${BENCH_RATES:-1000 2000 10000 0}"
 LOAD_SECONDS="${BENCH_LOAD_SECONDS:-10}"
 WRITERS="${BENCH_WRITERS:-4}"
 PER_TX="${BENCH_PER_TX:-1}"
@@ -116,6 +123,7 @@ record() { local IFS=$'\t'; echo "$*" >>"$RESULTS"; }
 servers=(pg redis)
 [[ " $SECTIONS " != *" kafka "* && " $SECTIONS " != *" newtopic "* ]] || servers+=(kafka)
 mapfile -t extra < <(server_extras "${servers[@]}")
+[[ " $SECTIONS " != *" callgrind "* ]] || extra+=(valgrind:valgrind)
 ensure_packages "${extra[@]}" pg_recvlogical:postgresql-client-15 pgbench:postgresql-15 redis-benchmark:redis-tools
 # shellcheck source=scripts/lib/demo-stack.sh
 . "$ROOT/scripts/lib/demo-stack.sh"
@@ -138,9 +146,15 @@ bench_stack
 
 # ---------------------------------------------------------------- drain
 section_drain() {
-  local r kinds=(recv evictd) order kind slot start end wal t0 ms pid e0
+  local r kinds=(recv recvdefault evictd) order kind slot start end wal t0 ms pid e0
   [ -n "$BEFORE" ] && kinds+=(before)
-  for r in $(seq 1 "$RUNS"); do for kind in "${kinds[@]}"; do create_slot "evictd_bench_${kind}_$r"; done; done
+  for r in $(seq 1 "$RUNS"); do for kind in "${kinds[@]}"; do
+    if [ "$kind" = recvdefault ]; then   # pg_recvlogical's own default plugin
+      q "SELECT lsn FROM pg_create_logical_replication_slot('evictd_bench_${kind}_$r', 'test_decoding')" >/dev/null
+    else
+      create_slot "evictd_bench_${kind}_$r"
+    fi
+  done; done
   note "drain: writing a backlog of $BACKLOG single-row UPDATE transactions (no consumer running)"
   write_backlog "$BACKLOG"
   start=$BACKLOG_START; end=$BACKLOG_END
@@ -160,8 +174,15 @@ section_drain() {
           || die "pg_recvlogical failed"
         ms=$(ms_since "$t0")
         record drain recv "$ms" "" "" ""
+      elif [ "$kind" = recvdefault ]; then
+        t0=$(now_ns)
+        pg_recvlogical -d "$url" --slot "$slot" --start --endpos "$end" -F 0 -f /dev/null 9>&- \
+          || die "pg_recvlogical (test_decoding) failed"
+        ms=$(ms_since "$t0")
+        record drain recvdefault "$ms" "" "" ""
       else
-        local bin="$EVICTD"; [ "$kind" = before ] && bin="$BEFORE"
+        local bin="$EVICTD" r0; [ "$kind" = before ] && bin="$BEFORE"
+        r0="$(redis_cpu_s)"
         start_evictd "$bin" "$slot" "$STATUS_MS"; pid=$EPID; t0=$EPID_START
         until slot_reached "$slot" "$end"; do
           kill -0 "$pid" 2>/dev/null || { cat "$WORK/$slot.log" >&2; die "evictd exited while draining"; }
@@ -169,7 +190,8 @@ section_drain() {
         done
         ms=$(ms_since "$t0")
         e0="$(metric_sum "$METRICS_PORT" evictd_effects_resolved_total)"
-        record drain "$kind" "$ms" "$(cpu_s "$pid")" "$(hwm_mib "$pid")" "$e0"
+        record drain "$kind" "$ms" "$(cpu_s "$pid")" "$(hwm_mib "$pid")" "$e0" \
+          "$(python3 -c "print(round($(redis_cpu_s) - $r0, 3))")"
         stop_pid "$pid"
       fi
       note "drain: $kind round $r: $changes changes in $ms ms"
@@ -200,25 +222,59 @@ section_sink() {
 
 # -------------------------------------------------------------- latency
 LIVE_SLOT=evictd_bench_live
+# The hand-written reference a team assembles in an afternoon: pg_recvlogical
+# with test_decoding, sed picking each changed product's id (the new tuple's
+# under REPLICA IDENTITY FULL, which prints the old row first), redis-cli
+# deleting its key, one command and one round trip at a time. It deletes only
+# the key evictd-load watches (evictd resolves every cache of the graph), and
+# reports its position every second (-s 1) so that evictd-load's settling,
+# which waits for every slot, does not wait 10 s. START_SCRIPT SLOT: sets EPID
+# (a process group: stop it with stop_group).
+start_script() {
+  q "SELECT lsn FROM pg_create_logical_replication_slot('$1', 'test_decoding')" >/dev/null
+  setsid bash -c "pg_recvlogical -d '$url' --slot '$1' --start -F 0 -s 1 -f - \
+    | sed -u -n 's/^table shop\\.products: [A-Z]*:.* id\\[bigint\\]:\\([0-9]*\\).*/UNLINK product:{\\1}:detail/p' \
+    | redis-cli -h 127.0.0.1 -p $REDIS_PORT >/dev/null" 9>&- &
+  EPID=$!; PIDS+=("$EPID")
+}
+stop_group() { kill -TERM -- "-$1" 2>/dev/null; wait "$1" 2>/dev/null || true; }
+
+# Each round runs every rate with evictd, then with the script (alternating
+# which goes first), each on a slot of its own created for the round: the
+# two are measured on the same machine minutes apart, never at once. The
+# script does not run unthrottled (rate 0): its rate there is its own.
 section_latency() {
-  local r rate before after out
-  start_evictd "$EVICTD" "$LIVE_SLOT"; LIVE_PID=$EPID
-  wait_streaming "$LIVE_PID" "$LIVE_SLOT" "$WORK/$LIVE_SLOT.log"
+  local r rate before after out kinds=(evictd script) order kind slot pid cpu hwm
   lock
   for r in $(seq 1 "$RUNS"); do
-    for rate in "${RATES[@]}"; do
-      before="$(cpu_s "$LIVE_PID")"
-      out="$("$LOAD" --pg "$url" --redis "$redis_url" --rate "$rate" --seconds "$LOAD_SECONDS" \
-        --writers "$WRITERS" --per-tx "$PER_TX" --rows "$ROWS" 9>&-)"
-      after="$(cpu_s "$LIVE_PID")"
-      record latency "$rate" "$out" "$(python3 -c "print(round($after - $before, 2))")" "$(hwm_mib "$LIVE_PID")"
-      note "latency: round $r, rate $rate: $out"
+    order=("${kinds[@]:$(( (r - 1) % 2 ))}" "${kinds[@]:0:$(( (r - 1) % 2 ))}")
+    for kind in "${order[@]}"; do
+      slot="${LIVE_SLOT}_${kind}_$r"
+      if [ "$kind" = evictd ]; then
+        start_evictd "$EVICTD" "$slot"; pid=$EPID
+        wait_streaming "$pid" "$slot" "$WORK/$slot.log"
+      else
+        start_script "$slot"; pid=$EPID
+        wait_streaming "$pid" "$slot" /dev/null
+      fi
+      for rate in "${RATES[@]}"; do
+        [ "$kind" = script ] && [ "$rate" = 0 ] && continue
+        before="$(cpu_s "$pid")"
+        out="$("$LOAD" --pg "$url" --redis "$redis_url" --rate "$rate" --seconds "$LOAD_SECONDS" \
+          --writers "$WRITERS" --per-tx "$PER_TX" --rows "$ROWS" 9>&-)"
+        cpu=""; hwm=""
+        if [ "$kind" = evictd ]; then
+          after="$(cpu_s "$pid")"; cpu="$(python3 -c "print(round($after - $before, 2))")"; hwm="$(hwm_mib "$pid")"
+        fi
+        record latency "$rate" "$out" "$cpu" "$hwm" "$kind"
+        note "latency: round $r, $kind, rate $rate: $out"
+      done
+      if [ "$kind" = evictd ]; then stop_pid "$pid"; else stop_group "$pid"; fi
+      # Nothing else may consume (or keep WAL for) the next runs.
+      drop_slot_now "$slot"
     done
   done
   unlock
-  # Nothing else may consume (or keep WAL for) the next sections.
-  stop_pid "$LIVE_PID"; LIVE_PID=""
-  drop_slot_now "$LIVE_SLOT"
 }
 
 # --------------------------------------------------------------- writes
@@ -276,6 +332,39 @@ section_restart() {
   done
   stop_pid "$LIVE_PID"; LIVE_PID=""
   drop_slot_now "$LIVE_SLOT"
+  unlock
+}
+
+# ------------------------------------------------------------- callgrind
+# Instructions per change, the repeatable figure (valgrind counts them; the
+# machine's noise does not move it): evictd under callgrind drains a small
+# backlog, then a large one, each from a slot of its own created just before
+# its backlog is written (so that each sees only its own); the difference of
+# the totals over the difference of the changes is the per-change cost, with
+# start-up and connection set-up cancelled out.
+section_callgrind() {
+  local n small=${BENCH_CALLGRIND_SMALL:-2000} large=${BENCH_CALLGRIND_CHANGES:-20000} slot pid ir changes
+  lock
+  for n in "$small" "$large"; do
+    slot="evictd_bench_callgrind_$n"
+    create_slot "$slot"
+    write_backlog "$n"; changes=$BACKLOG_CHANGES
+    config "$slot" "$WORK/$slot.toml" "$STATUS_MS"
+    EPID_START=$(now_ns)
+    valgrind --tool=callgrind --callgrind-out-file="$WORK/$slot.callgrind" \
+      "$EVICTD" run --config "$WORK/$slot.toml" 2>"$WORK/$slot.log" 9>&- &
+    pid=$!; PIDS+=("$pid")
+    until slot_reached "$slot" "$BACKLOG_END"; do
+      kill -0 "$pid" 2>/dev/null || { cat "$WORK/$slot.log" >&2; die "evictd under callgrind exited"; }
+      sleep 0.05
+    done
+    stop_pid "$pid"
+    ir="$(sed -n 's/^\(summary\|totals\): \([0-9]*\).*/\2/p' "$WORK/$slot.callgrind" | head -n 1)"
+    [ -n "$ir" ] || die "no instruction total in $WORK/$slot.callgrind"
+    record callgrind "$changes" "$ir" "$(ms_since "$EPID_START")"
+    note "callgrind: $changes changes: $ir instructions"
+    drop_slot_now "$slot"
+  done
   unlock
 }
 
@@ -436,8 +525,8 @@ wait_kafka_settled() {
 
 for s in $SECTIONS; do
   case "$s" in
-    drain|sink|latency|writes|restart|kafka|newtopic) "section_$s" ;;
-    *) die "unknown section $s (drain sink latency writes restart kafka newtopic)" ;;
+    drain|callgrind|sink|latency|writes|restart|kafka|newtopic) "section_$s" ;;
+    *) die "unknown section $s (drain callgrind sink latency writes restart kafka newtopic)" ;;
   esac
   psql -X -q "$url" -c "VACUUM shop.products" 9>&-
 done

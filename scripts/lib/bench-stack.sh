@@ -110,6 +110,10 @@ write_backlog() {
 now_ns() { date +%s%N; }
 ms_since() { echo $(( ($(now_ns) - $1) / 1000000 )); }
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+redis_cpu_s() {   # Redis's own CPU seconds (user + system, all its threads)
+  redis-cli -h 127.0.0.1 -p "$REDIS_PORT" INFO cpu \
+    | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.3f", s}'
+}
 hwm_mib() { awk '/VmHWM/ {printf "%.1f", $2 / 1024}' "/proc/$1/status"; }
 slot_reached() {   # SLOT LSN
   [ "$(q "SELECT coalesce((SELECT confirmed_flush_lsn >= '$2' FROM pg_replication_slots WHERE slot_name = '$1'), false)")" = t ]
