@@ -201,9 +201,8 @@ impl fmt::Display for KeyTemplate {
 fn push_value(out: &mut String, value: &Value, normalisers: &[Normaliser]) {
     if normalisers.is_empty() {
         match value {
-            Value::Int(i) => {
-                let _ = write!(out, "{i}");
-            }
+            // itoa, not `write!`: the formatter was 4 % of a catch-up drain.
+            Value::Int(i) => out.push_str(itoa::Buffer::new().format(*i)),
             Value::Text(s) => push_escaped(out, s),
             other => push_escaped(out, &raw_text(other)),
         }

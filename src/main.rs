@@ -5,6 +5,13 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
+/// glibc's allocator was a fifth of the daemon's CPU in a catch-up drain
+/// (many small, short-lived allocations across tokio's worker threads);
+/// mimalloc's thread-local free lists cost a fraction of it
+/// (docs/performance.md, "CPU per change").
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     // Several TLS clients share rustls; both of its crypto back-ends are
     // compiled in, so pick one for the process before any connection.

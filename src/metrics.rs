@@ -584,6 +584,12 @@ impl Metrics {
         self.changes_received.get_or_create(&TableOp { table: table.to_owned(), op: op.as_str() }).inc_by(count);
     }
 
+    /// The counter of changes of `table` with operation `op`, for a caller
+    /// that keeps it and raises it per change (the run loop does).
+    pub(crate) fn changes_received_counter(&self, table: &str, op: Operation) -> Counter {
+        self.changes_received.get_or_create(&TableOp { table: table.to_owned(), op: op.as_str() }).clone()
+    }
+
     /// `count` effects of `cache` resolved to `what`.
     pub(crate) fn effects_resolved(&self, cache: &str, what: Invalidation, count: u64) {
         let (kind, action) = what.labels();

@@ -16,7 +16,7 @@
 //! narrowed down to the changes that fail. Only such changes are kept, and
 //! they count towards the limit like effects, so memory stays bounded.
 
-use std::collections::HashSet;
+use foldhash::HashSet;
 use std::sync::Arc;
 
 use crate::change::Change;
@@ -68,11 +68,11 @@ impl TransactionEffects {
             max_effects: limits.max_effects.max(1),
             max_bytes: limits.max_bytes.max(1),
             bytes: 0,
-            effects: HashSet::new(),
+            effects: HashSet::default(),
             lookups: Vec::new(),
             origins: Vec::new(),
-            seen_lookups: HashSet::new(),
-            bumped: HashSet::new(),
+            seen_lookups: HashSet::default(),
+            bumped: HashSet::default(),
             changes: 0,
         }
     }

@@ -23,7 +23,7 @@
 //! - truncate bumps the namespace of every dependent cache;
 //! - every key or namespace bump propagates to the caches that embed it.
 
-use std::collections::HashMap;
+use foldhash::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -109,7 +109,8 @@ pub(crate) struct Reason {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Resolved {
     pub effect: Effect,
-    pub(crate) reasons: Vec<Reason>,
+    /// Most effects have one reason: kept inline, not in an allocation.
+    pub(crate) reasons: SmallVec<[Reason; 1]>,
 }
 
 /// A look-up the look-up stage must execute: run the dependency's query with
@@ -244,7 +245,7 @@ impl Resolution {
                 if let Some(index) = &mut self.index {
                     index.insert(effect.clone(), self.effects.len());
                 }
-                self.effects.push(Resolved { effect, reasons: vec![reason] });
+                self.effects.push(Resolved { effect, reasons: smallvec::smallvec![reason] });
             }
         }
     }
@@ -273,7 +274,7 @@ impl Resolution {
 }
 
 /// The same path from the old and the new image reads as one reason.
-fn merge_reason(reasons: &mut Vec<Reason>, reason: Reason) {
+fn merge_reason(reasons: &mut SmallVec<[Reason; 1]>, reason: Reason) {
     for existing in reasons.iter_mut() {
         if existing.path != reason.path {
             continue;

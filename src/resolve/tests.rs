@@ -230,7 +230,7 @@ fn many_effects_are_deduplicated_past_the_scan_limit() {
         }
     }
     assert_eq!(r.effects.len(), 100);
-    assert!(r.effects.iter().all(|e| e.reasons == [reason(Image::Both)]));
+    assert!(r.effects.iter().all(|e| e.reasons.as_slice() == [reason(Image::Both)]));
 }
 
 #[test]

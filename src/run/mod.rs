@@ -203,6 +203,26 @@ struct Assembler<'g> {
     resolver: Resolver<'g>,
     options: RunOptions,
     metrics: &'g Metrics,
+    received: ReceivedCounters,
+}
+
+/// `evictd_changes_received_total`'s counters by table and operation, kept
+/// by the loop: looking the series up in the family for every change (a
+/// label allocated, hashed and found under a lock) cost more than the count.
+#[derive(Default)]
+struct ReceivedCounters {
+    by_table: foldhash::HashMap<crate::change::TableName, [Option<prometheus_client::metrics::counter::Counter>; 4]>,
+}
+
+impl ReceivedCounters {
+    fn inc(&mut self, metrics: &Metrics, change: &Change) {
+        let slot = change.op as usize;
+        let counters = match self.by_table.get_mut(&*change.table) {
+            Some(counters) => counters,
+            None => self.by_table.entry(change.table.clone()).or_default(),
+        };
+        counters[slot].get_or_insert_with(|| metrics.changes_received_counter(&change.table, change.op)).inc();
+    }
 }
 
 impl Assemble for Assembler<'_> {
@@ -214,7 +234,7 @@ impl Assemble for Assembler<'_> {
     }
 
     fn add(&mut self, transaction: &mut TransactionEffects, change: Change) {
-        self.metrics.changes_received(&change.table, change.op, 1);
+        self.received.inc(self.metrics, &change);
         self.metrics.change_arrived();
         let span = tracing::trace_span!("change", position = %change.position, table = %change.table, op = %change.op);
         let resolution = span.in_scope(|| self.resolver.resolve(&change));
@@ -259,8 +279,13 @@ where
         stop: &CancellationToken,
     ) -> Result<SessionEnd, RunError> {
         let graph = self.graph.clone();
-        let assembler =
-            Assembler { graph: &graph, resolver: Resolver::new(&graph), options: self.options, metrics: &self.metrics };
+        let assembler = Assembler {
+            graph: &graph,
+            resolver: Resolver::new(&graph),
+            options: self.options,
+            metrics: &self.metrics,
+            received: ReceivedCounters::default(),
+        };
         let mut session = Session::new(assembler, self.options.batch.max_delay, self.options.on_error);
         // Aborted if the session ends first: an unconfirmed batch is
         // abandoned (it will be replayed), never left retrying on its own.
@@ -269,6 +294,11 @@ where
         let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
         self.health.set_source_connected(true);
         let _disconnected = OnDrop(|| self.health.set_source_connected(false));
+        // One waiter for the whole session: `stop.cancelled()` made anew in
+        // every pass of the loop registered and dropped a waiter on the
+        // token's lock three times per change (Begin, Change, Commit).
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         loop {
             while let Some(action) = session.next_action() {
                 match action {
@@ -299,7 +329,7 @@ where
             let deadline = session.deadline();
             let input = tokio::select! {
                 biased;
-                () = stop.cancelled(), if !session.stopping() => Input::Stop,
+                () = &mut stopped, if !session.stopping() => Input::Stop,
                 joined = async { match in_flight.as_mut() { Some(h) => h.await, None => std::future::pending().await } }, if in_flight.is_some() => {
                     in_flight = None;
                     let id = session.in_flight().unwrap_or_default();

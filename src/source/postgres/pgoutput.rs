@@ -30,7 +30,9 @@
 //! into the caller's queue ([`Decoder::decode_into`]).
 
 use std::borrow::Cow;
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+
+use foldhash::HashMap;
 use std::sync::Arc;
 
 use crate::change::{Cell, Change, Operation, Position, Row, TransactionId, Value};
@@ -154,7 +156,7 @@ impl Decoder {
     /// A decoder that decodes the rows of each partition in `aliases` (its
     /// name as Postgres sends it) as rows of the graph table it maps to.
     pub(crate) fn with_aliases(aliases: impl IntoIterator<Item = (String, Arc<str>)>) -> Decoder {
-        Decoder { relations: HashMap::new(), aliases: aliases.into_iter().collect() }
+        Decoder { relations: HashMap::default(), aliases: aliases.into_iter().collect() }
     }
 
     /// The relation last described for `oid`.
