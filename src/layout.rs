@@ -258,25 +258,6 @@ redis.call('SET', KEYS[1], new)
 return reply
 "#;
 
-/// Lua source of the sink's guarded delete: the fill guard and the `UNLINK`
-/// of many keys of one slot in one command.
-///
-/// `KEYS[1..n]` are the keys to delete and `KEYS[n+1..2n]` their guard keys
-/// (`evictd:guard:<key>`, in the key's slot), `ARGV[1]` the batch's stamp,
-/// `ARGV[2]` the stamp's TTL in ms. Replaces each guard only if a reader
-/// took one (`SET … XX`), then unlinks the keys, in that order, as the
-/// pipeline of `n` `SET`s and one `UNLINK` it replaces did; atomically, so
-/// nothing runs between a key's guard and its delete. Returns `UNLINK`'s
-/// count. One command instead of `n + 1` halves Redis's work per key and
-/// evictd's encoding and reply parsing (docs/performance.md).
-pub(crate) const GUARDED_UNLINK_LUA: &str = r#"
-local n = #KEYS / 2
-for i = 1, n do
-  redis.call('SET', KEYS[n + i], ARGV[1], 'XX', 'PX', ARGV[2])
-end
-return redis.call('UNLINK', unpack(KEYS, 1, n))
-"#;
-
 /// Lua source of [`FORGET`].
 ///
 /// `KEYS[1]` is a tag registry; `ARGV[1]` a score bound: registrations
@@ -529,7 +510,6 @@ return restored
 pub(crate) struct Scripts {
     pub(crate) bump: Script,
     pub(crate) forget: Script,
-    pub(crate) guarded_unlink: Script,
     pub(crate) publish: Script,
     pub(crate) record: Script,
 }
@@ -539,14 +519,13 @@ impl Scripts {
         Scripts {
             bump: Script::new(BUMP_LUA),
             forget: Script::new(FORGET_LUA),
-            guarded_unlink: Script::new(GUARDED_UNLINK_LUA),
             publish: Script::new(PUBLISH_LUA),
             record: Script::new(RECORD_LUA),
         }
     }
 
-    pub(crate) fn all(&self) -> [&Script; 5] {
-        [&self.bump, &self.forget, &self.guarded_unlink, &self.publish, &self.record]
+    pub(crate) fn all(&self) -> [&Script; 4] {
+        [&self.bump, &self.forget, &self.publish, &self.record]
     }
 }
 

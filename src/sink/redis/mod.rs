@@ -703,32 +703,12 @@ async fn run_group(runner: &Runner<'_>, group: &Group, bump: Bump<'_>, stamp: Op
     };
     for command in &group.commands {
         match command {
-            Command::Unlink(keys) => match stamp {
-                // One script call guards and unlinks every key whose guard
-                // shares its slot; on a Cluster the others (no hash tag)
-                // are unlinked unguarded, as the plan reported.
-                Some(stamp) => {
-                    let (guarded, unguarded): (Vec<&Vec<u8>>, Vec<&Vec<u8>>) =
-                        keys.iter().partition(|key| !cluster || layout::guard_in_slot(key));
-                    if !guarded.is_empty() {
-                        let script = &runner.scripts.guarded_unlink;
-                        pipe.cmd("EVALSHA").arg(script.get_hash()).arg(2 * guarded.len());
-                        for key in &guarded {
-                            pipe.arg(key.as_slice());
-                        }
-                        for key in &guarded {
-                            pipe.arg(layout::guard_key(key));
-                        }
-                        pipe.arg(&stamp.value).arg(stamp.ttl_ms);
-                    }
-                    if !unguarded.is_empty() {
-                        pipe.cmd("UNLINK").arg(unguarded);
-                    }
+            Command::Unlink(keys) => {
+                for key in keys {
+                    guard(&mut pipe, key);
                 }
-                None => {
-                    pipe.cmd("UNLINK").arg(keys);
-                }
-            },
+                pipe.cmd("UNLINK").arg(keys);
+            }
             Command::Bump(key) => {
                 bumps.push((pipe.len(), key.as_str()));
                 pipe.cmd("EVALSHA").arg(runner.scripts.bump.get_hash()).arg(1).arg(key).arg(bump.version);
