@@ -16,10 +16,11 @@
 #             written with no consumer running, then each slot is drained,
 #             interleaved and in rotating order: pg_recvlogical --endpos
 #             (pgoutput, the same publication and protocol version as
-#             evictd's), pg_recvlogical with its defaults (test_decoding,
-#             every table) and `evictd run` (fill guard and broadcast on, as
+#             evictd's), the same with pgoutput's binary = true,
+#             pg_recvlogical with its defaults (test_decoding, every table)
+#             and `evictd run` (fill guard and broadcast on, as
 #             by default) until its slot's confirmed_flush_lsn reaches the
-#             backlog's end;
+#             backlog's end; with each, the walsender's CPU time;
 #   callgrind evictd's instructions per change under valgrind: a small and a
 #             large drain, the slope between them;
 #   sink      the sink's limit: redis-benchmark, pipelined UNLINK;
@@ -146,7 +147,7 @@ bench_stack
 
 # ---------------------------------------------------------------- drain
 section_drain() {
-  local r kinds=(recv recvdefault evictd) order kind slot start end wal t0 ms pid e0
+  local r kinds=(recv recvdefault recvbinary evictd) order kind slot start end wal t0 ms pid e0 w0
   [ -n "$BEFORE" ] && kinds+=(before)
   for r in $(seq 1 "$RUNS"); do for kind in "${kinds[@]}"; do
     if [ "$kind" = recvdefault ]; then   # pg_recvlogical's own default plugin
@@ -167,19 +168,21 @@ section_drain() {
     order=("${kinds[@]:$(( (r - 1) % ${#kinds[@]} ))}" "${kinds[@]:0:$(( (r - 1) % ${#kinds[@]} ))}")
     for kind in "${order[@]}"; do
       slot="evictd_bench_${kind}_$r"
-      if [ "$kind" = recv ]; then
+      w0="$(walsenders_cpu_s)"   # the reference's walsender exits with it: its CPU lands here
+      if [ "$kind" = recv ] || [ "$kind" = recvbinary ]; then
+        local binary=(); [ "$kind" = recvbinary ] && binary=(-o binary=true)
         t0=$(now_ns)
         pg_recvlogical -d "$url" --slot "$slot" --start --endpos "$end" --plugin pgoutput \
-          -o proto_version=1 -o "publication_names=$PUB" -F 0 -f /dev/null 9>&- \
+          -o proto_version=1 -o "publication_names=$PUB" "${binary[@]}" -F 0 -f /dev/null 9>&- \
           || die "pg_recvlogical failed"
         ms=$(ms_since "$t0")
-        record drain recv "$ms" "" "" ""
+        record drain "$kind" "$ms" "" "" "" "" "$(walsender_cpu_since "$w0")"
       elif [ "$kind" = recvdefault ]; then
         t0=$(now_ns)
         pg_recvlogical -d "$url" --slot "$slot" --start --endpos "$end" -F 0 -f /dev/null 9>&- \
           || die "pg_recvlogical (test_decoding) failed"
         ms=$(ms_since "$t0")
-        record drain recvdefault "$ms" "" "" ""
+        record drain recvdefault "$ms" "" "" "" "" "$(walsender_cpu_since "$w0")"
       else
         local bin="$EVICTD" r0; [ "$kind" = before ] && bin="$BEFORE"
         r0="$(redis_cpu_s)"
@@ -190,9 +193,13 @@ section_drain() {
         done
         ms=$(ms_since "$t0")
         e0="$(metric_sum "$METRICS_PORT" evictd_effects_resolved_total)"
-        record drain "$kind" "$ms" "$(cpu_s "$pid")" "$(hwm_mib "$pid")" "$e0" \
-          "$(python3 -c "print(round($(redis_cpu_s) - $r0, 3))")"
+        local redis_s; redis_s="$(python3 -c "print(round($(redis_cpu_s) - $r0, 3))")"
+        local cpu hwm ws; cpu="$(cpu_s "$pid")"; hwm="$(hwm_mib "$pid")"
+        # evictd's walsender lives on until evictd stops: read its own CPU.
+        ws="$(q "SELECT pid FROM pg_stat_replication WHERE application_name = 'evictd' LIMIT 1")"
+        [ -n "$ws" ] && ws="$(cpu_s "$ws")"
         stop_pid "$pid"
+        record drain "$kind" "$ms" "$cpu" "$hwm" "$e0" "$redis_s" "$ws"
       fi
       note "drain: $kind round $r: $changes changes in $ms ms"
       drop_slot_now "$slot"

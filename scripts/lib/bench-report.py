@@ -43,20 +43,23 @@ if by["drain"]:
     for r in by["drain"]:
         kind, ms, cpu, hwm, effects = r[:5]
         redis = r[5] if len(r) > 5 and r[5] else None
+        walsender = r[6] if len(r) > 6 and r[6] else None
         per[kind].append((int(ms) / 1000, float(cpu) if cpu else None, float(hwm) if hwm else None,
-                          float(effects) if effects else None, float(redis) if redis else None))
+                          float(effects) if effects else None, float(redis) if redis else None,
+                          float(walsender) if walsender else None))
     names = {"recv": "`pg_recvlogical` (reference: pgoutput, evictd's options)",
              "recvdefault": "`pg_recvlogical`, its defaults (test_decoding)",
+             "recvbinary": "`pg_recvlogical`, pgoutput with `binary = true`",
              "evictd": "`evictd run`", "before": "`evictd run`, before"}
     out.append(f"**Catch-up drain** of a backlog of {fmt(changes)} single-row UPDATE transactions "
                f"({fmt(wal / 1e6, 1)} MB of WAL), each consumer from its own slot created at the same LSN; "
                f"median of {len(per['recv'])} interleaved runs.\n")
     out.append("| consumer | changes/s | WAL MB/s | ratio to pg_recvlogical | runs (s) | CPU s | CPU µs/change | "
-               "peak RSS MiB | effects/s | Redis CPU s | Redis µs/effect |")
-    out.append("|---|---|---|---|---|---|---|---|---|---|---|")
+               "peak RSS MiB | effects/s | Redis CPU s | Redis µs/effect | walsender CPU s |")
+    out.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     ref = med([changes / s for s, *_ in per["recv"]])
     rates = {}
-    for kind in ("recv", "recvdefault", "evictd", "before"):
+    for kind in ("recv", "recvdefault", "recvbinary", "evictd", "before"):
         if not per[kind]:
             continue
         secs = [p[0] for p in per[kind]]
@@ -70,7 +73,8 @@ if by["drain"]:
         redis_per = med([p[4] / p[3] * 1e6 for p in per[kind] if p[4] is not None and p[3]])
         out.append(f"| {names[kind]} | {fmt(rate)} | {fmt(mb, 1)} | {fmt(rate / ref, 2) if ref else '–'} | "
                    f"{spread(secs, 2)} | {fmt(cpu, 2)} | {fmt(cpu / changes * 1e6, 1) if cpu is not None else '–'} | "
-                   f"{fmt(hwm, 1)} | {fmt(eff)} | {fmt(redis, 2)} | {fmt(redis_per, 2)} |")
+                   f"{fmt(hwm, 1)} | {fmt(eff)} | {fmt(redis, 2)} | {fmt(redis_per, 2)} | "
+                   f"{fmt(med([p[5] for p in per[kind]]), 2)} |")
     out.append("")
     if ref and "evictd" in rates:
         ratio = rates["evictd"] / ref

@@ -110,6 +110,24 @@ write_backlog() {
 now_ns() { date +%s%N; }
 ms_since() { echo $(( ($(now_ns) - $1) / 1000000 )); }
 cpu_s() { awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($14 + $15) / hz}' "/proc/$1/stat"; }
+# The CPU seconds of Postgres's exited backends: the postmaster's reaped
+# children (cutime + cstime). A drain's walsender exits when its consumer
+# disconnects, so the difference across a drain, read once it is reaped, is
+# that walsender's CPU (plus any other backend that ended meanwhile).
+postmaster_pid() {
+  awk '/^PPid:/ {print $2}' "/proc/$(q "SELECT pg_backend_pid()")/status"
+}
+walsenders_cpu_s() {
+  awk -v hz="$(getconf CLK_TCK)" '{printf "%.2f", ($16 + $17) / hz}' "/proc/$(postmaster_pid)/stat"
+}
+walsender_cpu_since() {   # S0: waits until no walsender runs, then prints the CPU s since S0
+  for _ in $(seq 1 100); do
+    [ "$(q "SELECT count(*) FROM pg_stat_replication")" = 0 ] && break
+    sleep 0.05
+  done
+  sleep 0.1
+  python3 -c "print(round($(walsenders_cpu_s) - $1, 2))"
+}
 redis_cpu_s() {   # Redis's own CPU seconds (user + system, all its threads)
   redis-cli -h 127.0.0.1 -p "$REDIS_PORT" INFO cpu \
     | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.3f", s}'
