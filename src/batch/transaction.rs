@@ -16,8 +16,9 @@
 //! narrowed down to the changes that fail. Only such changes are kept, and
 //! they count towards the limit like effects, so memory stays bounded.
 
-use foldhash::HashSet;
 use std::sync::Arc;
+
+use foldhash::HashSet;
 
 use crate::change::Change;
 use crate::graph::{CacheId, DepId, Graph};

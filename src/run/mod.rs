@@ -42,7 +42,7 @@ use tracing::Instrument as _;
 
 use self::session::{Action, Assemble, BatchOutcome, Input, Session};
 use crate::batch::{Batch, BatchLimits, TransactionEffects, TransactionLimits};
-use crate::change::{Change, Position};
+use crate::change::{Change, Operation, Position};
 use crate::checkpoint::NotInFlight;
 use crate::dead_letter::{DeadLetterError, DeadLetterStore, OnError};
 use crate::graph::Graph;
@@ -216,7 +216,12 @@ struct ReceivedCounters {
 
 impl ReceivedCounters {
     fn inc(&mut self, metrics: &Metrics, change: &Change) {
-        let slot = change.op as usize;
+        let slot = match change.op {
+            Operation::Insert => 0,
+            Operation::Update => 1,
+            Operation::Delete => 2,
+            Operation::Truncate => 3,
+        };
         let counters = match self.by_table.get_mut(&*change.table) {
             Some(counters) => counters,
             None => self.by_table.entry(change.table.clone()).or_default(),

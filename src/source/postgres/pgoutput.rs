@@ -31,9 +31,9 @@
 
 use std::borrow::Cow;
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use foldhash::HashMap;
-use std::sync::Arc;
 
 use crate::change::{Cell, Change, Operation, Position, Row, TransactionId, Value};
 
