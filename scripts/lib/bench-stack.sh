@@ -43,7 +43,8 @@ DBZ_SLOT=evictd_bench_debezium; DBZ_STATE_DIR="$WORK/debezium"
 stack_cleanup() {
   set +e
   local pid i
-  for pid in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM "$pid" 2>/dev/null; done
+  # A process group's leader (bench.sh's reference script) takes its group along.
+  for pid in "${PIDS[@]+"${PIDS[@]}"}"; do kill -TERM -- "-$pid" 2>/dev/null; kill -TERM "$pid" 2>/dev/null; done
   for pid in "${PIDS[@]+"${PIDS[@]}"}"; do wait "$pid" 2>/dev/null; done
   # Not Debezium's while it runs (one active slot would fail the whole
   # statement): debezium-stop.sh below drops it.
