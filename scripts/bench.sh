@@ -150,11 +150,8 @@ section_drain() {
   local r kinds=(recv recvdefault recvbinary evictd) order kind slot start end wal t0 ms pid e0 w0
   [ -n "$BEFORE" ] && kinds+=(before)
   for r in $(seq 1 "$RUNS"); do for kind in "${kinds[@]}"; do
-    if [ "$kind" = recvdefault ]; then   # pg_recvlogical's own default plugin
-      q "SELECT lsn FROM pg_create_logical_replication_slot('evictd_bench_${kind}_$r', 'test_decoding')" >/dev/null
-    else
-      create_slot "evictd_bench_${kind}_$r"
-    fi
+    # pg_recvlogical's own default plugin for its defaults' row
+    create_slot "evictd_bench_${kind}_$r" "$([ "$kind" = recvdefault ] && echo test_decoding || echo pgoutput)"
   done; done
   note "drain: writing a backlog of $BACKLOG single-row UPDATE transactions (no consumer running)"
   write_backlog "$BACKLOG"
@@ -238,7 +235,7 @@ LIVE_SLOT=evictd_bench_live
 # which waits for every slot, does not wait 10 s. START_SCRIPT SLOT: sets EPID
 # (a process group: stop it with stop_group).
 start_script() {
-  q "SELECT lsn FROM pg_create_logical_replication_slot('$1', 'test_decoding')" >/dev/null
+  create_slot "$1" test_decoding
   setsid bash -c "pg_recvlogical -d '$url' --slot '$1' --start -F 0 -s 1 -f - \
     | sed -u -n 's/^table shop\\.products: [A-Z]*:.* id\\[bigint\\]:\\([0-9]*\\).*/UNLINK product:{\\1}:detail/p' \
     | redis-cli -h 127.0.0.1 -p $REDIS_PORT >/dev/null" 9>&- &

@@ -581,7 +581,7 @@ impl Metrics {
 
     /// `count` changes of `table` (`schema.table`) with operation `op`.
     pub fn changes_received(&self, table: &str, op: Operation, count: u64) {
-        self.changes_received.get_or_create(&TableOp { table: table.to_owned(), op: op.as_str() }).inc_by(count);
+        self.changes_received_counter(table, op).inc_by(count);
     }
 
     /// The counter of changes of `table` with operation `op`, for a caller

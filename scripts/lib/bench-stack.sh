@@ -140,7 +140,7 @@ slot_reached() {   # SLOT LSN
 streaming() {      # SLOT: a walsender streams from it
   [ "$(q "SELECT count(*) FROM pg_replication_slots s JOIN pg_stat_replication r ON r.pid = s.active_pid WHERE s.slot_name = '$1' AND r.state = 'streaming'")" -ge 1 ]
 }
-create_slot() { q "SELECT lsn FROM pg_create_logical_replication_slot('$1', 'pgoutput')" >/dev/null; }
+create_slot() { q "SELECT lsn FROM pg_create_logical_replication_slot('$1', '${2:-pgoutput}')" >/dev/null; }   # SLOT [PLUGIN]
 drop_slot_now() {
   for _ in $(seq 1 100); do   # a walsender may take a moment to let go
     [ "$(q "SELECT count(*) FROM pg_replication_slots WHERE slot_name = '$1' AND active")" = 0 ] && break

@@ -34,6 +34,7 @@ mod session;
 use std::sync::Arc;
 use std::time::Duration;
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -207,26 +208,18 @@ struct Assembler<'g> {
 }
 
 /// `evictd_changes_received_total`'s counters by table and operation, kept
-/// by the loop: looking the series up in the family for every change (a
-/// label allocated, hashed and found under a lock) cost more than the count.
+/// by the loop as the Kafka source keeps its message counters: looking the
+/// series up in the family for every change (a label allocated, hashed and
+/// found under a lock) cost more than the count.
 #[derive(Default)]
-struct ReceivedCounters {
-    by_table: foldhash::HashMap<crate::change::TableName, [Option<prometheus_client::metrics::counter::Counter>; 4]>,
-}
+struct ReceivedCounters(foldhash::HashMap<(crate::change::TableName, Operation), Counter>);
 
 impl ReceivedCounters {
     fn inc(&mut self, metrics: &Metrics, change: &Change) {
-        let slot = match change.op {
-            Operation::Insert => 0,
-            Operation::Update => 1,
-            Operation::Delete => 2,
-            Operation::Truncate => 3,
-        };
-        let counters = match self.by_table.get_mut(&*change.table) {
-            Some(counters) => counters,
-            None => self.by_table.entry(change.table.clone()).or_default(),
-        };
-        counters[slot].get_or_insert_with(|| metrics.changes_received_counter(&change.table, change.op)).inc();
+        self.0
+            .entry((change.table.clone(), change.op))
+            .or_insert_with(|| metrics.changes_received_counter(&change.table, change.op))
+            .inc();
     }
 }
 
